@@ -1,0 +1,66 @@
+"""``asvr-tokenizer``: train, validate, import, encode, index, search and inspect.
+
+Each subcommand lives in its own module exposing ``register(subparsers)``; the
+module is imported only when its command runs, so ``asvr-tokenizer encode``
+never imports faiss or matplotlib.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("asvr.tokenizer.cmd_train", "train RVQ codebooks on a folder of images (faiss)"),
+    "validate": ("asvr.tokenizer.cmd_validate", "reconstruction error, utilisation and usage per depth, with plots"),
+    "encode": ("asvr.tokenizer.cmd_encode", "print the codes of a few images"),
+    "import-dualtoken": ("asvr.tokenizer.cmd_import", "convert the published ASVR/DualToken tokenizer checkpoint"),
+    "index": ("asvr.tokenizer.cmd_index", "build or extend a faiss index over code shards"),
+    "search": ("asvr.tokenizer.cmd_search", "nearest images of an image or a key in an index"),
+    "inspect": ("asvr.tokenizer.cmd_inspect", "codebook usage, dead/dominant codes, nearest codes, code contact sheets"),
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asvr-tokenizer", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (mod, help_) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_, add_help=False)
+            continue
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        module.register(sub.add_parser(name, help=help_, description=help_))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only=command).parse_args(argv)
+    from .artifact import TokenizerError
+    from .encoders import EncoderLoadError
+    from .preprocess import ImageError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, TokenizerError, EncoderLoadError, ImageError, FileNotFoundError) as e:
+        print(f"asvr-tokenizer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
