@@ -4,7 +4,8 @@ Encoding is the reference's: ``r = x; for d: k_d = argmin_k ||r - c_{d,k}||^2;
 r -= c_{d,k_d}``.  The distances are what costs (N x K x C per depth), so the
 fast path searches in low precision (fp32 blocked matmul on CPU; tf32, fp16 or
 bf16 tensor cores on GPU) for ``candidates`` codes per row, then re-ranks those
-candidates in float64 on a float64 residual.  A candidate list is only
+candidates in float64 on a float64 residual (expanded form
+``||c||^2 - 2 r.c``, whose float64 rounding only matters for ties at 1e-15).  A candidate list is only
 trusted with a *certificate*: if the gap between the best and the worst
 candidate's approximate distance exceeds twice a worst-case bound on the
 low-precision error, no code outside the list can be nearer; rows without
@@ -78,7 +79,7 @@ class ResidualQuantizer(torch.nn.Module):
             raise ValueError(f"{codebooks.shape[0]} codebooks cannot serve depth {depth}")
         self.depth = depth
         self.register_buffer("codebooks", codebooks.detach().float().contiguous(), persistent=False)
-        self._cb64 = None  # float64 copy made lazily on the device in use
+        self._cache, self._cache_key = None, None  # prepared codebooks per (device, dtype)
 
     @property
     def shared(self) -> bool:
@@ -142,29 +143,35 @@ class ResidualQuantizer(torch.nn.Module):
             return out, SearchStats(rows=flat.shape[0] * self.depth, fallback_rows=fallback)
         return out
 
-    def _cb64_on(self, device: torch.device) -> torch.Tensor:
-        if self._cb64 is None or self._cb64.device != device:
-            self._cb64 = self.codebooks.to(device=device, dtype=torch.float64)
-        return self._cb64
+    def _prepared(self, device: torch.device, mm_dtype: torch.dtype) -> list[tuple]:
+        """Per-depth (book in search dtype, book float64, ||c||^2 float64 and float32, max ||c||),
+        cached per device and dtype: the codebooks are frozen."""
+        key = (str(device), mm_dtype)
+        if self._cache_key != key:
+            cb64 = self.codebooks.to(device=device, dtype=torch.float64)
+            prepared = []
+            for i in range(cb64.shape[0]):
+                b64 = cb64[i]
+                n2 = (b64 * b64).sum(1)
+                prepared.append((b64.to(mm_dtype).contiguous(), b64, n2, n2.float(), float(n2.max().sqrt())))
+            self._cache, self._cache_key = prepared, key
+        return self._cache
 
     def _encode_block(self, x: torch.Tensor, sdtype, cand: int) -> tuple[torch.Tensor, int]:
         dev = x.device
         n, c = x.shape
         k_all = self.codebook_size
         cand = max(1, min(cand, k_all))
-        cb64 = self._cb64_on(dev)
+        mm_dtype = torch.float32 if sdtype in (torch.float32, "tf32") else sdtype
+        prepared = self._prepared(dev, mm_dtype)
         r = x.to(torch.float64)
         codes = torch.empty((n, self.depth), dtype=torch.long, device=dev)
         fallback = 0
         u = _UNIT_ROUNDOFF[sdtype]
         # relative error of one dot product of rounded operands, fp32 accumulation
         delta = 2 * u + u * u + c * 2.0**-24
-        mm_dtype = torch.float32 if sdtype in (torch.float32, "tf32") else sdtype
         for d in range(self.depth):
-            book = self.codebook(d)
-            book64 = cb64[0 if cb64.shape[0] == 1 else d]
-            cnorm2 = (book64 * book64).sum(1)  # exact enough in float64
-            cmax = cnorm2.max().sqrt()
+            book_lp, book64, cn64, cn32, cmax = prepared[0 if len(prepared) == 1 else d]
             if cand >= k_all:
                 idx = self._full_search(r, book64)
             else:
@@ -173,22 +180,24 @@ class ResidualQuantizer(torch.nn.Module):
                 if sdtype == "tf32":
                     prev = torch.backends.cuda.matmul.allow_tf32
                     torch.backends.cuda.matmul.allow_tf32 = True
-                    dots = rn @ book.to(mm_dtype).T
-                    torch.backends.cuda.matmul.allow_tf32 = prev
+                    try:
+                        dots = rn @ book_lp.T
+                    finally:
+                        torch.backends.cuda.matmul.allow_tf32 = prev
                 else:
-                    dots = (rn @ book.to(mm_dtype).T)
-                approx = cnorm2.float()[None, :] - 2 * dots.float()
+                    dots = rn @ book_lp.T
+                approx = dots.float().mul_(-2).add_(cn32)  # in place: one [n, K] fp32 buffer
+                del dots
                 top_val, top_idx = approx.topk(cand, dim=1, largest=False, sorted=True)
-                # ---- certificate: gap between best and worst candidate vs. error bound
+                del approx
+                # ---- certificate: gap between best and worst candidate vs. the error bound
                 rnorm = r.norm(dim=1)
-                bound = (2 * delta * rnorm * cmax + 4 * (c * 2.0**-24) * cnorm2.max()).float()
-                # fp32 rounding of the approximate values themselves
-                bound = bound + 2.0**-22 * top_val.abs().max(dim=1).values
-                ok = (top_val[:, -1] - top_val[:, 0]) > 2 * bound
-                # ---- exact float64 re-rank of the candidates, lowest index first on ties
+                bound = 2 * delta * rnorm * cmax + 4 * (c * 2.0**-24) * cmax * cmax
+                bound = bound + 2.0**-22 * top_val.abs().max(dim=1).values.double()
+                ok = (top_val[:, -1] - top_val[:, 0]).double() > 2 * bound
+                # ---- float64 re-rank of the candidates (lowest index first on ties)
                 sidx, _ = top_idx.sort(dim=1)
-                diff = r[:, None, :] - book64[sidx]
-                dist = (diff * diff).sum(-1)
+                dist = cn64[sidx] - 2 * torch.einsum("nkc,nc->nk", book64[sidx], r)
                 idx = sidx.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
                 bad = (~ok).nonzero().squeeze(1)
                 if bad.numel():
