@@ -87,8 +87,9 @@ class SemanticTokenizer(torch.nn.Module):
         """pixels -> codes ``[B, H, W, D]`` (int64)."""
         feats = self.features(pixels, dtype=dtype)
         if search_dtype is None:
-            search_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        cand = 32 if search_dtype in ("bfloat16", "float16") else 8
+            # fp16 tensor cores run as fast as bf16 with 8x finer rounding: far fewer uncertified rows
+            search_dtype = "float16" if self.device.type == "cuda" else "float32"
+        cand = 16 if search_dtype in ("bfloat16", "float16") else 8
         return self.quantizer.encode(feats, search_dtype=search_dtype, candidates=cand)
 
     def preprocess_images(self, images: Sequence[bytes | Image.Image | str | os.PathLike],

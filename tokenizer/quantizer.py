@@ -57,6 +57,7 @@ def rvq_encode_reference(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
 class SearchStats:
     rows: int
     fallback_rows: int
+    """(row, depth) searches whose first-level candidates were not certified."""
 
     @property
     def fallback_fraction(self) -> float:
@@ -143,68 +144,94 @@ class ResidualQuantizer(torch.nn.Module):
             return out, SearchStats(rows=flat.shape[0] * self.depth, fallback_rows=fallback)
         return out
 
-    def _prepared(self, device: torch.device, mm_dtype: torch.dtype) -> list[tuple]:
-        """Per-depth (book in search dtype, book float64, ||c||^2 float64 and float32, max ||c||),
-        cached per device and dtype: the codebooks are frozen."""
-        key = (str(device), mm_dtype)
-        if self._cache_key != key:
+    def _prepared(self, device: torch.device) -> list[dict]:
+        """Per depth: float64 book, ||c||^2 (float64, float32), max ||c||, and the book
+        in each search dtype (scaled by 1/max||c|| for fp16/bf16, so no overflow),
+        cached per device: the codebooks are frozen."""
+        if self._cache_key != str(device):
             cb64 = self.codebooks.to(device=device, dtype=torch.float64)
             prepared = []
             for i in range(cb64.shape[0]):
                 b64 = cb64[i]
                 n2 = (b64 * b64).sum(1)
-                prepared.append((b64.to(mm_dtype).contiguous(), b64, n2, n2.float(), float(n2.max().sqrt())))
-            self._cache, self._cache_key = prepared, key
+                prepared.append({"b64": b64, "n64": n2, "n32": n2.float(), "cmax": float(n2.max().sqrt()), "lp": {}})
+            self._cache, self._cache_key = prepared, str(device)
         return self._cache
 
+    @staticmethod
+    def _book_in(p: dict, sdtype) -> torch.Tensor:
+        if sdtype not in p["lp"]:
+            if sdtype in (torch.float32, "tf32"):
+                p["lp"][sdtype] = p["b64"].float().contiguous()
+            else:
+                p["lp"][sdtype] = (p["b64"] / max(p["cmax"], 1e-30)).to(sdtype).contiguous()
+        return p["lp"][sdtype]
+
+    def _search(self, r: torch.Tensor, p: dict, sdtype, cand: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One precision level: low-precision top-``cand`` then float64 re-rank.
+        Returns (codes, certified) per row."""
+        n, c = r.shape
+        book = self._book_in(p, sdtype)
+        rnorm = r.norm(dim=1)
+        if sdtype in (torch.float32, "tf32"):
+            prev = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = sdtype == "tf32"
+            try:
+                dots = r.float() @ book.T
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = prev
+        else:
+            # unit-norm rows against a codebook scaled to max norm 1: every dot is in [-1, 1]
+            scale = rnorm.clamp_min(1e-30)
+            dots = ((r / scale[:, None]).to(sdtype) @ book.T).float()
+            dots.mul_((scale * p["cmax"]).float()[:, None])
+        approx = dots.mul_(-2).add_(p["n32"])  # ||c||^2 - 2 r.c, in place: one [n, K] fp32 buffer
+        del dots
+        top_val, top_idx = approx.topk(cand, dim=1, largest=False, sorted=True)
+        del approx
+        # ---- certificate: gap between best and worst candidate vs. the worst-case error
+        u = _UNIT_ROUNDOFF[sdtype]
+        delta = 2 * u + u * u + 2 * c * 2.0**-24  # operand rounding + fp32 accumulation/underflow
+        cmax = p["cmax"]
+        bound = 2 * delta * rnorm * cmax + 4 * c * 2.0**-24 * cmax * cmax
+        bound = bound + 2.0**-22 * top_val.abs().max(dim=1).values.double()
+        gap = (top_val[:, -1] - top_val[:, 0]).double()
+        ok = (gap > 2 * bound) & torch.isfinite(top_val).all(dim=1)
+        # ---- float64 re-rank of the candidates, lowest index first on ties
+        sidx, _ = top_idx.sort(dim=1)
+        dist = p["n64"][sidx] - 2 * torch.einsum("nkc,nc->nk", p["b64"][sidx], r)
+        idx = sidx.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+        return idx, ok
+
     def _encode_block(self, x: torch.Tensor, sdtype, cand: int) -> tuple[torch.Tensor, int]:
-        dev = x.device
+        """Greedy RVQ of one block of rows.  Rows whose candidate list is not certified
+        go down a cascade: the search dtype, then fp32, then a full float64 search."""
         n, c = x.shape
         k_all = self.codebook_size
         cand = max(1, min(cand, k_all))
-        mm_dtype = torch.float32 if sdtype in (torch.float32, "tf32") else sdtype
-        prepared = self._prepared(dev, mm_dtype)
+        prepared = self._prepared(x.device)
+        levels = [sdtype] + ([torch.float32] if sdtype is not torch.float32 else [])
         r = x.to(torch.float64)
-        codes = torch.empty((n, self.depth), dtype=torch.long, device=dev)
+        codes = torch.empty((n, self.depth), dtype=torch.long, device=x.device)
         fallback = 0
-        u = _UNIT_ROUNDOFF[sdtype]
-        # relative error of one dot product of rounded operands, fp32 accumulation
-        delta = 2 * u + u * u + c * 2.0**-24
         for d in range(self.depth):
-            book_lp, book64, cn64, cn32, cmax = prepared[0 if len(prepared) == 1 else d]
+            p = prepared[0 if len(prepared) == 1 else d]
             if cand >= k_all:
-                idx = self._full_search(r, book64)
+                idx = self._full_search(r, p["b64"])
             else:
-                # ---- low-precision candidate search: ||c||^2 - 2 r.c (||r||^2 is constant per row)
-                rn = r.to(mm_dtype)
-                if sdtype == "tf32":
-                    prev = torch.backends.cuda.matmul.allow_tf32
-                    torch.backends.cuda.matmul.allow_tf32 = True
-                    try:
-                        dots = rn @ book_lp.T
-                    finally:
-                        torch.backends.cuda.matmul.allow_tf32 = prev
-                else:
-                    dots = rn @ book_lp.T
-                approx = dots.float().mul_(-2).add_(cn32)  # in place: one [n, K] fp32 buffer
-                del dots
-                top_val, top_idx = approx.topk(cand, dim=1, largest=False, sorted=True)
-                del approx
-                # ---- certificate: gap between best and worst candidate vs. the error bound
-                rnorm = r.norm(dim=1)
-                bound = 2 * delta * rnorm * cmax + 4 * (c * 2.0**-24) * cmax * cmax
-                bound = bound + 2.0**-22 * top_val.abs().max(dim=1).values.double()
-                ok = (top_val[:, -1] - top_val[:, 0]).double() > 2 * bound
-                # ---- float64 re-rank of the candidates (lowest index first on ties)
-                sidx, _ = top_idx.sort(dim=1)
-                dist = cn64[sidx] - 2 * torch.einsum("nkc,nc->nk", book64[sidx], r)
-                idx = sidx.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+                idx, ok = self._search(r, p, levels[0], cand)
+                fallback += int((~ok).sum())
+                for level in levels[1:]:
+                    bad = (~ok).nonzero().squeeze(1)
+                    if not bad.numel():
+                        break
+                    idx[bad], ok_b = self._search(r[bad], p, level, max(cand, 8))
+                    ok[bad] = ok_b
                 bad = (~ok).nonzero().squeeze(1)
                 if bad.numel():
-                    fallback += int(bad.numel())
-                    idx[bad] = self._full_search(r[bad], book64)
+                    idx[bad] = self._full_search(r[bad], p["b64"])
             codes[:, d] = idx
-            r = r - book64[idx]
+            r = r - p["b64"][idx]
         return codes, fallback
 
     @staticmethod
