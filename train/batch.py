@@ -1,0 +1,60 @@
+"""The training batch: the one object that crosses from the data side
+(templates, packing, loader) to the model side (``ASVRModel.training_forward``).
+
+Rows may be *packed*: several samples share one row of ``T`` tokens.  The
+model never attends across samples: ``sample_ids`` numbers the samples of a
+row ``1..n`` (``0`` is padding) and ``position_ids`` restart at 0 for each
+sample.  Images fill the ``image_mask`` positions in row-major order (row 0
+first, left to right); each image takes exactly ``H*W`` consecutive positions,
+and ``vision`` / ``visual_codes`` / ``visual_loss_mask`` list the images in
+that same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.LongTensor
+    """``[B, T]``; positions where image features go hold pad/any id."""
+    labels: torch.LongTensor
+    """``[B, T]``; -100 = no text loss (image positions, user turns, padding)."""
+    position_ids: torch.LongTensor
+    """``[B, T]``; restart at 0 for each packed sample."""
+    sample_ids: torch.LongTensor
+    """``[B, T]``; 1..n per packed sample in the row, 0 = padding. Attention
+    only within the same sample id (causal)."""
+    image_mask: torch.BoolTensor
+    """``[B, T]``; True where a vision token goes (row-major order of images)."""
+    vision: torch.Tensor | None = None
+    """Per image, in image order: pixels ``[N,3,S,S]`` (online), features
+    ``[N,H,W,C]`` float (features) or codes ``[N,H,W,D]`` long (codes)."""
+    visual_codes: torch.LongTensor | None = None
+    """``[N, H*W, D]`` visual targets (from the cached shards)."""
+    visual_loss_mask: torch.BoolTensor | None = None
+    """``[N]``; False = no visual loss for that image."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy with every tensor on ``device``."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return Batch(**kw)
+
+    @property
+    def num_images(self) -> int:
+        """Number of images in the batch (``vision`` / ``visual_codes`` rows)."""
+        if self.vision is not None:
+            return int(self.vision.shape[0])
+        if self.visual_codes is not None:
+            return int(self.visual_codes.shape[0])
+        return 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-padding tokens (``sample_ids > 0``)."""
+        return int((self.sample_ids > 0).sum())

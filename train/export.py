@@ -1,0 +1,186 @@
+"""Export / load a trained LVLM as a self-describing folder.
+
+Folder layout::
+
+    asvr_config.json        format version, ModelConfig (vision spec with the tokenizer
+                            path and fingerprint), weight dtype
+    model.safetensors       LLM (``llm.*``), projector (``projector.*``), visual head
+                            (``head.*``); tied weights stored once
+    config.json             the LLM's Hugging Face config (+ generation_config.json)
+    tokenizer files         the LLM's text tokenizer, when given to ``save_exported``
+
+The frozen semantic tokenizer (encoder + codebooks) is *not* copied: it is
+referenced by path and fingerprint, and ``load_exported`` refuses a tokenizer
+whose fingerprint differs.
+
+Loading from Python::
+
+    from asvr.train.export import load_exported
+    from asvr.tokenizer import SemanticTokenizer
+    from transformers import AutoTokenizer
+
+    model = load_exported("runs/sft/export", device="cuda")          # tokenizer from the recorded path
+    # or, when the tokenizer artifact moved:
+    model = load_exported("runs/sft/export", device="cuda", tokenizer=SemanticTokenizer.load("tok/"))
+    text_tok = AutoTokenizer.from_pretrained("runs/sft/export")
+    new_ids = model.generate(input_ids, image_mask, vision=pixels_or_features_or_codes, max_new_tokens=64)
+
+Keys are checked strictly: a missing or unexpected tensor, or a shape
+mismatch, is an error (never a silent random init).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, VisionSpec
+from .lvlm import ASVRModel, build_model
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "asvr_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one name per storage (tied embeddings); return the aliases."""
+    first: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for k, v in state.items():
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key in first:
+            aliases[k] = first[key]
+        else:
+            first[key] = k
+            out[k] = v.detach().contiguous().cpu()
+    return out, aliases
+
+
+def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=None) -> Path:
+    """Write the export folder atomically (a temp folder renamed into place)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        tensors, aliases = _dedupe(model.exported_state_dict())
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.llm.config.save_pretrained(tmp)
+        if getattr(model.llm, "generation_config", None) is not None:
+            model.llm.generation_config.save_pretrained(tmp)
+        if llm_tokenizer is not None:
+            llm_tokenizer.save_pretrained(tmp)
+        dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else model.cfg.dtype
+        meta = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), "dtype": dtype,
+                "tied": aliases, "n_tensors": len(tensors)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _load_tokenizer(spec: VisionSpec, vision_input: str, tokenizer):
+    """-> (tokenizer or None, codebooks or None)."""
+    if tokenizer is None:
+        if not spec.path or not Path(spec.path).is_dir():
+            raise ExportError(f"the tokenizer this model was trained with ({spec.path}) is not there; pass tokenizer=")
+        if vision_input == "online":
+            from asvr.tokenizer import SemanticTokenizer
+
+            tokenizer = SemanticTokenizer.load(spec.path)
+        else:  # codebooks are enough: no encoder weights needed
+            from asvr.tokenizer.artifact import load_artifact
+
+            tspec, cb = load_artifact(spec.path)
+            if tspec.fingerprint != spec.fingerprint:
+                raise ExportError(f"tokenizer at {spec.path} has fingerprint {tspec.fingerprint[:12]}, "
+                                  f"the model was trained with {spec.fingerprint[:12]}")
+            return None, cb
+    if tokenizer.spec.fingerprint != spec.fingerprint:
+        raise ExportError(f"tokenizer fingerprint {tokenizer.spec.fingerprint[:12]} differs from the one the model "
+                          f"was trained with ({spec.fingerprint[:12]})")
+    return tokenizer, None
+
+
+def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
+                  attn_implementation: str | None = None) -> ASVRModel:
+    """Rebuild the model of an export folder, weights loaded with strict keys."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).exists():
+        raise ExportError(f"{folder} is not an exported ASVR model (no {CONFIG_FILE})")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{folder}: export format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    cfg = ModelConfig.from_dict(meta["model"])
+    cfg.dtype = meta.get("dtype", cfg.dtype)
+    if attn_implementation is not None:
+        cfg.attn_implementation = attn_implementation
+    tok, codebooks = _load_tokenizer(cfg.vision, cfg.vision_input, tokenizer)
+
+    from .lvlm import resolve_attn_implementation
+
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    llm_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    with no_init_weights():  # every weight is overwritten below
+        llm = AutoModelForCausalLM.from_config(llm_config, dtype=cfg.torch_dtype, attn_implementation=attn,
+                                               trust_remote_code=cfg.trust_remote_code)
+    if (folder / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        llm.generation_config = GenerationConfig.from_pretrained(folder)
+    vision = cfg.vision
+    model = build_model(cfg, tok, codebooks=codebooks, llm=llm)
+    model.cfg.vision = vision  # keep the recorded path even when a moved tokenizer was passed in
+    _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
+    return model.to(device).eval()
+
+
+def _load_strict(model: ASVRModel, path: Path, tied: dict[str, str]) -> None:
+    expected = model.exported_state_dict()
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    missing = [k for k in expected if k not in stored and tied.get(k) not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise ExportError(f"{path.name}: {len(missing)} missing keys {missing[:3]}, "
+                          f"{len(unexpected)} unexpected {unexpected[:3]}")
+    for k, v in expected.items():
+        src = stored[k] if k in stored else stored[tied[k]]
+        if tuple(src.shape) != tuple(v.shape):
+            raise ExportError(f"{path.name}: {k} has shape {tuple(src.shape)}, the model wants {tuple(v.shape)}")
+    full = {k: stored[k] if k in stored else stored[tied[k]] for k in expected}
+    frozen = {k: v for k, v in model.state_dict().items() if k.startswith("vision.")}  # the tokenizer's own
+    model.load_state_dict({**full, **frozen}, strict=True)
+
+
+def load_exported_weights(model: ASVRModel, folder: str | os.PathLike) -> None:
+    """Load an export folder's weights into an already built ``model`` (e.g. SFT
+    initialised from the pretrain export), strict keys; the tokenizer
+    fingerprints must match."""
+    folder = Path(folder)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
+    want = model.cfg.vision.fingerprint if model.cfg.vision else ""
+    if got != want:
+        raise ExportError(f"{folder}: trained with tokenizer {got[:12]}, this model uses {want[:12]}")
+    _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
