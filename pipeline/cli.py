@@ -1,0 +1,154 @@
+"""``asvr-pipeline``: tokenize image corpora into code shards, inspect and verify them.
+
+  asvr-pipeline tokenize INPUT... --tokenizer TOK --out OUT [options]
+  asvr-pipeline inspect OUT
+  asvr-pipeline verify OUT
+
+``main(argv)`` takes an argument list, so tests run the real job in-process.
+Bad input (missing INPUT, unknown format, bad tokenizer directory, a foreign
+OUT) is a one-line error with exit code 2; ``verify``/``inspect`` exit 1 when
+they find problems.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
+
+EPILOG = """\
+Inputs (auto-detected per INPUT, or --input-format for all):
+  folder          images found recursively; key = path relative to the folder (posix)
+  *.tar           webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar';
+                  key = __key__, image from jpg/jpeg/png/webp, caption from txt or json 'caption'
+  *.parquet       one image per row (--image-column, --key-column, --caption-column)
+  *.json/.jsonl   LLaVA conversations; each distinct 'image' once, read under --image-root
+
+Rerun the same command after a crash or kill: finished shards are kept, the rest is done.
+"""
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _tokenize_parser(sub) -> None:
+    p = sub.add_parser("tokenize", help="encode image corpora into code shards (Ray Data)",
+                       description="Encode image corpora into code shards (Ray Data).", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image folder, .tar (brace pattern), .parquet, LLaVA .json")
+    p.add_argument("--tokenizer", required=True, help="tokenizer artifact directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", default="parquet", choices=["parquet", "webdataset"], help="shard format (default parquet)")
+    p.add_argument("--preprocess", choices=["square", "pad"], default=None,
+                   help="resize to square, or pad to square with the mean colour first (default: the tokenizer's)")
+    p.add_argument("--input-format", default="auto", choices=["auto", "folder", "webdataset", "parquet", "llava"],
+                   help="format of every INPUT (default: detect each)")
+    p.add_argument("--image-root", help="folder that LLaVA JSON image paths are relative to")
+    p.add_argument("--image-column", help="Parquet column holding image bytes")
+    p.add_argument("--key-column", help="Parquet column holding the key")
+    p.add_argument("--caption-column", help="Parquet column holding a caption")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encode call (default 32)")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="input images per shard; also the unit of resume (default 1000)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="JPEG draft decoding: ~2x faster on large photos, but pixels and so codes differ")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="encoder precision (bfloat16 autocast is faster on GPUs; features change)")
+    p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
+    p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--overwrite", action="store_true", help="replace an OUT written with other settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_tokenize)
+
+
+def _run_tokenize(args) -> int:
+    from .runner import PipelineConfig, run_pipeline
+    from .sources import SourceOptions
+
+    try:
+        cfg = _config(args, PipelineConfig, SourceOptions)
+    except ValueError as e:  # a bad combination of options, named by __post_init__
+        raise CLIError(str(e)) from None
+    summary = run_pipeline(cfg)
+    for line in summary.lines():
+        print(line)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _config(args, PipelineConfig, SourceOptions):
+    return PipelineConfig(
+        inputs=args.inputs, tokenizer=args.tokenizer, out=args.out,
+        sources=SourceOptions(input_format=args.input_format, image_root=args.image_root,
+                              image_column=args.image_column, key_column=args.key_column,
+                              caption_column=args.caption_column),
+        format=args.format, preprocess=args.preprocess, batch_size=args.batch_size, shard_size=args.shard_size,
+        fast_decode=args.fast_decode, max_pixels=args.max_pixels, encoder_dtype=args.encoder_dtype,
+        encode_actors=args.encode_actors, encode_threads=args.encode_threads, ray_address=args.ray_address,
+        num_cpus=args.num_cpus, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+
+
+def _run_inspect(args) -> int:
+    from .check import inspect_out
+
+    rep = inspect_out(args.out, args.failures)
+    print("\n".join(rep.lines))
+    for p in rep.problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return 0 if rep.ok else 1
+
+
+def _run_verify(args) -> int:
+    from .check import verify_out
+
+    rep = verify_out(args.out)
+    print("\n".join(rep.lines))
+    for p in rep.problems:
+        print(f"problem: {p}", file=sys.stderr)
+    print("OK" if rep.ok else f"{len(rep.problems)} problem(s)")
+    return 0 if rep.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asvr-pipeline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _tokenize_parser(sub)
+    pi = sub.add_parser("inspect", help="print the manifest, counts and first failures of OUT")
+    pi.add_argument("out", metavar="OUT")
+    pi.add_argument("--failures", type=int, default=10, help="failures to list (default 10)")
+    pi.set_defaults(func=_run_inspect)
+    pv = sub.add_parser("verify", help="re-hash shards against the manifest, check codes and counts")
+    pv.add_argument("out", metavar="OUT")
+    pv.set_defaults(func=_run_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    from asvr.tokenizer.artifact import TokenizerError
+    from asvr.tokenizer.encoders import EncoderLoadError
+
+    from .shards import ShardError
+    from .sources import SourceError
+    from .writer import OutputError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
+            FileNotFoundError, NotADirectoryError) as e:
+        print(f"asvr-pipeline {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

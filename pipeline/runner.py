@@ -1,0 +1,310 @@
+"""Wires discovery -> Ray Data (read+decode tasks -> encode actor pool) -> shard writer.
+
+The driver owns the plan and OUT: workers see plan rows and return codes, the
+driver buffers rows per work unit and commits a unit (shard, then marker) as
+soon as its last image comes back.  Workers never write, so OUT only needs to
+exist on the driver's machine; the inputs must be readable at the same paths
+on every node of a cluster (shared filesystem).
+
+Sizing on one machine: each decode task and each CPU encode actor reserves one
+CPU; a CPU actor runs torch on ``encode_threads`` threads (default: all CPUs
+divided among actors), so with 2 CPUs the actor's threads share the cores with
+one decode task.  On the embedded default (EfficientNet-Lite0) decode+resize
+of a 96x72 JPEG costs ~1/50 of its encode, so the encoder is the bottleneck
+and the decode task is mostly idle; with GPUs there is one actor per GPU
+(``num_gpus=1``) and every other CPU decodes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from asvr.tokenizer.artifact import load_artifact
+from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig
+
+from .shards import ShardMeta
+from .sources import SourceOptions, discover
+from .stages import Encoder, ReadDecode, TokenizerBuilder
+from .writer import OutputDir, UnitResult, units_hash
+
+DECODE_TASK_MEMORY = 512 * 2**20
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    inputs: list[str]
+    """Image folders, webdataset tars (brace patterns), Parquet files, LLaVA JSON files."""
+    tokenizer: str
+    """Tokenizer artifact directory (asvr-tokenizer train / import-dualtoken)."""
+    out: str
+    """Output directory: shards, manifest.json, failures.parquet."""
+    sources: SourceOptions = field(default_factory=SourceOptions)
+    format: str = "parquet"
+    """parquet | webdataset."""
+    preprocess: str | None = None
+    """square | pad; default: the tokenizer's mode."""
+    batch_size: int = 32
+    """Images per encode call."""
+    shard_size: int = 1000
+    """Input images per work unit (and so at most rows per shard): the resume granularity."""
+    fast_decode: bool = False
+    """PIL JPEG draft decoding: ~2x faster on large photos, pixels (so codes) differ."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels fail as decompression bombs (PIL refuses above 2x its own limit regardless)."""
+    encoder_dtype: str = "float32"
+    encode_actors: int = 0
+    """Encode actors (0: one per GPU, else one per 8 CPUs, at least 1)."""
+    encode_threads: int = 0
+    """torch threads per CPU actor (0: CPUs / actors)."""
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    """CPUs for a local Ray (default: all)."""
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.format not in ("parquet", "webdataset"):
+            raise ValueError(f"--format must be parquet or webdataset, got {self.format!r}")
+        if self.preprocess is not None and self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"--preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("--batch-size and --shard-size must be >= 1")
+        if self.max_pixels < 1:
+            raise ValueError("--max-pixels must be >= 1")
+        if self.encoder_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--encoder-dtype must be float32 or bfloat16, got {self.encoder_dtype!r}")
+
+
+@dataclass
+class RunSummary:
+    counts: dict
+    units: int
+    units_skipped: int
+    shards: int
+    wall_s: float
+    images_processed: int
+    """Images that went through Ray in this run (not those of skipped units)."""
+    seconds: dict
+    """Summed worker seconds per stage: read, decode, encode; driver seconds: write."""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        c = self.counts
+        split = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        return [
+            f"seen {c['seen']}  encoded {c['encoded']}  failed {c['failed']}  duplicate {c['duplicate']}",
+            f"units {self.units} ({self.units_skipped} already done), shards {self.shards}",
+            f"{self.images_processed} images in {self.wall_s:.1f}s = {self.images_per_s:.1f} img/s",
+            f"time: {split} (read/decode/encode summed over workers)",
+        ]
+
+
+# --------------------------------------------------------------------------- helpers
+def _ray_init(cfg: PipelineConfig) -> bool:
+    """Start (or join) Ray; returns True when this call started it (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own convention for joining a cluster
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
+    return True
+
+
+def _quiet_ray_data():
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts images, not blocks
+    ctx.enable_auto_log_stats = False
+    ctx.execution_options.verbose_progress = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    if gpus:
+        actors = cfg.encode_actors or gpus
+        remote = {"num_gpus": 1, "num_cpus": 1}
+        builder = TokenizerBuilder(cfg.tokenizer, "cuda", 0, cfg.encoder_dtype)
+    else:
+        actors = cfg.encode_actors or max(1, cpus // 8)
+        threads = cfg.encode_threads or max(1, cpus // actors)
+        remote = {"num_cpus": 1}
+        builder = TokenizerBuilder(cfg.tokenizer, "cpu", threads, cfg.encoder_dtype)
+    return actors, remote, builder
+
+
+def _blocks(plan: pa.Table, idx: np.ndarray, batch_size: int, cpus: int) -> list[pa.Table]:
+    """Pending plan rows as blocks: big enough to amortise a task, small enough to keep every CPU busy."""
+    rows = plan.take(pa.array(idx)).append_column("idx", pa.array(idx, pa.int64()))
+    n = rows.num_rows
+    size = max(batch_size, min(1024, math.ceil(n / (4 * cpus))))
+    return [rows.slice(i, size) for i in range(0, n, size)]
+
+
+# --------------------------------------------------------------------------- run
+class _UnitBuffer:
+    def __init__(self, unit: int, items: np.ndarray, waiting: int):
+        self.unit, self.items, self.waiting = unit, items, waiting
+        self.rows: dict[int, tuple] = {}
+        self.failures: dict[int, tuple] = {}
+        self.duplicates = 0
+
+
+def run_pipeline(cfg: PipelineConfig) -> RunSummary:
+    t_start = time.perf_counter()
+    spec, _ = load_artifact(cfg.tokenizer)  # a bad tokenizer dir fails here, before Ray starts
+    mode = cfg.preprocess or spec.preprocess
+    e = spec.encoder
+    pcfg = PreprocessConfig(image_size=e.image_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample,
+                            mode=mode, max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
+    meta = ShardMeta.from_spec(spec, mode)
+    run_config = {"fingerprint": spec.fingerprint, "preprocess": mode, "format": cfg.format,
+                  "shard_size": cfg.shard_size, "fast_decode": cfg.fast_decode, "max_pixels": cfg.max_pixels,
+                  "encoder_dtype": cfg.encoder_dtype}
+
+    plan, inputs = discover(cfg.inputs, cfg.sources)
+    out = OutputDir(cfg.out, run_config, overwrite=cfg.overwrite)
+    try:
+        return _run(cfg, pcfg, meta, plan, inputs, out, t_start)
+    finally:
+        out.close()
+
+
+def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
+    n = plan.num_rows
+    keys = plan.column("key").to_pylist()
+    sources = plan.column("source").to_pylist()
+    n_units = math.ceil(n / cfg.shard_size)
+
+    # duplicates: a key seen earlier in plan order
+    first: dict[str, int] = {}
+    dup_of = np.full(n, -1, np.int64)
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        if j != i:
+            dup_of[i] = j
+
+    results: dict[int, UnitResult] = {}
+    buffers: dict[int, _UnitBuffer] = {}
+    pending: list[int] = []
+    unit_hash = {}
+    for u in range(n_units):
+        lo, hi = u * cfg.shard_size, min(n, (u + 1) * cfg.shard_size)
+        unit_hash[u] = units_hash(keys[lo:hi], sources[lo:hi])
+        r = out.done(u, unit_hash[u])
+        if r is not None:
+            results[u] = r
+            continue
+        items = np.arange(lo, hi)
+        todo = items[dup_of[lo:hi] < 0]
+        buffers[u] = _UnitBuffer(u, items, len(todo))
+        pending.extend(todo.tolist())
+    skipped = len(results)
+    out.write_manifest(inputs, None, n_units)
+
+    seconds = {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
+
+    def commit(buf: _UnitBuffer):
+        t0 = time.perf_counter()
+        rows = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
+        failures = []
+        for i in buf.items.tolist():
+            if dup_of[i] >= 0:
+                failures.append({"key": keys[i], "source": sources[i], "stage": "duplicate",
+                                 "error": f"duplicate key, first seen at {sources[dup_of[i]]}"})
+            elif i in buf.failures:
+                stage, err = buf.failures[i]
+                failures.append({"key": keys[i], "source": sources[i], "stage": stage, "error": err})
+            else:
+                codes, sha, w, h, cap = buf.rows[i]
+                for name, v in zip(("key", "codes", "sha256", "width", "height", "caption"),
+                                   (keys[i], codes, sha, w, h, cap)):
+                    rows[name].append(v)
+        ndup = int((dup_of[buf.items] >= 0).sum())
+        counts = {"seen": len(buf.items), "encoded": len(rows["key"]), "failed": len(failures) - ndup,
+                  "duplicate": ndup}
+        results[buf.unit] = out.commit_unit(buf.unit, unit_hash[buf.unit], meta, rows, failures, counts)
+        del buffers[buf.unit]
+        seconds["write"] += time.perf_counter() - t0
+
+    for buf in [b for b in buffers.values() if b.waiting == 0]:
+        commit(buf)
+
+    processed = 0
+    if pending:
+        processed = _execute(cfg, pcfg, plan, np.asarray(pending, np.int64), buffers, commit, seconds, n, skipped)
+
+    final = [results[u] for u in range(n_units)]
+    out.write_manifest(inputs, final, n_units)
+    manifest_counts = {k: sum(r.counts.get(k, 0) for r in final) for k in ("seen", "encoded", "failed", "duplicate")}
+    return RunSummary(manifest_counts, n_units, skipped, sum(1 for r in final if r.shard), time.perf_counter() - t_start,
+                      processed, seconds)
+
+
+def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skipped) -> int:
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    owns_ray = _ray_init(cfg)
+    try:
+        _quiet_ray_data()
+        actors, remote, builder = _resources(cfg)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        blocks = _blocks(plan, pending, cfg.batch_size, cpus)
+        ds = ray.data.from_arrow(blocks)
+        # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
+        # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
+        # decode runs in its own processes and overlaps encode.
+        ds = ds.map_batches(ReadDecode(pcfg), batch_size=None, batch_format="numpy",
+                            num_cpus=1, memory=DECODE_TASK_MEMORY)
+        ds = ds.map_batches(Encoder, fn_constructor_kwargs={"builder": builder}, batch_size=cfg.batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **remote)
+        unit_of = lambda i: i // cfg.shard_size  # noqa: E731
+        done_before = n_total - len(pending)
+        bar = tqdm(total=n_total, initial=done_before, unit="img", disable=not cfg.progress, smoothing=0.1,
+                   dynamic_ncols=True, desc="tokenize")
+        processed = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            seconds["read"] += float(batch["t_read"].sum())
+            seconds["decode"] += float(batch["t_decode"].sum())
+            seconds["encode"] += float(batch["t_encode"].sum())
+            touched = set()
+            for j, i in enumerate(batch["idx"].tolist()):
+                buf = buffers[unit_of(i)]
+                if batch["ok"][j]:
+                    cap = batch["caption"][j]  # Arrow may turn an all-None column into NaN floats
+                    buf.rows[i] = (batch["codes"][j], batch["sha256"][j], int(batch["width"][j]),
+                                   int(batch["height"][j]), cap if isinstance(cap, str) else None)
+                else:
+                    buf.failures[i] = (batch["stage"][j], batch["error"][j])
+                buf.waiting -= 1
+                touched.add(buf.unit)
+            for u in sorted(touched):
+                if buffers[u].waiting == 0:
+                    commit(buffers[u])
+            processed += len(batch["idx"])
+            bar.update(len(batch["idx"]))
+        bar.close()
+        return processed
+    finally:
+        if owns_ray:
+            ray.shutdown()

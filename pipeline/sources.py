@@ -1,0 +1,280 @@
+"""Input discovery: turn INPUT arguments into one ordered plan of images.
+
+The plan is a pyarrow table, one row per input image, in a deterministic
+order: inputs in the order given (brace patterns expanded in order), and
+within each input its natural order (folder: sorted relative paths; tar: member
+order; Parquet: row order; LLaVA JSON: first reference order).  Input order
+rather than a global sort by key keeps reads sequential within a tar or a
+Parquet file (a key sort would seek across every tar for every batch), and is
+just as reproducible, which is all that resuming needs.
+
+Columns: ``key``, ``source`` (human readable location for failures), ``kind``
+(``file`` | ``tar`` | ``parquet`` | ``error``), ``path`` (the file to open),
+``offset``/``size`` (tar data span, or Parquet row group / row in group),
+``cap_offset``/``cap_size``/``cap_kind`` (tar caption member), ``caption``
+(known at discovery: sidecar .txt, Parquet column), ``image_column`` (Parquet), ``error`` (why a row
+cannot be read: it becomes a failure row at stage ``read``).
+
+Keys are data, never paths.  Nothing here opens a file named by a key except
+LLaVA JSON images, which are resolved and must stay under ``--image-root``
+(symlinks followed, then checked); folder inputs check that a symlinked file
+stays under the folder.  Tar member names are only used as keys: bytes are read
+by offset from the tar itself, and link members are refused.
+
+Formats: ``folder`` (recursive, dotfiles skipped, ``<stem>.txt`` beside an
+image is its caption), ``webdataset`` (uncompressed ``.tar``; key =
+``__key__`` as webdataset computes it; image from jpg/jpeg/png/webp; caption
+from ``txt`` or a ``json`` ``caption`` field), ``parquet`` (image bytes column,
+raw binary or a Hugging Face ``{bytes, path}`` struct), ``llava`` (``.json`` or
+``.jsonl`` records with an ``image`` string or list).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+INPUT_FORMATS = ("auto", "folder", "webdataset", "parquet", "llava")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
+PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "bytes", "img")
+PARQUET_KEY_COLUMNS = ("key", "__key__", "id", "path", "file_name", "filename")
+PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt")
+# webdataset's own key split: everything before the first dot of the basename.
+_WDS_SPLIT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+PLAN_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("path", pa.string()),
+    ("offset", pa.int64()), ("size", pa.int64()), ("cap_offset", pa.int64()), ("cap_size", pa.int64()),
+    ("cap_kind", pa.string()), ("caption", pa.string()), ("image_column", pa.string()), ("error", pa.string()),
+])
+
+
+class SourceError(ValueError):
+    """Bad INPUT arguments (missing file, unknown format): a one-line CLI error."""
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    input_format: str = "auto"
+    """auto | folder | webdataset | parquet | llava (applies to every INPUT)."""
+    image_root: str | None = None
+    """Folder that LLaVA JSON ``image`` paths are relative to."""
+    image_column: str | None = None
+    """Parquet column with the image bytes (default: first of image, jpg, png, image_bytes, bytes, img)."""
+    key_column: str | None = None
+    """Parquet key column (default: first of key, __key__, id, path, file_name; else ``<file>/<row>``)."""
+    caption_column: str | None = None
+    """Parquet caption column (default: first of caption, text, txt; else none)."""
+
+    def __post_init__(self):
+        if self.input_format not in INPUT_FORMATS:
+            raise SourceError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+
+
+@dataclass
+class _Rows:
+    cols: dict[str, list] = field(default_factory=lambda: {n: [] for n in PLAN_SCHEMA.names})
+
+    def add(self, key, source, kind, path="", offset=-1, size=-1, cap_offset=-1, cap_size=-1, cap_kind="",
+            caption=None, image_column=None, error=None):
+        for name, v in zip(PLAN_SCHEMA.names, (key, source, kind, path, offset, size, cap_offset, cap_size, cap_kind,
+                                                caption, image_column, error)):
+            self.cols[name].append(v)
+
+    def table(self) -> pa.Table:
+        return pa.table(self.cols, schema=PLAN_SCHEMA)
+
+
+# --------------------------------------------------------------------------- expansion + detection
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Brace patterns (``shard-{000..009}.tar``) and globs, in order; each must exist."""
+    import braceexpand
+
+    out: list[Path] = []
+    for pattern in inputs:
+        for p in braceexpand.braceexpand(pattern):
+            if any(c in p for c in "*?["):
+                hits = sorted(glob.glob(p))
+                if not hits:
+                    raise SourceError(f"input {p!r} matches no file")
+                out.extend(Path(h) for h in hits)
+            elif not os.path.exists(p):
+                raise SourceError(f"input {p} does not exist")
+            else:
+                out.append(Path(p))
+    if not out:
+        raise SourceError("no INPUT given")
+    return out
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    name = path.name.lower()
+    if name.endswith(".tar"):
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".json", ".jsonl")):
+        return "llava"
+    if name.endswith((".tar.gz", ".tgz", ".tar.zst")):
+        raise SourceError(f"{path}: compressed tars are not supported (images are read by offset); use plain .tar")
+    raise SourceError(f"{path}: cannot tell its format (folder, .tar, .parquet, .json); pass --input-format")
+
+
+# --------------------------------------------------------------------------- formats
+def _scan_folder(root: Path, rows: _Rows) -> None:
+    if not root.is_dir():
+        raise SourceError(f"{root} is not a folder")
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: no loops, no escape by dir links
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = set(filenames)
+        for name in sorted(filenames):
+            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            p = Path(dirpath) / name
+            key = p.relative_to(root).as_posix()
+            error = None
+            if p.is_symlink() and not p.resolve().is_relative_to(real_root):
+                error = "symlink points outside the input folder"
+            caption = None
+            txt = Path(name).stem + ".txt"
+            if error is None and txt in names:
+                try:
+                    caption = (Path(dirpath) / txt).read_text(encoding="utf-8", errors="replace").strip()
+                except OSError:
+                    caption = None
+            rows.add(key, str(p), "error" if error else "file", str(p.absolute()), caption=caption, error=error)
+
+
+def _scan_tar(path: Path, rows: _Rows) -> None:
+    try:
+        tar = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as e:
+        raise SourceError(f"{path}: not a readable uncompressed tar ({e})") from None
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    order: list[str] = []
+    bad: dict[str, str] = {}
+    with tar:
+        try:
+            for m in tar:
+                match = _WDS_SPLIT.match(m.name)
+                if not match:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                if not m.isfile():
+                    if ext in WDS_IMAGE_EXTS:
+                        bad[key] = f"tar member {m.name!r} is a link or special file, not image data"
+                    continue
+                samples[key].setdefault(ext, m)
+        except tarfile.TarError as e:  # truncated tar: keep what was listed, say so
+            bad_tail = f"{path}: tar is truncated or corrupt after {len(order)} samples ({e})"
+            rows.add(f"{path.name}#truncated", bad_tail, "error", error=bad_tail)
+    abspath = str(path.absolute())
+    for key in order:
+        members = samples[key]
+        img_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
+        if img_ext is None:
+            if key in bad:
+                rows.add(key, f"{path}:{key}", "error", error=bad[key])
+            continue  # a sample without an image is not an input image
+        m = members[img_ext]
+        cap = members.get("txt") or members.get("json")
+        cap_kind = "" if cap is None else ("txt" if "txt" in members else "json")
+        rows.add(key, f"{path}:{m.name}", "tar", abspath, m.offset_data, m.size,
+                 cap.offset_data if cap else -1, cap.size if cap else -1, cap_kind)
+
+
+def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, path: Path) -> str | None:
+    if wanted is not None:
+        if wanted not in names:
+            raise SourceError(f"{path}: no {what} column {wanted!r} (columns: {', '.join(names)})")
+        return wanted
+    return next((c for c in defaults if c in names), None)
+
+
+def _scan_parquet(path: Path, rows: _Rows, opts: SourceOptions) -> None:
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for non-Parquet files
+        raise SourceError(f"{path}: not a readable Parquet file ({e})") from None
+    names = pf.schema_arrow.names
+    img_col = _pick(names, opts.image_column, PARQUET_IMAGE_COLUMNS, "image", path)
+    if img_col is None:
+        raise SourceError(f"{path}: no image bytes column among {', '.join(names)}; pass --image-column")
+    key_col = _pick(names, opts.key_column, PARQUET_KEY_COLUMNS, "key", path)
+    cap_col = _pick(names, opts.caption_column, PARQUET_CAPTION_COLUMNS, "caption", path)
+    abspath = str(path.absolute())
+    row = 0
+    for rg in range(pf.num_row_groups):
+        cols = [c for c in (key_col, cap_col) if c]
+        t = pf.read_row_group(rg, columns=cols) if cols else None
+        n = pf.metadata.row_group(rg).num_rows
+        keys = t.column(key_col).to_pylist() if key_col else [None] * n
+        caps = t.column(cap_col).to_pylist() if cap_col else [None] * n
+        for i in range(n):
+            key = str(keys[i]) if keys[i] is not None else f"{path.name}/{row + i}"
+            cap = None if caps[i] is None else str(caps[i])
+            rows.add(key, f"{path}#row={row + i}", "parquet", abspath, rg, i, caption=cap, image_column=img_col)
+        row += n
+
+
+def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
+    if image_root is None:
+        raise SourceError(f"{path}: a LLaVA JSON input needs --image-root (the folder its image paths are relative to)")
+    root = Path(image_root)
+    if not root.is_dir():
+        raise SourceError(f"--image-root {image_root} is not a folder")
+    real_root = root.resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+        records = ([json.loads(line) for line in text.splitlines() if line.strip()]
+                   if path.suffix.lower() == ".jsonl" else json.loads(text))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: not a readable LLaVA JSON file ({e})") from None
+    if not isinstance(records, list):
+        raise SourceError(f"{path}: expected a JSON list of conversation records")
+    seen: set[str] = set()
+    for rec in records:
+        images = rec.get("image") if isinstance(rec, dict) else None
+        for image in images if isinstance(images, list) else [images]:
+            if not isinstance(image, str) or not image or image in seen:
+                continue  # no image, or the same image referenced again: one input image
+            seen.add(image)
+            target = (root / image).resolve()
+            error = None
+            if not target.is_relative_to(real_root):
+                error = "image path escapes --image-root"
+            elif not target.is_file():
+                error = "no such image file under --image-root"
+            rows.add(image, f"{path}:{image}", "error" if error else "file", str(target), error=error)
+
+
+def discover(inputs: list[str], opts: SourceOptions) -> tuple[pa.Table, list[dict]]:
+    """-> (plan table in input order, one ``{path, format}`` per expanded input)."""
+    rows = _Rows()
+    described = []
+    for path in expand_inputs(inputs):
+        fmt = detect_format(path) if opts.input_format == "auto" else opts.input_format
+        if fmt == "folder":
+            _scan_folder(path, rows)
+        elif fmt == "webdataset":
+            _scan_tar(path, rows)
+        elif fmt == "parquet":
+            _scan_parquet(path, rows, opts)
+        else:
+            _scan_llava(path, rows, opts.image_root)
+        described.append({"path": str(path.absolute()), "format": fmt})
+    return rows.table(), described

@@ -1,0 +1,219 @@
+"""The output directory: run config check, work units, atomic shards, manifest, failures.
+
+Resume protocol.  The plan (``sources.py``) is cut into work units of
+``shard_size`` consecutive inputs; unit ``u`` writes ``part-{u:05d}.parquet``
+(or ``shard-{u:05d}.tar``): shard names come from unit numbers, never from
+keys.  A unit commits in two atomic steps: the shard (temp name, fsync,
+rename: :mod:`asvr.pipeline.shards`), then ``.units/unit-{u:05d}.json``, which
+records the hash of the unit's inputs (keys + sources), the shard's sha256 and
+size, the unit's failure rows and counts.  A unit is done only when its marker
+exists, its input hash matches this run's plan, and its shard exists with the
+recorded size: a kill -9 between the two steps leaves a shard without a marker,
+and the rerun rewrites that unit (same rows, atomic replace).  Checking the size
+rather than re-hashing keeps a restart over 10k shards cheap; ``asvr-pipeline
+verify`` re-hashes everything.
+
+If inputs change between runs (files added to a folder), only units whose
+inputs changed are redone.  What changes *codes* (tokenizer fingerprint,
+preprocess mode, fast decode, max pixels, encoder dtype) or the unit layout
+(shard size, format) is recorded in ``manifest.json`` at the start of a run,
+and a different value is refused unless ``--overwrite``.
+
+``manifest.json`` is written at the start (``complete: false``) and rewritten at
+the end (``complete: true``) with the shard list and counts; it holds no times,
+so a resumed run's manifest equals an uninterrupted run's.  ``failures.parquet``
+(``key, source, stage, error``) holds failed *and* duplicate inputs, so that
+every input is in exactly one shard row or one failure row; the manifest's
+``failed`` counts the former, ``duplicate`` the latter.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
+
+UNITS_DIR = ".units"
+LOCK = ".lock"
+MANIFEST_VERSION = 1
+FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("stage", pa.string()),
+                            ("error", pa.string())])
+
+
+class OutputError(ValueError):
+    """OUT cannot be used as asked (foreign run, locked): a one-line CLI error."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_name(unit: int, fmt: str) -> str:
+    return f"part-{unit:05d}.parquet" if fmt == "parquet" else f"shard-{unit:05d}.tar"
+
+
+def units_hash(keys, sources) -> str:
+    h = hashlib.sha256()
+    for k, s in zip(keys, sources):
+        h.update(k.encode("utf-8", "surrogatepass") + b"\0" + s.encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class UnitResult:
+    """One finished unit, as its marker records it."""
+
+    unit: int
+    items_sha256: str
+    shard: str | None
+    rows: int
+    sha256: str | None
+    bytes: int
+    failures: list[dict] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+
+
+class OutputDir:
+    """OUT, locked for the duration of a run (``fcntl.flock``; the kernel drops it on kill -9)."""
+
+    def __init__(self, out: str | os.PathLike, run_config: dict, overwrite: bool = False):
+        self.out = Path(out)
+        self.run_config = run_config
+        self.fmt = run_config["format"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.units_dir = self.out / UNITS_DIR
+        self._lock = open(self.out / LOCK, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise OutputError(f"{self.out} is being written by another asvr-pipeline run") from None
+        self._check_or_reset(overwrite)
+        self.units_dir.mkdir(exist_ok=True)
+        for tmp in list(self.out.glob(".*.tmp-*")) + list(self.units_dir.glob(".*.tmp-*")):
+            tmp.unlink(missing_ok=True)  # a killed run's half-written files; never visible as shards
+
+    def close(self):
+        self._lock.close()
+
+    # ------------------------------------------------------------------ run config
+    def _ours(self) -> list[Path]:
+        return (sorted(self.out.glob("part-*.parquet")) + sorted(self.out.glob("shard-*.tar"))
+                + [p for p in (self.out / MANIFEST, self.out / FAILURES) if p.exists()])
+
+    def _check_or_reset(self, overwrite: bool) -> None:
+        mpath = self.out / MANIFEST
+        if overwrite:
+            for p in self._ours():
+                p.unlink()
+            if self.units_dir.exists():
+                for p in self.units_dir.iterdir():
+                    p.unlink()
+            return
+        if not mpath.exists():
+            if any(self._ours()):
+                raise OutputError(f"{self.out} holds shards but no {MANIFEST}; pass --overwrite to replace them")
+            return
+        try:
+            old = json.loads(mpath.read_text())["run"]
+        except (ValueError, KeyError) as e:
+            raise OutputError(f"{mpath} is unreadable ({e}); pass --overwrite to start again") from None
+        diff = [k for k in self.run_config if old.get(k) != self.run_config[k]]
+        if diff:
+            what = ", ".join(f"{k} {old.get(k)!r} -> {self.run_config[k]!r}" for k in diff)
+            raise OutputError(f"{self.out} was written with other settings ({what}); pass --overwrite to replace it")
+
+    # ------------------------------------------------------------------ units
+    def marker_path(self, unit: int) -> Path:
+        return self.units_dir / f"unit-{unit:05d}.json"
+
+    def done(self, unit: int, items_sha256: str) -> UnitResult | None:
+        p = self.marker_path(unit)
+        if not p.exists():
+            return None
+        try:
+            r = UnitResult(**json.loads(p.read_text()))
+        except (ValueError, TypeError):
+            return None
+        if r.items_sha256 != items_sha256:
+            return None
+        if r.shard is not None:
+            sp = self.out / r.shard
+            if not sp.exists() or sp.stat().st_size != r.bytes:
+                return None
+        return r
+
+    def commit_unit(self, unit: int, items_sha256: str, meta: ShardMeta, rows: dict, failures: list[dict],
+                    counts: dict) -> UnitResult:
+        """rows: key, codes [N, H*W*D], sha256, width, height, caption (plan order). Shard, then marker."""
+        shard = sha = None
+        nbytes = 0
+        n = len(rows["key"])
+        stale = self.out / shard_name(unit, self.fmt)
+        if n:
+            table = rows_to_table(meta, rows["key"], np.asarray(rows["codes"]).reshape(n, -1), rows["sha256"],
+                                  rows["width"], rows["height"], rows["caption"])
+            write = write_parquet_shard if self.fmt == "parquet" else write_webdataset_shard
+            sha = write(stale, table)
+            shard, nbytes = stale.name, stale.stat().st_size
+        elif stale.exists():
+            stale.unlink()
+        r = UnitResult(unit, items_sha256, shard, n, sha, nbytes, failures, counts)
+        atomic_write_bytes(self.marker_path(unit), json.dumps(r.__dict__).encode())
+        return r
+
+    # ------------------------------------------------------------------ manifest
+    def write_manifest(self, inputs: list[dict], results: list[UnitResult] | None, n_units: int) -> dict:
+        """``results=None``: the start-of-run manifest (complete: false); else every unit's result, in order."""
+        final = results is not None
+        results = results or []
+        counts = {k: sum(r.counts.get(k, 0) for r in results) for k in ("seen", "encoded", "failed", "duplicate")}
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "complete": final,
+            "run": self.run_config,
+            "fingerprint": self.run_config["fingerprint"],
+            "inputs": inputs,
+            "units": n_units,
+            "shards": [{"file": r.shard, "rows": r.rows, "sha256": r.sha256} for r in results if r.shard],
+            "counts": counts,
+        }
+        if final:
+            self._write_failures(results)
+            self._remove_stale(n_units)
+        atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        return manifest
+
+    def _write_failures(self, results: list[UnitResult]) -> None:
+        rows = [f for r in results for f in r.failures]
+        table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in rows], schema=FAILURE_SCHEMA)
+        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{FAILURES}.tmp-")
+        os.close(fd)
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.out / FAILURES)
+
+    def _remove_stale(self, n_units: int) -> None:
+        """Shards and markers of units beyond this plan (a shorter input list than a previous run)."""
+        for pattern in ("part-*.parquet", "shard-*.tar"):
+            for p in self.out.glob(pattern):
+                num = p.name.split("-", 1)[1].split(".", 1)[0]
+                if num.isdigit() and (int(num) >= n_units or p.suffix != (".parquet" if self.fmt == "parquet" else ".tar")):
+                    p.unlink()
+        for p in self.units_dir.glob("unit-*.json"):
+            num = p.stem.split("-", 1)[1]
+            if num.isdigit() and int(num) >= n_units:
+                p.unlink()
