@@ -1,0 +1,175 @@
+"""``asvr-eval``: measure a trained ASVR model on local files.
+
+    # held-out text loss / perplexity and visual-token accuracy @1/@5 per depth
+    asvr-eval loss --model runs/sft --codes codes/ --data heldout_sft.json --out reports/loss
+    # benchmarks: generic VQA JSONL, POPE, MME, MMBench/ScienceQA TSV (greedy answers)
+    asvr-eval bench --model runs/sft --bench coco_pope_random.json --images coco/val2014 --out reports/pope
+
+``--model`` is an ``asvr-train`` run folder (its exported model is
+``RUN/final``) or an export folder.  Each command writes ``report.json`` and
+``report.md`` under ``--out`` (``bench`` also ``predictions-*.jsonl``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class CLIError(ValueError):
+    pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final) or an export folder")
+    g.add_argument("--tokenizer", help="semantic tokenizer folder, when it moved from the path recorded in the model")
+    g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
+    g.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
+                   help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--out", required=True, help="report folder (report.json, report.md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asvr-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    lo = sub.add_parser("loss", help="held-out text loss, perplexity and visual-token accuracy per depth",
+                        description="Teacher-forced text loss / perplexity and visual-token accuracy @1 and @k per "
+                                    "depth (plus free-running greedy accuracy) on held-out LLaVA JSON conversations "
+                                    "whose images are in --codes.")
+    _common(lo)
+    lo.add_argument("--codes", required=True, help="code shards holding the held-out images (the model's tokenizer)")
+    lo.add_argument("--data", required=True, nargs="+", help="held-out LLaVA JSON file(s)")
+    lo.add_argument("--images", help="image root (needed by online/features models)")
+    lo.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
+    lo.add_argument("--max-samples", type=int, help="only the first N samples")
+    lo.add_argument("--max-len", type=int, default=4096, help="tokens per sample (default 4096)")
+    lo.add_argument("--topk", type=int, default=5, help="k of the visual acc@k (default 5)")
+    lo.add_argument("--chunk", type=int, default=1024, help="rows per classifier chunk; memory chunk x K floats (1024)")
+    lo.add_argument("--no-greedy", dest="greedy", action="store_false", help="skip the free-running code accuracy")
+    lo.add_argument("--skip-bad-samples", action="store_true", help="skip malformed/missing samples instead of failing")
+
+    be = sub.add_parser("bench", help="VQA benchmarks on local files (JSONL, POPE, MME, MMBench TSV)",
+                        description="Greedy answers to benchmark questions, scored per layout. "
+                                    "Formats: jsonl {image, question, answer, options?, type?, category?}; "
+                                    "pope {question_id, image, text, label}; mme TSV image/question/answer "
+                                    "(or the MME release folder); mmbench TSV index/question/hint/A../answer/image "
+                                    "(base64 or path)/category.")
+    _common(be)
+    be.add_argument("--bench", required=True, nargs="+", help="benchmark file(s) (an MME folder is accepted)")
+    be.add_argument("--format", default="auto", choices=["auto", "jsonl", "pope", "mme", "mmbench"],
+                    help="layout (default: guessed from the content)")
+    be.add_argument("--images", help="image root for relative image paths (default: the bench file's folder)")
+    be.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
+    be.add_argument("--max-items", type=int, help="only the first N questions of each file (smoke runs)")
+    be.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
+    be.add_argument("--instructions", choices=["llava", "none"], default="llava",
+                    help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
+                         "'Answer with the option's letter ...'); none: the bare question (default llava)")
+    be.add_argument("--preprocess-mode", choices=["square", "pad"],
+                    help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
+    return p
+
+
+def _model_info(lm) -> dict:
+    return {"model": str(lm.export_dir), "run": str(lm.run_dir) if lm.run_dir else None,
+            "vision_input": lm.vision_input, "template": lm.template.name, "template_source": lm.template_source,
+            "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint, "device": str(lm.device)}
+
+
+def run_loss(a: argparse.Namespace) -> int:
+    from .loading import load_for_eval
+    from .losses import LossEvalConfig, evaluate_loss
+    from .report import loss_markdown, write_atomic, write_json
+
+    for f in a.data:
+        if not Path(f).is_file():
+            raise CLIError(f"--data {f}: no such file")
+    if not Path(a.codes).exists():
+        raise CLIError(f"--codes {a.codes}: no such folder")
+    cfg = LossEvalConfig(data=a.data, codes=a.codes, images=a.images, batch_size=a.batch_size,
+                         max_samples=a.max_samples, max_len=a.max_len, topk=a.topk, chunk=a.chunk, greedy=a.greedy,
+                         skip_bad_samples=a.skip_bad_samples, progress=not a.quiet)
+    lm = load_for_eval(a.model, device=a.device, tokenizer_dir=a.tokenizer, text_tokenizer=a.text_tokenizer,
+                       template=a.template)
+    results = evaluate_loss(lm, cfg)
+    report = {"kind": "loss", "model": _model_info(lm),
+              "config": {"data": a.data, "codes": a.codes, "images": a.images, "batch_size": a.batch_size,
+                         "max_samples": a.max_samples, "topk": a.topk}, "results": results}
+    out = Path(a.out)
+    write_json(out / "report.json", report)
+    write_atomic(out / "report.md", loss_markdown(report))
+    t, v = results["text"], results["visual"]
+    acc1 = " ".join(f"{d['acc1']:.3f}" if d["acc1"] is not None else "-" for d in v["per_depth"])
+    ppl = f"{t['perplexity']:.2f}" if t["perplexity"] is not None else "-"
+    loss = f"{t['loss']:.4f}" if t["loss"] is not None else "-"
+    print(f"text loss {loss} (ppl {ppl}); visual acc@1 per depth {acc1}; report in {out / 'report.md'}")
+    return 0
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench as run
+    from .generate import GenerationConfig
+    from .loading import load_for_eval
+    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+    from .bench_formats import read_bench
+
+    if a.max_items is not None and a.max_items < 1:
+        raise CLIError("--max-items must be >= 1")
+    gen = GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, instructions=a.instructions,
+                           preprocess_mode=a.preprocess_mode, progress=not a.quiet)
+    for f in a.bench:  # fail on a bad file before loading the model
+        read_bench(f, a.format, a.images)
+    lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
+                       text_tokenizer=a.text_tokenizer, template=a.template)
+    summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items)
+    out = Path(a.out)
+    for i, (s, recs) in enumerate(zip(summaries, predictions)):
+        name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"
+        write_jsonl(out / name, recs)
+        s["predictions"] = name
+    report = {"kind": "bench", "model": _model_info(lm),
+              "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
+                         "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
+                         "preprocess_mode": a.preprocess_mode or lm.image_tokenizer.spec.preprocess},
+              "benches": summaries}
+    write_json(out / "report.json", report)
+    write_atomic(out / "report.md", bench_markdown(report))
+    for s in summaries:
+        m = s["metrics"]
+        acc = f"{100 * m['acc']:.2f}%" if m["acc"] is not None else "-"
+        print(f"{s['file']} ({s['format']}): {m['n']} questions, accuracy {acc}, {m['unparsed']} unparsed")
+    print(f"report in {out / 'report.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from asvr.pipeline.shards import ShardError
+    from asvr.tokenizer.artifact import TokenizerError
+    from asvr.tokenizer.preprocess import ImageError
+    from asvr.train.export import ExportError
+    from asvr.train.sources import DataError
+    from asvr.train.templates import ConversationError
+
+    from .bench_formats import BenchError
+    from .loading import EvalError
+
+    args = build_parser().parse_args(argv)
+    expected = (CLIError, EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
+                ConversationError, ValueError, FileNotFoundError)
+    try:
+        return run_loss(args) if args.command == "loss" else run_bench(args)
+    except expected as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"asvr-eval {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

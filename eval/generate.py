@@ -1,0 +1,177 @@
+"""Greedy answers to benchmark questions through ``ASVRModel.generate``.
+
+Prompts are laid out by the run's conversation template with the trainer's
+own encoder (``encode_conversation``): the question (image first, as LLaVA)
+and an empty answer, cut before the first trained token, so the prompt ends
+exactly where the answers started in training (``... ASSISTANT: `` for
+vicuna_v1, ``<|im_start|>assistant\\n`` for chatml).
+
+Images become the model's vision input in-process, whatever the vision input:
+``online`` -> preprocessed pixels, ``features`` -> the tokenizer encoder's
+features, ``codes`` -> ``SemanticTokenizer.encode_pixels`` (the bench images
+need no shards).  Items are sorted by image so each image is decoded and
+encoded once per batch and shared by its questions (POPE asks three files
+of questions about the same 500 images; MME two per image).
+
+Batches are left-padded with a 2D attention mask; greedy decoding of a
+left-padded batch gives the same tokens as one prompt at a time
+(tests/test_eval_bench.py checks it on a tiny model) up to float ties.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from asvr.tokenizer.preprocess import ImageError
+from asvr.train.templates import IMAGE_PLACEHOLDER, encode_conversation
+
+from .bench_formats import BenchError, BenchItem
+from .loading import LoadedModel
+
+INSTRUCTIONS = {
+    "llava": {"yes_no": "Answer the question using a single word or phrase.",
+              "short": "Answer the question using a single word or phrase.",
+              "multiple_choice": "Answer with the option's letter from the given choices directly."},
+    "none": {"yes_no": "", "short": "", "multiple_choice": ""},
+}
+
+
+def question_text(item: BenchItem, instructions: str = "llava") -> str:
+    """The user turn (without the image): hint, question, options, instruction (LLaVA's eval prompts)."""
+    parts = []
+    if item.hint:
+        parts.append(item.hint)
+    parts.append(item.question)
+    if item.options:
+        parts.extend(f"{chr(65 + i)}. {o}" for i, o in enumerate(item.options))
+    extra = INSTRUCTIONS[instructions][item.kind]
+    if extra:
+        parts.append(extra)
+    return "\n".join(parts)
+
+
+def encode_prompt(lm: LoadedModel, text: str, has_image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """-> (input_ids int64 [L], image_mask bool [L]) of the prompt up to the answer."""
+    user = (IMAGE_PLACEHOLDER + "\n" + text) if has_image else text
+    grid = lm.model.cfg.vision.grid
+    enc = encode_conversation(lm.template, [("user", user), ("assistant", "")], lm.text_tokenizer,
+                              grid[0] * grid[1])
+    trained = np.flatnonzero(enc.trained)
+    cut = int(trained[0]) if len(trained) else len(enc)
+    return enc.input_ids[:cut].astype(np.int64), enc.image_mask[:cut]
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    instructions: str = "llava"
+    """llava: LLaVA's answer-format instructions after the question; none: the bare question."""
+    preprocess_mode: str | None = None
+    """square | pad (default: the tokenizer's)."""
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.instructions not in INSTRUCTIONS:
+            raise ValueError(f"instructions must be one of {sorted(INSTRUCTIONS)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("--max-new-tokens and --batch-size must be >= 1")
+
+
+class VisionEncoder:
+    """Benchmark images -> the model's vision input (see module doc)."""
+
+    def __init__(self, lm: LoadedModel, mode: str | None = None):
+        if lm.image_tokenizer is None:
+            raise ValueError("benchmark images need the model's semantic tokenizer (with its encoder)")
+        self.tok = lm.image_tokenizer
+        self.vision_input = lm.vision_input
+        self.mode = mode
+
+    @torch.no_grad()
+    def __call__(self, items: Sequence[BenchItem]) -> torch.Tensor:
+        try:
+            pixels = self.tok.preprocess_images([it.image for it in items], mode=self.mode)
+        except (OSError, ImageError) as e:
+            for it in items:  # name the first bad one
+                try:
+                    self.tok.preprocess_images([it.image], mode=self.mode)
+                except (OSError, ImageError) as e1:
+                    raise BenchError(f"{it.source}: cannot read image ({e1})") from None
+            raise BenchError(f"{items[0].source}: cannot read images ({e})") from None
+        if self.vision_input == "online":
+            return torch.from_numpy(pixels)
+        if self.vision_input == "features":
+            return self.tok.features(pixels)
+        return self.tok.encode_pixels(pixels)
+
+
+def _stop_ids(lm: LoadedModel) -> list[int]:
+    tok = lm.text_tokenizer
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    suffix = lm.template.assistant_suffix
+    if suffix:
+        enc = tok(suffix, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return sorted(set(ids))
+
+
+def _decode(lm: LoadedModel, ids: Sequence[int], stop: Sequence[int]) -> str:
+    ids = list(ids)
+    cut = [ids.index(t) for t in stop if t in ids]
+    ids = ids[:min(cut)] if cut else ids
+    text = lm.text_tokenizer.decode(ids, skip_special_tokens=True)
+    suffix = lm.template.assistant_suffix.strip()
+    if suffix and suffix in text:
+        text = text.split(suffix)[0]
+    return text.strip()
+
+
+@torch.no_grad()
+def generate_answers(lm: LoadedModel, items: Sequence[BenchItem], cfg: GenerationConfig) -> list[str]:
+    """Greedy answers, in the order of ``items``."""
+    from tqdm import tqdm
+
+    model = lm.model
+    model.eval()
+    encoder = VisionEncoder(lm, cfg.preprocess_mode)
+    prompts = [encode_prompt(lm, question_text(it, cfg.instructions), it.image is not None) for it in items]
+    order = sorted(range(len(items)), key=lambda i: (items[i].image_key or "", len(prompts[i][0])))
+    pad = lm.text_tokenizer.pad_token_id if lm.text_tokenizer.pad_token_id is not None else 0
+    stop = _stop_ids(lm)
+    answers: list[str] = [""] * len(items)
+    bar = tqdm(total=len(items), desc="generating", unit="q", disable=not cfg.progress)
+    for s in range(0, len(order), cfg.batch_size):
+        idx = order[s:s + cfg.batch_size]
+        width = max(len(prompts[i][0]) for i in idx)
+        ids = np.full((len(idx), width), pad, np.int64)
+        img = np.zeros((len(idx), width), bool)
+        att = np.zeros((len(idx), width), np.int64)
+        for r, i in enumerate(idx):  # left padding
+            p_ids, p_img = prompts[i]
+            ids[r, width - len(p_ids):] = p_ids
+            img[r, width - len(p_ids):] = p_img
+            att[r, width - len(p_ids):] = 1
+        with_image = [items[i] for i in idx if items[i].image is not None]
+        vision = None
+        if with_image:  # one encoding per distinct image of the batch
+            uniq: dict[str, int] = {}
+            for it in with_image:
+                uniq.setdefault(it.image_key, len(uniq))
+            first = {}
+            for it in with_image:
+                first.setdefault(it.image_key, it)
+            enc = encoder([first[k] for k in uniq])
+            vision = enc[torch.tensor([uniq[it.image_key] for it in with_image])].to(lm.device)
+        out = model.generate(torch.from_numpy(ids).to(lm.device), torch.from_numpy(img).to(lm.device), vision,
+                             attention_mask=torch.from_numpy(att).to(lm.device), max_new_tokens=cfg.max_new_tokens,
+                             eos_token_id=stop or None)
+        for r, i in enumerate(idx):
+            answers[i] = _decode(lm, out[r].tolist(), stop)
+        bar.update(len(idx))
+    bar.close()
+    return answers
