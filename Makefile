@@ -7,6 +7,9 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
+DEMO_TRAIN ?= --max-len 512 --micro-batch-size 2 --save-every 50 --head-width 128 --head-proj-hidden 128 --head-layers 1 --head-dim 32
+# torch and faiss both spin OpenMP threads; passive waiting stops them fighting over 2 cores
+export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: install test test-all demo bench clean
@@ -26,8 +29,43 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "" tests
 
+# The whole job on the embedded default, offline, on 2 CPUs (~10 min):
+# corpus -> codebook -> validate -> tokenize (Ray) -> index/search/inspect (faiss)
+# -> pretrain + SFT (DeepSpeed, tiny Llama) -> eval.  Everything lands in $(DEMO)/.
 demo: $(STAMP)
-	$(BIN)/python -m asvr.tokenizer.demo --out $(DEMO)
+	@echo "== 1/9 sample corpus"
+	$(BIN)/python -m asvr.tokenizer.sample_corpus --out $(DEMO)/corpus --n 600 --seed 0
+	@echo "== 2/9 train the default codebook (EfficientNet-Lite0, 4 x 256)"
+	$(BIN)/asvr-tokenizer train --images $(DEMO)/corpus/images/train --encoder efficientnet_lite0 \
+	  --depth 4 --codebook-size 256 --method kmeans --seed 0 --out $(DEMO)/tokenizer
+	@echo "== 3/9 validate it on held-out images"
+	$(BIN)/asvr-tokenizer validate $(DEMO)/tokenizer --images $(DEMO)/corpus/images/heldout --report $(DEMO)/tokenizer_report
+	@echo "== 4/9 tokenize the corpus once (Ray Data)"
+	$(BIN)/asvr-pipeline tokenize $(DEMO)/corpus/images --tokenizer $(DEMO)/tokenizer --out $(DEMO)/codes
+	$(BIN)/asvr-pipeline verify $(DEMO)/codes
+	$(BIN)/asvr-pipeline inspect $(DEMO)/codes
+	@echo "== 5/9 faiss index, search contact sheet, codebook inspection"
+	$(BIN)/asvr-tokenizer index $(DEMO)/codes --tokenizer $(DEMO)/tokenizer --out $(DEMO)/index --force --quiet
+	$(BIN)/asvr-tokenizer search $(DEMO)/index --key "$$($(BIN)/python -c "import json;print(json.load(open('$(DEMO)/corpus/llava_pretrain.json'))[0]['image'])")" \
+	  -k 11 --images $(DEMO)/corpus/images --sheet $(DEMO)/search_sheet.png
+	$(BIN)/asvr-tokenizer inspect $(DEMO)/tokenizer --codes $(DEMO)/codes --images $(DEMO)/corpus/images \
+	  --report $(DEMO)/inspect --code 0:top --nearest 0:top --quiet
+	@echo "== 6/9 a tiny Llama-style LLM built from a config"
+	$(BIN)/python -m asvr.train.tiny_llm --out $(DEMO)/llm --texts $(DEMO)/corpus/llava_pretrain.json $(DEMO)/corpus/llava_sft.json
+	@echo "== 7/9 pretrain (projector + visual head) on cached codes"
+	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
+	  --data $(DEMO)/corpus/llava_pretrain.json --stage pretrain --vision-input codes \
+	  $(DEMO_TRAIN) --max-steps 150 --output-dir $(DEMO)/runs/pretrain
+	@echo "== 8/9 SFT from the pretrain run"
+	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
+	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input codes --init-from $(DEMO)/runs/pretrain \
+	  $(DEMO_TRAIN) --max-steps 150 --lr 5e-4 --output-dir $(DEMO)/runs/sft
+	@echo "== 9/9 evaluate"
+	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
+	  --images $(DEMO)/corpus/images --out $(DEMO)/eval/loss
+	$(BIN)/asvr-eval bench --model $(DEMO)/runs/sft --bench $(DEMO)/corpus/vqa_bench.jsonl --images $(DEMO)/corpus/images \
+	  --max-items 60 --out $(DEMO)/eval/bench
+	@echo "demo done: see $(DEMO)/tokenizer_report, $(DEMO)/search_sheet.png, $(DEMO)/inspect, $(DEMO)/runs/*/loss.png, $(DEMO)/eval"
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,125 @@
+"""asvr-train end to end on CPU with real DeepSpeed (gloo, fp32): exact resume,
+sft from a pretrain run, ZeRO-3 vs ZeRO-2, two processes vs accumulation, errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asvr.train.cli import main
+from asvr.train.metrics import read_metrics
+from conftest import build_tiny_tokenizer
+from train_corpus import make_corpus
+
+TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_tokenizer):
+    return make_corpus(tmp_path_factory.mktemp("corpus"), tiny_tokenizer)
+
+
+def _args(corpus, tok_dir, out, *extra, data=None):
+    return ["--model", str(corpus.llm), "--tokenizer", str(tok_dir), "--codes", str(corpus.codes),
+            "--data", str(data or corpus.pretrain), "--images", str(corpus.images), "--output-dir", str(out),
+            "--max-len", "256", "--quiet", *TINY_HEAD, *extra]
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(corpus, tiny_tokenizer_dir, tmp_path_factory):
+    """4 uninterrupted steps, 2 micro-batches each, checkpoint every 2."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    assert main(_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "4", "--grad-accum", "2", "--save-every", "2",
+                      "--caption-free-ratio", "0.25", "--keep-checkpoints", "0")) == 0
+    return out
+
+
+def test_resume_reproduces_uninterrupted_losses_bitwise(corpus, tiny_tokenizer_dir, pretrain_run, tmp_path):
+    out = tmp_path / "resumed"
+    common = ["--max-steps", "4", "--grad-accum", "2", "--caption-free-ratio", "0.25"]
+    assert main(_args(corpus, tiny_tokenizer_dir, out, *common, "--stop-after", "2")) == 0
+    assert not (out / "final").exists() and (out / "checkpoints" / "step00000002").is_dir()
+    assert main(_args(corpus, tiny_tokenizer_dir, out, *common, "--resume", "auto")) == 0
+    straight, resumed = read_metrics(pretrain_run), read_metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for key in ("loss", "loss_text", "loss_visual", "loss_visual_d2", "lr"):
+        assert [r[key] for r in straight] == [r[key] for r in resumed], key  # exact, not approx
+    first = straight[0]
+    assert {"loss_visual_d0", "loss_visual_d1", "tokens_per_s"} <= set(first)
+    assert np.isclose(first["loss"], first["loss_text"] + first["loss_visual"], rtol=1e-6)
+    assert np.isclose(first["loss_visual"], np.mean([first[f"loss_visual_d{d}"] for d in range(3)]), rtol=1e-6)
+    assert straight[-1]["loss_visual"] < straight[0]["loss_visual"]
+    assert (pretrain_run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (pretrain_run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+
+
+def test_pretrain_freezes_llm_and_exports_loadable_model(corpus, pretrain_run, tiny_tokenizer):
+    from asvr.train.export import load_exported
+
+    final = load_file(str(pretrain_run / "final" / "model.safetensors"))
+    llm0 = load_file(str(corpus.llm / "model.safetensors"))
+    for k, v in llm0.items():
+        assert torch.equal(final["llm." + k], v), k  # LLM frozen in pretraining
+    model = load_exported(pretrain_run / "final", tokenizer=tiny_tokenizer)
+    assert torch.equal(model.projector.state_dict()[next(iter(model.projector.state_dict()))],
+                       final["projector." + next(iter(model.projector.state_dict()))])
+
+
+def test_sft_starts_from_pretrain_weights(corpus, tiny_tokenizer_dir, pretrain_run, tmp_path):
+    out = tmp_path / "sft"
+    # lr 0: one real SFT step through DeepSpeed leaves the --init-from weights untouched
+    assert main(_args(corpus, tiny_tokenizer_dir, out, "--stage", "sft", "--init-from", str(pretrain_run),
+                      "--max-steps", "1", "--lr", "0", data=corpus.sft)) == 0
+    a = load_file(str(pretrain_run / "final" / "model.safetensors"))
+    b = load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("head.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_metrics(out)[0]["loss_text"] > 0
+
+
+def test_zero3_features_equals_zero2_online(corpus, tiny_tokenizer_dir, tmp_path):
+    common = ["--stage", "sft", "--max-steps", "2", "--caption-free-ratio", "0.2", "--no-export"]
+    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "z2", *common, "--vision-input", "online",
+                      data=corpus.sft)) == 0
+    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "z3", *common, "--vision-input", "features", "--zero",
+                      "3", "--gradient-checkpointing", data=corpus.sft)) == 0
+    assert list((tmp_path / "z3" / "cache").glob("features-*.npy"))
+    a, b = read_metrics(tmp_path / "z2"), read_metrics(tmp_path / "z3")
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+
+
+def test_two_processes_equal_one_process_with_accumulation(corpus, tiny_tokenizer_dir, tmp_path):
+    common = ["--stage", "sft", "--max-steps", "2", "--no-export", "--seed", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "asvr.train.cli", *_args(corpus, tiny_tokenizer_dir, tmp_path / "w2", *common, data=corpus.sft)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "w1", *common, "--grad-accum", "2", data=corpus.sft)) == 0
+    a, b = read_metrics(tmp_path / "w2"), read_metrics(tmp_path / "w1")
+    assert len(a) == 2
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+
+
+def test_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    other = build_tiny_tokenizer(tmp_path / "other_tok", seed=1)
+    assert main(_args(corpus, other, tmp_path / "r1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asvr-train: error:") and "\n" not in err and "tokenizer" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "x", "image": "missing.jpg", "conversations": []}]')
+    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "r2", data=bad)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1 bad samples" in err and "\n" not in err
+    args = _args(corpus, tiny_tokenizer_dir, tmp_path / "r3", "--vision-input", "online")
+    args[args.index("--images") + 1] = str(tmp_path / "nope")
+    assert main(args) == 2
+    assert "no such folder" in capsys.readouterr().err

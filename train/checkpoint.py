@@ -1,0 +1,99 @@
+"""Checkpoints: DeepSpeed engine state + loader position + RNG, and weight loading.
+
+Layout under ``RUN/checkpoints``: one DeepSpeed tag folder per save
+(``step00000042``: module, ZeRO optimizer partitions, LR scheduler, and our
+``client_state``), plus DeepSpeed's ``latest`` file naming the newest tag.
+``client_state`` = ``{step, loader: {epoch, position, ...}, rng: {...}}``;
+RNG states are per rank (each rank saves its own ``rng-rank<r>.pt`` next to
+the tag), so dropout and sampling continue exactly where they stopped.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, run_dir: Path, step: int, loader_state: dict, rank: int, keep: int) -> Path:
+    """Collective: every rank calls it.  Keeps the newest ``keep`` tags (0: all)."""
+    import torch.distributed as dist
+
+    ckpt = run_dir / CHECKPOINTS
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state={"step": step, "loader": loader_state})
+    torch.save(rng_state(), ckpt / tag / f"rng-rank{rank}.pt")
+    dist.barrier()
+    if rank == 0 and keep > 0:
+        tags = sorted(p for p in ckpt.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return ckpt / tag
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    f = run_dir / CHECKPOINTS / "latest"
+    if not f.exists():
+        return None
+    tag = f.read_text().strip()
+    return tag if (run_dir / CHECKPOINTS / tag).is_dir() else None
+
+
+def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | None:
+    """Restore the newest (or ``tag``) checkpoint into ``engine``; returns its client state
+    (``step``, ``loader``) or None when the run has none.  Collective."""
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        return None
+    path, client = engine.load_checkpoint(str(run_dir / CHECKPOINTS), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {run_dir / CHECKPOINTS}")
+    rng = run_dir / CHECKPOINTS / tag / f"rng-rank{rank}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return client
+
+
+def load_pretrained(model, folder: str | Path, fingerprint: str) -> Path:
+    """``--init-from``: load an exported model (``RUN/final`` of a pretrain run, or the
+    export folder itself) into ``model`` before DeepSpeed wraps it; strict keys, and
+    the tokenizer fingerprint must match this run's."""
+    from .export import CONFIG_FILE, WEIGHTS_FILE, ExportError, _load_strict
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).exists() and (folder / "final" / CONFIG_FILE).exists():
+        folder = folder / "final"
+    if not (folder / CONFIG_FILE).exists():
+        raise ExportError(f"--init-from {folder}: no exported model there (no {CONFIG_FILE}; "
+                          f"a finished pretrain run has RUN/final)")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
+    if got != fingerprint:
+        raise ExportError(f"--init-from {folder}: trained with tokenizer {got[:12]}, this run uses {fingerprint[:12]}")
+    _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
+    return folder

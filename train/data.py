@@ -1,0 +1,291 @@
+"""Training data: conversations joined to code shards, tokenized, checked, packed, collated.
+
+``build_training_data`` reads everything once (a few seconds per 100k
+conversations), so every problem is found before the first step: keys absent
+from every shard, missing image files (online/features inputs), malformed
+conversations and samples whose image does not fit in ``max_len`` are
+counted and listed, and refused unless ``skip_bad_samples``.  Shard rows that
+no conversation references are the caption-free pool (visual loss only).
+
+:class:`Collator` turns a micro-batch plan (rows of sample indices, see
+``packing.py``) into a :class:`~asvr.train.batch.Batch`; :class:`PackedLoader`
+iterates plans epoch after epoch and carries ``(epoch, position)`` so a run
+resumes mid-epoch on exactly the next micro-batch.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess
+
+from .batch import Batch
+from .packing import MicroBatch, PackingConfig, plan_epoch, shard_for_rank
+from .sources import CodeStore, ConversationRecord, DataError, FeatureCache, load_conversations
+from .templates import (IGNORE_INDEX, ConversationError, ConversationTemplate, EncodedSample, encode_conversation,
+                        encode_image_only, validate_turns)
+
+VISION_INPUTS = ("online", "features", "codes")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    data: list[str]
+    """LLaVA JSON (or .jsonl) conversation files."""
+    codes: str
+    """Code shard directory (Contract 2) written with this run's tokenizer."""
+    images: str | None = None
+    """Image root (LLaVA ``image`` paths are relative to it); needed by online/features inputs."""
+    vision_input: str = "codes"
+    """online: pixels for the frozen encoder; features: cached encoder features; codes: cached codes."""
+    caption_free_ratio: float = 0.0
+    """Share of caption-free shard rows in the mix: n_free = r/(1-r) * n_conversations (r >= 1: all)."""
+    skip_bad_samples: bool = False
+    """Skip (and list) bad samples instead of refusing the data."""
+    seed: int = 0
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    num_workers: int = 0
+    """DataLoader worker processes (0: collate in the training process)."""
+
+    def __post_init__(self):
+        if self.vision_input not in VISION_INPUTS:
+            raise ValueError(f"vision_input must be one of {VISION_INPUTS}, got {self.vision_input!r}")
+        if self.vision_input in ("online", "features") and not self.images:
+            raise ValueError(f"vision input {self.vision_input!r} needs --images (the image root)")
+        if self.caption_free_ratio < 0:
+            raise ValueError("caption_free_ratio must be >= 0")
+
+
+@dataclass
+class Sample:
+    sample_id: str
+    key: str | None  # shard key of its image (None: text only)
+    encoded: EncodedSample
+
+
+@dataclass
+class BadSample:
+    sample_id: str
+    source: str
+    kind: str  # malformed | not in shards | missing image | too long
+    reason: str
+
+
+@dataclass
+class TrainingData:
+    samples: list[Sample]
+    store: CodeStore
+    bad: list[BadSample]
+    n_conversations: int
+    n_caption_free: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s.encoded) for s in self.samples]
+
+    def keys_with_images(self) -> list[str]:
+        return sorted({s.key for s in self.samples if s.key is not None})
+
+
+def describe_bad(bad: Sequence[BadSample], first: int = 3) -> str:
+    kinds = Counter(b.kind for b in bad)
+    head = "; ".join(f"{b.sample_id} ({b.reason})" for b in bad[:first])
+    return f"{len(bad)} bad samples ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}): {head}"
+
+
+def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer, store: CodeStore,
+                        check_images: bool) -> TrainingData:
+    """Join, validate and tokenize. Raises :class:`DataError` on bad samples unless ``cfg.skip_bad_samples``."""
+    meta = store.meta
+    image_tokens = meta.grid[0] * meta.grid[1]
+    max_len = cfg.packing.max_len
+    records: list[ConversationRecord] = load_conversations(cfg.data)
+    samples: list[Sample] = []
+    bad: list[BadSample] = []
+    referenced: set[str] = set()
+    root = Path(cfg.images) if cfg.images else None
+    for rec in records:
+        if rec.image is not None:
+            referenced.add(rec.image)
+
+        def refuse(kind: str, reason: str) -> None:
+            bad.append(BadSample(rec.sample_id, rec.source, kind, reason))
+
+        try:
+            turns = validate_turns(rec.conversations, rec.image is not None)
+            enc = encode_conversation(template, turns, llm_tokenizer, image_tokens)
+        except ConversationError as e:
+            refuse("malformed", str(e))
+            continue
+        if rec.image is not None and rec.image not in store:
+            refuse("not in shards", f"image {rec.image!r} is in no shard")
+            continue
+        if rec.image is not None and check_images and not (root / rec.image).is_file():
+            refuse("missing image", f"{root / rec.image} does not exist")
+            continue
+        if len(enc) > max_len:
+            if enc.image_mask[max_len:].any():
+                refuse("too long", f"{len(enc)} tokens and the image ends past max_len {max_len}")
+                continue
+            enc = enc.truncated(max_len)
+        samples.append(Sample(rec.sample_id, rec.image, enc))
+    n_conv = len(samples)
+    free_pool = [k for k in store.keys if k not in referenced]
+    r = cfg.caption_free_ratio
+    n_free = len(free_pool) if r >= 1 else min(len(free_pool), int(round(r / (1 - r) * n_conv)))
+    if n_free:
+        if check_images:
+            missing = [k for k in free_pool if not (root / k).is_file()]
+            bad.extend(BadSample(k, "shards", "missing image", f"{root / k} does not exist") for k in missing)
+            free_pool = [k for k in free_pool if (root / k).is_file()]
+            n_free = min(n_free, len(free_pool))
+        rng = np.random.default_rng([cfg.seed, 7])
+        chosen = sorted(rng.choice(len(free_pool), size=n_free, replace=False).tolist())
+        enc = encode_image_only(template, llm_tokenizer, image_tokens)
+        if len(enc) > max_len:
+            raise DataError(f"an image takes {len(enc)} positions > --max-len {max_len}")
+        samples.extend(Sample(f"caption-free:{free_pool[i]}", free_pool[i], enc) for i in chosen)
+    if bad and not cfg.skip_bad_samples:
+        raise DataError(describe_bad(bad) + "; fix them or pass --skip-bad-samples")
+    if not samples:
+        raise DataError("no training samples left")
+    return TrainingData(samples, store, bad, n_conv, n_free)
+
+
+class Collator:
+    """Micro-batch plan -> :class:`Batch` (picklable: runs in DataLoader workers)."""
+
+    def __init__(self, data: TrainingData, vision_input: str, pad_id: int, images: str | None = None,
+                 preprocess_cfg: PreprocessConfig | None = None, features: FeatureCache | None = None):
+        if vision_input == "online" and (images is None or preprocess_cfg is None):
+            raise ValueError("online vision input needs the image root and the tokenizer's preprocessing")
+        if vision_input == "features" and features is None:
+            raise ValueError("features vision input needs a FeatureCache")
+        self.samples = data.samples
+        self.store = data.store
+        self.vision_input = vision_input
+        self.pad_id = pad_id
+        self.images = Path(images) if images else None
+        self.preprocess_cfg = preprocess_cfg
+        self.features = features
+
+    def pixels(self, key: str) -> np.ndarray:
+        path = self.images / key
+        try:
+            return preprocess(open_image(path.read_bytes(), self.preprocess_cfg), self.preprocess_cfg)
+        except (OSError, ImageError) as e:
+            raise DataError(f"{path}: {e}") from None
+
+    def vision_of(self, key: str) -> np.ndarray:
+        if self.vision_input == "codes":
+            h, w = self.store.meta.grid
+            return self.store.get(key).astype(np.int64).reshape(h, w, -1)
+        if self.vision_input == "features":
+            return self.features.get(key)
+        return self.pixels(key)
+
+    def __call__(self, mb: MicroBatch) -> Batch:
+        width = max(sum(len(self.samples[i].encoded) for i in row) for row in mb)
+        b = len(mb)
+        ids = np.full((b, width), self.pad_id, np.int64)
+        labels = np.full((b, width), IGNORE_INDEX, np.int64)
+        pos = np.zeros((b, width), np.int64)
+        sid = np.zeros((b, width), np.int64)
+        img = np.zeros((b, width), bool)
+        keys: list[str] = []
+        for r, row in enumerate(mb):
+            t = 0
+            for n, i in enumerate(row, start=1):
+                s = self.samples[i]
+                e = s.encoded
+                L = len(e)
+                ids[r, t:t + L] = e.input_ids
+                labels[r, t:t + L] = e.labels
+                pos[r, t:t + L] = np.arange(L)
+                sid[r, t:t + L] = n
+                img[r, t:t + L] = e.image_mask
+                if e.image_mask.any():
+                    keys.append(s.key)
+                t += L
+        vision = codes = vmask = None
+        if keys:
+            vision = torch.from_numpy(np.stack([self.vision_of(k) for k in keys]))
+            codes = torch.from_numpy(np.stack([self.store.get(k) for k in keys]).astype(np.int64))
+            vmask = torch.ones(len(keys), dtype=torch.bool)
+        return Batch(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
+                     position_ids=torch.from_numpy(pos), sample_ids=torch.from_numpy(sid),
+                     image_mask=torch.from_numpy(img), vision=vision, visual_codes=codes, visual_loss_mask=vmask)
+
+
+class _PlanDataset(torch.utils.data.Dataset):
+    def __init__(self, plan: list[MicroBatch], collate: Collator):
+        self.plan = plan
+        self.collate = collate
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.collate(self.plan[i])
+
+
+class PackedLoader:
+    """Endless, deterministic, rank-sharded micro-batches with resumable ``(epoch, position)``."""
+
+    def __init__(self, lengths: Sequence[int], collate: Collator, packing: PackingConfig, *, seed: int,
+                 rank: int = 0, world: int = 1, num_workers: int = 0):
+        self.lengths = list(lengths)
+        self.collate = collate
+        self.packing = packing
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.position = 0  # micro-batches of this epoch already handed out on this rank
+        if not self.rank_plan(0):
+            raise DataError(f"{len(self.lengths)} samples make fewer micro-batches than the {world} ranks")
+
+    def rank_plan(self, epoch: int) -> list[MicroBatch]:
+        return shard_for_rank(plan_epoch(self.lengths, self.packing, self.seed, epoch), self.rank, self.world)
+
+    def micro_batches_per_epoch(self) -> int:
+        return len(self.rank_plan(0))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world", self.world) != self.world or state.get("seed", self.seed) != self.seed:
+            raise DataError(f"checkpoint loader state was for seed {state.get('seed')} x {state.get('world')} ranks; "
+                            f"this run has seed {self.seed} x {self.world} ranks")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            rest = self.rank_plan(self.epoch)[self.position:]
+            if self.num_workers > 0:
+                it = torch.utils.data.DataLoader(_PlanDataset(rest, self.collate), batch_size=None, shuffle=False,
+                                                 num_workers=self.num_workers, persistent_workers=False)
+            else:
+                it = (self.collate(mb) for mb in rest)
+            for batch in it:
+                self.position += 1
+                yield batch
+            self.epoch += 1
+            self.position = 0
+
+
+def write_bad_samples(path: str | os.PathLike, bad: Sequence[BadSample]) -> None:
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(b.__dict__) + "\n" for b in bad))
+    os.replace(tmp, path)

@@ -1,0 +1,77 @@
+"""Run metrics: ``RUN/metrics.jsonl`` (one JSON object per optimizer step), optional
+TensorBoard, and ``RUN/loss.png`` at the end.  Only rank 0 writes.
+
+On resume the file is cut back to the checkpoint's step first, so a run that
+crashed after its last checkpoint does not log the replayed steps twice.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, resume_step: int = 0):
+        self.path = run_dir / METRICS
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            self._truncate(resume_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _truncate(self, step: int) -> None:
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def plot_losses(run_dir: str | Path) -> Path | None:
+    """``RUN/loss.png``: loss, text loss and visual loss against the step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in rows]
+    for key in ("loss", "loss_text", "loss_visual"):
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = Path(run_dir) / LOSS_PLOT
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out

@@ -1,0 +1,383 @@
+"""The DeepSpeed training loop of ``asvr-train``.
+
+``Trainer(cfg).train()`` reads as: set up distributed -> build data -> build
+model (stage, ``--init-from``) -> ``deepspeed.initialize`` -> resume -> loop
+of ``train_step`` (gradient accumulation over micro-batches) with metrics,
+periodic checkpoints -> final checkpoint, export to ``RUN/final``, loss plot.
+
+Devices: on CUDA, NCCL and bf16 (DeepSpeed keeps fp32 master weights); on CPU,
+gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
+one-process group itself (127.0.0.1, a free port).  The optimizer is torch's
+AdamW passed to DeepSpeed as a client optimizer (FusedAdam needs CUDA and
+DeepSpeedCPUAdam compiles a C++ op for ~40 s), unless a ``--deepspeed``
+config brings its own ``optimizer`` section.  ZeRO-3: the model is built and
+``--init-from`` weights loaded *before* ``deepspeed.initialize`` partitions
+it (a ~7B model fits in host RAM; ``zero.Init`` for larger ones is not wired),
+and the export gathers the partitions with ``zero.GatheredParameters``.
+ZeRO-3 also partitions the frozen online encoder: on CPU/gloo its ~200 small
+tensors are gathered every step (7 s/step vs 0.5 s with ZeRO-2 on the tiny
+test model), so prefer ZeRO-2, or the codes/features inputs, for small runs.
+
+Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
+an uninterrupted run bit for bit (tested): the loader resumes at the next
+micro-batch, and model, optimizer, scheduler and RNG states are restored.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import ModelConfig, VisualHeadConfig
+from .data import (Collator, DataConfig, PackedLoader, TrainingData, build_training_data, describe_bad,
+                   write_bad_samples)
+from .metrics import MetricsLogger, plot_losses
+from .packing import PackingConfig, padding_waste, plan_epoch
+from .sources import CodeStore, DataError, FeatureCache
+from .templates import get_template
+
+STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: str
+    """LLM: a local Hugging Face folder (config, weights, tokenizer)."""
+    tokenizer: str
+    """Semantic tokenizer artifact folder (Contract 1)."""
+    codes: str
+    """Code shards written with that tokenizer (Contract 2)."""
+    data: list[str]
+    """LLaVA JSON conversation files."""
+    output_dir: str
+    """Run folder: checkpoints/, metrics.jsonl, loss.png, final/."""
+    stage: str = "pretrain"
+    """pretrain: projector + visual head, LLM frozen; sft: also the LLM."""
+    vision_input: str = "codes"
+    """online | features | codes (see asvr.train.vision_input)."""
+    images: str | None = None
+    """Image root for online/features inputs."""
+    template: str | None = None
+    """plain | vicuna_v1 | chatml (default: plain for pretrain, vicuna_v1 for sft)."""
+    zero: int = 2
+    """ZeRO stage (2 or 3) when no --deepspeed config is given."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON config; batch sizes, accumulation and clipping are filled from our flags."""
+    max_steps: int | None = None
+    """Optimizer steps (default: --epochs over the data)."""
+    epochs: float = 1.0
+    micro_batch_size: int = 1
+    """Packed rows per micro-batch per process."""
+    grad_accum: int = 1
+    max_len: int = 2048
+    pack: bool = True
+    lr: float | None = None
+    """Peak learning rate (default 1e-3 pretrain, 2e-5 sft, as LLaVA-1.5)."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    """'auto': continue from the newest checkpoint of --output-dir (if any); or a tag."""
+    stop_after: int | None = None
+    """End this invocation (checkpoint, no export) after N steps; the schedule still spans
+    --max-steps and ``--resume auto`` continues (jobs with a wall-time limit)."""
+    init_from: str | None = None
+    """An exported model (a pretrain run folder or its final/) to start from."""
+    gradient_checkpointing: bool = False
+    caption_free_ratio: float = 0.0
+    skip_bad_samples: bool = False
+    num_workers: int = 0
+    tensorboard: bool = False
+    export: bool = True
+    """Write RUN/final (asvr.train.export) at the end."""
+    progress: bool = True
+    head: VisualHeadConfig = field(default_factory=VisualHeadConfig)
+    visual_loss_weight: float = 1.0
+    attn_implementation: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"--stage must be pretrain or sft, got {self.stage!r}")
+        if self.deepspeed is None and self.zero not in (2, 3):
+            raise ValueError(f"--zero must be 2 or 3, got {self.zero}")
+        if self.resume not in (None, "auto") and not self.resume.startswith("step"):
+            raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError("--stop-after must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("--max-steps must be >= 1")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("--micro-batch-size and --grad-accum must be >= 1")
+        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
+        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, bool]:
+    """-> (rank, world, created_here).  Uses torchrun/deepspeed env vars when launched so."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    else:
+        # deepspeed.initialize reads these; a lone process is rank 0 of 1.
+        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                     ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(k, v)
+        dist.init_process_group(backend, rank=0, world_size=1)
+        # Kept for the life of the process: DeepSpeed caches its groups, so a
+        # second in-process run (tests, notebooks) must find the same one.
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.resuming = False
+        self.rank, self.world, self.owns_group = init_distributed()
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+
+    # ------------------------------------------------------------------ build
+    def build_data(self, tokenizer, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
+        cfg = self.cfg
+        cache = self.run_dir / "cache"
+        fp = tokenizer.spec.fingerprint
+        if self.rank == 0:
+            store = CodeStore.open(cfg.codes, fp, cache_dir=cache)
+        dist.barrier()
+        if self.rank != 0:
+            store = CodeStore.open(cfg.codes, fp, cache_dir=cache, write_cache=False)
+        if tuple(store.meta.grid) != tuple(tokenizer.spec.grid) or store.meta.depth != tokenizer.spec.depth:
+            raise DataError(f"{cfg.codes}: shards have grid {store.meta.grid} x depth {store.meta.depth}, "
+                             f"the tokenizer {tuple(tokenizer.spec.grid)} x {tokenizer.spec.depth}")
+        dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=cfg.vision_input,
+                          caption_free_ratio=cfg.caption_free_ratio, skip_bad_samples=cfg.skip_bad_samples,
+                          seed=cfg.seed, num_workers=cfg.num_workers,
+                          packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack))
+        # features input: images are needed only to fill a missing cache (checked again by featurize)
+        check_images = cfg.vision_input == "online" or (
+            cfg.vision_input == "features" and not list(cache.glob(f"features-{store.meta.fingerprint[:12]}-*.npy")))
+        data = build_training_data(dcfg, get_template(cfg.template), llm_tokenizer, store, check_images)
+        if data.bad and self.rank == 0:
+            write_bad_samples(self.run_dir / "bad_samples.jsonl", data.bad)
+            print(f"skipping {describe_bad(data.bad)} (all listed in {self.run_dir / 'bad_samples.jsonl'})")
+        features = None
+        if cfg.vision_input == "features":
+            features = self.build_features(tokenizer, store, data, cache)
+        collate = Collator(data, cfg.vision_input, pad_id=llm_tokenizer.pad_token_id or 0, images=cfg.images,
+                           preprocess_cfg=tokenizer.preprocess_config(store.meta.preprocess), features=features)
+        loader = PackedLoader(data.lengths, collate, dcfg.packing, seed=cfg.seed, rank=self.rank, world=self.world,
+                              num_workers=cfg.num_workers)
+        return data, loader
+
+    def build_features(self, tokenizer, store: CodeStore, data: TrainingData, cache: Path) -> FeatureCache:
+        """Rank 0 computes the encoder features of every used image once into RUN/cache."""
+        mode = store.meta.preprocess
+
+        def featurize(keys: list[str]):
+            try:
+                pixels = tokenizer.preprocess_images([Path(self.cfg.images) / k for k in keys], mode=mode)
+            except (OSError, ValueError) as e:
+                raise DataError(f"caching features: {e}") from None
+            return tokenizer.features(pixels).cpu().numpy()
+
+        if self.rank == 0:
+            FeatureCache.build(cache, store, data.keys_with_images(), featurize, progress=self.cfg.progress)
+        dist.barrier()
+        return FeatureCache(FeatureCache.path_for(cache, store, data.keys_with_images()), store.index)
+
+    def build_model(self, tokenizer):
+        cfg = self.cfg
+        mcfg = ModelConfig(llm=cfg.model, trust_remote_code=cfg.trust_remote_code, vision_input=cfg.vision_input,
+                           head=cfg.head, visual_loss_weight=cfg.visual_loss_weight,
+                           attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing)
+        from .lvlm import build_model
+
+        torch.manual_seed(cfg.seed)  # same random projector/head on every rank
+        model = build_model(mcfg, tokenizer)
+        if cfg.init_from and not self.resuming:
+            src = checkpoint.load_pretrained(model, cfg.init_from, tokenizer.spec.fingerprint)
+            self.log(f"initialised from {src}")
+        groups = model.set_stage(cfg.stage)
+        return model, groups
+
+    def deepspeed_config(self) -> dict:
+        cfg = self.cfg
+        ds = json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": cfg.zero}}
+        ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+                  gradient_clipping=cfg.grad_clip, steps_per_print=ds.get("steps_per_print", 1 << 30))
+        ds.pop("train_batch_size", None)
+        if self.device.type == "cuda":
+            ds.setdefault("bf16", {"enabled": True})
+        else:
+            ds["bf16"] = {"enabled": False}
+            ds["fp16"] = {"enabled": False}
+        return ds
+
+    # ------------------------------------------------------------------ run
+    def log(self, msg: str) -> None:
+        if self.rank == 0 and self.cfg.progress:
+            print(msg, flush=True)
+
+    def train(self) -> dict:
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        from asvr.tokenizer import SemanticTokenizer
+
+        cfg = self.cfg
+        self.resuming = cfg.resume is not None and (cfg.resume != "auto" or checkpoint.latest_tag(self.run_dir))
+        tokenizer = SemanticTokenizer.load(cfg.tokenizer)
+        llm_tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True,
+                                                      trust_remote_code=cfg.trust_remote_code)
+        data, loader = self.build_data(tokenizer, llm_tokenizer)
+        per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
+        total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+        self.log(f"{len(data.samples)} samples ({data.n_conversations} conversations, {data.n_caption_free} "
+                 f"caption-free), {loader.micro_batches_per_epoch()} micro-batches/epoch/rank, padding waste "
+                 f"{padding_waste(plan_epoch(data.lengths, loader.packing, cfg.seed, 0), data.lengths):.1%}, "
+                 f"{total} steps on {self.world} x {self.device.type}")
+
+        model, groups = self.build_model(tokenizer)
+        ds_cfg = self.deepspeed_config()
+        params = [{"params": [p for p in g["params"] if p.requires_grad], "name": g["name"]} for g in groups]
+        params = [g for g in params if g["params"]]
+        optimizer = scheduler = None
+        if "optimizer" not in ds_cfg:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+            if "scheduler" not in ds_cfg:
+                warmup = max(1, math.ceil(cfg.warmup_ratio * total))
+                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                              cosine_with_warmup(total, warmup, cfg.min_lr_ratio))
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
+                                               optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                               dist_init_required=False)
+        step = 0
+        if self.resuming:
+            client = checkpoint.load(engine, self.run_dir, self.rank, None if cfg.resume == "auto" else cfg.resume)
+            step = int(client["step"])
+            loader.load_state_dict(client["loader"])
+            self.log(f"resumed from step {step} (epoch {loader.epoch}, micro-batch {loader.position})")
+        else:
+            torch.manual_seed(cfg.seed + self.rank)
+        if self.rank == 0:
+            (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        metrics = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, resume_step=step)
+        stop = total if cfg.stop_after is None else min(total, step + cfg.stop_after)
+        last = self.loop(engine, loader, metrics, step, stop, total)
+        metrics.close()
+        if cfg.export and stop == total:
+            self.export(engine, llm_tokenizer)
+        if self.rank == 0:
+            plot_losses(self.run_dir)
+        dist.barrier()
+        return last
+
+    def loop(self, engine, loader: PackedLoader, metrics: MetricsLogger, step: int, stop: int, total: int) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        it = iter(loader)
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", disable=self.rank != 0 or not cfg.progress,
+                   dynamic_ncols=True)
+        last: dict = {}
+        engine.train()
+        while step < stop:
+            t0 = time.perf_counter()
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves at the step's end)
+            record = self.train_step(engine, it)
+            step += 1
+            dt = time.perf_counter() - t0
+            record = {"step": step, **record, "tokens_per_s": record.pop("tokens") / dt,
+                      "lr": lr, "step_time_s": dt, "epoch": loader.epoch}
+            metrics.log(record)
+            last = record
+            bar.set_postfix(loss=f"{record['loss']:.4f}", text=f"{record['loss_text']:.3f}",
+                            vis=f"{record['loss_visual']:.3f}")
+            bar.update(1)
+            if step == stop or (cfg.save_every and step % cfg.save_every == 0):
+                checkpoint.save(engine, self.run_dir, step, loader.state_dict(), self.rank, cfg.keep_checkpoints)
+        bar.close()
+        return last
+
+    def train_step(self, engine, it) -> dict:
+        """One optimizer step = grad_accum micro-batches; metrics averaged over them and the ranks."""
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for _ in range(self.cfg.grad_accum):
+            batch = next(it).to(self.device)
+            tokens += batch.num_tokens
+            loss, m = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            for k, v in m.items():
+                if k.startswith("loss"):
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+        keys = sorted(sums)
+        vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(tokens))]).to(self.device)
+        dist.all_reduce(vec)
+        vals = vec.cpu().tolist()
+        n = self.cfg.grad_accum * self.world
+        out = {k: vals[i] / n for i, k in enumerate(keys)}
+        out["tokens"] = vals[-1]
+        return out
+
+    def export(self, engine, llm_tokenizer) -> None:
+        """RUN/final via asvr.train.export (ZeRO-3 partitions gathered first)."""
+        import deepspeed
+
+        from .export import save_exported
+
+        module = engine.module
+        params = list(module.parameters())
+        zero3 = engine.zero_optimization_stage() == 3
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
+        with ctx:
+            if self.rank == 0:
+                save_exported(module, self.run_dir / "final", llm_tokenizer)
+        dist.barrier()
+        self.log(f"exported the model to {self.run_dir / 'final'}")
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.barrier()
