@@ -83,7 +83,7 @@ def load_pretrained(model, folder: str | Path, fingerprint: str) -> Path:
     """``--init-from``: load an exported model (``RUN/final`` of a pretrain run, or the
     export folder itself) into ``model`` before DeepSpeed wraps it; strict keys, and
     the tokenizer fingerprint must match this run's."""
-    from .export import CONFIG_FILE, WEIGHTS_FILE, ExportError, _load_strict
+    from .export import CONFIG_FILE, ExportError, load_exported_weights
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists() and (folder / "final" / CONFIG_FILE).exists():
@@ -95,5 +95,5 @@ def load_pretrained(model, folder: str | Path, fingerprint: str) -> Path:
     got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
     if got != fingerprint:
         raise ExportError(f"--init-from {folder}: trained with tokenizer {got[:12]}, this run uses {fingerprint[:12]}")
-    _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
+    load_exported_weights(model, folder)
     return folder

@@ -289,7 +289,7 @@ def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | N
     if tokenizer is not None:
         s = tokenizer.spec
         cfg.vision = VisionSpec(dim=s.dim, grid=tuple(s.grid), depth=s.depth, codebook_size=s.codebook_size,
-                                fingerprint=s.fingerprint, path=str(tokenizer.path) if tokenizer.path else None)
+                                fingerprint=s.fingerprint, path=str(Path(tokenizer.path).resolve()) if tokenizer.path else None)
         codebooks = tokenizer.quantizer.codebooks
         encoder = tokenizer.encoder
     else:
