@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
-DEMO_TRAIN ?= --max-len 512 --micro-batch-size 2 --save-every 50 --head-width 128 --head-proj-hidden 128 --head-layers 1 --head-dim 32
+DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden 128 --head-layers 1 --head-dim 32
 # torch and faiss both spin OpenMP threads; passive waiting stops them fighting over 2 cores
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -55,16 +55,16 @@ demo: $(STAMP)
 	@echo "== 7/9 pretrain (projector + visual head) on cached codes"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
 	  --data $(DEMO)/corpus/llava_pretrain.json --stage pretrain --vision-input codes \
-	  $(DEMO_TRAIN) --max-steps 150 --output-dir $(DEMO)/runs/pretrain
+	  $(DEMO_TRAIN) --max-steps 150 --micro-batch-size 2 --output-dir $(DEMO)/runs/pretrain
 	@echo "== 8/9 SFT from the pretrain run"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
 	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input codes --init-from $(DEMO)/runs/pretrain \
-	  $(DEMO_TRAIN) --max-steps 150 --lr 5e-4 --output-dir $(DEMO)/runs/sft
+	  $(DEMO_TRAIN) --max-steps 400 --micro-batch-size 4 --lr 2e-3 --output-dir $(DEMO)/runs/sft
 	@echo "== 9/9 evaluate"
 	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
 	  --images $(DEMO)/corpus/images --out $(DEMO)/eval/loss
 	$(BIN)/asvr-eval bench --model $(DEMO)/runs/sft --bench $(DEMO)/corpus/vqa_bench.jsonl --images $(DEMO)/corpus/images \
-	  --max-items 60 --out $(DEMO)/eval/bench
+	  --instructions none --out $(DEMO)/eval/bench
 	@echo "demo done: see $(DEMO)/tokenizer_report, $(DEMO)/search_sheet.png, $(DEMO)/inspect, $(DEMO)/runs/*/loss.png, $(DEMO)/eval"
 
 clean:
