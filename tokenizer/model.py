@@ -87,9 +87,11 @@ class SemanticTokenizer(torch.nn.Module):
         """pixels -> codes ``[B, H, W, D]`` (int64)."""
         feats = self.features(pixels, dtype=dtype)
         if search_dtype is None:
-            # fp16 tensor cores run as fast as bf16 with 8x finer rounding: far fewer uncertified rows
-            search_dtype = "float16" if self.device.type == "cuda" else "float32"
-        cand = 16 if search_dtype in ("bfloat16", "float16") else 8
+            # fp32 search measured fastest of the exact variants on an H200 (156 img/s vs 149 fp16,
+            # 129 bf16 for 8x16384x1152): on concentrated features most fp16/bf16 rows are not
+            # certified and are searched again in fp32 (bench/results/gpu_tokenizer_h200_v3.json)
+            search_dtype = "float32"
+        cand = 16
         return self.quantizer.encode(feats, search_dtype=search_dtype, candidates=cand)
 
     def preprocess_images(self, images: Sequence[bytes | Image.Image | str | os.PathLike],
