@@ -149,6 +149,7 @@ def run_bench(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from asvr.pipeline.shards import ShardError
     from asvr.tokenizer.artifact import TokenizerError
+    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.preprocess import ImageError
     from asvr.train.export import ExportError
     from asvr.train.sources import DataError
@@ -160,15 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     expected = (CLIError, EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
                 ConversationError, ValueError, FileNotFoundError)
-    try:
-        return run_loss(args) if args.command == "loss" else run_bench(args)
-    except expected as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"asvr-eval {args.command}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_guarded("asvr-eval", args.command,
+                       lambda: run_loss(args) if args.command == "loss" else run_bench(args), expected)
 
 
 if __name__ == "__main__":

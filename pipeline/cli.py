@@ -133,21 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     from asvr.tokenizer.artifact import TokenizerError
+    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.encoders import EncoderLoadError
 
     from .shards import ShardError
     from .sources import SourceError
     from .writer import OutputError
 
-    try:
-        return int(args.func(args) or 0)
-    except (CLIError, SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
-            FileNotFoundError, NotADirectoryError) as e:
-        print(f"asvr-pipeline {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_guarded("asvr-pipeline", args.command, lambda: args.func(args),
+                       (CLIError, SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
+                        FileNotFoundError, NotADirectoryError),
+                       interrupted="interrupted; rerun the same command to resume")
 
 
 if __name__ == "__main__":
