@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 from .artifact import TokenizerSpec, save_artifact
-from .cli import CLIError
-from .codebook_training import set_threads
+from .cli import CLIError, add_encoding_args
 from .codebook_training import (TRAIN_METHODS, CodebookTrainConfig, TrainingError, iter_features, list_images, pick,
-                                sample_vectors, train_codebooks)
+                                sample_vectors, set_threads, train_codebooks)
 from .encoders import ENCODER_KINDS, build_encoder, default_encoder_spec
 from .preprocess import PREPROCESS_MODES, PreprocessConfig
 
@@ -41,12 +40,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vectors", type=int, default=None, help="train on a seeded random subset of feature vectors")
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="square",
                    help="square resize, or pad to square with the mean colour (recorded in the artifact)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="images per encoder call (EfficientNet-Lite0 on CPU: 64 ms/img at 8, 112 at 32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and faiss (default: theirs). On a busy 2-core machine 1 thread "
-                        "was 4x faster than 2 for EfficientNet (OpenMP spin-waits)")
+    add_encoding_args(p)
     p.add_argument("--out", required=True, metavar="TOK", help="tokenizer directory to write")
     p.set_defaults(func=run)
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import CLIError
-from .codebook_training import set_threads
-from .codebook_training import TrainingError, iter_features, list_images, pick
+from .cli import CLIError, add_encoding_args
+from .codebook_training import TrainingError, iter_features, list_images, pick, set_threads
 from .model import SemanticTokenizer
 from .preprocess import PREPROCESS_MODES
 from .validation import ValidationReport, depth_metrics, plot_report
@@ -28,12 +27,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folders (recursive)")
     p.add_argument("--max-images", type=int, default=None, help="seeded random subset of the images")
     p.add_argument("--preprocess", choices=PREPROCESS_MODES, default=None, help="default: the tokenizer's mode")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="images per encoder call (EfficientNet-Lite0 on CPU: 64 ms/img at 8, 112 at 32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and faiss (default: theirs). On a busy 2-core machine 1 thread "
-                        "was 4x faster than 2 for EfficientNet (OpenMP spin-waits)")
+    add_encoding_args(p)
     p.add_argument("--report", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=run)
 

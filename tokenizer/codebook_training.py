@@ -214,6 +214,17 @@ def relative_errors(x: np.ndarray, codebooks: np.ndarray, codes: np.ndarray) -> 
     return out
 
 
+def _score_round(x: np.ndarray, books: np.ndarray, depth: int, err: float, rnd: int,
+                 rounds: list[dict]) -> tuple[bool, np.ndarray, float]:
+    """Encode with a refinement round's codebooks; the round is kept only if the
+    final relative error falls.  Returns (kept, codes, error) and logs the round."""
+    codes = greedy_encode(x, books, depth)
+    new_err = relative_errors(x, books, codes)[-1]
+    kept = new_err < err
+    rounds.append({"round": rnd, "error": new_err, "kept": kept})
+    return kept, codes, new_err
+
+
 def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None) -> np.ndarray:
     import faiss
 
@@ -262,10 +273,7 @@ def _train_kmeans(x: np.ndarray, cfg: CodebookTrainConfig, rounds: list[dict]) -
             new[d] = _kmeans(target, k, cfg.refine_iters, cfg.seed + 100 * rnd + d, init=new[d])
             work[:, d] = greedy_encode(target, new[d : d + 1], 1)[:, 0]
             recon = others + new[d][work[:, d]]
-        new_codes = greedy_encode(x, new, D)
-        new_err = relative_errors(x, new, new_codes)[-1]
-        kept = new_err < err
-        rounds.append({"round": rnd, "error": new_err, "kept": kept})
+        kept, new_codes, new_err = _score_round(x, new, D, err, rnd, rounds)
         if not kept:
             break
         books, codes, err = new, new_codes, new_err
@@ -290,10 +298,7 @@ def _train_shared(x: np.ndarray, cfg: CodebookTrainConfig, rounds: list[dict], m
         if pooled.shape[0] > max_pool:
             pooled = pooled[rng.choice(pooled.shape[0], max_pool, replace=False)]
         new = _kmeans(pooled, k, cfg.refine_iters * 2, cfg.seed + rnd, init=book[0])[None]
-        new_codes = greedy_encode(x, new, D)
-        new_err = relative_errors(x, new, new_codes)[-1]
-        kept = new_err < err
-        rounds.append({"round": rnd, "error": new_err, "kept": kept})
+        kept, new_codes, new_err = _score_round(x, new, D, err, rnd, rounds)
         if not kept:
             break
         book, codes, err = new, new_codes, new_err
