@@ -233,7 +233,6 @@ def main():
         results["agree_exact_fp16_vs_float64"] = float((exact_codes[: sub.shape[0]] == f64).float().mean())
         results["agree_fp32ref_vs_float64"] = float((ref[: sub.shape[0]] == f64).float().mean())
         # naive bf16 search without re-rank (what DESIGN.md calls 97.9%)
-        prev = None
         r = feats.reshape(-1, feats.shape[-1]).float()
         naive = []
         for d in range(args.depth):

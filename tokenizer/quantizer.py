@@ -17,8 +17,8 @@ top-k of an earlier version.
 
 The bound per row is ``2 * delta * ||r|| * max_k ||c_k||`` plus the rounding of
 ``||c_k||^2``, with ``delta`` the relative error of one dot product: the
-rounding of the operands to the search dtype, ``2u`` (a worst-case bound, for
-any data), plus the fp32 accumulation, modelled as a random walk
+rounding of the operands to the search dtype, ``2u`` (``3u`` for fp16/bf16,
+whose matmul output is rounded too; a worst-case bound, for any data), plus the fp32 accumulation, modelled as a random walk
 (``4 sqrt(C) 2^-24``, four standard deviations) because the worst case
 ``C 2^-24`` made 75% of the rows of a 1152-d codebook fall back on an H200
 (bench/gpu_tokenizer.py).  Distances are computed around each codebook's mean
@@ -143,16 +143,16 @@ class ResidualQuantizer(torch.nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.dim)
         out = torch.empty((flat.shape[0], self.depth), dtype=torch.long, device=x.device)
-        fallback = 0
-        self._full_rows = 0
+        fallback = full = 0
         for s in range(0, flat.shape[0], block_rows):
-            codes, fb = self._encode_block(flat[s : s + block_rows], _SEARCH_DTYPES[search_dtype], candidates)
+            codes, fb, fu = self._encode_block(flat[s : s + block_rows], _SEARCH_DTYPES[search_dtype], candidates)
             out[s : s + block_rows] = codes
             fallback += fb
+            full += fu
         out = out.reshape(*lead, self.depth)
         if return_stats:
             return out, SearchStats(rows=flat.shape[0] * self.depth, fallback_rows=fallback,
-                                    full_rows=self._full_rows)
+                                    full_rows=full)
         return out
 
     def _prepared(self, device: torch.device) -> list[dict]:
@@ -231,7 +231,7 @@ class ResidualQuantizer(torch.nn.Module):
             ok[few] = True
         return idx, ok
 
-    def _encode_block(self, x: torch.Tensor, sdtype, cand: int) -> tuple[torch.Tensor, int]:
+    def _encode_block(self, x: torch.Tensor, sdtype, cand: int) -> tuple[torch.Tensor, int, int]:
         """Greedy RVQ of one block of rows.  Rows whose candidate list is not certified
         go down a cascade: the search dtype, then fp32, then a full float64 search."""
         n, c = x.shape
@@ -241,7 +241,7 @@ class ResidualQuantizer(torch.nn.Module):
         levels = [sdtype] + ([torch.float32] if sdtype is not torch.float32 else [])
         r = x.to(torch.float64)
         codes = torch.empty((n, self.depth), dtype=torch.long, device=x.device)
-        fallback = 0
+        fallback = full = 0
         for d in range(self.depth):
             p = prepared[0 if len(prepared) == 1 else d]
             rc = r - p["mean"]
@@ -258,11 +258,11 @@ class ResidualQuantizer(torch.nn.Module):
                     ok[bad] = ok_b
                 bad = (~ok).nonzero().squeeze(1)
                 if bad.numel():
-                    self._full_rows += int(bad.numel())
+                    full += int(bad.numel())
                     idx[bad] = self._full_search(rc[bad], p["b64"])
             codes[:, d] = idx
             r = r - p["orig"][idx]
-        return codes, fallback
+        return codes, fallback, full
 
     @staticmethod
     def _full_search(r64: torch.Tensor, book64: torch.Tensor, rerank: int = 4, block: int = 4096) -> torch.Tensor:
