@@ -15,9 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class CLIError(ValueError):
-    pass
+from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -147,10 +145,8 @@ def run_bench(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asvr.pipeline.shards import ShardError
-    from asvr.tokenizer.artifact import TokenizerError
-    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.preprocess import ImageError
+    from asvr.tokenizer.shards import ShardError
     from asvr.train.export import ExportError
     from asvr.train.sources import DataError
     from asvr.train.templates import ConversationError
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import EvalError
 
     args = build_parser().parse_args(argv)
-    expected = (CLIError, EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
+    expected = (EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
                 ConversationError, ValueError, FileNotFoundError)
     return run_guarded("asvr-eval", args.command,
                        lambda: run_loss(args) if args.command == "loss" else run_bench(args), expected)

@@ -6,8 +6,10 @@ Modules, one job each:
   writer.py   OUT: run-config check, work units, atomic shards + unit markers, manifest, failures
   runner.py   PipelineConfig -> run_pipeline: wires the above, progress bar, summary
   check.py    inspect / verify an OUT (no Ray)
-  shards.py   the shard format, readers and atomic writers (no Ray; the trainer imports only this)
   cli.py      asvr-pipeline tokenize | inspect | verify
+
+The shard format itself (schema, readers, atomic shard writers) is
+``asvr.tokenizer.shards``: readers never import the pipeline.
 
 Importing this package imports no Ray; runner.py imports it when a job runs.
 """

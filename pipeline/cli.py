@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
 
 EPILOG = """\
@@ -26,10 +27,6 @@ Inputs (auto-detected per INPUT, or --input-format for all):
 
 Rerun the same command after a crash or kill: finished shards are kept, the rest is done.
 """
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 def _tokenize_parser(sub) -> None:
@@ -132,16 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    from asvr.tokenizer.artifact import TokenizerError
-    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.encoders import EncoderLoadError
+    from asvr.tokenizer.shards import ShardError
 
-    from .shards import ShardError
     from .sources import SourceError
     from .writer import OutputError
 
     return run_guarded("asvr-pipeline", args.command, lambda: args.func(args),
-                       (CLIError, SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
+                       (SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
                         FileNotFoundError, NotADirectoryError),
                        interrupted="interrupted; rerun the same command to resume")
 

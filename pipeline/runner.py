@@ -28,7 +28,7 @@ import pyarrow as pa
 from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig
 
-from .shards import ShardMeta
+from asvr.tokenizer.shards import ShardMeta
 from .sources import SourceOptions, discover
 from .stages import Encoder, ReadDecode, TokenizerBuilder
 from .writer import OutputDir, UnitResult, units_hash

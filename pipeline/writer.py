@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
+from asvr.tokenizer.shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
 
 UNITS_DIR = ".units"
 LOCK = ".lock"

@@ -3,8 +3,10 @@ sft from a pretrain run, ZeRO-3 vs ZeRO-2, two processes vs accumulation, errors
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -123,3 +125,26 @@ def test_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     args[args.index("--images") + 1] = str(tmp_path / "nope")
     assert main(args) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_online_without_images_is_one_line_error(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    args = _args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--vision-input", "online")
+    i = args.index("--images")
+    del args[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asvr-train: error: --vision-input online") and "--images" in err and "\n" not in err
+
+
+def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    """A real SIGINT (what Ctrl-C sends) during a run: exit 130, one line that says how to resume."""
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        rc = main(_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000"))
+    finally:
+        timer.cancel()
+    assert rc == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted;") and "--resume auto" in err[-1] and str(tmp_path / "r") in err[-1]
+    assert not any("Traceback" in line for line in err)

@@ -20,14 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .encoders import EncoderSpec, hash_encoder_weights
+from .errors import TokenizerError, check_fingerprint
 
 FORMAT_VERSION = 1
 TOKENIZER_JSON = "tokenizer.json"
 CODEBOOKS_FILE = "codebooks.safetensors"
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 @dataclass
@@ -124,7 +121,6 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> tuple[Tokeniz
     if tuple(cb.shape) != want:
         raise TokenizerError(f"{cbf}: codebooks have shape {tuple(cb.shape)}, tokenizer.json says {want}")
     if verify:
-        fp = compute_fingerprint(spec, cb)
-        if fp != spec.fingerprint:
-            raise TokenizerError(f"{path}: fingerprint mismatch (codebooks or tokenizer.json were changed)")
+        check_fingerprint(compute_fingerprint(spec, cb), spec.fingerprint, f"{path}'s codebooks and encoder",
+                          f"its {TOKENIZER_JSON}", "the codebooks or tokenizer.json were changed")
     return spec, cb

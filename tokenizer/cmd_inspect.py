@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from .cli import CLIError
+from .errors import CLIError
 
 
 def register(p: argparse.ArgumentParser) -> None:

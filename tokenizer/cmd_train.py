@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .artifact import TokenizerSpec, save_artifact
-from .cli import CLIError, add_encoding_args
+from .cli import add_encoding_args
+from .errors import CLIError
 from .codebook_training import (TRAIN_METHODS, CodebookTrainConfig, TrainingError, iter_features, list_images, pick,
                                 sample_vectors, set_threads, train_codebooks)
 from .encoders import ENCODER_KINDS, build_encoder, default_encoder_spec

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import CLIError, add_encoding_args
+from .cli import add_encoding_args
+from .errors import CLIError
 from .codebook_training import TrainingError, iter_features, list_images, pick, set_threads
 from .model import SemanticTokenizer
 from .preprocess import PREPROCESS_MODES

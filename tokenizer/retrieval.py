@@ -65,7 +65,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from asvr.pipeline.shards import ShardError, ShardMeta, codes_array, list_shards, read_meta, read_shard, sha256_file
+from .errors import check_fingerprint
+from .shards import ShardError, ShardMeta, codes_array, list_shards, read_meta, read_shard, sha256_file
 
 INDEX_JSON = "index.json"
 INDEX_FORMAT = 1
@@ -331,8 +332,7 @@ def _shard_rows(path: Path) -> int:
 
 def _check_shard(path: Path, want: ShardMeta) -> None:
     m = read_meta(path)
-    if m.fingerprint != want.fingerprint:
-        raise RetrievalError(f"{path}: written with tokenizer {m.fingerprint[:12]}, the index's is {want.fingerprint[:12]}")
+    check_fingerprint(m.fingerprint, want.fingerprint, str(path), "the index's tokenizer")
     if m.preprocess != want.preprocess:
         raise RetrievalError(f"{path}: preprocess mode {m.preprocess!r}, the index holds {want.preprocess!r} codes")
 
@@ -370,9 +370,9 @@ def build_index(
     if tok_dir is None:
         raise RetrievalError("--tokenizer is required to build an index")
     spec, codebooks = load_artifact(tok_dir)
-    if old is not None and spec.fingerprint != old.fingerprint:
-        raise RetrievalError(f"tokenizer {tok_dir} has fingerprint {spec.fingerprint[:12]}, "
-                             f"the index was built with {old.fingerprint[:12]}; build a new index")
+    if old is not None:
+        check_fingerprint(spec.fingerprint, old.fingerprint, f"tokenizer {tok_dir}", f"the index {idx_dir}",
+                          "build a new index")
     preprocess = old.preprocess if old else read_meta(shard_paths[0]).preprocess
     want = ShardMeta.from_spec(spec, preprocess)
     have = {(s.name, s.sha256) for s in old.shards} if old else set()
@@ -527,9 +527,7 @@ class ImageIndex:
         return ImageVectorizer(cb, spec.depth)
 
     def check_fingerprint(self, fingerprint: str, where) -> None:
-        if fingerprint != self.meta.fingerprint:
-            raise RetrievalError(f"tokenizer {where} has fingerprint {fingerprint[:12]}, "
-                                 f"the index was built with {self.meta.fingerprint[:12]}")
+        check_fingerprint(fingerprint, self.meta.fingerprint, f"tokenizer {where}", "the index")
 
     def vector_of_images(self, images: list, tokenizer) -> np.ndarray:
         """Encode image files with a loaded :class:`SemanticTokenizer` in the index's preprocess mode."""

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asvr.tokenizer.errors import check_fingerprint
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -93,7 +95,6 @@ def load_pretrained(model, folder: str | Path, fingerprint: str) -> Path:
                           f"a finished pretrain run has RUN/final)")
     meta = json.loads((folder / CONFIG_FILE).read_text())
     got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
-    if got != fingerprint:
-        raise ExportError(f"--init-from {folder}: trained with tokenizer {got[:12]}, this run uses {fingerprint[:12]}")
+    check_fingerprint(got, fingerprint, f"--init-from {folder}", "this run's tokenizer")
     load_exported_weights(model, folder)
     return folder

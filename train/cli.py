@@ -18,14 +18,11 @@ the exported model, loaded with ``asvr.train.export.load_exported(RUN/final)``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
+
 from .config import VisualHeadConfig
-
-
-class CLIError(ValueError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +104,8 @@ def config_from_args(a: argparse.Namespace):
             raise CLIError("--tensorboard needs the tensorboard package (pip install tensorboard)")
     if a.images and not Path(a.images).is_dir():
         raise CLIError(f"--images {a.images}: no such folder")
+    if a.vision_input == "online" and not a.images:
+        raise CLIError("--vision-input online reads the images every step: pass --images (the image root)")
     head = VisualHeadConfig(width=a.head_width, proj_hidden=a.head_proj_hidden, layers=a.head_layers,
                             head_dim=a.head_dim)
     return TrainConfig(
@@ -123,30 +122,31 @@ def config_from_args(a: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asvr.pipeline.shards import ShardError
-    from asvr.tokenizer.artifact import TokenizerError
     from asvr.tokenizer.preprocess import ImageError
+    from asvr.tokenizer.shards import ShardError
 
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
 
     args = build_parser().parse_args(argv)
-    expected = (CLIError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError)
+    expected = (DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError)
+    return run_guarded("asvr-train", None, lambda: _train(args), expected,
+                       interrupted=f"interrupted; to continue from the newest checkpoint in {args.output_dir}, "
+                                   "rerun the same command with --resume auto")
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
-    except (ValueError, *expected) as e:
-        print(f"asvr-train: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # TrainConfig's own checks
+        raise CLIError(str(e)) from None
     from .trainer import Trainer
 
     trainer = None
     try:
         trainer = Trainer(cfg)
         last = trainer.train()
-    except expected as e:
-        print(f"asvr-train: error: {e}", file=sys.stderr)
-        return 2
     finally:
         if trainer is not None:
             trainer.close()

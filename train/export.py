@@ -40,6 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from asvr.tokenizer.errors import check_fingerprint
+
 from .config import ModelConfig, VisionSpec
 from .lvlm import ASVRModel, build_model
 
@@ -109,13 +111,9 @@ def _load_tokenizer(spec: VisionSpec, vision_input: str, tokenizer):
             from asvr.tokenizer.artifact import load_artifact
 
             tspec, cb = load_artifact(spec.path)
-            if tspec.fingerprint != spec.fingerprint:
-                raise ExportError(f"tokenizer at {spec.path} has fingerprint {tspec.fingerprint[:12]}, "
-                                  f"the model was trained with {spec.fingerprint[:12]}")
+            check_fingerprint(tspec.fingerprint, spec.fingerprint, f"tokenizer {spec.path}", "the model")
             return None, cb
-    if tokenizer.spec.fingerprint != spec.fingerprint:
-        raise ExportError(f"tokenizer fingerprint {tokenizer.spec.fingerprint[:12]} differs from the one the model "
-                          f"was trained with ({spec.fingerprint[:12]})")
+    check_fingerprint(tokenizer.spec.fingerprint, spec.fingerprint, f"tokenizer {tokenizer.path}", "the model")
     return tokenizer, None
 
 
@@ -181,6 +179,5 @@ def load_exported_weights(model: ASVRModel, folder: str | os.PathLike) -> None:
     meta = json.loads((folder / CONFIG_FILE).read_text())
     got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
     want = model.cfg.vision.fingerprint if model.cfg.vision else ""
-    if got != want:
-        raise ExportError(f"{folder}: trained with tokenizer {got[:12]}, this model uses {want[:12]}")
+    check_fingerprint(got, want, str(folder), "this model")
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))

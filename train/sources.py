@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asvr.pipeline.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
+from asvr.tokenizer.errors import check_fingerprint
+from asvr.tokenizer.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
 
 
 class DataError(ValueError):
@@ -62,9 +63,8 @@ class CodeStore:
         except (ShardError, OSError) as e:
             raise DataError(str(e)) from None
         for f, m in zip(files, metas):
-            if m.fingerprint != fingerprint:
-                raise DataError(f"{f}: written with tokenizer {m.fingerprint[:12]}, this run's tokenizer is "
-                                f"{fingerprint[:12]}; re-tokenize the images with this tokenizer")
+            check_fingerprint(m.fingerprint, fingerprint, str(f), "this run's tokenizer",
+                              "tokenize the images again with this tokenizer")
         if len({(m.grid, m.depth, m.preprocess) for m in metas}) != 1:
             raise DataError(f"{codes_dir}: shards disagree on grid/depth/preprocess mode")
         meta = metas[0]

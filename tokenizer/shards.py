@@ -1,7 +1,9 @@
 """Code shards (DESIGN.md contract 2): schema, atomic writers and readers.
 
-Imports only pyarrow/numpy (never Ray), so the trainer and eval read shards
-without the pipeline's extras.
+The shard format belongs to the base package: the pipeline writes shards,
+the index, the inspector, the trainer and eval read them, and none of them
+imports another for it.  Imports only pyarrow/numpy (never Ray, never torch);
+pyarrow comes with every extra that reads shards (index, pipeline, train, eval).
 
 Parquet: ``part-NNNNN.parquet``, one row per image:
 ``key`` string, ``codes`` FixedSizeList<uint16>[H*W*D] (row-major h, w, d),
@@ -26,6 +28,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .errors import check_fingerprint
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.parquet"
@@ -213,10 +217,9 @@ def iter_shards(out: str | os.PathLike, fingerprint: str | None = None) -> Itera
     """All shards of an output directory; refuses a foreign tokenizer fingerprint."""
     for path in list_shards(out):
         meta, table = read_shard(path)
-        if fingerprint is not None and meta.fingerprint != fingerprint:
-            raise ShardError(
-                f"{path}: written with tokenizer {meta.fingerprint[:12]}, this run's tokenizer is {fingerprint[:12]}"
-            )
+        if fingerprint is not None:
+            check_fingerprint(meta.fingerprint, fingerprint, str(path), "this run's tokenizer",
+                              "tokenize the images again with this tokenizer")
         yield path, meta, table
 
 
