@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asvr.tokenizer.atomic import atomic_path, atomic_write
 from asvr.tokenizer.shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
 
 UNITS_DIR = ".units"
@@ -51,15 +51,6 @@ FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("sta
 
 class OutputError(ValueError):
     """OUT cannot be used as asked (foreign run, locked): a one-line CLI error."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def shard_name(unit: int, fmt: str) -> str:
@@ -173,7 +164,7 @@ class OutputDir:
         elif stale.exists():
             stale.unlink()
         r = UnitResult(unit, items_sha256, shard, n, sha, nbytes, failures, counts)
-        atomic_write_bytes(self.marker_path(unit), json.dumps(r.__dict__).encode())
+        atomic_write(self.marker_path(unit), json.dumps(r.__dict__))
         return r
 
     # ------------------------------------------------------------------ manifest
@@ -195,16 +186,14 @@ class OutputDir:
         if final:
             self._write_failures(results)
             self._remove_stale(n_units)
-        atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write(self.out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         return manifest
 
     def _write_failures(self, results: list[UnitResult]) -> None:
         rows = [f for r in results for f in r.failures]
         table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in rows], schema=FAILURE_SCHEMA)
-        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{FAILURES}.tmp-")
-        os.close(fd)
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.out / FAILURES)
+        with atomic_path(self.out / FAILURES) as tmp:
+            pq.write_table(table, tmp)
 
     def _remove_stale(self, n_units: int) -> None:
         """Shards and markers of units beyond this plan (a shorter input list than a previous run)."""

@@ -106,8 +106,8 @@ def test_mmbench_tsv_base64_and_path(root):
     b64 = base64.b64encode(image_bytes(7)).decode()
     header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\timage\tcategory"
     rows = [f"0\tWhat colour?\tLook closely.\tred\tgreen\tblue\t\tB\t{b64}\tcolour",
-            f"1\tWhich shape?\tnan\tcircle\tsquare\t\t\tA\tim0.jpg\tshape",
-            f"1000000\tWhat colour?\t\tgreen\tred\tblue\t\tA\t0\tcolour"]  # circular copy: image by index
+            "1\tWhich shape?\tnan\tcircle\tsquare\t\t\tA\tim0.jpg\tshape",
+            "1000000\tWhat colour?\t\tgreen\tred\tblue\t\tA\t0\tcolour"]  # circular copy: image by index
     f = root / "MMBench_DEV_EN.tsv"
     f.write_text("\n".join([header, *rows]) + "\n")
     assert detect_format(f) == "mmbench"

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write
 from .encoders import EncoderSpec, hash_encoder_weights
 from .errors import TokenizerError, check_fingerprint
 
@@ -75,13 +75,6 @@ def compute_fingerprint(spec: TokenizerSpec, codebooks: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save_artifact(out: str | os.PathLike, spec: TokenizerSpec, codebooks: torch.Tensor) -> TokenizerSpec:
     """Write the artifact; the fingerprint is (re)computed here. Returns the saved spec."""
     out = Path(out)
@@ -94,10 +87,9 @@ def save_artifact(out: str | os.PathLike, spec: TokenizerSpec, codebooks: torch.
     if tuple(cb.shape) != want:
         raise TokenizerError(f"codebooks have shape {tuple(cb.shape)}, spec wants {want}")
     spec.fingerprint = compute_fingerprint(spec, cb)
-    tmp = out / f".{CODEBOOKS_FILE}.tmp"
-    save_file({"codebooks": cb}, str(tmp), metadata={"fingerprint": spec.fingerprint})
-    os.replace(tmp, out / CODEBOOKS_FILE)
-    _atomic_write_bytes(out / TOKENIZER_JSON, (json.dumps(spec.to_dict(), indent=2) + "\n").encode())
+    with atomic_path(out / CODEBOOKS_FILE) as tmp:
+        save_file({"codebooks": cb}, str(tmp), metadata={"fingerprint": spec.fingerprint})
+    atomic_write(out / TOKENIZER_JSON, json.dumps(spec.to_dict(), indent=2) + "\n")
     return spec
 
 

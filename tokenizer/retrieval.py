@@ -55,7 +55,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,6 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .atomic import atomic_path, atomic_write
 from .errors import check_fingerprint
 from .shards import ShardError, ShardMeta, codes_array, list_shards, read_meta, read_shard, sha256_file
 
@@ -283,19 +283,6 @@ def read_index_meta(idx_dir: str | os.PathLike) -> IndexMeta:
         raise RetrievalError(f"{p}: malformed ({e})") from None
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 KEYS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int32()), ("row", pa.int64())])
 
 
@@ -307,10 +294,11 @@ def save_index(idx_dir: Path, meta: IndexMeta, index, keys: pa.Table) -> None:
     old = {p.name for p in idx_dir.glob("index.*.faiss")} | {p.name for p in idx_dir.glob("keys.*.parquet")}
     meta.generation += 1
     meta.count = int(index.ntotal)
-    _atomic(idx_dir / meta.index_file, lambda t: faiss.write_index(index, t))
-    _atomic(idx_dir / meta.keys_file, lambda t: pq.write_table(keys, t))
-    data = (json.dumps(meta.to_dict(), indent=2) + "\n").encode()
-    _atomic(idx_dir / INDEX_JSON, lambda t: Path(t).write_bytes(data))
+    with atomic_path(idx_dir / meta.index_file) as tmp:
+        faiss.write_index(index, str(tmp))
+    with atomic_path(idx_dir / meta.keys_file) as tmp:
+        pq.write_table(keys, tmp)
+    atomic_write(idx_dir / INDEX_JSON, json.dumps(meta.to_dict(), indent=2) + "\n")
     for name in old - {meta.index_file, meta.keys_file}:
         (idx_dir / name).unlink(missing_ok=True)
 

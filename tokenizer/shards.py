@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import atomic_path
 from .errors import check_fingerprint
 
 MANIFEST = "manifest.json"
@@ -118,45 +119,33 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_parquet_shard(path: str | os.PathLike, table: pa.Table) -> str:
     """Write atomically (temp name, fsync, rename). Returns the file's sha256."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+        digest = sha256_file(tmp)
     return digest
 
 
 def write_webdataset_shard(path: str | os.PathLike, table: pa.Table) -> str:
     """Same rows as a tar: ``<key>.codes.npy`` + ``<key>.json``; atomic. Returns sha256."""
-    path = Path(path)
     meta = ShardMeta.from_metadata(table.schema.metadata)
-    tmp = _tmp_name(path)
     codes = codes_array(table, meta)
     cols = table.select(["key", "sha256", "width", "height", "caption"]).to_pylist()
-    with tarfile.open(tmp, "w") as tar:
-        for row, c in zip(cols, codes):
-            key = row.pop("key")
-            buf = io.BytesIO()
-            np.save(buf, c.astype(np.uint16))
-            info = dict(row, **{k: v for k, v in asdict(meta).items()})
-            info["grid"] = list(meta.grid)
-            for suffix, data in ((".codes.npy", buf.getvalue()), (".json", json.dumps(info).encode())):
-                ti = tarfile.TarInfo(key + suffix)
-                ti.size = len(data)
-                ti.mtime = 0
-                tar.addfile(ti, io.BytesIO(data))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, "w") as tar:
+            for row, c in zip(cols, codes):
+                key = row.pop("key")
+                buf = io.BytesIO()
+                np.save(buf, c.astype(np.uint16))
+                info = dict(row, **{k: v for k, v in asdict(meta).items()})
+                info["grid"] = list(meta.grid)
+                for suffix, data in ((".codes.npy", buf.getvalue()), (".json", json.dumps(info).encode())):
+                    ti = tarfile.TarInfo(key + suffix)
+                    ti.size = len(data)
+                    ti.mtime = 0
+                    tar.addfile(ti, io.BytesIO(data))
+        digest = sha256_file(tmp)
     return digest
 
 

@@ -8,11 +8,12 @@ matplotlib): a 64-tile sheet draws in ~50 ms.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_path
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in the tile's source image pixels
 
@@ -100,14 +101,8 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
     """Atomic PNG write (temp name in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from asvr.tokenizer.atomic import atomic_write
 from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess
 
 from .batch import Batch
@@ -285,7 +286,4 @@ class PackedLoader:
 def write_bad_samples(path: str | os.PathLike, bad: Sequence[BadSample]) -> None:
     import json
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(b.__dict__) + "\n" for b in bad))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(b.__dict__) + "\n" for b in bad))

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from asvr.tokenizer.atomic import atomic_dir
 from asvr.tokenizer.errors import check_fingerprint
 
 from .config import ModelConfig, VisionSpec
@@ -71,9 +70,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=None) -> Path:
     """Write the export folder atomically (a temp folder renamed into place)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         tensors, aliases = _dedupe(model.exported_state_dict())
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.llm.config.save_pretrained(tmp)
@@ -85,16 +82,6 @@ def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=Non
         meta = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), "dtype": dtype,
                 "tied": aliases, "n_tensors": len(tensors)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from asvr.tokenizer.atomic import atomic_path, atomic_write
 from asvr.tokenizer.errors import check_fingerprint
 from asvr.tokenizer.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
 
@@ -92,22 +93,10 @@ class CodeStore:
             index[k] = i
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_npy(cache.with_suffix(".npy"), arr)
-            _atomic_text(cache.with_suffix(".keys.json"), json.dumps(keys))
+            with atomic_path(cache.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
+                np.save(f, arr)
+            atomic_write(cache.with_suffix(".keys.json"), json.dumps(keys))
         return cls(meta, keys, arr, index)
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class FeatureCache:
@@ -141,16 +130,15 @@ class FeatureCache:
         path = cls.path_for(cache_dir, store, keys)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             first = featurize(list(keys[:1])) if keys else np.zeros((1, *store.meta.grid, 1), np.float32)
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(store), *first.shape[1:]))
-            rows = sorted(store.index[k] for k in set(keys))
-            for i in tqdm(range(0, len(rows), batch_size), desc="caching features", disable=not progress):
-                chunk = rows[i:i + batch_size]
-                arr[chunk] = featurize([store.keys[r] for r in chunk])
-            arr.flush()
-            del arr
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(store), *first.shape[1:]))
+                rows = sorted(store.index[k] for k in set(keys))
+                for i in tqdm(range(0, len(rows), batch_size), desc="caching features", disable=not progress):
+                    chunk = rows[i:i + batch_size]
+                    arr[chunk] = featurize([store.keys[r] for r in chunk])
+                arr.flush()
+                del arr
         return cls(path, store.index)
 
 
