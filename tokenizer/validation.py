@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 
 @dataclass
 class DepthMetrics:
@@ -93,7 +95,8 @@ def plot_report(report: ValidationReport, out: Path) -> list[Path]:
     ax.set_title(f"{report.n_images} images, {report.n_vectors} vectors")
     fig.tight_layout()
     p1 = out / "error_cosine.png"
-    fig.savefig(p1, dpi=100)
+    with atomic_path(p1, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
     n = len(report.usage)
@@ -112,6 +115,7 @@ def plot_report(report: ValidationReport, out: Path) -> list[Path]:
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
     p2 = out / "usage.png"
-    fig.savefig(p2, dpi=100)
+    with atomic_path(p2, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return [p1, p2]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from asvr.tokenizer.atomic import atomic_path, atomic_write
+
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
@@ -31,7 +33,7 @@ class MetricsLogger:
 
     def _truncate(self, step: int) -> None:
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -73,5 +75,6 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     ax.grid(alpha=0.3)
     out = Path(run_dir) / LOSS_PLOT
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     return out
