@@ -310,10 +310,10 @@ def read_mmbench(path: Path, images=None) -> list[BenchItem]:
         if len(row) != len(header):
             raise BenchError(f"{where}: {len(row)} fields, the header has {len(header)}")
         rec = dict(zip(header, row))
-        present = [l for l in letters_for(range(26)) if l in rec and rec[l].strip() not in ("", "nan")]
+        present = [c for c in letters_for(range(26)) if c in rec and rec[c].strip() not in ("", "nan")]
         if present != letters_for(present) or len(present) < 2:
             raise BenchError(f"{where}: options must be A, B[, C, ...] without gaps; got {present}")
-        options = [rec[l].strip() for l in present]
+        options = [rec[c].strip() for c in present]
         gold, raw = _gold("multiple_choice", rec["answer"], options, where)
         index = rec.get("index", str(n)).strip()
         # MMBench stores an image once per question index; circular copies reuse it by index % 1e6

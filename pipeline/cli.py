@@ -17,29 +17,30 @@ import sys
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
 
-EPILOG = """\
-Inputs (auto-detected per INPUT, or --input-format for all):
-  folder          images found recursively; key = path relative to the folder (posix)
-  *.tar           webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar';
-                  key = __key__, image from jpg/jpeg/png/webp, caption from txt or json 'caption'
-  *.parquet       one image per row (--image-column, --key-column, --caption-column)
-  *.json/.jsonl   LLaVA conversations; each distinct 'image' once, read under --image-root
 
-Rerun the same command after a crash or kill: finished shards are kept, the rest is done.
-"""
+
+def _epilog() -> str:
+    from .sources import input_formats
+
+    lines = ["Inputs (auto-detected per INPUT, or --input-format for all):"]
+    lines += [f"  {f.name:<12} {f.help}" for f in input_formats().values()]
+    return "\n".join(lines) + "\n\nRerun the same command after a crash or kill: finished shards are kept, the rest is done.\n"
 
 
 def _tokenize_parser(sub) -> None:
+    from .sources import input_formats
+
     p = sub.add_parser("tokenize", help="encode image corpora into code shards (Ray Data)",
-                       description="Encode image corpora into code shards (Ray Data).", epilog=EPILOG,
+                       description="Encode image corpora into code shards (Ray Data).", epilog=_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image folder, .tar (brace pattern), .parquet, LLaVA .json")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image folder, .tar (brace pattern), .parquet, LLaVA .json, Hugging Face datasets folder")
     p.add_argument("--tokenizer", required=True, help="tokenizer artifact directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset"], help="shard format (default parquet)")
     p.add_argument("--preprocess", choices=["square", "pad"], default=None,
                    help="resize to square, or pad to square with the mean colour first (default: the tokenizer's)")
-    p.add_argument("--input-format", default="auto", choices=["auto", "folder", "webdataset", "parquet", "llava"],
+    p.add_argument("--input-format", default="auto", choices=["auto", *input_formats()],
                    help="format of every INPUT (default: detect each)")
     p.add_argument("--image-root", help="folder that LLaVA JSON image paths are relative to")
     p.add_argument("--image-column", help="Parquet column holding image bytes")

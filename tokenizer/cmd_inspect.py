@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
         report["codes"] = []
         for d, k in codes:
-            uses = find_code_uses(args.codes, spec.fingerprint, d, k, args.max_images, lambda n: bar(n, f"code {d}:{k}"))
+            uses = find_code_uses(args.codes, spec.fingerprint, d, k, args.max_images, lambda n, what=f"code {d}:{k}": bar(n, what))
             entry = {"code": f"{d}:{k}", "images": uses.images, "patches": uses.patches, "preprocess": uses.preprocess,
                      "top": [{"key": u.key, "positions": [list(p) for p in u.positions]} for u in uses.top]}
             msg = f"code {d}:{k}: {uses.patches} patches in {uses.images} images"

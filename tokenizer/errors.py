@@ -50,9 +50,10 @@ def run_guarded(prog: str, command: str | None, call: Callable[[], object],
     prints ``interrupted`` and exits 130.  Anything else is a bug and keeps its
     traceback."""
     where = f"{prog} {command}" if command else prog
+    expected: tuple[type[BaseException], ...] = (CLIError, *errors)
     try:
         return int(call() or 0)  # type: ignore[call-overload]
-    except (CLIError, *errors) as e:
+    except expected as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"{where}: error: {msg}", file=sys.stderr)
         return 2

@@ -115,7 +115,7 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
         if rec.image is not None:
             referenced.add(rec.image)
 
-        def refuse(kind: str, reason: str) -> None:
+        def refuse(kind: str, reason: str, rec: ConversationRecord = rec) -> None:
             bad.append(BadSample(rec.sample_id, rec.source, kind, reason))
 
         try:
