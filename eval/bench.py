@@ -4,17 +4,18 @@
 (:mod:`asvr.eval.generate`), parses the answers by item kind
 (:mod:`asvr.eval.scoring`) and computes the metrics of the layout: accuracy
 overall, per kind and per category for all; plus precision / recall / F1 /
-yes-ratio for POPE and acc / acc+ / score per category for MME.
+yes-ratio for POPE and acc / acc+ / score per category for MME (each layout's
+own metrics come from its :class:`~asvr.eval.bench_formats.BenchFormat`).
 """
 from __future__ import annotations
 
 import time
 from typing import Sequence
 
-from .bench_formats import BenchItem, read_bench
+from .bench_formats import BenchItem, bench_format, read_bench
 from .generate import GenerationConfig, generate_answers
 from .loading import LoadedModel
-from .scoring import accuracy, grouped_accuracy, is_correct, mme_metrics, parse_answer, pope_metrics
+from .scoring import accuracy, grouped_accuracy, is_correct, parse_answer
 
 
 def score_items(items: Sequence[BenchItem], answers: Sequence[str]) -> list[dict]:
@@ -37,15 +38,9 @@ def bench_metrics(fmt: str, items: Sequence[BenchItem], records: Sequence[dict])
          "unparsed": sum(r["parsed"] is None for r in records),
          "by_kind": grouped_accuracy([r["kind"] for r in scored], correct),
          "by_category": grouped_accuracy([r["category"] for r in scored], correct)}
-    if fmt == "pope":
-        m["pope"] = pope_metrics([r["parsed"] for r in records], [r["answer"] for r in records])
-        m["pope_by_category"] = {}
-        for cat in sorted({r["category"] for r in records}):
-            sub = [r for r in records if r["category"] == cat]
-            m["pope_by_category"][cat] = pope_metrics([r["parsed"] for r in sub], [r["answer"] for r in sub])
-    if fmt == "mme":
-        m["mme"] = mme_metrics([r["category"] for r in records], [it.image_key for it in items],
-                               [bool(r["correct"]) for r in records])
+    layout = bench_format(fmt)
+    if layout.metrics is not None:
+        m.update(layout.metrics(items, records))
     return m
 
 

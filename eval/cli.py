@@ -31,6 +31,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench_formats import bench_formats
+
     p = argparse.ArgumentParser(prog="asvr-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(base64 or path)/category.")
     _common(be)
     be.add_argument("--bench", required=True, nargs="+", help="benchmark file(s) (an MME folder is accepted)")
-    be.add_argument("--format", default="auto", choices=["auto", "jsonl", "pope", "mme", "mmbench"],
+    be.add_argument("--format", default="auto", choices=["auto", *bench_formats()],
                     help="layout (default: guessed from the content)")
     be.add_argument("--images", help="image root for relative image paths (default: the bench file's folder)")
     be.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
