@@ -342,18 +342,7 @@ def build_index(
     from .artifact import load_artifact
 
     idx_dir = Path(idx_dir)
-    try:
-        shard_paths = list_shards(out)
-    except ShardError as e:
-        raise RetrievalError(str(e)) from None
-    existing = (idx_dir / INDEX_JSON).exists()
-    if add and not existing:
-        add = False  # --add on a missing index is a fresh build
-    if existing and not add and not force:
-        raise RetrievalError(f"{idx_dir} already holds an index (use --add for new shards, --force to rebuild)")
-    old = read_index_meta(idx_dir) if add else None
-    if old is not None and factory and factory != old.factory:
-        raise RetrievalError(f"{idx_dir} is a {old.factory!r} index; --factory {factory!r} needs a rebuild (--force)")
+    shard_paths, old = _check_request(out, idx_dir, factory, add, force)
     tok_dir = Path(tokenizer) if tokenizer is not None else Path(old.tokenizer) if old else None
     if tok_dir is None:
         raise RetrievalError("--tokenizer is required to build an index")
@@ -362,7 +351,48 @@ def build_index(
         check_fingerprint(spec.fingerprint, old.fingerprint, f"tokenizer {tok_dir}", f"the index {idx_dir}",
                           "build a new index")
     preprocess = old.preprocess if old else read_meta(shard_paths[0]).preprocess
-    want = ShardMeta.from_spec(spec, preprocess)
+    new, skipped = _split_new_shards(shard_paths, ShardMeta.from_spec(spec, preprocess), old)
+    if old is not None and not new:
+        return BuildResult(old, [], skipped, 0)
+    new_rows = sum(_shard_rows(p) for p, _ in new)
+    if old is not None:
+        import faiss
+
+        meta, index, keys = old, faiss.read_index(str(idx_dir / old.index_file)), pq.read_table(idx_dir / old.keys_file)
+    else:
+        meta, index = _new_index(idx_dir, spec, str(tok_dir.resolve()), preprocess, factory, new_rows)
+        keys = KEYS_SCHEMA.empty_table()
+    if search_params:
+        meta.search_params.update(search_params)
+    bar = progress(new_rows) if progress else None
+    new_keys = _add_shards(index, meta, set(keys.column("key").to_pylist()), new,
+                           ImageVectorizer(codebooks, spec.depth), new_rows, bar)
+    if bar is not None:
+        bar.close()  # type: ignore[attr-defined]
+    apply_search_params(index, meta.search_params)
+    save_index(idx_dir, meta, index, pa.concat_tables([keys, *new_keys]))
+    return BuildResult(meta, [p.name for p, _ in new], skipped, new_rows)
+
+
+def _check_request(out, idx_dir: Path, factory: str | None, add: bool, force: bool
+                   ) -> tuple[list[Path], IndexMeta | None]:
+    """-> (the shards of ``out``, the index to extend or None); refuses a silent overwrite."""
+    try:
+        shard_paths = list_shards(out)
+    except ShardError as e:
+        raise RetrievalError(str(e)) from None
+    existing = (idx_dir / INDEX_JSON).exists()
+    if existing and not add and not force:
+        raise RetrievalError(f"{idx_dir} already holds an index (use --add for new shards, --force to rebuild)")
+    old = read_index_meta(idx_dir) if add and existing else None  # --add on a missing index is a fresh build
+    if old is not None and factory and factory != old.factory:
+        raise RetrievalError(f"{idx_dir} is a {old.factory!r} index; --factory {factory!r} needs a rebuild (--force)")
+    return shard_paths, old
+
+
+def _split_new_shards(shard_paths: list[Path], want: ShardMeta, old: IndexMeta | None
+                      ) -> tuple[list[tuple[Path, str]], list[str]]:
+    """-> ((path, sha256) of the shards the index lacks, names of those it holds); checks every shard."""
     have = {(s.name, s.sha256) for s in old.shards} if old else set()
     new: list[tuple[Path, str]] = []
     skipped: list[str] = []
@@ -370,39 +400,35 @@ def build_index(
         _check_shard(p, want)
         digest = sha256_file(p)
         (skipped.append(p.name) if (p.name, digest) in have else new.append((p, digest)))
-    if old is not None and not new:
-        return BuildResult(old, [], skipped, 0)
+    return new, skipped
 
-    vectorize = ImageVectorizer(codebooks, spec.depth)
-    new_rows = sum(_shard_rows(p) for p, _ in new)
-    if old is not None:
-        import faiss
 
-        meta = old
-        index = faiss.read_index(str(idx_dir / old.index_file))
-        keys = pq.read_table(idx_dir / old.keys_file)
-    else:
-        plan = IndexPlan(factory, {}) if factory else plan_index(new_rows, spec.dim)
-        index = new_faiss_index(plan.factory, spec.dim)
-        params = dict(default_search_params(index) if factory else plan.search_params)
-        meta = IndexMeta(fingerprint=spec.fingerprint, tokenizer=str(tok_dir.resolve()), preprocess=preprocess,
-                         grid=tuple(spec.grid), depth=spec.depth, codebook_size=spec.codebook_size, dim=spec.dim,
-                         factory=plan.factory, search_params=params)
-        keys = KEYS_SCHEMA.empty_table()
-        if existing:  # --force: continue the generation count so no file the old index.json names is overwritten
-            try:
-                meta.generation = read_index_meta(idx_dir).generation
-            except RetrievalError:
-                meta.generation = max([int(p.name.split(".")[1]) for p in idx_dir.glob("index.*.faiss")
-                                       if p.name.split(".")[1].isdigit()] + [0])
-    if search_params:
-        meta.search_params.update(search_params)
-    seen = set(keys.column("key").to_pylist())
+def _new_index(idx_dir: Path, spec, tokenizer: str, preprocess: str, factory: str | None, rows: int):
+    """-> (meta, empty faiss index) of a fresh build; a rebuild (--force) continues the
+    generation count, so no file the old index.json names is overwritten."""
+    plan = IndexPlan(factory, {}) if factory else plan_index(rows, spec.dim)
+    index = new_faiss_index(plan.factory, spec.dim)
+    params = dict(default_search_params(index) if factory else plan.search_params)
+    meta = IndexMeta(fingerprint=spec.fingerprint, tokenizer=tokenizer, preprocess=preprocess,
+                     grid=tuple(spec.grid), depth=spec.depth, codebook_size=spec.codebook_size, dim=spec.dim,
+                     factory=plan.factory, search_params=params)
+    if (idx_dir / INDEX_JSON).exists():
+        try:
+            meta.generation = read_index_meta(idx_dir).generation
+        except RetrievalError:
+            meta.generation = max([int(p.name.split(".")[1]) for p in idx_dir.glob("index.*.faiss")
+                                   if p.name.split(".")[1].isdigit()] + [0])
+    return meta, index
+
+
+def _add_shards(index, meta: IndexMeta, seen: set[str], new: list[tuple[Path, str]], vectorize: ImageVectorizer,
+                new_rows: int, bar) -> list[pa.Table]:
+    """Vectorise and add the rows of ``new`` (an untrained index is trained on the first
+    ``train_size_for`` vectors first); records each shard in ``meta``.  -> their key tables."""
     pending: list[np.ndarray] = []  # vectors held back until an untrained index has its training sample
     want_train = train_size_for(index, new_rows)
     new_keys = []
     first_id = int(index.ntotal)
-    bar = progress(new_rows) if progress else None
     for path, digest in new:
         smeta, table = read_shard(path)
         ks = table.column("key").to_pylist()
@@ -411,13 +437,12 @@ def build_index(
             raise RetrievalError(f"{path}: {len(dup)} keys already in the index (e.g. {dup[0]!r}); "
                                  "keys must be unique across the shards of one index")
         seen.update(ks)
-        vecs = vectorize(codes_array(table, smeta))
         meta.shards.append(ShardEntry(path.name, digest, str(path.resolve()), len(ks), first_id))
         new_keys.append(pa.table({"key": pa.array(ks, pa.string()),
                                   "shard": pa.array(np.full(len(ks), len(meta.shards) - 1, np.int32)),
                                   "row": pa.array(np.arange(len(ks), dtype=np.int64))}, schema=KEYS_SCHEMA))
         first_id += len(ks)
-        pending.append(vecs)
+        pending.append(vectorize(codes_array(table, smeta)))
         if bar is not None:
             bar.update(len(ks))
         if not index.is_trained and sum(len(v) for v in pending) < want_train:
@@ -432,12 +457,7 @@ def build_index(
         if not index.is_trained:
             _train(index, sample, meta.factory)
         index.add(sample)
-    if bar is not None:
-        bar.close()
-    apply_search_params(index, meta.search_params)
-    keys = pa.concat_tables([keys, *new_keys])
-    save_index(idx_dir, meta, index, keys)
-    return BuildResult(meta, [p.name for p, _ in new], skipped, new_rows)
+    return new_keys
 
 
 def _train(index, sample: np.ndarray, factory: str) -> None:
