@@ -1,11 +1,16 @@
-"""Checkpoints: DeepSpeed engine state + loader position + RNG, and weight loading.
+"""Checkpoints: DeepSpeed engine state + loader position + RNG, and ``--init-from``.
 
 Layout under ``RUN/checkpoints``: one DeepSpeed tag folder per save
 (``step00000042``: module, ZeRO optimizer partitions, LR scheduler, and our
-``client_state``), plus DeepSpeed's ``latest`` file naming the newest tag.
-``client_state`` = ``{step, loader: {epoch, position, ...}, rng: {...}}``;
-RNG states are per rank (each rank saves its own ``rng-rank<r>.pt`` next to
-the tag), so dropout and sampling continue exactly where they stopped.
+``client_state``), plus DeepSpeed's ``latest`` file naming the newest tag;
+``save`` keeps the newest ``--keep-checkpoints`` tags.
+``client_state`` = ``{step, loader: {epoch, position, ...}}``.  RNG states
+are per rank: each rank saves its own ``rng-rank<r>.pt`` inside the tag
+folder, so dropout and sampling continue exactly where they stopped.
+
+``load_pretrained`` (``--init-from``) loads an exported model (``RUN/final``
+or an export folder) before DeepSpeed wraps the model: strict keys, and the
+tokenizer fingerprint must be this run's.
 """
 from __future__ import annotations
 

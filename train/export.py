@@ -9,9 +9,11 @@ Folder layout::
     config.json             the LLM's Hugging Face config (+ generation_config.json)
     tokenizer files         the LLM's text tokenizer, when given to ``save_exported``
 
-The frozen semantic tokenizer (encoder + codebooks) is *not* copied: it is
-referenced by path and fingerprint, and ``load_exported`` refuses a tokenizer
-whose fingerprint differs.
+``asvr-train`` writes it to ``RUN/final``; ``save_exported`` writes the whole
+folder atomically (``asvr.tokenizer.atomic.atomic_dir``).  The frozen
+semantic tokenizer (encoder + codebooks) is *not* copied: it is referenced by
+path and fingerprint, and ``load_exported`` refuses a tokenizer whose
+fingerprint differs (:class:`~asvr.tokenizer.errors.FingerprintError`).
 
 Loading from Python::
 
@@ -19,10 +21,10 @@ Loading from Python::
     from asvr.tokenizer import SemanticTokenizer
     from transformers import AutoTokenizer
 
-    model = load_exported("runs/sft/export", device="cuda")          # tokenizer from the recorded path
+    model = load_exported("runs/sft/final", device="cuda")           # tokenizer from the recorded path
     # or, when the tokenizer artifact moved:
-    model = load_exported("runs/sft/export", device="cuda", tokenizer=SemanticTokenizer.load("tok/"))
-    text_tok = AutoTokenizer.from_pretrained("runs/sft/export")
+    model = load_exported("runs/sft/final", device="cuda", tokenizer=SemanticTokenizer.load("tok/"))
+    text_tok = AutoTokenizer.from_pretrained("runs/sft/final")
     new_ids = model.generate(input_ids, image_mask, vision=pixels_or_features_or_codes, max_new_tokens=64)
 
 Keys are checked strictly: a missing or unexpected tensor, or a shape
