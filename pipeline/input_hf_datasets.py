@@ -62,8 +62,8 @@ def _scan(path: Path, rows: _Rows, opts: SourceOptions) -> None:
     key_col = _pick(names, opts.key_column, PARQUET_KEY_COLUMNS, "key", path)
     cap_col = _pick(names, opts.caption_column, PARQUET_CAPTION_COLUMNS, "caption", path)
     table = ds.with_format("arrow", columns=[c for c in (key_col, cap_col) if c])[:] if (key_col or cap_col) else None
-    keys = table.column(key_col).to_pylist() if key_col else [None] * len(ds)
-    caps = table.column(cap_col).to_pylist() if cap_col else [None] * len(ds)
+    keys = table.column(key_col).to_pylist() if table is not None and key_col else [None] * len(ds)
+    caps = table.column(cap_col).to_pylist() if table is not None and cap_col else [None] * len(ds)
     folder = str(path.absolute())
     for i in range(len(ds)):
         key = str(keys[i]) if keys[i] is not None else f"{path.name}/{i}"

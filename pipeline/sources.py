@@ -288,8 +288,8 @@ def _scan_parquet(path: Path, rows: _Rows, opts: SourceOptions) -> None:
         cols = [c for c in (key_col, cap_col) if c]
         t = pf.read_row_group(rg, columns=cols) if cols else None
         n = pf.metadata.row_group(rg).num_rows
-        keys = t.column(key_col).to_pylist() if key_col else [None] * n
-        caps = t.column(cap_col).to_pylist() if cap_col else [None] * n
+        keys = t.column(key_col).to_pylist() if t is not None and key_col else [None] * n
+        caps = t.column(cap_col).to_pylist() if t is not None and cap_col else [None] * n
         for i in range(n):
             key = str(keys[i]) if keys[i] is not None else f"{path.name}/{row + i}"
             cap = None if caps[i] is None else str(caps[i])

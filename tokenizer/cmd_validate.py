@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     if not paths:
         raise CLIError(f"no images found under {' '.join(args.images)}")
-    failures = []
+    failures: list = []
     feats = [b.features.reshape(-1, tok.spec.dim)
              for b in iter_features(tok.encoder, paths, tok.preprocess_config(args.preprocess),
                                     batch_size=args.batch_size, failures=failures, progress="validate")]

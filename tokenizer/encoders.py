@@ -230,7 +230,7 @@ class HFVisionEncoder(torch.nn.Module):
         state = read_safetensors_folder(folder) if state_dict is None else state_dict
         expected = set(model.state_dict().keys())
         state = self._select_vision(state, expected)
-        upper = {k for k in state if k not in expected and _layer_index(k) is not None and _layer_index(k) >= layer}
+        upper = {k for k in state if k not in expected and (i := _layer_index(k)) is not None and i >= layer}
         skipped_other = {k for k in state if k not in expected and k not in upper and _droppable(k)}
         state = {k: v for k, v in state.items() if k not in upper and k not in skipped_other}
         missing = sorted(expected - set(state))

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS, "nearest": Image.NEAREST}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 PREPROCESS_MODES = ("square", "pad")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
@@ -52,7 +53,8 @@ class PreprocessConfig:
 
     @property
     def background(self) -> tuple[int, int, int]:
-        return tuple(int(m * 255) for m in self.mean)
+        r, g, b = (int(m * 255) for m in self.mean)
+        return r, g, b
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -92,8 +94,7 @@ def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
         if cfg is not None and cfg.fast_decode and img.format == "JPEG":
             img.draft("RGB", (cfg.image_size, cfg.image_size))
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return _to_rgb(img)
+        return _to_rgb(ImageOps.exif_transpose(img) or img)
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - truncated data, bad EXIF, unsupported modes

@@ -220,7 +220,7 @@ def _sft_record(scene: Scene, rng: np.random.Generator) -> dict:
 def _vqa_items(scene: Scene, rng: np.random.Generator) -> list[dict]:
     qs = _questions(scene, rng)
     base = Path(scene.image).stem
-    items = []
+    items: list[dict] = []
     yn = [q for q in qs if q[2] == "yes_no"][0]
     items.append({"id": f"{base}_yn", "image": scene.image, "question": yn[0], "answer": yn[1], "type": "yes_no"})
     mc = [q for q in qs if q[2] in ("colour", "shape")]

@@ -166,6 +166,13 @@ def list_shards(out: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(m)
+    if f is None:
+        raise ShardError(f"tar member {m.name!r} is not a regular file")
+    return f.read()
+
+
 def read_meta(path: str | os.PathLike) -> ShardMeta:
     path = Path(path)
     if path.suffix == ".parquet":
@@ -173,7 +180,7 @@ def read_meta(path: str | os.PathLike) -> ShardMeta:
     with tarfile.open(path) as tar:
         for m in tar:
             if m.name.endswith(".json"):
-                info = json.loads(tar.extractfile(m).read())
+                info = json.loads(_member(tar, m))
                 return ShardMeta(fingerprint=info["fingerprint"], grid=tuple(info["grid"]), depth=int(info["depth"]),
                                  codebook_size=int(info["codebook_size"]), preprocess=info["preprocess"])
     raise ShardError(f"{path}: empty webdataset shard")
@@ -194,8 +201,8 @@ def read_shard(path: str | os.PathLike) -> tuple[ShardMeta, pa.Table]:
                 continue
             key = name[: -len(".codes.npy")]
             keys.append(key)
-            codes.append(np.load(io.BytesIO(tar.extractfile(members[name]).read())))
-            rest[key] = json.loads(tar.extractfile(members[key + ".json"]).read())
+            codes.append(np.load(io.BytesIO(_member(tar, members[name]))))
+            rest[key] = json.loads(_member(tar, members[key + ".json"]))
     codes_np = np.stack(codes) if codes else np.zeros((0, *meta.grid, meta.depth), np.uint16)
     table = rows_to_table(meta, keys, codes_np, [rest[k]["sha256"] for k in keys], [rest[k]["width"] for k in keys],
                           [rest[k]["height"] for k in keys], [rest[k].get("caption") for k in keys])
@@ -215,9 +222,11 @@ def iter_shards(out: str | os.PathLike, fingerprint: str | None = None) -> Itera
 def load_codes(out: str | os.PathLike, fingerprint: str | None = None) -> tuple[ShardMeta, dict[str, np.ndarray]]:
     """key -> uint16 codes ``[H, W, D]`` for a whole output directory (small corpora, eval)."""
     result: dict[str, np.ndarray] = {}
-    meta = None
+    meta: ShardMeta | None = None
     for _, m, table in iter_shards(out, fingerprint):
         meta = meta or m
         for key, c in zip(table.column("key").to_pylist(), codes_array(table, m)):
             result[key] = c
+    if meta is None:  # list_shards refuses an empty folder; kept for the type checker
+        raise ShardError(f"{out}: no code shards")
     return meta, result

@@ -57,7 +57,7 @@ def _fit(img: Image.Image, tile: int) -> tuple[Image.Image, float, int, int]:
     w, h = img.size
     s = tile / max(w, h)
     tw, th = max(1, round(w * s)), max(1, round(h * s))
-    return img.convert("RGB").resize((tw, th), Image.BILINEAR), s, (tile - tw) // 2, (tile - th) // 2
+    return img.convert("RGB").resize((tw, th), Image.Resampling.BILINEAR), s, (tile - tw) // 2, (tile - th) // 2
 
 
 def _clip_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:

@@ -75,9 +75,9 @@ class CodeStore:
                                  .encode()).hexdigest()[:16]
             cache = Path(cache_dir) / f"codes-{tag}"
             if (cache.with_suffix(".npy")).exists():
-                keys = json.loads(cache.with_suffix(".keys.json").read_text())
+                cached = json.loads(cache.with_suffix(".keys.json").read_text())
                 arr = np.load(cache.with_suffix(".npy"), mmap_mode="r")
-                return cls(meta, keys, arr, {k: i for i, k in enumerate(keys)})
+                return cls(meta, cached, arr, {k: i for i, k in enumerate(cached)})
             if not write_cache:
                 raise DataError(f"code cache {cache}.npy missing (rank 0 should have written it)")
         keys: list[str] = []
@@ -93,8 +93,8 @@ class CodeStore:
             index[k] = i
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cache.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
-                np.save(f, arr)
+            with atomic_path(cache.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
             atomic_write(cache.with_suffix(".keys.json"), json.dumps(keys))
         return cls(meta, keys, arr, index)
 
