@@ -1,4 +1,4 @@
-"""asvr.pipeline: tokenize image corpora into code shards (DESIGN.md contract 2).
+"""asvr.pipeline: tokenize image corpora into code shards (docs/ARCHITECTURE.md, contract 2).
 
 Modules, one job each:
   sources.py  INPUT arguments -> an ordered plan of images (folder, webdataset, Parquet, LLaVA JSON);

@@ -1,4 +1,4 @@
-"""The tokenizer artifact (DESIGN.md contract 1): a directory with
+"""The tokenizer artifact (docs/ARCHITECTURE.md, contract 1): a directory with
 ``tokenizer.json`` and ``codebooks.safetensors`` (float32 ``[D or 1, K, C]``).
 
 The fingerprint is sha256 over the codebook bytes, the encoder's weight

@@ -7,7 +7,7 @@ and the trainer use it without torch.
   flag combination that cannot work).
 * :class:`TokenizerError`: an unusable tokenizer artifact.
 * :class:`FingerprintError` and :func:`check_fingerprint`: two artifacts made
-  with different tokenizers met (DESIGN.md contract 1).  The only place a
+  with different tokenizers met (docs/ARCHITECTURE.md, contract 1).  The only place a
   fingerprint is compared, so the refusal reads the same everywhere.
 * :func:`run_guarded`: an expected error is one line on stderr and exit code
   2, Ctrl-C one line and exit code 130, never a traceback.

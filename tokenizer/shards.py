@@ -1,4 +1,4 @@
-"""Code shards (DESIGN.md contract 2): schema, atomic writers and readers.
+"""Code shards (docs/ARCHITECTURE.md, contract 2): schema, atomic writers and readers.
 
 The shard format belongs to the base package: the pipeline writes shards,
 the index, the inspector, the trainer and eval read them, and none of them
