@@ -48,7 +48,7 @@ def test_vicuna_labels_only_on_answers_and_layout_matches_llava(llm_tok):
     # independent rendering, as LLaVA's conv_vicuna_v1 (sep " ", sep2 "</s>")
     want = (f"<s>{t.system} USER: \nWhat is it? ASSISTANT: a red square</s>USER: Colour? ASSISTANT: red</s>")
     assert _text(llm_tok, enc, ~enc.image_mask) == want
-    assert _text(llm_tok, enc, enc.trained) == "a red square</s>red</s>"
+    assert _text(llm_tok, enc, enc.trained) == " a red square</s> red</s>"  # LLaVA trains the answer's space
     assert enc.image_mask.sum() == HW
     first = int(np.argmax(enc.image_mask))
     assert enc.image_mask[first:first + HW].all()  # one contiguous block
@@ -81,8 +81,10 @@ def test_malformed_conversations(turns, has_image, msg):
         validate_turns(turns, has_image)
 
 
-def test_image_placeholder_added_before_first_question():
+def test_image_placeholder_moved_first_never_added():
     turns = validate_turns([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], True)
+    assert turns[0][1] == "hi"  # as LLaVA: no placeholder, no image in the stream
+    turns = validate_turns([{"from": "human", "value": " hi <image> "}, {"from": "gpt", "value": "yo"}], True)
     assert turns[0][1] == "<image>\nhi"
 
 

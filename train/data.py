@@ -134,7 +134,8 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
                 refuse("too long", f"{len(enc)} tokens and the image ends past max_len {max_len}")
                 continue
             enc = enc.truncated(max_len)
-        samples.append(Sample(rec.sample_id, rec.image, enc))
+        # an image sample without <image> trains as text only (LLaVA drops its image)
+        samples.append(Sample(rec.sample_id, rec.image if enc.image_mask.any() else None, enc))
     n_conv = len(samples)
     free_pool = [k for k in store.keys if k not in referenced]
     r = cfg.caption_free_ratio
