@@ -265,3 +265,24 @@ def test_loader_workers_give_the_same_batches(corpus, tiny_tokenizer, llm_tok):
         if x.num_images:
             assert torch.equal(x.vision, y.vision)
     assert a.state_dict() == b.state_dict()
+
+
+def test_asvr_train_preview_prints_samples_and_does_not_train(corpus, tiny_tokenizer_dir, llm_tok, tmp_path, capsys):
+    from asvr.train.cli import main
+
+    run = tmp_path / "run"
+    argv = ["--model", str(corpus.llm), "--tokenizer", str(tiny_tokenizer_dir), "--codes", str(corpus.codes),
+            "--data", str(corpus.sft), "--stage", "sft", "--output-dir", str(run), "--preview", "3"]
+    assert main(argv) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["id"] for l in lines] == ["sft0", "sft1", "sft2"] and not run.exists()
+    recs = json.loads(corpus.sft.read_text())
+    for l, rec in zip(lines, recs):
+        enc = encode_conversation(vicuna_v1(), validate_turns(rec["conversations"], True), llm_tok, HW)
+        assert l["input_ids"] == enc.input_ids.tolist() and l["labels"] == enc.labels.tolist()
+        (a, b), = l["image_positions"]
+        assert b - a == HW and l["n_tokens"] == len(enc) and l["image"] == rec["image"]
+        assert l["text"].startswith(vicuna_v1().system + " USER: <image>\nWhat is in image")
+        trained = [t for t in l["labels"] if t != IGNORE_INDEX]
+        assert llm_tok.decode(trained) == f" {rec['conversations'][1]['value']}</s> {rec['conversations'][3]['value']}</s>"
+    assert main(argv[:-1] + ["-1"]) == 2

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
     r.add_argument("--no-export", dest="export", action="store_false", help="do not write RUN/final")
     r.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    r.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="print the first N training samples as JSON lines (id, rendered text, input_ids, labels "
+                        "with -100, image positions) and exit without training")
     return p
 
 
@@ -119,7 +122,7 @@ def config_from_args(a: argparse.Namespace):
         gradient_checkpointing=a.gradient_checkpointing, caption_free_ratio=a.caption_free_ratio,
         skip_bad_samples=a.skip_bad_samples, num_workers=a.num_workers, tensorboard=a.tensorboard, export=a.export,
         progress=not a.quiet, head=head, visual_loss_weight=a.visual_loss_weight,
-        attn_implementation=a.attn_implementation, trust_remote_code=a.trust_remote_code)
+        attn_implementation=a.attn_implementation, trust_remote_code=a.trust_remote_code, preview=a.preview)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, *expected) as e:
         print(f"asvr-train: error: {e}", file=sys.stderr)
         return 2
+    if cfg.preview:
+        from .preview import preview
+
+        try:
+            preview(cfg, cfg.preview)
+        except expected as e:
+            print(f"asvr-train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from .trainer import Trainer
 
     trainer = None

@@ -111,6 +111,9 @@ class TrainConfig:
     visual_loss_weight: float = 1.0
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
+    preview: int = 0
+    """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100,
+    image positions) and exit without training (0: train)."""
 
     def __post_init__(self):
         if self.stage not in STAGE_DEFAULTS:
@@ -125,6 +128,8 @@ class TrainConfig:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--micro-batch-size and --grad-accum must be >= 1")
+        if self.preview < 0:
+            raise ValueError("--preview must be >= 0")
         self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
         self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
 
