@@ -286,3 +286,23 @@ def test_asvr_train_preview_prints_samples_and_does_not_train(corpus, tiny_token
         trained = [t for t in l["labels"] if t != IGNORE_INDEX]
         assert llm_tok.decode(trained) == f" {rec['conversations'][1]['value']}</s> {rec['conversations'][3]['value']}</s>"
     assert main(argv[:-1] + ["-1"]) == 2
+
+
+def test_grey_image_codes_reach_the_batch_for_text_only_samples(corpus, tiny_tokenizer, llm_tok):
+    from asvr.train.trainer import grey_image_codes
+
+    store = _store(corpus, tiny_tokenizer)
+    data = build_training_data(_cfg(corpus, corpus.sft), vicuna_v1(), llm_tok, store, False)
+    size = tiny_tokenizer.preprocess_config().image_size
+    grey = grey_image_codes(tiny_tokenizer, size)
+    # LLaVA's dummy is torch.zeros(3, S, S) in normalised pixel space (the mean colour)
+    assert grey.shape == (HW, store.meta.depth)
+    zeros = np.zeros((2, 3, size, size), np.float32)
+    np.testing.assert_array_equal(grey, tiny_tokenizer.encode_pixels(zeros)[1].reshape(HW, -1).numpy())
+    i_txt = next(i for i, s in enumerate(data.samples) if s.key is None)
+    i_img = next(i for i, s in enumerate(data.samples) if s.key is not None)
+    on = Collator(data, "codes", 0, grey_codes=grey)([[i_txt, i_img]])
+    assert on.text_only_codes.shape == (1, HW, store.meta.depth) and on.num_images == 1
+    np.testing.assert_array_equal(on.text_only_codes[0].numpy(), grey)
+    assert Collator(data, "codes", 0)([[i_txt, i_img]]).text_only_codes is None
+    assert Collator(data, "codes", 0, grey_codes=grey)([[i_img]]).text_only_codes is None
