@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .scoring import KINDS, letters_for, normalize_answer, parse_choice
+from .scoring import KINDS, letters_for, normalize_answer, parse_choice, parse_mme_otter, parse_pope_lmms
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -356,15 +356,18 @@ class BenchFormat:
     """One benchmark layout.  ``read(path, images) -> items``; ``detect(path) -> bool`` (plug-ins
     are asked before the built-in rules); ``metrics(items, records) -> dict`` adds the layout's own
     metrics to the common ones (accuracy overall / per kind / per category); ``markdown(metrics)
-    -> lines`` renders them for report.md, and ``generic_tables`` keeps the per-kind/category tables."""
+    -> lines`` renders them for report.md, and ``generic_tables`` keeps the per-kind/category tables.
+    ``lmms_parse(prediction) -> parsed`` is lmms-eval's answer parser for the layouts lmms-eval
+    scores (``--scoring lmms-eval``, the default); ``metrics`` is told which scoring ran."""
 
     name: str
     read: Callable[[Path, str | os.PathLike | None], list[BenchItem]]
     detect: Callable[[Path], bool] | None = None
-    metrics: Callable[[Sequence[BenchItem], Sequence[dict]], dict] | None = None
+    metrics: Callable[[Sequence[BenchItem], Sequence[dict], bool], dict] | None = None
     markdown: Callable[[dict], list[str]] | None = None
     generic_tables: bool = True
     reads_folders: bool = False
+    lmms_parse: Callable[[str], str | None] | None = None
 
 
 _FORMATS: dict[str, BenchFormat] = {}
@@ -444,9 +447,11 @@ def read_bench(path: str | os.PathLike, fmt: str = "auto", images: str | os.Path
 
 
 # --------------------------------------------------------------------------- the built-in layouts
-def _pope_metrics(items: Sequence[BenchItem], records: Sequence[dict]) -> dict:
-    from .scoring import pope_metrics
+def _pope_metrics(items: Sequence[BenchItem], records: Sequence[dict], lmms: bool) -> dict:
+    from .scoring import pope_metrics as lenient
+    from .scoring import pope_metrics_lmms
 
+    pope_metrics = pope_metrics_lmms if lmms else lenient
     by_cat = {}
     for cat in sorted({r["category"] for r in records}):
         sub = [r for r in records if r["category"] == cat]
@@ -463,7 +468,7 @@ def _pope_markdown(m: dict) -> list[str]:
     return table(["POPE", "n", "acc %", "precision %", "recall %", "F1 %", "yes %"], rows) + [""]
 
 
-def _mme_metrics(items: Sequence[BenchItem], records: Sequence[dict]) -> dict:
+def _mme_metrics(items: Sequence[BenchItem], records: Sequence[dict], lmms: bool) -> dict:
     from .scoring import mme_metrics
 
     return {"mme": mme_metrics([r["category"] for r in records], [it.image_key for it in items],
@@ -481,7 +486,7 @@ def _mme_markdown(m: dict) -> list[str]:
 
 register_bench_format(BenchFormat("jsonl", read_jsonl))
 register_bench_format(BenchFormat("pope", read_pope, metrics=_pope_metrics, markdown=_pope_markdown,
-                                  generic_tables=False))
+                                  generic_tables=False, lmms_parse=parse_pope_lmms))
 register_bench_format(BenchFormat("mme", read_mme, metrics=_mme_metrics, markdown=_mme_markdown,
-                                  generic_tables=False, reads_folders=True))
+                                  generic_tables=False, reads_folders=True, lmms_parse=parse_mme_otter))
 register_bench_format(BenchFormat("mmbench", read_mmbench))

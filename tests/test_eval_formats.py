@@ -147,7 +147,7 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
                 for i, (q, a) in enumerate(line.split("=") for line in path.read_text().splitlines())]
 
     register_bench_format(BenchFormat("qa", read_qa, detect=lambda p: p.suffix == ".qa",
-                                      metrics=lambda items, recs: {"qa_n": len(recs)},
+                                      metrics=lambda items, recs, lmms: {"qa_n": len(recs)},
                                       markdown=lambda m: [f"qa items: {m['qa_n']}", ""]))
     try:
         f = root / "tiny.qa"
@@ -158,7 +158,7 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
         m = bench_metrics(fmt, items, score_items(items, ["2", "red"]))
         assert m["qa_n"] == 2 and m["acc"] == 0.5
         model = {"model": "m", "vision_input": "codes", "template": "plain", "template_source": "flag", "device": "cpu"}
-        md = bench_markdown({"model": model, "config": {"max_new_tokens": 8, "instructions": "none"},
+        md = bench_markdown({"kind": "bench", "model": model, "config": {"max_new_tokens": 8, "instructions": "none"},
                              "benches": [{"file": str(f), "format": fmt, "metrics": m, "seconds": 0.1,
                                           "predictions": "p.jsonl"}]})
         assert "qa items: 2" in md
