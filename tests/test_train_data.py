@@ -10,6 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from asvr.train.data import Collator, DataConfig, PackedLoader, build_training_data
+from asvr.train.vision_input import CodesSource, SourceContext, get_vision_input
+from asvr.train.vision_tower import VisionTower
 from asvr.train.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
 from asvr.train.sources import CodeStore, DataError
 from asvr.train.templates import (IGNORE_INDEX, ConversationError, chatml, encode_conversation, plain, vicuna_v1,
@@ -190,8 +192,9 @@ def test_best_fit_matches_exhaustive_on_easy_case():
 def test_collator_builds_consistent_batches(corpus, tiny_tokenizer, llm_tok, mode):
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft, caption_free_ratio=1.0), vicuna_v1(), llm_tok, store, True)
-    pp = tiny_tokenizer.preprocess_config(store.meta.preprocess)
-    col = Collator(data, mode, llm_tok.pad_token_id, str(corpus.images), pp)
+    ctx = SourceContext(store=store, images=str(corpus.images), tower=VisionTower.from_tokenizer(tiny_tokenizer),
+                        preprocess=store.meta.preprocess)
+    col = Collator(data, get_vision_input(mode).source(ctx), llm_tok.pad_token_id)
     plan = plan_epoch(data.lengths, PackingConfig(max_len=400, rows=2), seed=0, epoch=0)
     mb = max(plan, key=lambda m: sum(len(r) for r in m))
     b = col(mb)
@@ -220,7 +223,7 @@ def test_collator_builds_consistent_batches(corpus, tiny_tokenizer, llm_tok, mod
 def test_loader_resumes_mid_epoch_on_the_next_micro_batch(corpus, tiny_tokenizer, llm_tok):
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft, caption_free_ratio=1.0), vicuna_v1(), llm_tok, store, False)
-    col = Collator(data, "codes", 0)
+    col = Collator(data, CodesSource(store), 0)
     pk = PackingConfig(max_len=200, rows=1)
     ref = PackedLoader(data.lengths, col, pk, seed=5)
     n = ref.micro_batches_per_epoch()
@@ -254,7 +257,7 @@ def test_caption_text_encodes_index(corpus, llm_tok):
 def test_loader_workers_give_the_same_batches(corpus, tiny_tokenizer, llm_tok):
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft), vicuna_v1(), llm_tok, store, False)
-    col = Collator(data, "codes", 0)
+    col = Collator(data, CodesSource(store), 0)
     pk = PackingConfig(max_len=200, rows=2)
     a = PackedLoader(data.lengths, col, pk, seed=2)
     b = PackedLoader(data.lengths, col, pk, seed=2, num_workers=1)

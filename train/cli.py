@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vision-input", choices=["online", "features", "codes"], default="codes",
                    help="online: frozen encoder on the images every step; features: encoder features cached once in "
                         "RUN/cache; codes: features rebuilt from the cached codes, no images (default codes)")
+    m.add_argument("--vision-tower", help="the LLM's vision tower for online/features inputs: a Hugging Face SigLIP/CLIP "
+                   "vision folder or a tokenizer artifact (default: the target tokenizer's encoder)")
+    m.add_argument("--vision-tower-layer", type=int, help="hidden state of --vision-tower (default -2 for Hugging Face "
+                   "folders, as LLaVA; an artifact's recorded layer)")
+    m.add_argument("--vision-tower-select", choices=["patch", "cls_patch"], default="patch",
+                   help="patch tokens, or CLIP's CLS token first then the patches (LLaVA's mm_vision_select_feature)")
     m.add_argument("--init-from", help="start from an exported model: a pretrain run folder (its final/) or an export folder")
     m.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
                    help="conversation template (default: plain for pretrain, vicuna_v1 for sft)")
@@ -105,13 +111,16 @@ def config_from_args(a: argparse.Namespace):
 
         if importlib.util.find_spec("tensorboard") is None:
             raise CLIError("--tensorboard needs the tensorboard package (pip install tensorboard)")
+    if a.vision_tower and not Path(a.vision_tower).is_dir():
+        raise CLIError(f"--vision-tower {a.vision_tower}: no such folder")
     if a.images and not Path(a.images).is_dir():
         raise CLIError(f"--images {a.images}: no such folder")
     head = VisualHeadConfig(width=a.head_width, proj_hidden=a.head_proj_hidden, layers=a.head_layers,
                             head_dim=a.head_dim)
     return TrainConfig(
         model=a.model, tokenizer=a.tokenizer, codes=a.codes, data=a.data, output_dir=a.output_dir, stage=a.stage,
-        vision_input=a.vision_input, images=a.images, template=a.template, zero=a.zero, deepspeed=a.deepspeed,
+        vision_input=a.vision_input, vision_tower=a.vision_tower, vision_tower_layer=a.vision_tower_layer,
+        vision_tower_select=a.vision_tower_select, images=a.images, template=a.template, zero=a.zero, deepspeed=a.deepspeed,
         max_steps=a.max_steps, epochs=a.epochs, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         max_len=a.max_len, pack=a.pack, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
         min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip, seed=a.seed, save_every=a.save_every,
@@ -130,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
+    from .vision_tower import VisionTowerError
 
     args = build_parser().parse_args(argv)
-    expected = (CLIError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError)
+    expected = (CLIError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
+                VisionTowerError)
     try:
         cfg = config_from_args(args)
     except (ValueError, *expected) as e:

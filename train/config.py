@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-VISION_INPUTS = ("online", "features", "codes")
+TOWER_SELECT = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 STAGES = ("pretrain", "sft")
@@ -71,6 +71,37 @@ class VisionSpec:
 
 
 @dataclass(kw_only=True)
+class VisionTowerSpec:
+    """The LLM's own vision tower (``--vision-tower``), when it is not the target
+    tokenizer's encoder.  Recorded in the export so evaluation rebuilds it."""
+
+    encoder: dict[str, Any]
+    """``EncoderSpec`` fields (kind, absolute weights path, feature layer, image size,
+    normalisation, resample, weights sha256)."""
+    select: str = "patch"
+    """patch: the patch tokens; cls_patch: CLIP's CLS token first, then the patches
+    (LLaVA's ``mm_vision_select_feature``)."""
+    source: str = ""
+    """The folder given to --vision-tower (a Hugging Face vision folder or a tokenizer artifact)."""
+    grid: tuple[int, int] = (1, 1)
+    """Patch grid [H, W]; must equal the tokenizer's (the targets sit on it)."""
+    dim: int = 1
+    """Feature size: the projector's input width."""
+    fingerprint: str = ""
+    """sha256 over the encoder spec (weights hash included) and ``select``: names feature caches."""
+
+    def __post_init__(self):
+        self.grid = tuple(int(g) for g in self.grid)
+        if self.select not in TOWER_SELECT:
+            raise ValueError(f"vision tower select must be one of {TOWER_SELECT}, got {self.select!r}")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LLM positions per image: the patches, plus the CLS token for cls_patch."""
+        return self.grid[0] * self.grid[1] + (self.select == "cls_patch")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """The LVLM: a Hugging Face causal LM + vision projector + ASVR visual head."""
 
@@ -79,9 +110,10 @@ class ModelConfig:
     config dict with ``model_type`` (random init: tests, benchmarks)."""
     trust_remote_code: bool = False
     """Allow model code shipped in the folder. Off unless asked."""
-    vision_input: str = "online"
-    """online: frozen encoder on pixels; features: cached continuous features;
-    codes: features rebuilt from the cached codes (sum of codebook vectors)."""
+    vision_input: str = "codes"
+    """online: frozen vision tower on pixels; features: cached continuous features;
+    codes: features rebuilt from the cached codes (sum of codebook vectors).
+    The modes are ``asvr.train.vision_input.VISION_INPUTS``."""
     projector: str = "mlp2x_gelu"
     """Vision projector: linear or mlpNx_gelu (the reference: mlp2x_gelu)."""
     head: VisualHeadConfig = field(default_factory=VisualHeadConfig)
@@ -97,14 +129,19 @@ class ModelConfig:
     """Recompute LLM layers and head layers in backward."""
     vision: VisionSpec | None = None
     """Filled by ``build_model`` from the tokenizer (or given with codebooks)."""
+    vision_tower: VisionTowerSpec | None = None
+    """The LLM's vision tower when it is not the tokenizer's encoder (online/features only)."""
 
     def __post_init__(self):
+        from .vision_input import get_vision_input  # the one list of modes
+
         if isinstance(self.head, dict):
             self.head = VisualHeadConfig(**self.head)
         if isinstance(self.vision, dict):
             self.vision = VisionSpec(**self.vision)
-        if self.vision_input not in VISION_INPUTS:
-            raise ValueError(f"vision_input must be one of {VISION_INPUTS}, got {self.vision_input!r}")
+        if isinstance(self.vision_tower, dict):
+            self.vision_tower = VisionTowerSpec(**self.vision_tower)
+        get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
         if self.dtype not in DTYPES:
@@ -118,10 +155,22 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def input_dim(self) -> int:
+        """Width of the features the projector receives (the tower's, else the codebooks')."""
+        return self.vision_tower.dim if self.vision_tower is not None else self.vision.dim
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM positions per image (the tower's tokens, else the tokenizer grid)."""
+        return self.vision_tower.tokens_per_image if self.vision_tower is not None else self.vision.tokens_per_image
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.vision is not None:
             d["vision"]["grid"] = list(self.vision.grid)
+        if self.vision_tower is not None:
+            d["vision_tower"]["grid"] = list(self.vision_tower.grid)
         return d
 
     @classmethod
