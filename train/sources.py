@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asvr.pipeline.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
+from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
 
 
 class DataError(ValueError):
@@ -189,13 +190,9 @@ def load_conversations(paths: Sequence[str | os.PathLike]) -> list[ConversationR
     for path in paths:
         path = Path(path)
         try:
-            text = path.read_text()
-            data = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-                else json.loads(text)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot read conversations ({e})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of conversations")
+            data = read_llava_records(path)
+        except LlavaJSONError as e:
+            raise DataError(str(e)) from None
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
                 out.append(ConversationRecord(f"{path.name}[{i}]", None, None, str(path)))
