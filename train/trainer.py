@@ -32,113 +32,18 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .config import ModelConfig, VisualHeadConfig
+from .config import ModelConfig, TrainConfig
 from .data import DataConfig, PackedLoader, TrainingData, assemble_data, describe_bad, open_codes, write_bad_samples
 from .metrics import MetricsLogger, plot_losses
 from .packing import PackingConfig, padding_waste, plan_epoch
 from .templates import get_template
-
-STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    model: str
-    """LLM: a local Hugging Face folder (config, weights, tokenizer)."""
-    tokenizer: str
-    """Semantic tokenizer artifact folder (Contract 1)."""
-    codes: str
-    """Code shards written with that tokenizer (Contract 2)."""
-    data: list[str]
-    """LLaVA JSON conversation files."""
-    output_dir: str
-    """Run folder: checkpoints/, metrics.jsonl, loss.png, final/."""
-    stage: str = "pretrain"
-    """pretrain: projector + visual head, LLM frozen; sft: also the LLM."""
-    vision_input: str = "codes"
-    """online | features | codes (see asvr.train.vision_input)."""
-    vision_tower: str | None = None
-    """The LLM's vision tower for online/features inputs: a Hugging Face SigLIP/CLIP vision folder
-    or a tokenizer artifact (default: the target tokenizer's encoder)."""
-    vision_tower_layer: int | None = None
-    """Hidden state of --vision-tower fed to the LLM (default -2 for Hugging Face folders, as
-    LLaVA; an artifact's recorded layer)."""
-    vision_tower_select: str = "patch"
-    """patch | cls_patch (CLIP: CLS token first, then the patches), as LLaVA's mm_vision_select_feature."""
-    images: str | None = None
-    """Image root for online/features inputs."""
-    template: str | None = None
-    """plain | vicuna_v1 | chatml (default: plain for pretrain, vicuna_v1 for sft)."""
-    zero: int = 2
-    """ZeRO stage (2 or 3) when no --deepspeed config is given."""
-    deepspeed: str | None = None
-    """A DeepSpeed JSON config; batch sizes, accumulation and clipping are filled from our flags."""
-    max_steps: int | None = None
-    """Optimizer steps (default: --epochs over the data)."""
-    epochs: float = 1.0
-    micro_batch_size: int = 1
-    """Packed rows per micro-batch per process."""
-    grad_accum: int = 1
-    max_len: int = 2048
-    pack: bool = True
-    lr: float | None = None
-    """Peak learning rate (default 1e-3 pretrain, 2e-5 sft, as LLaVA-1.5)."""
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 0
-    """Checkpoint every N optimizer steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    """'auto': continue from the newest checkpoint of --output-dir (if any); or a tag."""
-    stop_after: int | None = None
-    """End this invocation (checkpoint, no export) after N steps; the schedule still spans
-    --max-steps and ``--resume auto`` continues (jobs with a wall-time limit)."""
-    init_from: str | None = None
-    """An exported model (a pretrain run folder or its final/) to start from."""
-    gradient_checkpointing: bool = False
-    caption_free_ratio: float = 0.0
-    skip_bad_samples: bool = False
-    num_workers: int = 0
-    tensorboard: bool = False
-    export: bool = True
-    """Write RUN/final (asvr.train.export) at the end."""
-    progress: bool = True
-    head: VisualHeadConfig = field(default_factory=VisualHeadConfig)
-    visual_loss_weight: float = 1.0
-    attn_implementation: str = "auto"
-    trust_remote_code: bool = False
-
-    def __post_init__(self):
-        from .vision_input import get_vision_input
-
-        get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
-        if self.vision_tower is None and (self.vision_tower_layer is not None or self.vision_tower_select != "patch"):
-            raise ValueError("--vision-tower-layer and --vision-tower-select need --vision-tower")
-        if self.stage not in STAGE_DEFAULTS:
-            raise ValueError(f"--stage must be pretrain or sft, got {self.stage!r}")
-        if self.deepspeed is None and self.zero not in (2, 3):
-            raise ValueError(f"--zero must be 2 or 3, got {self.zero}")
-        if self.resume not in (None, "auto") and not self.resume.startswith("step"):
-            raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError("--stop-after must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("--max-steps must be >= 1")
-        if self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("--micro-batch-size and --grad-accum must be >= 1")
-        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
-        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
-
 
 def free_port() -> int:
     with socket.socket() as s:

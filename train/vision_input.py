@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +43,15 @@ from torch import nn
 from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess
 from asvr.tokenizer.quantizer import ResidualQuantizer
 
-from .config import VisionSpec
-from .sources import CodeStore, DataError, FeatureCache
+if TYPE_CHECKING:  # config.py imports this module (its one list of modes); sources needs pyarrow
+    from .config import VisionSpec
+    from .sources import CodeStore, FeatureCache
+
+
+def _data_error(msg: str) -> Exception:
+    from .sources import DataError
+
+    return DataError(msg)
 
 
 # --------------------------------------------------------------------------- per-key sources (data half)
@@ -71,7 +78,7 @@ class PixelSource:
         try:
             return preprocess(open_image(path.read_bytes(), self.cfg), self.cfg)
         except (OSError, ImageError) as e:
-            raise DataError(f"{path}: {e}") from None
+            raise _data_error(f"{path}: {e}") from None
 
 
 class TowerFeatures:
@@ -86,7 +93,7 @@ class TowerFeatures:
         try:
             pixels = self.tower.preprocess_images([self.images / k for k in keys], self.mode)
         except (OSError, ValueError) as e:
-            raise DataError(f"computing features: {e}") from None
+            raise _data_error(f"computing features: {e}") from None
         return self.tower.features(pixels).cpu().numpy()
 
     def __call__(self, key: str) -> np.ndarray:
@@ -176,6 +183,8 @@ class FeaturesInput(VisionInputMode):
     uses_tower = True
 
     def open_cache(self, cache_dir, store, tower):
+        from .sources import FeatureCache
+
         return FeatureCache.open(cache_dir, store, tower.spec.fingerprint)
 
     def needs_image(self, key, cache):
@@ -191,7 +200,7 @@ class FeaturesInput(VisionInputMode):
         ctx.cache.reload()
         missing = [k for k in ctx.keys if k not in ctx.cache]
         if missing:
-            raise DataError(f"feature cache {ctx.cache.path} lacks {len(missing)} keys (e.g. {missing[0]!r})")
+            raise _data_error(f"feature cache {ctx.cache.path} lacks {len(missing)} keys (e.g. {missing[0]!r})")
         return ctx.cache.get
 
     def from_images(self, paths, *, tower, tokenizer, preprocess):
