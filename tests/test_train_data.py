@@ -266,3 +266,40 @@ def test_loader_workers_give_the_same_batches(corpus, tiny_tokenizer, llm_tok):
         if x.num_images:
             assert torch.equal(x.vision, y.vision)
     assert a.state_dict() == b.state_dict()
+
+
+# ---------------------------------------------------------------- vision input strategies
+def test_one_list_of_vision_inputs():
+    from asvr.train.config import ModelConfig
+    from asvr.train.vision_input import VISION_INPUTS
+
+    assert tuple(VISION_INPUTS) == ("online", "features", "codes")
+    assert ModelConfig(llm={"model_type": "llama"}).vision_input == "codes"  # as the CLI's default
+    with pytest.raises(ValueError, match="one of"):
+        ModelConfig(llm={"model_type": "llama"}, vision_input="pixels")
+    with pytest.raises(ValueError, match="--images"):
+        DataConfig(data=["x.json"], codes="c", vision_input="features")
+
+
+def test_feature_cache_adds_only_missing_rows_and_features_need_images_only_for_them(corpus, tiny_tokenizer,
+                                                                                      llm_tok, tmp_path):
+    from asvr.train.sources import FeatureCache
+
+    store = _store(corpus, tiny_tokenizer)
+    tower = VisionTower.from_tokenizer(tiny_tokenizer)
+    calls: list[list[str]] = []
+
+    def featurize(keys):
+        calls.append(list(keys))
+        return tower.features(tower.preprocess_images([corpus.images / k for k in keys], "square")).numpy()
+
+    cache = FeatureCache.open(tmp_path, store, tower.spec.fingerprint)
+    cache.fill(corpus.keys[:3], featurize, progress=False)
+    cache.fill(corpus.keys[:5], featurize, progress=False)
+    assert sorted(k for c in calls for k in c) == sorted(corpus.keys[:5])  # each key computed once
+    again = FeatureCache.open(tmp_path, store, tower.spec.fingerprint)
+    want = featurize(corpus.keys[:5])
+    np.testing.assert_allclose(np.stack([again.get(k) for k in corpus.keys[:5]]), want, rtol=1e-6)
+    mode = get_vision_input("features")
+    assert not mode.needs_image(corpus.keys[0], again) and mode.needs_image(corpus.keys[6], again)
+    assert FeatureCache.open(tmp_path, store, "0" * 64).path != again.path  # another tower, another file
