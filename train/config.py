@@ -166,12 +166,20 @@ class ModelConfig:
     @property
     def input_dim(self) -> int:
         """Width of the features the projector receives (the tower's, else the codebooks')."""
-        return self.vision_tower.dim if self.vision_tower is not None else self.vision.dim
+        if self.vision_tower is not None:
+            return self.vision_tower.dim
+        if self.vision is None:
+            raise ValueError("ModelConfig.vision is not set (build_model fills it from the tokenizer)")
+        return self.vision.dim
 
     @property
     def image_tokens(self) -> int:
         """LLM positions per image (the tower's tokens, else the tokenizer grid)."""
-        return self.vision_tower.tokens_per_image if self.vision_tower is not None else self.vision.tokens_per_image
+        if self.vision_tower is not None:
+            return self.vision_tower.tokens_per_image
+        if self.vision is None:
+            raise ValueError("ModelConfig.vision is not set (build_model fills it from the tokenizer)")
+        return self.vision.tokens_per_image
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -39,13 +39,16 @@ class ConfigFileError(ValueError):
     """A bad --config file; the message is one line."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: Any) -> dict[str, str]:
     """The docstring under each field of a dataclass (its attribute docstrings), joined into one line."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
         return {}
-    body = tree.body[0].body
+    node = tree.body[0]
+    if not isinstance(node, ast.ClassDef):
+        return {}
+    body = node.body
     out = {}
     for a, b in zip(body, body[1:]):
         if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
@@ -73,7 +76,7 @@ def _dest(path: Sequence[str]) -> str:
     return "__".join(path)
 
 
-def _walk(cls: type, path: tuple[str, ...] = ()):
+def _walk(cls: Any, path: tuple[str, ...] = ()):
     """-> (field path, field, resolved type) for every leaf field, nested dataclasses flattened."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -92,11 +95,11 @@ def _default(f: dataclasses.Field):
     return dataclasses.MISSING
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type,
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: Any,
                             groups: dict[str, str] | None = None) -> None:
     """One option per leaf field of ``cls`` (see module doc)."""
     made: dict[str, argparse._ArgumentGroup] = {}
-    docs_cache: dict[type, dict[str, str]] = {}
+    docs_cache: dict[Any, dict[str, str]] = {}
     for path, f, hint, owner in _walk(cls):
         if not f.metadata.get("cli", True):
             continue
@@ -155,7 +158,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _flatten(cls: type, data: dict[str, Any], source: str, path: tuple[str, ...] = ()) -> dict[str, Any]:
+def _flatten(cls: Any, data: dict[str, Any], source: str, path: tuple[str, ...] = ()) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
@@ -173,7 +176,7 @@ def _flatten(cls: type, data: dict[str, Any], source: str, path: tuple[str, ...]
     return out
 
 
-def parse_dataclass_args(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_dataclass_args(parser: argparse.ArgumentParser, cls: Any, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse ``argv`` with ``--config FILE`` defaults applied (flags win)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -187,7 +190,7 @@ def parse_dataclass_args(parser: argparse.ArgumentParser, cls: type, argv: Seque
     return parser.parse_args(sys.argv[1:] if argv is None else argv)
 
 
-def dataclass_from_args(cls: type, ns: argparse.Namespace, path: tuple[str, ...] = (), **overrides):
+def dataclass_from_args(cls: Any, ns: argparse.Namespace, path: tuple[str, ...] = (), **overrides):
     """Build ``cls`` (nested dataclasses included) from a namespace of :func:`add_dataclass_arguments`."""
     hints = typing.get_type_hints(cls)
     kw = {}

@@ -193,4 +193,9 @@ def load_exported_weights(model: ASVRModel, folder: str | os.PathLike) -> None:
     want = model.cfg.vision.fingerprint if model.cfg.vision else ""
     if got != want:
         raise ExportError(f"{folder}: trained with tokenizer {got[:12]}, this model uses {want[:12]}")
+    got_tower = (meta.get("model", {}).get("vision_tower") or {}).get("fingerprint", "")
+    want_tower = model.cfg.vision_tower.fingerprint if model.cfg.vision_tower is not None else ""
+    if got_tower != want_tower:
+        raise ExportError(f"{folder}: its projector was trained on vision tower {got_tower[:12] or '(the tokenizer)'}, "
+                          f"this model uses {want_tower[:12] or '(the tokenizer)'}")
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))

@@ -44,7 +44,8 @@ from torch import nn
 from .batch import Batch
 from .config import STAGES, ModelConfig, VisionSpec
 from .projector import build_projector
-from .vision_input import VisionInput
+from .vision_input import VisionInput, get_vision_input
+from .vision_tower import VisionTower, check_tower_grid, load_vision_tower
 from .visual_head import VisualHead
 from .visual_loss import IGNORE_INDEX
 
@@ -290,16 +291,13 @@ def build_llm(cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | None = None,
-                llm: nn.Module | None = None, tower: nn.Module | None = None) -> ASVRModel:
+                llm: nn.Module | None = None, tower: VisionTower | None = None) -> ASVRModel:
     """Build the LVLM.  ``tokenizer`` (a ``SemanticTokenizer``) gives the vision
     spec, the frozen codebooks and, for ``online``, the default tower (its
     encoder).  Without it pass ``codebooks`` ``[D or 1, K, C]`` and
     ``cfg.vision``.  ``tower``: the ``VisionTower`` an ``online`` model runs
     (default: rebuilt from ``cfg.vision_tower``, else the tokenizer's encoder).
     ``llm`` skips ``build_llm``."""
-    from .vision_input import get_vision_input
-    from .vision_tower import VisionTower, check_tower_grid, load_vision_tower
-
     if tokenizer is not None:
         s = tokenizer.spec
         cfg.vision = VisionSpec(dim=s.dim, grid=tuple(s.grid), depth=s.depth, codebook_size=s.codebook_size,

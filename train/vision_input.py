@@ -46,6 +46,7 @@ from asvr.tokenizer.quantizer import ResidualQuantizer
 if TYPE_CHECKING:  # config.py imports this module (its one list of modes); sources needs pyarrow
     from .config import VisionSpec
     from .sources import CodeStore, FeatureCache
+    from .vision_tower import VisionTower
 
 
 def _data_error(msg: str) -> Exception:
@@ -106,8 +107,8 @@ class SourceContext:
 
     store: CodeStore
     images: str | None = None
-    tower: object | None = None
-    """A ``VisionTower`` (online/features)."""
+    tower: VisionTower | None = None
+    """The LLM's vision tower (online/features)."""
     preprocess: str = "square"
     """square | pad: the shards' preprocessing mode."""
     cache: FeatureCache | None = None
@@ -167,6 +168,8 @@ class OnlineInput(VisionInputMode):
     model_runs_tower = True
 
     def source(self, ctx: SourceContext):
+        if ctx.tower is None or ctx.images is None:
+            raise ValueError("the online input needs the vision tower and the image root")
         return PixelSource(ctx.images, ctx.tower.preprocess_config(ctx.preprocess))
 
     def from_images(self, paths, *, tower, tokenizer, preprocess):
@@ -191,6 +194,8 @@ class FeaturesInput(VisionInputMode):
         return cache is None or key not in cache
 
     def source(self, ctx: SourceContext):
+        if ctx.tower is None:
+            raise ValueError("the features input needs the vision tower")
         compute = TowerFeatures(ctx.tower, ctx.images or ".", ctx.preprocess)
         if ctx.cache is None:
             return compute

@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -64,14 +64,14 @@ def tower_fingerprint(encoder: EncoderSpec, select: str) -> str:
 class VisionTower(nn.Module):
     """Frozen encoder + its preprocessing + token selection: pixels ``[N, 3, S, S]`` -> tokens ``[N, T, C]``."""
 
-    def __init__(self, encoder: nn.Module, encoder_spec: EncoderSpec, select: str = "patch", source: str = ""):
+    def __init__(self, encoder: Any, encoder_spec: EncoderSpec, select: str = "patch", source: str = ""):
         super().__init__()
         if select not in TOWER_SELECT:
             raise VisionTowerError(f"--vision-tower-select must be one of {TOWER_SELECT}, got {select!r}")
         if select == "cls_patch" and not (isinstance(encoder, HFVisionEncoder) and encoder.drop_cls):
             raise VisionTowerError(f"--vision-tower-select cls_patch needs a CLIP tower (a CLS token); "
                                    f"{encoder_spec.kind} has none")
-        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder: Any = encoder.eval().requires_grad_(False)
         self.encoder_spec = encoder_spec
         self.select = select
         self.spec = VisionTowerSpec(encoder=encoder_spec.to_dict(), select=select, source=source,
