@@ -15,6 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from asvr.tokenizer.preprocess import PREPROCESS_MODES
+from asvr.train.templates import TEMPLATES
+
 
 class CLIError(ValueError):
     pass
@@ -27,7 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vision-tower", help="weights folder of the model's vision tower, when it moved from the path "
                    "recorded in the model (its sha256 must match)")
     g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
-    g.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
+    g.add_argument("--template", choices=list(TEMPLATES),
                    help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="report folder (report.json, report.md)")
@@ -71,15 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--instructions", choices=["llava", "none"], default="llava",
                     help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
                          "'Answer with the option's letter ...'); none: the bare question (default llava)")
-    be.add_argument("--preprocess-mode", choices=["square", "pad"],
+    be.add_argument("--preprocess-mode", choices=PREPROCESS_MODES,
                     help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
     return p
 
 
 def _model_info(lm) -> dict:
     return {"model": str(lm.export_dir), "run": str(lm.run_dir) if lm.run_dir else None,
-            "vision_input": lm.vision_input,
-            "vision_tower": lm.tower.spec.source if lm.tower is not None else None, "template": lm.template.name, "template_source": lm.template_source,
+            "vision_input": lm.vision_input, "vision_tower": lm.tower.spec.source if lm.tower is not None else None,
+            "template": lm.template.name, "template_source": lm.template_source,
             "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint, "device": str(lm.device)}
 
 

@@ -185,6 +185,7 @@ def assemble_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer
     mode = get_vision_input(cfg.vision_input)
     cache = mode.open_cache(Path(cache_dir), store, tower) if cache_dir is not None else None
     data = build_training_data(cfg, template, llm_tokenizer, store, lambda key: mode.needs_image(key, cache))
+    barrier()  # every process has judged the samples against the same cache before one fills it
     source = mode.source(SourceContext(store=store, images=cfg.images, tower=tower, preprocess=store.meta.preprocess,
                                        cache=cache, keys=data.keys_with_images(), primary=primary, barrier=barrier,
                                        progress=progress))
