@@ -156,9 +156,9 @@ def load_for_eval(path: str | os.PathLike, *, device: str = "auto", need_encoder
         raise EvalError(f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); "
                         f"pass --text-tokenizer LLM_FOLDER") from None
     tmpl, tsrc = resolve_template(run, template)
-    return LoadedModel(model=model, text_tokenizer=text_tok, image_tokenizer=image_tok, tower=tower, preprocess=preprocess,
-                       template=tmpl,
-                       template_source=tsrc, export_dir=export, run_dir=run, device=dev)
+    return LoadedModel(model=model, text_tokenizer=text_tok, image_tokenizer=image_tok, tower=tower,
+                       preprocess=preprocess, template=tmpl, template_source=tsrc, export_dir=export, run_dir=run,
+                       device=dev)
 
 
 __all__ = ["EvalError", "ExportError", "LoadedModel", "load_for_eval", "resolve_export", "resolve_template"]
