@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import glob
 import importlib
-import json
 import os
 import pkgutil
 import re
@@ -53,6 +52,8 @@ from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
@@ -305,13 +306,9 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
         raise SourceError(f"--image-root {image_root} is not a folder")
     real_root = root.resolve()
     try:
-        text = path.read_text(encoding="utf-8")
-        records = ([json.loads(line) for line in text.splitlines() if line.strip()]
-                   if path.suffix.lower() == ".jsonl" else json.loads(text))
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: not a readable LLaVA JSON file ({e})") from None
-    if not isinstance(records, list):
-        raise SourceError(f"{path}: expected a JSON list of conversation records")
+        records = read_llava_records(path)
+    except LlavaJSONError as e:
+        raise SourceError(str(e)) from None
     seen: set[str] = set()
     for rec in records:
         images = rec.get("image") if isinstance(rec, dict) else None

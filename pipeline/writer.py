@@ -4,7 +4,7 @@ Resume protocol.  The plan (``sources.py``) is cut into work units of
 ``shard_size`` consecutive inputs; unit ``u`` writes ``part-{u:05d}.parquet``
 (or ``shard-{u:05d}.tar``): shard names come from unit numbers, never from
 keys.  A unit commits in two atomic steps: the shard (temp name, fsync,
-rename: :mod:`asvr.pipeline.shards`), then ``.units/unit-{u:05d}.json``, which
+rename: :mod:`asvr.tokenizer.shards`), then ``.units/unit-{u:05d}.json``, which
 records the hash of the unit's inputs (keys + sources), the shard's sha256 and
 size, the unit's failure rows and counts.  A unit is done only when its marker
 exists, its input hash matches this run's plan, and its shard exists with the

@@ -11,7 +11,7 @@ def test_check_fingerprint_passes_equal_and_names_both_sides():
     with pytest.raises(FingerprintError) as e:
         check_fingerprint("a" * 64, "b" * 64, "shard x", "this run's tokenizer", "tokenize again")
     msg = str(e.value)
-    assert msg == ("tokenizer fingerprint mismatch: shard x has aaaaaaaaaaaa, this run's tokenizer has bbbbbbbbbbbb; "
+    assert msg == ("fingerprint mismatch: shard x has aaaaaaaaaaaa, this run's tokenizer has bbbbbbbbbbbb; "
                    "tokenize again")
     assert isinstance(e.value, TokenizerError)  # every CLI reports it as a one-line error
     with pytest.raises(FingerprintError, match=r"has \(none\)"):

@@ -27,7 +27,8 @@ class TokenizerError(ValueError):
 
 
 class FingerprintError(TokenizerError):
-    """Codes, an index, a checkpoint or an export met a tokenizer other than the one that made them."""
+    """Codes, an index, a checkpoint or an export met a tokenizer (or vision tower) other than
+    the one that made them."""
 
 
 def check_fingerprint(got: str, want: str, what: str, against: str, hint: str = "") -> None:
@@ -37,7 +38,7 @@ def check_fingerprint(got: str, want: str, what: str, against: str, hint: str = 
     export folder), ``against`` the thing that carries ``want`` (this run's
     tokenizer, the index); ``hint`` says how to fix it."""
     if got != want:
-        raise FingerprintError(f"tokenizer fingerprint mismatch: {what} has {got[:12] or '(none)'}, "
+        raise FingerprintError(f"fingerprint mismatch: {what} has {got[:12] or '(none)'}, "
                                f"{against} has {want[:12] or '(none)'}" + (f"; {hint}" if hint else ""))
 
 

@@ -38,8 +38,8 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class PreprocessConfig:
     image_size: int
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
     resample: str = "bicubic"
     mode: str = "square"
     max_pixels: int = DEFAULT_MAX_PIXELS
