@@ -34,6 +34,8 @@ def test_guard_ctrl_c_is_one_line_exit_130(capsys):
 
     assert run_guarded("asvr-x", "cmd", interrupted, interrupted="stopped; rerun to resume") == 130
     assert capsys.readouterr().err == "stopped; rerun to resume\n"
+    assert run_guarded("asvr-x", "cmd", interrupted, interrupted=lambda: "computed when it happens") == 130
+    assert capsys.readouterr().err == "computed when it happens\n"
 
 
 def test_guard_keeps_tracebacks_of_bugs():

@@ -148,7 +148,7 @@ def test_online_without_images_is_one_line_error(corpus, tiny_tokenizer_dir, tmp
 
 def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     """A real SIGINT (what Ctrl-C sends) during a run: exit 130, one line that says how to resume."""
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))  # after parsing, during setup or training
     timer.start()
     try:
         rc = main(_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000"))

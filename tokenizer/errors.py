@@ -43,12 +43,13 @@ def check_fingerprint(got: str, want: str, what: str, against: str, hint: str = 
 
 
 def run_guarded(prog: str, command: str | None, call: Callable[[], object],
-                errors: tuple[type[BaseException], ...] = (), interrupted: str = "interrupted") -> int:
+                errors: tuple[type[BaseException], ...] = (),
+                interrupted: str | Callable[[], str] = "interrupted") -> int:
     """Run one (sub)command the way every ``asvr-*`` CLI does.
 
     An error of a type in ``errors`` (or a :class:`CLIError`) is one line on
     stderr, ``prog command: error: <first line>``, and exit code 2; Ctrl-C
-    prints ``interrupted`` and exits 130.  Anything else is a bug and keeps its
+    prints ``interrupted`` (or what it returns, when a callable) and exits 130.  Anything else is a bug and keeps its
     traceback."""
     where = f"{prog} {command}" if command else prog
     expected: tuple[type[BaseException], ...] = (CLIError, *errors)
@@ -59,5 +60,5 @@ def run_guarded(prog: str, command: str | None, call: Callable[[], object],
         print(f"{where}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         return 130

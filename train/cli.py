@@ -72,14 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     expected = (DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
                 VisionTowerError, ConfigFileError)
     parsed: list[argparse.Namespace] = []
-    rc = run_guarded("asvr-train", None, lambda: parsed.append(parse_dataclass_args(build_parser(), TrainConfig, argv)),
-                     expected)
-    if rc:
-        return rc
-    args = parsed[0]
-    return run_guarded("asvr-train", None, lambda: _train(args), expected,
-                       interrupted=f"interrupted; to continue from the newest checkpoint in {args.output_dir}, "
-                                   "rerun the same command with --resume auto")
+
+    def run() -> int:
+        parsed.append(parse_dataclass_args(build_parser(), TrainConfig, argv))
+        return _train(parsed[0])
+
+    def interrupted() -> str:
+        if not parsed:
+            return "interrupted"
+        return (f"interrupted; to continue from the newest checkpoint in {parsed[0].output_dir}, "
+                "rerun the same command with --resume auto")
+
+    return run_guarded("asvr-train", None, run, expected, interrupted=interrupted)
 
 
 def _train(args: argparse.Namespace) -> int:
