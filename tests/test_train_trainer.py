@@ -123,3 +123,19 @@ def test_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     args[args.index("--images") + 1] = str(tmp_path / "nope")
     assert main(args) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_existing_run_folder_is_refused_without_resume_or_overwrite(corpus, tiny_tokenizer_dir, pretrain_run,
+                                                                    tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(pretrain_run, run)
+    before = (run / "metrics.jsonl").read_text()
+    assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1")) == 2
+    assert capsys.readouterr().err.strip() == (f"asvr-train: error: {run} already holds a run: --resume auto to "
+                                               "continue, --overwrite to start again")
+    assert (run / "metrics.jsonl").read_text() == before  # untouched
+    assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1", "--overwrite")) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000001"]

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     r.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     r.add_argument("--resume", help="'auto': continue from the newest checkpoint in --output-dir; or a tag")
+    r.add_argument("--overwrite", action="store_true", help="start again in an --output-dir that already holds a "
+                   "run (its checkpoints, metrics and export are deleted); without it, or --resume, it is refused")
     r.add_argument("--stop-after", type=int, help="end this invocation after N steps with a checkpoint (the "
                    "schedule still spans --max-steps; rerun with --resume auto): jobs with a wall-time limit")
     r.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
@@ -115,7 +117,8 @@ def config_from_args(a: argparse.Namespace):
         max_steps=a.max_steps, epochs=a.epochs, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         max_len=a.max_len, pack=a.pack, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
         min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip, seed=a.seed, save_every=a.save_every,
-        keep_checkpoints=a.keep_checkpoints, resume=a.resume, stop_after=a.stop_after, init_from=a.init_from,
+        keep_checkpoints=a.keep_checkpoints, resume=a.resume, overwrite=a.overwrite, stop_after=a.stop_after,
+        init_from=a.init_from,
         gradient_checkpointing=a.gradient_checkpointing, caption_free_ratio=a.caption_free_ratio,
         skip_bad_samples=a.skip_bad_samples, num_workers=a.num_workers, tensorboard=a.tensorboard, export=a.export,
         progress=not a.quiet, head=head, visual_loss_weight=a.visual_loss_weight,
@@ -130,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
+    from .trainer import RunFolderError
 
     args = build_parser().parse_args(argv)
-    expected = (CLIError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError)
+    expected = (CLIError, RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError,
+                ConversationError)
     try:
         cfg = config_from_args(args)
     except (ValueError, *expected) as e:

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -94,6 +95,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str | None = None
     """'auto': continue from the newest checkpoint of --output-dir (if any); or a tag."""
+    overwrite: bool = False
+    """Start again in a run folder that already holds a run (its checkpoints, metrics, plot and
+    export are deleted first; RUN/cache is kept).  Without it such a folder is refused unless
+    --resume is given."""
     stop_after: int | None = None
     """End this invocation (checkpoint, no export) after N steps; the schedule still spans
     --max-steps and ``--resume auto`` continues (jobs with a wall-time limit)."""
@@ -165,15 +170,48 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
     return f
 
 
+class RunFolderError(ValueError):
+    """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
+
+
+# What a run writes in its folder (RUN/cache, the reusable feature cache, is not among them).
+RUN_OUTPUTS = (checkpoint.CHECKPOINTS, "final", "metrics.jsonl", "loss.png", "train_config.json",
+               "bad_samples.jsonl", "tensorboard")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` has checkpoints, metrics or an export of an earlier run."""
+    return any((run_dir / name).exists() for name in (checkpoint.CHECKPOINTS, "final", "metrics.jsonl"))
+
+
+def check_run_folder(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to silently restart (and so overwrite) a run: before this check, rerunning a
+    finished command without --resume started again at step 1 over the finished run."""
+    if resume is None and not overwrite and holds_run(run_dir):
+        raise RunFolderError(f"{run_dir} already holds a run: --resume auto to continue, --overwrite to start again")
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.resuming = False
+        check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
         self.rank, self.world, self.owns_group = init_distributed()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.rank == 0:
+            if cfg.overwrite and cfg.resume is None:
+                clear_run_folder(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
 
