@@ -9,7 +9,10 @@
   with ``--images ROOT`` a contact sheet ``code_d_k.png`` with the patches
   outlined on the original images (the padding of ``pad`` mode is accounted for).
 
-``--report DIR`` writes report.json and the PNGs; a short summary is printed
+Depths are numbered from 0 (``0:17`` is code 17 of the first depth), as in
+every asvr command.  Without options it prints the summary: encoder, grid,
+depth x codebook size, fingerprint and the mean code norm per depth.
+``--report DIR`` writes report.json and the PNGs; the summary is printed
 either way.
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", metavar="ROOT", help="image root the shard keys are relative to (for the --code sheet)")
     p.add_argument("--report", metavar="DIR", help="write report.json, usage.png and code sheets here")
     p.add_argument("--code", metavar="D:K", action="append", default=[],
-                   help="images/patches using code K at depth D; D:top = the most used code of depth D (repeatable)")
+                   help="images/patches using code K at depth D (both from 0); D:top = the most used code of depth D "
+                        "(repeatable)")
     p.add_argument("--nearest", metavar="D:K", action="append", default=[],
                    help="nearest codes of code K at depth D, or D:top (repeatable)")
     p.add_argument("--top", type=int, default=8, help="nearest codes to list (default 8)")
@@ -74,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     bar = lambda total, desc: tqdm(total=total, unit="shard", desc=desc, disable=args.quiet)  # noqa: E731
     report: dict = {"tokenizer": str(Path(args.tokenizer).resolve()), "fingerprint": spec.fingerprint, "depth": D,
                     "codebook_size": K, "dim": spec.dim, "grid": list(spec.grid), "shared_codebook": spec.shared_codebook}
+    for line in summary_lines(args.tokenizer, spec, cb):
+        print(line)
+    if not (args.codes or nearest or report_dir):
+        print("more: --codes OUT (usage per depth), --nearest D:K, --code D:K, --report DIR")
     try:
         if args.codes:
             usage = usage_counts(args.codes, spec.fingerprint, D, K, lambda n: bar(n, "usage"))
@@ -112,6 +120,19 @@ def run(args: argparse.Namespace) -> int:
         _write_json(report_dir / "report.json", report)
         print(f"report: {report_dir / 'report.json'}")
     return 0
+
+
+def summary_lines(path: str, spec, cb) -> list[str]:
+    """What the tokenizer is, in a few lines (``cb``: float32 codebooks ``[D or 1, K, C]``)."""
+    e = spec.encoder
+    norms = cb.norm(dim=-1).mean(dim=-1).tolist()
+    shared = ", shared codebook" if spec.shared_codebook else ""
+    lines = [f"{path}: {e.kind} at {e.image_size} px ({spec.preprocess}), grid "
+             f"{spec.grid[0]}x{spec.grid[1]}, dim {spec.dim}, depth {spec.depth} x {spec.codebook_size} codes{shared}",
+             f"fingerprint {spec.fingerprint}"]
+    names = ["all depths"] if spec.shared_codebook else [f"depth {d}" for d in range(len(norms))]
+    lines += [f"{n}: mean code norm {v:.4g}" for n, v in zip(names, norms)]
+    return lines
 
 
 def _write_json(path: Path, obj) -> None:
