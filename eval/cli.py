@@ -7,13 +7,16 @@
 
 ``--model`` is an ``asvr-train`` run folder (its exported model is
 ``RUN/final``) or an export folder.  Each command writes ``report.json`` and
-``report.md`` under ``--out`` (``bench`` also ``predictions-*.jsonl``).
+``report.md`` under ``--out``; ``bench`` also writes the answers to ``predictions.jsonl``
+(``predictions-NN-NAME.jsonl``, one per file, when several ``--bench`` files are given).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from asvr.tokenizer.help_text import plain
 
 
 class CLIError(ValueError):
@@ -33,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     lo = sub.add_parser("loss", help="held-out text loss, perplexity and visual-token accuracy per depth",
@@ -69,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--instructions", choices=["llava", "none"], default="llava",
                     help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
                          "'Answer with the option's letter ...'); none: the bare question (default llava)")
-    be.add_argument("--preprocess-mode", choices=["square", "pad"],
+    be.add_argument("--preprocess", choices=["square", "pad"],
                     help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
+    # the old name (before --preprocess, as in asvr-pipeline tokenize): still accepted, not shown
+    be.add_argument("--preprocess-mode", dest="preprocess", choices=["square", "pad"], help=argparse.SUPPRESS)
     return p
 
 
@@ -120,7 +125,7 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.max_items is not None and a.max_items < 1:
         raise CLIError("--max-items must be >= 1")
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, instructions=a.instructions,
-                           preprocess_mode=a.preprocess_mode, progress=not a.quiet)
+                           preprocess_mode=a.preprocess, progress=not a.quiet)
     for f in a.bench:  # fail on a bad file before loading the model
         read_bench(f, a.format, a.images)
     lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
@@ -134,7 +139,7 @@ def run_bench(a: argparse.Namespace) -> int:
     report = {"kind": "bench", "model": _model_info(lm),
               "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
                          "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
-                         "preprocess_mode": a.preprocess_mode or lm.image_tokenizer.spec.preprocess},
+                         "preprocess_mode": a.preprocess or lm.image_tokenizer.spec.preprocess},
               "benches": summaries}
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))

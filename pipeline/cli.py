@@ -116,7 +116,9 @@ def _run_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-pipeline", description=__doc__.splitlines()[0])
+    from asvr.tokenizer.help_text import plain
+
+    p = argparse.ArgumentParser(prog="asvr-pipeline", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _tokenize_parser(sub)

@@ -1,6 +1,6 @@
 """``asvr-tokenizer inspect TOK``: what the codebook learned.
 
-* ``--codes OUT``: usage per depth over the shards (``usage.png``: counts by
+* ``--codes CODES``: usage per depth over the shards (``usage.png``: counts by
   rank, log scale), dead codes (never used) and dominant codes (used more
   than ``--dominant-factor`` x the uniform share), perplexity per depth.
 * ``--nearest d:k``: the codes nearest to code k in depth d's codebook
@@ -25,13 +25,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .cli import CLIError
+from .help_text import plain
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = __doc__
+    p.description = plain(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("tokenizer", metavar="TOK", help="tokenizer directory")
-    p.add_argument("--codes", metavar="OUT", help="code shard directory made with this tokenizer (for usage and --code)")
+    p.add_argument("--codes", metavar="CODES", help="code shard directory made with this tokenizer (for usage and --code)")
     p.add_argument("--images", metavar="ROOT", help="image root the shard keys are relative to (for the --code sheet)")
     p.add_argument("--report", metavar="DIR", help="write report.json, usage.png and code sheets here")
     p.add_argument("--code", metavar="D:K", action="append", default=[],
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     codes = [_code(t, D, K) for t in args.code]
     nearest = [_code(t, D, K) for t in args.nearest]
     if (codes or any(c < 0 for _, c in nearest)) and not args.codes:
-        raise CLIError("--code and D:top need --codes OUT (the shards to look in)")
+        raise CLIError("--code and D:top need --codes CODES (the shards to look in)")
     if args.top < 1 or args.max_images < 1:
         raise CLIError("--top and --max-images must be >= 1")
     report_dir = Path(args.report) if args.report else None
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(args.tokenizer, spec, cb):
         print(line)
     if not (args.codes or nearest or report_dir):
-        print("more: --codes OUT (usage per depth), --nearest D:K, --code D:K, --report DIR")
+        print("more: --codes CODES (usage per depth), --nearest D:K, --code D:K, --report DIR")
     try:
         if args.codes:
             usage = usage_counts(args.codes, spec.fingerprint, D, K, lambda n: bar(n, "usage"))
@@ -128,7 +129,7 @@ def summary_lines(path: str, spec, cb) -> list[str]:
     norms = cb.norm(dim=-1).mean(dim=-1).tolist()
     shared = ", shared codebook" if spec.shared_codebook else ""
     lines = [f"{path}: {e.kind} at {e.image_size} px ({spec.preprocess}), grid "
-             f"{spec.grid[0]}x{spec.grid[1]}, dim {spec.dim}, depth {spec.depth} x {spec.codebook_size} codes{shared}",
+             f"{spec.grid[0]}x{spec.grid[1]}, dim {spec.dim}, {spec.depth} depths x {spec.codebook_size} codes{shared}",
              f"fingerprint {spec.fingerprint}"]
     names = ["all depths"] if spec.shared_codebook else [f"depth {d}" for d in range(len(norms))]
     lines += [f"{n}: mean code norm {v:.4g}" for n, v in zip(names, norms)]

@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from asvr.tokenizer.help_text import plain
+
 from .config import VisualHeadConfig
 
 
@@ -29,7 +31,7 @@ class CLIError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-train", description=__doc__,
+    p = argparse.ArgumentParser(prog="asvr-train", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--model", required=True, help="LLM: a local Hugging Face folder (config, weights, tokenizer)")
