@@ -119,9 +119,10 @@ def _load_tokenizer(spec: VisionSpec, vision_input: str, tokenizer):
     return tokenizer, None
 
 
-def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
+def load_exported(folder: str | os.PathLike, device: str | torch.device | None = None, tokenizer=None,
                   attn_implementation: str | None = None) -> ASVRModel:
-    """Rebuild the model of an export folder, weights loaded with strict keys."""
+    """Rebuild the model of an export folder, weights loaded with strict keys, on ``device``
+    (default: cuda when available, else cpu)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -152,6 +153,8 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu",
     model = build_model(cfg, tok, codebooks=codebooks, llm=llm)
     model.cfg.vision = vision  # keep the recorded path even when a moved tokenizer was passed in
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
 
 
