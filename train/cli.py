@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
     r.add_argument("--no-export", dest="export", action="store_false", help="do not write RUN/final")
     r.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="also show DeepSpeed's and transformers' own messages and warnings")
     return p
 
 
@@ -123,7 +125,7 @@ def config_from_args(a: argparse.Namespace):
         init_from=a.init_from,
         gradient_checkpointing=a.gradient_checkpointing, caption_free_ratio=a.caption_free_ratio,
         skip_bad_samples=a.skip_bad_samples, num_workers=a.num_workers, tensorboard=a.tensorboard, export=a.export,
-        progress=not a.quiet, head=head, visual_loss_weight=a.visual_loss_weight,
+        progress=not a.quiet, verbose=a.verbose, head=head, visual_loss_weight=a.visual_loss_weight,
         attn_implementation=a.attn_implementation, trust_remote_code=a.trust_remote_code)
 
 
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import RunFolderError
 
     args = build_parser().parse_args(argv)
+    from .libraries import configure
+
+    configure(args.verbose)
     expected = (CLIError, RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError,
                 ConversationError)
     try:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, libraries
 from .config import ModelConfig, VisualHeadConfig
 from .data import (Collator, DataConfig, PackedLoader, TrainingData, build_training_data, describe_bad,
                    write_bad_samples)
@@ -112,6 +112,8 @@ class TrainConfig:
     export: bool = True
     """Write RUN/final (asvr.train.export) at the end."""
     progress: bool = True
+    verbose: bool = False
+    """Let DeepSpeed and transformers print their own messages (see asvr.train.libraries)."""
     head: VisualHeadConfig = field(default_factory=VisualHeadConfig)
     visual_loss_weight: float = 1.0
     attn_implementation: str = "auto"
@@ -327,9 +329,13 @@ class Trainer:
                 warmup = max(1, math.ceil(cfg.warmup_ratio * total))
                 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                               cosine_with_warmup(total, warmup, cfg.min_lr_ratio))
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
-                                               optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
-                                               dist_init_required=False)
+        notice = libraries.build_notice()
+        if notice:
+            self.log(notice)
+        with libraries.quiet_stdout(cfg.verbose):
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
+                                                   optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                                   dist_init_required=False)
         step = 0
         if self.resuming:
             client = checkpoint.load(engine, self.run_dir, self.rank, None if cfg.resume == "auto" else cfg.resume)
@@ -347,7 +353,7 @@ class Trainer:
         if cfg.export and stop == total:
             self.export(engine, llm_tokenizer)
         if self.rank == 0:
-            plot_losses(self.run_dir)
+            plot_losses(self.run_dir, cfg.stage)
         dist.barrier()
         return last
 
