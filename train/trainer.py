@@ -10,7 +10,9 @@ gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
 one-process group itself (127.0.0.1, a free port).  The optimizer is torch's
 AdamW passed to DeepSpeed as a client optimizer (FusedAdam needs CUDA and
 DeepSpeedCPUAdam compiles a C++ op for ~40 s), unless a ``--deepspeed``
-config brings its own ``optimizer`` section.  ZeRO-3: the model is built and
+config brings its own ``optimizer`` section.  (DeepSpeed's CPU backend still
+compiles its shared-memory communication op once per machine, announced
+first: see ``libraries.py``.)  ZeRO-3: the model is built and
 ``--init-from`` weights loaded *before* ``deepspeed.initialize`` partitions
 it (a ~7B model fits in host RAM; ``zero.Init`` for larger ones is not wired),
 and the export gathers the partitions with ``zero.GatheredParameters``.
@@ -126,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"--zero must be 2 or 3, got {self.zero}")
         if self.resume not in (None, "auto") and not self.resume.startswith("step"):
             raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("--overwrite starts the run again, --resume continues it: give one")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError("--stop-after must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
