@@ -69,7 +69,7 @@ def _tokenize_parser(sub) -> None:
 
 def quiet_ray(verbose: bool, joining: bool) -> None:
     """Ray's documented environment knobs, set before ``ray.init`` (what they hide was
-    measured on a local 2-CPU run of Ray 2.5x):
+    measured on a local 2-CPU run of Ray 2.60.0):
 
     * ``RAY_AUTH_MODE=token``: a new local cluster turns token authentication on by
       default and warns that it did; naming the mode keeps that (secure) default without
