@@ -15,7 +15,7 @@ from asvr.train.tiny_llm import main as tiny_llm_main
 
 HELPS = ([(tokenizer_main, [c]) for c in COMMANDS] + [(tokenizer_main, [])]
          + [(pipeline_main, [c]) for c in ("tokenize", "inspect", "verify")] + [(pipeline_main, [])]
-         + [(eval_main, [c]) for c in ("loss", "bench")] + [(eval_main, [])]
+         + [(eval_main, [c]) for c in ("loss", "bench", "score")] + [(eval_main, [])]
          + [(train_main, []), (tiny_llm_main, []), (sample_corpus_main, [])])
 
 
