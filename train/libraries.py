@@ -18,6 +18,9 @@ Measured on a tiny CPU run before this module (DeepSpeed 0.19, transformers 5):
 * After that DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op
   built successfully" on every start (a ``print``, not a log record);
   ``quiet_stdout`` holds what ``deepspeed.initialize`` prints.
+* With ZeRO-3, DeepSpeed calls ``torch.distributed.all_gather_into_tensor`` and
+  ``reduce_scatter_tensor``, which torch 2.13 flags with a FutureWarning on every
+  run; ``configure`` filters exactly those two messages.
 * transformers draws a "Loading weights" bar for the LLM;
   ``transformers.utils.logging.disable_progress_bar`` turns it off, and
   ``set_verbosity_error`` keeps its advisory warnings out.
@@ -29,6 +32,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +47,8 @@ def configure(verbose: bool = False) -> None:
     if verbose:
         return
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
