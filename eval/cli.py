@@ -6,7 +6,8 @@
     asvr-eval bench --model runs/sft --bench coco_pope_random.json --images coco/val2014 --out reports/pope
 
 ``--model`` is an ``asvr-train`` run folder (its exported model is
-``RUN/final``) or an export folder.  Each command writes ``report.json`` and
+``RUN/final``) or an export folder; ``bench`` also takes a Hugging Face
+LLaVA folder (``asvr-export --hf-llava`` or any LLaVA-1.5).  Each command writes ``report.json`` and
 ``report.md`` under ``--out`` (``bench`` also ``predictions-*.jsonl``).
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ class CLIError(ValueError):
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final) or an export folder")
+    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final), an export "
+                   "folder, or (bench) a Hugging Face LLaVA folder (asvr-export --hf-llava, or LLaVA-1.5 from elsewhere)")
     g.add_argument("--tokenizer", help="semantic tokenizer folder, when it moved from the path recorded in the model")
     g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
     g.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
@@ -113,9 +115,12 @@ def run_loss(a: argparse.Namespace) -> int:
 def run_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench as run
     from .generate import GenerationConfig
-    from .loading import load_for_eval
-    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+    from asvr.train.hf_llava import is_hf_llava
+
     from .bench_formats import read_bench
+    from .hf_llava import load_hf_llava
+    from .loading import load_for_eval, resolve_device
+    from .report import bench_markdown, write_atomic, write_json, write_jsonl
 
     if a.max_items is not None and a.max_items < 1:
         raise CLIError("--max-items must be >= 1")
@@ -123,18 +128,24 @@ def run_bench(a: argparse.Namespace) -> int:
                            preprocess_mode=a.preprocess_mode, progress=not a.quiet)
     for f in a.bench:  # fail on a bad file before loading the model
         read_bench(f, a.format, a.images)
-    lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
-                       text_tokenizer=a.text_tokenizer, template=a.template)
-    summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items)
+    if is_hf_llava(a.model):  # a Hugging Face LLaVA folder (asvr-export --hf-llava, or trained elsewhere)
+        hf = load_hf_llava(a.model, resolve_device(a.device))
+        summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, answer=hf.answer)
+        info, preprocess = hf.info(), a.preprocess_mode or hf.preprocess_mode
+    else:
+        lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
+                           text_tokenizer=a.text_tokenizer, template=a.template)
+        summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items)
+        info, preprocess = _model_info(lm), a.preprocess_mode or lm.image_tokenizer.spec.preprocess
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
         name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"
         write_jsonl(out / name, recs)
         s["predictions"] = name
-    report = {"kind": "bench", "model": _model_info(lm),
+    report = {"kind": "bench", "model": info,
               "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
                          "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
-                         "preprocess_mode": a.preprocess_mode or lm.image_tokenizer.spec.preprocess},
+                         "preprocess_mode": preprocess},
               "benches": summaries}
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))

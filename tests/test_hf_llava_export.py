@@ -172,7 +172,8 @@ def test_export_layout_and_visual_head_beside(world):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llava" and cfg["vision_feature_layer"] == -1
     assert cfg["vision_feature_select_strategy"] == "full" and cfg["vision_config"]["num_hidden_layers"] == 2
-    assert not any("head" in k for f in out.glob("*.safetensors") for k in load_file(f))
+    keys = [k for f in out.glob("*.safetensors") for k in load_file(f)]
+    assert keys and not any(k.startswith("head.") or "classifiers" in k for k in keys)
     head = load_file(out / "asvr_visual_head" / "model.safetensors")
     from asvr.tokenizer import SemanticTokenizer
 
@@ -193,13 +194,39 @@ def test_refusals_are_one_line(world, tmp_path, capsys, tiny_tokenizer):
     llm = root / "llm"
     model = build_model(ModelConfig(llm=str(llm), vision_input="codes", head=HEAD), tiny_tokenizer)
     save_exported(model, tmp_path / "codes_run" / "final", AutoTokenizer.from_pretrained(llm))
+    capsys.readouterr()
     assert main([str(tmp_path / "codes_run"), "--hf-llava", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--vision-input codes" in err[0]
     # the embedded EfficientNet tower: not a Hugging Face tower
     model = build_model(ModelConfig(llm=str(llm), vision_input="features", head=HEAD), tiny_tokenizer)
     save_exported(model, tmp_path / "eff_run" / "final", AutoTokenizer.from_pretrained(llm))
+    capsys.readouterr()
     assert main([str(tmp_path / "eff_run"), "--hf-llava", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "efficientnet_lite0" in err[0]
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_asvr_eval_bench_scores_an_hf_llava_folder(world, tmp_path):
+    """``asvr-eval bench --model OUT`` on the export gives the predictions of ``--model RUN``."""
+    from asvr.eval.cli import main
+
+    root, runs, images = world
+    out = _export(world, "pad")
+    rows = [{"id": "a", "image": images[0].name, "question": "Is there a red shape?", "answer": "yes"},
+            {"id": "b", "image": images[1].name, "question": "What colour?", "options": ["red", "green"],
+             "answer": "A"},
+            {"id": "c", "question": "Say something.", "answer": "x", "type": "short"}]
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preds = {}
+    for name, model in (("run", runs["pad"]), ("hf", out)):
+        assert main(["bench", "--model", str(model), "--bench", str(bench), "--images", str(root),
+                     "--max-new-tokens", "5", "--batch-size", "1", "--out", str(tmp_path / name), "--quiet"]) == 0
+        preds[name] = [json.loads(l) for l in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+        rep = json.loads((tmp_path / name / "report.json").read_text())
+        assert rep["config"]["preprocess_mode"] == "pad"
+    assert rep["model"]["vision_input"] == "hf-llava"
+    assert [p["prediction"] for p in preds["hf"]] == [p["prediction"] for p in preds["run"]]
+    assert [p["correct"] for p in preds["hf"]] == [p["correct"] for p in preds["run"]]
