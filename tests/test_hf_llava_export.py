@@ -37,13 +37,14 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from transformers import AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
+    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
     from asvr.train.tiny_llm import make_tiny_llm
 
     root = tmp_path_factory.mktemp("hfexport")
     torch.manual_seed(0)
     SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).save_pretrained(root / "siglip")
+    CLIPVisionModel(CLIPVisionConfig(**TINY_SIGLIP)).save_pretrained(root / "clip")
     llm = make_tiny_llm(root / "llm", "llama", QUESTIONS + ["red green blue yes no"], vocab_size=300)
     images = []
     for i, size in enumerate([(40, 24), (20, 36)]):  # not square: pad and square differ
@@ -51,10 +52,12 @@ def world(tmp_path_factory):
         _image(i, size).save(p)
         images.append(p)
     runs = {}
-    for mode in ("square", "pad"):
+    for mode in ("square", "pad", "clip"):
         tok_dir = root / f"tok_{mode}"
         g = torch.Generator().manual_seed(1)
-        spec = TokenizerSpec(encoder=default_encoder_spec("siglip", str(root / "siglip")), preprocess=mode,
+        kind = "clip" if mode == "clip" else "siglip"
+        spec = TokenizerSpec(encoder=default_encoder_spec(kind, str(root / kind)),
+                             preprocess="square" if mode == "clip" else mode,
                              grid=(4, 4), dim=32, depth=2, codebook_size=16, shared_codebook=False)
         save_artifact(tok_dir, spec, torch.randn(2, 16, 32, generator=g))
         from asvr.tokenizer import SemanticTokenizer
@@ -73,12 +76,14 @@ def world(tmp_path_factory):
 
 
 def _export(world, mode: str) -> Path:
+    """The export of ``mode``'s run; ``square`` is written in 20 KB shards (sharded layout)."""
     from asvr.train.export_cli import main
 
     root, runs, _ = world
     out = root / f"hf_{mode}"
     if not out.exists():
-        assert main([str(runs[mode]), "--hf-llava", str(out)]) == 0
+        shards = ["--max-shard-size", "20KB"] if mode == "square" else []
+        assert main([str(runs[mode]), "--hf-llava", str(out), *shards]) == 0
     return out
 
 
@@ -111,7 +116,7 @@ def _theirs(out: Path, image: Path, question: str):
     return processor, model, inputs
 
 
-@pytest.mark.parametrize("mode", ["square", "pad"])
+@pytest.mark.parametrize("mode", ["square", "pad", "clip"])
 def test_hf_llava_matches_asvr_inference(world, mode):
     root, runs, images = world
     out = _export(world, mode)
@@ -170,6 +175,7 @@ def test_export_layout_and_visual_head_beside(world):
     root, runs, _ = world
     out = _export(world, "square")
     cfg = json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) > 1
     assert cfg["model_type"] == "llava" and cfg["vision_feature_layer"] == -1
     assert cfg["vision_feature_select_strategy"] == "full" and cfg["vision_config"]["num_hidden_layers"] == 2
     keys = [k for f in out.glob("*.safetensors") for k in load_file(f)]
