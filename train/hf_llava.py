@@ -126,22 +126,41 @@ _CONTENT = ("{% if message['content'] is string %}{% set text = message['content
             "{% endif %}")
 
 
+def _literal(text: str) -> str:
+    """Text as a Jinja string literal (safe for any characters)."""
+    return "{{ " + json.dumps(text) + " }}"
+
+
 def chat_template(template) -> str:
-    """Jinja for a :class:`ConversationTemplate`: the prompt text ``asvr-eval`` builds, with
-    the image (``<image>\\n``) at the start of the user turn, as LLaVA's eval does."""
+    """Jinja rendering :func:`asvr.train.templates.render` of a template: the prompt string
+    ``asvr-eval`` asks with (the image as ``<image>\\n`` at the front of its turn, as
+    LLaVA's ``preprocess_multimodal``; ``plain`` keeps only the image of a question).
+    Only the string matters: the processor splits it at ``<image>`` and tokenizes like
+    LLaVA's ``tokenizer_image_token`` (tests/test_hf_llava_export.py compares the ids)."""
     t = template
-    bos = "{{ bos_token }}" if t.add_bos else ""
-    system = (t.system_prefix + t.system + t.system_suffix) if t.system else ""
-    if t.user_image_only:  # plain: the image, then the caption
-        user = "{% if n_img %}" + IMAGE_TOKEN + "{% endif %}"
+    head = _ROLE + _CONTENT + "{% set text = text | trim if n_img else text %}"
+    image = "{% if n_img %}" + _literal(IMAGE_TOKEN + "\n") + "{% endif %}"
+    if t.style == "plain":
+        user, answer, gen = "{% if n_img %}" + _literal(IMAGE_TOKEN) + "{% endif %}", "{{ text }}" + _literal(t.sep), ""
+    elif t.style == "two":
+        end = _literal(t.sep2) if t.sep2 is not None else "{{ eos_token }}"
+        first = _literal(t.system + t.sep)
+        user = _literal(f"{t.roles[0]}: ") + image + "{{ text }}" + _literal(t.sep)
+        answer = _literal(f"{t.roles[1]}: ") + "{{ text }}" + end
+        gen = _literal(f"{t.roles[1]}:")
+        return (first + "{% for message in messages %}" + head + "{% if role == 'user' %}" + user + "{% else %}"
+                + answer + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + gen + "{% endif %}")
+    elif t.style == "chatml":
+        system = _literal(f"<|im_start|>system\n{t.system}<|im_end|>\n") if t.system else ""
+        user = _literal(f"<|im_start|>{t.roles[0]}\n") + image + "{{ text }}" + _literal("<|im_end|>\n")
+        answer = _literal(f"<|im_start|>{t.roles[1]}\n") + "{{ text }}" + _literal("<|im_end|>\n")
+        gen = _literal(f"<|im_start|>{t.roles[1]}\n")
+        return (system + "{% for message in messages %}" + head + "{% if role == 'user' %}" + user + "{% else %}"
+                + answer + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + gen + "{% endif %}")
     else:
-        user = (t.user_prefix + "{% if n_img %}" + IMAGE_TOKEN + "\n{% endif %}{{ text }}" + t.user_suffix)
-    eos = "{{ eos_token }}" if t.assistant_eos else ""
-    assistant = t.assistant_prefix + "{{ text }}" + t.assistant_suffix + eos + t.turn_suffix
-    gen = t.assistant_prefix
-    return (bos + system.replace("{", "{{ '{' }}") + "{% for message in messages %}" + _ROLE + _CONTENT
-            + "{% if role == 'user' %}" + user + "{% else %}" + assistant + "{% endif %}{% endfor %}"
-            + "{% if add_generation_prompt %}" + gen + "{% endif %}")
+        raise HFExportError(f"no chat template for conversation style {t.style!r}")
+    return ("{% for message in messages %}" + head + "{% if role == 'user' %}" + user + "{% else %}" + answer
+            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + gen + "{% endif %}")
 
 
 # --------------------------------------------------------------------------- the export
