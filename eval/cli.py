@@ -4,11 +4,16 @@
     asvr-eval loss --model runs/sft --codes codes/ --data heldout_sft.json --out reports/loss
     # benchmarks: generic VQA JSONL, POPE, MME, MMBench/ScienceQA TSV (greedy answers)
     asvr-eval bench --model runs/sft --bench coco_pope_random.json --images coco/val2014 --out reports/pope
+    # score saved predictions again, without a model (e.g. lenient instead of lmms-eval scoring)
+    asvr-eval score --bench coco_pope_random.json --images coco/val2014 \
+        --predictions reports/pope/predictions.jsonl --scoring lenient --out reports/pope-lenient
 
 ``--model`` is an ``asvr-train`` run folder (its exported model is
 ``RUN/final``) or an export folder; ``bench`` also takes a Hugging Face
-LLaVA folder (``asvr-export --hf-llava`` or any LLaVA-1.5).  Each command writes ``report.json`` and
-``report.md`` under ``--out`` (``bench`` also ``predictions-*.jsonl``).
+LLaVA folder (``asvr-export --hf-llava`` or any LLaVA-1.5).  Each command writes
+``report.json`` and ``report.md`` under ``--out`` (``bench`` and ``score`` also
+``predictions*.jsonl``).  POPE and MME are scored as lmms-eval scores them
+unless ``--scoring lenient``.
 """
 from __future__ import annotations
 
@@ -73,7 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
                          "'Answer with the option's letter ...'); none: the bare question (default llava)")
     be.add_argument("--preprocess-mode", choices=["square", "pad"],
                     help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
+    _scoring(be)
+
+    sc = sub.add_parser("score", help="score saved predictions again (no model)",
+                        description="Re-score a bench run's predictions.jsonl (matched to the bench items by id) "
+                                    "without running a model; writes report.json, report.md, predictions.jsonl.")
+    sc.add_argument("--bench", required=True, help="the benchmark file (or MME folder) the predictions answer")
+    sc.add_argument("--predictions", required=True, help="predictions.jsonl written by asvr-eval bench")
+    sc.add_argument("--format", default="auto", choices=["auto", "jsonl", "pope", "mme", "mmbench"],
+                    help="layout (default: guessed from the content)")
+    sc.add_argument("--images", help="image root for relative image paths (the bench reader checks they exist)")
+    sc.add_argument("--out", required=True, help="report folder (report.json, report.md, predictions.jsonl)")
+    _scoring(sc)
     return p
+
+
+def _scoring(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scoring", choices=["lmms-eval", "lenient"], default="lmms-eval",
+                   help="POPE and MME: lmms-eval (exact lower-cased yes/no for POPE with lmms-eval's recall and "
+                        "yes-ratio; Otter's parse_pred_ans for MME: numbers comparable with published ones) or "
+                        "lenient (first yes/no word, negations; unparsed kept apart). Other layouts: always "
+                        "lenient (default lmms-eval)")
 
 
 def _model_info(lm) -> dict:
@@ -130,12 +155,13 @@ def run_bench(a: argparse.Namespace) -> int:
         read_bench(f, a.format, a.images)
     if is_hf_llava(a.model):  # a Hugging Face LLaVA folder (asvr-export --hf-llava, or trained elsewhere)
         hf = load_hf_llava(a.model, resolve_device(a.device))
-        summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, answer=hf.answer)
+        summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, a.scoring,
+                                     answer=hf.answer)
         info, preprocess = hf.info(), a.preprocess_mode or hf.preprocess_mode
     else:
         lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
                            text_tokenizer=a.text_tokenizer, template=a.template)
-        summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items)
+        summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
         info, preprocess = _model_info(lm), a.preprocess_mode or lm.image_tokenizer.spec.preprocess
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
@@ -145,15 +171,57 @@ def run_bench(a: argparse.Namespace) -> int:
     report = {"kind": "bench", "model": info,
               "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
                          "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
-                         "preprocess_mode": preprocess},
+                         "preprocess_mode": preprocess, "scoring": a.scoring},
               "benches": summaries}
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))
     for s in summaries:
         m = s["metrics"]
         acc = f"{100 * m['acc']:.2f}%" if m["acc"] is not None else "-"
-        print(f"{s['file']} ({s['format']}): {m['n']} questions, accuracy {acc}, {m['unparsed']} unparsed")
+        print(f"{s['file']} ({s['format']}, {s['scoring']} scoring): {m['n']} questions, accuracy {acc}, "
+              f"{m['unparsed']} unparsed")
     print(f"report in {out / 'report.md'}")
+    return 0
+
+
+def run_score(a: argparse.Namespace) -> int:
+    import json
+
+    from .bench import rescore, scoring_for
+    from .bench_formats import read_bench
+    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+
+    fmt, items = read_bench(a.bench, a.format, a.images)
+    pred = Path(a.predictions)
+    if not pred.is_file():
+        raise CLIError(f"--predictions {pred}: no such file")
+    records = []
+    for n, line in enumerate(pred.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{pred}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("prediction"), str):
+                raise CLIError(f"{pred}:{n}: a prediction record needs 'id' and a string 'prediction'")
+            records.append(rec)
+    try:
+        fresh, metrics = rescore(fmt, items, records, a.scoring)
+    except ValueError as e:
+        raise CLIError(f"{pred}: {e}") from None
+    out = Path(a.out)
+    write_jsonl(out / "predictions.jsonl", fresh)
+    summary = {"file": str(a.bench), "format": fmt, "scoring": scoring_for(fmt, a.scoring), "metrics": metrics,
+               "seconds": 0.0, "predictions": "predictions.jsonl"}
+    report = {"kind": "score",
+              "config": {"bench": [str(a.bench)], "format": a.format, "images": a.images, "predictions": str(pred),
+                         "scoring": a.scoring},
+              "benches": [summary]}
+    write_json(out / "report.json", report)
+    write_atomic(out / "report.md", bench_markdown(report))
+    acc = f"{100 * metrics['acc']:.2f}%" if metrics["acc"] is not None else "-"
+    print(f"{a.bench} ({fmt}, {summary['scoring']} scoring): {metrics['n']} questions, accuracy {acc}, "
+          f"{metrics['unparsed']} unparsed; report in {out / 'report.md'}")
     return 0
 
 
@@ -172,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     expected = (CLIError, EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
                 ConversationError, ValueError, FileNotFoundError)
-    return run_guarded("asvr-eval", args.command,
-                       lambda: run_loss(args) if args.command == "loss" else run_bench(args), expected)
+    commands = {"loss": run_loss, "bench": run_bench, "score": run_score}
+    return run_guarded("asvr-eval", args.command, lambda: commands[args.command](args), expected)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Greedy answers to benchmark questions through ``ASVRModel.generate``.
 
 Prompts are laid out by the run's conversation template with the trainer's
-own encoder (``encode_conversation``): the question (image first, as LLaVA)
-and an empty answer, cut before the first trained token, so the prompt ends
-exactly where the answers started in training (``... ASSISTANT: `` for
-vicuna_v1, ``<|im_start|>assistant\\n`` for chatml).
+own encoding (``encode_generation_prompt``: the same rendering and
+tokenization as training): the question (image first, as LLaVA) and the
+answer opener, ``... ASSISTANT:`` for vicuna_v1 (LLaVA's eval prompt; the
+answer's first token carries its space, as in training),
+``<|im_start|>assistant\\n`` for chatml (``add_generation_prompt``).
 
 Images become the model's vision input in-process, whatever the vision input:
 ``online`` -> preprocessed pixels, ``features`` -> the tokenizer encoder's
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from asvr.tokenizer.preprocess import ImageError
-from asvr.train.templates import IMAGE_PLACEHOLDER, encode_conversation
+from asvr.train.templates import IMAGE_PLACEHOLDER, encode_generation_prompt
 
 from .bench_formats import BenchError, BenchItem
 from .loading import LoadedModel
@@ -57,11 +58,8 @@ def encode_prompt(lm: LoadedModel, text: str, has_image: bool) -> tuple[np.ndarr
     """-> (input_ids int64 [L], image_mask bool [L]) of the prompt up to the answer."""
     user = (IMAGE_PLACEHOLDER + "\n" + text) if has_image else text
     grid = lm.model.cfg.vision.grid
-    enc = encode_conversation(lm.template, [("user", user), ("assistant", "")], lm.text_tokenizer,
-                              grid[0] * grid[1])
-    trained = np.flatnonzero(enc.trained)
-    cut = int(trained[0]) if len(trained) else len(enc)
-    return enc.input_ids[:cut].astype(np.int64), enc.image_mask[:cut]
+    enc = encode_generation_prompt(lm.template, [("user", user)], lm.text_tokenizer, grid[0] * grid[1])
+    return enc.input_ids.astype(np.int64), enc.image_mask
 
 
 @dataclass(kw_only=True)
@@ -112,7 +110,7 @@ class VisionEncoder:
 def _stop_ids(lm: LoadedModel) -> list[int]:
     tok = lm.text_tokenizer
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    suffix = lm.template.assistant_suffix
+    suffix = lm.template.assistant_suffix  # vicuna_v1: the EOS, already in ids
     if suffix:
         enc = tok(suffix, add_special_tokens=False)["input_ids"]
         if len(enc) == 1:
@@ -125,7 +123,7 @@ def _decode(lm: LoadedModel, ids: Sequence[int], stop: Sequence[int]) -> str:
     cut = [ids.index(t) for t in stop if t in ids]
     ids = ids[:min(cut)] if cut else ids
     text = lm.text_tokenizer.decode(ids, skip_special_tokens=True)
-    suffix = lm.template.assistant_suffix.strip()
+    suffix = lm.template.assistant_suffix.strip()  # '' for vicuna_v1: its EOS stops generation
     if suffix and suffix in text:
         text = text.split(suffix)[0]
     return text.strip()

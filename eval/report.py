@@ -81,12 +81,15 @@ def loss_markdown(report: dict) -> str:
 
 
 def bench_markdown(report: dict) -> str:
-    lines = ["# ASVR benchmark report", "", *_model_lines(report["model"]),
-             f"- greedy decoding, at most {report['config']['max_new_tokens']} new tokens, "
-             f"instructions: {report['config']['instructions']}", ""]
+    if report["kind"] == "score":  # asvr-eval score: saved predictions, no model
+        head = [f"- predictions `{report['config']['predictions']}` scored again (no model)"]
+    else:
+        head = [*_model_lines(report["model"]), f"- greedy decoding, at most {report['config']['max_new_tokens']} "
+                f"new tokens, instructions: {report['config']['instructions']}"]
+    lines = ["# ASVR benchmark report", "", *head, ""]
     for b in report["benches"]:
         m = b["metrics"]
-        lines += [f"## `{b['file']}` ({b['format']})", "",
+        lines += [f"## `{b['file']}` ({b['format']}, {b.get('scoring', 'lenient')} scoring)", "",
                   f"{m['n']} questions, {m['n_scored']} scored, accuracy **{pct(m['acc'])} %**, "
                   f"{m['unparsed']} unparsed answers, {b['seconds']:.1f} s; predictions in `{b['predictions']}`.", ""]
         if "pope" in m:

@@ -236,3 +236,32 @@ def test_asvr_eval_bench_scores_an_hf_llava_folder(world, tmp_path):
     assert rep["model"]["vision_input"] == "hf-llava"
     assert [p["prediction"] for p in preds["hf"]] == [p["prediction"] for p in preds["run"]]
     assert [p["correct"] for p in preds["hf"]] == [p["correct"] for p in preds["run"]]
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "plain"])
+def test_chat_template_renders_the_training_prompt(world, name):
+    """The exported Jinja equals ``render(..., generation=True)``: one- and multi-turn, image and text-only."""
+    from transformers import AutoTokenizer
+
+    from asvr.train.hf_llava import chat_template
+    from asvr.train.templates import get_template, render, validate_turns
+
+    root, _, _ = world
+    tok = AutoTokenizer.from_pretrained(root / "llm")
+    t = get_template(name)
+    cases = [[("user", "<image>\nWhat is it?")], [("user", "What is it? <image>")]]
+    if name != "plain":
+        cases += [[("user", "Hello there.")],
+                  [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "And the colour?")]]
+    for turns in cases:
+        conv = [{"from": "human" if r == "user" else "gpt", "value": v} for r, v in turns + [("assistant", "x")]]
+        want, _ = render(t, validate_turns(conv, True)[:-1], tok, generation=True)
+        messages = []
+        for role, text in turns:
+            content = [{"type": "text", "text": text.replace("<image>", "").strip()}]
+            if "<image>" in text:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": role, "content": content if role == "user" else text})
+        got = tok.apply_chat_template(messages, chat_template=chat_template(t), add_generation_prompt=True,
+                                      tokenize=False)
+        assert got == want, (name, turns)

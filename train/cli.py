@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip (and list in RUN/bad_samples.jsonl) samples with missing images, keys absent from the "
                          "shards or malformed conversations, instead of stopping")
     dd.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    dd.add_argument("--text-only-visual-loss", choices=["none", "grey-image"], default="none",
+                    help="none: text-only samples get no visual loss (default); grey-image: as the ASVR code, each "
+                         "adds the codes of LLaVA's grey dummy image as visual targets, predicted from zero hidden "
+                         "states (ablations; see docs/FIDELITY.md)")
     r = p.add_argument_group("checkpoints and logging")
     r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     r.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tensorboard", action="store_true", help="also log to RUN/tensorboard (needs tensorboard)")
     r.add_argument("--no-export", dest="export", action="store_false", help="do not write RUN/final")
     r.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    r.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="print the first N training samples as JSON lines (id, rendered text, input_ids, labels "
+                        "with -100, image positions) and exit without training")
     return p
 
 
@@ -119,7 +126,8 @@ def config_from_args(a: argparse.Namespace):
         gradient_checkpointing=a.gradient_checkpointing, caption_free_ratio=a.caption_free_ratio,
         skip_bad_samples=a.skip_bad_samples, num_workers=a.num_workers, tensorboard=a.tensorboard, export=a.export,
         progress=not a.quiet, head=head, visual_loss_weight=a.visual_loss_weight,
-        attn_implementation=a.attn_implementation, trust_remote_code=a.trust_remote_code)
+        attn_implementation=a.attn_implementation, trust_remote_code=a.trust_remote_code, preview=a.preview,
+        text_only_visual_loss=a.text_only_visual_loss)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, *expected) as e:
         print(f"asvr-train: error: {e}", file=sys.stderr)
         return 2
+    if cfg.preview:
+        from .preview import preview
+
+        try:
+            preview(cfg, cfg.preview)
+        except expected as e:
+            print(f"asvr-train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from .trainer import Trainer
 
     trainer = None

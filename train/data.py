@@ -134,7 +134,8 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
                 refuse("too long", f"{len(enc)} tokens and the image ends past max_len {max_len}")
                 continue
             enc = enc.truncated(max_len)
-        samples.append(Sample(rec.sample_id, rec.image, enc))
+        # an image sample without <image> trains as text only (LLaVA drops its image)
+        samples.append(Sample(rec.sample_id, rec.image if enc.image_mask.any() else None, enc))
     n_conv = len(samples)
     free_pool = [k for k in store.keys if k not in referenced]
     r = cfg.caption_free_ratio
@@ -162,7 +163,8 @@ class Collator:
     """Micro-batch plan -> :class:`Batch` (picklable: runs in DataLoader workers)."""
 
     def __init__(self, data: TrainingData, vision_input: str, pad_id: int, images: str | None = None,
-                 preprocess_cfg: PreprocessConfig | None = None, features: FeatureCache | None = None):
+                 preprocess_cfg: PreprocessConfig | None = None, features: FeatureCache | None = None,
+                 grey_codes: np.ndarray | None = None):
         if vision_input == "online" and (images is None or preprocess_cfg is None):
             raise ValueError("online vision input needs the image root and the tokenizer's preprocessing")
         if vision_input == "features" and features is None:
@@ -174,6 +176,7 @@ class Collator:
         self.images = Path(images) if images else None
         self.preprocess_cfg = preprocess_cfg
         self.features = features
+        self.grey_codes = grey_codes  # [H*W, D]: --text-only-visual-loss grey-image
 
     def pixels(self, key: str) -> np.ndarray:
         path = self.images / key
@@ -199,6 +202,7 @@ class Collator:
         sid = np.zeros((b, width), np.int64)
         img = np.zeros((b, width), bool)
         keys: list[str] = []
+        n_text_only = 0
         for r, row in enumerate(mb):
             t = 0
             for n, i in enumerate(row, start=1):
@@ -212,15 +216,21 @@ class Collator:
                 img[r, t:t + L] = e.image_mask
                 if e.image_mask.any():
                     keys.append(s.key)
+                else:
+                    n_text_only += 1
                 t += L
         vision = codes = vmask = None
         if keys:
             vision = torch.from_numpy(np.stack([self.vision_of(k) for k in keys]))
             codes = torch.from_numpy(np.stack([self.store.get(k) for k in keys]).astype(np.int64))
             vmask = torch.ones(len(keys), dtype=torch.bool)
+        grey = None
+        if self.grey_codes is not None and n_text_only:
+            grey = torch.from_numpy(np.repeat(self.grey_codes[None].astype(np.int64), n_text_only, axis=0))
         return Batch(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
                      position_ids=torch.from_numpy(pos), sample_ids=torch.from_numpy(sid),
-                     image_mask=torch.from_numpy(img), vision=vision, visual_codes=codes, visual_loss_mask=vmask)
+                     image_mask=torch.from_numpy(img), vision=vision, visual_codes=codes, visual_loss_mask=vmask,
+                     text_only_codes=grey)
 
 
 class _PlanDataset(torch.utils.data.Dataset):

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -47,6 +48,7 @@ from .packing import PackingConfig, padding_waste, plan_epoch
 from .sources import CodeStore, DataError, FeatureCache
 from .templates import get_template
 
+TEXT_ONLY_VISUAL_LOSS = ("none", "grey-image")
 STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
 
 
@@ -111,6 +113,12 @@ class TrainConfig:
     visual_loss_weight: float = 1.0
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
+    text_only_visual_loss: str = "none"
+    """none: text-only samples have no visual loss; grey-image: as the ASVR code, each text-only sample
+    adds H*W visual targets (the codes of LLaVA's all-zero dummy image) predicted from zero hidden states."""
+    preview: int = 0
+    """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100,
+    image positions) and exit without training (0: train)."""
 
     def __post_init__(self):
         if self.stage not in STAGE_DEFAULTS:
@@ -125,8 +133,19 @@ class TrainConfig:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--micro-batch-size and --grad-accum must be >= 1")
+        if self.text_only_visual_loss not in TEXT_ONLY_VISUAL_LOSS:
+            raise ValueError(f"--text-only-visual-loss must be one of {TEXT_ONLY_VISUAL_LOSS}")
+        if self.preview < 0:
+            raise ValueError("--preview must be >= 0")
         self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
         self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
+
+
+def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
+    """Codes ``[H*W, D]`` of LLaVA's dummy image for text-only samples: ``torch.zeros(3, S, S)`` after
+    normalisation (the mean colour: mid-grey for SigLIP's 0.5 mean)."""
+    codes = tokenizer.encode_pixels(np.zeros((1, 3, image_size, image_size), np.float32))
+    return codes.reshape(-1, codes.shape[-1]).cpu().numpy()
 
 
 def free_port() -> int:
@@ -204,8 +223,10 @@ class Trainer:
         features = None
         if cfg.vision_input == "features":
             features = self.build_features(tokenizer, store, data, cache)
+        pp = tokenizer.preprocess_config(store.meta.preprocess)
+        grey = grey_image_codes(tokenizer, pp.image_size) if cfg.text_only_visual_loss == "grey-image" else None
         collate = Collator(data, cfg.vision_input, pad_id=llm_tokenizer.pad_token_id or 0, images=cfg.images,
-                           preprocess_cfg=tokenizer.preprocess_config(store.meta.preprocess), features=features)
+                           preprocess_cfg=pp, features=features, grey_codes=grey)
         loader = PackedLoader(data.lengths, collate, dcfg.packing, seed=cfg.seed, rank=self.rank, world=self.world,
                               num_workers=cfg.num_workers)
         return data, loader
