@@ -199,7 +199,8 @@ def test_asvr_eval_score_rescoring_saved_predictions(tmp_path, capsys):
                      "--out", str(out)]) == 0
         rep = json.loads((out / "report.json").read_text())
         b = rep["benches"][0]
-        assert b["scoring"] == scoring == b["metrics"]["scoring"] and f"{scoring} scoring" in (out / "report.md").read_text()
+        assert b["scoring"] == scoring == b["metrics"]["scoring"]
+        assert f"{scoring} scoring" in (out / "report.md").read_text()
         accs[scoring] = b["metrics"]["pope"]["acc"]
         assert [json.loads(l)["prediction"] for l in (out / "predictions.jsonl").read_text().splitlines()] == answers
     assert accs == {"lmms-eval": 0.5, "lenient": 1.0}

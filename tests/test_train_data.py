@@ -306,3 +306,20 @@ def test_grey_image_codes_reach_the_batch_for_text_only_samples(corpus, tiny_tok
     np.testing.assert_array_equal(on.text_only_codes[0].numpy(), grey)
     assert Collator(data, "codes", 0)([[i_txt, i_img]]).text_only_codes is None
     assert Collator(data, "codes", 0, grey_codes=grey)([[i_img]]).text_only_codes is None
+
+
+def test_a_sample_whose_labels_cannot_be_exact_is_listed_not_trained_masked(corpus, tiny_tokenizer, tmp_path):
+    """LLaVA would train it with shifted labels or all labels masked; here it is a bad sample."""
+    from test_train_templates import SlowLlama, _train_sp
+
+    tok = SlowLlama(_train_sp([":▁3"]), legacy=True)  # joins 'ASSISTANT:' to an answer starting with '3'
+    recs = [{"id": "ok", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]},
+            {"id": "joined", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"}]}]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs))
+    store = _store(corpus, tiny_tokenizer)
+    with pytest.raises(DataError, match=r"1 bad samples \(1 malformed\): joined \(an answer boundary falls inside"):
+        build_training_data(_cfg(corpus, f), vicuna_v1(), tok, store, False)
+    data = build_training_data(_cfg(corpus, f, skip_bad_samples=True), vicuna_v1(), tok, store, False)
+    assert [s.sample_id for s in data.samples] == ["ok"] and [b.sample_id for b in data.bad] == ["joined"]
+    assert data.samples[0].encoded.trained.any()

@@ -26,7 +26,8 @@ LLaVA's arithmetic is consistent the two agree token for token
 compares, slow and fast, legacy and not); where a boundary falls inside a
 token the sample raises :class:`ConversationError` (a bad sample: refused,
 or listed under ``--skip-bad-samples``), never silently all-masked.  Cost:
-one extra tokenization of a prefix per answer boundary (2 per round).
+about the old piecewise encoding's (1 to 3 ms for a 1- to 8-round sample
+with the tiny BPE tokenizer on the dev box; see :class:`_Boundaries`).
 """
 from __future__ import annotations
 
@@ -244,16 +245,6 @@ def tokenize_with_images(text: str, tokenizer, add_special_tokens: bool = True) 
     return out
 
 
-def _boundary(template: ConversationTemplate, text: str, at: int, ids: list[int], tokenizer) -> int:
-    """Token index of character ``at``: the prefix ``text[:at]`` must tokenize to a prefix of ``ids``."""
-    pre = tokenize_with_images(text[:at], tokenizer, template.add_special_tokens)
-    if ids[:len(pre)] != pre:
-        near = text[max(0, at - 12):at + 12].replace("\n", "\\n")
-        raise ConversationError(f"an answer boundary falls inside a token (near {near!r}): its labels cannot be "
-                                "computed exactly")
-    return len(pre)
-
-
 def encode_conversation(template: ConversationTemplate, turns: list[tuple[str, str]], tokenizer,
                         image_tokens: int, image_id: int | None = None) -> EncodedSample:
     """Validated turns (:func:`validate_turns`) -> :class:`EncodedSample` (see module doc).
@@ -262,14 +253,66 @@ def encode_conversation(template: ConversationTemplate, turns: list[tuple[str, s
     (default: the pad id, else 0; the model overwrites those embeddings)."""
     text, spans = render(template, turns, tokenizer)
     ids = tokenize_with_images(text, tokenizer, template.add_special_tokens)
+    bounds = _Boundaries(template, text, ids, tokenizer)
     trained = np.zeros(len(ids), bool)
     for start, end in spans:
-        a = _boundary(template, text, start, ids, tokenizer)
-        b = _boundary(template, text, end, ids, tokenizer)
+        a = bounds.start(start)
+        b = bounds.end(end, start, a)
         if b <= a:
             raise ConversationError("an answer encodes to no tokens")
         trained[a:b] = True
     return _expand(ids, trained, image_tokens, _image_id(tokenizer, image_id), text)
+
+
+class _Boundaries:
+    """Token index of each answer boundary (a character position of the rendered text).
+
+    Definition: the prefix of the text up to the boundary, tokenized the same
+    way, must be a prefix of the stream; its length is the boundary.  Fast
+    path when the end-of-answer marker is a special token (``</s>``,
+    ``<|im_end|>``): tokenizers split at special tokens first, so an answer
+    ends at the first marker token after its start, and the next start only
+    needs the text since that marker, tokenized after the marker (that keeps
+    the tokenizer's after-special-token context: legacy or not).  Without the
+    fast path a 3-round sample took 2.5x the old piecewise encoding; with it
+    about the same (dev box)."""
+
+    def __init__(self, template: ConversationTemplate, text: str, ids: list[int], tokenizer):
+        self.template, self.text, self.ids, self.tok = template, text, ids, tokenizer
+        marker = template.answer_end(tokenizer) if template.style != "plain" else ""
+        special = set(getattr(tokenizer, "all_special_tokens", ()) or ()) | {tokenizer.eos_token}
+        m_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker in special and marker else []
+        self.marker, self.marker_id = (marker, m_ids[0]) if len(m_ids) == 1 else ("", None)
+        self.prev: tuple[int, int] | None = None  # (character, token) just after the previous answer's marker
+
+    def _generic(self, at: int) -> int:
+        pre = tokenize_with_images(self.text[:at], self.tok, self.template.add_special_tokens)
+        if self.ids[:len(pre)] != pre:
+            near = self.text[max(0, at - 12):at + 12].replace("\n", "\\n")
+            raise ConversationError(f"an answer boundary falls inside a token (near {near!r}): its labels cannot "
+                                    "be computed exactly")
+        return len(pre)
+
+    def start(self, at: int) -> int:
+        if self.prev is not None and self.marker_id is not None and IMAGE_PLACEHOLDER not in self.text[self.prev[0]:at]:
+            c, t = self.prev
+            seg = self.tok(self.marker + self.text[c:at], add_special_tokens=False)["input_ids"]
+            if seg and seg[0] == self.marker_id and self.ids[t:t + len(seg) - 1] == seg[1:]:
+                return t + len(seg) - 1
+        return self._generic(at)
+
+    def end(self, at: int, start_char: int, start: int) -> int:
+        if at == len(self.text):
+            return len(self.ids)
+        m = self.marker
+        if self.marker_id is not None and self.text[:at].endswith(m) and m not in self.text[start_char:at - len(m)]:
+            j = next((i for i in range(start, len(self.ids)) if self.ids[i] == self.marker_id), None)
+            if j is not None:
+                self.prev = (at, j + 1)
+                return j + 1
+        b = self._generic(at)
+        self.prev = (at, b)
+        return b
 
 
 def encode_generation_prompt(template: ConversationTemplate, turns: list[tuple[str, str]], tokenizer,
