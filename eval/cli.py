@@ -21,6 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from asvr.tokenizer.preprocess import PREPROCESS_MODES
+from asvr.train.templates import TEMPLATES
+
 
 class CLIError(ValueError):
     pass
@@ -31,8 +34,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final), an export "
                    "folder, or (bench) a Hugging Face LLaVA folder (asvr-export --hf-llava, or LLaVA-1.5 from elsewhere)")
     g.add_argument("--tokenizer", help="semantic tokenizer folder, when it moved from the path recorded in the model")
+    g.add_argument("--vision-tower", help="weights folder of the model's vision tower, when it moved from the path "
+                   "recorded in the model (its sha256 must match)")
     g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
-    g.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
+    g.add_argument("--template", choices=list(TEMPLATES),
                    help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="report folder (report.json, report.md)")
@@ -76,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--instructions", choices=["llava", "none"], default="llava",
                     help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
                          "'Answer with the option's letter ...'); none: the bare question (default llava)")
-    be.add_argument("--preprocess-mode", choices=["square", "pad"],
+    be.add_argument("--preprocess-mode", choices=PREPROCESS_MODES,
                     help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
     _scoring(be)
 
@@ -103,7 +108,8 @@ def _scoring(p: argparse.ArgumentParser) -> None:
 
 def _model_info(lm) -> dict:
     return {"model": str(lm.export_dir), "run": str(lm.run_dir) if lm.run_dir else None,
-            "vision_input": lm.vision_input, "template": lm.template.name, "template_source": lm.template_source,
+            "vision_input": lm.vision_input, "vision_tower": lm.tower.spec.source if lm.tower is not None else None,
+            "template": lm.template.name, "template_source": lm.template_source,
             "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint, "device": str(lm.device)}
 
 
@@ -121,7 +127,7 @@ def run_loss(a: argparse.Namespace) -> int:
                          max_samples=a.max_samples, max_len=a.max_len, topk=a.topk, chunk=a.chunk, greedy=a.greedy,
                          skip_bad_samples=a.skip_bad_samples, progress=not a.quiet)
     lm = load_for_eval(a.model, device=a.device, tokenizer_dir=a.tokenizer, text_tokenizer=a.text_tokenizer,
-                       template=a.template)
+                       template=a.template, vision_tower_dir=a.vision_tower)
     results = evaluate_loss(lm, cfg)
     report = {"kind": "loss", "model": _model_info(lm),
               "config": {"data": a.data, "codes": a.codes, "images": a.images, "batch_size": a.batch_size,
@@ -160,9 +166,9 @@ def run_bench(a: argparse.Namespace) -> int:
         info, preprocess = hf.info(), a.preprocess_mode or hf.preprocess_mode
     else:
         lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
-                           text_tokenizer=a.text_tokenizer, template=a.template)
+                           text_tokenizer=a.text_tokenizer, template=a.template, vision_tower_dir=a.vision_tower)
         summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
-        info, preprocess = _model_info(lm), a.preprocess_mode or lm.image_tokenizer.spec.preprocess
+        info, preprocess = _model_info(lm), a.preprocess_mode or lm.preprocess
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
         name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"

@@ -45,6 +45,9 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).save_pretrained(root / "siglip")
     CLIPVisionModel(CLIPVisionConfig(**TINY_SIGLIP)).save_pretrained(root / "clip")
+    # the LLM's own towers (--vision-tower), other weights and width than the tokenizer's SigLIP
+    SiglipVisionModel(SiglipVisionConfig(**{**TINY_SIGLIP, "hidden_size": 48})).save_pretrained(root / "tower")
+    CLIPVisionModel(CLIPVisionConfig(**{**TINY_SIGLIP, "hidden_size": 48})).save_pretrained(root / "clip_tower")
     llm = make_tiny_llm(root / "llm", "llama", QUESTIONS + ["red green blue yes no"], vocab_size=300)
     images = []
     for i, size in enumerate([(40, 24), (20, 36)]):  # not square: pad and square differ
@@ -52,19 +55,26 @@ def world(tmp_path_factory):
         _image(i, size).save(p)
         images.append(p)
     runs = {}
-    for mode in ("square", "pad", "clip"):
+    for mode in ("square", "pad", "clip", "tower", "cls_patch"):
         tok_dir = root / f"tok_{mode}"
         g = torch.Generator().manual_seed(1)
         kind = "clip" if mode == "clip" else "siglip"
         spec = TokenizerSpec(encoder=default_encoder_spec(kind, str(root / kind)),
-                             preprocess="square" if mode == "clip" else mode,
+                             preprocess="pad" if mode == "pad" else "square",
                              grid=(4, 4), dim=32, depth=2, codebook_size=16, shared_codebook=False)
         save_artifact(tok_dir, spec, torch.randn(2, 16, 32, generator=g))
         from asvr.tokenizer import SemanticTokenizer
 
         tok = SemanticTokenizer.load(tok_dir)
         torch.manual_seed(2)
-        model = build_model(ModelConfig(llm=str(llm), vision_input="online", head=HEAD), tok)
+        tower = None
+        if mode in ("tower", "cls_patch"):
+            from asvr.train.vision_tower import open_vision_tower
+
+            tower = open_vision_tower(root / ("tower" if mode == "tower" else "clip_tower"),
+                                      select="cls_patch" if mode == "cls_patch" else "patch")
+        model = build_model(ModelConfig(llm=str(llm), vision_input="online", head=HEAD,
+                                        vision_tower=tower.spec if tower is not None else None), tok, tower=tower)
         with torch.no_grad():  # larger projector weights: images must move the logits
             for p in model.projector.parameters():
                 p.mul_(4.0)
@@ -116,7 +126,7 @@ def _theirs(out: Path, image: Path, question: str):
     return processor, model, inputs
 
 
-@pytest.mark.parametrize("mode", ["square", "pad", "clip"])
+@pytest.mark.parametrize("mode", ["square", "pad", "clip", "tower", "cls_patch"])
 def test_hf_llava_matches_asvr_inference(world, mode):
     root, runs, images = world
     out = _export(world, mode)
@@ -265,3 +275,21 @@ def test_chat_template_renders_the_training_prompt(world, name):
         got = tok.apply_chat_template(messages, chat_template=chat_template(t), add_generation_prompt=True,
                                       tokenize=False)
         assert got == want, (name, turns)
+
+
+def test_the_exported_tower_is_the_llms_not_the_tokenizers(world):
+    """With --vision-tower the LLaVA's vision tower is that tower (48-d), not the tokenizer's 32-d SigLIP."""
+    from safetensors.torch import load_file
+    from transformers import SiglipVisionModel
+
+    root, _, _ = world
+    out = _export(world, "tower")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vision_config"]["hidden_size"] == 48
+    stored = {k.removeprefix("model.vision_tower."): v for f in out.glob("*.safetensors")
+              for k, v in load_file(f).items() if k.startswith("model.vision_tower.")}
+    src = SiglipVisionModel.from_pretrained(root / "tower").state_dict()
+    for k, v in stored.items():
+        torch.testing.assert_close(v, src[k])
+    clip = json.loads((_export(world, "cls_patch") / "config.json").read_text())
+    assert clip["vision_feature_select_strategy"] == "full" and clip["image_seq_length"] == 17

@@ -12,11 +12,13 @@ How each piece maps (checked by ``tests/test_hf_llava_export.py``: the same
 logits, to fp32 tolerance, and the same greedy answers as ``asvr-eval`` on
 ``RUN/final``, for ``square`` and ``pad`` images):
 
-* vision tower: the Hugging Face SigLIP/CLIP tower the LLM was fed with,
+* vision tower: the Hugging Face SigLIP/CLIP tower the LLM was fed with
+  (``--vision-tower`` as recorded in the export, else the tokenizer's encoder),
   truncated at its feature layer exactly as in training (the layers above were
   never built), so ``vision_feature_layer = -1`` of the exported tower is the
   training layer.  SigLIP has no CLS token (``select_strategy = "full"``);
-  CLIP's is dropped (``"default"``, as LLaVA's ``patch``).
+  CLIP's is dropped (``"default"``, LLaVA's ``patch``) or kept with
+  ``--vision-tower-select cls_patch`` (``"full"``, one more image token).
 * projector: ``projector.0`` / ``projector.2`` -> ``linear_1`` / ``linear_2``
   (both GELUs are the exact erf form).  Other projector kinds are refused.
 * language model: the LLM's base model and LM head, unchanged.  The text
@@ -45,7 +47,9 @@ from pathlib import Path
 
 import torch
 
+from .config import ModelConfig
 from .export import CONFIG_FILE, ExportError, load_exported
+from .vision_input import get_vision_input
 
 IMAGE_TOKEN = "<image>"
 HEAD_DIR = "asvr_visual_head"
@@ -64,13 +68,22 @@ class HFTower:
     """``siglip`` or ``clip``."""
     model: torch.nn.Module
     """The truncated ``SiglipVisionModel`` / ``CLIPVisionModel`` (frozen)."""
+    tower: torch.nn.Module
+    """The ``VisionTower`` it belongs to (passed to ``load_exported``: built once)."""
     image_size: int
     patch_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     resample: str
     preprocess: str
-    """``square`` or ``pad``."""
+    """``square`` or ``pad`` (the shards' mode: the tower sees the image region the targets cover)."""
+    keep_cls: bool = False
+    """``--vision-tower-select cls_patch`` (CLIP): the CLS token is an LLM position too."""
+
+    @property
+    def strategy(self) -> str:
+        """LLaVA's ``vision_feature_select_strategy``: ``default`` drops the first (CLS) token."""
+        return "default" if self.kind == "clip" and not self.keep_cls else "full"
 
 
 # --------------------------------------------------------------------------- resolving the run
@@ -98,23 +111,27 @@ def run_template_name(run: Path | None, default: str = "vicuna_v1") -> str:
         raise HFExportError(f"{run / 'train_config.json'}: cannot read ({e})") from None
 
 
-def hf_tower(vision_input: str, tokenizer) -> HFTower:
-    """The LLM's Hugging Face tower, or a one-line refusal that says why there is none."""
+def hf_tower(cfg, tokenizer) -> HFTower:
+    """The LLM's Hugging Face tower (``--vision-tower`` as recorded, else the tokenizer's
+    encoder), or a one-line refusal that says why there is none."""
     from asvr.tokenizer.encoders import HFVisionEncoder
 
-    if vision_input == "codes":
-        raise HFExportError("this model reads its image features rebuilt from cached semantic codes "
-                            "(--vision-input codes), which a LLaVA cannot compute from pixels; train with "
-                            "--vision-input online or features to export it")
-    enc = tokenizer.encoder
+    from .vision_input import get_vision_input
+    from .vision_tower import VisionTower, load_vision_tower
+
+    if not get_vision_input(cfg.vision_input).uses_tower:
+        raise HFExportError(f"this model reads its image features rebuilt from cached semantic codes "
+                            f"(--vision-input {cfg.vision_input}), which a LLaVA cannot compute from pixels; train "
+                            f"with --vision-input online or features to export it")
+    tower = load_vision_tower(cfg.vision_tower) if cfg.vision_tower is not None else VisionTower.from_tokenizer(tokenizer)
+    enc, e = tower.encoder, tower.encoder_spec
     if not isinstance(enc, HFVisionEncoder):
-        raise HFExportError(f"the LLM's vision tower is {tokenizer.spec.encoder.kind}, not a Hugging Face "
-                            f"SigLIP/CLIP tower, so transformers' LLaVA cannot hold it; train with a SigLIP "
-                            f"or CLIP tower to export")
-    s = tokenizer.spec
-    return HFTower(kind=enc.kind, model=enc.model, image_size=enc.image_size,
-                   patch_size=enc.model.config.patch_size, mean=tuple(s.encoder.mean), std=tuple(s.encoder.std),
-                   resample=s.encoder.resample, preprocess=s.preprocess)
+        raise HFExportError(f"the LLM's vision tower is {e.kind}, not a Hugging Face SigLIP/CLIP tower, so "
+                            f"transformers' LLaVA cannot hold it; train with a SigLIP or CLIP tower "
+                            f"(--vision-tower) to export")
+    return HFTower(kind=enc.kind, model=enc.model, tower=tower, image_size=e.image_size,
+                   patch_size=enc.model.config.patch_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample,
+                   preprocess=tokenizer.spec.preprocess, keep_cls=tower.select == "cls_patch")
 
 
 # --------------------------------------------------------------------------- chat templates
@@ -173,8 +190,7 @@ def _llava_config(model, tower: HFTower, image_token_id: int, vocab: int):
     return LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
         projector_hidden_act="gelu", multimodal_projector_bias=True, vision_feature_layer=-1,
-        vision_feature_select_strategy="default" if tower.kind == "clip" else "full",
-        image_seq_length=model.cfg.vision.grid[0] * model.cfg.vision.grid[1],
+        vision_feature_select_strategy=tower.strategy, image_seq_length=model.vision.tokens,
         tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
 
 
@@ -207,7 +223,7 @@ def _state_dict(model, tower: HFTower, vocab: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def _processor(tower: HFTower, text_tokenizer, template, strategy: str):
+def _processor(tower: HFTower, text_tokenizer, template):
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     from PIL import Image
@@ -220,7 +236,7 @@ def _processor(tower: HFTower, text_tokenizer, template, strategy: str):
         do_pad=tower.preprocess == "pad", image_mean=list(tower.mean), image_std=list(tower.std),
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True)
     return LlavaProcessor(image_processor=image_processor, tokenizer=text_tokenizer, patch_size=tower.patch_size,
-                          vision_feature_select_strategy=strategy, chat_template=chat_template(template),
+                          vision_feature_select_strategy=tower.strategy, chat_template=chat_template(template),
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=1 if tower.kind == "clip" else 0)
 
 
@@ -250,16 +266,17 @@ def export_hf_llava(run: str | os.PathLike, out: str | os.PathLike, *, tokenizer
 
     export, run_dir = resolve_export_dir(run)
     meta = json.loads((export / CONFIG_FILE).read_text())
-    mode = meta["model"]["vision_input"]
-    if mode == "codes":
-        hf_tower(mode, None)  # raises the one-line reason
+    cfg = ModelConfig.from_dict(meta["model"])
+    if not get_vision_input(cfg.vision_input).uses_tower:
+        hf_tower(cfg, None)  # raises the one-line reason
     if tokenizer is None:
         path = (meta["model"].get("vision") or {}).get("path")
         if not path or not Path(path).is_dir():
             raise HFExportError(f"the tokenizer this model was trained with ({path}) is not there")
         tokenizer = SemanticTokenizer.load(path)
-    tower = hf_tower(mode, tokenizer)
-    model = load_exported(export, tokenizer=tokenizer)
+    tower = hf_tower(cfg, tokenizer)
+    model = load_exported(export, tokenizer=tokenizer,
+                          vision_tower=tower.tower if cfg.vision_tower is not None else None)
     text_tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
     template = get_template(run_template_name(run_dir))
 
@@ -292,7 +309,7 @@ def export_hf_llava(run: str | os.PathLike, out: str | os.PathLike, *, tokenizer
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size)
-        _processor(tower, text_tok, template, config.vision_feature_select_strategy).save_pretrained(tmp)
+        _processor(tower, text_tok, template).save_pretrained(tmp)
         _save_head(model, tmp / HEAD_DIR)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
