@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .export import CONFIG_FILE, ExportError, load_exported
+from .export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
 from .vision_input import get_vision_input
 
 IMAGE_TOKEN = "<image>"
@@ -87,20 +87,6 @@ class HFTower:
 
 
 # --------------------------------------------------------------------------- resolving the run
-def resolve_export_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """``RUN``, ``RUN/final`` or an export folder -> (export folder, run folder or None)."""
-    p = Path(path)
-    if (p / CONFIG_FILE).is_file():
-        export = p
-    elif (p / "final" / CONFIG_FILE).is_file():
-        export = p / "final"
-    else:
-        raise HFExportError(f"{p}: neither an asvr-train run folder (with final/{CONFIG_FILE}) "
-                            f"nor an exported model (with {CONFIG_FILE})")
-    run = export.parent if (export.parent / "train_config.json").is_file() else None
-    return export, run
-
-
 def run_template_name(run: Path | None, default: str = "vicuna_v1") -> str:
     """The conversation template a run trained with (``RUN/train_config.json``)."""
     if run is None:
