@@ -12,7 +12,7 @@ prediction records again without a model (``asvr-eval score``).
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .bench_formats import BenchItem, read_bench
 from .generate import GenerationConfig, generate_answers
@@ -86,18 +86,21 @@ def rescore(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scori
 
 
 def run_bench(lm: LoadedModel, files: Sequence[str], fmt: str = "auto", images: str | None = None,
-              gen: GenerationConfig | None = None, max_items: int | None = None, scoring: str = "lmms-eval"
+              gen: GenerationConfig | None = None, max_items: int | None = None, scoring: str = "lmms-eval",
+              answer: Callable[[Sequence[BenchItem], GenerationConfig], list[str]] | None = None,
               ) -> tuple[list[dict], list[list[dict]]]:
     """-> (one summary per file: file, format, metrics, seconds; the prediction records per file).
 
     Every file is read (and checked) before the first answer is generated;
-    ``max_items`` keeps the first N items of each file (smoke runs)."""
+    ``max_items`` keeps the first N items of each file (smoke runs).  ``answer``
+    replaces ASVR generation (a Hugging Face LLaVA folder: ``hf_llava.HFLlavaModel.answer``)."""
     gen = gen or GenerationConfig()
+    answer = answer or (lambda items, g: generate_answers(lm, items, g))
     read = [(f, k, items[:max_items]) for f, (k, items) in ((f, read_bench(f, fmt, images)) for f in files)]
     summaries, predictions = [], []
     for f, kind, items in read:
         t0 = time.perf_counter()
-        answers = generate_answers(lm, items, gen)
+        answers = answer(items, gen)
         records = score_items(items, answers, kind, scoring)
         summaries.append({"file": str(f), "format": kind, "scoring": scoring_for(kind, scoring),
                           "metrics": bench_metrics(kind, items, records, scoring), "seconds": time.perf_counter() - t0})

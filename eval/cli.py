@@ -9,10 +9,11 @@
         --predictions reports/pope/predictions.jsonl --scoring lenient --out reports/pope-lenient
 
 ``--model`` is an ``asvr-train`` run folder (its exported model is
-``RUN/final``) or an export folder.  Each command writes ``report.json`` and
-``report.md`` under ``--out``; ``bench`` and ``score`` also write the answers to
-``predictions.jsonl`` (``predictions-NN-NAME.jsonl``, one per file, when several
-``--bench`` files are given).  POPE and MME are scored as lmms-eval scores them
+``RUN/final``) or an export folder; ``bench`` also takes a Hugging Face
+LLaVA folder (``asvr-export --hf-llava`` or any LLaVA-1.5).  Each command writes
+``report.json`` and ``report.md`` under ``--out``; ``bench`` and ``score`` also write
+the answers to ``predictions.jsonl`` (``predictions-NN-NAME.jsonl``, one per file,
+when several ``--bench`` files are given).  POPE and MME are scored as lmms-eval scores them
 unless ``--scoring lenient``.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 from pathlib import Path
 
 from asvr.tokenizer.help_text import plain
+from asvr.tokenizer.preprocess import PREPROCESS_MODES
+from asvr.train.templates import TEMPLATES
 
 
 class CLIError(ValueError):
@@ -30,10 +33,13 @@ class CLIError(ValueError):
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final) or an export folder")
+    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final), an export "
+                   "folder, or (bench) a Hugging Face LLaVA folder (asvr-export --hf-llava, or LLaVA-1.5 from elsewhere)")
     g.add_argument("--tokenizer", help="semantic tokenizer folder, when it moved from the path recorded in the model")
+    g.add_argument("--vision-tower", help="weights folder of the model's vision tower, when it moved from the path "
+                   "recorded in the model (its sha256 must match)")
     g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
-    g.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
+    g.add_argument("--template", choices=list(TEMPLATES),
                    help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="report folder (report.json, report.md)")
@@ -77,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--instructions", choices=["llava", "none"], default="llava",
                     help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
                          "'Answer with the option's letter ...'); none: the bare question (default llava)")
-    be.add_argument("--preprocess", choices=["square", "pad"],
+    be.add_argument("--preprocess", choices=PREPROCESS_MODES,
                     help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
     # the old name (before --preprocess, as in asvr-pipeline tokenize): still accepted, not shown
-    be.add_argument("--preprocess-mode", dest="preprocess", choices=["square", "pad"], help=argparse.SUPPRESS)
+    be.add_argument("--preprocess-mode", dest="preprocess", choices=PREPROCESS_MODES, help=argparse.SUPPRESS)
     _scoring(be)
 
     sc = sub.add_parser("score", help="score saved predictions again (no model)",
@@ -106,7 +112,8 @@ def _scoring(p: argparse.ArgumentParser) -> None:
 
 def _model_info(lm) -> dict:
     return {"model": str(lm.export_dir), "run": str(lm.run_dir) if lm.run_dir else None,
-            "vision_input": lm.vision_input, "template": lm.template.name, "template_source": lm.template_source,
+            "vision_input": lm.vision_input, "vision_tower": lm.tower.spec.source if lm.tower is not None else None,
+            "template": lm.template.name, "template_source": lm.template_source,
             "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint, "device": str(lm.device)}
 
 
@@ -124,7 +131,7 @@ def run_loss(a: argparse.Namespace) -> int:
                          max_samples=a.max_samples, max_len=a.max_len, topk=a.topk, chunk=a.chunk, greedy=a.greedy,
                          skip_bad_samples=a.skip_bad_samples, progress=not a.quiet)
     lm = load_for_eval(a.model, device=a.device, tokenizer_dir=a.tokenizer, text_tokenizer=a.text_tokenizer,
-                       template=a.template)
+                       template=a.template, vision_tower_dir=a.vision_tower)
     results = evaluate_loss(lm, cfg)
     report = {"kind": "loss", "model": _model_info(lm),
               "config": {"data": a.data, "codes": a.codes, "images": a.images, "batch_size": a.batch_size,
@@ -143,9 +150,12 @@ def run_loss(a: argparse.Namespace) -> int:
 def run_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench as run
     from .generate import GenerationConfig
-    from .loading import load_for_eval
-    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+    from asvr.train.hf_llava import is_hf_llava
+
     from .bench_formats import read_bench
+    from .hf_llava import load_hf_llava
+    from .loading import load_for_eval, resolve_device
+    from .report import bench_markdown, write_atomic, write_json, write_jsonl
 
     if a.max_items is not None and a.max_items < 1:
         raise CLIError("--max-items must be >= 1")
@@ -153,19 +163,25 @@ def run_bench(a: argparse.Namespace) -> int:
                            preprocess_mode=a.preprocess, progress=not a.quiet)
     for f in a.bench:  # fail on a bad file before loading the model
         read_bench(f, a.format, a.images)
-    lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
-                       text_tokenizer=a.text_tokenizer, template=a.template)
-    summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
+    if is_hf_llava(a.model):  # a Hugging Face LLaVA folder (asvr-export --hf-llava, or trained elsewhere)
+        hf = load_hf_llava(a.model, resolve_device(a.device))
+        summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, a.scoring,
+                                     answer=hf.answer)
+        info, preprocess = hf.info(), a.preprocess or hf.preprocess_mode
+    else:
+        lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
+                           text_tokenizer=a.text_tokenizer, template=a.template, vision_tower_dir=a.vision_tower)
+        summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
+        info, preprocess = _model_info(lm), a.preprocess or lm.preprocess
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
         name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"
         write_jsonl(out / name, recs)
         s["predictions"] = name
-    report = {"kind": "bench", "model": _model_info(lm),
+    report = {"kind": "bench", "model": info,
               "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
                          "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
-                         "preprocess_mode": a.preprocess or lm.image_tokenizer.spec.preprocess,
-                         "scoring": a.scoring},
+                         "preprocess_mode": preprocess, "scoring": a.scoring},
               "benches": summaries}
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))

@@ -57,7 +57,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _model_lines(info: dict) -> list[str]:
-    return [f"- model: `{info['model']}` (vision input {info['vision_input']}, template {info['template']} "
+    tower = f", vision tower `{info['vision_tower']}`" if info.get("vision_tower") else ""
+    return [f"- model: `{info['model']}` (vision input {info['vision_input']}{tower}, template {info['template']} "
             f"from {info['template_source']})", f"- device: {info['device']}"]
 
 

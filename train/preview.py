@@ -17,10 +17,12 @@ from typing import TextIO
 
 import numpy as np
 
-from .data import DataConfig, Sample, build_training_data
+from .config import image_tokens
+from .data import DataConfig, Sample, build_training_data, open_codes
 from .packing import PackingConfig
-from .sources import CodeStore, DataError
+from .sources import DataError
 from .templates import get_template
+from .vision_input import get_vision_input
 
 
 def sample_record(s: Sample) -> dict:
@@ -39,12 +41,14 @@ def preview(cfg, n: int, out: TextIO = sys.stdout) -> int:
     tokenizer = SemanticTokenizer.load(cfg.tokenizer)
     llm_tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True,
                                                   trust_remote_code=cfg.trust_remote_code)
-    store = CodeStore.open(cfg.codes, tokenizer.spec.fingerprint)
+    store = open_codes(cfg.codes, tokenizer.spec)
     dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=cfg.vision_input,
+                      image_tokens=image_tokens(tokenizer.spec.grid, cfg.vision_tower_select),
                       caption_free_ratio=cfg.caption_free_ratio, skip_bad_samples=cfg.skip_bad_samples, seed=cfg.seed,
                       packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack))
+    # images are checked where every step reads them (online); a features cache may hold them already
     data = build_training_data(dcfg, get_template(cfg.template), llm_tokenizer, store,
-                               check_images=cfg.vision_input == "online")
+                               check_images=get_vision_input(cfg.vision_input).model_runs_tower)
     if not data.samples:
         raise DataError("no training samples")
     for s in data.samples[:n]:
