@@ -14,7 +14,7 @@ layout's own parser and metrics come from its
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .bench_formats import BenchItem, bench_format, read_bench
 from .generate import GenerationConfig, generate_answers
@@ -78,19 +78,26 @@ def rescore(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scori
     return fresh, bench_metrics(fmt, items, fresh, scoring)
 
 
-def run_bench(lm: LoadedModel, files: Sequence[str], fmt: str = "auto", images: str | None = None,
-              gen: GenerationConfig | None = None, max_items: int | None = None, scoring: str = "lmms-eval"
+def run_bench(lm: LoadedModel | None, files: Sequence[str], fmt: str = "auto", images: str | None = None,
+              gen: GenerationConfig | None = None, max_items: int | None = None, scoring: str = "lmms-eval",
+              answer: Callable[[Sequence[BenchItem], GenerationConfig], list[str]] | None = None,
               ) -> tuple[list[dict], list[list[dict]]]:
     """-> (one summary per file: file, format, metrics, seconds; the prediction records per file).
 
     Every file is read (and checked) before the first answer is generated;
-    ``max_items`` keeps the first N items of each file (smoke runs)."""
+    ``max_items`` keeps the first N items of each file (smoke runs).  ``answer``
+    replaces ASVR generation (a Hugging Face LLaVA folder: ``hf_llava.HFLlavaModel.answer``)."""
     gen = gen or GenerationConfig()
+    if answer is None:
+        if lm is None:
+            raise ValueError("run_bench needs a model or answer=")
+        model = lm
+        answer = lambda items, g: generate_answers(model, items, g)  # noqa: E731
     read = [(f, k, items[:max_items]) for f, (k, items) in ((f, read_bench(f, fmt, images)) for f in files)]
     summaries, predictions = [], []
     for f, kind, items in read:
         t0 = time.perf_counter()
-        answers = generate_answers(lm, items, gen)
+        answers = answer(items, gen)
         records = score_items(items, answers, kind, scoring)
         summaries.append({"file": str(f), "format": kind, "scoring": scoring_for(kind, scoring),
                           "metrics": bench_metrics(kind, items, records, scoring), "seconds": time.perf_counter() - t0})

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     body = dict(report.to_dict(), tokenizer=str(args.tokenizer), fingerprint=tok.spec.fingerprint)
     atomic_write(out / "report.json", json.dumps(body, indent=1))
-    plot_report(report, out)
+    plot_report(report, out, title=Path(args.tokenizer).name)
     if failures:
         print(f"skipped {len(failures)} unreadable images (first: {failures[0].path}: {failures[0].reason})",
               file=sys.stderr)

@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
+from asvr.tokenizer.help_text import plain
 
 from .config import TrainConfig
 from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from_args, parse_dataclass_args
@@ -30,7 +31,7 @@ from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option is a ``TrainConfig`` field (``train/config.py``): its docstring is the help."""
-    p = argparse.ArgumentParser(prog="asvr-train", description=__doc__,
+    p = argparse.ArgumentParser(prog="asvr-train", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE",
                    help="options from a .toml/.yaml/.json file (field names as keys, [head] a table); flags given "
@@ -67,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
+    from .trainer import RunFolderError
     from .vision_tower import VisionTowerError
 
-    expected = (DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
+    expected = (RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
                 VisionTowerError, ConfigFileError)
     parsed: list[argparse.Namespace] = []
 
@@ -91,6 +93,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except ValueError as e:  # TrainConfig's own checks
         raise CLIError(str(e)) from None
+    from .libraries import configure
+
+    configure(cfg.verbose)
     if cfg.preview:
         from .preview import preview
 

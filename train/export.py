@@ -109,9 +109,24 @@ def _load_tokenizer(spec: VisionSpec, needs_encoder: bool, tokenizer):
     return tokenizer, None
 
 
-def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
+def resolve_export_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """``RUN``, ``RUN/final`` or an export folder -> (export folder, run folder or None)."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        export = p
+    elif (p / "final" / CONFIG_FILE).is_file():
+        export = p / "final"
+    else:
+        raise ExportError(f"{p}: neither an asvr-train run folder (with final/{CONFIG_FILE}) "
+                          f"nor an exported model (with {CONFIG_FILE})")
+    run = export.parent if (export.parent / "train_config.json").is_file() else None
+    return export, run
+
+
+def load_exported(folder: str | os.PathLike, device: str | torch.device | None = None, tokenizer=None,
                   attn_implementation: str | None = None, vision_tower=None) -> ASVRModel:
-    """Rebuild the model of an export folder, weights loaded with strict keys.
+    """Rebuild the model of an export folder, weights loaded with strict keys, on ``device``
+    (default: cuda when available, else cpu).
 
     An online model runs its recorded vision tower (``vision_tower=`` passes one
     already built; its fingerprint must match), or the tokenizer's encoder when
@@ -149,6 +164,8 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu",
     model = build_model(cfg, tok, codebooks=codebooks, llm=llm, tower=vision_tower)
     model.cfg.vision = vision  # keep the recorded path even when a moved tokenizer was passed in
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
 
 
