@@ -1,0 +1,170 @@
+"""Fused nearest-two search for the exact RVQ (Triton; CUDA, or the CPU interpreter).
+
+One launch per depth computes, for every row ``r`` of a block, the approximate
+distances ``||c_k||^2 - 2 r.c_k`` tile by tile on the tensor cores and keeps in
+registers only the running best value, its index and the running *second* best
+value: the ``[N, K]`` distance matrix never reaches memory, and the argmin and
+the certification of ``ResidualQuantizer`` come out of the same pass.  A row is
+certified when ``second > best + 2 * bound`` (the window of the quantizer's
+module docstring holds exactly one code); the others go down the quantizer's
+cascade (fp32 candidate search with float64 re-rank, then full float64), so
+codes stay equal to the float64 reference whatever this kernel's precision.
+
+Precisions (``PREC``), all with fp32 accumulation:
+
+* ``bf16x3``: each fp32 operand is split ``a = hi + lo`` into two bf16 and the
+  product is ``hi*hi + hi*lo + lo*hi`` (three bf16 MMAs): relative error
+  ``3 * 2^-16`` per product (the dropped ``lo*lo`` and the rounding of ``lo``);
+* ``tf32x3``: Triton's built-in three-pass tf32 (``3 * 2^-22``);
+* ``fp32``: plain fp32 FMAs on the CUDA cores (``input_precision="ieee"``);
+* ``tf32``: one tf32 MMA (``2 * 2^-11``), for comparison only.
+
+Tensor-core accumulation is not IEEE round-to-nearest (it may truncate), so
+the accumulation error is modelled with the truncation unit ``2^-23`` over the
+``passes * C`` products as a random walk (four standard deviations), which is
+what :func:`delta` returns with the split error.  ``bench/gpu_rvq_kernel.py``
+measures the largest observed error of each precision on the GPU against that
+model (``WRITE_D`` variant that stores the tile distances of a sample).
+"""
+import math
+import os
+
+import torch
+
+try:  # optional: the `gpu` extra; the quantizer falls back to its torch paths without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = tl = None
+
+PRECISIONS = ("bf16x3", "tf32x3", "fp32", "tf32")
+_PREC_ID = {p: i for i, p in enumerate(PRECISIONS)}
+# (relative error of one product from operand splitting, number of MMA passes)
+_SPLIT = {"bf16x3": (3 * 2.0**-16, 3), "tf32x3": (3 * 2.0**-22, 3), "fp32": (0.0, 1), "tf32": (2 * 2.0**-11, 1)}
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def delta(precision: str, dim: int) -> float:
+    """Relative error bound of one approximate dot product ``r.c`` (against
+    ``||r|| ||c||``): fp32 rounding of both operands (``2 * 2^-24``), the split
+    error of ``precision`` and the accumulation model (module docstring)."""
+    split, passes = _SPLIT[precision]
+    return 2 * 2.0**-24 + split + 4 * math.sqrt(passes * dim) * 2.0**-23
+
+
+def _nn2(A_HI, A_LO, B_HI, B_LO, NORM, BEST, IDX, SECOND, D_OUT, N, stride_a, stride_b,
+         K: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+         WRITE_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    lane = tl.arange(0, BLOCK_N)
+    best = tl.full([BLOCK_M], float("inf"), tl.float32)
+    second = tl.full([BLOCK_M], float("inf"), tl.float32)
+    bidx = tl.zeros([BLOCK_M], tl.int32)
+    for n0 in range(0, K, BLOCK_N):
+        cols = n0 + lane
+        cmask = cols < K
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < C
+            a_off = rows[:, None] * stride_a + ks[None, :]
+            b_off = cols[None, :] * stride_b + ks[:, None]
+            am = rmask[:, None] & kmask[None, :]
+            bm = kmask[:, None] & cmask[None, :]
+            a = tl.load(A_HI + a_off, mask=am, other=0.0)
+            b = tl.load(B_HI + b_off, mask=bm, other=0.0)
+            if PREC == 0:  # bf16x3: small terms first
+                a_lo = tl.load(A_LO + a_off, mask=am, other=0.0)
+                b_lo = tl.load(B_LO + b_off, mask=bm, other=0.0)
+                acc = tl.dot(a_lo, b, acc)
+                acc = tl.dot(a, b_lo, acc)
+                acc = tl.dot(a, b, acc)
+            elif PREC == 1:
+                acc = tl.dot(a, b, acc, input_precision="tf32x3")
+            elif PREC == 2:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+        nrm = tl.load(NORM + cols, mask=cmask, other=float("inf"))
+        d = nrm[None, :] - 2.0 * acc
+        d = tl.where(cmask[None, :], d, float("inf"))
+        if WRITE_D:
+            tl.store(D_OUT + rows[:, None] * K + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
+        m1 = tl.min(d, axis=1)
+        i1 = tl.argmin(d, axis=1)
+        m2 = tl.min(tl.where(lane[None, :] == i1[:, None], float("inf"), d), axis=1)
+        # the two smallest of {best, second} U {m1, m2}
+        second = tl.minimum(tl.maximum(best, m1), tl.minimum(second, m2))
+        bidx = tl.where(m1 < best, n0 + i1, bidx)
+        best = tl.minimum(best, m1)
+    tl.store(BEST + rows, best, mask=rmask)
+    tl.store(IDX + rows, bidx, mask=rmask)
+    tl.store(SECOND + rows, second, mask=rmask)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel():
+    """JIT the kernel on first use, so ``TRITON_INTERPRET`` is read then (tests set it)."""
+    key = interpreting()
+    if key not in _KERNELS:
+        _KERNELS[key] = triton.jit(_nn2)
+    return _KERNELS[key]
+
+
+def split_operand(x32: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``[R, C]`` -> the kernel's operands (hi, lo): two bf16 for bf16x3, else (x, x)."""
+    x32 = x32.float().contiguous()
+    if precision != "bf16x3":
+        return x32, x32
+    hi = x32.bfloat16()
+    lo = (x32 - hi.float()).bfloat16()
+    if interpreting():  # the interpreter's bf16 dot is wrong (numpy has no bf16): the same values in fp32,
+        return hi.float().contiguous(), lo.float().contiguous()  # whose products are exact there too
+    return hi.contiguous(), lo.contiguous()
+
+
+# tiles per precision: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); bench/gpu_rvq_kernel.py
+# times alternatives on the GPU
+DEFAULT_TILES = {"bf16x3": (128, 128, 64, 8, 3), "tf32x3": (128, 128, 32, 8, 3), "fp32": (64, 64, 32, 4, 2),
+                 "tf32": (128, 128, 32, 8, 3)}
+
+
+def nearest_two(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], norms: torch.Tensor,
+                precision: str, tiles: tuple[int, int, int, int, int] | None = None,
+                write_distances: bool = False):
+    """Per row of ``a`` [N, C] (split as :func:`split_operand`): the smallest and
+    second smallest of ``norms[k] - 2 a.b_k`` over the rows of ``b`` [K, C], and the
+    index of the smallest.  -> (best fp32 [N], idx int64 [N], second fp32 [N]
+    [, the distances [N, K] when ``write_distances``: a debugging/measuring aid])."""
+    if triton is None:
+        raise RuntimeError("the fused RVQ search needs triton (pip install 'asvr[gpu]')")
+    if precision not in _PREC_ID:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    a_hi, a_lo = a
+    b_hi, b_lo = b
+    n, c = a_hi.shape
+    k = b_hi.shape[0]
+    bm, bn, bk, warps, stages = tiles or DEFAULT_TILES[precision]
+    dev = a_hi.device
+    best = torch.empty(n, dtype=torch.float32, device=dev)
+    second = torch.empty(n, dtype=torch.float32, device=dev)
+    idx = torch.empty(n, dtype=torch.int32, device=dev)
+    dist = torch.empty((n, k) if write_distances else (1,), dtype=torch.float32, device=dev)
+    extra = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
+    _kernel()[(triton.cdiv(n, bm),)](a_hi, a_lo, b_hi, b_lo, norms.float().contiguous(), best, idx, second, dist,
+                                     n, a_hi.stride(0), b_hi.stride(0), K=k, C=c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                     PREC=_PREC_ID[precision], WRITE_D=write_distances, **extra)
+    if write_distances:
+        return best, idx.long(), second, dist
+    return best, idx.long(), second
