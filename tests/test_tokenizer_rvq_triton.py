@@ -23,38 +23,41 @@ FUSED = ["fused-bf16x3", "fused-tf32x3", "fused-fp32"]
 
 
 @pytest.mark.parametrize("precision", ["bf16x3", "tf32x3", "fp32"])
-def test_nearest_two_matches_float64(precision):
+def test_nearest_four_match_float64(precision):
     rng = np.random.default_rng(0)
     n, k, c = 37, 150, 40  # not multiples of the tiles below: masked edges
     a = torch.from_numpy(rng.standard_normal((n, c)).astype(np.float32))
     b = torch.from_numpy(rng.standard_normal((k, c)).astype(np.float32))
     norms = (b.double() ** 2).sum(1)
-    best, idx, second = rvq_triton.nearest_two(rvq_triton.split_operand(a, precision),
-                                               rvq_triton.split_operand(b, precision), norms.float(), precision,
-                                               tiles=(16, 32, 16, 4, 2))
+    vals, ids = rvq_triton.nearest(rvq_triton.split_operand(a, precision), rvq_triton.split_operand(b, precision),
+                                   norms.float(), precision, tiles=(16, 32, 16, 4, 2))
     ref = norms[None] - 2 * a.double() @ b.double().T
-    top2 = ref.sort(dim=1).values
+    top, order = ref.sort(dim=1)
     err = rvq_triton.delta(precision, c) * 2 * a.double().norm(dim=1) * b.double().norm(dim=1).max() + 1e-5
-    assert ((best.double() - top2[:, 0]).abs() <= err).all()
-    assert ((second.double() - top2[:, 1]).abs() <= err).all()
-    gap = top2[:, 1] - top2[:, 0] > 2 * err
+    assert ((vals.double() - top[:, :4]).abs() <= err[:, None]).all()
+    assert (vals[:, 1:] >= vals[:, :-1]).all()  # sorted
+    # each kept index holds the value reported for it, and ids are distinct
+    np.testing.assert_allclose(ref.gather(1, ids).numpy(), vals.double().numpy(), atol=float(err.max()))
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+    gap = top[:, 1] - top[:, 0] > 2 * err
     assert gap.float().mean() > 0.8
-    np.testing.assert_array_equal(idx[gap].numpy(), ref.argmin(1)[gap].numpy())
+    np.testing.assert_array_equal(ids[gap, 0].numpy(), order[gap, 0].numpy())
 
 
-def test_nearest_two_sees_a_duplicate_in_another_tile():
-    """The best and second best in different code tiles (and a duplicate: second == best)."""
+def test_nearest_four_across_tiles_and_duplicates():
+    """The four smallest spread over different code tiles, with an exact duplicate."""
     rng = np.random.default_rng(1)
     b = rng.standard_normal((96, 24)).astype(np.float32)
-    b[80] = b[3]  # exact duplicate, three tiles later
-    a = b[[3, 10, 50]] + 0.01 * rng.standard_normal((3, 24)).astype(np.float32)
+    b[80] = b[3]  # exact duplicate, four tiles later
+    b[40] = b[3] + 1e-3
+    b[95] = b[3] + 2e-3
+    a = b[[3, 10]] + 0.01 * rng.standard_normal((2, 24)).astype(np.float32)
     bt = torch.from_numpy(b)
     norms = (bt.double() ** 2).sum(1).float()
-    best, idx, second = rvq_triton.nearest_two(rvq_triton.split_operand(torch.from_numpy(a), "fp32"),
-                                               rvq_triton.split_operand(bt, "fp32"), norms, "fp32",
-                                               tiles=(16, 16, 16, 4, 2))
-    assert int(idx[0]) in (3, 80) and float(second[0]) == float(best[0])
-    assert idx[1:].tolist() == [10, 50] and (second[1:] > best[1:]).all()
+    vals, ids = rvq_triton.nearest(rvq_triton.split_operand(torch.from_numpy(a), "fp32"),
+                                   rvq_triton.split_operand(bt, "fp32"), norms, "fp32", tiles=(16, 16, 16, 4, 2))
+    assert set(ids[0].tolist()) == {3, 80, 40, 95} and float(vals[0, 0]) == float(vals[0, 1])
+    assert int(ids[1, 0]) == 10 and (vals[1, 1:] > vals[1, 0]).all()
 
 
 @pytest.mark.parametrize("search_dtype", FUSED)
@@ -71,18 +74,34 @@ def test_fused_codes_equal_float64_reference(search_dtype):
 
 
 @pytest.mark.parametrize("search_dtype", FUSED)
+def test_fused_two_or_three_twins_are_reranked_in_the_kernel_level(search_dtype):
+    """Codes with one or two twins 1e-7 away: the window holds 2-3 codes, all kept by
+    the kernel, so the float64 re-rank settles them without the fp32 fallback."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((24, 32)).astype(np.float32)
+    t1 = base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32)
+    t2 = base[:12] + 1e-7 * rng.standard_normal((12, 32)).astype(np.float32)
+    cb = np.concatenate([base, t1, t2])[None]
+    x = (base[rng.integers(0, 24, 80)] + 0.05 * rng.standard_normal((80, 32))).astype(np.float32)
+    q = ResidualQuantizer(torch.from_numpy(cb))
+    codes, stats = q.encode(torch.from_numpy(x), search_dtype=search_dtype, return_stats=True)
+    np.testing.assert_array_equal(codes.numpy(), rvq_encode_reference(x, cb))
+    assert stats.fallback_rows == 0
+
+
+@pytest.mark.parametrize("search_dtype", FUSED)
 def test_fused_near_ties_go_down_the_cascade_and_stay_exact(search_dtype):
     rng = np.random.default_rng(3)
     base = rng.standard_normal((16, 40)).astype(np.float32)
-    twins = [base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(2)]
-    cb = np.concatenate([base, *twins, base[:1]])[None]  # code 48 duplicates code 0
+    twins = [base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(4)]
+    cb = np.concatenate([base, *twins, base[:1]])[None]  # code 80 duplicates code 0
     cb = np.concatenate([cb, 0.3 * cb], axis=0)
     x = (base[rng.integers(0, 16, 60)] + 0.05 * rng.standard_normal((60, 40))).astype(np.float32)
     q = ResidualQuantizer(torch.from_numpy(cb))
     codes, stats = q.encode(torch.from_numpy(x), search_dtype=search_dtype, return_stats=True)
     np.testing.assert_array_equal(codes.numpy(), rvq_encode_reference(x, cb))
-    assert stats.fallback_per_depth[0] == 60  # every row has a twin within the window
-    assert not (codes[:, 0] == 48).any()
+    assert stats.fallback_per_depth[0] == 60  # every row has 4 twins within the window: more than kept
+    assert not (codes[:, 0] == 80).any()
 
 
 def test_fused_shared_codebook_exact():

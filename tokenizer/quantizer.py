@@ -242,21 +242,38 @@ class ResidualQuantizer(torch.nn.Module):
         return idx, ok
 
     def _search_fused(self, r: torch.Tensor, p: dict, sdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused kernel's nearest two per row, certified when the second is outside the
-        window ``best + 2 * bound`` (then the window holds one code: the exact argmin).
-        Same bound as :meth:`_search`, with ``delta`` of the kernel's precision."""
+        """The fused kernel's four nearest per row (rvq_triton), with the bound of
+        :meth:`_search` for the kernel's ``delta``: one code within the window is the
+        exact argmin; two or three with the fourth outside are re-ranked in float64;
+        more: not certified (next level).  Returns (codes, certified) per row."""
         from . import rvq_triton
 
         prec = _FUSED[sdtype]
         n, c = r.shape
-        best, idx, second = rvq_triton.nearest_two(rvq_triton.split_operand(r.float(), prec),
-                                                   self._book_in(p, sdtype), p["n32"], prec)
+        vals, ids = rvq_triton.nearest(rvq_triton.split_operand(r.float(), prec), self._book_in(p, sdtype),
+                                       p["n32"], prec)
         rnorm = r.norm(dim=1)
         cmax = p["cmax"]
         bound = 2 * rvq_triton.delta(prec, c) * rnorm * cmax + 2.0**-22 * (cmax * cmax + 2 * rnorm * cmax)
-        window = (best.double() + 2 * bound).float()
+        window = (vals[:, 0].double() + 2 * bound).float()
         window = torch.nextafter(window, torch.full_like(window, math.inf))
-        return idx, (second > window) & torch.isfinite(best)
+        inside = vals <= window[:, None]
+        count = inside.sum(dim=1)
+        finite = torch.isfinite(vals[:, 0])
+        idx = ids[:, 0].clone()
+        ok = (count == 1) & finite
+        few = ((count > 1) & ~inside[:, -1] & finite).nonzero().squeeze(1)
+        if few.numel():
+            # complete candidate lists: float64 re-rank, lowest index on ties (ids sorted, others last)
+            sid = torch.where(inside[few], ids[few], torch.iinfo(torch.int64).max)
+            sid, _ = sid.sort(dim=1)
+            valid = sid != torch.iinfo(torch.int64).max
+            safe = torch.where(valid, sid, 0)
+            dist = p["n64"][safe] - 2 * torch.einsum("nkc,nc->nk", p["b64"][safe], r[few])
+            dist = torch.where(valid, dist, math.inf)
+            idx[few] = safe.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+            ok[few] = True
+        return idx, ok
 
     def _encode_block(self, x: torch.Tensor, sdtype, cand: int) -> tuple[torch.Tensor, list[int], int]:
         """Greedy RVQ of one block of rows.  Rows whose candidate list is not certified

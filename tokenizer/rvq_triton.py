@@ -1,14 +1,16 @@
-"""Fused nearest-two search for the exact RVQ (Triton; CUDA, or the CPU interpreter).
+"""Fused nearest-four search for the exact RVQ (Triton; CUDA, or the CPU interpreter).
 
 One launch per depth computes, for every row ``r`` of a block, the approximate
 distances ``||c_k||^2 - 2 r.c_k`` tile by tile on the tensor cores and keeps in
-registers only the running best value, its index and the running *second* best
-value: the ``[N, K]`` distance matrix never reaches memory, and the argmin and
-the certification of ``ResidualQuantizer`` come out of the same pass.  A row is
-certified when ``second > best + 2 * bound`` (the window of the quantizer's
-module docstring holds exactly one code); the others go down the quantizer's
-cascade (fp32 candidate search with float64 re-rank, then full float64), so
-codes stay equal to the float64 reference whatever this kernel's precision.
+registers only the four smallest values and their indices (each tile's four
+smallest go through a small insertion network): the ``[N, K]`` distance matrix
+never reaches memory, and the argmin, the certification window count and the
+candidate list of ``ResidualQuantizer`` come out of the same pass.  With the
+window ``best + 2 * bound`` of the quantizer's module docstring: one value in
+it certifies the argmin; two or three (the fourth outside) are the complete
+candidate list, re-ranked in float64; otherwise the row goes down the
+quantizer's cascade (fp32 candidate search, then full float64), so codes stay
+equal to the float64 reference whatever this kernel's precision.
 
 Precisions (``PREC``), all with fp32 accumulation:
 
@@ -38,6 +40,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = tl = None
 
 PRECISIONS = ("bf16x3", "tf32x3", "fp32", "tf32")
+TOP = 4
+"""Smallest distances kept per row: a window holding up to TOP - 1 codes is certified."""
 _PREC_ID = {p: i for i, p in enumerate(PRECISIONS)}
 # (relative error of one product from operand splitting, number of MMA passes)
 _SPLIT = {"bf16x3": (3 * 2.0**-16, 3), "tf32x3": (3 * 2.0**-22, 3), "fp32": (0.0, 1), "tf32": (2 * 2.0**-11, 1)}
@@ -59,16 +63,22 @@ def delta(precision: str, dim: int) -> float:
     return 2 * 2.0**-24 + split + 4 * math.sqrt(passes * dim) * 2.0**-23
 
 
-def _nn2(A_HI, A_LO, B_HI, B_LO, NORM, BEST, IDX, SECOND, D_OUT, N, stride_a, stride_b,
-         K: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-         WRITE_D: tl.constexpr):
+def _nn4(A_HI, A_LO, B_HI, B_LO, NORM, VALS, IDS, D_OUT, N, stride_a, stride_b,
+         K: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+         PREC: tl.constexpr, WRITE_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     lane = tl.arange(0, BLOCK_N)
-    best = tl.full([BLOCK_M], float("inf"), tl.float32)
-    second = tl.full([BLOCK_M], float("inf"), tl.float32)
-    bidx = tl.zeros([BLOCK_M], tl.int32)
+    # the four smallest so far, sorted: (v0, i0) <= (v1, i1) <= (v2, i2) <= (v3, i3)
+    v0 = tl.full([BLOCK_M], float("inf"), tl.float32)
+    v1 = tl.full([BLOCK_M], float("inf"), tl.float32)
+    v2 = tl.full([BLOCK_M], float("inf"), tl.float32)
+    v3 = tl.full([BLOCK_M], float("inf"), tl.float32)
+    i0 = tl.zeros([BLOCK_M], tl.int32)
+    i1 = tl.zeros([BLOCK_M], tl.int32)
+    i2 = tl.zeros([BLOCK_M], tl.int32)
+    i3 = tl.zeros([BLOCK_M], tl.int32)
     for n0 in range(0, K, BLOCK_N):
         cols = n0 + lane
         cmask = cols < K
@@ -99,16 +109,31 @@ def _nn2(A_HI, A_LO, B_HI, B_LO, NORM, BEST, IDX, SECOND, D_OUT, N, stride_a, st
         d = tl.where(cmask[None, :], d, float("inf"))
         if WRITE_D:
             tl.store(D_OUT + rows[:, None] * K + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
-        m1 = tl.min(d, axis=1)
-        i1 = tl.argmin(d, axis=1)
-        m2 = tl.min(tl.where(lane[None, :] == i1[:, None], float("inf"), d), axis=1)
-        # the two smallest of {best, second} U {m1, m2}
-        second = tl.minimum(tl.maximum(best, m1), tl.minimum(second, m2))
-        bidx = tl.where(m1 < best, n0 + i1, bidx)
-        best = tl.minimum(best, m1)
-    tl.store(BEST + rows, best, mask=rmask)
-    tl.store(IDX + rows, bidx, mask=rmask)
-    tl.store(SECOND + rows, second, mask=rmask)
+        # the tile's four smallest, each inserted into the sorted four (a small insertion network)
+        for _r in tl.static_range(4):
+            m, j = tl.min(d, axis=1, return_indices=True)
+            d = tl.where(lane[None, :] == j[:, None], float("inf"), d)
+            g = n0 + j
+            c0 = m < v0
+            c1 = m < v1
+            c2 = m < v2
+            c3 = m < v3
+            v3 = tl.where(c2, v2, tl.where(c3, m, v3))
+            i3 = tl.where(c2, i2, tl.where(c3, g, i3))
+            v2 = tl.where(c1, v1, tl.where(c2, m, v2))
+            i2 = tl.where(c1, i1, tl.where(c2, g, i2))
+            v1 = tl.where(c0, v0, tl.where(c1, m, v1))
+            i1 = tl.where(c0, i0, tl.where(c1, g, i1))
+            v0 = tl.where(c0, m, v0)
+            i0 = tl.where(c0, g, i0)
+    tl.store(VALS + rows * 4, v0, mask=rmask)
+    tl.store(VALS + rows * 4 + 1, v1, mask=rmask)
+    tl.store(VALS + rows * 4 + 2, v2, mask=rmask)
+    tl.store(VALS + rows * 4 + 3, v3, mask=rmask)
+    tl.store(IDS + rows * 4, i0, mask=rmask)
+    tl.store(IDS + rows * 4 + 1, i1, mask=rmask)
+    tl.store(IDS + rows * 4 + 2, i2, mask=rmask)
+    tl.store(IDS + rows * 4 + 3, i3, mask=rmask)
 
 
 _KERNELS: dict = {}
@@ -118,7 +143,7 @@ def _kernel():
     """JIT the kernel on first use, so ``TRITON_INTERPRET`` is read then (tests set it)."""
     key = interpreting()
     if key not in _KERNELS:
-        _KERNELS[key] = triton.jit(_nn2)
+        _KERNELS[key] = triton.jit(_nn4)
     return _KERNELS[key]
 
 
@@ -140,13 +165,12 @@ DEFAULT_TILES = {"bf16x3": (128, 128, 64, 8, 3), "tf32x3": (128, 128, 32, 8, 3),
                  "tf32": (128, 128, 32, 8, 3)}
 
 
-def nearest_two(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], norms: torch.Tensor,
-                precision: str, tiles: tuple[int, int, int, int, int] | None = None,
-                write_distances: bool = False):
-    """Per row of ``a`` [N, C] (split as :func:`split_operand`): the smallest and
-    second smallest of ``norms[k] - 2 a.b_k`` over the rows of ``b`` [K, C], and the
-    index of the smallest.  -> (best fp32 [N], idx int64 [N], second fp32 [N]
-    [, the distances [N, K] when ``write_distances``: a debugging/measuring aid])."""
+def nearest(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], norms: torch.Tensor,
+            precision: str, tiles: tuple[int, int, int, int, int] | None = None, write_distances: bool = False):
+    """Per row of ``a`` [N, C] (split as :func:`split_operand`): the :data:`TOP` smallest
+    of ``norms[k] - 2 a.b_k`` over the rows of ``b`` [K, C], ascending, and their
+    indices.  -> (values fp32 [N, TOP], indices int64 [N, TOP] [, the distances
+    [N, K] when ``write_distances``: a measuring aid])."""
     if triton is None:
         raise RuntimeError("the fused RVQ search needs triton (pip install 'asvr[gpu]')")
     if precision not in _PREC_ID:
@@ -157,14 +181,13 @@ def nearest_two(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, tor
     k = b_hi.shape[0]
     bm, bn, bk, warps, stages = tiles or DEFAULT_TILES[precision]
     dev = a_hi.device
-    best = torch.empty(n, dtype=torch.float32, device=dev)
-    second = torch.empty(n, dtype=torch.float32, device=dev)
-    idx = torch.empty(n, dtype=torch.int32, device=dev)
+    vals = torch.empty((n, TOP), dtype=torch.float32, device=dev)
+    ids = torch.empty((n, TOP), dtype=torch.int32, device=dev)
     dist = torch.empty((n, k) if write_distances else (1,), dtype=torch.float32, device=dev)
     extra = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
-    _kernel()[(triton.cdiv(n, bm),)](a_hi, a_lo, b_hi, b_lo, norms.float().contiguous(), best, idx, second, dist,
+    _kernel()[(triton.cdiv(n, bm),)](a_hi, a_lo, b_hi, b_lo, norms.float().contiguous(), vals, ids, dist,
                                      n, a_hi.stride(0), b_hi.stride(0), K=k, C=c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                      PREC=_PREC_ID[precision], WRITE_D=write_distances, **extra)
     if write_distances:
-        return best, idx.long(), second, dist
-    return best, idx.long(), second
+        return vals, ids.long(), dist
+    return vals, ids.long()
