@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
+from asvr.tokenizer.quantizer import SEARCH_DTYPES
 
 EPILOG = """\
 Inputs (auto-detected per INPUT, or --input-format for all):
@@ -57,6 +58,9 @@ def _tokenize_parser(sub) -> None:
                    help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="encoder precision (bfloat16 autocast is faster on GPUs; features change)")
+    p.add_argument("--search-dtype", default=None, choices=list(SEARCH_DTYPES),
+                   help="RVQ candidate search precision; codes are identical for all, only speed moves "
+                        "(default: the tokenizer's choice: fp32 search; fused-* need triton and a GPU)")
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
@@ -89,6 +93,7 @@ def _config(args, PipelineConfig, SourceOptions):
                               caption_column=args.caption_column),
         format=args.format, preprocess=args.preprocess, batch_size=args.batch_size, shard_size=args.shard_size,
         fast_decode=args.fast_decode, max_pixels=args.max_pixels, encoder_dtype=args.encoder_dtype,
+        search_dtype=args.search_dtype,
         encode_actors=args.encode_actors, encode_threads=args.encode_threads, ray_address=args.ray_address,
         num_cpus=args.num_cpus, overwrite=args.overwrite, progress=not args.no_progress,
     )

@@ -58,6 +58,9 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels fail as decompression bombs (PIL refuses above 2x its own limit regardless)."""
     encoder_dtype: str = "float32"
+    search_dtype: str | None = None
+    """RVQ candidate search (asvr.tokenizer.quantizer.SEARCH_DTYPES; codes are identical for all, only speed
+    moves; default: the tokenizer's choice for the device)."""
     encode_actors: int = 0
     """Encode actors (0: one per GPU, else one per 8 CPUs, at least 1)."""
     encode_threads: int = 0
@@ -79,6 +82,10 @@ class PipelineConfig:
             raise ValueError("--max-pixels must be >= 1")
         if self.encoder_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--encoder-dtype must be float32 or bfloat16, got {self.encoder_dtype!r}")
+        from asvr.tokenizer.quantizer import SEARCH_DTYPES
+
+        if self.search_dtype is not None and self.search_dtype not in SEARCH_DTYPES:
+            raise ValueError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}, got {self.search_dtype!r}")
 
 
 @dataclass
@@ -142,12 +149,12 @@ def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
     if gpus:
         actors = cfg.encode_actors or gpus
         remote = {"num_gpus": 1, "num_cpus": 1}
-        builder = TokenizerBuilder(cfg.tokenizer, "cuda", 0, cfg.encoder_dtype)
+        builder = TokenizerBuilder(cfg.tokenizer, "cuda", 0, cfg.encoder_dtype, cfg.search_dtype)
     else:
         actors = cfg.encode_actors or max(1, cpus // 8)
         threads = cfg.encode_threads or max(1, cpus // actors)
         remote = {"num_cpus": 1}
-        builder = TokenizerBuilder(cfg.tokenizer, "cpu", threads, cfg.encoder_dtype)
+        builder = TokenizerBuilder(cfg.tokenizer, "cpu", threads, cfg.encoder_dtype, cfg.search_dtype)
     return actors, remote, builder
 
 

@@ -176,6 +176,8 @@ class TokenizerBuilder:
     """torch intra-op threads for a CPU actor (0: leave torch's default)."""
     encoder_dtype: str = "float32"
     """float32 (features as the reference) | bfloat16 (autocast; faster on GPU, features change)."""
+    search_dtype: str | None = None
+    """RVQ candidate search of ``encode_pixels`` (None: its default); codes do not depend on it."""
 
     def build(self):
         import torch
@@ -195,6 +197,7 @@ class Encoder:
 
         self.tok = builder.build()
         self.dtype = torch.bfloat16 if builder.encoder_dtype == "bfloat16" else None
+        self.search_dtype = builder.search_dtype
         e = self.tok.spec.encoder
         self.mean = torch.tensor(e.mean, dtype=torch.float32, device=self.tok.device)
         self.std = torch.tensor(e.std, dtype=torch.float32, device=self.tok.device)
@@ -215,7 +218,8 @@ class Encoder:
         n = len(ok)
         codes = np.zeros((n, self.ncodes), np.uint16)
         if ok.any():
-            c = self.tok.encode_pixels(self.normalise(np.ascontiguousarray(batch["pixels"][ok])), dtype=self.dtype)
+            c = self.tok.encode_pixels(self.normalise(np.ascontiguousarray(batch["pixels"][ok])), dtype=self.dtype,
+                                       search_dtype=self.search_dtype)
             codes[ok] = c.reshape(int(ok.sum()), -1).to("cpu").numpy().astype(np.uint16)
         t_encode = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         out = {k: v for k, v in batch.items() if k != "pixels"}

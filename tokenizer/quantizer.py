@@ -43,6 +43,8 @@ _SEARCH_DTYPES = {"float32": torch.float32, "tf32": "tf32", "float16": torch.flo
 # fused Triton search (asvr.tokenizer.rvq_triton): nearest two per row in one pass, no [N, K] matrix
 _FUSED = {f"fused-{p}": p for p in ("bf16x3", "tf32x3", "fp32", "tf32")}
 _SEARCH_DTYPES.update({name: name for name in _FUSED})
+SEARCH_DTYPES = tuple(_SEARCH_DTYPES)
+"""Every ``search_dtype`` :meth:`ResidualQuantizer.encode` takes (codes are the same for all)."""
 
 
 def rvq_encode_reference(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:

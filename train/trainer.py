@@ -392,6 +392,8 @@ class Trainer:
             rec = {"step": info["step"], **{k: vals[pos + j] / n for j, k in enumerate(keys)}}
             pos += len(keys)
             rec.update(tokens=vals[len(vals) - len(pending) + i], lr=info["lr"], epoch=info["epoch"])
+            if self.device.type == "cuda":  # the allocator's counter: a host read, no sync
+                rec["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             out.append(rec)
         return out
 
