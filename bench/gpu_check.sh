@@ -37,6 +37,12 @@ case "$what" in
   pipeline)
     timeout 300 $PY bench/gpu_pipeline_ray.py --out "$OUT" --images 4096 --search-dtype float32 fused-bf16x3 $tiny \
       2>&1 | tee "$OUT/gpu_pipeline_ray.log"
+    # issue 12 #4: cached codes vs the reference's tokenizer-every-step at SigLIP scale (1.3B LLM)
+    if [ -z "$tiny" ]; then
+      timeout 150 $PY bench/step_time_cached_vs_online.py --siglip --device cuda --hidden 2048 --layers 24 \
+        --text 1318 --depth 8 --codebook 16384 --batch 4 --steps 3 --search-dtype fused-bf16x3 2>&1 \
+        | grep -v "Writing model" | tee "$OUT/cached_vs_online.log"
+    fi
     ;;
   *) echo "gpu_check.sh: train or pipeline"; exit 2 ;;
 esac
