@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         try:
             import pyarrow.parquet as pq
 
-            tabs = [pq.read_table(f) for f in sorted((work / f"codes_{sd}").glob("*.parquet"))]
+            tabs = [pq.read_table(f) for f in sorted((work / f"codes_{sd}").glob("part-*.parquet"))]
             got = {k: np.asarray(c) for t in tabs for k, c in zip(t.column("key").to_pylist(),
                                                                    t.column("codes").to_pylist())}
             same = [np.array_equal(got[k].reshape(-1), codes[k].reshape(-1)) for k in got if k in codes]

@@ -60,7 +60,7 @@ def _tokenize_parser(sub) -> None:
                    help="encoder precision (bfloat16 autocast is faster on GPUs; features change)")
     p.add_argument("--search-dtype", default=None, choices=list(SEARCH_DTYPES),
                    help="RVQ candidate search precision; codes are identical for all, only speed moves "
-                        "(default: the tokenizer's choice: fp32 search; fused-* need triton and a GPU)")
+                        "(default: fused-bf16x3 on a GPU with triton installed, else float32; fused-* need triton)")
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
