@@ -13,7 +13,10 @@ send the row down a cascade: fp32, then a full float64 search.  So the codes
 equal :func:`rvq_encode_reference`, whatever the search precision; precision
 only moves the share of rows that go down the cascade (bench/).  An argmin
 and a count are two cheap passes over the distance matrix, cheaper than the
-top-k of an earlier version.
+top-k of an earlier version.  ``search_dtype="fused-*"`` replaces the first
+level by a Triton kernel (asvr.tokenizer.rvq_triton) that never writes the
+matrix: it returns the four nearest per row, certified with the same bound;
+the default on CUDA (bench/results/gpu_issues_12_13_h200.md).
 
 The bound per row is ``2 * delta * ||r|| * max_k ||c_k||`` plus the rounding of
 ``||c_k||^2``, with ``delta`` the relative error of one dot product: the

@@ -18,6 +18,13 @@ ZeRO-3 also partitions the frozen online encoder: on CPU/gloo its ~200 small
 tensors are gathered every step (7 s/step vs 0.5 s with ZeRO-2 on the tiny
 test model), so prefer ZeRO-2, or the codes/features inputs, for small runs.
 
+Metrics: the per-step losses stay on the device and are reduced and copied to
+the host once per ``--log-every`` steps (every step still gets its row in
+metrics.jsonl; step time and tokens/s are the window's mean).  On one H200
+(bench/results/gpu_issues_12_13_h200.md) the CLI at ~1.3B bf16 ran at 0.31-0.58
+of a bare torch loop: the remaining gap is DeepSpeed's (fp32 master weights,
+ZeRO buckets, its own syncs in ``engine.step``).
+
 Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
 an uninterrupted run bit for bit (tested): the loader resumes at the next
 micro-batch, and model, optimizer, scheduler and RNG states are restored.
