@@ -132,7 +132,9 @@ def main(argv=None) -> None:
           f"LLM hidden {a.hidden} x {a.layers} layers; RVQ depth {a.depth} x {a.codebook}; decode+preprocess of a "
           f"640x480 JPEG: {decode_s * 1e3:.1f} ms/image (pixel modes pay it in the loader)")
     results = {}
-    for name, mode in (("cached codes", "codes"), ("online+cached", "online"), ("reference", "online")):
+    runs = (("cached codes", "codes", codes.to(device)), ("online+cached", "online", pixels),
+            ("reference", "online", pixels))
+    for name, mode, vision in runs:
         torch.manual_seed(0)
         mcfg = ModelConfig(llm=llm, vision_input=mode, head=head, dtype="bfloat16" if cuda else "float32")
         with torch.device(device):  # built on the device: seconds instead of minutes for a 1B model
@@ -141,9 +143,9 @@ def main(argv=None) -> None:
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         base = make_batch(tok, pixels.cpu(), codes, a.text, 4096).to(device)
 
-        def make(mode=mode, name=name):
+        def make(vision=vision, name=name):
             b = Batch(**{**base.__dict__})
-            b.vision = codes.to(device) if mode == "codes" else pixels
+            b.vision = vision
             if name == "reference":  # tokenizer on the images every step for the targets
                 b.visual_codes = tok.encode_pixels(pixels, dtype=enc_dtype,
                                                    search_dtype=a.search_dtype).reshape(b.visual_codes.shape)

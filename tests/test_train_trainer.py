@@ -2,6 +2,7 @@
 sft from a pretrain run, ZeRO-3 vs ZeRO-2, two processes vs accumulation, errors."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,15 @@ def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir
         assert [r[key] for r in straight] == [r[key] for r in windowed], key
     assert all(r["tokens_per_s"] > 0 and r["step_time_s"] > 0 for r in windowed)
     assert not list((out / "checkpoints").glob("step*")) if (out / "checkpoints").exists() else True
+
+
+def test_config_file_of_a_run_reproduces_it(pretrain_run, tmp_path):
+    saved = json.loads((pretrain_run / "train_config.json").read_text())
+    assert saved["max_steps"] == 4 and saved["head"]["width"] == 64 and saved["template"] == "plain"
+    out = tmp_path / "again"
+    assert main(["--config", str(pretrain_run / "train_config.json"), "--output-dir", str(out)]) == 0
+    assert json.loads((out / "train_config.json").read_text()) == {**saved, "output_dir": str(out)}
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(pretrain_run)]
 
 
 def test_pretrain_freezes_llm_and_exports_loadable_model(corpus, pretrain_run, tiny_tokenizer):
