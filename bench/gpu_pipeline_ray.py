@@ -22,7 +22,6 @@ Results go to ``OUT/gpu_pipeline_ray.json`` as they come.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import os

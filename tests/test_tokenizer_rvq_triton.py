@@ -1,5 +1,5 @@
 """The fused Triton RVQ search (asvr.tokenizer.rvq_triton), run on CPU by Triton's
-interpreter: its nearest-two output against float64, and the quantizer's codes
+interpreter: its nearest-four output against float64, and the quantizer's codes
 through it against the float64 numpy reference (random data, near ties, shared
 codebooks, tile sizes that do not divide the shapes).  Skipped without triton;
 precision on tensor cores is measured on the GPU (bench/gpu_rvq_kernel.py)."""
