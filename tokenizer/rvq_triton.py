@@ -1,4 +1,4 @@
-"""Fused nearest-four search for the exact RVQ (Triton; CUDA, or the CPU interpreter).
+"""Fused nearest-four search for the exact RVQ (Triton on CUDA or in its CPU interpreter; a torch stand-in elsewhere).
 
 One launch per depth computes, for every row ``r`` of a block, the approximate
 distances ``||c_k||^2 - 2 r.c_k`` tile by tile on the tensor cores and keeps in
@@ -73,77 +73,79 @@ def delta(precision: str, dim: int) -> float:
     return 2 * 2.0**-24 + split + 4 * math.sqrt(passes * dim) * 2.0**-23
 
 
-def _nn4(A_HI, A_LO, B_HI, B_LO, NORM, VALS, IDS, D_OUT, N, stride_a, stride_b,
-         K: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-         PREC: tl.constexpr, WRITE_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
-    lane = tl.arange(0, BLOCK_N)
-    # the four smallest so far, sorted: (v0, i0) <= (v1, i1) <= (v2, i2) <= (v3, i3)
-    v0 = tl.full([BLOCK_M], float("inf"), tl.float32)
-    v1 = tl.full([BLOCK_M], float("inf"), tl.float32)
-    v2 = tl.full([BLOCK_M], float("inf"), tl.float32)
-    v3 = tl.full([BLOCK_M], float("inf"), tl.float32)
-    i0 = tl.zeros([BLOCK_M], tl.int32)
-    i1 = tl.zeros([BLOCK_M], tl.int32)
-    i2 = tl.zeros([BLOCK_M], tl.int32)
-    i3 = tl.zeros([BLOCK_M], tl.int32)
-    for n0 in range(0, K, BLOCK_N):
-        cols = n0 + lane
-        cmask = cols < K
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, C, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < C
-            a_off = rows[:, None] * stride_a + ks[None, :]
-            b_off = cols[None, :] * stride_b + ks[:, None]
-            am = rmask[:, None] & kmask[None, :]
-            bm = kmask[:, None] & cmask[None, :]
-            a = tl.load(A_HI + a_off, mask=am, other=0.0)
-            b = tl.load(B_HI + b_off, mask=bm, other=0.0)
-            if PREC == 0:  # bf16x3: small terms first
-                a_lo = tl.load(A_LO + a_off, mask=am, other=0.0)
-                b_lo = tl.load(B_LO + b_off, mask=bm, other=0.0)
-                acc = tl.dot(a_lo, b, acc)
-                acc = tl.dot(a, b_lo, acc)
-                acc = tl.dot(a, b, acc)
-            elif PREC == 1:
-                acc = tl.dot(a, b, acc, input_precision="tf32x3")
-            elif PREC == 2:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-        nrm = tl.load(NORM + cols, mask=cmask, other=float("inf"))
-        d = nrm[None, :] - 2.0 * acc
-        d = tl.where(cmask[None, :], d, float("inf"))
-        if WRITE_D:
-            tl.store(D_OUT + rows[:, None] * K + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
-        # the tile's four smallest, each inserted into the sorted four (a small insertion network)
-        for _r in tl.static_range(4):
-            m, j = tl.min(d, axis=1, return_indices=True)
-            d = tl.where(lane[None, :] == j[:, None], float("inf"), d)
-            g = n0 + j
-            c0 = m < v0
-            c1 = m < v1
-            c2 = m < v2
-            c3 = m < v3
-            v3 = tl.where(c2, v2, tl.where(c3, m, v3))
-            i3 = tl.where(c2, i2, tl.where(c3, g, i3))
-            v2 = tl.where(c1, v1, tl.where(c2, m, v2))
-            i2 = tl.where(c1, i1, tl.where(c2, g, i2))
-            v1 = tl.where(c0, v0, tl.where(c1, m, v1))
-            i1 = tl.where(c0, i0, tl.where(c1, g, i1))
-            v0 = tl.where(c0, m, v0)
-            i0 = tl.where(c0, g, i0)
-    tl.store(VALS + rows * 4, v0, mask=rmask)
-    tl.store(VALS + rows * 4 + 1, v1, mask=rmask)
-    tl.store(VALS + rows * 4 + 2, v2, mask=rmask)
-    tl.store(VALS + rows * 4 + 3, v3, mask=rmask)
-    tl.store(IDS + rows * 4, i0, mask=rmask)
-    tl.store(IDS + rows * 4 + 1, i1, mask=rmask)
-    tl.store(IDS + rows * 4 + 2, i2, mask=rmask)
-    tl.store(IDS + rows * 4 + 3, i3, mask=rmask)
+if tl is not None:  # the kernel is defined only where triton imports
+
+    def _nn4(A_HI, A_LO, B_HI, B_LO, NORM, VALS, IDS, D_OUT, N, stride_a, stride_b,
+             K: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             PREC: tl.constexpr, WRITE_D: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < N
+        lane = tl.arange(0, BLOCK_N)
+        # the four smallest so far, sorted: (v0, i0) <= (v1, i1) <= (v2, i2) <= (v3, i3)
+        v0 = tl.full([BLOCK_M], float("inf"), tl.float32)
+        v1 = tl.full([BLOCK_M], float("inf"), tl.float32)
+        v2 = tl.full([BLOCK_M], float("inf"), tl.float32)
+        v3 = tl.full([BLOCK_M], float("inf"), tl.float32)
+        i0 = tl.zeros([BLOCK_M], tl.int32)
+        i1 = tl.zeros([BLOCK_M], tl.int32)
+        i2 = tl.zeros([BLOCK_M], tl.int32)
+        i3 = tl.zeros([BLOCK_M], tl.int32)
+        for n0 in range(0, K, BLOCK_N):
+            cols = n0 + lane
+            cmask = cols < K
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, C, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < C
+                a_off = rows[:, None] * stride_a + ks[None, :]
+                b_off = cols[None, :] * stride_b + ks[:, None]
+                am = rmask[:, None] & kmask[None, :]
+                bm = kmask[:, None] & cmask[None, :]
+                a = tl.load(A_HI + a_off, mask=am, other=0.0)
+                b = tl.load(B_HI + b_off, mask=bm, other=0.0)
+                if PREC == 0:  # bf16x3: small terms first
+                    a_lo = tl.load(A_LO + a_off, mask=am, other=0.0)
+                    b_lo = tl.load(B_LO + b_off, mask=bm, other=0.0)
+                    acc = tl.dot(a_lo, b, acc)
+                    acc = tl.dot(a, b_lo, acc)
+                    acc = tl.dot(a, b, acc)
+                elif PREC == 1:
+                    acc = tl.dot(a, b, acc, input_precision="tf32x3")
+                elif PREC == 2:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision="tf32")
+            nrm = tl.load(NORM + cols, mask=cmask, other=float("inf"))
+            d = nrm[None, :] - 2.0 * acc
+            d = tl.where(cmask[None, :], d, float("inf"))
+            if WRITE_D:
+                tl.store(D_OUT + rows[:, None] * K + cols[None, :], d, mask=rmask[:, None] & cmask[None, :])
+            # the tile's four smallest, each inserted into the sorted four (a small insertion network)
+            for _r in tl.static_range(4):
+                m, j = tl.min(d, axis=1, return_indices=True)
+                d = tl.where(lane[None, :] == j[:, None], float("inf"), d)
+                g = n0 + j
+                c0 = m < v0
+                c1 = m < v1
+                c2 = m < v2
+                c3 = m < v3
+                v3 = tl.where(c2, v2, tl.where(c3, m, v3))
+                i3 = tl.where(c2, i2, tl.where(c3, g, i3))
+                v2 = tl.where(c1, v1, tl.where(c2, m, v2))
+                i2 = tl.where(c1, i1, tl.where(c2, g, i2))
+                v1 = tl.where(c0, v0, tl.where(c1, m, v1))
+                i1 = tl.where(c0, i0, tl.where(c1, g, i1))
+                v0 = tl.where(c0, m, v0)
+                i0 = tl.where(c0, g, i0)
+        tl.store(VALS + rows * 4, v0, mask=rmask)
+        tl.store(VALS + rows * 4 + 1, v1, mask=rmask)
+        tl.store(VALS + rows * 4 + 2, v2, mask=rmask)
+        tl.store(VALS + rows * 4 + 3, v3, mask=rmask)
+        tl.store(IDS + rows * 4, i0, mask=rmask)
+        tl.store(IDS + rows * 4 + 1, i1, mask=rmask)
+        tl.store(IDS + rows * 4 + 2, i2, mask=rmask)
+        tl.store(IDS + rows * 4 + 3, i3, mask=rmask)
 
 
 _KERNELS: dict = {}
@@ -175,16 +177,36 @@ DEFAULT_TILES = {"bf16x3": (128, 128, 64, 8, 3), "tf32x3": (128, 128, 32, 8, 3),
                  "tf32": (128, 128, 32, 8, 3)}
 
 
+def _nearest_torch(a, b, norms: torch.Tensor, precision: str, write_distances: bool):
+    """What the kernel computes, in torch with the [N, K] matrix (CPU without triton, or no
+    interpreter): the same split products for bf16x3 (exact in fp32, as on the tensor cores);
+    fp32 products for the others, whose error is within their (larger) bound.  Keeps the
+    quantizer's certification and re-rank testable on any machine."""
+    a_hi, a_lo = (t.float() for t in a)
+    b_hi, b_lo = (t.float() for t in b)
+    dots = a_hi @ b_hi.T
+    if precision == "bf16x3":
+        dots = a_lo @ b_hi.T + a_hi @ b_lo.T + dots
+    dist = norms.float()[None] - 2 * dots
+    k = min(TOP, dist.shape[1])
+    vals, ids = dist.topk(k, dim=1, largest=False, sorted=True)
+    if k < TOP:  # fewer codes than kept slots: the kernel leaves inf there
+        pad = TOP - k
+        vals = torch.cat([vals, vals.new_full((vals.shape[0], pad), float("inf"))], dim=1)
+        ids = torch.cat([ids, ids.new_zeros((ids.shape[0], pad))], dim=1)
+    return (vals, ids, dist) if write_distances else (vals, ids)
+
+
 def nearest(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], norms: torch.Tensor,
             precision: str, tiles: tuple[int, int, int, int, int] | None = None, write_distances: bool = False):
     """Per row of ``a`` [N, C] (split as :func:`split_operand`): the :data:`TOP` smallest
     of ``norms[k] - 2 a.b_k`` over the rows of ``b`` [K, C], ascending, and their
     indices.  -> (values fp32 [N, TOP], indices int64 [N, TOP] [, the distances
     [N, K] when ``write_distances``: a measuring aid])."""
-    if triton is None:
-        raise RuntimeError("the fused RVQ search needs triton (pip install 'asvr[gpu]')")
     if precision not in _PREC_ID:
         raise ValueError(f"precision must be one of {PRECISIONS}")
+    if triton is None or (a[0].device.type != "cuda" and not interpreting()):
+        return _nearest_torch(a, b, norms, precision, write_distances)
     a_hi, a_lo = a
     b_hi, b_lo = b
     n, c = a_hi.shape
