@@ -1,4 +1,4 @@
-"""Fused nearest-four search for the exact RVQ (Triton on CUDA or in its CPU interpreter; a torch stand-in elsewhere).
+"""Fused nearest-four search for the exact RVQ: Triton (CUDA or its CPU interpreter), else torch.
 
 One launch per depth computes, for every row ``r`` of a block, the approximate
 distances ``||c_k||^2 - 2 r.c_k`` tile by tile on the tensor cores and keeps in
