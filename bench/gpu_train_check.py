@@ -79,7 +79,8 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
     llms = {}
     for name, dims in (("llm", s), ("llm_small", small)):
         folder = work / name
-        cfg = tiny_llm_config("llama", vocab_size=max(dims.vocab, len(bpe)), hidden_size=dims.hidden, layers=dims.layers,
+        cfg = tiny_llm_config("llama", vocab_size=max(dims.vocab, len(bpe)), hidden_size=dims.hidden,
+                              layers=dims.layers,
                               heads=dims.heads, kv_heads=dims.heads, intermediate_size=dims.intermediate,
                               max_positions=max(4096, dims.seq))
         mt = cfg.pop("model_type")
@@ -194,7 +195,8 @@ def resume_check(w: dict, work: Path, steps: int, save_at: int, timeout: float, 
     p.wait()
     got = len(read_metrics(killed))
     log(f"--- resume: killed at {got} logged steps (checkpoint at {save_at}), rc {p.returncode}")
-    rc, _, _ = run_cli(cli_args(w, w["llm_small"], killed, *common, "--resume", "auto"), timeout, "resume: --resume auto")
+    rc, _, _ = run_cli(cli_args(w, w["llm_small"], killed, *common, "--resume", "auto"), timeout,
+                       "resume: --resume auto")
     if rc:
         return {"error": "resumed run failed"}
     a, b = read_metrics(straight), read_metrics(killed)
