@@ -232,3 +232,25 @@ def test_bench_bad_file_is_one_line_error(run_codes, corpus, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("asvr-eval bench: error: ") and f"{bench}:2: not valid JSON" in err
     assert len(err.splitlines()) == 1
+
+
+def test_ask_a_question_about_an_image_as_the_readme_shows(run_codes, corpus, tmp_path):
+    """The README's example: load a run on the default device (cpu here: no CUDA) and ask."""
+    from asvr.eval.bench_formats import read_bench
+    from asvr.eval.generate import GenerationConfig, ask, generate_answers
+    from asvr.eval.loading import load_for_eval
+    from asvr.train.export import load_exported
+
+    assert next(load_exported(run_codes / "final").parameters()).device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    lm = load_for_eval(run_codes, need_encoder=True)
+    image = corpus.images / corpus.keys[0]
+    answer = ask(lm, image, "What is in the image?", max_new_tokens=5)
+    assert isinstance(answer, str)
+    # the same as the bench path with the bare question
+    bench = tmp_path / "one.jsonl"
+    bench.write_text(json.dumps({"image": corpus.keys[0], "question": "What is in the image?", "answer": "x"}) + "\n")
+    _, items = read_bench(bench, images=corpus.images)
+    cfg = GenerationConfig(max_new_tokens=5, instructions="none", progress=False)
+    assert generate_answers(lm, items, cfg) == [answer]
+    assert ask(lm, image.read_bytes(), "What is in the image?", max_new_tokens=5) == answer

@@ -313,6 +313,9 @@ class TrainConfig:
     step; metrics.jsonl still gets every step (step time and tokens/s: the window's mean)."""
     resume: str | None = field(default=None, metadata=_opt(RUN))
     """'auto': continue from the newest checkpoint in --output-dir (if any); or a tag like step00000042."""
+    overwrite: bool = field(default=False, metadata=_opt(RUN))
+    """Start again in an --output-dir that already holds a run (its checkpoints, metrics, plot and export are
+    deleted first; RUN/cache is kept). Without it, or --resume, such a folder is refused."""
     stop_after: int | None = field(default=None, metadata=_opt(RUN))
     """End this invocation after N steps with a checkpoint (the schedule still spans --max-steps; rerun
     with --resume auto): jobs with a wall-time limit."""
@@ -322,6 +325,8 @@ class TrainConfig:
     """(--no-export) do not write RUN/final, the exported model."""
     progress: bool = field(default=True, metadata=_opt(RUN, flag="--quiet"))
     """(--quiet) no progress bar or messages."""
+    verbose: bool = field(default=False, metadata=_opt(RUN))
+    """Also show DeepSpeed's and transformers' own messages and warnings (see asvr.train.libraries)."""
     preview: int = field(default=0, metadata=_opt(RUN, metavar="N"))
     """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100, image
     positions) and exit without training (0: train)."""
@@ -342,6 +347,8 @@ class TrainConfig:
             raise ValueError(f"--attn-implementation must be one of {ATTN_IMPLEMENTATIONS}")
         if self.resume not in (None, "auto") and not self.resume.startswith("step"):
             raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("--overwrite starts the run again, --resume continues it: give one")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError("--stop-after must be >= 1")
         if self.stop_after is not None and not self.final_checkpoint:

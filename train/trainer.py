@@ -10,7 +10,9 @@ gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
 one-process group itself (127.0.0.1, a free port).  The optimizer is torch's
 AdamW passed to DeepSpeed as a client optimizer (FusedAdam needs CUDA and
 DeepSpeedCPUAdam compiles a C++ op for ~40 s), unless a ``--deepspeed``
-config brings its own ``optimizer`` section.  ZeRO-3: the model is built and
+config brings its own ``optimizer`` section.  (DeepSpeed's CPU backend still
+compiles its shared-memory communication op once per machine, announced
+first: see ``libraries.py``.)  ZeRO-3: the model is built and
 ``--init-from`` weights loaded *before* ``deepspeed.initialize`` partitions
 it (a ~7B model fits in host RAM; ``zero.Init`` for larger ones is not wired),
 and the export gathers the partitions with ``zero.GatheredParameters``.
@@ -37,6 +39,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, libraries
 from .config import ModelConfig, TrainConfig
 from .data import DataConfig, PackedLoader, TrainingData, assemble_data, describe_bad, open_codes, write_bad_samples
 from .metrics import MetricsLogger, plot_losses
@@ -96,15 +99,48 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
     return f
 
 
+class RunFolderError(ValueError):
+    """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
+
+
+# What a run writes in its folder (RUN/cache, the reusable feature cache, is not among them).
+RUN_OUTPUTS = (checkpoint.CHECKPOINTS, "final", "metrics.jsonl", "loss.png", "train_config.json",
+               "bad_samples.jsonl", "tensorboard")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` has checkpoints, metrics or an export of an earlier run."""
+    return any((run_dir / name).exists() for name in (checkpoint.CHECKPOINTS, "final", "metrics.jsonl"))
+
+
+def check_run_folder(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to silently restart (and so overwrite) a run: before this check, rerunning a
+    finished command without --resume started again at step 1 over the finished run."""
+    if resume is None and not overwrite and holds_run(run_dir):
+        raise RunFolderError(f"{run_dir} already holds a run: --resume auto to continue, --overwrite to start again")
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.resuming = False
+        check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
         self.rank, self.world, self.owns_group = init_distributed()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.rank == 0:
+            if cfg.overwrite and cfg.resume is None:
+                clear_run_folder(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
 
@@ -214,9 +250,13 @@ class Trainer:
                 warmup = max(1, math.ceil(cfg.warmup_ratio * total))
                 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                               cosine_with_warmup(total, warmup, cfg.min_lr_ratio))
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
-                                               optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
-                                               dist_init_required=False)
+        notice = libraries.build_notice()
+        if notice:
+            self.log(notice)
+        with libraries.quiet_stdout(cfg.verbose):
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
+                                                   optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                                   dist_init_required=False)
         step = 0
         if self.resuming:
             client = checkpoint.load(engine, self.run_dir, self.rank, None if cfg.resume == "auto" else cfg.resume)
@@ -234,7 +274,7 @@ class Trainer:
         if cfg.export and stop == total:
             self.export(engine, llm_tokenizer)
         if self.rank == 0:
-            plot_losses(self.run_dir)
+            plot_losses(self.run_dir, cfg.stage)
         dist.barrier()
         return last
 
