@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from asvr.tokenizer.paths import UnsafePathError, confine, read_regular
 from asvr.train.batch import Batch
 from asvr.train.data import Collator, DataConfig, build_training_data
 from asvr.train.packing import PackingConfig
@@ -196,7 +197,11 @@ class _EncoderFeatures:
         self.mode = mode
 
     def get(self, key: str) -> np.ndarray:
-        pixels = self.tokenizer.preprocess_images([self.images / key], mode=self.mode)
+        try:  # keys are data: the same --images confinement as training
+            data = read_regular(confine(self.images, key))
+        except UnsafePathError as e:
+            raise EvalError(f"{self.images / key}: {e}") from None
+        pixels = self.tokenizer.preprocess_images([data], mode=self.mode)
         return self.tokenizer.features(pixels)[0].cpu().numpy()
 
 

@@ -127,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     from asvr.tokenizer.artifact import TokenizerError
     from asvr.tokenizer.preprocess import ImageError
 
+    from .checkpoint import CheckpointError
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
 
     args = build_parser().parse_args(argv)
-    expected = (CLIError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError)
+    expected = (CLIError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
+                CheckpointError)
     try:
         cfg = config_from_args(args)
     except (ValueError, *expected) as e:

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from asvr.tokenizer.paths import UnsafePathError, confine, read_regular, regular_file_error
 from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess
 
 from .batch import Batch
@@ -73,7 +74,7 @@ class Sample:
 class BadSample:
     sample_id: str
     source: str
-    kind: str  # malformed | not in shards | missing image | too long
+    kind: str  # malformed | not in shards | missing image | unsafe image path | too long
     reason: str
 
 
@@ -126,8 +127,8 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
         if rec.image is not None and rec.image not in store:
             refuse("not in shards", f"image {rec.image!r} is in no shard")
             continue
-        if rec.image is not None and check_images and not (root / rec.image).is_file():
-            refuse("missing image", f"{root / rec.image} does not exist")
+        if rec.image is not None and check_images and (why := image_problem(root, rec.image)):
+            refuse(*why)
             continue
         if len(enc) > max_len:
             if enc.image_mask[max_len:].any():
@@ -141,9 +142,9 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     n_free = len(free_pool) if r >= 1 else min(len(free_pool), int(round(r / (1 - r) * n_conv)))
     if n_free:
         if check_images:
-            missing = [k for k in free_pool if not (root / k).is_file()]
-            bad.extend(BadSample(k, "shards", "missing image", f"{root / k} does not exist") for k in missing)
-            free_pool = [k for k in free_pool if (root / k).is_file()]
+            why = {k: image_problem(root, k) for k in free_pool}
+            bad.extend(BadSample(k, "shards", *w) for k, w in why.items() if w)
+            free_pool = [k for k in free_pool if not why[k]]
             n_free = min(n_free, len(free_pool))
         rng = np.random.default_rng([cfg.seed, 7])
         chosen = sorted(rng.choice(len(free_pool), size=n_free, replace=False).tolist())
@@ -156,6 +157,20 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     if not samples:
         raise DataError("no training samples left")
     return TrainingData(samples, store, bad, n_conv, n_free)
+
+
+def image_problem(root: Path, key: str) -> tuple[str, str] | None:
+    """``(kind, reason)`` when ``--images/key`` cannot be an image input (it escapes the root, is
+    missing or is not a regular file), else None.  Keys come from shards and conversations, i.e. from
+    data: the same confinement as the pipeline's LLaVA input (:func:`asvr.tokenizer.paths.confine`)."""
+    try:
+        path = confine(root, key)
+    except UnsafePathError as e:
+        return "unsafe image path", f"{key!r}: {str(e).replace('the image root', '--images')}"
+    why = regular_file_error(path)
+    if why is None:
+        return None
+    return "missing image", f"{root / key} {'does not exist' if not os.path.lexists(path) else why}"
 
 
 class Collator:
@@ -178,8 +193,9 @@ class Collator:
     def pixels(self, key: str) -> np.ndarray:
         path = self.images / key
         try:
-            return preprocess(open_image(path.read_bytes(), self.preprocess_cfg), self.preprocess_cfg)
-        except (OSError, ImageError) as e:
+            data = read_regular(confine(self.images, key))
+            return preprocess(open_image(data, self.preprocess_cfg), self.preprocess_cfg)
+        except (UnsafePathError, ImageError) as e:
             raise DataError(f"{path}: {e}") from None
 
     def vision_of(self, key: str) -> np.ndarray:

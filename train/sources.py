@@ -171,8 +171,10 @@ def load_conversations(paths: Sequence[str | os.PathLike]) -> list[ConversationR
             text = path.read_text()
             data = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
                 else json.loads(text)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise DataError(f"{path}: cannot read conversations ({e})") from None
+        except RecursionError:
+            raise DataError(f"{path}: cannot read conversations (JSON nested too deeply)") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of conversations")
         for i, rec in enumerate(data):

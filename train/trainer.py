@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from asvr.tokenizer.paths import confine, read_regular
+
 from . import checkpoint
 from .config import ModelConfig, VisualHeadConfig
 from .data import (Collator, DataConfig, PackedLoader, TrainingData, build_training_data, describe_bad,
@@ -216,8 +218,9 @@ class Trainer:
 
         def featurize(keys: list[str]):
             try:
-                pixels = tokenizer.preprocess_images([Path(self.cfg.images) / k for k in keys], mode=mode)
-            except (OSError, ValueError) as e:
+                pixels = tokenizer.preprocess_images([read_regular(confine(self.cfg.images, k)) for k in keys],
+                                                     mode=mode)
+            except (OSError, ValueError) as e:  # UnsafePathError and ImageError are ValueErrors
                 raise DataError(f"caching features: {e}") from None
             return tokenizer.features(pixels).cpu().numpy()
 
