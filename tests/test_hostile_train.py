@@ -2,7 +2,6 @@
 shard keys escaping ``--images``, corrupt shards.  Each failed before the fix."""
 from __future__ import annotations
 
-import pickle
 import random
 import re
 import shutil
@@ -65,7 +64,7 @@ def test_resume_refuses_a_planted_pickle_without_running_it(corpus, tiny_tokeniz
     rng = out / "checkpoints" / "step00000001" / "rng-rank0.pt"
     assert rng.exists()
     marker = tmp_path / "pwned"
-    rng.write_bytes(pickle.dumps(_Plant(marker)))
+    torch.save(_Plant(marker), rng)  # a real torch file whose unpickling calls open(marker, "w")
     capsys.readouterr()
     rc = main(_args(corpus, tiny_tokenizer_dir, out, *common, "--resume", "auto"))
     assert not marker.exists(), "the planted pickle ran"  # before: torch.load(weights_only=False) ran it
