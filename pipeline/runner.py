@@ -110,32 +110,40 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------- helpers
-def _ray_init(cfg: PipelineConfig) -> bool:
-    """Start (or join) Ray; returns True when this call started it (and must stop it).
+def _ray_init(cfg: PipelineConfig):
+    """Start (or join) Ray; returns a function that stops what this call started (None if it joined).
 
     Without ``--ray-address`` / ``RAY_ADDRESS`` the job always starts its own
     local Ray (``address="local"``): a bare ``ray.init()`` would instead attach
-    to the newest cluster found on the machine, another job's, or a dead one
-    named by a stale ``ray_current_cluster`` file that ``ray start`` left in
-    Ray's temp folder, and then fail on ``num_cpus``.
-
-    A local Ray is tied to this driver: GCS and raylet are started with
-    ``PR_SET_PDEATHSIG`` by Ray itself (kernel fate-sharing), and the workers
-    and agents they start exit when the raylet is gone.  Measured on the 2-core
-    machine (tests/test_hostile_inputs.py, ``kill -9`` of the driver mid-job):
-    see the README's "Ray" note for the numbers.
+    to a cluster named by a ``ray_current_cluster`` file that ``ray start`` left
+    in Ray's temp folder, another job's or a dead one, and then fail on
+    ``num_cpus``.  That local Ray is tied to this driver, ``kill -9`` included
+    (:mod:`asvr.pipeline.ray_reaper`).
     """
     import ray
 
+    from .ray_reaper import Reaper
+
     if ray.is_initialized():
-        return False
+        return None
     kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own convention for joining a cluster
     if address:
         ray.init(address=address, **kw)
-    else:
-        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
-    return True
+        return ray.shutdown
+    reaper = Reaper()
+    try:
+        with reaper.marked():
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
+    except BaseException:
+        reaper.close()
+        raise
+
+    def stop():
+        ray.shutdown()
+        reaper.close()
+
+    return stop
 
 
 def _quiet_ray_data():
@@ -286,7 +294,7 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
     import ray.data
     from tqdm import tqdm
 
-    owns_ray = _ray_init(cfg)
+    stop_ray = _ray_init(cfg)
     try:
         _quiet_ray_data()
         actors, remote, builder = _resources(cfg)
@@ -328,5 +336,5 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
         bar.close()
         return processed
     finally:
-        if owns_ray:
-            ray.shutdown()
+        if stop_ray is not None:
+            stop_ray()
