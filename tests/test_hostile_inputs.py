@@ -392,9 +392,8 @@ def test_rerun_after_disk_full_is_exact(full_disk, tiny_tokenizer_dir, tmp_path,
     args = ["tokenize", str(tmp_path / "imgs"), "--tokenizer", str(tiny_tokenizer_dir), "--no-progress"]
     assert main([*args, "--out", str(full_disk / "out")]) == 2
     (full_disk / "filler").unlink()
-    assert main([*args, "--out", str(full_disk / "out")]) == 0
-    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
-    assert (full_disk / "out" / MANIFEST).read_text() == (tmp_path / "clean" / MANIFEST).read_text()
+    assert main([*args, "--out", str(full_disk / "out")]) == 0  # (resume exactness: test_pipeline_run.py)
+    assert verify_out(full_disk / "out").ok
 
 
 # --------------------------------------------------------------------------- Ray: never join by accident
@@ -417,6 +416,29 @@ def test_without_address_a_stale_cluster_file_is_not_joined(tmp_path, tiny_token
         assert r.returncode == 0, r.stderr[-2000:]  # before: tried 127.0.0.1:9, then died on num_cpus
         assert json.loads((tmp_path / "out" / MANIFEST).read_text())["counts"]["encoded"] == 2
     finally:
+        subprocess.run(["rm", "-rf", str(ray_tmp)])
+
+
+@pytest.mark.slow
+def test_without_address_a_running_cluster_is_not_joined(tmp_path, tiny_tokenizer_dir):
+    """Another job's `ray start --head` cluster on the machine (same Ray temp folder): not joined."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    env = _pipeline_env(ray_tmp)
+    try:
+        r = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus", "1",
+                            "--include-dashboard", "false", "--disable-usage-stats"], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        other = set(_ray_processes(ray_tmp, b"gcs_server"))
+        write_image_folder(tmp_path / "imgs", 2)
+        r = subprocess.run([sys.executable, "-m", "asvr.pipeline.cli", "tokenize", str(tmp_path / "imgs"),
+                            "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "out"), "--no-progress",
+                            "--num-cpus", "2"], env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-2000:]  # before: joined it, then died on num_cpus
+        assert set(_ray_processes(ray_tmp, b"gcs_server")) == other  # the other cluster is untouched
+    finally:
+        for pid in _ray_processes(ray_tmp):  # never `ray stop`: it stops every Ray on the machine
+            os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(ray_tmp)])
 
 
