@@ -45,7 +45,6 @@ raw binary or a Hugging Face ``{bytes, path}`` struct), ``llava`` (``.json`` or
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import tarfile
@@ -55,6 +54,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
 from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
 
 INPUT_FORMATS = ("auto", "folder", "webdataset", "parquet", "llava")
@@ -301,15 +301,9 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
     if not root.is_dir():
         raise SourceError(f"--image-root {image_root} is not a folder")
     try:
-        text = path.read_text(encoding="utf-8")
-        records = ([json.loads(line) for line in text.splitlines() if line.strip()]
-                   if path.suffix.lower() == ".jsonl" else json.loads(text))
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: not a readable LLaVA JSON file ({e})") from None
-    except RecursionError:
-        raise SourceError(f"{path}: not a readable LLaVA JSON file (nested too deeply)") from None
-    if not isinstance(records, list):
-        raise SourceError(f"{path}: expected a JSON list of conversation records")
+        records = read_llava_records(path)
+    except LlavaJSONError as e:
+        raise SourceError(str(e)) from None
     seen: set[str] = set()
     for rec in records:
         images = rec.get("image") if isinstance(rec, dict) else None
