@@ -21,11 +21,16 @@ EPILOG = """\
 Inputs (auto-detected per INPUT, or --input-format for all):
   folder          images found recursively; key = path relative to the folder (posix)
   *.tar           webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar';
-                  key = __key__, image from jpg/jpeg/png/webp, caption from txt or json 'caption'
+                  key = __key__ (name up to the first dot), every member ending in an image suffix is
+                  an image (a repeated key is a duplicate), caption from txt or json 'caption'
   *.parquet       one image per row (--image-column, --key-column, --caption-column)
   *.json/.jsonl   LLaVA conversations; each distinct 'image' once, read under --image-root
 
-Rerun the same command after a crash or kill: finished shards are kept, the rest is done.
+Every input is a shard row or a row of OUT/failures.parquet (stage read, decode, preprocess, input,
+duplicate); files and tar members that are not images are listed there too, at stage 'ignored'.
+--format webdataset writes NNNNN_RRRRRR.codes.npy + NNNNN_RRRRRR.json members (the key is in the JSON).
+Rerun the same command after a crash, kill or full disk: finished shards are kept, the rest is done.
+Without --ray-address/RAY_ADDRESS a fresh local Ray is started (never another job's cluster).
 """
 
 
@@ -64,7 +69,7 @@ def _tokenize_parser(sub) -> None:
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (or set RAY_ADDRESS); default: start a fresh local Ray")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own warnings and log lines")

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from asvr.tokenizer.artifact import TokenizerError
     from asvr.tokenizer.preprocess import ImageError
 
+    from .checkpoint import CheckpointError
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from .vision_tower import VisionTowerError
 
     expected = (CLIError, RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError,
-                ConversationError, VisionTowerError, ConfigFileError)
+                ConversationError, VisionTowerError, ConfigFileError, CheckpointError)
     try:
         args = parse_dataclass_args(build_parser(), TrainConfig, argv)
         cfg = config_from_args(args)
