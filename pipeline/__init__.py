@@ -9,6 +9,7 @@ Modules, one job each:
   runner.py   PipelineConfig -> run_pipeline: wires the above, progress bar, summary
   check.py    inspect / verify an OUT (no Ray)
   cli.py      asvr-pipeline tokenize | inspect | verify
+  ray_reaper.py  ties a local Ray to its driver (kill -9 included)
 
 The shard format itself (schema, readers, atomic shard writers) is
 ``asvr.tokenizer.shards``: readers never import the pipeline.

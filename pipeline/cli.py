@@ -16,6 +16,7 @@ import sys
 
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
+from asvr.tokenizer.quantizer import SEARCH_DTYPES
 
 
 
@@ -24,7 +25,14 @@ def _epilog() -> str:
 
     lines = ["Inputs (auto-detected per INPUT, or --input-format for all):"]
     lines += [f"  {f.name:<12} {f.help}" for f in input_formats().values()]
-    return "\n".join(lines) + "\n\nRerun the same command after a crash or kill: finished shards are kept, the rest is done.\n"
+    return "\n".join(lines) + """
+
+Every input is a shard row or a row of OUT/failures.parquet (stage read, decode, preprocess, input,
+duplicate); files and tar members that are not images are listed there too, at stage 'ignored'.
+--format webdataset writes NNNNN_RRRRRR.codes.npy + NNNNN_RRRRRR.json members (the key is in the JSON).
+Rerun the same command after a crash, kill or full disk: finished shards are kept, the rest is done.
+Without --ray-address/RAY_ADDRESS a fresh local Ray is started (never another job's cluster).
+"""
 
 
 def _tokenize_parser(sub) -> None:
@@ -55,10 +63,13 @@ def _tokenize_parser(sub) -> None:
                    help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="encoder precision (bfloat16 autocast is faster on GPUs; features change)")
+    p.add_argument("--search-dtype", default=None, choices=list(SEARCH_DTYPES),
+                   help="RVQ candidate search precision; codes are identical for all, only speed moves "
+                        "(default: fused-bf16x3 on a GPU with triton installed, else float32; fused-* need triton)")
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (or set RAY_ADDRESS); default: start a fresh local Ray")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own warnings and log lines")
@@ -110,6 +121,7 @@ def _config(args, PipelineConfig, SourceOptions):
                               caption_column=args.caption_column),
         format=args.format, preprocess=args.preprocess, batch_size=args.batch_size, shard_size=args.shard_size,
         fast_decode=args.fast_decode, max_pixels=args.max_pixels, encoder_dtype=args.encoder_dtype,
+        search_dtype=args.search_dtype,
         encode_actors=args.encode_actors, encode_threads=args.encode_threads, ray_address=args.ray_address,
         num_cpus=args.num_cpus, overwrite=args.overwrite, progress=not args.no_progress, verbose=args.verbose,
     )

@@ -7,6 +7,7 @@ report files, accuracy = a recount of the predictions, batched = one by one."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,15 @@ def test_loss_errors_are_one_line(run_codes, corpus, tmp_path, capsys):
     assert main(["loss", "--model", str(tmp_path), "--codes", str(corpus.codes), "--data", str(bad),
                  "--out", str(tmp_path / "o")]) == 2
     assert "neither an asvr-train run folder" in capsys.readouterr().err
+    # a truncated shard: the one line names the file (issue 9; before: "Parquet magic bytes not found")
+    codes = tmp_path / "codes"
+    shutil.copytree(corpus.codes, codes)
+    cut = sorted(codes.glob("part-*.parquet"))[0]
+    cut.write_bytes(cut.read_bytes()[:-50])
+    assert main(["loss", "--model", str(run_codes), "--codes", str(codes), "--data", str(bad),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(cut) in err[0], err
 
 
 # --------------------------------------------------------------------------- bench

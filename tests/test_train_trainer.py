@@ -65,6 +65,20 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(corpus, tiny_tokenizer_d
     assert sorted(p.name for p in (pretrain_run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
 
 
+def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir, pretrain_run, tmp_path):
+    """--log-every 3 reads the device once per 3 steps (and at the end): same rows, same
+    values as the run above; --no-final-checkpoint leaves no checkpoint behind."""
+    out = tmp_path / "windowed"
+    assert main(_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "4", "--grad-accum", "2",
+                      "--caption-free-ratio", "0.25", "--log-every", "3", "--no-final-checkpoint", "--no-export")) == 0
+    straight, windowed = read_metrics(pretrain_run), read_metrics(out)
+    assert [r["step"] for r in windowed] == [1, 2, 3, 4]
+    for key in ("loss", "loss_text", "loss_visual", "loss_visual_d1", "lr", "epoch"):
+        assert [r[key] for r in straight] == [r[key] for r in windowed], key
+    assert all(r["tokens_per_s"] > 0 and r["step_time_s"] > 0 for r in windowed)
+    assert not list((out / "checkpoints").glob("step*")) if (out / "checkpoints").exists() else True
+
+
 def test_config_file_of_a_run_reproduces_it(pretrain_run, tmp_path):
     saved = json.loads((pretrain_run / "train_config.json").read_text())
     assert saved["max_steps"] == 4 and saved["head"]["width"] == 64 and saved["template"] == "plain"

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from asvr.tokenizer.preprocess import ImageError
     from asvr.tokenizer.shards import ShardError
 
+    from .checkpoint import CheckpointError
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from .vision_tower import VisionTowerError
 
     expected = (RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
-                VisionTowerError, ConfigFileError)
+                VisionTowerError, ConfigFileError, CheckpointError)
     parsed: list[argparse.Namespace] = []
 
     def run() -> int:
