@@ -53,14 +53,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def plot_losses(run_dir: str | Path) -> Path | None:
-    """``RUN/loss.png``: loss, text loss and visual loss against the step."""
+def loss_figure(rows: list[dict]):
+    """The figure of ``loss.png``: loss, text loss and visual loss against the step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    rows = read_metrics(run_dir)
-    if not rows:
-        return None
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -71,7 +68,15 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    out = Path(run_dir) / LOSS_PLOT
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    return fig
+
+
+def plot_losses(run_dir: str | Path) -> Path | None:
+    """``RUN/loss.png`` (:func:`loss_figure` of the run's metrics)."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    out = Path(run_dir) / LOSS_PLOT
+    loss_figure(rows).savefig(out, dpi=100)
     return out
