@@ -179,8 +179,10 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(before)
 
 
-@pytest.mark.parametrize("factory", ["IVF16,PQ16", "HNSW32"])
-def test_approximate_recall(factory, one_faiss_thread):
+# measured recall@10 on this data (faiss 1.x, 1 thread): IVF16,PQ16 0.87, HNSW32 1.0, the planned
+# IVF+PQ+Refine(SQ8) recipe (README: 0.982 on 100k x 320-d) 0.975; thresholds leave ~0.03-0.07
+@pytest.mark.parametrize("factory,floor", [("IVF16,PQ16", 0.8), ("HNSW32", 0.95), ("plan:ivfpq", 0.94)])
+def test_approximate_recall(factory, floor, one_faiss_thread):
     """Recall@10 of an approximate index vs exact numpy search on 3000 clustered 32-d vectors."""
     rng = np.random.default_rng(0)
     dim, n = 32, 3000
@@ -190,6 +192,8 @@ def test_approximate_recall(factory, one_faiss_thread):
     q = x[rng.choice(n, 100, replace=False)] + 0.05 * rng.normal(size=(100, dim)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    if factory.startswith("plan:"):
+        factory = plan_index(n, dim, factory[5:]).factory
     index = new_faiss_index(factory, dim)
     index.train(x)
     index.add(x)
@@ -198,7 +202,7 @@ def test_approximate_recall(factory, one_faiss_thread):
     apply_search_params(index, default_search_params(index))
     _, got = index.search(q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)])
-    assert recall > 0.5, recall
+    assert recall > floor, recall
 
 
 def test_plan_by_size():
