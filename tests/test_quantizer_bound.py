@@ -181,3 +181,30 @@ def test_exact_ties_go_to_the_lowest_index(k, dtype):
             codes = q.encode(torch.from_numpy(x), search_dtype=dtype, candidates=cand)
             np.testing.assert_array_equal(codes.numpy(), ref, err_msg=f"seed {seed} candidates {cand}")
     assert tied > 100  # most rows pick a tied pair's lower code
+
+
+def test_defaults_shared_books_and_flat_codes():
+    """``approximate_distances`` with its default dtype and on a shared codebook at any
+    depth; ``cumulative`` on flat ``[N, D]`` codes."""
+    rng = np.random.default_rng(7)
+    cb = rng.standard_normal((1, 16, 8)).astype(np.float32)
+    q = ResidualQuantizer(torch.from_numpy(cb), depth=3)
+    r = torch.from_numpy(rng.standard_normal((5, 8)))
+    a0, b0 = q.approximate_distances(r)
+    for d in (1, 2):
+        a, b = q.approximate_distances(r, d, "float32")
+        assert torch.equal(a, a0) and torch.equal(b, b0)
+    np.testing.assert_allclose(a0.numpy(), _exact(q, r).numpy(), rtol=1e-5, atol=1e-5)
+    codes = torch.from_numpy(rng.integers(0, 16, (5, 3)))
+    want = np.cumsum(cb[0][codes.numpy()], axis=1)
+    assert q.cumulative(codes).shape == (5, 3, 8)
+    np.testing.assert_allclose(q.cumulative(codes).numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_full_search_over_more_rows_than_one_block():
+    """``candidates >= K`` sends every row to the full float64 search, 4096 rows a block."""
+    rng = np.random.default_rng(8)
+    cb = rng.standard_normal((2, 16, 3)).astype(np.float32)
+    x = rng.standard_normal((4100, 3)).astype(np.float32)
+    codes = ResidualQuantizer(torch.from_numpy(cb)).encode(torch.from_numpy(x), candidates=16)
+    np.testing.assert_array_equal(codes.numpy(), rvq_encode_reference(x, cb))

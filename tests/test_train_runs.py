@@ -93,9 +93,13 @@ def test_zero3_export_and_gradient_clipping(corpus, tiny_tokenizer_dir, straight
     """One ZeRO-3 step from the straight run's weights with gradients clipped to a norm of
     1e-10: Adam's first step moves each weight by ``lr * g / (|g| + eps)``, at most
     ``lr / 100`` with eps 1e-8 (unclipped, about ``lr``).  The export must gather the
-    partitioned weights: same keys, shapes, values within that step."""
+    partitioned weights: same keys, shapes, values within that step.  (Without a zero
+    persistence threshold ZeRO-3 keeps every tensor of a tiny model whole, and the
+    export would never see a partitioned one.)"""
     out = tmp_path / "z3"
-    assert main(_args(corpus, tiny_tokenizer_dir, out, "--stage", "sft", "--zero", "3", "--max-steps", "1",
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    assert main(_args(corpus, tiny_tokenizer_dir, out, "--stage", "sft", "--deepspeed", str(ds), "--max-steps", "1",
                       "--init-from", str(straight), "--grad-clip", "1e-10", "--lr", str(LR))) == 0
     a, b = _weights(straight), _weights(out)
     assert a.keys() == b.keys()
