@@ -1,16 +1,17 @@
 """Greedy answers to benchmark questions through ``ASVRModel.generate``.
 
 Prompts are laid out by the run's conversation template with the trainer's
-own encoder (``encode_conversation``): the question (image first, as LLaVA)
-and an empty answer, cut before the first trained token, so the prompt ends
-exactly where the answers started in training (``... ASSISTANT: `` for
-vicuna_v1, ``<|im_start|>assistant\\n`` for chatml).
+own encoding (``encode_generation_prompt``: the same rendering and
+tokenization as training): the question (image first, as LLaVA) and the
+answer opener, ``... ASSISTANT:`` for vicuna_v1 (LLaVA's eval prompt; the
+answer's first token carries its space, as in training),
+``<|im_start|>assistant\\n`` for chatml (``add_generation_prompt``).
 
-Images become the model's vision input in-process, whatever the vision input:
-``online`` -> preprocessed pixels, ``features`` -> the tokenizer encoder's
-features, ``codes`` -> ``SemanticTokenizer.encode_pixels`` (the bench images
-need no shards).  Items are sorted by image so each image is decoded and
-encoded once per batch and shared by its questions (POPE asks three files
+Images become the model's vision input in-process, as its vision input
+says (``VisionInputMode.from_images``): ``online`` -> pixels preprocessed for
+the vision tower, ``features`` -> the tower's features, ``codes`` ->
+``SemanticTokenizer.encode_pixels`` (the bench images need no shards).
+Items are sorted by image so each image is decoded and encoded once per batch and shared by its questions (POPE asks three files
 of questions about the same 500 images; MME two per image).
 
 Batches are left-padded with a 2D attention mask; greedy decoding of a
@@ -19,6 +20,7 @@ left-padded batch gives the same tokens as one prompt at a time
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 
 from asvr.tokenizer.preprocess import ImageError
-from asvr.train.templates import IMAGE_PLACEHOLDER, encode_conversation
+from asvr.train.templates import IMAGE_PLACEHOLDER, encode_generation_prompt
+from asvr.train.vision_input import get_vision_input
 
 from .bench_formats import BenchError, BenchItem
 from .loading import LoadedModel
@@ -56,12 +59,8 @@ def question_text(item: BenchItem, instructions: str = "llava") -> str:
 def encode_prompt(lm: LoadedModel, text: str, has_image: bool) -> tuple[np.ndarray, np.ndarray]:
     """-> (input_ids int64 [L], image_mask bool [L]) of the prompt up to the answer."""
     user = (IMAGE_PLACEHOLDER + "\n" + text) if has_image else text
-    grid = lm.model.cfg.vision.grid
-    enc = encode_conversation(lm.template, [("user", user), ("assistant", "")], lm.text_tokenizer,
-                              grid[0] * grid[1])
-    trained = np.flatnonzero(enc.trained)
-    cut = int(trained[0]) if len(trained) else len(enc)
-    return enc.input_ids[:cut].astype(np.int64), enc.image_mask[:cut]
+    enc = encode_generation_prompt(lm.template, [("user", user)], lm.text_tokenizer, lm.model.cfg.image_tokens)
+    return enc.input_ids.astype(np.int64), enc.image_mask
 
 
 @dataclass(kw_only=True)
@@ -85,34 +84,33 @@ class VisionEncoder:
     """Benchmark images -> the model's vision input (see module doc)."""
 
     def __init__(self, lm: LoadedModel, mode: str | None = None):
-        if lm.image_tokenizer is None:
-            raise ValueError("benchmark images need the model's semantic tokenizer (with its encoder)")
-        self.tok = lm.image_tokenizer
-        self.vision_input = lm.vision_input
-        self.mode = mode
+        self.kind = get_vision_input(lm.vision_input)
+        if lm.tower is None and lm.image_tokenizer is None:
+            raise ValueError("benchmark images need the model's vision tower or semantic tokenizer (with its encoder)")
+        self.lm = lm
+        self.mode = mode or lm.preprocess
+
+    def _encode(self, items: Sequence[BenchItem]) -> torch.Tensor:
+        return self.kind.from_images([it.image for it in items], tower=self.lm.tower,
+                                     tokenizer=self.lm.image_tokenizer, preprocess=self.mode)
 
     @torch.no_grad()
     def __call__(self, items: Sequence[BenchItem]) -> torch.Tensor:
         try:
-            pixels = self.tok.preprocess_images([it.image for it in items], mode=self.mode)
+            return self._encode(items)
         except (OSError, ImageError) as e:
             for it in items:  # name the first bad one
                 try:
-                    self.tok.preprocess_images([it.image], mode=self.mode)
+                    self._encode([it])
                 except (OSError, ImageError) as e1:
                     raise BenchError(f"{it.source}: cannot read image ({e1})") from None
             raise BenchError(f"{items[0].source}: cannot read images ({e})") from None
-        if self.vision_input == "online":
-            return torch.from_numpy(pixels)
-        if self.vision_input == "features":
-            return self.tok.features(pixels)
-        return self.tok.encode_pixels(pixels)
 
 
 def _stop_ids(lm: LoadedModel) -> list[int]:
     tok = lm.text_tokenizer
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    suffix = lm.template.assistant_suffix
+    suffix = lm.template.assistant_suffix  # vicuna_v1: the EOS, already in ids
     if suffix:
         enc = tok(suffix, add_special_tokens=False)["input_ids"]
         if len(enc) == 1:
@@ -125,10 +123,23 @@ def _decode(lm: LoadedModel, ids: Sequence[int], stop: Sequence[int]) -> str:
     cut = [ids.index(t) for t in stop if t in ids]
     ids = ids[:min(cut)] if cut else ids
     text = lm.text_tokenizer.decode(ids, skip_special_tokens=True)
-    suffix = lm.template.assistant_suffix.strip()
+    suffix = lm.template.assistant_suffix.strip()  # '' for vicuna_v1: its EOS stops generation
     if suffix and suffix in text:
         text = text.split(suffix)[0]
     return text.strip()
+
+
+def ask(lm: LoadedModel, image: str | os.PathLike | bytes | None, question: str, max_new_tokens: int = 32) -> str:
+    """The model's greedy answer to one free-form question about one image (a path or
+    encoded image bytes; None: a text-only question), laid out as in training.
+    ``lm`` comes from ``load_for_eval(RUN, need_encoder=True)``."""
+    if image is not None and not isinstance(image, bytes):
+        image = os.fspath(image)
+    key = None if image is None else (image if isinstance(image, str) else "bytes")
+    item = BenchItem(id="ask", question=question, kind="short", answer=None, raw_answer=None, image=image,
+                     image_key=key, source=key or "question")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=1, instructions="none", progress=False)
+    return generate_answers(lm, [item], cfg)[0]
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,8 @@ class PipelineConfig:
     """CPUs for a local Ray (default: all)."""
     overwrite: bool = False
     progress: bool = True
+    verbose: bool = False
+    """Let Ray print its own warnings (see asvr.pipeline.cli.quiet_ray)."""
 
     def __post_init__(self):
         if self.format not in ("parquet", "webdataset"):
@@ -124,14 +127,15 @@ def _ray_init(cfg: PipelineConfig) -> bool:
     return True
 
 
-def _quiet_ray_data():
+def _quiet_ray_data(verbose: bool = False):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images, not blocks
     ctx.enable_auto_log_stats = False
     ctx.execution_options.verbose_progress = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ERROR: Ray Data warns "Progress bars disabled" when we turn its bars off for ours
+    logging.getLogger("ray.data").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
@@ -266,8 +270,15 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
 
     owns_ray = _ray_init(cfg)
     try:
-        _quiet_ray_data()
+        _quiet_ray_data(cfg.verbose)
         actors, remote, builder = _resources(cfg)
+        if owns_ray:
+            # A local Ray: no node to fail over to, and the encode is deterministic, so Ray Data's
+            # default (restart a dead actor forever, retry its tasks forever) would repeat a crash
+            # without end; failing lets the rerun resume instead.  It also spares the driver's
+            # error-level core_worker line about restartable actors with arguments in the object
+            # store, printed over the progress bar.
+            remote = {**remote, "max_restarts": 0}
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         blocks = _blocks(plan, pending, cfg.batch_size, cpus)
         ds = ray.data.from_arrow(blocks)
@@ -276,8 +287,11 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
         # decode runs in its own processes and overlaps encode.
         ds = ds.map_batches(ReadDecode(pcfg), batch_size=None, batch_format="numpy",
                             num_cpus=1, memory=DECODE_TASK_MEMORY)
-        ds = ds.map_batches(Encoder, fn_constructor_kwargs={"builder": builder}, batch_size=cfg.batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **remote)
+        with warnings.catch_warnings():
+            # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(Encoder, fn_constructor_kwargs={"builder": builder}, batch_size=cfg.batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **remote)
         unit_of = lambda i: i // cfg.shard_size  # noqa: E731
         done_before = n_total - len(pending)
         bar = tqdm(total=n_total, initial=done_before, unit="img", disable=not cfg.progress, smoothing=0.1,

@@ -7,6 +7,8 @@ crashed after its last checkpoint does not log the replayed steps twice.
 from __future__ import annotations
 
 import json
+import os
+import textwrap
 from pathlib import Path
 
 METRICS = "metrics.jsonl"
@@ -53,12 +55,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def loss_figure(rows: list[dict]):
+STAGE_NOTES = {
+    "pretrain": "LLM frozen: only the projector and the visual head learn, so the text loss moves only "
+                "through the image tokens and stays nearly flat",
+}
+
+
+def loss_figure(rows: list[dict], title: str = "", note: str = ""):
     """The figure of ``loss.png``: loss, text loss and visual loss against the step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4.4 if note else 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     steps = [r["step"] for r in rows]
@@ -68,15 +76,27 @@ def loss_figure(rows: list[dict]):
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    if note:
+        ax.set_title(textwrap.fill(note, 80), fontsize=8, color="0.3")
     fig.tight_layout()
     return fig
 
 
-def plot_losses(run_dir: str | Path) -> Path | None:
-    """``RUN/loss.png`` (:func:`loss_figure` of the run's metrics)."""
+def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
+    """``RUN/loss.png`` (:func:`loss_figure`), titled with the run folder and the stage
+    (PNG metadata ``Title``/``Description`` hold the title and the note)."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    out = Path(run_dir) / LOSS_PLOT
-    loss_figure(rows).savefig(out, dpi=100)
+    run_dir = Path(run_dir)
+    name = "/".join(run_dir.resolve().parts[-2:])  # runs/pretrain
+    title = f"run {name}: {stage} stage" if stage else f"run {name}"
+    note = STAGE_NOTES.get(stage or "", "")
+    fig = loss_figure(rows, title, note)
+    out = run_dir / LOSS_PLOT
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})
+    os.replace(tmp, out)
     return out

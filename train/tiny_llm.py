@@ -17,12 +17,14 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from asvr.tokenizer.help_text import plain
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0..5: pad 0, bos 1, eos 2
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
-    """Byte-level BPE as a ``PreTrainedTokenizerFast`` (pad 0, bos 1, eos 2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE as a ``PreTrainedTokenizerFast`` (pad 0, bos 1, eos 2; BOS added as Llama's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -31,6 +33,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts), trainer=trainer)
+    # BOS on every encoding with special tokens, as a Llama tokenizer (LLaVA's templates count on it)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", SPECIALS.index("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 
@@ -72,7 +77,7 @@ def make_tiny_llm(folder: str | os.PathLike, family: str = "llama", texts: Itera
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m asvr.train.tiny_llm", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m asvr.train.tiny_llm", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--family", default="llama", choices=["llama", "qwen2", "mistral"])
