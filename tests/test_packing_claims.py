@@ -46,11 +46,24 @@ def test_best_fit_equals_a_quadratic_reference(seed, window):
 def test_best_fit_refuses_an_overlong_sample():
     with pytest.raises(ValueError, match="101 tokens > max_len 100"):
         best_fit_rows([0, 1], [5, 101], 100, 8)
+    assert best_fit_rows([0, 1], [100, 100], 100, 8) == [[0], [1]]  # exactly max_len fits
+
+
+def test_micro_batches_pair_rows_of_neighbouring_fill():
+    """One group (<= 16 micro-batches): rows sorted by fill, cut into micro-batches.
+    Samples of 9..15 tokens in rows of 16: one sample a row, fills all different."""
+    lengths = list(range(9, 16)) * 3
+    plan = plan_epoch(lengths, PackingConfig(max_len=16, rows=2), seed=0, epoch=0)
+    fill = lambda row: sum(lengths[i] for i in row)  # noqa: E731
+    fills = sorted((fill(r) for mb in plan for r in mb), reverse=True)
+    assert len(fills) <= 32
+    want = sorted(tuple(fills[k:k + 2]) for k in range(0, len(fills), 2))
+    assert sorted(tuple(sorted((fill(r) for r in mb), reverse=True)) for mb in plan) == want
 
 
 def test_packing_config_validation():
     for kw in ({"max_len": 0}, {"rows": 0}, {"window": 0}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="max_len, rows and window must be >= 1"):
             PackingConfig(**kw)
     PackingConfig(max_len=1, rows=1, window=1)
 
@@ -90,6 +103,8 @@ def test_batch_helpers():
     c = b.to("cpu")
     assert c is not b and all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("input_ids", "vision", "visual_codes"))
     assert c.visual_loss_mask is None
+    m = b.to("meta")
+    assert {getattr(m, f).device.type for f in ("input_ids", "labels", "sample_ids", "vision")} == {"meta"}
 
 
 def test_rng_state_roundtrip():
