@@ -208,3 +208,19 @@ def test_full_search_over_more_rows_than_one_block():
     x = rng.standard_normal((4100, 3)).astype(np.float32)
     codes = ResidualQuantizer(torch.from_numpy(cb)).encode(torch.from_numpy(x), candidates=16)
     np.testing.assert_array_equal(codes.numpy(), rvq_encode_reference(x, cb))
+
+
+def test_search_stats_and_expanded_codebooks():
+    """Well-separated codes, features right on them: every row is certified by the first
+    search (no fallback, no full search); ``expanded_codebooks`` repeats a shared book."""
+    rng = np.random.default_rng(9)
+    cb = (10 * rng.standard_normal((2, 16, 8))).astype(np.float32)
+    idx = rng.integers(0, 16, (50, 2))
+    x = (cb[0][idx[:, 0]] + cb[1][idx[:, 1]] * 0.01).astype(np.float32)
+    q = ResidualQuantizer(torch.from_numpy(cb))
+    codes, stats = q.encode(torch.from_numpy(x), return_stats=True)
+    np.testing.assert_array_equal(codes.numpy(), rvq_encode_reference(x, cb))
+    assert (stats.rows, stats.fallback_rows, stats.full_rows, stats.fallback_fraction) == (100, 0, 0, 0.0)
+    shared = ResidualQuantizer(torch.from_numpy(cb[:1]), depth=3)
+    assert torch.equal(shared.expanded_codebooks(), torch.from_numpy(cb[:1]).expand(3, -1, -1))
+    assert torch.equal(q.expanded_codebooks(), torch.from_numpy(cb))
