@@ -87,7 +87,7 @@ def _break_codes(out):
     from asvr.pipeline.writer import rows_to_table, write_parquet_shard
 
     rows = _rows(["a", "b", "c"])
-    rows["codes"][1, 3] = META.codebook_size  # one code out of range, in a shard that says K = 8
+    rows["codes"][1, 3] = rows["codes"][2, 0] = META.codebook_size  # out of range, in a shard that says K = 8
     wide = replace(META, codebook_size=2 * META.codebook_size)
     table = rows_to_table(wide, rows["key"], rows["codes"], rows["sha256"], rows["width"], rows["height"],
                           rows["caption"])
@@ -121,6 +121,39 @@ def _break_counts(out):
     _set_manifest(out, m)
 
 
+def _rewrite_shard(out, name, meta, keys):
+    from asvr.pipeline.check import sha256_file
+    from asvr.pipeline.writer import rows_to_table, write_parquet_shard
+
+    rows = _rows(keys, 1)
+    write_parquet_shard(out / name, rows_to_table(meta, rows["key"], rows["codes"], rows["sha256"], rows["width"],
+                                                  rows["height"], rows["caption"]))
+    m = _manifest(out)
+    m["shards"][[s["file"] for s in m["shards"]].index(name)]["sha256"] = sha256_file(out / name)
+    _set_manifest(out, m)
+
+
+def _break_first_missing(out):
+    (out / "part-00000.parquet").unlink()
+
+
+def _break_fingerprint(out):
+    _rewrite_shard(out, "part-00001.parquet", replace(META, fingerprint="e" * 64), ["d", "e"])
+
+
+def _break_duplicate(out):
+    _rewrite_shard(out, "part-00001.parquet", META, ["a", "e"])
+
+
+def _break_unreadable(out):
+    from asvr.pipeline.check import sha256_file
+
+    (out / "part-00001.parquet").write_bytes(b"not parquet")
+    m = _manifest(out)
+    m["shards"][1]["sha256"] = sha256_file(out / "part-00001.parquet")
+    _set_manifest(out, m)
+
+
 def _break_incomplete(out):
     m = _manifest(out)
     m["complete"] = False
@@ -129,12 +162,16 @@ def _break_incomplete(out):
 
 @pytest.mark.parametrize("breakage,finding", [
     (_break_missing, "part-00001.parquet: missing"),
-    (_break_codes, "1 rows with codes >= codebook size 8"),
+    (_break_codes, "2 rows with codes >= codebook size 8"),
     (_break_rows, "3 rows, manifest says 4"),
     (_break_extra, "part-00007.parquet: shard not in the manifest"),
     (_break_sha, "sha256 differs"),
     (_break_counts, "shards hold 5 rows, manifest says encoded 6"),
-    (_break_incomplete, "incomplete"),
+    (_break_incomplete, "manifest says the run is incomplete"),
+    (_break_first_missing, "shards hold 2 rows, manifest says encoded 5"),  # later shards still checked
+    (_break_fingerprint, "part-00001.parquet: tokenizer eeeeeeeeeeee != manifest ffffffffffff"),
+    (_break_unreadable, "part-00001.parquet: unreadable ("),
+    (_break_duplicate, "part-00001.parquet: duplicate key 'a'"),
 ])
 def test_verify_finds_each_breakage(tmp_path, breakage, finding):
     out = _write_out(tmp_path / "out")
@@ -142,6 +179,26 @@ def test_verify_finds_each_breakage(tmp_path, breakage, finding):
     rep = verify_out(out)
     assert not rep.ok
     assert any(finding in p for p in rep.problems), rep.problems
+
+
+def test_verify_and_inspect_refuse_a_folder_without_a_readable_manifest(tmp_path):
+    from asvr.pipeline.check import ShardError, inspect_out
+
+    with pytest.raises(ShardError, match="no manifest.json"):
+        verify_out(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ShardError, match="manifest.json: unreadable"):
+        inspect_out(tmp_path)
+
+
+def test_inspect_lists_counts_and_failures(tmp_path):
+    from asvr.pipeline.check import inspect_out
+
+    rep = inspect_out(_write_out(tmp_path / "out"))
+    assert rep.ok and rep.lines[0].endswith("complete")
+    assert "seen 6  encoded 5  failed 1  duplicate 0" in rep.lines
+    assert "shards 2 (5 rows)" in rep.lines
+    assert "failures by stage: decode 1" in rep.lines and "  [decode] f: bad" in rep.lines
 
 
 # --------------------------------------------------------------------------- fingerprint
