@@ -224,3 +224,26 @@ def test_search_stats_and_expanded_codebooks():
     shared = ResidualQuantizer(torch.from_numpy(cb[:1]), depth=3)
     assert torch.equal(shared.expanded_codebooks(), torch.from_numpy(cb[:1]).expand(3, -1, -1))
     assert torch.equal(q.expanded_codebooks(), torch.from_numpy(cb))
+
+
+def test_search_stats_add_up_over_depths():
+    """Both depths hold near-twin codes (2^-18 apart: no fp32 search can certify one),
+    all values short binary fractions so the depth-1 residual is exact in float32: the
+    two-depth stats are the sums of the one-depth stats."""
+    rng = np.random.default_rng(10)
+    dy = lambda shape, bits: np.round(rng.uniform(-1, 1, shape) * 2**bits) / 2**bits  # noqa: E731
+    books = []
+    for scale in (4.0, 1.0):
+        base = dy((8, 6), 6) * scale
+        books.append(np.concatenate([base, base + 2.0**-18 * rng.choice([-1, 1], base.shape)]))
+    cb = np.stack(books).astype(np.float32)
+    x = (cb[0][rng.integers(0, 16, 200)] + cb[1][rng.integers(0, 16, 200)] + dy((200, 6), 12) * 2**-6)
+    x = x.astype(np.float32)
+    q = ResidualQuantizer(torch.from_numpy(cb))
+    codes, both = q.encode(torch.from_numpy(x), candidates=1, return_stats=True)
+    _, first = ResidualQuantizer(torch.from_numpy(cb[:1])).encode(torch.from_numpy(x), candidates=1, return_stats=True)
+    r1 = x - cb[0][codes[:, 0].numpy()]
+    _, second = ResidualQuantizer(torch.from_numpy(cb[1:])).encode(torch.from_numpy(r1), candidates=1, return_stats=True)
+    assert first.fallback_rows > 0 and second.fallback_rows > 0 and first.full_rows > 0 and second.full_rows > 0
+    assert both.fallback_rows == first.fallback_rows + second.fallback_rows
+    assert both.full_rows == first.full_rows + second.full_rows
