@@ -247,3 +247,18 @@ def test_search_stats_add_up_over_depths():
     assert first.fallback_rows > 0 and second.fallback_rows > 0 and first.full_rows > 0 and second.full_rows > 0
     assert both.fallback_rows == first.fallback_rows + second.fallback_rows
     assert both.full_rows == first.full_rows + second.full_rows
+
+
+def test_tf32_on_cpu_and_low_precision_bound_for_small_residuals():
+    """``tf32`` is an fp32 search on CPU; residuals far below 1 must still be scaled to
+    unit norm before the fp16/bf16 cast (fp16 subnormals lose relative precision)."""
+    x, cb = _swap_ties(0, 32)
+    q = ResidualQuantizer(torch.from_numpy(cb))
+    np.testing.assert_array_equal(q.encode(torch.from_numpy(x), search_dtype="tf32", candidates=4).numpy(),
+                                  rvq_encode_reference(x, cb))
+    for dtype in ("float16", "bfloat16"):
+        w, v = _worst_2d_pairs(dtype, n=2000, keep=4)
+        for wi, vi in zip(w, v):
+            q = ResidualQuantizer(torch.from_numpy(np.stack([wi, -wi]))[None].float())
+            err, bound, _ = _relative_error(q, torch.from_numpy(vi[None] * 1e-6), dtype)
+            assert (err <= bound).all(), dtype
