@@ -262,3 +262,11 @@ def test_tf32_on_cpu_and_low_precision_bound_for_small_residuals():
             q = ResidualQuantizer(torch.from_numpy(np.stack([wi, -wi]))[None].float())
             err, bound, _ = _relative_error(q, torch.from_numpy(vi[None] * 1e-6), dtype)
             assert (err <= bound).all(), dtype
+
+
+def test_constructor_messages_and_no_state_dict_entry():
+    with pytest.raises(ValueError, match=r"codebooks must be \[D, K, C\], got shape \(4, 8\)"):
+        ResidualQuantizer(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="^2 codebooks cannot serve depth 3$"):
+        ResidualQuantizer(torch.zeros(2, 4, 8), depth=3)
+    assert "codebooks" not in ResidualQuantizer(torch.zeros(2, 4, 8)).state_dict()  # frozen, saved by the artifact
