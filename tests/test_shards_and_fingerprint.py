@@ -225,6 +225,21 @@ def test_fingerprint_covers_codebooks_and_depth(tiny_tokenizer):
     assert compute_fingerprint(replace(spec, shared_codebook=True), tiny_tokenizer.quantizer.codebooks) != base
 
 
+def test_fingerprint_recipe_is_stable(tiny_tokenizer):
+    """Fingerprints are stored in every shard and export: the recipe (artifact.py's
+    docstring) recomputed here by hand, key names included, must keep matching."""
+    import hashlib
+
+    spec, cb = tiny_tokenizer.spec, tiny_tokenizer.quantizer.codebooks
+    e = spec.encoder
+    h = hashlib.sha256(cb.float().contiguous().numpy().tobytes())
+    h.update(e.weights_sha256.encode())
+    h.update(json.dumps({"kind": e.kind, "feature_layer": e.feature_layer, "image_size": e.image_size, "mean": e.mean,
+                         "std": e.std, "resample": e.resample, "depth": spec.depth,
+                         "shared": spec.shared_codebook}, sort_keys=True).encode())
+    assert compute_fingerprint(spec, cb) == h.hexdigest() == spec.fingerprint
+
+
 def test_edited_normalisation_is_refused_on_load(tmp_path, tiny_tokenizer_dir):
     spec, cb = load_artifact(tiny_tokenizer_dir)
     out = tmp_path / "tok"
