@@ -12,7 +12,7 @@ DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-all mutation demo bench clean
+.PHONY: install lint test test-all mutation demo bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[cpu]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (lint + format check), the import rule of docs/ARCHITECTURE.md (import-linter)
+# and mypy.  The asvr.* packages live in tokenizer/, pipeline/, train/, eval/ (see
+# package-dir); import-linter and mypy read them through a symlinked asvr/ in .lint/.
+LINT_ROOT := .lint
+lint: $(STAMP)
+	@mkdir -p $(LINT_ROOT)/asvr && for p in tokenizer pipeline train eval; do ln -sfn ../../$$p $(LINT_ROOT)/asvr/$$p; done
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	cd $(LINT_ROOT) && PYTHONPATH=. ../$(BIN)/python -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' --config ../pyproject.toml
+	cd $(LINT_ROOT) && ../$(BIN)/python -m mypy --config-file ../pyproject.toml
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 test-all: $(STAMP)
@@ -76,4 +87,4 @@ demo: $(STAMP)
 	@echo "demo done: see $(DEMO)/tokenizer_report, $(DEMO)/search_sheet.png, $(DEMO)/inspect, $(DEMO)/runs/*/loss.png, $(DEMO)/eval"
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(DEMO) .pytest_cache $(LINT_ROOT)

@@ -14,35 +14,41 @@ from __future__ import annotations
 import argparse
 import sys
 
+from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
+from asvr.tokenizer.quantizer import SEARCH_DTYPES
 
-EPILOG = """\
-Inputs (auto-detected per INPUT, or --input-format for all):
-  folder          images found recursively; key = path relative to the folder (posix)
-  *.tar           webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar';
-                  key = __key__, image from jpg/jpeg/png/webp, caption from txt or json 'caption'
-  *.parquet       one image per row (--image-column, --key-column, --caption-column)
-  *.json/.jsonl   LLaVA conversations; each distinct 'image' once, read under --image-root
 
-Rerun the same command after a crash or kill: finished shards are kept, the rest is done.
+
+def _epilog() -> str:
+    from .sources import input_formats
+
+    lines = ["Inputs (auto-detected per INPUT, or --input-format for all):"]
+    lines += [f"  {f.name:<12} {f.help}" for f in input_formats().values()]
+    return "\n".join(lines) + """
+
+Every input is a shard row or a row of OUT/failures.parquet (stage read, decode, preprocess, input,
+duplicate); files and tar members that are not images are listed there too, at stage 'ignored'.
+--format webdataset writes NNNNN_RRRRRR.codes.npy + NNNNN_RRRRRR.json members (the key is in the JSON).
+Rerun the same command after a crash, kill or full disk: finished shards are kept, the rest is done.
+Without --ray-address/RAY_ADDRESS a fresh local Ray is started (never another job's cluster).
 """
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
 def _tokenize_parser(sub) -> None:
+    from .sources import input_formats
+
     p = sub.add_parser("tokenize", help="encode image corpora into code shards (Ray Data)",
-                       description="Encode image corpora into code shards (Ray Data).", epilog=EPILOG,
+                       description="Encode image corpora into code shards (Ray Data).", epilog=_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image folder, .tar (brace pattern), .parquet, LLaVA .json")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image folder, .tar (brace pattern), .parquet, LLaVA .json, Hugging Face datasets folder")
     p.add_argument("--tokenizer", required=True, help="tokenizer artifact directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset"], help="shard format (default parquet)")
     p.add_argument("--preprocess", choices=["square", "pad"], default=None,
                    help="resize to square, or pad to square with the mean colour first (default: the tokenizer's)")
-    p.add_argument("--input-format", default="auto", choices=["auto", "folder", "webdataset", "parquet", "llava"],
+    p.add_argument("--input-format", default="auto", choices=["auto", *input_formats()],
                    help="format of every INPUT (default: detect each)")
     p.add_argument("--image-root", help="folder that LLaVA JSON image paths are relative to")
     p.add_argument("--image-column", help="Parquet column holding image bytes")
@@ -57,10 +63,13 @@ def _tokenize_parser(sub) -> None:
                    help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="encoder precision (bfloat16 autocast is faster on GPUs; features change)")
+    p.add_argument("--search-dtype", default=None, choices=list(SEARCH_DTYPES),
+                   help="RVQ candidate search precision; codes are identical for all, only speed moves "
+                        "(default: fused-bf16x3 on a GPU with triton installed, else float32; fused-* need triton)")
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (or set RAY_ADDRESS); default: start a fresh local Ray")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own warnings and log lines")
@@ -112,6 +121,7 @@ def _config(args, PipelineConfig, SourceOptions):
                               caption_column=args.caption_column),
         format=args.format, preprocess=args.preprocess, batch_size=args.batch_size, shard_size=args.shard_size,
         fast_decode=args.fast_decode, max_pixels=args.max_pixels, encoder_dtype=args.encoder_dtype,
+        search_dtype=args.search_dtype,
         encode_actors=args.encode_actors, encode_threads=args.encode_threads, ray_address=args.ray_address,
         num_cpus=args.num_cpus, overwrite=args.overwrite, progress=not args.no_progress, verbose=args.verbose,
     )
@@ -157,16 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    from asvr.tokenizer.artifact import TokenizerError
-    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.encoders import EncoderLoadError
+    from asvr.tokenizer.shards import ShardError
 
-    from .shards import ShardError
     from .sources import SourceError
     from .writer import OutputError
 
     return run_guarded("asvr-pipeline", args.command, lambda: args.func(args),
-                       (CLIError, SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
+                       (SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
                         FileNotFoundError, NotADirectoryError),
                        interrupted="interrupted; rerun the same command to resume")
 

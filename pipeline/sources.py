@@ -9,42 +9,69 @@ Parquet file (a key sort would seek across every tar for every batch), and is
 just as reproducible, which is all that resuming needs.
 
 Columns: ``key``, ``source`` (human readable location for failures), ``kind``
-(``file`` | ``tar`` | ``parquet`` | ``error``), ``path`` (the file to open),
+(``file`` | ``tar`` | ``parquet`` | ``error`` | ``input`` | ``ignored``), ``path`` (the file to open),
 ``offset``/``size`` (tar data span, or Parquet row group / row in group),
 ``cap_offset``/``cap_size``/``cap_kind`` (tar caption member), ``caption``
 (known at discovery: sidecar .txt, Parquet column), ``image_column`` (Parquet), ``error`` (why a row
-cannot be read: it becomes a failure row at stage ``read``).
+cannot be read: it becomes a failure row at stage ``read``; for ``input``, a
+whole input that is cut short, at stage ``input``; for ``ignored``, why a file or
+tar member is not an input image).
+
+Every file of a folder and every member of a tar is accounted for: an image is
+a plan row (a later image with the same key is a duplicate), a caption beside
+an image belongs to that image, anything else is an ``ignored`` row (counted as
+``ignored`` in the manifest, listed in ``failures.parquet``).  Nothing is opened
+that is not a regular file (a FIFO named ``x.jpg`` would block a reader
+forever), a name that is not valid UTF-8 is a failure row (keys are UTF-8), and
+a tar whose member list ends without the end-of-archive marker is an ``input``
+failure row, since :mod:`tarfile` silently stops listing at a cut or corrupt
+header.
 
 Keys are data, never paths.  Nothing here opens a file named by a key except
-LLaVA JSON images, which are resolved and must stay under ``--image-root``
-(symlinks followed, then checked); folder inputs check that a symlinked file
-stays under the folder.  Tar member names are only used as keys: bytes are read
+LLaVA JSON images, which go through :func:`asvr.tokenizer.paths.confine` and
+must stay under ``--image-root`` (symlinks followed, then checked); folder
+inputs check that a symlinked file stays under the folder.  Tar member names are only used as keys: bytes are read
 by offset from the tar itself, and link members are refused.
 
 Formats: ``folder`` (recursive, dotfiles skipped, ``<stem>.txt`` beside an
 image is its caption), ``webdataset`` (uncompressed ``.tar``; key =
-``__key__`` as webdataset computes it; image from jpg/jpeg/png/webp; caption
-from ``txt`` or a ``json`` ``caption`` field), ``parquet`` (image bytes column,
+``__key__`` as webdataset computes it, the member name up to the first dot of
+its basename; every member whose last suffix is an image suffix is an image of
+that key, so ``x.v2.jpg`` is an image of ``x``; caption from ``txt`` or a
+``json`` ``caption`` field), ``parquet`` (image bytes column,
 raw binary or a Hugging Face ``{bytes, path}`` struct), ``llava`` (``.json`` or
-``.jsonl`` records with an ``image`` string or list).
+``.jsonl`` records with an ``image`` string or list), plus every registered
+plug-in format.
+
+Adding a format is one module ``asvr/pipeline/input_<name>.py`` (and its test)
+that calls :func:`register_input_format` with an :class:`InputFormat`: how to
+recognise an INPUT, how to add its images to the plan, and, when its rows need
+a reader of their own, a ``kind`` -> reader function.  ``input_*`` modules are
+imported by :func:`input_formats`, so the CLI's ``--input-format`` choices,
+auto-detection and the Ray read stage all see it (``input_hf_datasets.py`` is
+the example).
 """
 from __future__ import annotations
 
+import functools
 import glob
+import importlib
 import os
+import pkgutil
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
+from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
 
-INPUT_FORMATS = ("auto", "folder", "webdataset", "parquet", "llava")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
+_IMAGE_EXTS = tuple(x[1:] for x in IMAGE_SUFFIXES)
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "bytes", "img")
 PARQUET_KEY_COLUMNS = ("key", "__key__", "id", "path", "file_name", "filename")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -76,8 +103,9 @@ class SourceOptions:
     """Parquet caption column (default: first of caption, text, txt; else none)."""
 
     def __post_init__(self):
-        if self.input_format not in INPUT_FORMATS:
-            raise SourceError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        names = ("auto", *input_formats())
+        if self.input_format not in names:
+            raise SourceError(f"--input-format must be one of {', '.join(names)}, got {self.input_format!r}")
 
 
 @dataclass
@@ -86,12 +114,80 @@ class _Rows:
 
     def add(self, key, source, kind, path="", offset=-1, size=-1, cap_offset=-1, cap_size=-1, cap_kind="",
             caption=None, image_column=None, error=None):
+        if not all(_utf8(v) for v in (key, source, path)):  # a file name that is not UTF-8 (surrogate-escaped)
+            key, source = _escaped(key), _escaped(source)
+            path, offset, size, cap_offset, cap_size, cap_kind, caption = "", -1, -1, -1, -1, "", None
+            if kind != "ignored":
+                kind, error = "error", "file name is not valid UTF-8 (keys are UTF-8 strings); rename the file"
         for name, v in zip(PLAN_SCHEMA.names, (key, source, kind, path, offset, size, cap_offset, cap_size, cap_kind,
                                                 caption, image_column, error)):
             self.cols[name].append(v)
 
     def table(self) -> pa.Table:
         return pa.table(self.cols, schema=PLAN_SCHEMA)
+
+
+# --------------------------------------------------------------------------- the format registry
+@dataclass(frozen=True)
+class InputFormat:
+    """One kind of INPUT.  ``scan(path, rows, opts)`` adds one plan row per image (``rows.add``);
+    ``detect(path)`` says whether an INPUT is of this format (plug-ins are asked before the
+    built-in suffix rules, so a folder with a special layout can claim it); ``readers`` maps a
+    plan-row ``kind`` this format emits to ``read(row, handles) -> image bytes``, where
+    ``handles`` is a per-block dict for open files (raise :class:`ImageError` for one bad image)."""
+
+    name: str
+    help: str
+    scan: Callable[[Path, "_Rows", "SourceOptions"], None]
+    detect: Callable[[Path], bool] | None = None
+    readers: dict[str, Callable[[dict, dict], bytes]] = field(default_factory=dict)
+
+
+_FORMATS: dict[str, InputFormat] = {}
+_BUILTIN = ("folder", "webdataset", "parquet", "llava")
+
+
+def register_input_format(fmt: InputFormat) -> InputFormat:
+    if fmt.name in _FORMATS or fmt.name == "auto":
+        raise ValueError(f"input format {fmt.name!r} is registered twice")
+    clash = [k for k in fmt.readers for f in _FORMATS.values() if k in f.readers] + \
+        [k for k in fmt.readers if k in ("file", "tar", "parquet", "error")]
+    if clash:
+        raise ValueError(f"input format {fmt.name!r}: row kind {clash[0]!r} already has a reader")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+@functools.cache
+def _import_plugins() -> None:
+    pkg = importlib.import_module("asvr.pipeline")
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name.startswith("input_"):
+            importlib.import_module(f"asvr.pipeline.{m.name}")
+
+
+def input_formats() -> dict[str, InputFormat]:
+    """name -> format: the built-ins, then every ``asvr.pipeline.input_*`` module (imported once)."""
+    _import_plugins()
+    return _FORMATS
+
+
+def row_reader(kind: str) -> Callable[[dict, dict], bytes] | None:
+    """The reader a plug-in format registered for plan rows of ``kind`` (None: a built-in kind)."""
+    return next((f.readers[kind] for f in input_formats().values() if kind in f.readers), None)
+
+
+def _utf8(s: str | None) -> bool:
+    try:
+        s is None or s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _escaped(s: str) -> str:
+    """A surrogate-escaped file name as valid UTF-8 text (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(s).decode("utf-8", "backslashreplace")
 
 
 # --------------------------------------------------------------------------- expansion + detection
@@ -117,6 +213,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def detect_format(path: Path) -> str:
+    for fmt in input_formats().values():
+        if fmt.name not in _BUILTIN and fmt.detect is not None and fmt.detect(path):
+            return fmt.name
     if path.is_dir():
         return "folder"
     name = path.name.lower()
@@ -135,18 +234,27 @@ def detect_format(path: Path) -> str:
 def _scan_folder(root: Path, rows: _Rows) -> None:
     if not root.is_dir():
         raise SourceError(f"{root} is not a folder")
-    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: no loops, no escape by dir links
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names = set(filenames)
+        images = {Path(n).stem for n in filenames if n.lower().endswith(IMAGE_SUFFIXES)}
         for name in sorted(filenames):
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+            if name.startswith("."):
                 continue
             p = Path(dirpath) / name
             key = p.relative_to(root).as_posix()
+            if not name.lower().endswith(IMAGE_SUFFIXES):
+                if not (name.endswith(".txt") and name[:-4] in images):  # a sidecar caption belongs to its image
+                    rows.add(key, str(p), "ignored", error="not an image file (suffix)")
+                continue
             error = None
-            if p.is_symlink() and not p.resolve().is_relative_to(real_root):
-                error = "symlink points outside the input folder"
+            if p.is_symlink():
+                try:
+                    confine(root, key)
+                except UnsafePathError as e:
+                    error = f"symlink: {e}".replace("image path escapes the image root",
+                                                    "points outside the input folder")
+            error = error or regular_file_error(p)
             caption = None
             txt = Path(name).stem + ".txt"
             if error is None and txt in names:
@@ -157,45 +265,65 @@ def _scan_folder(root: Path, rows: _Rows) -> None:
             rows.add(key, str(p), "error" if error else "file", str(p.absolute()), caption=caption, error=error)
 
 
+def _tar_end_problem(path: Path, end: int) -> str | None:
+    """Why the tar does not end cleanly at ``end`` (where :mod:`tarfile` stopped listing), or None."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    if not block:
+        return f"tar ends at byte {end} without the end-of-archive marker: it is truncated"
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"tar is cut inside a member header at byte {end}: it is truncated, later members are lost"
+    return f"unreadable member header at byte {end}: the tar is corrupt, later members are lost"
+
+
 def _scan_tar(path: Path, rows: _Rows) -> None:
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: not a readable uncompressed tar ({e})") from None
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    order: list[str] = []
-    bad: dict[str, str] = {}
+    members: list[tarfile.TarInfo] = []
+    problem = None
     with tar:
         try:
             for m in tar:
-                match = _WDS_SPLIT.match(m.name)
-                if not match:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                if not m.isfile():
-                    if ext in WDS_IMAGE_EXTS:
-                        bad[key] = f"tar member {m.name!r} is a link or special file, not image data"
-                    continue
-                samples[key].setdefault(ext, m)
-        except tarfile.TarError as e:  # truncated tar: keep what was listed, say so
-            bad_tail = f"{path}: tar is truncated or corrupt after {len(order)} samples ({e})"
-            rows.add(f"{path.name}#truncated", bad_tail, "error", error=bad_tail)
+                members.append(m)
+        except tarfile.TarError as e:
+            problem = f"tar is truncated or corrupt after {len(members)} members ({e})"
+        end = tar.offset
+    problem = problem or _tar_end_problem(path, end)
+    groups: dict[str, list[tuple[tarfile.TarInfo, str]]] = {}
     abspath = str(path.absolute())
-    for key in order:
-        members = samples[key]
-        img_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
-        if img_ext is None:
-            if key in bad:
-                rows.add(key, f"{path}:{key}", "error", error=bad[key])
-            continue  # a sample without an image is not an input image
-        m = members[img_ext]
-        cap = members.get("txt") or members.get("json")
-        cap_kind = "" if cap is None else ("txt" if "txt" in members else "json")
-        rows.add(key, f"{path}:{m.name}", "tar", abspath, m.offset_data, m.size,
-                 cap.offset_data if cap else -1, cap.size if cap else -1, cap_kind)
+    for m in members:
+        match = _WDS_SPLIT.match(m.name)
+        if not match:
+            rows.add(m.name, f"{path}:{m.name}", "ignored", error="member name has no KEY.EXT form")
+            continue
+        groups.setdefault(match.group(1), []).append((m, match.group(2).lower()))
+    for key, group in groups.items():
+        images = [(m, ext) for m, ext in group if ext.rsplit(".", 1)[-1] in _IMAGE_EXTS]
+        caps = [(m, ext) for m, ext in group if ext in ("txt", "json") and m.isfile()]
+        cap = next((c for c in caps if c[1] == "txt"), None) or (caps[0] if caps else None)
+        for m, ext in group:
+            if images and (m, ext) in images:
+                continue
+            if images and cap is not None and m is cap[0]:
+                continue
+            why = ("not image data" if images else "its sample has no image member") if m.isfile() else \
+                "a folder, link or special member"
+            rows.add(m.name, f"{path}:{m.name}", "ignored", error=why)
+        for m, _ in images:
+            if not m.isfile():
+                rows.add(key, f"{path}:{m.name}", "error",
+                         error=f"tar member {m.name!r} is a link or special file, not image data")
+                continue
+            cm = cap[0] if cap else None
+            rows.add(key, f"{path}:{m.name}", "tar", abspath, m.offset_data, m.size,
+                     cm.offset_data if cm else -1, cm.size if cm else -1, cap[1] if cap else "")
+    if problem:
+        rows.add(f"{path.name}#truncated", f"{path}", "input", error=f"{path}: {problem}")
 
 
 def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, path: Path) -> str | None:
@@ -223,8 +351,8 @@ def _scan_parquet(path: Path, rows: _Rows, opts: SourceOptions) -> None:
         cols = [c for c in (key_col, cap_col) if c]
         t = pf.read_row_group(rg, columns=cols) if cols else None
         n = pf.metadata.row_group(rg).num_rows
-        keys = t.column(key_col).to_pylist() if key_col else [None] * n
-        caps = t.column(cap_col).to_pylist() if cap_col else [None] * n
+        keys = t.column(key_col).to_pylist() if t is not None and key_col else [None] * n
+        caps = t.column(cap_col).to_pylist() if t is not None and cap_col else [None] * n
         for i in range(n):
             key = str(keys[i]) if keys[i] is not None else f"{path.name}/{row + i}"
             cap = None if caps[i] is None else str(caps[i])
@@ -238,7 +366,6 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
     root = Path(image_root)
     if not root.is_dir():
         raise SourceError(f"--image-root {image_root} is not a folder")
-    real_root = root.resolve()
     try:
         records = read_llava_records(path)
     except LlavaJSONError as e:
@@ -250,28 +377,38 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
             if not isinstance(image, str) or not image or image in seen:
                 continue  # no image, or the same image referenced again: one input image
             seen.add(image)
-            target = (root / image).resolve()
-            error = None
-            if not target.is_relative_to(real_root):
-                error = "image path escapes --image-root"
-            elif not target.is_file():
-                error = "no such image file under --image-root"
-            rows.add(image, f"{path}:{image}", "error" if error else "file", str(target), error=error)
+            try:
+                target = str(confine(root, image))
+                error = regular_file_error(target)
+                if error and not os.path.lexists(target):
+                    error = "no such image file under --image-root"
+            except UnsafePathError as e:
+                target, error = "", str(e).replace("the image root", "--image-root")
+            rows.add(image, f"{path}:{image}", "error" if error else "file", target, error=error)
 
 
 def discover(inputs: list[str], opts: SourceOptions) -> tuple[pa.Table, list[dict]]:
     """-> (plan table in input order, one ``{path, format}`` per expanded input)."""
     rows = _Rows()
     described = []
+    formats = input_formats()
     for path in expand_inputs(inputs):
         fmt = detect_format(path) if opts.input_format == "auto" else opts.input_format
-        if fmt == "folder":
-            _scan_folder(path, rows)
-        elif fmt == "webdataset":
-            _scan_tar(path, rows)
-        elif fmt == "parquet":
-            _scan_parquet(path, rows, opts)
-        else:
-            _scan_llava(path, rows, opts.image_root)
+        formats[fmt].scan(path, rows, opts)
         described.append({"path": str(path.absolute()), "format": fmt})
     return rows.table(), described
+
+
+register_input_format(InputFormat(
+    "folder", "images found recursively; key = path relative to the folder (posix)",
+    lambda path, rows, opts: _scan_folder(path, rows)))
+register_input_format(InputFormat(
+    "webdataset", "*.tar webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar'; "
+    "key = __key__ (name up to the first dot), every member ending in an image suffix is an image "
+    "(a repeated key is a duplicate), caption from txt or json 'caption'",
+    lambda path, rows, opts: _scan_tar(path, rows)))
+register_input_format(InputFormat(
+    "parquet", "*.parquet, one image per row (--image-column, --key-column, --caption-column)", _scan_parquet))
+register_input_format(InputFormat(
+    "llava", "*.json/.jsonl LLaVA conversations; each distinct 'image' once, read under --image-root",
+    lambda path, rows, opts: _scan_llava(path, rows, opts.image_root)))

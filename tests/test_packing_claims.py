@@ -1,5 +1,6 @@
 """Packing against an independent best-fit, the plan's exact layout rules, the
 Batch helpers, and the checkpoint helpers that need no DeepSpeed engine."""
+
 from __future__ import annotations
 
 import random
@@ -20,7 +21,7 @@ def _reference_best_fit(order, lengths, max_len, window):
     rows: list[list[int]] = []
     for start in range(0, len(order), window):
         open_rows: list[int] = []
-        for i in sorted(order[start:start + window], key=lambda i: -lengths[i]):
+        for i in sorted(order[start : start + window], key=lambda i: -lengths[i]):
             space = {r: max_len - sum(lengths[j] for j in rows[r]) for r in open_rows}
             fits = [r for r in open_rows if space[r] >= lengths[i]]
             if fits:
@@ -57,7 +58,7 @@ def test_micro_batches_pair_rows_of_neighbouring_fill():
     fill = lambda row: sum(lengths[i] for i in row)  # noqa: E731
     fills = sorted((fill(r) for mb in plan for r in mb), reverse=True)
     assert len(fills) <= 32
-    want = sorted(tuple(fills[k:k + 2]) for k in range(0, len(fills), 2))
+    want = sorted(tuple(fills[k : k + 2]) for k in range(0, len(fills), 2))
     assert sorted(tuple(sorted((fill(r) for r in mb), reverse=True)) for mb in plan) == want
 
 
@@ -101,7 +102,9 @@ def test_batch_helpers():
     b.vision = torch.zeros(5, 1, 1, 3)
     assert b.num_images == 5
     c = b.to("cpu")
-    assert c is not b and all(torch.equal(getattr(b, f), getattr(c, f)) for f in ("input_ids", "vision", "visual_codes"))
+    assert c is not b and all(
+        torch.equal(getattr(b, f), getattr(c, f)) for f in ("input_ids", "vision", "visual_codes")
+    )
     assert c.visual_loss_mask is None
     m = b.to("meta")
     assert {getattr(m, f).device.type for f in ("input_ids", "labels", "sample_ids", "vision")} == {"meta"}

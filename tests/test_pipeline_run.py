@@ -23,7 +23,7 @@ from PIL import Image
 
 from asvr.pipeline.check import verify_out
 from asvr.pipeline.cli import main
-from asvr.pipeline.shards import FAILURES, MANIFEST, load_codes, read_shard
+from asvr.tokenizer.shards import FAILURES, MANIFEST, load_codes, read_shard
 
 ray = pytest.importorskip("ray")
 
@@ -113,7 +113,7 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
     assert all(f["stage"] == "read" and "escapes --image-root" in f["error"] for f in fails.values())
     m = json.loads((out / MANIFEST).read_text())
     assert m["complete"] and m["counts"] == {"seen": len(expect) + 2, "encoded": len(expect), "failed": 2,
-                                             "duplicate": 0}
+                                             "duplicate": 0, "ignored": 0}
     assert not (tmp_path.parent / "evil").exists() and not Path("/abs").exists()
     assert verify_out(out).ok
 
@@ -180,7 +180,8 @@ def test_bad_files_counting_invariant_and_stages(tmp_path, tiny_tokenizer, tiny_
     m = json.loads((out / MANIFEST).read_text())
     c = m["counts"]
     n_fail = sum(1 for s in cases.values() if s)
-    assert c == {"seen": len(cases) + 2, "encoded": len(cases) - n_fail + 1, "failed": n_fail, "duplicate": 1}
+    assert c == {"seen": len(cases) + 2, "encoded": len(cases) - n_fail + 1, "failed": n_fail, "duplicate": 1,
+                 "ignored": 0}
     assert c["seen"] == c["encoded"] + c["failed"] + c["duplicate"]
     fails = failures(out)
     assert fails["same"]["stage"] == "duplicate" and "dup-0.tar" in fails["same"]["error"]

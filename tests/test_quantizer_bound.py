@@ -2,6 +2,7 @@
 error on data built to reach it, and exact ties that only the tie-break rules
 resolve.  The plain exactness tests (test_tokenizer_quantizer.py) pass with a
 bound a few times too small: random data never gets near the bound."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -237,13 +238,15 @@ def test_search_stats_add_up_over_depths():
         base = dy((8, 6), 6) * scale
         books.append(np.concatenate([base, base + 2.0**-18 * rng.choice([-1, 1], base.shape)]))
     cb = np.stack(books).astype(np.float32)
-    x = (cb[0][rng.integers(0, 16, 200)] + cb[1][rng.integers(0, 16, 200)] + dy((200, 6), 12) * 2**-6)
+    x = cb[0][rng.integers(0, 16, 200)] + cb[1][rng.integers(0, 16, 200)] + dy((200, 6), 12) * 2**-6
     x = x.astype(np.float32)
     q = ResidualQuantizer(torch.from_numpy(cb))
     codes, both = q.encode(torch.from_numpy(x), candidates=1, return_stats=True)
     _, first = ResidualQuantizer(torch.from_numpy(cb[:1])).encode(torch.from_numpy(x), candidates=1, return_stats=True)
     r1 = x - cb[0][codes[:, 0].numpy()]
-    _, second = ResidualQuantizer(torch.from_numpy(cb[1:])).encode(torch.from_numpy(r1), candidates=1, return_stats=True)
+    _, second = ResidualQuantizer(torch.from_numpy(cb[1:])).encode(
+        torch.from_numpy(r1), candidates=1, return_stats=True
+    )
     assert first.fallback_rows > 0 and second.fallback_rows > 0 and first.full_rows > 0 and second.full_rows > 0
     assert both.fallback_rows == first.fallback_rows + second.fallback_rows
     assert both.full_rows == first.full_rows + second.full_rows
@@ -254,8 +257,9 @@ def test_tf32_on_cpu_and_low_precision_bound_for_small_residuals():
     unit norm before the fp16/bf16 cast (fp16 subnormals lose relative precision)."""
     x, cb = _swap_ties(0, 32)
     q = ResidualQuantizer(torch.from_numpy(cb))
-    np.testing.assert_array_equal(q.encode(torch.from_numpy(x), search_dtype="tf32", candidates=4).numpy(),
-                                  rvq_encode_reference(x, cb))
+    np.testing.assert_array_equal(
+        q.encode(torch.from_numpy(x), search_dtype="tf32", candidates=4).numpy(), rvq_encode_reference(x, cb)
+    )
     for dtype in ("float16", "bfloat16"):
         w, v = _worst_2d_pairs(dtype, n=2000, keep=4)
         for wi, vi in zip(w, v):

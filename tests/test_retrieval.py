@@ -1,4 +1,5 @@
 """Retrieval: vector recipe, flat index vs brute force, self-retrieval, --add, fingerprints, approximate recall."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import build_tiny_tokenizer, write_image_folder
 
-from asvr.pipeline.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
+from asvr.tokenizer.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
 from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.cli import main
 from asvr.tokenizer.retrieval import ImageIndex, ImageVectorizer, build_index, new_faiss_index, plan_index
@@ -18,8 +19,15 @@ N_REAL, N_RANDOM = 9, 240
 
 
 def _write(out, meta, keys, codes, tag):
-    rows = rows_to_table(meta, keys, codes, [hashlib.sha256(k.encode()).hexdigest() for k in keys],
-                         [64] * len(keys), [48] * len(keys), [None] * len(keys))
+    rows = rows_to_table(
+        meta,
+        keys,
+        codes,
+        [hashlib.sha256(k.encode()).hexdigest() for k in keys],
+        [64] * len(keys),
+        [48] * len(keys),
+        [None] * len(keys),
+    )
     write_parquet_shard(out / f"part-{tag:05d}.parquet", rows)
 
 
@@ -91,8 +99,18 @@ def test_corpus_image_finds_itself(corpus, tmp_path, capsys):
     by_key = _search_json(capsys, str(idx_dir), "--key", key, "-k", "3")
     assert by_key["neighbours"][0]["key"] == key and by_key["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
     sheet = tmp_path / "s.png"
-    by_img = _search_json(capsys, str(idx_dir), "--image", str(corpus["images"] / key), "-k", "4",
-                          "--images", str(corpus["images"]), "--sheet", str(sheet))
+    by_img = _search_json(
+        capsys,
+        str(idx_dir),
+        "--image",
+        str(corpus["images"] / key),
+        "-k",
+        "4",
+        "--images",
+        str(corpus["images"]),
+        "--sheet",
+        str(sheet),
+    )
     assert by_img["neighbours"][0]["key"] == key and by_img["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
     from PIL import Image
 
@@ -150,7 +168,7 @@ def test_fingerprint_mismatch_refused(corpus, tmp_path, capsys):
     foreign.mkdir()
     _write(foreign, ShardMeta.from_spec(spec), ["x"], np.zeros((1, 7, 7, 3), np.uint16), 9)
     rc = main(["index", str(foreign), "--out", str(idx_dir), "--add", "--quiet"])
-    assert rc == 2 and "written with tokenizer" in capsys.readouterr().err
+    assert rc == 2 and "fingerprint mismatch: " + str(foreign) in capsys.readouterr().err
     rc = main(["index", str(corpus["out"]), "--tokenizer", str(corpus["tok"]), "--out", str(idx_dir), "--quiet"])
     assert rc == 2 and "--add" in capsys.readouterr().err  # no silent overwrite
 
@@ -158,8 +176,24 @@ def test_fingerprint_mismatch_refused(corpus, tmp_path, capsys):
 def test_trained_factory_through_cli(corpus, tmp_path, capsys):
     """An index that needs training (IVF) and stores no exact vectors: --key rebuilds the query from the shard."""
     idx_dir = tmp_path / "ivf"
-    assert main(["index", str(corpus["out"]), "--tokenizer", str(corpus["tok"]), "--out", str(idx_dir),
-                 "--factory", "IVF4,SQ8", "--search-params", "nprobe=4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(corpus["out"]),
+                "--tokenizer",
+                str(corpus["tok"]),
+                "--out",
+                str(idx_dir),
+                "--factory",
+                "IVF4,SQ8",
+                "--search-params",
+                "nprobe=4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((idx_dir / "index.json").read_text())
     assert meta["factory"] == "IVF4,SQ8" and meta["count"] == N_REAL + N_RANDOM and meta["search_params"]["nprobe"] == 4
     key = corpus["keys"][2]

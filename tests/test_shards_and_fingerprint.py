@@ -3,6 +3,7 @@ fingerprint and ``--init-from``'s check of it, and codebook refinement, without
 Ray or DeepSpeed: each case a bug once slipped through (a marker accepted for
 other inputs, a verify that never saw a missing shard, a fingerprint blind to
 the normalisation, refinement switched off)."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ RUN = {"fingerprint": META.fingerprint, "format": "parquet", "shard_size": 3, "p
 def _rows(keys, seed=0):
     rng = np.random.default_rng(seed)
     n = len(keys)
-    return {"key": list(keys), "codes": rng.integers(0, META.codebook_size, (n, 8)), "sha256": ["0" * 64] * n,
-            "width": [64] * n, "height": [48] * n, "caption": [None] * n}
+    return {
+        "key": list(keys),
+        "codes": rng.integers(0, META.codebook_size, (n, 8)),
+        "sha256": ["0" * 64] * n,
+        "width": [64] * n,
+        "height": [48] * n,
+        "caption": [None] * n,
+    }
 
 
 def _write_out(root, fmt="parquet"):
@@ -89,8 +96,9 @@ def _break_codes(out):
     rows = _rows(["a", "b", "c"])
     rows["codes"][1, 3] = rows["codes"][2, 0] = META.codebook_size  # out of range, in a shard that says K = 8
     wide = replace(META, codebook_size=2 * META.codebook_size)
-    table = rows_to_table(wide, rows["key"], rows["codes"], rows["sha256"], rows["width"], rows["height"],
-                          rows["caption"])
+    table = rows_to_table(
+        wide, rows["key"], rows["codes"], rows["sha256"], rows["width"], rows["height"], rows["caption"]
+    )
     table = table.replace_schema_metadata({**table.schema.metadata, **META.to_metadata()})
     write_parquet_shard(out / "part-00000.parquet", table)
     m = _manifest(out)  # a consistent hash: only the range check can see it
@@ -126,8 +134,10 @@ def _rewrite_shard(out, name, meta, keys):
     from asvr.pipeline.writer import rows_to_table, write_parquet_shard
 
     rows = _rows(keys, 1)
-    write_parquet_shard(out / name, rows_to_table(meta, rows["key"], rows["codes"], rows["sha256"], rows["width"],
-                                                  rows["height"], rows["caption"]))
+    write_parquet_shard(
+        out / name,
+        rows_to_table(meta, rows["key"], rows["codes"], rows["sha256"], rows["width"], rows["height"], rows["caption"]),
+    )
     m = _manifest(out)
     m["shards"][[s["file"] for s in m["shards"]].index(name)]["sha256"] = sha256_file(out / name)
     _set_manifest(out, m)
@@ -160,25 +170,35 @@ def _break_incomplete(out):
     _set_manifest(out, m)
 
 
-@pytest.mark.parametrize("breakage,finding", [
-    (_break_missing, "part-00001.parquet: missing"),
-    (_break_codes, "2 rows with codes >= codebook size 8"),
-    (_break_rows, "3 rows, manifest says 4"),
-    (_break_extra, "part-00007.parquet: shard not in the manifest"),
-    (_break_sha, "sha256 differs"),
-    (_break_counts, "shards hold 5 rows, manifest says encoded 6"),
-    (_break_incomplete, "manifest says the run is incomplete"),
-    (_break_first_missing, "shards hold 2 rows, manifest says encoded 5"),  # later shards still checked
-    (_break_fingerprint, "part-00001.parquet: tokenizer eeeeeeeeeeee != manifest ffffffffffff"),
-    (_break_unreadable, "part-00001.parquet: unreadable ("),
-    (_break_duplicate, "part-00001.parquet: duplicate key 'a'"),
-])
+@pytest.mark.parametrize(
+    "breakage,finding",
+    [
+        (_break_missing, "part-00001.parquet: missing"),
+        (_break_codes, ("2 rows with codes >= codebook size 8", "has code 8 outside [0, 8)")),
+        (_break_rows, "3 rows, manifest says 4"),
+        (_break_extra, "part-00007.parquet: shard not in the manifest"),
+        (_break_sha, "sha256 differs"),
+        (_break_counts, "shards hold 5 rows, manifest says encoded 6"),
+        (_break_incomplete, "manifest says the run is incomplete"),
+        (_break_first_missing, "shards hold 2 rows, manifest says encoded 5"),  # later shards still checked
+        (
+            _break_fingerprint,
+            (
+                "part-00001.parquet: tokenizer eeeeeeeeeeee != manifest ffffffffffff",
+                "part-00001.parquet has eeeeeeeeeeee, manifest.json has ffffffffffff",
+            ),
+        ),
+        (_break_unreadable, "part-00001.parquet: unreadable ("),
+        (_break_duplicate, "part-00001.parquet: duplicate key 'a'"),
+    ],
+)
 def test_verify_finds_each_breakage(tmp_path, breakage, finding):
     out = _write_out(tmp_path / "out")
     breakage(out)
     rep = verify_out(out)
     assert not rep.ok
-    assert any(finding in p for p in rep.problems), rep.problems
+    findings = finding if isinstance(finding, tuple) else (finding,)
+    assert any(f in p for p in rep.problems for f in findings), rep.problems
 
 
 def test_verify_and_inspect_refuse_a_folder_without_a_readable_manifest(tmp_path):
@@ -196,16 +216,23 @@ def test_inspect_lists_counts_and_failures(tmp_path):
 
     rep = inspect_out(_write_out(tmp_path / "out"))
     assert rep.ok and rep.lines[0].endswith("complete")
-    assert "seen 6  encoded 5  failed 1  duplicate 0" in rep.lines
+    assert any(line.startswith("seen 6  encoded 5  failed 1  duplicate 0") for line in rep.lines)
     assert "shards 2 (5 rows)" in rep.lines
     assert "failures by stage: decode 1" in rep.lines and "  [decode] f: bad" in rep.lines
 
 
 # --------------------------------------------------------------------------- fingerprint
-@pytest.mark.parametrize("change", [
-    {"mean": [0.4, 0.5, 0.5]}, {"std": [0.5, 0.5, 0.6]}, {"resample": "bilinear"}, {"image_size": 256},
-    {"feature_layer": 3}, {"weights_sha256": "0" * 64},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"mean": [0.4, 0.5, 0.5]},
+        {"std": [0.5, 0.5, 0.6]},
+        {"resample": "bilinear"},
+        {"image_size": 256},
+        {"feature_layer": 3},
+        {"weights_sha256": "0" * 64},
+    ],
+)
 def test_fingerprint_covers_everything_that_changes_the_features(tiny_tokenizer, change):
     spec = tiny_tokenizer.spec
     cb = tiny_tokenizer.quantizer.codebooks
@@ -234,9 +261,21 @@ def test_fingerprint_recipe_is_stable(tiny_tokenizer):
     e = spec.encoder
     h = hashlib.sha256(cb.float().contiguous().numpy().tobytes())
     h.update(e.weights_sha256.encode())
-    h.update(json.dumps({"kind": e.kind, "feature_layer": e.feature_layer, "image_size": e.image_size, "mean": e.mean,
-                         "std": e.std, "resample": e.resample, "depth": spec.depth,
-                         "shared": spec.shared_codebook}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "kind": e.kind,
+                "feature_layer": e.feature_layer,
+                "image_size": e.image_size,
+                "mean": e.mean,
+                "std": e.std,
+                "resample": e.resample,
+                "depth": spec.depth,
+                "shared": spec.shared_codebook,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     assert compute_fingerprint(spec, cb) == h.hexdigest() == spec.fingerprint
 
 
@@ -254,16 +293,24 @@ def test_edited_normalisation_is_refused_on_load(tmp_path, tiny_tokenizer_dir):
 def test_init_from_refuses_a_model_trained_with_another_tokenizer(tmp_path, tiny_tokenizer_dir):
     from asvr.train.checkpoint import load_pretrained
     from asvr.train.config import VisionSpec
-    from asvr.train.export import ExportError, save_exported
+    from asvr.train.export import save_exported
     from test_train_model import tiny_model
 
     spec, cb = load_artifact(tiny_tokenizer_dir)
-    vision = VisionSpec(dim=spec.dim, grid=spec.grid, depth=spec.depth, codebook_size=spec.codebook_size,
-                        fingerprint=spec.fingerprint, path=str(tiny_tokenizer_dir))
+    vision = VisionSpec(
+        dim=spec.dim,
+        grid=spec.grid,
+        depth=spec.depth,
+        codebook_size=spec.codebook_size,
+        fingerprint=spec.fingerprint,
+        path=str(tiny_tokenizer_dir),
+    )
     model = tiny_model("llama", mode="codes", vision=vision, codebooks=cb)
     folder = save_exported(model, tmp_path / "export")
     fresh = tiny_model("llama", mode="codes", vision=vision, codebooks=cb, seed=1)
-    with pytest.raises(ExportError, match="trained with tokenizer"):
+    with pytest.raises(
+        ValueError, match="trained with tokenizer|fingerprint mismatch"
+    ):  # ExportError or FingerprintError
         load_pretrained(fresh, folder, "0" * 64)
     assert load_pretrained(fresh, folder, spec.fingerprint) == folder
     for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
@@ -277,7 +324,7 @@ def test_refinement_lowers_the_error_of_plain_residual_kmeans():
     0.175 -> 0.162 relative error)."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((8, 16)) * 2, rng.standard_normal((8, 16)) * 1.5
-    x = (a[rng.integers(0, 8, 2000)] + b[rng.integers(0, 8, 2000)] + 0.05 * rng.standard_normal((2000, 16)))
+    x = a[rng.integers(0, 8, 2000)] + b[rng.integers(0, 8, 2000)] + 0.05 * rng.standard_normal((2000, 16))
     x = x.astype(np.float32)
     plain = train_codebooks(x, CodebookTrainConfig(depth=2, codebook_size=8, refine_rounds=0, seed=0))
     refined = train_codebooks(x, CodebookTrainConfig(depth=2, codebook_size=8, refine_rounds=3, seed=0))

@@ -97,3 +97,37 @@ def test_tampered_codebook_or_json_is_refused(tiny_tokenizer_dir, tmp_path):
     (tok / "tokenizer.json").write_text(json.dumps(js))
     with pytest.raises(TokenizerError, match="fingerprint"):
         SemanticTokenizer.load(tok)
+
+
+def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
+    from asvr.tokenizer.encoders import EncoderLoadError, EncoderSpec, _hf_classes, encoder_kind
+
+    with pytest.raises(EncoderLoadError, match="unknown encoder kind 'dinov2'"):
+        encoder_kind("dinov2")
+    with pytest.raises(EncoderLoadError, match="unknown encoder kind"):
+        _hf_classes("dinov2")  # used to return the CLIP classes for any kind but siglip
+    with pytest.raises(EncoderLoadError, match="unknown encoder kind"):
+        EncoderSpec(kind="dinov2", weights=str(tmp_path), feature_layer=-1, image_size=32)
+
+
+def test_a_registered_kind_is_built_and_listed():
+    """What an ``asvr/tokenizer/encoder_<name>.py`` module does: register a kind; nothing else changes."""
+    import torch
+
+    from asvr.tokenizer.encoders import (_KINDS, EncoderKind, EncoderSpec, build_encoder, default_encoder_spec,
+                                         encoder_kinds, register_encoder)
+
+    class Mean(torch.nn.Module):
+        def forward(self, pixels):
+            return torch.nn.functional.avg_pool2d(pixels, 4).permute(0, 2, 3, 1)
+
+    register_encoder(EncoderKind("test_pool", build=lambda spec, base: Mean(),
+                                 default_spec=lambda w, layer: EncoderSpec("test_pool", "none", -1, 16)))
+    try:
+        assert "test_pool" in encoder_kinds()
+        spec = default_encoder_spec("test_pool")
+        assert build_encoder(spec)(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4, 3)
+        with pytest.raises(ValueError, match="registered twice"):
+            register_encoder(EncoderKind("test_pool", hf_classes=("A", "B")))
+    finally:
+        _KINDS.pop("test_pool")

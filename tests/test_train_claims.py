@@ -3,6 +3,7 @@ never build: bf16 gradients of the chunked visual loss, a packed row with no
 padding (the default with micro-batch 1), text labels right at a sample
 boundary, and visual targets checked against an independent context (not the
 model's own ``code_context``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -92,8 +93,10 @@ def test_visual_targets_see_only_the_earlier_depths():
     model.set_stage("sft")
     cb = model.vision.quantizer.codebooks.numpy().astype(np.float64)
     codes = torch.randint(0, cb.shape[1], (7, DEPTH), generator=torch.Generator().manual_seed(5))
-    want = np.stack([sum((cb[j][codes[:, j].numpy()] for j in range(d)), np.zeros((7, cb.shape[2])))
-                     for d in range(1, DEPTH)], axis=1)
+    want = np.stack(
+        [sum((cb[j][codes[:, j].numpy()] for j in range(d)), np.zeros((7, cb.shape[2]))) for d in range(1, DEPTH)],
+        axis=1,
+    )
     np.testing.assert_allclose(model.vision.code_context(codes).numpy(), want, rtol=1e-6, atol=1e-6)
     # end to end: the per-depth visual loss from a teacher-forced head fed with that context
     s = make_sample(41, 3, True, 4)
@@ -102,8 +105,15 @@ def test_visual_targets_see_only_the_earlier_depths():
     with torch.no_grad():
         rows = model.hidden_states(batch)[batch.image_mask]
         tgt = batch.visual_codes.reshape(-1, DEPTH)
-        ctx = torch.from_numpy(np.stack([sum((cb[j][tgt[:, j].numpy()] for j in range(d)), np.zeros((HW, cb.shape[2])))
-                                         for d in range(1, DEPTH)], axis=1)).float()
+        ctx = torch.from_numpy(
+            np.stack(
+                [
+                    sum((cb[j][tgt[:, j].numpy()] for j in range(d)), np.zeros((HW, cb.shape[2])))
+                    for d in range(1, DEPTH)
+                ],
+                axis=1,
+            )
+        ).float()
         x = model.head.states(rows, ctx)
         for d, clf in enumerate(model.head.classifiers):
             want_d = F.cross_entropy(F.linear(x[:, d], clf.weight, clf.bias), tgt[:, d])

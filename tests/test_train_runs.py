@@ -2,6 +2,7 @@
 dropout (so the RNG matters): bitwise resume from an explicit tag compared on
 the *weights*, checkpoint pruning, the learning-rate schedule's values, the
 loss plot's data, gradient clipping, and the ZeRO-3 export."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,20 @@ from train_corpus import make_corpus
 
 TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
 LR = 1e-3
-COMMON = ["--stage", "sft", "--max-steps", "4", "--save-every", "1", "--lr", str(LR), "--warmup-ratio", "0.5",
-          "--min-lr-ratio", "0.1"]
+COMMON = [
+    "--stage",
+    "sft",
+    "--max-steps",
+    "4",
+    "--save-every",
+    "1",
+    "--lr",
+    str(LR),
+    "--warmup-ratio",
+    "0.5",
+    "--min-lr-ratio",
+    "0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +47,25 @@ def corpus(tmp_path_factory, tiny_tokenizer):
 
 
 def _args(corpus, tok_dir, out, *extra, quiet=True):
-    return ["--model", str(corpus.llm), "--tokenizer", str(tok_dir), "--codes", str(corpus.codes),
-            "--data", str(corpus.sft), "--images", str(corpus.images), "--output-dir", str(out),
-            "--max-len", "256", *TINY_HEAD, *(["--quiet"] if quiet else []), *extra]
+    return [
+        "--model",
+        str(corpus.llm),
+        "--tokenizer",
+        str(tok_dir),
+        "--codes",
+        str(corpus.codes),
+        "--data",
+        str(corpus.sft),
+        "--images",
+        str(corpus.images),
+        "--output-dir",
+        str(out),
+        "--max-len",
+        "256",
+        *TINY_HEAD,
+        *(["--quiet"] if quiet else []),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +128,28 @@ def test_zero3_export_and_gradient_clipping(corpus, tiny_tokenizer_dir, straight
     out = tmp_path / "z3"
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
-    assert main(_args(corpus, tiny_tokenizer_dir, out, "--stage", "sft", "--deepspeed", str(ds), "--max-steps", "1",
-                      "--init-from", str(straight), "--grad-clip", "1e-10", "--lr", str(LR))) == 0
+    assert (
+        main(
+            _args(
+                corpus,
+                tiny_tokenizer_dir,
+                out,
+                "--stage",
+                "sft",
+                "--deepspeed",
+                str(ds),
+                "--max-steps",
+                "1",
+                "--init-from",
+                str(straight),
+                "--grad-clip",
+                "1e-10",
+                "--lr",
+                str(LR),
+            )
+        )
+        == 0
+    )
     a, b = _weights(straight), _weights(out)
     assert a.keys() == b.keys()
     moved = 0.0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -61,6 +63,20 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(corpus, tiny_tokenizer_d
         assert im.text["Title"] == f"run {pretrain_run.parent.name}/straight: pretrain stage"
         assert im.text["Description"].startswith("LLM frozen")
     assert sorted(p.name for p in (pretrain_run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+
+
+def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir, pretrain_run, tmp_path):
+    """--log-every 3 reads the device once per 3 steps (and at the end): same rows, same
+    values as the run above; --no-final-checkpoint leaves no checkpoint behind."""
+    out = tmp_path / "windowed"
+    assert main(_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "4", "--grad-accum", "2",
+                      "--caption-free-ratio", "0.25", "--log-every", "3", "--no-final-checkpoint", "--no-export")) == 0
+    straight, windowed = read_metrics(pretrain_run), read_metrics(out)
+    assert [r["step"] for r in windowed] == [1, 2, 3, 4]
+    for key in ("loss", "loss_text", "loss_visual", "loss_visual_d1", "lr", "epoch"):
+        assert [r[key] for r in straight] == [r[key] for r in windowed], key
+    assert all(r["tokens_per_s"] > 0 and r["step_time_s"] > 0 for r in windowed)
+    assert not list((out / "checkpoints").glob("step*")) if (out / "checkpoints").exists() else True
 
 
 def test_config_file_of_a_run_reproduces_it(pretrain_run, tmp_path):
@@ -170,3 +186,26 @@ def test_a_run_prints_only_our_lines(corpus, tiny_tokenizer_dir, tmp_path):
     assert lines[1].startswith("done: step 1 loss")
     bar = [part for part in r.stderr.replace("\r", "\n").splitlines() if part.strip()]
     assert bar and all(part.startswith("pretrain: ") for part in bar), r.stderr[-3000:]
+
+
+def test_online_without_images_is_one_line_error(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    args = _args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--vision-input", "online")
+    i = args.index("--images")
+    del args[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asvr-train: error: --vision-input online") and "--images" in err and "\n" not in err
+
+
+def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    """A real SIGINT (what Ctrl-C sends) during a run: exit 130, one line that says how to resume."""
+    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))  # after parsing, during setup or training
+    timer.start()
+    try:
+        rc = main(_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000"))
+    finally:
+        timer.cancel()
+    assert rc == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted;") and "--resume auto" in err[-1] and str(tmp_path / "r") in err[-1]
+    assert not any("Traceback" in line for line in err)

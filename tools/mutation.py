@@ -16,6 +16,7 @@ project plus the target's file and its fast test selection, both read from
 Each target prints ``killed/total`` and its surviving mutants; the triage of
 the survivors (equivalent ones with a reason) is in docs/TESTING.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,13 +48,20 @@ def stage(name: str, target: dict, base: dict, fresh: bool) -> Path:
         shutil.copytree(ROOT / pkg, d / "asvr" / pkg, dirs_exist_ok=True, ignore=ignore)
     shutil.copytree(ROOT / "tests", d / "tests", dirs_exist_ok=True, ignore=ignore)
     opts = dict(base)
-    opts.update({
-        "source_paths": ["asvr"],
-        "only_mutate": [f"asvr/{f}" for f in target["files"]],
-        "pytest_add_cli_args_test_selection": target["tests"],
-    })
-    lines = ["[tool.pytest.ini_options]", 'markers = ["slow: long tests"]', "addopts = \"-m 'not slow' -p no:cacheprovider\"",
-             "", "[tool.mutmut]"]
+    opts.update(
+        {
+            "source_paths": ["asvr"],
+            "only_mutate": [f"asvr/{f}" for f in target["files"]],
+            "pytest_add_cli_args_test_selection": target["tests"],
+        }
+    )
+    lines = [
+        "[tool.pytest.ini_options]",
+        'markers = ["slow: long tests"]',
+        "addopts = \"-m 'not slow' -p no:cacheprovider\"",
+        "",
+        "[tool.mutmut]",
+    ]
     for k, v in opts.items():
         lines.append(f"{k} = {_toml_list(v) if isinstance(v, list) else json.dumps(v)}")
     (d / "pyproject.toml").write_text("\n".join(lines) + "\n")
@@ -62,8 +70,9 @@ def stage(name: str, target: dict, base: dict, fresh: bool) -> Path:
 
 def results(d: Path) -> tuple[dict[str, int], list[str]]:
     """Counts per status and the names of the survivors, from ``mutmut results --all``."""
-    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=d,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=d, capture_output=True, text=True
+    ).stdout
     counts: dict[str, int] = {}
     survivors = []
     for line in out.splitlines():
@@ -97,8 +106,12 @@ def main() -> int:
         d = stage(name, targets[name], base, args.fresh) if not args.results else ROOT / ".mutation" / name
         if not args.results:
             print(f"== mutation: {name} ({', '.join(targets[name]['files'])})", flush=True)
-            subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
-                           cwd=d, env=env, check=False)
+            subprocess.run(
+                [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+                cwd=d,
+                env=env,
+                check=False,
+            )
         counts, survivors = results(d)
         total = sum(counts.values())
         killed = counts.get("killed", 0) + counts.get("timeout", 0)

@@ -305,6 +305,12 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = field(default=2, metadata=_opt(RUN))
     """Newest checkpoints kept (0: all)."""
+    final_checkpoint: bool = field(default=True, metadata=_opt(RUN, flag="--no-final-checkpoint"))
+    """(--no-final-checkpoint) no checkpoint at the last step: throughput runs (a 1.3B SFT state with
+    AdamW is ~20 GB)."""
+    log_every: int = field(default=10, metadata=_opt(RUN, metavar="N"))
+    """Read the step metrics off the device every N optimizer steps: one GPU sync per N steps, not per
+    step; metrics.jsonl still gets every step (step time and tokens/s: the window's mean)."""
     resume: str | None = field(default=None, metadata=_opt(RUN))
     """'auto': continue from the newest checkpoint in --output-dir (if any); or a tag like step00000042."""
     overwrite: bool = field(default=False, metadata=_opt(RUN))
@@ -345,6 +351,10 @@ class TrainConfig:
             raise ValueError("--overwrite starts the run again, --resume continues it: give one")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError("--stop-after must be >= 1")
+        if self.stop_after is not None and not self.final_checkpoint:
+            raise ValueError("--stop-after needs the final checkpoint (drop --no-final-checkpoint)")
+        if self.log_every < 1:
+            raise ValueError("--log-every must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:

@@ -4,12 +4,14 @@ TensorBoard, and ``RUN/loss.png`` at the end.  Only rank 0 writes.
 On resume the file is cut back to the checkpoint's step first, so a run that
 crashed after its last checkpoint does not log the replayed steps twice.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
+
+from asvr.tokenizer.atomic import atomic_path, atomic_write
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -33,7 +35,7 @@ class MetricsLogger:
 
     def _truncate(self, step: int) -> None:
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -57,7 +59,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 STAGE_NOTES = {
     "pretrain": "LLM frozen: only the projector and the visual head learn, so the text loss moves only "
-                "through the image tokens and stays nearly flat",
+    "through the image tokens and stays nearly flat",
 }
 
 
@@ -96,7 +98,6 @@ def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
     note = STAGE_NOTES.get(stage or "", "")
     fig = loss_figure(rows, title, note)
     out = run_dir / LOSS_PLOT
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})
-    os.replace(tmp, out)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})
     return out

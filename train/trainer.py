@@ -20,6 +20,13 @@ ZeRO-3 also partitions the frozen online encoder: on CPU/gloo its ~200 small
 tensors are gathered every step (7 s/step vs 0.5 s with ZeRO-2 on the tiny
 test model), so prefer ZeRO-2, or the codes/features inputs, for small runs.
 
+Metrics: the per-step losses stay on the device and are reduced and copied to
+the host once per ``--log-every`` steps (every step still gets its row in
+metrics.jsonl; step time and tokens/s are the window's mean).  On one H200
+(bench/results/gpu_issues_12_13_h200.md) the CLI at ~1.3B bf16 ran at 0.31-0.58
+of a bare torch loop: the remaining gap is DeepSpeed's (fp32 master weights,
+ZeRO buckets, its own syncs in ``engine.step``).
+
 Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
 an uninterrupted run bit for bit (tested): the loader resumes at the next
 micro-batch, and model, optimizer, scheduler and RNG states are restored.
@@ -279,32 +286,45 @@ class Trainer:
         bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", disable=self.rank != 0 or not cfg.progress,
                    dynamic_ncols=True)
         last: dict = {}
+        pending: list[tuple[dict, list[str], torch.Tensor]] = []
         engine.train()
+        t_window = time.perf_counter()
         while step < stop:
-            t0 = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves at the step's end)
-            record = self.train_step(engine, it)
+            keys, vec, tokens = self.train_step(engine, it)
             step += 1
-            dt = time.perf_counter() - t0
-            record = {"step": step, **record, "tokens_per_s": record.pop("tokens") / dt,
-                      "lr": lr, "step_time_s": dt, "epoch": loader.epoch}
-            metrics.log(record)
-            last = record
-            bar.set_postfix(loss=f"{record['loss']:.4f}", text=f"{record['loss_text']:.3f}",
-                            vis=f"{record['loss_visual']:.3f}")
+            pending.append(({"step": step, "tokens": tokens, "lr": lr, "epoch": loader.epoch}, keys, vec))
             bar.update(1)
-            if step == stop or (cfg.save_every and step % cfg.save_every == 0):
+            save = (step == stop and cfg.final_checkpoint) or (cfg.save_every and step % cfg.save_every == 0)
+            if save or step == stop or len(pending) >= cfg.log_every:
+                # one reduction and one device->host copy for the whole window: the step time is
+                # the window's mean (a per-step host clock would need a sync per step)
+                records = self.read_metrics(pending)
+                dt = (time.perf_counter() - t_window) / len(pending)
+                for record in records:
+                    record.update(tokens_per_s=record.pop("tokens") / dt, step_time_s=dt)
+                    metrics.log(record)
+                last = records[-1]
+                bar.set_postfix(loss=f"{last['loss']:.4f}", text=f"{last['loss_text']:.3f}",
+                                vis=f"{last['loss_visual']:.3f}")
+                pending = []
+            if save:
                 checkpoint.save(engine, self.run_dir, step, loader.state_dict(), self.rank, cfg.keep_checkpoints)
+            if not pending:
+                t_window = time.perf_counter()
         bar.close()
         return last
 
-    def train_step(self, engine, it) -> dict:
-        """One optimizer step = grad_accum micro-batches; metrics averaged over them and the ranks."""
+    def train_step(self, engine, it) -> tuple[list[str], torch.Tensor, int]:
+        """One optimizer step = grad_accum micro-batches.  -> (loss names, their sums over
+        the micro-batches as one device tensor, this rank's tokens): nothing is read back
+        from the device here (see :meth:`read_metrics`)."""
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for _ in range(self.cfg.grad_accum):
-            batch = next(it).to(self.device)
-            tokens += batch.num_tokens
+            batch = next(it)
+            tokens += batch.num_tokens  # counted on the host copy: no device sync
+            batch = batch.to(self.device)
             loss, m = engine(batch)
             engine.backward(loss)
             engine.step()
@@ -312,12 +332,25 @@ class Trainer:
                 if k.startswith("loss"):
                     sums[k] = sums.get(k, 0) + v.detach().float()
         keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(tokens))]).to(self.device)
+        return keys, torch.stack([sums[k] for k in keys]), tokens
+
+    def read_metrics(self, pending: list[tuple[dict, list[str], torch.Tensor]]) -> list[dict]:
+        """The pending steps' records: loss sums and token counts of all steps reduced over
+        the ranks in one all_reduce and copied to the host once; losses averaged over
+        micro-batches and ranks, tokens summed over ranks."""
+        tokens = torch.tensor([float(info["tokens"]) for info, _, _ in pending], device=self.device)
+        vec = torch.cat([v for _, _, v in pending] + [tokens])
         dist.all_reduce(vec)
         vals = vec.cpu().tolist()
         n = self.cfg.grad_accum * self.world
-        out = {k: vals[i] / n for i, k in enumerate(keys)}
-        out["tokens"] = vals[-1]
+        out, pos = [], 0
+        for i, (info, keys, _) in enumerate(pending):
+            rec = {"step": info["step"], **{k: vals[pos + j] / n for j, k in enumerate(keys)}}
+            pos += len(keys)
+            rec.update(tokens=vals[len(vals) - len(pending) + i], lr=info["lr"], epoch=info["epoch"])
+            if self.device.type == "cuda":  # the allocator's counter: a host read, no sync
+                rec["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out.append(rec)
         return out
 
     def export(self, engine, llm_tokenizer) -> None:
