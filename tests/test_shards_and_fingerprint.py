@@ -18,10 +18,7 @@ from asvr.pipeline.writer import OutputDir, units_hash
 from asvr.tokenizer.artifact import TokenizerError, compute_fingerprint, load_artifact, save_artifact
 from asvr.tokenizer.codebook_training import CodebookTrainConfig, train_codebooks
 
-try:  # the shard format moves from asvr.pipeline to asvr.tokenizer
-    from asvr.tokenizer.shards import ShardMeta
-except ImportError:  # pragma: no cover - before the move
-    from asvr.pipeline.shards import ShardMeta
+from asvr.tokenizer.shards import ShardMeta
 
 META = ShardMeta(fingerprint="f" * 64, grid=(2, 2), depth=2, codebook_size=8, preprocess="square")
 RUN = {"fingerprint": META.fingerprint, "format": "parquet", "shard_size": 3, "preprocess": "square"}
