@@ -87,7 +87,8 @@ def bench_markdown(report: dict) -> str:
     for b in report["benches"]:
         m = b["metrics"]
         lines += [f"## `{b['file']}` ({b['format']})", "",
-                  f"{m['n']} questions, {m['n_scored']} scored, accuracy **{pct(m['acc'])} %**, "
+                  f"{m['n']} questions, {m['n_scored']} scored, accuracy **{pct(m['acc'])} %** "
+                  f"(chance {pct(m.get('chance'))} %), "
                   f"{m['unparsed']} unparsed answers, {b['seconds']:.1f} s; predictions in `{b['predictions']}`.", ""]
         if "pope" in m:
             rows = [[cat, str(p["n"]), pct(p["acc"]), pct(p["precision"]), pct(p["recall"]), pct(p["f1"]),
@@ -100,9 +101,11 @@ def bench_markdown(report: dict) -> str:
             rows += [[f"**{name}**", "", "", "", num(t["score"], 2)] for name, t in m["mme"]["totals"].items()]
             lines += _table(["MME category", "questions", "acc %", "acc+ %", "score"], rows) + [""]
         if len(m["by_kind"]) > 1 or "pope" not in m and "mme" not in m:
-            lines += _table(["kind", "n", "acc %"], [[k, str(x["n"]), pct(x["acc"])] for k, x in m["by_kind"].items()])
+            lines += _table(["kind", "n", "acc %", "chance %"],
+                            [[k, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))] for k, x in m["by_kind"].items()])
             lines += [""]
         if m["by_category"] and "mme" not in m and "pope" not in m:
-            lines += _table(["category", "n", "acc %"],
-                            [[c, str(x["n"]), pct(x["acc"])] for c, x in m["by_category"].items()]) + [""]
+            lines += _table(["category", "n", "acc %", "chance %"],
+                            [[c, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))]
+                             for c, x in m["by_category"].items()]) + [""]
     return "\n".join(lines)

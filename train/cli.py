@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--data", required=True, nargs="+", help="LLaVA JSON conversation file(s): id, image, conversations")
     io.add_argument("--images", help="image root (LLaVA 'image' paths are relative to it); online/features inputs")
     io.add_argument("--output-dir", required=True, help="run folder")
+    io.add_argument("--cache-dir", help="feature / shard-index cache (default RUN/cache); share it between runs "
+                                        "on the same images to compute the encoder features once")
     m = p.add_argument_group("model")
     m.add_argument("--stage", choices=["pretrain", "sft"], default="pretrain",
                    help="pretrain: projector + visual head, LLM frozen; sft: also the LLM (default pretrain)")
@@ -111,7 +113,7 @@ def config_from_args(a: argparse.Namespace):
                             head_dim=a.head_dim)
     return TrainConfig(
         model=a.model, tokenizer=a.tokenizer, codes=a.codes, data=a.data, output_dir=a.output_dir, stage=a.stage,
-        vision_input=a.vision_input, images=a.images, template=a.template, zero=a.zero, deepspeed=a.deepspeed,
+        vision_input=a.vision_input, images=a.images, cache_dir=a.cache_dir, template=a.template, zero=a.zero, deepspeed=a.deepspeed,
         max_steps=a.max_steps, epochs=a.epochs, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         max_len=a.max_len, pack=a.pack, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
         min_lr_ratio=a.min_lr_ratio, grad_clip=a.grad_clip, seed=a.seed, save_every=a.save_every,

@@ -68,6 +68,9 @@ class TrainConfig:
     """online | features | codes (see asvr.train.vision_input)."""
     images: str | None = None
     """Image root for online/features inputs."""
+    cache_dir: str | None = None
+    """Where the ``features`` input and the shard index are cached (default RUN/cache); runs that
+    name the same folder compute the encoder features of the same images once."""
     template: str | None = None
     """plain | vicuna_v1 | chatml (default: plain for pretrain, vicuna_v1 for sft)."""
     zero: int = 2
@@ -180,7 +183,7 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def build_data(self, tokenizer, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
         cfg = self.cfg
-        cache = self.run_dir / "cache"
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
         fp = tokenizer.spec.fingerprint
         if self.rank == 0:
             store = CodeStore.open(cfg.codes, fp, cache_dir=cache)
