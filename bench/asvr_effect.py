@@ -163,13 +163,15 @@ def train_args(cfg: ExperimentConfig, p: dict[str, Path], arm: Arm, stage: str, 
     weight = arm.pretrain_weight if stage == "pretrain" else arm.sft_weight
     argv = ["--model", str(p["llm"]), "--tokenizer", str(p[arm.targets]),
             "--codes", str(p[f"codes_{arm.targets}"]), "--data", str(data), "--images", str(corpus / "images"),
-            "--vision-input", "features", "--vision-tower", str(p["semantic"]), "--cache-dir", str(p["cache"]),
+            "--vision-input", "features", "--cache-dir", str(p["cache"]),
             "--stage", stage, "--visual-loss-weight", str(weight), "--seed", str(seed),
             "--max-steps", str(cfg.pretrain_steps if stage == "pretrain" else cfg.sft_steps),
             "--micro-batch-size", str(cfg.micro_batch), "--max-len", str(cfg.max_len),
             "--lr", str(cfg.pretrain_lr if stage == "pretrain" else cfg.sft_lr),
             "--head-width", str(cfg.head_width), "--head-proj-hidden", str(cfg.head_width), "--head-layers", "1",
             "--head-dim", "32", "--output-dir", str(run), "--quiet"]
+    if arm.targets != "semantic":  # the LLM still sees the semantic tokenizer's encoder
+        argv += ["--vision-tower", str(p["semantic"])]
     if arm.caption_free:
         argv += ["--caption-free-ratio", str(cfg.caption_free_ratio)]
     if init is not None:
