@@ -12,7 +12,7 @@ DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo experiment bench clean
 
 install: $(STAMP)
 
@@ -66,6 +66,12 @@ demo: $(STAMP)
 	$(BIN)/asvr-eval bench --model $(DEMO)/runs/sft --bench $(DEMO)/corpus/vqa_bench.jsonl --images $(DEMO)/corpus/images \
 	  --instructions none --out $(DEMO)/eval/bench
 	@echo "demo done: see $(DEMO)/tokenizer_report, $(DEMO)/search_sheet.png, $(DEMO)/inspect, $(DEMO)/runs/*/loss.png, $(DEMO)/eval"
+
+# The seeded miniature of the paper's ablation (arms a-e x 3 seeds, CPU): results and plot
+# land in bench/results/asvr_effect/ (work files in $(EXP)/; rerun to resume).
+EXP ?= exp_out
+experiment: $(STAMP)
+	$(BIN)/python -m bench.asvr_effect --out $(EXP) --results bench/results/asvr_effect
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -20,8 +20,8 @@ background of one of four greys.  The question categories are ``colour``,
 ``shape``, ``count``, ``position`` (relative: left / right / above / below
 of another object) and ``size``; every category is asked in the three forms
 (``yes_no``, ``multiple_choice`` with 4 options or 3 for size and count, ``short``: one
-word), cycled so that categories x forms are balanced exactly, yes/no answers
-alternate and the right option's letter cycles through the options.  Relative
+word), planned so that categories x forms are balanced exactly (``QuestionPlan``),
+yes/no answers alternate and the right option's letter cycles through the options.  Relative
 positions are asked only of objects in the same row or column (one right
 answer); every scene has such a pair.
 
@@ -219,31 +219,48 @@ def _place_options(q: Question, letter: int) -> tuple[list[str], str]:
 
 
 class QuestionPlan:
-    """Cycles categories x forms, yes/no truth and the right option's letter, so the counts are balanced."""
+    """Which questions each image gets, balanced exactly over every block of five images.
 
-    def __init__(self, rng: np.random.Generator):
+    In a block, image ``i`` gets for its ``j``-th question the form ``FORMS[j % 3]`` and the
+    category ``perm[(i + j) % 5]`` (``perm`` drawn per block): each image asks distinct
+    categories (no turn gives away another's answer), and with 3 or 6 questions per image
+    every category x form occurs equally often.  The turns of an image are shuffled, so any
+    question type can come first (what a one-question benchmark asks).  Yes/no truths
+    alternate per category; the right option's letter cycles per number of options."""
+
+    def __init__(self, rng: np.random.Generator, per_image: int):
+        if not 1 <= per_image <= len(CATEGORIES):
+            raise ValueError(f"questions per image must be 1..{len(CATEGORIES)}, got {per_image}")
         self.rng = rng
-        # form-major: consecutive questions (the turns of one image) ask different categories,
-        # so no turn's answer is given away by an earlier one
-        self.slots = [(c, f) for f in FORMS for c in CATEGORIES]
-        self.i = 0
+        self.per_image = per_image
+        self.n = 0
+        self.perm = list(range(len(CATEGORIES)))
         self.truth = {c: 0 for c in CATEGORIES}
-        self.letter: dict[int, int] = {}  # per number of options
+        self.letter: dict[int, int] = {}
 
-    def next(self, scene: Scene) -> tuple[Question, str]:
-        """-> (question, gold for the bench: yes/no, the option letter or the short answer)."""
-        cat, form = self.slots[self.i % len(self.slots)]
-        q = _ask(cat, form, scene, self.rng, truth=self.truth[cat] % 2 == 0)
-        self.i += 1
-        if form == "yes_no":
-            self.truth[cat] += 1
-            return q, q.answer
-        if form == "multiple_choice":
-            n = len(q.options)
-            q.options, letter = _place_options(q, self.letter.get(n, 0))
-            self.letter[n] = self.letter.get(n, 0) + 1
-            return q, letter
-        return q, q.answer
+    def for_image(self, scene: Scene) -> list[tuple[Question, str]]:
+        """-> [(question, gold for the bench: yes/no, the option letter or the short answer)]."""
+        i = self.n % len(CATEGORIES)
+        if i == 0:
+            self.perm = self.rng.permutation(len(CATEGORIES)).tolist()
+        self.n += 1
+        slots = [(CATEGORIES[self.perm[(i + j) % len(CATEGORIES)]], FORMS[j % len(FORMS)])
+                 for j in range(self.per_image)]
+        out = []
+        for k in self.rng.permutation(len(slots)).tolist():
+            cat, form = slots[k]
+            q = _ask(cat, form, scene, self.rng, truth=self.truth[cat] % 2 == 0)
+            if form == "yes_no":
+                self.truth[cat] += 1
+                out.append((q, q.answer))
+            elif form == "multiple_choice":
+                n = len(q.options)
+                q.options, letter = _place_options(q, self.letter.get(n, 0))
+                self.letter[n] = self.letter.get(n, 0) + 1
+                out.append((q, letter))
+            else:
+                out.append((q, q.answer))
+        return out
 
 
 def prompt(q: Question) -> str:
@@ -285,8 +302,8 @@ def make_vqa_corpus(out: str | os.PathLike, train: int = 600, heldout: int = 60,
     """Write the corpus (see module doc); returns its counts."""
     from tqdm import tqdm
 
-    if train < 1 or heldout < 1 or free < 0 or questions_per_image < 1 or bench_per_image < 1:
-        raise ValueError("need train >= 1, heldout >= 1, free >= 0 and at least one question per image")
+    if train < 1 or heldout < 1 or free < 0:
+        raise ValueError("need train >= 1, heldout >= 1 and free >= 0")
     out = Path(out)
     held = heldout_pairs(seed)
     scenes: list[Scene] = []
@@ -305,20 +322,18 @@ def make_vqa_corpus(out: str | os.PathLike, train: int = 600, heldout: int = 60,
         recs = []
         for s in by_split[split]:
             conv = []
-            for t in range(questions_per_image):
-                q, gold = plan.next(s)
+            for t, (q, gold) in enumerate(plan.for_image(s)):
                 conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + prompt(q)})
                 conv.append({"from": "gpt", "value": _reply(q, gold)})
             recs.append({"id": Path(s.image).stem + f"_{split}_qa", "image": s.image, "conversations": conv})
         return recs
 
-    sft = conversations("train", QuestionPlan(np.random.default_rng([seed, 10])))
-    held_sft = conversations("heldout", QuestionPlan(np.random.default_rng([seed, 11])))
-    plan = QuestionPlan(np.random.default_rng([seed, 12]))
+    sft = conversations("train", QuestionPlan(np.random.default_rng([seed, 10]), questions_per_image))
+    held_sft = conversations("heldout", QuestionPlan(np.random.default_rng([seed, 11]), questions_per_image))
+    plan = QuestionPlan(np.random.default_rng([seed, 12]), bench_per_image)
     bench = []
     for s in by_split["heldout"]:
-        for t in range(bench_per_image):
-            q, gold = plan.next(s)
+        for t, (q, gold) in enumerate(plan.for_image(s)):
             item = {"id": f"{Path(s.image).stem}_{t}", "image": s.image, "question": q.question, "answer": gold,
                     "type": q.form, "category": q.category, "chance": round(q.chance, 6)}
             if q.options:
