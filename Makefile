@@ -8,6 +8,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden 128 --head-layers 1 --head-dim 32
+DEMO_TRAIN_IMAGES ?= 600
 # torch and faiss both spin OpenMP threads; passive waiting stops them fighting over 2 cores
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -33,8 +34,8 @@ test-all: $(STAMP)
 # corpus -> codebook -> validate -> tokenize (Ray) -> index/search/inspect (faiss)
 # -> pretrain + SFT (DeepSpeed, tiny Llama) -> eval.  Everything lands in $(DEMO)/.
 demo: $(STAMP)
-	@echo "== 1/9 sample corpus"
-	$(BIN)/python -m asvr.tokenizer.sample_corpus --out $(DEMO)/corpus --n 600 --seed 0
+	@echo "== 1/9 procedural VQA corpus (held-out images show colour-shape pairs never seen in training)"
+	$(BIN)/python -m asvr.tokenizer.vqa_corpus --out $(DEMO)/corpus --train $(DEMO_TRAIN_IMAGES) --heldout 60 --seed 0 --quiet
 	@echo "== 2/9 train the default codebook (EfficientNet-Lite0, 4 x 256)"
 	$(BIN)/asvr-tokenizer train --images $(DEMO)/corpus/images/train --encoder efficientnet_lite0 \
 	  --depth 4 --codebook-size 256 --method kmeans --seed 0 --out $(DEMO)/tokenizer
@@ -64,7 +65,7 @@ demo: $(STAMP)
 	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
 	  --images $(DEMO)/corpus/images --out $(DEMO)/eval/loss
 	$(BIN)/asvr-eval bench --model $(DEMO)/runs/sft --bench $(DEMO)/corpus/vqa_bench.jsonl --images $(DEMO)/corpus/images \
-	  --instructions none --out $(DEMO)/eval/bench
+	  --max-new-tokens 4 --out $(DEMO)/eval/bench
 	@echo "demo done: see $(DEMO)/tokenizer_report, $(DEMO)/search_sheet.png, $(DEMO)/inspect, $(DEMO)/runs/*/loss.png, $(DEMO)/eval"
 
 # The seeded miniature of the paper's ablation (arms a-e x 3 seeds, CPU): results and plot

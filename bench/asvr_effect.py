@@ -201,10 +201,26 @@ def evaluate(p: dict[str, Path], run: Path, codes: Path) -> dict:
             "visual_acc_per_depth": [d["acc1"] for d in loss["visual"]["per_depth"]]}
 
 
+def check_work_folder(cfg: ExperimentConfig) -> None:
+    """A work folder holds one configuration (seeds and arms may grow): resuming never mixes sizes."""
+    out = Path(cfg.out)
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ("out", "results", "seeds", "arms")}
+    path = out / "experiment.json"
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); use another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1) + "\n")
+
+
 def run_all(cfg: ExperimentConfig) -> list[dict]:
     from asvr.train.cli import main as train_main
 
     out = Path(cfg.out)
+    check_work_folder(cfg)
     p = prepare(cfg)
     records_path = out / "runs.jsonl"
     done = {}
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         records = run_all(cfg)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         print(f"asvr_effect: error: {e}", file=sys.stderr)
         return 1
     s = write_results(cfg, records, time.perf_counter() - t0)

@@ -56,10 +56,24 @@ def test_question_types_and_answers_are_balanced(tmp_path):
     for n_options in (3, 4):  # the right letter cycles through the options
         letters = Counter(r for n, r in mc if n == n_options)
         assert set(letters) == set("ABCD"[:n_options]) and max(letters.values()) - min(letters.values()) <= 1
-    # no turn gives away a later one: the turns of one image ask different categories
+    # no turn gives away a later one: the turns of one image ask different categories (held-out SFT
+    # has the same plan; its categories are readable from the question stems)
+    stems = {"colour": ("What colour", "Is the circle", "Is the square", "Is the triangle", "Is the star"),
+             "shape": ("What shape", "object a "), "count": ("How many", "Are there"),
+             "position": ("relative to", " the left of", " the right of", " above the ", " below the "),
+             "size": ("What size", " small?", " medium?", " large?")}
+
+    def category(q):
+        hits = {c for c, keys in stems.items() for k in keys if k in q}
+        assert len(hits) == 1, q
+        return hits.pop()
+
     for r in sft:
-        qs = [t["value"].split("\n")[0] for t in r["conversations"] if t["from"] == "human"]
-        assert len(set(qs)) == len(qs)
+        qs = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in r["conversations"] if t["from"] == "human"]
+        assert len({category(q) for q in qs}) == len(qs) == 3
+    # any form can come first (a benchmark asks one question per prompt)
+    first = Counter(r["conversations"][1]["value"] in ("Yes", "No") for r in sft)
+    assert first[True] > 0 and first[False] > 0
 
 
 def test_heldout_pairs_never_seen_in_training(tmp_path):
