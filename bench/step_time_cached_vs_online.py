@@ -110,16 +110,18 @@ def main(argv=None) -> None:
           f"LLM hidden {a.hidden} x {a.layers} layers; RVQ depth {a.depth} x {a.codebook}; decode+preprocess of a "
           f"640x480 JPEG: {decode_s * 1e3:.1f} ms/image (pixel modes pay it in the loader)")
     results = {}
-    for name, mode in (("cached codes", "codes"), ("online+cached", "online"), ("reference", "online")):
+    runs = (("cached codes", "codes", codes.to(device)), ("online+cached", "online", pixels),
+            ("reference", "online", pixels))
+    for name, mode, vision in runs:
         torch.manual_seed(0)
         model = build_model(ModelConfig(llm=llm, vision_input=mode, head=head), tok).to(device)
         model.set_stage("sft")
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         base = make_batch(tok, pixels.cpu(), codes, a.text, 4096).to(device)
 
-        def make(mode=mode, name=name):
+        def make(vision=vision, name=name):
             b = Batch(**{**base.__dict__})
-            b.vision = codes.to(device) if mode == "codes" else pixels
+            b.vision = vision
             if name == "reference":  # tokenizer on the images every step for the targets
                 b.visual_codes = tok.encode_pixels(pixels).reshape(b.visual_codes.shape)
             return b

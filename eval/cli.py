@@ -24,6 +24,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final) or an export folder")
     g.add_argument("--tokenizer", help="semantic tokenizer folder, when it moved from the path recorded in the model")
+    g.add_argument("--vision-tower", help="weights folder of the model's vision tower, when it moved from the path "
+                   "recorded in the model (its sha256 must match)")
     g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
     g.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
                    help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)")
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_info(lm) -> dict:
     return {"model": str(lm.export_dir), "run": str(lm.run_dir) if lm.run_dir else None,
-            "vision_input": lm.vision_input, "template": lm.template.name, "template_source": lm.template_source,
+            "vision_input": lm.vision_input,
+            "vision_tower": lm.tower.spec.source if lm.tower is not None else None, "template": lm.template.name, "template_source": lm.template_source,
             "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint, "device": str(lm.device)}
 
 
@@ -94,7 +97,7 @@ def run_loss(a: argparse.Namespace) -> int:
                          max_samples=a.max_samples, max_len=a.max_len, topk=a.topk, chunk=a.chunk, greedy=a.greedy,
                          skip_bad_samples=a.skip_bad_samples, progress=not a.quiet)
     lm = load_for_eval(a.model, device=a.device, tokenizer_dir=a.tokenizer, text_tokenizer=a.text_tokenizer,
-                       template=a.template)
+                       template=a.template, vision_tower_dir=a.vision_tower)
     results = evaluate_loss(lm, cfg)
     report = {"kind": "loss", "model": _model_info(lm),
               "config": {"data": a.data, "codes": a.codes, "images": a.images, "batch_size": a.batch_size,
@@ -130,7 +133,7 @@ def run_bench(a: argparse.Namespace) -> int:
     for f in a.bench:  # fail on a bad file before loading the model
         read_bench(f, a.format, a.images)
     lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
-                       text_tokenizer=a.text_tokenizer, template=a.template)
+                       text_tokenizer=a.text_tokenizer, template=a.template, vision_tower_dir=a.vision_tower)
     summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items)
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
@@ -140,7 +143,7 @@ def run_bench(a: argparse.Namespace) -> int:
     report = {"kind": "bench", "model": _model_info(lm),
               "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
                          "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
-                         "preprocess_mode": a.preprocess_mode or lm.image_tokenizer.spec.preprocess},
+                         "preprocess_mode": a.preprocess_mode or lm.preprocess},
               "benches": summaries}
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))

@@ -6,10 +6,10 @@ and an empty answer, cut before the first trained token, so the prompt ends
 exactly where the answers started in training (``... ASSISTANT: `` for
 vicuna_v1, ``<|im_start|>assistant\\n`` for chatml).
 
-Images become the model's vision input in-process, whatever the vision input:
-``online`` -> preprocessed pixels, ``features`` -> the tokenizer encoder's
-features, ``codes`` -> ``SemanticTokenizer.encode_pixels`` (the bench images
-need no shards).  Items are sorted by image so each image is decoded and
+Images become the model's vision input in-process, as its vision input
+says (``VisionInputMode.from_images``): ``online`` -> pixels preprocessed for
+the vision tower, ``features`` -> the tower's features, ``codes`` ->
+``SemanticTokenizer.encode_pixels`` (the bench images need no shards).  Items are sorted by image so each image is decoded and
 encoded once per batch and shared by its questions (POPE asks three files
 of questions about the same 500 images; MME two per image).
 
@@ -27,6 +27,7 @@ import torch
 
 from asvr.tokenizer.preprocess import ImageError
 from asvr.train.templates import IMAGE_PLACEHOLDER, encode_conversation
+from asvr.train.vision_input import get_vision_input
 
 from .bench_formats import BenchError, BenchItem
 from .loading import LoadedModel
@@ -56,9 +57,8 @@ def question_text(item: BenchItem, instructions: str = "llava") -> str:
 def encode_prompt(lm: LoadedModel, text: str, has_image: bool) -> tuple[np.ndarray, np.ndarray]:
     """-> (input_ids int64 [L], image_mask bool [L]) of the prompt up to the answer."""
     user = (IMAGE_PLACEHOLDER + "\n" + text) if has_image else text
-    grid = lm.model.cfg.vision.grid
     enc = encode_conversation(lm.template, [("user", user), ("assistant", "")], lm.text_tokenizer,
-                              grid[0] * grid[1])
+                              lm.model.cfg.image_tokens)
     trained = np.flatnonzero(enc.trained)
     cut = int(trained[0]) if len(trained) else len(enc)
     return enc.input_ids[:cut].astype(np.int64), enc.image_mask[:cut]
@@ -85,28 +85,27 @@ class VisionEncoder:
     """Benchmark images -> the model's vision input (see module doc)."""
 
     def __init__(self, lm: LoadedModel, mode: str | None = None):
-        if lm.image_tokenizer is None:
-            raise ValueError("benchmark images need the model's semantic tokenizer (with its encoder)")
-        self.tok = lm.image_tokenizer
-        self.vision_input = lm.vision_input
-        self.mode = mode
+        self.kind = get_vision_input(lm.vision_input)
+        if lm.tower is None and lm.image_tokenizer is None:
+            raise ValueError("benchmark images need the model's vision tower or semantic tokenizer (with its encoder)")
+        self.lm = lm
+        self.mode = mode or lm.preprocess
+
+    def _encode(self, items: Sequence[BenchItem]) -> torch.Tensor:
+        return self.kind.from_images([it.image for it in items], tower=self.lm.tower,
+                                     tokenizer=self.lm.image_tokenizer, preprocess=self.mode)
 
     @torch.no_grad()
     def __call__(self, items: Sequence[BenchItem]) -> torch.Tensor:
         try:
-            pixels = self.tok.preprocess_images([it.image for it in items], mode=self.mode)
+            return self._encode(items)
         except (OSError, ImageError) as e:
             for it in items:  # name the first bad one
                 try:
-                    self.tok.preprocess_images([it.image], mode=self.mode)
+                    self._encode([it])
                 except (OSError, ImageError) as e1:
                     raise BenchError(f"{it.source}: cannot read image ({e1})") from None
             raise BenchError(f"{items[0].source}: cannot read images ({e})") from None
-        if self.vision_input == "online":
-            return torch.from_numpy(pixels)
-        if self.vision_input == "features":
-            return self.tok.features(pixels)
-        return self.tok.encode_pixels(pixels)
 
 
 def _stop_ids(lm: LoadedModel) -> list[int]:

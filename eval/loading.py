@@ -9,10 +9,15 @@ finds:
 * the conversation template the run trained with (``RUN/train_config.json``;
   ``template=`` overrides; an export folder alone defaults to ``vicuna_v1``),
 * the semantic tokenizer with its encoder when images must become model
-  input (``online`` and ``features`` inputs always; ``codes`` inputs when a
-  benchmark's images have no cached codes): from the path recorded in the
-  export, or ``tokenizer_dir=`` when the artifact moved.  Its fingerprint
-  must match the one the model was trained with.
+  input through it (``online`` and ``features`` inputs without a recorded
+  vision tower; ``codes`` inputs when a benchmark's images have no cached
+  codes): from the path recorded in the export, or ``tokenizer_dir=`` when
+  the artifact moved.  Its fingerprint must match the one the model was
+  trained with.
+* the LLM's vision tower (``online``/``features``): the one the export
+  recorded (``--vision-tower`` at training; ``vision_tower_dir=`` when its
+  weights moved, checked against the recorded sha256), else the tokenizer's
+  encoder.
 """
 from __future__ import annotations
 
@@ -39,6 +44,10 @@ class LoadedModel:
     text_tokenizer: object
     image_tokenizer: object | None
     """A ``SemanticTokenizer`` (with its encoder) or None when not needed."""
+    tower: object | None
+    """The ``VisionTower`` of online/features models, else None."""
+    preprocess: str
+    """The tokenizer's default preprocessing mode (square | pad)."""
     template: ConversationTemplate
     template_source: str
     export_dir: Path
@@ -103,25 +112,42 @@ def find_recorded(recorded: str | None, export: Path) -> Path | None:
 
 def load_for_eval(path: str | os.PathLike, *, device: str = "auto", need_encoder: bool = False,
                   tokenizer_dir: str | os.PathLike | None = None, text_tokenizer: str | os.PathLike | None = None,
-                  template: str | None = None) -> LoadedModel:
+                  template: str | None = None, vision_tower_dir: str | os.PathLike | None = None) -> LoadedModel:
     from transformers import AutoTokenizer
 
     from asvr.tokenizer import SemanticTokenizer
+    from asvr.tokenizer.artifact import load_artifact
+    from asvr.train.config import VisionTowerSpec
+    from asvr.train.vision_input import get_vision_input
+    from asvr.train.vision_tower import VisionTower, load_vision_tower
 
     export, run = resolve_export(path)
     meta = json.loads((export / CONFIG_FILE).read_text())
-    mode = meta["model"]["vision_input"]
+    mode = get_vision_input(meta["model"]["vision_input"])
+    tower_rec = meta["model"].get("vision_tower")
     recorded = (meta["model"].get("vision") or {}).get("path")
     dev = resolve_device(device)
     image_tok = None
     found = Path(tokenizer_dir) if tokenizer_dir is not None else find_recorded(recorded, export)
     if found is None:
         raise EvalError(f"the model's tokenizer ({recorded}) is not there; pass --tokenizer TOKENIZER_DIR")
-    if need_encoder or mode in ("online", "features") or str(found) != recorded:
+    if vision_tower_dir is not None and tower_rec is None:
+        raise EvalError("--vision-tower: this model was trained without a separate vision tower")
+    tokenizer_encoder = (mode.uses_tower and tower_rec is None) or (need_encoder and not mode.uses_tower)
+    if tokenizer_encoder or str(found) != recorded:
         if not found.is_dir():
             raise EvalError(f"--tokenizer {found}: no such folder")
         image_tok = SemanticTokenizer.load(found, device=dev)  # load_exported checks its fingerprint
-    model = load_exported(export, device=dev, tokenizer=image_tok)
+    tower = None
+    if tower_rec is not None and mode.uses_tower:
+        spec = VisionTowerSpec(**tower_rec)
+        if vision_tower_dir is not None:
+            spec.encoder = {**spec.encoder, "weights": str(Path(vision_tower_dir).resolve())}
+        tower = load_vision_tower(spec).to(dev)
+    model = load_exported(export, device=dev, tokenizer=image_tok, vision_tower=tower)
+    if tower is None and mode.uses_tower:
+        tower = VisionTower.from_tokenizer(image_tok)
+    preprocess = image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess
     src = text_tokenizer or export
     try:
         text_tok = AutoTokenizer.from_pretrained(src, local_files_only=True,
@@ -130,7 +156,8 @@ def load_for_eval(path: str | os.PathLike, *, device: str = "auto", need_encoder
         raise EvalError(f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); "
                         f"pass --text-tokenizer LLM_FOLDER") from None
     tmpl, tsrc = resolve_template(run, template)
-    return LoadedModel(model=model, text_tokenizer=text_tok, image_tokenizer=image_tok, template=tmpl,
+    return LoadedModel(model=model, text_tokenizer=text_tok, image_tokenizer=image_tok, tower=tower, preprocess=preprocess,
+                       template=tmpl,
                        template_source=tsrc, export_dir=export, run_dir=run, device=dev)
 
 

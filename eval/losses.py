@@ -1,7 +1,7 @@
 """Held-out losses: text loss / perplexity and visual-token accuracy per depth.
 
 The held-out conversations go through the trainer's own data path
-(``build_training_data`` -> ``Collator`` -> :class:`~asvr.train.batch.Batch`),
+(``assemble_data`` -> ``Collator`` -> :class:`~asvr.train.batch.Batch`),
 so templates, image placement and visual targets are exactly what training
 saw.  Samples are batched one per row, longest first (little padding); the
 results are sums over all tokens / positions, so they do not depend on the
@@ -30,17 +30,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from asvr.train.batch import Batch
-from asvr.train.data import Collator, DataConfig, build_training_data
+from asvr.train.data import DataConfig, assemble_data, open_codes
 from asvr.train.packing import PackingConfig
-from asvr.train.sources import CodeStore
+from asvr.train.vision_input import get_vision_input
 from asvr.train.visual_loss import IGNORE_INDEX
 
 from .loading import EvalError, LoadedModel
@@ -125,7 +123,7 @@ def batch_sums(model, batch: Batch, ks: Sequence[int] = (5,), chunk: int = 1024,
         out.text_ce, out.text_tokens, out.text_hits = ce, int(keep.sum()), int(hit.sum())
 
     # visual: the image positions whose image has a visual target
-    rows = h[batch.image_mask]
+    rows = model.target_rows(h, batch.image_mask)
     n_img = rows.shape[0] // v.tokens_per_image
     if batch.visual_codes is None or n_img == 0:
         return out
@@ -186,40 +184,18 @@ class LossEvalConfig:
             raise ValueError("--max-samples must be >= 1")
 
 
-class _EncoderFeatures:
-    """The ``features`` input computed from the images on demand (what a
-    ``FeatureCache`` would hold), for the held-out images only."""
-
-    def __init__(self, tokenizer, images: Path, mode: str):
-        self.tokenizer = tokenizer
-        self.images = images
-        self.mode = mode
-
-    def get(self, key: str) -> np.ndarray:
-        pixels = self.tokenizer.preprocess_images([self.images / key], mode=self.mode)
-        return self.tokenizer.features(pixels)[0].cpu().numpy()
-
-
 def evaluate_loss(lm: LoadedModel, cfg: LossEvalConfig) -> dict:
     """Run the held-out evaluation; returns the report dict (see :func:`summarize`)."""
     from tqdm import tqdm
 
-    model, mode = lm.model, lm.vision_input
-    if mode in ("online", "features") and not cfg.images:
-        raise EvalError(f"this model's vision input is {mode!r}: pass --images (the image root)")
-    store = CodeStore.open(cfg.codes, model.cfg.vision.fingerprint)
-    if tuple(store.meta.grid) != tuple(model.cfg.vision.grid) or store.meta.depth != model.cfg.vision.depth:
-        raise EvalError(f"{cfg.codes}: shards have grid {store.meta.grid} x depth {store.meta.depth}, "
-                        f"the model {model.cfg.vision.grid} x {model.cfg.vision.depth}")
-    dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=mode,
-                      skip_bad_samples=cfg.skip_bad_samples, packing=PackingConfig(max_len=cfg.max_len, pack=False))
-    data = build_training_data(dcfg, lm.template, lm.text_tokenizer, store, check_images=mode != "codes")
-    features = None
-    if mode == "features":
-        features = _EncoderFeatures(lm.image_tokenizer, Path(cfg.images), store.meta.preprocess)
-    pre = lm.image_tokenizer.preprocess_config(store.meta.preprocess) if lm.image_tokenizer is not None else None
-    collate = Collator(data, mode, pad_id=lm.text_tokenizer.pad_token_id or 0, images=cfg.images,
-                       preprocess_cfg=pre, features=features)
+    model = lm.model
+    if get_vision_input(lm.vision_input).uses_tower and not cfg.images:
+        raise EvalError(f"this model's vision input is {lm.vision_input!r}: pass --images (the image root)")
+    store = open_codes(cfg.codes, model.cfg.vision)
+    dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=lm.vision_input,
+                      image_tokens=model.cfg.image_tokens, skip_bad_samples=cfg.skip_bad_samples,
+                      packing=PackingConfig(max_len=cfg.max_len, pack=False))
+    data, collate = assemble_data(dcfg, lm.template, lm.text_tokenizer, store, tower=lm.tower, progress=False)
     n = len(data.samples) if cfg.max_samples is None else min(cfg.max_samples, len(data.samples))
     order = sorted(range(n), key=lambda i: -len(data.samples[i].encoded))
     batches = [order[s:s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]

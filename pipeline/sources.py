@@ -31,7 +31,6 @@ raw binary or a Hugging Face ``{bytes, path}`` struct), ``llava`` (``.json`` or
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 import tarfile
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
 
 INPUT_FORMATS = ("auto", "folder", "webdataset", "parquet", "llava")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -239,13 +240,9 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
         raise SourceError(f"--image-root {image_root} is not a folder")
     real_root = root.resolve()
     try:
-        text = path.read_text(encoding="utf-8")
-        records = ([json.loads(line) for line in text.splitlines() if line.strip()]
-                   if path.suffix.lower() == ".jsonl" else json.loads(text))
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path}: not a readable LLaVA JSON file ({e})") from None
-    if not isinstance(records, list):
-        raise SourceError(f"{path}: expected a JSON list of conversation records")
+        records = read_llava_records(path)
+    except LlavaJSONError as e:
+        raise SourceError(str(e)) from None
     seen: set[str] = set()
     for rec in records:
         images = rec.get("image") if isinstance(rec, dict) else None

@@ -50,11 +50,12 @@ def _samples(lm, corpus):
     """The held-out batches the trainer's data code makes, one sample per batch."""
     from asvr.train.data import Collator, DataConfig, build_training_data
     from asvr.train.sources import CodeStore
+    from asvr.train.vision_input import CodesSource
 
     store = CodeStore.open(corpus.codes, lm.model.cfg.vision.fingerprint)
     data = build_training_data(DataConfig(data=[str(corpus.sft)], codes=str(corpus.codes)), lm.template,
                                lm.text_tokenizer, store, check_images=False)
-    collate = Collator(data, "codes", pad_id=lm.text_tokenizer.pad_token_id)
+    collate = Collator(data, CodesSource(store), pad_id=lm.text_tokenizer.pad_token_id)
     return data, collate
 
 

@@ -10,6 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from asvr.train.data import Collator, DataConfig, PackedLoader, build_training_data
+from asvr.train.vision_input import CodesSource, SourceContext, get_vision_input
+from asvr.train.vision_tower import VisionTower
 from asvr.train.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
 from asvr.train.sources import CodeStore, DataError
 from asvr.train.templates import (IGNORE_INDEX, ConversationError, chatml, encode_conversation, plain, vicuna_v1,
@@ -190,8 +192,9 @@ def test_best_fit_matches_exhaustive_on_easy_case():
 def test_collator_builds_consistent_batches(corpus, tiny_tokenizer, llm_tok, mode):
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft, caption_free_ratio=1.0), vicuna_v1(), llm_tok, store, True)
-    pp = tiny_tokenizer.preprocess_config(store.meta.preprocess)
-    col = Collator(data, mode, llm_tok.pad_token_id, str(corpus.images), pp)
+    ctx = SourceContext(store=store, images=str(corpus.images), tower=VisionTower.from_tokenizer(tiny_tokenizer),
+                        preprocess=store.meta.preprocess)
+    col = Collator(data, get_vision_input(mode).source(ctx), llm_tok.pad_token_id)
     plan = plan_epoch(data.lengths, PackingConfig(max_len=400, rows=2), seed=0, epoch=0)
     mb = max(plan, key=lambda m: sum(len(r) for r in m))
     b = col(mb)
@@ -220,7 +223,7 @@ def test_collator_builds_consistent_batches(corpus, tiny_tokenizer, llm_tok, mod
 def test_loader_resumes_mid_epoch_on_the_next_micro_batch(corpus, tiny_tokenizer, llm_tok):
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft, caption_free_ratio=1.0), vicuna_v1(), llm_tok, store, False)
-    col = Collator(data, "codes", 0)
+    col = Collator(data, CodesSource(store), 0)
     pk = PackingConfig(max_len=200, rows=1)
     ref = PackedLoader(data.lengths, col, pk, seed=5)
     n = ref.micro_batches_per_epoch()
@@ -254,7 +257,7 @@ def test_caption_text_encodes_index(corpus, llm_tok):
 def test_loader_workers_give_the_same_batches(corpus, tiny_tokenizer, llm_tok):
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft), vicuna_v1(), llm_tok, store, False)
-    col = Collator(data, "codes", 0)
+    col = Collator(data, CodesSource(store), 0)
     pk = PackingConfig(max_len=200, rows=2)
     a = PackedLoader(data.lengths, col, pk, seed=2)
     b = PackedLoader(data.lengths, col, pk, seed=2, num_workers=1)
@@ -263,3 +266,40 @@ def test_loader_workers_give_the_same_batches(corpus, tiny_tokenizer, llm_tok):
         if x.num_images:
             assert torch.equal(x.vision, y.vision)
     assert a.state_dict() == b.state_dict()
+
+
+# ---------------------------------------------------------------- vision input strategies
+def test_one_list_of_vision_inputs():
+    from asvr.train.config import ModelConfig
+    from asvr.train.vision_input import VISION_INPUTS
+
+    assert tuple(VISION_INPUTS) == ("online", "features", "codes")
+    assert ModelConfig(llm={"model_type": "llama"}).vision_input == "codes"  # as the CLI's default
+    with pytest.raises(ValueError, match="one of"):
+        ModelConfig(llm={"model_type": "llama"}, vision_input="pixels")
+    with pytest.raises(ValueError, match="--images"):
+        DataConfig(data=["x.json"], codes="c", vision_input="features")
+
+
+def test_feature_cache_adds_only_missing_rows_and_features_need_images_only_for_them(corpus, tiny_tokenizer,
+                                                                                      llm_tok, tmp_path):
+    from asvr.train.sources import FeatureCache
+
+    store = _store(corpus, tiny_tokenizer)
+    tower = VisionTower.from_tokenizer(tiny_tokenizer)
+    calls: list[list[str]] = []
+
+    def featurize(keys):
+        calls.append(list(keys))
+        return tower.features(tower.preprocess_images([corpus.images / k for k in keys], "square")).numpy()
+
+    cache = FeatureCache.open(tmp_path, store, tower.spec.fingerprint)
+    cache.fill(corpus.keys[:3], featurize, progress=False)
+    cache.fill(corpus.keys[:5], featurize, progress=False)
+    assert sorted(k for c in calls for k in c) == sorted(corpus.keys[:5])  # each key computed once
+    again = FeatureCache.open(tmp_path, store, tower.spec.fingerprint)
+    want = featurize(corpus.keys[:5])
+    np.testing.assert_allclose(np.stack([again.get(k) for k in corpus.keys[:5]]), want, rtol=1e-6)
+    mode = get_vision_input("features")
+    assert not mode.needs_image(corpus.keys[0], again) and mode.needs_image(corpus.keys[6], again)
+    assert FeatureCache.open(tmp_path, store, "0" * 64).path != again.path  # another tower, another file

@@ -2,6 +2,7 @@
 sft from a pretrain run, ZeRO-3 vs ZeRO-2, two processes vs accumulation, errors."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,15 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(corpus, tiny_tokenizer_d
     assert straight[-1]["loss_visual"] < straight[0]["loss_visual"]
     assert (pretrain_run / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (pretrain_run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+
+
+def test_config_file_of_a_run_reproduces_it(pretrain_run, tmp_path):
+    saved = json.loads((pretrain_run / "train_config.json").read_text())
+    assert saved["max_steps"] == 4 and saved["head"]["width"] == 64 and saved["template"] == "plain"
+    out = tmp_path / "again"
+    assert main(["--config", str(pretrain_run / "train_config.json"), "--output-dir", str(out)]) == 0
+    assert json.loads((out / "train_config.json").read_text()) == {**saved, "output_dir": str(out)}
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(pretrain_run)]
 
 
 def test_pretrain_freezes_llm_and_exports_loadable_model(corpus, pretrain_run, tiny_tokenizer):

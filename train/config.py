@@ -1,8 +1,13 @@
-"""Configuration of the LVLM (``ModelConfig``) and of its visual head.
+"""Configuration: the LVLM (``ModelConfig``), its visual head, its vision
+tower, and a training run (``TrainConfig``).
 
-Plain dataclasses, serialisable to JSON (``to_dict`` / ``from_dict``): the
-exported model folder stores one in ``asvr_config.json`` and the trainer
-builds its CLI help from the field docstrings.
+Plain dataclasses with a docstring under each field.  ``asvr-train``'s
+command line is generated from ``TrainConfig`` (``config_cli.py``): each
+field is one option, its docstring the ``--help`` text, so a new option is
+written once, here.  The exported model folder stores a ``ModelConfig`` in
+``asvr_config.json`` (``to_dict`` / ``from_dict``); a run folder stores its
+resolved ``TrainConfig`` in ``train_config.json``, which ``--config`` reads
+back.
 """
 from __future__ import annotations
 
@@ -13,10 +18,15 @@ from typing import Any
 
 import torch
 
-VISION_INPUTS = ("online", "features", "codes")
+from .templates import TEMPLATES
+from .vision_input import VISION_INPUTS, get_vision_input
+
+TOWER_SELECT = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-STAGES = ("pretrain", "sft")
+STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
+STAGES = tuple(STAGE_DEFAULTS)
+ZERO_STAGES = (2, 3)
 
 
 @dataclass(kw_only=True)
@@ -71,6 +81,37 @@ class VisionSpec:
 
 
 @dataclass(kw_only=True)
+class VisionTowerSpec:
+    """The LLM's own vision tower (``--vision-tower``), when it is not the target
+    tokenizer's encoder.  Recorded in the export so evaluation rebuilds it."""
+
+    encoder: dict[str, Any]
+    """``EncoderSpec`` fields (kind, absolute weights path, feature layer, image size,
+    normalisation, resample, weights sha256)."""
+    select: str = "patch"
+    """patch: the patch tokens; cls_patch: CLIP's CLS token first, then the patches
+    (LLaVA's ``mm_vision_select_feature``)."""
+    source: str = ""
+    """The folder given to --vision-tower (a Hugging Face vision folder or a tokenizer artifact)."""
+    grid: tuple[int, int] = (1, 1)
+    """Patch grid [H, W]; must equal the tokenizer's (the targets sit on it)."""
+    dim: int = 1
+    """Feature size: the projector's input width."""
+    fingerprint: str = ""
+    """sha256 over the encoder spec (weights hash included) and ``select``: names feature caches."""
+
+    def __post_init__(self):
+        self.grid = tuple(int(g) for g in self.grid)
+        if self.select not in TOWER_SELECT:
+            raise ValueError(f"vision tower select must be one of {TOWER_SELECT}, got {self.select!r}")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """LLM positions per image: the patches, plus the CLS token for cls_patch."""
+        return self.grid[0] * self.grid[1] + (self.select == "cls_patch")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """The LVLM: a Hugging Face causal LM + vision projector + ASVR visual head."""
 
@@ -79,9 +120,10 @@ class ModelConfig:
     config dict with ``model_type`` (random init: tests, benchmarks)."""
     trust_remote_code: bool = False
     """Allow model code shipped in the folder. Off unless asked."""
-    vision_input: str = "online"
-    """online: frozen encoder on pixels; features: cached continuous features;
-    codes: features rebuilt from the cached codes (sum of codebook vectors)."""
+    vision_input: str = "codes"
+    """online: frozen vision tower on pixels; features: cached continuous features;
+    codes: features rebuilt from the cached codes (sum of codebook vectors).
+    The modes are ``asvr.train.vision_input.VISION_INPUTS``."""
     projector: str = "mlp2x_gelu"
     """Vision projector: linear or mlpNx_gelu (the reference: mlp2x_gelu)."""
     head: VisualHeadConfig = field(default_factory=VisualHeadConfig)
@@ -97,14 +139,17 @@ class ModelConfig:
     """Recompute LLM layers and head layers in backward."""
     vision: VisionSpec | None = None
     """Filled by ``build_model`` from the tokenizer (or given with codebooks)."""
+    vision_tower: VisionTowerSpec | None = None
+    """The LLM's vision tower when it is not the tokenizer's encoder (online/features only)."""
 
     def __post_init__(self):
         if isinstance(self.head, dict):
             self.head = VisualHeadConfig(**self.head)
         if isinstance(self.vision, dict):
             self.vision = VisionSpec(**self.vision)
-        if self.vision_input not in VISION_INPUTS:
-            raise ValueError(f"vision_input must be one of {VISION_INPUTS}, got {self.vision_input!r}")
+        if isinstance(self.vision_tower, dict):
+            self.vision_tower = VisionTowerSpec(**self.vision_tower)
+        get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
         if self.dtype not in DTYPES:
@@ -118,10 +163,30 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def input_dim(self) -> int:
+        """Width of the features the projector receives (the tower's, else the codebooks')."""
+        if self.vision_tower is not None:
+            return self.vision_tower.dim
+        if self.vision is None:
+            raise ValueError("ModelConfig.vision is not set (build_model fills it from the tokenizer)")
+        return self.vision.dim
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM positions per image (the tower's tokens, else the tokenizer grid)."""
+        if self.vision_tower is not None:
+            return self.vision_tower.tokens_per_image
+        if self.vision is None:
+            raise ValueError("ModelConfig.vision is not set (build_model fills it from the tokenizer)")
+        return self.vision.tokens_per_image
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.vision is not None:
             d["vision"]["grid"] = list(self.vision.grid)
+        if self.vision_tower is not None:
+            d["vision_tower"]["grid"] = list(self.vision_tower.grid)
         return d
 
     @classmethod
@@ -135,6 +200,143 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _opt(group: str, **kw) -> dict[str, Any]:
+    return {"group": group, **kw}
+
+
+IO, MODEL, OPTIM, DATA, RUN = "inputs and outputs", "model", "optimisation", "data", "checkpoints and logging"
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One ``asvr-train`` run; every field is a command-line option (``config_cli.py``)."""
+
+    # ------------------------------------------------------------------ inputs and outputs
+    model: str = field(metadata=_opt(IO))
+    """LLM: a local Hugging Face folder (config, weights, tokenizer)."""
+    tokenizer: str = field(metadata=_opt(IO))
+    """Semantic tokenizer artifact folder (asvr-tokenizer): the visual targets."""
+    codes: str = field(metadata=_opt(IO))
+    """Code shards written with that tokenizer (asvr-pipeline tokenize)."""
+    data: list[str] = field(metadata=_opt(IO))
+    """LLaVA JSON conversation file(s): id, image, conversations."""
+    images: str | None = field(default=None, metadata=_opt(IO))
+    """Image root (LLaVA 'image' paths are relative to it); online/features inputs."""
+    output_dir: str = field(metadata=_opt(IO))
+    """Run folder: checkpoints/, metrics.jsonl, loss.png, final/, train_config.json."""
+    cache_dir: str | None = field(default=None, metadata=_opt(IO))
+    """Feature and shard-index cache (default RUN/cache); runs that share it compute the vision
+    tower's features of the same images once."""
+    # ------------------------------------------------------------------ model
+    stage: str = field(default="pretrain", metadata=_opt(MODEL, choices=STAGES))
+    """pretrain: projector + visual head, LLM frozen; sft: also the LLM."""
+    vision_input: str = field(default="codes", metadata=_opt(MODEL, choices=tuple(VISION_INPUTS)))
+    """online: frozen vision tower on the images every step; features: tower features cached once in
+    RUN/cache; codes: features rebuilt from the cached codes, no images."""
+    vision_tower: str | None = field(default=None, metadata=_opt(MODEL))
+    """The LLM's vision tower for online/features inputs: a Hugging Face SigLIP/CLIP vision folder or a
+    tokenizer artifact (default: the target tokenizer's encoder)."""
+    vision_tower_layer: int | None = field(default=None, metadata=_opt(MODEL))
+    """Hidden state of --vision-tower fed to the LLM (default -2 for Hugging Face folders, as LLaVA's
+    mm_vision_select_layer; an artifact's recorded layer)."""
+    vision_tower_select: str = field(default="patch", metadata=_opt(MODEL, choices=TOWER_SELECT))
+    """patch: the patch tokens; cls_patch: CLIP's CLS token first, then the patches (LLaVA's
+    mm_vision_select_feature)."""
+    init_from: str | None = field(default=None, metadata=_opt(MODEL))
+    """Start from an exported model: a pretrain run folder (its final/) or an export folder."""
+    template: str | None = field(default=None, metadata=_opt(MODEL, choices=tuple(TEMPLATES)))
+    """Conversation template (default: plain for pretrain, vicuna_v1 for sft)."""
+    visual_loss_weight: float = field(default=1.0, metadata=_opt(MODEL))
+    """lambda of the visual loss: loss = text CE + lambda * mean over depths of the visual CE."""
+    head: VisualHeadConfig = field(default_factory=VisualHeadConfig, metadata=_opt(MODEL))
+    attn_implementation: str = field(default="auto", metadata=_opt(MODEL, choices=ATTN_IMPLEMENTATIONS))
+    """auto: flash_attention_2 when flash_attn imports and CUDA is up, else sdpa."""
+    gradient_checkpointing: bool = field(default=False, metadata=_opt(MODEL))
+    """Recompute activations in backward."""
+    trust_remote_code: bool = field(default=False, metadata=_opt(MODEL))
+    """Allow model code shipped in --model."""
+    # ------------------------------------------------------------------ optimisation
+    zero: int = field(default=2, metadata=_opt(OPTIM, choices=ZERO_STAGES))
+    """ZeRO stage when no --deepspeed config is given."""
+    deepspeed: str | None = field(default=None, metadata=_opt(OPTIM))
+    """DeepSpeed JSON config (batch sizes / accumulation / clipping come from our flags)."""
+    max_steps: int | None = field(default=None, metadata=_opt(OPTIM))
+    """Optimizer steps (default: --epochs over the data)."""
+    epochs: float = field(default=1.0, metadata=_opt(OPTIM))
+    """Passes over the data when --max-steps is not given."""
+    micro_batch_size: int = field(default=1, metadata=_opt(OPTIM))
+    """Packed rows per micro-batch per process."""
+    grad_accum: int = field(default=1, metadata=_opt(OPTIM))
+    """Micro-batches per optimizer step."""
+    max_len: int = field(default=2048, metadata=_opt(OPTIM))
+    """Tokens per packed row."""
+    pack: bool = field(default=True, metadata=_opt(OPTIM, flag="--no-pack"))
+    """(--no-pack) one sample per row, padded to the longest in the micro-batch."""
+    lr: float | None = field(default=None, metadata=_opt(OPTIM))
+    """Peak learning rate (default 1e-3 pretrain, 2e-5 sft, as LLaVA-1.5)."""
+    weight_decay: float = field(default=0.0, metadata=_opt(OPTIM))
+    """AdamW weight decay."""
+    warmup_ratio: float = field(default=0.03, metadata=_opt(OPTIM))
+    """Linear warmup share of the steps, then cosine."""
+    min_lr_ratio: float = field(default=0.0, metadata=_opt(OPTIM))
+    """Final learning rate as a share of the peak."""
+    grad_clip: float = field(default=1.0, metadata=_opt(OPTIM))
+    """Gradient norm clipping."""
+    seed: int = field(default=0, metadata=_opt(OPTIM))
+    """Seeds the projector/head init, the data order and packing."""
+    # ------------------------------------------------------------------ data
+    caption_free_ratio: float = field(default=0.0, metadata=_opt(DATA))
+    """Share of caption-free shard rows (no conversation: visual loss only) in the mix; 1 = all."""
+    skip_bad_samples: bool = field(default=False, metadata=_opt(DATA))
+    """Skip (and list in RUN/bad_samples.jsonl) samples with missing images, keys absent from the shards
+    or malformed conversations, instead of stopping."""
+    num_workers: int = field(default=0, metadata=_opt(DATA))
+    """DataLoader worker processes (0: collate in the training process)."""
+    # ------------------------------------------------------------------ checkpoints and logging
+    save_every: int = field(default=0, metadata=_opt(RUN))
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = field(default=2, metadata=_opt(RUN))
+    """Newest checkpoints kept (0: all)."""
+    resume: str | None = field(default=None, metadata=_opt(RUN))
+    """'auto': continue from the newest checkpoint in --output-dir (if any); or a tag like step00000042."""
+    stop_after: int | None = field(default=None, metadata=_opt(RUN))
+    """End this invocation after N steps with a checkpoint (the schedule still spans --max-steps; rerun
+    with --resume auto): jobs with a wall-time limit."""
+    tensorboard: bool = field(default=False, metadata=_opt(RUN))
+    """Also log to RUN/tensorboard (needs tensorboard)."""
+    export: bool = field(default=True, metadata=_opt(RUN, flag="--no-export"))
+    """(--no-export) do not write RUN/final, the exported model."""
+    progress: bool = field(default=True, metadata=_opt(RUN, flag="--quiet"))
+    """(--quiet) no progress bar or messages."""
+
+    def __post_init__(self):
+        if isinstance(self.head, dict):
+            self.head = VisualHeadConfig(**self.head)
+        get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
+        if self.vision_tower is None and (self.vision_tower_layer is not None or self.vision_tower_select != "patch"):
+            raise ValueError("--vision-tower-layer and --vision-tower-select need --vision-tower")
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.deepspeed is None and self.zero not in ZERO_STAGES:
+            raise ValueError(f"--zero must be one of {ZERO_STAGES}, got {self.zero}")
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ValueError(f"--template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"--attn-implementation must be one of {ATTN_IMPLEMENTATIONS}")
+        if self.resume not in (None, "auto") and not self.resume.startswith("step"):
+            raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError("--stop-after must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("--max-steps must be >= 1")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("--micro-batch-size and --grad-accum must be >= 1")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
+        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
 
 
 def tiny_llm_config(family: str = "llama", *, vocab_size: int = 300, hidden_size: int = 64, layers: int = 2,

@@ -18,20 +18,16 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess
-
 from .batch import Batch
 from .packing import MicroBatch, PackingConfig, plan_epoch, shard_for_rank
-from .sources import CodeStore, ConversationRecord, DataError, FeatureCache, load_conversations
+from .sources import CodeStore, ConversationRecord, DataError, load_conversations
 from .templates import (IGNORE_INDEX, ConversationError, ConversationTemplate, EncodedSample, encode_conversation,
                         encode_image_only, validate_turns)
-
-VISION_INPUTS = ("online", "features", "codes")
 
 
 @dataclass(kw_only=True)
@@ -43,7 +39,9 @@ class DataConfig:
     images: str | None = None
     """Image root (LLaVA ``image`` paths are relative to it); needed by online/features inputs."""
     vision_input: str = "codes"
-    """online: pixels for the frozen encoder; features: cached encoder features; codes: cached codes."""
+    """online | features | codes (``asvr.train.vision_input``): decides which images must exist."""
+    image_tokens: int | None = None
+    """LLM positions per image (default: the shards' grid H*W; a cls_patch tower adds one)."""
     caption_free_ratio: float = 0.0
     """Share of caption-free shard rows in the mix: n_free = r/(1-r) * n_conversations (r >= 1: all)."""
     skip_bad_samples: bool = False
@@ -54,10 +52,9 @@ class DataConfig:
     """DataLoader worker processes (0: collate in the training process)."""
 
     def __post_init__(self):
-        if self.vision_input not in VISION_INPUTS:
-            raise ValueError(f"vision_input must be one of {VISION_INPUTS}, got {self.vision_input!r}")
-        if self.vision_input in ("online", "features") and not self.images:
-            raise ValueError(f"vision input {self.vision_input!r} needs --images (the image root)")
+        from .vision_input import get_vision_input
+
+        get_vision_input(self.vision_input).check_images(self.images)
         if self.caption_free_ratio < 0:
             raise ValueError("caption_free_ratio must be >= 0")
 
@@ -100,10 +97,14 @@ def describe_bad(bad: Sequence[BadSample], first: int = 3) -> str:
 
 
 def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer, store: CodeStore,
-                        check_images: bool) -> TrainingData:
-    """Join, validate and tokenize. Raises :class:`DataError` on bad samples unless ``cfg.skip_bad_samples``."""
+                        check_images: bool | Callable[[str], bool]) -> TrainingData:
+    """Join, validate and tokenize. Raises :class:`DataError` on bad samples unless ``cfg.skip_bad_samples``.
+
+    ``check_images``: whether ``images/key`` must exist, for every key or per key (a
+    vision input's ``needs_image``: a features cache that holds a key needs no image)."""
     meta = store.meta
-    image_tokens = meta.grid[0] * meta.grid[1]
+    image_tokens = cfg.image_tokens or meta.grid[0] * meta.grid[1]
+    need = check_images if callable(check_images) else (lambda key: check_images)
     max_len = cfg.packing.max_len
     records: list[ConversationRecord] = load_conversations(cfg.data)
     samples: list[Sample] = []
@@ -126,7 +127,7 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
         if rec.image is not None and rec.image not in store:
             refuse("not in shards", f"image {rec.image!r} is in no shard")
             continue
-        if rec.image is not None and check_images and not (root / rec.image).is_file():
+        if rec.image is not None and need(rec.image) and not (root / rec.image).is_file():
             refuse("missing image", f"{root / rec.image} does not exist")
             continue
         if len(enc) > max_len:
@@ -140,10 +141,11 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     r = cfg.caption_free_ratio
     n_free = len(free_pool) if r >= 1 else min(len(free_pool), int(round(r / (1 - r) * n_conv)))
     if n_free:
-        if check_images:
-            missing = [k for k in free_pool if not (root / k).is_file()]
-            bad.extend(BadSample(k, "shards", "missing image", f"{root / k} does not exist") for k in missing)
-            free_pool = [k for k in free_pool if (root / k).is_file()]
+        missing = {k for k in free_pool if need(k) and not (root / k).is_file()}
+        if missing:
+            bad.extend(BadSample(k, "shards", "missing image", f"{root / k} does not exist") for k in free_pool
+                       if k in missing)
+            free_pool = [k for k in free_pool if k not in missing]
             n_free = min(n_free, len(free_pool))
         rng = np.random.default_rng([cfg.seed, 7])
         chosen = sorted(rng.choice(len(free_pool), size=n_free, replace=False).tolist())
@@ -158,37 +160,49 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     return TrainingData(samples, store, bad, n_conv, n_free)
 
 
-class Collator:
-    """Micro-batch plan -> :class:`Batch` (picklable: runs in DataLoader workers)."""
+def open_codes(codes: str | os.PathLike, vision, cache_dir: str | os.PathLike | None = None,
+               write_cache: bool = True) -> CodeStore:
+    """The shards of ``codes``, refused unless written with the tokenizer ``vision``
+    describes (fingerprint, grid, depth: a ``VisionSpec`` or a ``TokenizerSpec``)."""
+    store = CodeStore.open(codes, vision.fingerprint, cache_dir=cache_dir, write_cache=write_cache)
+    if tuple(store.meta.grid) != tuple(vision.grid) or store.meta.depth != vision.depth:
+        raise DataError(f"{codes}: shards have grid {store.meta.grid} x depth {store.meta.depth}, "
+                        f"the tokenizer {tuple(vision.grid)} x {vision.depth}")
+    return store
 
-    def __init__(self, data: TrainingData, vision_input: str, pad_id: int, images: str | None = None,
-                 preprocess_cfg: PreprocessConfig | None = None, features: FeatureCache | None = None):
-        if vision_input == "online" and (images is None or preprocess_cfg is None):
-            raise ValueError("online vision input needs the image root and the tokenizer's preprocessing")
-        if vision_input == "features" and features is None:
-            raise ValueError("features vision input needs a FeatureCache")
+
+def assemble_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer, store: CodeStore, *,
+                  tower=None, cache_dir: str | os.PathLike | None = None, primary: bool = True,
+                  barrier: Callable[[], None] = lambda: None, progress: bool = True) -> tuple[TrainingData, "Collator"]:
+    """The one data path of the trainer and ``asvr-eval loss``: samples joined and
+    checked, and the collator whose vision input is ``cfg.vision_input``'s.
+
+    ``tower``: the ``VisionTower`` of the online/features inputs; ``cache_dir``:
+    where the features input keeps its cache (None: computed on demand);
+    ``primary``/``barrier``: one process fills caches while the others wait."""
+    from .vision_input import SourceContext, get_vision_input
+
+    mode = get_vision_input(cfg.vision_input)
+    cache = mode.open_cache(Path(cache_dir), store, tower) if cache_dir is not None else None
+    data = build_training_data(cfg, template, llm_tokenizer, store, lambda key: mode.needs_image(key, cache))
+    source = mode.source(SourceContext(store=store, images=cfg.images, tower=tower, preprocess=store.meta.preprocess,
+                                       cache=cache, keys=data.keys_with_images(), primary=primary, barrier=barrier,
+                                       progress=progress))
+    return data, Collator(data, source, pad_id=llm_tokenizer.pad_token_id or 0)
+
+
+class Collator:
+    """Micro-batch plan -> :class:`Batch` (picklable: runs in DataLoader workers).
+
+    ``source(key)`` is what the vision input yields for one image
+    (``VisionInputMode.source``: codes, pixels or features); the visual targets
+    always come from the shards."""
+
+    def __init__(self, data: TrainingData, source: Callable[[str], np.ndarray], pad_id: int):
         self.samples = data.samples
         self.store = data.store
-        self.vision_input = vision_input
+        self.source = source
         self.pad_id = pad_id
-        self.images = Path(images) if images else None
-        self.preprocess_cfg = preprocess_cfg
-        self.features = features
-
-    def pixels(self, key: str) -> np.ndarray:
-        path = self.images / key
-        try:
-            return preprocess(open_image(path.read_bytes(), self.preprocess_cfg), self.preprocess_cfg)
-        except (OSError, ImageError) as e:
-            raise DataError(f"{path}: {e}") from None
-
-    def vision_of(self, key: str) -> np.ndarray:
-        if self.vision_input == "codes":
-            h, w = self.store.meta.grid
-            return self.store.get(key).astype(np.int64).reshape(h, w, -1)
-        if self.vision_input == "features":
-            return self.features.get(key)
-        return self.pixels(key)
 
     def __call__(self, mb: MicroBatch) -> Batch:
         width = max(sum(len(self.samples[i].encoded) for i in row) for row in mb)
@@ -215,7 +229,7 @@ class Collator:
                 t += L
         vision = codes = vmask = None
         if keys:
-            vision = torch.from_numpy(np.stack([self.vision_of(k) for k in keys]))
+            vision = torch.from_numpy(np.stack([self.source(k) for k in keys]))
             codes = torch.from_numpy(np.stack([self.store.get(k) for k in keys]).astype(np.int64))
             vmask = torch.ones(len(keys), dtype=torch.bool)
         return Batch(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),

@@ -7,6 +7,9 @@ Folder layout::
     model.safetensors       LLM (``llm.*``), projector (``projector.*``), visual head
                             (``head.*``); tied weights stored once
     config.json             the LLM's Hugging Face config (+ generation_config.json)
+                            (``asvr_config.json``'s ``vision_tower`` records a --vision-tower:
+                            encoder spec with its absolute path and weights sha256, layer,
+                            select, grid, fingerprint; absent: the tokenizer's encoder)
     tokenizer files         the LLM's text tokenizer, when given to ``save_exported``
 
 The frozen semantic tokenizer (encoder + codebooks) is *not* copied: it is
@@ -96,12 +99,12 @@ def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=Non
     return folder
 
 
-def _load_tokenizer(spec: VisionSpec, vision_input: str, tokenizer):
+def _load_tokenizer(spec: VisionSpec, needs_encoder: bool, tokenizer):
     """-> (tokenizer or None, codebooks or None)."""
     if tokenizer is None:
         if not spec.path or not Path(spec.path).is_dir():
             raise ExportError(f"the tokenizer this model was trained with ({spec.path}) is not there; pass tokenizer=")
-        if vision_input == "online":
+        if needs_encoder:
             from asvr.tokenizer import SemanticTokenizer
 
             tokenizer = SemanticTokenizer.load(spec.path)
@@ -120,8 +123,12 @@ def _load_tokenizer(spec: VisionSpec, vision_input: str, tokenizer):
 
 
 def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
-                  attn_implementation: str | None = None) -> ASVRModel:
-    """Rebuild the model of an export folder, weights loaded with strict keys."""
+                  attn_implementation: str | None = None, vision_tower=None) -> ASVRModel:
+    """Rebuild the model of an export folder, weights loaded with strict keys.
+
+    An online model runs its recorded vision tower (``vision_tower=`` passes one
+    already built; its fingerprint must match), or the tokenizer's encoder when
+    none was recorded."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -135,7 +142,10 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu",
     cfg.dtype = meta.get("dtype", cfg.dtype)
     if attn_implementation is not None:
         cfg.attn_implementation = attn_implementation
-    tok, codebooks = _load_tokenizer(cfg.vision, cfg.vision_input, tokenizer)
+    from .vision_input import get_vision_input
+
+    needs_encoder = get_vision_input(cfg.vision_input).model_runs_tower and cfg.vision_tower is None
+    tok, codebooks = _load_tokenizer(cfg.vision, needs_encoder, tokenizer)
 
     from .lvlm import resolve_attn_implementation
 
@@ -149,7 +159,7 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu",
 
         llm.generation_config = GenerationConfig.from_pretrained(folder)
     vision = cfg.vision
-    model = build_model(cfg, tok, codebooks=codebooks, llm=llm)
+    model = build_model(cfg, tok, codebooks=codebooks, llm=llm, tower=vision_tower)
     model.cfg.vision = vision  # keep the recorded path even when a moved tokenizer was passed in
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
     return model.to(device).eval()
@@ -183,4 +193,9 @@ def load_exported_weights(model: ASVRModel, folder: str | os.PathLike) -> None:
     want = model.cfg.vision.fingerprint if model.cfg.vision else ""
     if got != want:
         raise ExportError(f"{folder}: trained with tokenizer {got[:12]}, this model uses {want[:12]}")
+    got_tower = (meta.get("model", {}).get("vision_tower") or {}).get("fingerprint", "")
+    want_tower = model.cfg.vision_tower.fingerprint if model.cfg.vision_tower is not None else ""
+    if got_tower != want_tower:
+        raise ExportError(f"{folder}: its projector was trained on vision tower {got_tower[:12] or '(the tokenizer)'}, "
+                          f"this model uses {want_tower[:12] or '(the tokenizer)'}")
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))

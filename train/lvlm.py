@@ -44,7 +44,8 @@ from torch import nn
 from .batch import Batch
 from .config import STAGES, ModelConfig, VisionSpec
 from .projector import build_projector
-from .vision_input import VisionInput
+from .vision_input import VisionInput, get_vision_input
+from .vision_tower import VisionTower, check_tower_grid, load_vision_tower
 from .visual_head import VisualHead
 from .visual_loss import IGNORE_INDEX
 
@@ -82,7 +83,7 @@ class ASVRModel(nn.Module):
         self.vision = vision
         hidden = llm.get_input_embeddings().embedding_dim
         v = cfg.vision
-        self.projector = build_projector(cfg.projector, v.dim, hidden)
+        self.projector = build_projector(cfg.projector, cfg.input_dim, hidden)
         self.head = VisualHead(cfg.head, hidden, v.dim, v.depth, v.codebook_size)
         self.attn_implementation = llm.config._attn_implementation
         self.set_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -149,6 +150,15 @@ class ASVRModel(nn.Module):
         proj = self.projector(feats.reshape(-1, feats.shape[-1]).to(x.dtype))
         return x.masked_scatter(image_mask[..., None], proj.to(x.dtype)) if n_pos else x + 0 * proj.sum()
 
+    def target_rows(self, h: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the image positions that carry a visual target, ``[N*H*W, H]``
+        in image order (a cls_patch tower's CLS position, first in each image, has none)."""
+        rows = h[image_mask]
+        extra = self.cfg.image_tokens - self.cfg.vision.tokens_per_image
+        if extra:
+            rows = rows.view(-1, self.cfg.image_tokens, rows.shape[-1])[:, extra:].reshape(-1, rows.shape[-1])
+        return rows
+
     def attention_mask(self, sample_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         if self.attn_implementation == "flash_attention_2":
             return None
@@ -194,7 +204,7 @@ class ASVRModel(nn.Module):
 
     def _visual_loss_sums(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
         v = self.cfg.vision
-        rows = h[batch.image_mask]  # [N*HW, H] in image order
+        rows = self.target_rows(h, batch.image_mask)  # [N*HW, H] in image order
         n_img = rows.shape[0] // v.tokens_per_image
         if batch.visual_codes is None or n_img == 0:
             keep = torch.zeros(rows.shape[0], dtype=torch.bool, device=h.device)
@@ -231,7 +241,7 @@ class ASVRModel(nn.Module):
     def predict_codes(self, batch: Batch) -> torch.Tensor:
         """Greedy visual codes ``[N_images, H*W, D]`` from the head (no teacher forcing)."""
         h = self.hidden_states(batch)
-        rows = h[batch.image_mask]
+        rows = self.target_rows(h, batch.image_mask)
         codes = self.head.predict(rows, lambda c: self.vision.quantizer.cumulative(c))
         return codes.view(-1, self.cfg.vision.tokens_per_image, self.cfg.vision.depth)
 
@@ -281,22 +291,31 @@ def build_llm(cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | None = None,
-                llm: nn.Module | None = None) -> ASVRModel:
+                llm: nn.Module | None = None, tower: VisionTower | None = None) -> ASVRModel:
     """Build the LVLM.  ``tokenizer`` (a ``SemanticTokenizer``) gives the vision
-    spec, the frozen codebooks and, for ``online``, the encoder.  Without it
-    pass ``codebooks`` ``[D or 1, K, C]`` and ``cfg.vision`` (features/codes
-    inputs only: benchmarks, tests).  ``llm`` skips ``build_llm``."""
+    spec, the frozen codebooks and, for ``online``, the default tower (its
+    encoder).  Without it pass ``codebooks`` ``[D or 1, K, C]`` and
+    ``cfg.vision``.  ``tower``: the ``VisionTower`` an ``online`` model runs
+    (default: rebuilt from ``cfg.vision_tower``, else the tokenizer's encoder).
+    ``llm`` skips ``build_llm``."""
     if tokenizer is not None:
         s = tokenizer.spec
         cfg.vision = VisionSpec(dim=s.dim, grid=tuple(s.grid), depth=s.depth, codebook_size=s.codebook_size,
                                 fingerprint=s.fingerprint, path=str(Path(tokenizer.path).resolve()) if tokenizer.path else None)
         codebooks = tokenizer.quantizer.codebooks
-        encoder = tokenizer.encoder
-    else:
-        if codebooks is None or cfg.vision is None:
-            raise ValueError("build_model needs a tokenizer, or codebooks and cfg.vision")
-        encoder = None
-    vision = VisionInput(cfg.vision_input, cfg.vision, codebooks, encoder)
+    elif codebooks is None or cfg.vision is None:
+        raise ValueError("build_model needs a tokenizer, or codebooks and cfg.vision")
+    if cfg.vision_tower is not None:
+        check_tower_grid(cfg.vision_tower, cfg.vision.grid)
+    if get_vision_input(cfg.vision_input).model_runs_tower and tower is None:
+        if cfg.vision_tower is not None:
+            tower = load_vision_tower(cfg.vision_tower)
+        elif tokenizer is not None:
+            tower = VisionTower.from_tokenizer(tokenizer)
+    if tower is not None and cfg.vision_tower is not None and tower.spec.fingerprint != cfg.vision_tower.fingerprint:
+        raise ValueError(f"the vision tower given ({tower.spec.fingerprint[:12]}) is not the configured one "
+                         f"({cfg.vision_tower.fingerprint[:12]})")
+    vision = VisionInput(cfg.vision_input, cfg.vision, codebooks, tower, tokens=cfg.image_tokens, dim=cfg.input_dim)
     llm = build_llm(cfg) if llm is None else llm
     model = ASVRModel(cfg, llm, vision)
     model.projector.to(cfg.torch_dtype)

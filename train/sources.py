@@ -9,7 +9,7 @@ ranks cost one copy.  Without it (tests, small corpora) it stays in RAM.
 
 :class:`FeatureCache` is the ``features`` vision input: continuous encoder
 features computed once from the images and memory-mapped afterwards (float32
-[N, H, W, C]: 62 KB per image for EfficientNet-Lite0 7x7x320, but 3.4 MB for
+[N, T, C]: 62 KB per image for EfficientNet-Lite0 7x7x320, but 3.4 MB for
 SigLIP 27x27x1152, so 2.1 TB for LLaVA-665k: the ``codes`` input exists
 because of that).
 """
@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asvr.pipeline.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
+from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
 
 
 class DataError(ValueError):
@@ -111,47 +112,68 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 class FeatureCache:
-    """``features`` vision input: ``features-<fingerprint>-<mode>.npy`` float32 ``[N, H, W, C]``
-    in the same row order as a :class:`CodeStore`, computed once from the images."""
+    """``features`` vision input: ``features-<tower>-<preprocess>-<shards>.npy``, float32
+    ``[N, T, C]`` in the row order of a :class:`CodeStore`, computed once from the images
+    and memory-mapped; ``<stem>.keys.json`` lists the rows computed so far (written after
+    the array, so a crash between the two only recomputes rows).  The name holds the vision
+    tower's fingerprint, the preprocessing mode and the shards' key list, so another tower,
+    mode or corpus never reads these rows; a later run over more keys adds only the missing
+    rows."""
 
-    def __init__(self, path: Path, index: dict[str, int]):
+    def __init__(self, path: Path, store: CodeStore):
         self.path = path
-        self.index = index
-        self.array = np.load(path, mmap_mode="r")
+        self.index = store.index
+        self.n_rows = len(store)
+        self.done: set[str] = set()
+        self.array: np.ndarray | None = None
+        self.reload()
+
+    @classmethod
+    def open(cls, cache_dir: str | os.PathLike, store: CodeStore, tower_fingerprint: str) -> "FeatureCache":
+        tag = hashlib.sha256(json.dumps(store.keys).encode()).hexdigest()[:12]
+        return cls(Path(cache_dir) / f"features-{tower_fingerprint[:12]}-{store.meta.preprocess}-{tag}.npy", store)
+
+    @property
+    def keys_path(self) -> Path:
+        return self.path.with_suffix(".keys.json")
+
+    def reload(self) -> None:
+        self.done = set(json.loads(self.keys_path.read_text())) if self.keys_path.exists() else set()
+        self.array = np.load(self.path, mmap_mode="r") if self.path.exists() else None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.done
 
     def get(self, key: str) -> np.ndarray:
         return np.asarray(self.array[self.index[key]])
 
-    @staticmethod
-    def path_for(cache_dir: str | os.PathLike, store: CodeStore, keys: Sequence[str]) -> Path:
-        """Named after the tokenizer, the preprocessing and the set of keys it holds
-        (a run over other data never reads rows it did not compute)."""
-        h = hashlib.sha256(json.dumps([store.keys, sorted(keys)]).encode()).hexdigest()[:12]
-        return Path(cache_dir) / f"features-{store.meta.fingerprint[:12]}-{store.meta.preprocess}-{h}.npy"
-
-    @classmethod
-    def build(cls, cache_dir: str | os.PathLike, store: CodeStore, keys: Sequence[str],
-              featurize: Callable[[list[str]], np.ndarray], batch_size: int = 32,
-              progress: bool = True) -> "FeatureCache":
-        """Compute features of ``keys`` (rows of other keys stay zero) unless the file exists.
-
-        ``featurize(keys) -> float32 [n, H, W, C]`` (the frozen encoder on the preprocessed images)."""
+    def fill(self, keys: Sequence[str], featurize: Callable[[list[str]], np.ndarray], batch_size: int = 32,
+             progress: bool = True) -> None:
+        """Compute the rows of ``keys`` not cached yet; ``featurize(keys) -> float32 [n, T, C]``."""
         from tqdm import tqdm
 
-        path = cls.path_for(cache_dir, store, keys)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            first = featurize(list(keys[:1])) if keys else np.zeros((1, *store.meta.grid, 1), np.float32)
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(store), *first.shape[1:]))
-            rows = sorted(store.index[k] for k in set(keys))
-            for i in tqdm(range(0, len(rows), batch_size), desc="caching features", disable=not progress):
-                chunk = rows[i:i + batch_size]
-                arr[chunk] = featurize([store.keys[r] for r in chunk])
-            arr.flush()
-            del arr
-            os.replace(tmp, path)
-        return cls(path, store.index)
+        missing = sorted({k for k in keys if k not in self.done}, key=self.index.__getitem__)
+        if not missing:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        first = featurize(missing[:1])
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(self.n_rows, *first.shape[1:]))
+        if self.array is not None and self.array.shape == arr.shape:
+            for s in range(0, self.n_rows, 1024):
+                arr[s:s + 1024] = self.array[s:s + 1024]
+        else:
+            self.done = set()
+        arr[self.index[missing[0]]] = first[0]
+        rest = missing[1:]
+        for i in tqdm(range(0, len(rest), batch_size), desc="caching features", disable=not progress):
+            chunk = rest[i:i + batch_size]
+            arr[[self.index[k] for k in chunk]] = featurize(chunk)
+        arr.flush()
+        del arr
+        os.replace(tmp, self.path)
+        _atomic_text(self.keys_path, json.dumps(sorted(self.done | set(missing))))
+        self.reload()
 
 
 @dataclass
@@ -168,13 +190,9 @@ def load_conversations(paths: Sequence[str | os.PathLike]) -> list[ConversationR
     for path in paths:
         path = Path(path)
         try:
-            text = path.read_text()
-            data = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-                else json.loads(text)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot read conversations ({e})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of conversations")
+            data = read_llava_records(path)
+        except LlavaJSONError as e:
+            raise DataError(str(e)) from None
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
                 out.append(ConversationRecord(f"{path.name}[{i}]", None, None, str(path)))

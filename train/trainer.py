@@ -32,105 +32,18 @@ import math
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .config import ModelConfig, VisualHeadConfig
-from .data import (Collator, DataConfig, PackedLoader, TrainingData, build_training_data, describe_bad,
-                   write_bad_samples)
+from .config import ModelConfig, TrainConfig
+from .data import DataConfig, PackedLoader, TrainingData, assemble_data, describe_bad, open_codes, write_bad_samples
 from .metrics import MetricsLogger, plot_losses
 from .packing import PackingConfig, padding_waste, plan_epoch
-from .sources import CodeStore, DataError, FeatureCache
 from .templates import get_template
-
-STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    model: str
-    """LLM: a local Hugging Face folder (config, weights, tokenizer)."""
-    tokenizer: str
-    """Semantic tokenizer artifact folder (Contract 1)."""
-    codes: str
-    """Code shards written with that tokenizer (Contract 2)."""
-    data: list[str]
-    """LLaVA JSON conversation files."""
-    output_dir: str
-    """Run folder: checkpoints/, metrics.jsonl, loss.png, final/."""
-    stage: str = "pretrain"
-    """pretrain: projector + visual head, LLM frozen; sft: also the LLM."""
-    vision_input: str = "codes"
-    """online | features | codes (see asvr.train.vision_input)."""
-    images: str | None = None
-    """Image root for online/features inputs."""
-    cache_dir: str | None = None
-    """Where the ``features`` input and the shard index are cached (default RUN/cache); runs that
-    name the same folder compute the encoder features of the same images once."""
-    template: str | None = None
-    """plain | vicuna_v1 | chatml (default: plain for pretrain, vicuna_v1 for sft)."""
-    zero: int = 2
-    """ZeRO stage (2 or 3) when no --deepspeed config is given."""
-    deepspeed: str | None = None
-    """A DeepSpeed JSON config; batch sizes, accumulation and clipping are filled from our flags."""
-    max_steps: int | None = None
-    """Optimizer steps (default: --epochs over the data)."""
-    epochs: float = 1.0
-    micro_batch_size: int = 1
-    """Packed rows per micro-batch per process."""
-    grad_accum: int = 1
-    max_len: int = 2048
-    pack: bool = True
-    lr: float | None = None
-    """Peak learning rate (default 1e-3 pretrain, 2e-5 sft, as LLaVA-1.5)."""
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 0
-    """Checkpoint every N optimizer steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    """'auto': continue from the newest checkpoint of --output-dir (if any); or a tag."""
-    stop_after: int | None = None
-    """End this invocation (checkpoint, no export) after N steps; the schedule still spans
-    --max-steps and ``--resume auto`` continues (jobs with a wall-time limit)."""
-    init_from: str | None = None
-    """An exported model (a pretrain run folder or its final/) to start from."""
-    gradient_checkpointing: bool = False
-    caption_free_ratio: float = 0.0
-    skip_bad_samples: bool = False
-    num_workers: int = 0
-    tensorboard: bool = False
-    export: bool = True
-    """Write RUN/final (asvr.train.export) at the end."""
-    progress: bool = True
-    head: VisualHeadConfig = field(default_factory=VisualHeadConfig)
-    visual_loss_weight: float = 1.0
-    attn_implementation: str = "auto"
-    trust_remote_code: bool = False
-
-    def __post_init__(self):
-        if self.stage not in STAGE_DEFAULTS:
-            raise ValueError(f"--stage must be pretrain or sft, got {self.stage!r}")
-        if self.deepspeed is None and self.zero not in (2, 3):
-            raise ValueError(f"--zero must be 2 or 3, got {self.zero}")
-        if self.resume not in (None, "auto") and not self.resume.startswith("step"):
-            raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ValueError("--stop-after must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("--max-steps must be >= 1")
-        if self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("--micro-batch-size and --grad-accum must be >= 1")
-        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
-        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -181,63 +94,53 @@ class Trainer:
         dist.barrier()
 
     # ------------------------------------------------------------------ build
-    def build_data(self, tokenizer, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
+    def build_tower(self, tokenizer):
+        """The LLM's vision tower (online/features inputs): --vision-tower, else the tokenizer's encoder."""
+        from .vision_input import get_vision_input
+        from .vision_tower import VisionTower, check_tower_grid, open_vision_tower
+
+        cfg = self.cfg
+        if cfg.vision_tower is None:
+            return VisionTower.from_tokenizer(tokenizer) if get_vision_input(cfg.vision_input).uses_tower else None
+        tower = open_vision_tower(cfg.vision_tower, layer=cfg.vision_tower_layer, select=cfg.vision_tower_select)
+        check_tower_grid(tower.spec, tokenizer.spec.grid)
+        self.log(f"vision tower {tower.spec.source} ({tower.encoder_spec.kind}, layer {tower.encoder_spec.feature_layer}"
+                 f", {tower.select}): {tower.tokens_per_image} x {tower.spec.dim}-d per image")
+        return tower.to(self.device)
+
+    def build_data(self, tokenizer, tower, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
         cfg = self.cfg
         cache = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
-        fp = tokenizer.spec.fingerprint
         if self.rank == 0:
-            store = CodeStore.open(cfg.codes, fp, cache_dir=cache)
+            store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache)
         dist.barrier()
         if self.rank != 0:
-            store = CodeStore.open(cfg.codes, fp, cache_dir=cache, write_cache=False)
-        if tuple(store.meta.grid) != tuple(tokenizer.spec.grid) or store.meta.depth != tokenizer.spec.depth:
-            raise DataError(f"{cfg.codes}: shards have grid {store.meta.grid} x depth {store.meta.depth}, "
-                             f"the tokenizer {tuple(tokenizer.spec.grid)} x {tokenizer.spec.depth}")
+            store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache, write_cache=False)
         dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=cfg.vision_input,
+                          image_tokens=tower.tokens_per_image if tower is not None else None,
                           caption_free_ratio=cfg.caption_free_ratio, skip_bad_samples=cfg.skip_bad_samples,
                           seed=cfg.seed, num_workers=cfg.num_workers,
                           packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack))
-        # features input: images are needed only to fill a missing cache (checked again by featurize)
-        check_images = cfg.vision_input == "online" or (
-            cfg.vision_input == "features" and not list(cache.glob(f"features-{store.meta.fingerprint[:12]}-*.npy")))
-        data = build_training_data(dcfg, get_template(cfg.template), llm_tokenizer, store, check_images)
+        data, collate = assemble_data(dcfg, get_template(cfg.template), llm_tokenizer, store, tower=tower,
+                                      cache_dir=cache, primary=self.rank == 0, barrier=dist.barrier,
+                                      progress=cfg.progress)
         if data.bad and self.rank == 0:
             write_bad_samples(self.run_dir / "bad_samples.jsonl", data.bad)
             print(f"skipping {describe_bad(data.bad)} (all listed in {self.run_dir / 'bad_samples.jsonl'})")
-        features = None
-        if cfg.vision_input == "features":
-            features = self.build_features(tokenizer, store, data, cache)
-        collate = Collator(data, cfg.vision_input, pad_id=llm_tokenizer.pad_token_id or 0, images=cfg.images,
-                           preprocess_cfg=tokenizer.preprocess_config(store.meta.preprocess), features=features)
         loader = PackedLoader(data.lengths, collate, dcfg.packing, seed=cfg.seed, rank=self.rank, world=self.world,
                               num_workers=cfg.num_workers)
         return data, loader
 
-    def build_features(self, tokenizer, store: CodeStore, data: TrainingData, cache: Path) -> FeatureCache:
-        """Rank 0 computes the encoder features of every used image once into RUN/cache."""
-        mode = store.meta.preprocess
-
-        def featurize(keys: list[str]):
-            try:
-                pixels = tokenizer.preprocess_images([Path(self.cfg.images) / k for k in keys], mode=mode)
-            except (OSError, ValueError) as e:
-                raise DataError(f"caching features: {e}") from None
-            return tokenizer.features(pixels).cpu().numpy()
-
-        if self.rank == 0:
-            FeatureCache.build(cache, store, data.keys_with_images(), featurize, progress=self.cfg.progress)
-        dist.barrier()
-        return FeatureCache(FeatureCache.path_for(cache, store, data.keys_with_images()), store.index)
-
-    def build_model(self, tokenizer):
+    def build_model(self, tokenizer, tower):
         cfg = self.cfg
         mcfg = ModelConfig(llm=cfg.model, trust_remote_code=cfg.trust_remote_code, vision_input=cfg.vision_input,
+                           vision_tower=tower.spec if cfg.vision_tower is not None else None,
                            head=cfg.head, visual_loss_weight=cfg.visual_loss_weight,
                            attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing)
         from .lvlm import build_model
 
         torch.manual_seed(cfg.seed)  # same random projector/head on every rank
-        model = build_model(mcfg, tokenizer)
+        model = build_model(mcfg, tokenizer, tower=tower)
         if cfg.init_from and not self.resuming:
             src = checkpoint.load_pretrained(model, cfg.init_from, tokenizer.spec.fingerprint)
             self.log(f"initialised from {src}")
@@ -273,7 +176,8 @@ class Trainer:
         tokenizer = SemanticTokenizer.load(cfg.tokenizer)
         llm_tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True,
                                                       trust_remote_code=cfg.trust_remote_code)
-        data, loader = self.build_data(tokenizer, llm_tokenizer)
+        tower = self.build_tower(tokenizer)
+        data, loader = self.build_data(tokenizer, tower, llm_tokenizer)
         per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
         total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
         self.log(f"{len(data.samples)} samples ({data.n_conversations} conversations, {data.n_caption_free} "
@@ -281,7 +185,7 @@ class Trainer:
                  f"{padding_waste(plan_epoch(data.lengths, loader.packing, cfg.seed, 0), data.lengths):.1%}, "
                  f"{total} steps on {self.world} x {self.device.type}")
 
-        model, groups = self.build_model(tokenizer)
+        model, groups = self.build_model(tokenizer, tower)
         ds_cfg = self.deepspeed_config()
         params = [{"params": [p for p in g["params"] if p.requires_grad], "name": g["name"]} for g in groups]
         params = [g for g in params if g["params"]]
