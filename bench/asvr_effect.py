@@ -83,8 +83,8 @@ class ExperimentConfig:
     llm_hidden: int = 128
     llm_layers: int = 2
     head_width: int = 128
-    pretrain_steps: int = 150
-    sft_steps: int = 600
+    pretrain_steps: int = 60
+    sft_steps: int = 400
     micro_batch: int = 4
     max_len: int = 512
     pretrain_lr: float = 1e-3

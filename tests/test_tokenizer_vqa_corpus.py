@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from asvr.eval.bench_formats import chance_level, read_bench
-from asvr.tokenizer.vqa_corpus import CATEGORIES, COLOURS, FORMS, SHAPES, make_vqa_corpus
+from asvr.tokenizer.vqa_corpus import CATEGORIES, COLOURS, DESCRIBE, FORMS, SHAPES, make_vqa_corpus
 
 
 def _digest(root):
@@ -46,8 +46,10 @@ def test_question_types_and_answers_are_balanced(tmp_path):
     root, _, bench = _corpus(tmp_path, train=30, heldout=10)  # 30 = 2 x (5 categories x 3 forms) bench items
     assert Counter((b["category"], b["type"]) for b in bench) == {(c, f): 2 for c in CATEGORIES for f in FORMS}
     sft = json.loads((root / "llava_sft.json").read_text())
-    prompts = [t["value"].removeprefix("<image>\n") for r in sft for t in r["conversations"] if t["from"] == "human"]
-    replies = [t["value"] for r in sft for t in r["conversations"] if t["from"] == "gpt"]
+    turns = [(h["value"].removeprefix("<image>\n"), g["value"]) for r in sft
+             for h, g in zip(r["conversations"][::2], r["conversations"][1::2])]
+    assert all(r["conversations"][-2]["value"] == DESCRIBE for r in sft)  # the description comes last
+    prompts, replies = zip(*[(p, g) for p, g in turns if p != DESCRIBE])
     assert len(prompts) == 90
     yes_no = [r for p, r in zip(prompts, replies) if p.endswith("single word or phrase.") and r in ("Yes", "No")]
     assert Counter(yes_no) == {"Yes": 15, "No": 15}
@@ -69,7 +71,8 @@ def test_question_types_and_answers_are_balanced(tmp_path):
         return hits.pop()
 
     for r in sft:
-        qs = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in r["conversations"] if t["from"] == "human"]
+        qs = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in r["conversations"][:-2]
+              if t["from"] == "human"]
         assert len({category(q) for q in qs}) == len(qs) == 3
     # any form can come first (a benchmark asks one question per prompt)
     first = Counter(r["conversations"][1]["value"] in ("Yes", "No") for r in sft)

@@ -61,6 +61,9 @@ INSTRUCTION = {"yes_no": "Answer the question using a single word or phrase.",
                "multiple_choice": "Answer with the option's letter from the given choices directly."}
 """LLaVA-1.5's answer-format prompts, as ``asvr-eval bench --instructions llava`` appends them."""
 IMAGE_SIDE = 224
+CELL_NAMES = (("at the top left", "at the top", "at the top right"), ("on the left", "in the middle", "on the right"),
+              ("at the bottom left", "at the bottom", "at the bottom right"))
+DESCRIBE = "Describe the image briefly."
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        parts = [f"a {o.size} {o.name}" for o in self.objects]
+        parts = [f"a {o.size} {o.name} {CELL_NAMES[o.row][o.col]}" for o in self.objects]
         body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         return body[0].upper() + body[1:] + "."
 
@@ -297,9 +300,12 @@ def _write(path: Path, text: str) -> None:
 
 
 def make_vqa_corpus(out: str | os.PathLike, train: int = 600, heldout: int = 60, free: int = 0, seed: int = 0,
-                    questions_per_image: int = 3, bench_per_image: int = 3, progress: bool = True
-                    ) -> VQACorpusSummary:
-    """Write the corpus (see module doc); returns its counts."""
+                    questions_per_image: int = 3, bench_per_image: int = 3, describe: bool = True,
+                    progress: bool = True) -> VQACorpusSummary:
+    """Write the corpus (see module doc); returns its counts.  ``describe``: each SFT conversation
+    ends with "Describe the image briefly." and the caption (dense grounded supervision: a tiny
+    LLM learns to read the image from ~15 caption tokens an image far sooner than from 3
+    one-word answers)."""
     from tqdm import tqdm
 
     if train < 1 or heldout < 1 or free < 0:
@@ -318,18 +324,20 @@ def make_vqa_corpus(out: str | os.PathLike, train: int = 600, heldout: int = 60,
         scenes.append(scene)
     by_split = {s: [x for x in scenes if x.split == s] for s in SPLITS}
 
-    def conversations(split: str, plan: QuestionPlan) -> list[dict]:
+    def conversations(split: str, plan: QuestionPlan, describe: bool) -> list[dict]:
         recs = []
         for s in by_split[split]:
             conv = []
             for t, (q, gold) in enumerate(plan.for_image(s)):
                 conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + prompt(q)})
                 conv.append({"from": "gpt", "value": _reply(q, gold)})
+            if describe:  # last, so no question can copy its answer from the description
+                conv += [{"from": "human", "value": DESCRIBE}, {"from": "gpt", "value": s.caption}]
             recs.append({"id": Path(s.image).stem + f"_{split}_qa", "image": s.image, "conversations": conv})
         return recs
 
-    sft = conversations("train", QuestionPlan(np.random.default_rng([seed, 10]), questions_per_image))
-    held_sft = conversations("heldout", QuestionPlan(np.random.default_rng([seed, 11]), questions_per_image))
+    sft = conversations("train", QuestionPlan(np.random.default_rng([seed, 10]), questions_per_image), describe)
+    held_sft = conversations("heldout", QuestionPlan(np.random.default_rng([seed, 11]), questions_per_image), describe)
     plan = QuestionPlan(np.random.default_rng([seed, 12]), bench_per_image)
     bench = []
     for s in by_split["heldout"]:
