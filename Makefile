@@ -52,14 +52,16 @@ demo: $(STAMP)
 	$(BIN)/asvr-tokenizer inspect $(DEMO)/tokenizer --codes $(DEMO)/codes --images $(DEMO)/corpus/images \
 	  --report $(DEMO)/inspect --code 0:top --nearest 0:top --quiet
 	@echo "== 6/9 a tiny Llama-style LLM built from a config"
-	$(BIN)/python -m asvr.train.tiny_llm --out $(DEMO)/llm --texts $(DEMO)/corpus/llava_pretrain.json $(DEMO)/corpus/llava_sft.json
-	@echo "== 7/9 pretrain (projector + visual head) on cached codes"
+	$(BIN)/python -m asvr.train.tiny_llm --out $(DEMO)/llm --hidden-size 128 --intermediate-size 256 \
+	  --texts $(DEMO)/corpus/llava_pretrain.json $(DEMO)/corpus/llava_sft.json
+	@echo "== 7/9 pretrain (projector + visual head) on EfficientNet features cached once"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
-	  --data $(DEMO)/corpus/llava_pretrain.json --stage pretrain --vision-input codes \
-	  $(DEMO_TRAIN) --max-steps 150 --micro-batch-size 2 --output-dir $(DEMO)/runs/pretrain
+	  --data $(DEMO)/corpus/llava_pretrain.json --stage pretrain --vision-input features --images $(DEMO)/corpus/images \
+	  --cache-dir $(DEMO)/cache $(DEMO_TRAIN) --max-steps 60 --micro-batch-size 4 --output-dir $(DEMO)/runs/pretrain
 	@echo "== 8/9 SFT from the pretrain run"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
-	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input codes --init-from $(DEMO)/runs/pretrain \
+	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input features --images $(DEMO)/corpus/images \
+	  --cache-dir $(DEMO)/cache --init-from $(DEMO)/runs/pretrain \
 	  $(DEMO_TRAIN) --max-steps 400 --micro-batch-size 4 --lr 2e-3 --output-dir $(DEMO)/runs/sft
 	@echo "== 9/9 evaluate"
 	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
