@@ -4,24 +4,44 @@
 (:mod:`asvr.eval.generate`), parses the answers by item kind
 (:mod:`asvr.eval.scoring`) and computes the metrics of the layout: accuracy
 overall, per kind and per category for all; plus precision / recall / F1 /
-yes-ratio for POPE and acc / acc+ / score per category for MME.
+yes-ratio for POPE and acc / acc+ / score per category for MME.  POPE and MME
+are scored as lmms-eval by default (``scoring``; see :mod:`asvr.eval.scoring`);
+each summary records the scoring used.  :func:`rescore` scores saved
+prediction records again without a model (``asvr-eval score``).
 """
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .bench_formats import BenchItem, chance_level, read_bench
 from .generate import GenerationConfig, generate_answers
 from .loading import LoadedModel
-from .scoring import accuracy, grouped_accuracy, is_correct, mme_metrics, parse_answer, pope_metrics
+from .scoring import (SCORINGS, accuracy, grouped_accuracy, is_correct, mme_metrics, parse_answer, parse_mme_otter,
+                      parse_pope_lmms, pope_metrics, pope_metrics_lmms)
+
+LMMS_FORMATS = {"pope": parse_pope_lmms, "mme": parse_mme_otter}
 
 
-def score_items(items: Sequence[BenchItem], answers: Sequence[str]) -> list[dict]:
+def scoring_for(fmt: str, scoring: str) -> str:
+    """The scoring a layout gets: lmms-eval only exists for POPE and MME."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    return scoring if fmt in LMMS_FORMATS else "lenient"
+
+
+def _parse(fmt: str, scoring: str, it: BenchItem, pred: str) -> str | None:
+    if scoring_for(fmt, scoring) == "lmms-eval":
+        return LMMS_FORMATS[fmt](pred)
+    return parse_answer(it.kind, pred, it.options)
+
+
+def score_items(items: Sequence[BenchItem], answers: Sequence[str], fmt: str = "jsonl",
+                scoring: str = "lmms-eval") -> list[dict]:
     """One prediction record per item: gold, prediction, parsed answer, correct (None: unscored)."""
     out = []
     for it, pred in zip(items, answers, strict=True):
-        parsed = parse_answer(it.kind, pred, it.options)
+        parsed = _parse(fmt, scoring, it, pred)
         out.append({"id": it.id, "source": it.source, "category": it.category, "kind": it.kind,
                     "question": it.question, "options": it.options, "answer": it.answer,
                     "raw_answer": it.raw_answer, "prediction": pred, "parsed": parsed,
@@ -43,41 +63,60 @@ def _with_chance(groups: dict[str, dict], key: str, scored: Sequence[dict]) -> d
     return groups
 
 
-def bench_metrics(fmt: str, items: Sequence[BenchItem], records: Sequence[dict]) -> dict:
+def bench_metrics(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scoring: str = "lmms-eval") -> dict:
     """Accuracy overall / per kind / per category, each with its chance level (``chance``)."""
     scored = [r for r in records if r["correct"] is not None]
     correct = [r["correct"] for r in scored]
+    lmms = scoring_for(fmt, scoring) == "lmms-eval"
+    pope = pope_metrics_lmms if lmms else pope_metrics
     m = {"n": len(records), "n_scored": len(scored), "acc": accuracy(correct) if scored else None,
-         "chance": mean_chance(scored), "unparsed": sum(r["parsed"] is None for r in records),
+         "chance": mean_chance(scored), "scoring": scoring_for(fmt, scoring),
+         "unparsed": sum(r["parsed"] not in ("yes", "no") if lmms else r["parsed"] is None for r in records),
          "by_kind": _with_chance(grouped_accuracy([r["kind"] for r in scored], correct), "kind", scored),
          "by_category": _with_chance(grouped_accuracy([r["category"] for r in scored], correct), "category", scored)}
     if fmt == "pope":
-        m["pope"] = pope_metrics([r["parsed"] for r in records], [r["answer"] for r in records])
+        m["pope"] = pope([r["parsed"] for r in records], [r["answer"] for r in records])
         m["pope_by_category"] = {}
         for cat in sorted({r["category"] for r in records}):
             sub = [r for r in records if r["category"] == cat]
-            m["pope_by_category"][cat] = pope_metrics([r["parsed"] for r in sub], [r["answer"] for r in sub])
+            m["pope_by_category"][cat] = pope([r["parsed"] for r in sub], [r["answer"] for r in sub])
     if fmt == "mme":
         m["mme"] = mme_metrics([r["category"] for r in records], [it.image_key for it in items],
                                [bool(r["correct"]) for r in records])
     return m
 
 
+def rescore(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scoring: str) -> tuple[list[dict], dict]:
+    """Saved prediction records (``predictions.jsonl``) of the bench ``items`` -> (fresh records, metrics).
+
+    Records are matched to items by ``id``; every item needs one."""
+    by_id = {str(r.get("id")): r for r in records}
+    missing = [it.id for it in items if it.id not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} bench items have no prediction (first: {missing[0]!r})")
+    answers = [str(by_id[it.id].get("prediction", "")) for it in items]
+    fresh = score_items(items, answers, fmt, scoring)
+    return fresh, bench_metrics(fmt, items, fresh, scoring)
+
+
 def run_bench(lm: LoadedModel, files: Sequence[str], fmt: str = "auto", images: str | None = None,
-              gen: GenerationConfig | None = None, max_items: int | None = None
+              gen: GenerationConfig | None = None, max_items: int | None = None, scoring: str = "lmms-eval",
+              answer: Callable[[Sequence[BenchItem], GenerationConfig], list[str]] | None = None,
               ) -> tuple[list[dict], list[list[dict]]]:
     """-> (one summary per file: file, format, metrics, seconds; the prediction records per file).
 
     Every file is read (and checked) before the first answer is generated;
-    ``max_items`` keeps the first N items of each file (smoke runs)."""
+    ``max_items`` keeps the first N items of each file (smoke runs).  ``answer``
+    replaces ASVR generation (a Hugging Face LLaVA folder: ``hf_llava.HFLlavaModel.answer``)."""
     gen = gen or GenerationConfig()
+    answer = answer or (lambda items, g: generate_answers(lm, items, g))
     read = [(f, k, items[:max_items]) for f, (k, items) in ((f, read_bench(f, fmt, images)) for f in files)]
     summaries, predictions = [], []
     for f, kind, items in read:
         t0 = time.perf_counter()
-        answers = generate_answers(lm, items, gen)
-        records = score_items(items, answers)
-        summaries.append({"file": str(f), "format": kind, "metrics": bench_metrics(kind, items, records),
-                          "seconds": time.perf_counter() - t0})
+        answers = answer(items, gen)
+        records = score_items(items, answers, kind, scoring)
+        summaries.append({"file": str(f), "format": kind, "scoring": scoring_for(kind, scoring),
+                          "metrics": bench_metrics(kind, items, records, scoring), "seconds": time.perf_counter() - t0})
         predictions.append(records)
     return summaries, predictions

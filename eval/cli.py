@@ -4,16 +4,25 @@
     asvr-eval loss --model runs/sft --codes codes/ --data heldout_sft.json --out reports/loss
     # benchmarks: generic VQA JSONL, POPE, MME, MMBench/ScienceQA TSV (greedy answers)
     asvr-eval bench --model runs/sft --bench coco_pope_random.json --images coco/val2014 --out reports/pope
+    # score saved predictions again, without a model (e.g. lenient instead of lmms-eval scoring)
+    asvr-eval score --bench coco_pope_random.json --images coco/val2014 \
+        --predictions reports/pope/predictions.jsonl --scoring lenient --out reports/pope-lenient
 
 ``--model`` is an ``asvr-train`` run folder (its exported model is
-``RUN/final``) or an export folder.  Each command writes ``report.json`` and
-``report.md`` under ``--out`` (``bench`` also ``predictions-*.jsonl``).
+``RUN/final``) or an export folder; ``bench`` also takes a Hugging Face
+LLaVA folder (``asvr-export --hf-llava`` or any LLaVA-1.5).  Each command writes
+``report.json`` and ``report.md`` under ``--out`` (``bench`` and ``score`` also
+``predictions*.jsonl``).  POPE and MME are scored as lmms-eval scores them
+unless ``--scoring lenient``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from asvr.tokenizer.preprocess import PREPROCESS_MODES
+from asvr.train.templates import TEMPLATES
 
 
 class CLIError(ValueError):
@@ -22,12 +31,13 @@ class CLIError(ValueError):
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final) or an export folder")
+    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final), an export "
+                   "folder, or (bench) a Hugging Face LLaVA folder (asvr-export --hf-llava, or LLaVA-1.5 from elsewhere)")
     g.add_argument("--tokenizer", help="semantic tokenizer folder, when it moved from the path recorded in the model")
     g.add_argument("--vision-tower", help="weights folder of the model's vision tower, when it moved from the path "
                    "recorded in the model (its sha256 must match)")
     g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
-    g.add_argument("--template", choices=["plain", "vicuna_v1", "chatml"],
+    g.add_argument("--template", choices=list(TEMPLATES),
                    help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="report folder (report.json, report.md)")
@@ -71,15 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--instructions", choices=["llava", "none"], default="llava",
                     help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
                          "'Answer with the option's letter ...'); none: the bare question (default llava)")
-    be.add_argument("--preprocess-mode", choices=["square", "pad"],
+    be.add_argument("--preprocess-mode", choices=PREPROCESS_MODES,
                     help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
+    _scoring(be)
+
+    sc = sub.add_parser("score", help="score saved predictions again (no model)",
+                        description="Re-score a bench run's predictions.jsonl (matched to the bench items by id) "
+                                    "without running a model; writes report.json, report.md, predictions.jsonl.")
+    sc.add_argument("--bench", required=True, help="the benchmark file (or MME folder) the predictions answer")
+    sc.add_argument("--predictions", required=True, help="predictions.jsonl written by asvr-eval bench")
+    sc.add_argument("--format", default="auto", choices=["auto", "jsonl", "pope", "mme", "mmbench"],
+                    help="layout (default: guessed from the content)")
+    sc.add_argument("--images", help="image root for relative image paths (the bench reader checks they exist)")
+    sc.add_argument("--out", required=True, help="report folder (report.json, report.md, predictions.jsonl)")
+    _scoring(sc)
     return p
+
+
+def _scoring(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scoring", choices=["lmms-eval", "lenient"], default="lmms-eval",
+                   help="POPE and MME: lmms-eval (exact lower-cased yes/no for POPE with lmms-eval's recall and "
+                        "yes-ratio; Otter's parse_pred_ans for MME: numbers comparable with published ones) or "
+                        "lenient (first yes/no word, negations; unparsed kept apart). Other layouts: always "
+                        "lenient (default lmms-eval)")
 
 
 def _model_info(lm) -> dict:
     return {"model": str(lm.export_dir), "run": str(lm.run_dir) if lm.run_dir else None,
-            "vision_input": lm.vision_input,
-            "vision_tower": lm.tower.spec.source if lm.tower is not None else None, "template": lm.template.name, "template_source": lm.template_source,
+            "vision_input": lm.vision_input, "vision_tower": lm.tower.spec.source if lm.tower is not None else None,
+            "template": lm.template.name, "template_source": lm.template_source,
             "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint, "device": str(lm.device)}
 
 
@@ -122,9 +152,12 @@ def _vs_chance(m: dict) -> str:
 def run_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench as run
     from .generate import GenerationConfig
-    from .loading import load_for_eval
-    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+    from asvr.train.hf_llava import is_hf_llava
+
     from .bench_formats import read_bench
+    from .hf_llava import load_hf_llava
+    from .loading import load_for_eval, resolve_device
+    from .report import bench_markdown, write_atomic, write_json, write_jsonl
 
     if a.max_items is not None and a.max_items < 1:
         raise CLIError("--max-items must be >= 1")
@@ -132,27 +165,76 @@ def run_bench(a: argparse.Namespace) -> int:
                            preprocess_mode=a.preprocess_mode, progress=not a.quiet)
     for f in a.bench:  # fail on a bad file before loading the model
         read_bench(f, a.format, a.images)
-    lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
-                       text_tokenizer=a.text_tokenizer, template=a.template, vision_tower_dir=a.vision_tower)
-    summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items)
+    if is_hf_llava(a.model):  # a Hugging Face LLaVA folder (asvr-export --hf-llava, or trained elsewhere)
+        hf = load_hf_llava(a.model, resolve_device(a.device))
+        summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, a.scoring,
+                                     answer=hf.answer)
+        info, preprocess = hf.info(), a.preprocess_mode or hf.preprocess_mode
+    else:
+        lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
+                           text_tokenizer=a.text_tokenizer, template=a.template, vision_tower_dir=a.vision_tower)
+        summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
+        info, preprocess = _model_info(lm), a.preprocess_mode or lm.preprocess
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
         name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"
         write_jsonl(out / name, recs)
         s["predictions"] = name
-    report = {"kind": "bench", "model": _model_info(lm),
+    report = {"kind": "bench", "model": info,
               "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
                          "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
-                         "preprocess_mode": a.preprocess_mode or lm.preprocess},
+                         "preprocess_mode": preprocess, "scoring": a.scoring},
               "benches": summaries}
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))
     for s in summaries:
         m = s["metrics"]
-        print(f"{s['file']} ({s['format']}): {m['n']} questions, accuracy {_vs_chance(m)}, {m['unparsed']} unparsed")
+        print(f"{s['file']} ({s['format']}, {s['scoring']} scoring): {m['n']} questions, accuracy {_vs_chance(m)}, "
+              f"{m['unparsed']} unparsed")
         if len(m["by_kind"]) > 1:
             print("  " + "; ".join(f"{k} {_vs_chance(x)}" for k, x in m["by_kind"].items()))
     print(f"report in {out / 'report.md'}")
+    return 0
+
+
+def run_score(a: argparse.Namespace) -> int:
+    import json
+
+    from .bench import rescore, scoring_for
+    from .bench_formats import read_bench
+    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+
+    fmt, items = read_bench(a.bench, a.format, a.images)
+    pred = Path(a.predictions)
+    if not pred.is_file():
+        raise CLIError(f"--predictions {pred}: no such file")
+    records = []
+    for n, line in enumerate(pred.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{pred}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("prediction"), str):
+                raise CLIError(f"{pred}:{n}: a prediction record needs 'id' and a string 'prediction'")
+            records.append(rec)
+    try:
+        fresh, metrics = rescore(fmt, items, records, a.scoring)
+    except ValueError as e:
+        raise CLIError(f"{pred}: {e}") from None
+    out = Path(a.out)
+    write_jsonl(out / "predictions.jsonl", fresh)
+    summary = {"file": str(a.bench), "format": fmt, "scoring": scoring_for(fmt, a.scoring), "metrics": metrics,
+               "seconds": 0.0, "predictions": "predictions.jsonl"}
+    report = {"kind": "score",
+              "config": {"bench": [str(a.bench)], "format": a.format, "images": a.images, "predictions": str(pred),
+                         "scoring": a.scoring},
+              "benches": [summary]}
+    write_json(out / "report.json", report)
+    write_atomic(out / "report.md", bench_markdown(report))
+    acc = f"{100 * metrics['acc']:.2f}%" if metrics["acc"] is not None else "-"
+    print(f"{a.bench} ({fmt}, {summary['scoring']} scoring): {metrics['n']} questions, accuracy {acc}, "
+          f"{metrics['unparsed']} unparsed; report in {out / 'report.md'}")
     return 0
 
 
@@ -171,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     expected = (CLIError, EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
                 ConversationError, ValueError, FileNotFoundError)
-    return run_guarded("asvr-eval", args.command,
-                       lambda: run_loss(args) if args.command == "loss" else run_bench(args), expected)
+    commands = {"loss": run_loss, "bench": run_bench, "score": run_score}
+    return run_guarded("asvr-eval", args.command, lambda: commands[args.command](args), expected)
 
 
 if __name__ == "__main__":

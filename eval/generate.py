@@ -1,16 +1,17 @@
 """Greedy answers to benchmark questions through ``ASVRModel.generate``.
 
 Prompts are laid out by the run's conversation template with the trainer's
-own encoder (``encode_conversation``): the question (image first, as LLaVA)
-and an empty answer, cut before the first trained token, so the prompt ends
-exactly where the answers started in training (``... ASSISTANT: `` for
-vicuna_v1, ``<|im_start|>assistant\\n`` for chatml).
+own encoding (``encode_generation_prompt``: the same rendering and
+tokenization as training): the question (image first, as LLaVA) and the
+answer opener, ``... ASSISTANT:`` for vicuna_v1 (LLaVA's eval prompt; the
+answer's first token carries its space, as in training),
+``<|im_start|>assistant\\n`` for chatml (``add_generation_prompt``).
 
 Images become the model's vision input in-process, as its vision input
 says (``VisionInputMode.from_images``): ``online`` -> pixels preprocessed for
 the vision tower, ``features`` -> the tower's features, ``codes`` ->
-``SemanticTokenizer.encode_pixels`` (the bench images need no shards).  Items are sorted by image so each image is decoded and
-encoded once per batch and shared by its questions (POPE asks three files
+``SemanticTokenizer.encode_pixels`` (the bench images need no shards).
+Items are sorted by image so each image is decoded and encoded once per batch and shared by its questions (POPE asks three files
 of questions about the same 500 images; MME two per image).
 
 Batches are left-padded with a 2D attention mask; greedy decoding of a
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from asvr.tokenizer.preprocess import ImageError
-from asvr.train.templates import IMAGE_PLACEHOLDER, encode_conversation
+from asvr.train.templates import IMAGE_PLACEHOLDER, encode_generation_prompt
 from asvr.train.vision_input import get_vision_input
 
 from .bench_formats import BenchError, BenchItem
@@ -57,11 +58,8 @@ def question_text(item: BenchItem, instructions: str = "llava") -> str:
 def encode_prompt(lm: LoadedModel, text: str, has_image: bool) -> tuple[np.ndarray, np.ndarray]:
     """-> (input_ids int64 [L], image_mask bool [L]) of the prompt up to the answer."""
     user = (IMAGE_PLACEHOLDER + "\n" + text) if has_image else text
-    enc = encode_conversation(lm.template, [("user", user), ("assistant", "")], lm.text_tokenizer,
-                              lm.model.cfg.image_tokens)
-    trained = np.flatnonzero(enc.trained)
-    cut = int(trained[0]) if len(trained) else len(enc)
-    return enc.input_ids[:cut].astype(np.int64), enc.image_mask[:cut]
+    enc = encode_generation_prompt(lm.template, [("user", user)], lm.text_tokenizer, lm.model.cfg.image_tokens)
+    return enc.input_ids.astype(np.int64), enc.image_mask
 
 
 @dataclass(kw_only=True)
@@ -111,7 +109,7 @@ class VisionEncoder:
 def _stop_ids(lm: LoadedModel) -> list[int]:
     tok = lm.text_tokenizer
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    suffix = lm.template.assistant_suffix
+    suffix = lm.template.assistant_suffix  # vicuna_v1: the EOS, already in ids
     if suffix:
         enc = tok(suffix, add_special_tokens=False)["input_ids"]
         if len(enc) == 1:
@@ -124,7 +122,7 @@ def _decode(lm: LoadedModel, ids: Sequence[int], stop: Sequence[int]) -> str:
     cut = [ids.index(t) for t in stop if t in ids]
     ids = ids[:min(cut)] if cut else ids
     text = lm.text_tokenizer.decode(ids, skip_special_tokens=True)
-    suffix = lm.template.assistant_suffix.strip()
+    suffix = lm.template.assistant_suffix.strip()  # '' for vicuna_v1: its EOS stops generation
     if suffix and suffix in text:
         text = text.split(suffix)[0]
     return text.strip()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from asvr.train.export import CONFIG_FILE, ExportError, load_exported
+from asvr.train.export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
 from asvr.train.templates import ConversationTemplate, get_template
 
 DEFAULT_TEMPLATE = "vicuna_v1"
@@ -61,16 +61,10 @@ class LoadedModel:
 
 def resolve_export(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """``RUN`` or ``RUN/final`` or an export folder -> (export folder, run folder or None)."""
-    p = Path(path)
-    if (p / CONFIG_FILE).is_file():
-        export = p
-    elif (p / "final" / CONFIG_FILE).is_file():
-        export = p / "final"
-    else:
-        raise EvalError(f"--model {p}: neither an asvr-train run folder (with final/{CONFIG_FILE}) "
-                        f"nor an exported model (with {CONFIG_FILE})")
-    run = export.parent if (export.parent / "train_config.json").is_file() else None
-    return export, run
+    try:
+        return resolve_export_dir(path)
+    except ExportError as e:
+        raise EvalError(f"--model {e}") from None
 
 
 def resolve_template(run_dir: Path | None, override: str | None) -> tuple[ConversationTemplate, str]:
@@ -156,9 +150,9 @@ def load_for_eval(path: str | os.PathLike, *, device: str = "auto", need_encoder
         raise EvalError(f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); "
                         f"pass --text-tokenizer LLM_FOLDER") from None
     tmpl, tsrc = resolve_template(run, template)
-    return LoadedModel(model=model, text_tokenizer=text_tok, image_tokenizer=image_tok, tower=tower, preprocess=preprocess,
-                       template=tmpl,
-                       template_source=tsrc, export_dir=export, run_dir=run, device=dev)
+    return LoadedModel(model=model, text_tokenizer=text_tok, image_tokenizer=image_tok, tower=tower,
+                       preprocess=preprocess, template=tmpl, template_source=tsrc, export_dir=export, run_dir=run,
+                       device=dev)
 
 
 __all__ = ["EvalError", "ExportError", "LoadedModel", "load_for_eval", "resolve_export", "resolve_template"]

@@ -57,7 +57,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _model_lines(info: dict) -> list[str]:
-    return [f"- model: `{info['model']}` (vision input {info['vision_input']}, template {info['template']} "
+    tower = f", vision tower `{info['vision_tower']}`" if info.get("vision_tower") else ""
+    return [f"- model: `{info['model']}` (vision input {info['vision_input']}{tower}, template {info['template']} "
             f"from {info['template_source']})", f"- device: {info['device']}"]
 
 
@@ -81,12 +82,15 @@ def loss_markdown(report: dict) -> str:
 
 
 def bench_markdown(report: dict) -> str:
-    lines = ["# ASVR benchmark report", "", *_model_lines(report["model"]),
-             f"- greedy decoding, at most {report['config']['max_new_tokens']} new tokens, "
-             f"instructions: {report['config']['instructions']}", ""]
+    if report["kind"] == "score":  # asvr-eval score: saved predictions, no model
+        head = [f"- predictions `{report['config']['predictions']}` scored again (no model)"]
+    else:
+        head = [*_model_lines(report["model"]), f"- greedy decoding, at most {report['config']['max_new_tokens']} "
+                f"new tokens, instructions: {report['config']['instructions']}"]
+    lines = ["# ASVR benchmark report", "", *head, ""]
     for b in report["benches"]:
         m = b["metrics"]
-        lines += [f"## `{b['file']}` ({b['format']})", "",
+        lines += [f"## `{b['file']}` ({b['format']}, {b.get('scoring', 'lenient')} scoring)", "",
                   f"{m['n']} questions, {m['n_scored']} scored, accuracy **{pct(m['acc'])} %** "
                   f"(chance {pct(m.get('chance'))} %), "
                   f"{m['unparsed']} unparsed answers, {b['seconds']:.1f} s; predictions in `{b['predictions']}`.", ""]

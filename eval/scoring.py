@@ -18,6 +18,25 @@ Generated answers are free text; each item kind has one parser:
 Metrics: accuracy per kind / category; POPE accuracy, precision, recall, F1
 and yes-ratio (positive = "yes"); MME acc (per question) and acc+ (per image:
 both of its questions right) per category, score = 100 * (acc + acc+).
+
+POPE and MME are also scored as lmms-eval scores them (``--scoring
+lmms-eval``, the default for those two layouts, so numbers compare with
+published ones; lmms_eval/tasks/pope/utils.py and mme/utils.py):
+
+* POPE (:func:`pope_metrics_lmms`): the prediction is the whole answer
+  lower-cased and stripped; right only when it *equals* the label ("Yes."
+  is wrong).  Recall counts as false negatives only the answers that are
+  exactly "no" (other text on a "yes" item lowers accuracy, not recall), and
+  lmms-eval's yes-ratio is the share of "yes" *labels* (0.5 on the balanced
+  POPE files), not of answers; the answers' share is ``pred_yes_ratio``.
+* MME (:func:`parse_mme_otter`): Otter's ``parse_pred_ans``: lower-case,
+  strip, drop every "."; "yes"/"no" as is; one letter "y"/"n"; else "yes"
+  if the first four characters hold "yes", else "no" if they hold "no",
+  else "other" (wrong).  acc / acc+ per category as above.
+
+Of 26 tricky answers (tests/test_eval_scoring.py: "yes.", "y", "nope",
+"There is no dog.", ...) lenient and lmms-eval read 11 differently for POPE
+and 11 for MME.
 """
 from __future__ import annotations
 
@@ -27,6 +46,8 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 KINDS = ("yes_no", "multiple_choice", "short")
+SCORINGS = ("lmms-eval", "lenient")
+"""How POPE and MME answers are parsed and counted (see module doc); other layouts are always lenient."""
 LETTERS = string.ascii_uppercase
 NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
                 "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -60,6 +81,22 @@ def parse_yes_no(text: str) -> str | None:
     if "yes" in ws:
         return "yes"
     return None
+
+
+def parse_pope_lmms(text: str) -> str:
+    """lmms-eval's POPE prediction: the whole answer, lower-cased and stripped."""
+    return text.lower().strip()
+
+
+def parse_mme_otter(text: str) -> str:
+    """Otter's ``parse_pred_ans`` (lmms-eval MME): 'yes' / 'no' / 'other'."""
+    t = text.lower().strip().replace(".", "")
+    if t in ("yes", "no"):
+        return t
+    if len(t) == 1:
+        return {"y": "yes", "n": "no"}.get(t, "other")
+    head = t[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
 
 
 _LEAD_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])\s*[.):](?!\w))")
@@ -140,6 +177,27 @@ def pope_metrics(parsed: Sequence[str | None], labels: Sequence[str]) -> dict:
     return {"n": n, "acc": (tp + tn) / n if n else float("nan"), "precision": precision, "recall": recall,
             "f1": f1, "yes_ratio": sum(p == "yes" for p in parsed) / n if n else float("nan"),
             "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unparsed": sum(p is None for p in parsed)}
+
+
+def pope_metrics_lmms(parsed: Sequence[str], labels: Sequence[str]) -> dict:
+    """POPE as lmms-eval (see module doc): same keys as :func:`pope_metrics`, plus ``pred_yes_ratio``."""
+    if len(parsed) != len(labels):
+        raise ValueError("parsed and labels differ in length")
+    pairs = list(zip(parsed, labels))
+    tp = sum(p == "yes" and l == "yes" for p, l in pairs)
+    fp = sum(p == "yes" and l == "no" for p, l in pairs)
+    fn = sum(p == "no" and l == "yes" for p, l in pairs)
+    tn = sum(p == "no" and l == "no" for p, l in pairs)
+    n = len(pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    n_yes_no = sum(l in ("yes", "no") for l in labels)
+    return {"n": n, "acc": sum(p == l for p, l in pairs) / n if n else float("nan"), "precision": precision,
+            "recall": recall, "f1": f1,
+            "yes_ratio": sum(l == "yes" for l in labels) / n_yes_no if n_yes_no else 0.0,
+            "pred_yes_ratio": sum(p == "yes" for p in parsed) / n if n else float("nan"),
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unparsed": sum(p not in ("yes", "no") for p in parsed)}
 
 
 def mme_metrics(categories: Sequence[str], images: Sequence[str], correct: Sequence[bool]) -> dict:

@@ -204,7 +204,8 @@ def test_bench_end_to_end(run_codes, corpus, tmp_path):
     assert main(["bench", "--model", str(run_codes / "final"), "--bench", str(bench2), "--images",
                  str(corpus.images), "--max-new-tokens", "6", "--out", str(out2), "--quiet"]) == 0
     preds2 = [json.loads(l) for l in (out2 / "predictions.jsonl").read_text().splitlines()]
-    assert [p["prediction"] for p in preds2] == [p["prediction"] for p in preds]  # same prompts, same answers
+    # same prompts, same answers (item 1 lost its options in bench2: another prompt)
+    assert [p["prediction"] for p in preds2][::2] == [p["prediction"] for p in preds][::2]
     assert json.loads((out2 / "report.json").read_text())["benches"][0]["metrics"]["acc"] == pytest.approx(2 / 4)
 
 

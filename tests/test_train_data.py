@@ -50,7 +50,7 @@ def test_vicuna_labels_only_on_answers_and_layout_matches_llava(llm_tok):
     # independent rendering, as LLaVA's conv_vicuna_v1 (sep " ", sep2 "</s>")
     want = (f"<s>{t.system} USER: \nWhat is it? ASSISTANT: a red square</s>USER: Colour? ASSISTANT: red</s>")
     assert _text(llm_tok, enc, ~enc.image_mask) == want
-    assert _text(llm_tok, enc, enc.trained) == "a red square</s>red</s>"
+    assert _text(llm_tok, enc, enc.trained) == " a red square</s> red</s>"  # LLaVA trains the answer's space
     assert enc.image_mask.sum() == HW
     first = int(np.argmax(enc.image_mask))
     assert enc.image_mask[first:first + HW].all()  # one contiguous block
@@ -83,8 +83,10 @@ def test_malformed_conversations(turns, has_image, msg):
         validate_turns(turns, has_image)
 
 
-def test_image_placeholder_added_before_first_question():
+def test_image_placeholder_moved_first_never_added():
     turns = validate_turns([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], True)
+    assert turns[0][1] == "hi"  # as LLaVA: no placeholder, no image in the stream
+    turns = validate_turns([{"from": "human", "value": " hi <image> "}, {"from": "gpt", "value": "yo"}], True)
     assert turns[0][1] == "<image>\nhi"
 
 
@@ -303,3 +305,61 @@ def test_feature_cache_adds_only_missing_rows_and_features_need_images_only_for_
     mode = get_vision_input("features")
     assert not mode.needs_image(corpus.keys[0], again) and mode.needs_image(corpus.keys[6], again)
     assert FeatureCache.open(tmp_path, store, "0" * 64).path != again.path  # another tower, another file
+
+
+def test_asvr_train_preview_prints_samples_and_does_not_train(corpus, tiny_tokenizer_dir, llm_tok, tmp_path, capsys):
+    from asvr.train.cli import main
+
+    run = tmp_path / "run"
+    argv = ["--model", str(corpus.llm), "--tokenizer", str(tiny_tokenizer_dir), "--codes", str(corpus.codes),
+            "--data", str(corpus.sft), "--stage", "sft", "--output-dir", str(run), "--preview", "3"]
+    assert main(argv) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["id"] for l in lines] == ["sft0", "sft1", "sft2"] and not run.exists()
+    recs = json.loads(corpus.sft.read_text())
+    for l, rec in zip(lines, recs):
+        enc = encode_conversation(vicuna_v1(), validate_turns(rec["conversations"], True), llm_tok, HW)
+        assert l["input_ids"] == enc.input_ids.tolist() and l["labels"] == enc.labels.tolist()
+        (a, b), = l["image_positions"]
+        assert b - a == HW and l["n_tokens"] == len(enc) and l["image"] == rec["image"]
+        assert l["text"].startswith(vicuna_v1().system + " USER: <image>\nWhat is in image")
+        trained = [t for t in l["labels"] if t != IGNORE_INDEX]
+        assert llm_tok.decode(trained) == f" {rec['conversations'][1]['value']}</s> {rec['conversations'][3]['value']}</s>"
+    assert main(argv[:-1] + ["-1"]) == 2
+
+
+def test_grey_image_codes_reach_the_batch_for_text_only_samples(corpus, tiny_tokenizer, llm_tok):
+    from asvr.train.trainer import grey_image_codes
+
+    store = _store(corpus, tiny_tokenizer)
+    data = build_training_data(_cfg(corpus, corpus.sft), vicuna_v1(), llm_tok, store, False)
+    size = tiny_tokenizer.preprocess_config().image_size
+    grey = grey_image_codes(tiny_tokenizer, size)
+    # LLaVA's dummy is torch.zeros(3, S, S) in normalised pixel space (the mean colour)
+    assert grey.shape == (HW, store.meta.depth)
+    zeros = np.zeros((2, 3, size, size), np.float32)
+    np.testing.assert_array_equal(grey, tiny_tokenizer.encode_pixels(zeros)[1].reshape(HW, -1).numpy())
+    i_txt = next(i for i, s in enumerate(data.samples) if s.key is None)
+    i_img = next(i for i, s in enumerate(data.samples) if s.key is not None)
+    on = Collator(data, CodesSource(store), 0, grey_codes=grey)([[i_txt, i_img]])
+    assert on.text_only_codes.shape == (1, HW, store.meta.depth) and on.num_images == 1
+    np.testing.assert_array_equal(on.text_only_codes[0].numpy(), grey)
+    assert Collator(data, CodesSource(store), 0)([[i_txt, i_img]]).text_only_codes is None
+    assert Collator(data, CodesSource(store), 0, grey_codes=grey)([[i_img]]).text_only_codes is None
+
+
+def test_a_sample_whose_labels_cannot_be_exact_is_listed_not_trained_masked(corpus, tiny_tokenizer, tmp_path):
+    """LLaVA would train it with shifted labels or all labels masked; here it is a bad sample."""
+    from test_train_templates import SlowLlama, _train_sp
+
+    tok = SlowLlama(_train_sp([":▁3"]), legacy=True)  # joins 'ASSISTANT:' to an answer starting with '3'
+    recs = [{"id": "ok", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]},
+            {"id": "joined", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"}]}]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs))
+    store = _store(corpus, tiny_tokenizer)
+    with pytest.raises(DataError, match=r"1 bad samples \(1 malformed\): joined \(an answer boundary falls inside"):
+        build_training_data(_cfg(corpus, f), vicuna_v1(), tok, store, False)
+    data = build_training_data(_cfg(corpus, f, skip_bad_samples=True), vicuna_v1(), tok, store, False)
+    assert [s.sample_id for s in data.samples] == ["ok"] and [b.sample_id for b in data.bad] == ["joined"]
+    assert data.samples[0].encoded.trained.any()

@@ -155,6 +155,27 @@ def test_no_image_samples_and_masked_images_add_no_visual_loss():
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in model.head.parameters())
 
 
+def test_grey_image_option_adds_the_originals_dummy_targets_from_zero_states():
+    """--text-only-visual-loss grey-image: a text-only sample adds H*W targets (the grey image's
+    codes) that the head predicts from zero hidden states, averaged with the real image's."""
+    model = tiny_model("llama")
+    s_img, s_txt = make_sample(7, 2, True, 5), make_sample(8, 4, False, 6)
+    grey = torch.randint(0, K, (1, HW, DEPTH), generator=torch.Generator().manual_seed(3))
+    batch = collate([[s_img, s_txt]], 32, "features", model)
+    batch.text_only_codes = grey
+    _, m = model.training_forward(batch)
+    assert int(m["n_visual_tokens"]) == 2 * HW
+    with torch.no_grad():  # the naive reference: full logits over [image rows; zero rows]
+        rows = model.hidden_states(batch)[batch.image_mask]
+        rows = torch.cat([rows, torch.zeros_like(rows)])
+        codes = torch.cat([batch.visual_codes.reshape(-1, DEPTH), grey.reshape(-1, DEPTH)])
+        x = model.head.states(rows, model.vision.code_context(codes))
+        per = [F.cross_entropy(c.logits(x[:, d]), codes[:, d]) for d, c in enumerate(model.head.classifiers)]
+    torch.testing.assert_close(m["loss_visual"], torch.stack(per).mean(), rtol=1e-5, atol=1e-6)
+    _, m_off = model.training_forward(collate([[s_img, s_txt]], 32, "features", model))
+    assert int(m_off["n_visual_tokens"]) == HW and not torch.allclose(m_off["loss_visual"], m["loss_visual"])
+
+
 def test_caption_free_sample_has_no_text_loss():
     model = tiny_model("qwen2", visual_loss_weight=0.5)
     s = make_sample(9, 1, True, 0, caption=False)

@@ -146,6 +146,12 @@ def test_features_cache_holds_the_towers_output_and_is_named_by_it(setup, online
     assert FeatureCache.open(out / "cache", store, other.spec.fingerprint).path != caches[0]
     assert other.spec.fingerprint != t.spec.fingerprint
     assert json.loads((out / "final" / "asvr_config.json").read_text())["model"]["vision_tower"]["dim"] == 48
+    from asvr.eval.cli import main as eval_main  # a features model evaluates with the tower's features
+
+    assert eval_main(["loss", "--model", str(out), "--codes", str(corpus.codes), "--data", str(corpus.sft),
+                      "--images", str(corpus.images), "--out", str(tmp_path / "loss"), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "loss" / "report.json").read_text())
+    assert rep["model"]["vision_input"] == "features" and rep["results"]["visual"]["positions"] == 4 * 49
 
 
 def test_tokenizer_artifact_as_tower_equals_default(setup):
@@ -202,3 +208,10 @@ def test_tower_errors_are_one_line(setup, tmp_path, capsys):
     assert "\n" not in err and "8x8" in err and "7x7" in err
     assert main(_args(setup, tmp_path / "r3", "--vision-input", "online", "--vision-tower", str(tmp_path))) == 2
     assert "neither a tokenizer artifact" in capsys.readouterr().err
+
+
+def test_init_from_a_run_with_another_tower_is_refused(setup, online_run, tmp_path, capsys):
+    assert main(_args(setup, tmp_path / "r", "--vision-input", "online", "--init-from", str(online_run),
+                      "--max-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("asvr-train: error:") and "vision tower" in err

@@ -36,6 +36,9 @@ class Batch:
     """``[N, H*W, D]`` visual targets (from the cached shards)."""
     visual_loss_mask: torch.BoolTensor | None = None
     """``[N]``; False = no visual loss for that image."""
+    text_only_codes: torch.LongTensor | None = None
+    """``[M, H*W, D]``: ``--text-only-visual-loss grey-image`` (the ASVR code's behaviour): one grey
+    image's codes per text-only sample, predicted by the head from all-zero hidden states."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """A copy with every tensor on ``device``."""

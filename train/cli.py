@@ -79,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, *expected) as e:
         print(f"asvr-train: error: {e}", file=sys.stderr)
         return 2
+    if cfg.preview:
+        from .preview import preview
+
+        try:
+            preview(cfg, cfg.preview)
+        except expected as e:
+            print(f"asvr-train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from .trainer import Trainer
 
     trainer = None

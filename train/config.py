@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
 STAGES = tuple(STAGE_DEFAULTS)
 ZERO_STAGES = (2, 3)
+TEXT_ONLY_VISUAL_LOSS = ("none", "grey-image")
 
 
 @dataclass(kw_only=True)
@@ -80,6 +81,11 @@ class VisionSpec:
         return self.grid[0] * self.grid[1]
 
 
+def image_tokens(grid: tuple[int, int] | list[int], select: str = "patch") -> int:
+    """LLM positions per image: the patch grid, plus the CLS token for cls_patch."""
+    return int(grid[0]) * int(grid[1]) + (select == "cls_patch")
+
+
 @dataclass(kw_only=True)
 class VisionTowerSpec:
     """The LLM's own vision tower (``--vision-tower``), when it is not the target
@@ -108,7 +114,7 @@ class VisionTowerSpec:
     @property
     def tokens_per_image(self) -> int:
         """LLM positions per image: the patches, plus the CLS token for cls_patch."""
-        return self.grid[0] * self.grid[1] + (self.select == "cls_patch")
+        return image_tokens(self.grid, self.select)
 
 
 @dataclass(kw_only=True)
@@ -294,6 +300,9 @@ class TrainConfig:
     or malformed conversations, instead of stopping."""
     num_workers: int = field(default=0, metadata=_opt(DATA))
     """DataLoader worker processes (0: collate in the training process)."""
+    text_only_visual_loss: str = field(default="none", metadata=_opt(DATA, choices=TEXT_ONLY_VISUAL_LOSS))
+    """none: text-only samples get no visual loss; grey-image: as the ASVR code, each adds the codes of LLaVA's
+    grey dummy image as visual targets, predicted from zero hidden states (ablations; see docs/FIDELITY.md)."""
     # ------------------------------------------------------------------ checkpoints and logging
     save_every: int = field(default=0, metadata=_opt(RUN))
     """Checkpoint every N optimizer steps (0: only at the end)."""
@@ -310,6 +319,9 @@ class TrainConfig:
     """(--no-export) do not write RUN/final, the exported model."""
     progress: bool = field(default=True, metadata=_opt(RUN, flag="--quiet"))
     """(--quiet) no progress bar or messages."""
+    preview: int = field(default=0, metadata=_opt(RUN, metavar="N"))
+    """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100, image
+    positions) and exit without training (0: train)."""
 
     def __post_init__(self):
         if isinstance(self.head, dict):
@@ -333,6 +345,10 @@ class TrainConfig:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--micro-batch-size and --grad-accum must be >= 1")
+        if self.text_only_visual_loss not in TEXT_ONLY_VISUAL_LOSS:
+            raise ValueError(f"--text-only-visual-loss must be one of {TEXT_ONLY_VISUAL_LOSS}")
+        if self.preview < 0:
+            raise ValueError("--preview must be >= 0")
         if isinstance(self.data, str):
             self.data = [self.data]
         self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]

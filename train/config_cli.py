@@ -12,7 +12,7 @@ docstring under it the ``--help`` text (torchtitan's job_config habit).
 * ``flag``: another flag name (``--no-pack`` for ``pack: bool = True``,
   ``--quiet`` for ``progress``); a switch whose default is True stores False;
 * ``choices``: the allowed values, from the one list that defines them;
-* ``group``: the ``--help`` section; ``cli=False``: not an option.
+* ``group``: the ``--help`` section; ``metavar``; ``cli=False``: not an option.
 
 ``--config FILE`` (``.toml``, ``.yaml``/``.yml`` or ``.json``; keys are the
 field names, a nested dataclass a table) sets the defaults: flags given on
@@ -121,7 +121,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: Any,
             kw["nargs"] = "+"
             tp = typing.get_args(tp)[0]
         kw["type"] = tp
-        kw["metavar"] = path[-1].upper()
+        kw["metavar"] = f.metadata.get("metavar") or path[-1].upper()
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
         if default is dataclasses.MISSING:

@@ -135,7 +135,8 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
                 refuse("too long", f"{len(enc)} tokens and the image ends past max_len {max_len}")
                 continue
             enc = enc.truncated(max_len)
-        samples.append(Sample(rec.sample_id, rec.image, enc))
+        # an image sample without <image> trains as text only (LLaVA drops its image)
+        samples.append(Sample(rec.sample_id, rec.image if enc.image_mask.any() else None, enc))
     n_conv = len(samples)
     free_pool = [k for k in store.keys if k not in referenced]
     r = cfg.caption_free_ratio
@@ -173,22 +174,25 @@ def open_codes(codes: str | os.PathLike, vision, cache_dir: str | os.PathLike | 
 
 def assemble_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer, store: CodeStore, *,
                   tower=None, cache_dir: str | os.PathLike | None = None, primary: bool = True,
-                  barrier: Callable[[], None] = lambda: None, progress: bool = True) -> tuple[TrainingData, "Collator"]:
+                  barrier: Callable[[], None] = lambda: None, progress: bool = True,
+                  grey_codes: np.ndarray | None = None) -> tuple[TrainingData, "Collator"]:
     """The one data path of the trainer and ``asvr-eval loss``: samples joined and
     checked, and the collator whose vision input is ``cfg.vision_input``'s.
 
     ``tower``: the ``VisionTower`` of the online/features inputs; ``cache_dir``:
     where the features input keeps its cache (None: computed on demand);
-    ``primary``/``barrier``: one process fills caches while the others wait."""
+    ``primary``/``barrier``: one process fills caches while the others wait;
+    ``grey_codes``: --text-only-visual-loss grey-image targets."""
     from .vision_input import SourceContext, get_vision_input
 
     mode = get_vision_input(cfg.vision_input)
     cache = mode.open_cache(Path(cache_dir), store, tower) if cache_dir is not None else None
     data = build_training_data(cfg, template, llm_tokenizer, store, lambda key: mode.needs_image(key, cache))
+    barrier()  # every process has judged the samples against the same cache before one fills it
     source = mode.source(SourceContext(store=store, images=cfg.images, tower=tower, preprocess=store.meta.preprocess,
                                        cache=cache, keys=data.keys_with_images(), primary=primary, barrier=barrier,
                                        progress=progress))
-    return data, Collator(data, source, pad_id=llm_tokenizer.pad_token_id or 0)
+    return data, Collator(data, source, pad_id=llm_tokenizer.pad_token_id or 0, grey_codes=grey_codes)
 
 
 class Collator:
@@ -198,11 +202,13 @@ class Collator:
     (``VisionInputMode.source``: codes, pixels or features); the visual targets
     always come from the shards."""
 
-    def __init__(self, data: TrainingData, source: Callable[[str], np.ndarray], pad_id: int):
+    def __init__(self, data: TrainingData, source: Callable[[str], np.ndarray], pad_id: int,
+                 grey_codes: np.ndarray | None = None):
         self.samples = data.samples
         self.store = data.store
         self.source = source
         self.pad_id = pad_id
+        self.grey_codes = grey_codes  # [H*W, D]: --text-only-visual-loss grey-image
 
     def __call__(self, mb: MicroBatch) -> Batch:
         width = max(sum(len(self.samples[i].encoded) for i in row) for row in mb)
@@ -213,6 +219,7 @@ class Collator:
         sid = np.zeros((b, width), np.int64)
         img = np.zeros((b, width), bool)
         keys: list[str] = []
+        n_text_only = 0
         for r, row in enumerate(mb):
             t = 0
             for n, i in enumerate(row, start=1):
@@ -226,15 +233,21 @@ class Collator:
                 img[r, t:t + L] = e.image_mask
                 if e.image_mask.any():
                     keys.append(s.key)
+                else:
+                    n_text_only += 1
                 t += L
         vision = codes = vmask = None
         if keys:
             vision = torch.from_numpy(np.stack([self.source(k) for k in keys]))
             codes = torch.from_numpy(np.stack([self.store.get(k) for k in keys]).astype(np.int64))
             vmask = torch.ones(len(keys), dtype=torch.bool)
+        grey = None
+        if self.grey_codes is not None and n_text_only:
+            grey = torch.from_numpy(np.repeat(self.grey_codes[None].astype(np.int64), n_text_only, axis=0))
         return Batch(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
                      position_ids=torch.from_numpy(pos), sample_ids=torch.from_numpy(sid),
-                     image_mask=torch.from_numpy(img), vision=vision, visual_codes=codes, visual_loss_mask=vmask)
+                     image_mask=torch.from_numpy(img), vision=vision, visual_codes=codes, visual_loss_mask=vmask,
+                     text_only_codes=grey)
 
 
 class _PlanDataset(torch.utils.data.Dataset):

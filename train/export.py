@@ -122,6 +122,20 @@ def _load_tokenizer(spec: VisionSpec, needs_encoder: bool, tokenizer):
     return tokenizer, None
 
 
+def resolve_export_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """``RUN``, ``RUN/final`` or an export folder -> (export folder, run folder or None)."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        export = p
+    elif (p / "final" / CONFIG_FILE).is_file():
+        export = p / "final"
+    else:
+        raise ExportError(f"{p}: neither an asvr-train run folder (with final/{CONFIG_FILE}) "
+                          f"nor an exported model (with {CONFIG_FILE})")
+    run = export.parent if (export.parent / "train_config.json").is_file() else None
+    return export, run
+
+
 def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
                   attn_implementation: str | None = None, vision_tower=None) -> ASVRModel:
     """Rebuild the model of an export folder, weights loaded with strict keys.

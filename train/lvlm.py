@@ -217,6 +217,11 @@ class ASVRModel(nn.Module):
                         else torch.ones(n_img, dtype=torch.bool, device=h.device))
             keep = img_keep.to(h.device).repeat_interleave(v.tokens_per_image)
         rows, codes = rows[keep], codes[keep].to(h.device)
+        if batch.text_only_codes is not None and batch.text_only_codes.numel():
+            # the ASVR code gives each text-only sample zero hidden states and a grey dummy image's codes
+            extra = batch.text_only_codes.reshape(-1, v.depth).to(h.device)
+            rows = torch.cat([rows, rows.new_zeros(extra.shape[0], rows.shape[1])])
+            codes = torch.cat([codes, extra])
         sums, hits = self.head.loss(rows, self.vision.code_context(codes), codes, self.cfg.visual_loss_chunk)
         return sums, hits, rows.shape[0]
 

@@ -21,8 +21,8 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]  # id
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
-    """Byte-level BPE as a ``PreTrainedTokenizerFast`` (pad 0, bos 1, eos 2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE as a ``PreTrainedTokenizerFast`` (pad 0, bos 1, eos 2; BOS added as Llama's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -31,6 +31,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts), trainer=trainer)
+    # BOS on every encoding with special tokens, as a Llama tokenizer (LLaVA's templates count on it)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", SPECIALS.index("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
 

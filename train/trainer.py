@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,6 +45,13 @@ from .data import DataConfig, PackedLoader, TrainingData, assemble_data, describ
 from .metrics import MetricsLogger, plot_losses
 from .packing import PackingConfig, padding_waste, plan_epoch
 from .templates import get_template
+
+def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
+    """Codes ``[H*W, D]`` of LLaVA's dummy image for text-only samples: ``torch.zeros(3, S, S)`` after
+    normalisation (the mean colour: mid-grey for SigLIP's 0.5 mean)."""
+    codes = tokenizer.encode_pixels(np.zeros((1, 3, image_size, image_size), np.float32))
+    return codes.reshape(-1, codes.shape[-1]).cpu().numpy()
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -121,9 +129,12 @@ class Trainer:
                           caption_free_ratio=cfg.caption_free_ratio, skip_bad_samples=cfg.skip_bad_samples,
                           seed=cfg.seed, num_workers=cfg.num_workers,
                           packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack))
+        grey = None
+        if cfg.text_only_visual_loss == "grey-image":
+            grey = grey_image_codes(tokenizer, tokenizer.preprocess_config(store.meta.preprocess).image_size)
         data, collate = assemble_data(dcfg, get_template(cfg.template), llm_tokenizer, store, tower=tower,
                                       cache_dir=cache, primary=self.rank == 0, barrier=dist.barrier,
-                                      progress=cfg.progress)
+                                      progress=cfg.progress, grey_codes=grey)
         if data.bad and self.rank == 0:
             write_bad_samples(self.run_dir / "bad_samples.jsonl", data.bad)
             print(f"skipping {describe_bad(data.bad)} (all listed in {self.run_dir / 'bad_samples.jsonl'})")

@@ -1,0 +1,87 @@
+"""Benchmark a Hugging Face LLaVA folder (``LlavaForConditionalGeneration``) with this harness.
+
+``asvr-eval bench --model OUT`` accepts, besides ASVR runs, any folder that
+transformers loads as a LLaVA: an ``asvr-export --hf-llava`` export, or a
+LLaVA-1.5 checkpoint trained elsewhere (e.g. a local copy of
+``llava-hf/llava-1.5-7b-hf``).  The prompt is the folder's own chat template
+(``processor.apply_chat_template`` with the image first and the same question
+text as for ASVR runs), decoding is greedy, images are decoded by this
+project's loader (RGB, EXIF orientation applied) and preprocessed by the
+folder's processor.  On an ``asvr-export`` folder the answers equal those of
+``asvr-eval bench --model RUN`` (tests/test_hf_llava_export.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from asvr.tokenizer.preprocess import ImageError, open_image, read_file
+
+from .bench_formats import BenchError, BenchItem
+from .generate import GenerationConfig, question_text
+
+
+@dataclass
+class HFLlavaModel:
+    model: torch.nn.Module
+    processor: object
+    folder: Path
+    device: torch.device
+
+    def info(self) -> dict:
+        return {"model": str(self.folder), "run": None, "vision_input": "hf-llava", "template": "chat_template",
+                "template_source": str(self.folder), "tokenizer_fingerprint": None, "device": str(self.device)}
+
+    @property
+    def preprocess_mode(self) -> str:
+        return "pad" if getattr(self.processor.image_processor, "do_pad", False) else "square"
+
+    def _image(self, item: BenchItem):
+        data = item.image if isinstance(item.image, bytes) else read_file(item.image)
+        try:
+            return open_image(data)
+        except ImageError as e:
+            raise BenchError(f"{item.source}: cannot read image ({e})") from None
+
+    def _prompt(self, item: BenchItem, instructions: str) -> str:
+        content = ([{"type": "image"}] if item.image is not None else []) + [
+            {"type": "text", "text": question_text(item, instructions)}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True)
+
+    @torch.no_grad()
+    def answer(self, items: Sequence[BenchItem], cfg: GenerationConfig) -> list[str]:
+        """Greedy answers in the order of ``items``; one prompt per ``generate`` call (the
+        folder's chat template decides padding-sensitive details, so no batching)."""
+        from tqdm import tqdm
+
+        if cfg.preprocess_mode is not None:
+            self.processor.image_processor.do_pad = cfg.preprocess_mode == "pad"
+        tok = self.processor.tokenizer
+        eos = self.model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        out = []
+        for item in tqdm(items, desc="generating", unit="q", disable=not cfg.progress):
+            images = [self._image(item)] if item.image is not None else None
+            inputs = self.processor(images=images, text=self._prompt(item, cfg.instructions),
+                                    return_tensors="pt").to(self.device)
+            new = self.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                      num_beams=1)[0, inputs["input_ids"].shape[1]:].tolist()
+            cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+            out.append(tok.decode(new[:cut], skip_special_tokens=True).strip())
+        return out
+
+
+def load_hf_llava(folder: str | Path, device: torch.device) -> HFLlavaModel:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{folder}: cannot load as a Hugging Face LLaVA ({str(e).splitlines()[0][:160]})") from None
+    return HFLlavaModel(model=model.to(device).eval(), processor=processor, folder=folder, device=device)

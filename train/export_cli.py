@@ -1,0 +1,54 @@
+"""``asvr-export``: write a trained ASVR model in formats other tools load.
+
+    asvr-export runs/sft --hf-llava llava_out/
+
+``--hf-llava OUT`` writes a standard Hugging Face ``LlavaForConditionalGeneration``
+folder (config, safetensors, processor, chat template) when the LLM's input
+came from a Hugging Face SigLIP/CLIP vision tower (``--vision-input online`` or
+``features``).  transformers, vLLM (``vllm serve OUT``) and lmms-eval
+(``--model llava_hf``) load it as any LLaVA-1.5; ``asvr-eval bench --model OUT``
+scores it with this project's harness.  The training-only visual head is saved
+in ``OUT/asvr_visual_head/``, outside the model.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asvr-export", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="an asvr-train run folder (its final/) or an export folder")
+    p.add_argument("--hf-llava", metavar="OUT", required=True, help="write a Hugging Face LLaVA folder here")
+    p.add_argument("--tokenizer", metavar="DIR", help="the semantic tokenizer artifact, when it moved since training")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
+    from asvr.tokenizer import SemanticTokenizer
+
+    from .hf_llava import export_hf_llava
+
+    tok = SemanticTokenizer.load(args.tokenizer) if args.tokenizer else None
+    out = export_hf_llava(args.run, args.hf_llava, tokenizer=tok, max_shard_size=args.max_shard_size)
+    print(f"wrote a Hugging Face LLaVA folder to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from asvr.tokenizer.artifact import TokenizerError
+    from asvr.tokenizer.cli import run_guarded
+    from asvr.tokenizer.encoders import EncoderLoadError
+
+    from .export import ExportError
+    from .hf_llava import HFExportError
+
+    return run_guarded("asvr-export", "--hf-llava", lambda: _export(args),
+                       (HFExportError, ExportError, TokenizerError, EncoderLoadError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
