@@ -57,12 +57,12 @@ demo: $(STAMP)
 	@echo "== 7/9 pretrain (projector + visual head) on EfficientNet features cached once"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
 	  --data $(DEMO)/corpus/llava_pretrain.json --stage pretrain --vision-input features --images $(DEMO)/corpus/images \
-	  --cache-dir $(DEMO)/cache $(DEMO_TRAIN) --max-steps 60 --micro-batch-size 4 --output-dir $(DEMO)/runs/pretrain
+	  --cache-dir $(DEMO)/cache $(DEMO_TRAIN) --max-steps 60 --micro-batch-size 4 --overwrite --output-dir $(DEMO)/runs/pretrain
 	@echo "== 8/9 SFT from the pretrain run"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
 	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input features --images $(DEMO)/corpus/images \
 	  --cache-dir $(DEMO)/cache --init-from $(DEMO)/runs/pretrain \
-	  $(DEMO_TRAIN) --max-steps 400 --micro-batch-size 4 --lr 2e-3 --output-dir $(DEMO)/runs/sft
+	  $(DEMO_TRAIN) --max-steps 400 --micro-batch-size 4 --lr 2e-3 --overwrite --output-dir $(DEMO)/runs/sft
 	@echo "== 9/9 evaluate"
 	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
 	  --images $(DEMO)/corpus/images --out $(DEMO)/eval/loss

@@ -178,7 +178,7 @@ def train_args(cfg: ExperimentConfig, p: dict[str, Path], arm: Arm, stage: str, 
             "--micro-batch-size", str(cfg.micro_batch), "--max-len", str(cfg.max_len),
             "--lr", str(cfg.pretrain_lr if stage == "pretrain" else cfg.sft_lr),
             "--head-width", str(cfg.head_width), "--head-proj-hidden", str(cfg.head_width), "--head-layers", "1",
-            "--head-dim", "32", "--output-dir", str(run), "--quiet"]
+            "--head-dim", "32", "--overwrite", "--output-dir", str(run), "--quiet"]  # a crashed run starts again
     if arm.targets != "semantic":  # the LLM still sees the semantic tokenizer's encoder
         argv += ["--vision-tower", str(p["semantic"])]
     if arm.caption_free:

@@ -15,9 +15,14 @@ Pixels are decoded and preprocessed once beforehand (decode + resize cost is
 printed separately: a data loader pays it per image per epoch in the two
 pixel modes, never in the codes mode).  Default sizes run on a laptop CPU with
 the embedded EfficientNet-Lite0 tokenizer (7x7 grid); ``--device cuda`` and
-larger ``--hidden/--layers`` for a GPU.
+larger ``--hidden/--layers`` for a GPU.  ``--siglip`` swaps in a random
+SigLIP-so400m-sized tower (27x27 grid, 1152-d, built from a config in a temp
+folder) with 8 x 16384 codebooks: the SigLIP-scale ratio of issue 12; on CUDA
+the model is built in bf16 on the device and the encoder runs under bf16 autocast.
 
     python bench/step_time_cached_vs_online.py [--batch 4] [--steps 3] [--device cpu]
+    python bench/step_time_cached_vs_online.py --siglip --device cuda --hidden 2048 --layers 24 --text 1318 \\
+        --depth 8 --codebook 16384 --search-dtype fused-bf16x3     # one H100/H200
 """
 from __future__ import annotations
 
@@ -92,17 +97,34 @@ def main(argv=None) -> None:
     p.add_argument("--codebook", type=int, default=1024, help="codes per depth")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--siglip", action="store_true", help="random SigLIP-so400m-sized tower instead of EfficientNet")
+    p.add_argument("--search-dtype", default=None, help="RVQ search of the reference's per-step tokenizer")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
-    cb = torch.randn(a.depth, a.codebook, 320) * 0.3
-    tok = SemanticTokenizer.from_parts(default_encoder_spec(), cb).to(device).eval()
+    if a.siglip:
+        import tempfile
+
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        folder = tempfile.mkdtemp(prefix="siglip_")
+        vcfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, patch_size=14, image_size=384)
+        with torch.device(device):
+            SiglipVisionModel(vcfg).save_pretrained(folder)
+        cb = torch.randn(a.depth, a.codebook, 1152) * 0.05
+        tok = SemanticTokenizer.from_parts(default_encoder_spec("siglip", folder), cb).to(device).eval()
+    else:
+        cb = torch.randn(a.depth, a.codebook, 320) * 0.3
+        tok = SemanticTokenizer.from_parts(default_encoder_spec(), cb).to(device).eval()
+    enc_dtype = torch.bfloat16 if cuda else None
     images = make_images(a.batch)
     t = time.perf_counter()
     pixels = torch.from_numpy(tok.preprocess_images(images))
     decode_s = (time.perf_counter() - t) / a.batch
     pixels = pixels.to(device)
-    codes = tok.encode_pixels(pixels).cpu()  # what the shards hold
+    codes = tok.encode_pixels(pixels, dtype=enc_dtype, search_dtype=a.search_dtype).cpu()  # what the shards hold
     llm = tiny_llm_config("llama", vocab_size=4096, hidden_size=a.hidden, layers=a.layers, heads=max(1, a.hidden // 64),
                           kv_heads=max(1, a.hidden // 128), intermediate_size=a.hidden * 4)
     head = VisualHeadConfig(proj_hidden=a.hidden * 2, width=a.hidden * 2, layers=3, head_dim=64)
@@ -114,7 +136,9 @@ def main(argv=None) -> None:
             ("reference", "online", pixels))
     for name, mode, vision in runs:
         torch.manual_seed(0)
-        model = build_model(ModelConfig(llm=llm, vision_input=mode, head=head), tok).to(device)
+        mcfg = ModelConfig(llm=llm, vision_input=mode, head=head, dtype="bfloat16" if cuda else "float32")
+        with torch.device(device):  # built on the device: seconds instead of minutes for a 1B model
+            model = build_model(mcfg, tok).to(device)
         model.set_stage("sft")
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         base = make_batch(tok, pixels.cpu(), codes, a.text, 4096).to(device)
@@ -123,7 +147,8 @@ def main(argv=None) -> None:
             b = Batch(**{**base.__dict__})
             b.vision = vision
             if name == "reference":  # tokenizer on the images every step for the targets
-                b.visual_codes = tok.encode_pixels(pixels).reshape(b.visual_codes.shape)
+                b.visual_codes = tok.encode_pixels(pixels, dtype=enc_dtype,
+                                                   search_dtype=a.search_dtype).reshape(b.visual_codes.shape)
             return b
 
         results[name] = timed_steps(model, opt, make, a.steps, device)

@@ -11,8 +11,9 @@
 ``--model`` is an ``asvr-train`` run folder (its exported model is
 ``RUN/final``) or an export folder; ``bench`` also takes a Hugging Face
 LLaVA folder (``asvr-export --hf-llava`` or any LLaVA-1.5).  Each command writes
-``report.json`` and ``report.md`` under ``--out`` (``bench`` and ``score`` also
-``predictions*.jsonl``).  POPE and MME are scored as lmms-eval scores them
+``report.json`` and ``report.md`` under ``--out``; ``bench`` and ``score`` also write
+the answers to ``predictions.jsonl`` (``predictions-NN-NAME.jsonl``, one per file,
+when several ``--bench`` files are given).  POPE and MME are scored as lmms-eval scores them
 unless ``--scoring lenient``.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from asvr.tokenizer.help_text import plain
 from asvr.tokenizer.preprocess import PREPROCESS_MODES
 from asvr.train.templates import TEMPLATES
 
@@ -45,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     lo = sub.add_parser("loss", help="held-out text loss, perplexity and visual-token accuracy per depth",
@@ -81,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--instructions", choices=["llava", "none"], default="llava",
                     help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
                          "'Answer with the option's letter ...'); none: the bare question (default llava)")
-    be.add_argument("--preprocess-mode", choices=PREPROCESS_MODES,
+    be.add_argument("--preprocess", choices=PREPROCESS_MODES,
                     help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
+    # the old name (before --preprocess, as in asvr-pipeline tokenize): still accepted, not shown
+    be.add_argument("--preprocess-mode", dest="preprocess", choices=PREPROCESS_MODES, help=argparse.SUPPRESS)
     _scoring(be)
 
     sc = sub.add_parser("score", help="score saved predictions again (no model)",
@@ -162,19 +166,19 @@ def run_bench(a: argparse.Namespace) -> int:
     if a.max_items is not None and a.max_items < 1:
         raise CLIError("--max-items must be >= 1")
     gen = GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, instructions=a.instructions,
-                           preprocess_mode=a.preprocess_mode, progress=not a.quiet)
+                           preprocess_mode=a.preprocess, progress=not a.quiet)
     for f in a.bench:  # fail on a bad file before loading the model
         read_bench(f, a.format, a.images)
     if is_hf_llava(a.model):  # a Hugging Face LLaVA folder (asvr-export --hf-llava, or trained elsewhere)
         hf = load_hf_llava(a.model, resolve_device(a.device))
         summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, a.scoring,
                                      answer=hf.answer)
-        info, preprocess = hf.info(), a.preprocess_mode or hf.preprocess_mode
+        info, preprocess = hf.info(), a.preprocess or hf.preprocess_mode
     else:
         lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
                            text_tokenizer=a.text_tokenizer, template=a.template, vision_tower_dir=a.vision_tower)
         summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
-        info, preprocess = _model_info(lm), a.preprocess_mode or lm.preprocess
+        info, preprocess = _model_info(lm), a.preprocess or lm.preprocess
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
         name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"

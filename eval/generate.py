@@ -20,6 +20,7 @@ left-padded batch gives the same tokens as one prompt at a time
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -126,6 +127,19 @@ def _decode(lm: LoadedModel, ids: Sequence[int], stop: Sequence[int]) -> str:
     if suffix and suffix in text:
         text = text.split(suffix)[0]
     return text.strip()
+
+
+def ask(lm: LoadedModel, image: str | os.PathLike | bytes | None, question: str, max_new_tokens: int = 32) -> str:
+    """The model's greedy answer to one free-form question about one image (a path or
+    encoded image bytes; None: a text-only question), laid out as in training.
+    ``lm`` comes from ``load_for_eval(RUN, need_encoder=True)``."""
+    if image is not None and not isinstance(image, bytes):
+        image = os.fspath(image)
+    key = None if image is None else (image if isinstance(image, str) else "bytes")
+    item = BenchItem(id="ask", question=question, kind="short", answer=None, raw_answer=None, image=image,
+                     image_key=key, source=key or "question")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=1, instructions="none", progress=False)
+    return generate_answers(lm, [item], cfg)[0]
 
 
 @torch.no_grad()

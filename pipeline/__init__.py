@@ -8,6 +8,7 @@ Modules, one job each:
   check.py    inspect / verify an OUT (no Ray)
   shards.py   the shard format, readers and atomic writers (no Ray; the trainer imports only this)
   cli.py      asvr-pipeline tokenize | inspect | verify
+  ray_reaper.py  ties a local Ray to its driver (kill -9 included)
 
 Importing this package imports no Ray; runner.py imports it when a job runs.
 """

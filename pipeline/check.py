@@ -4,7 +4,9 @@
 schema metadata against the manifest's fingerprint, every code against the
 codebook size, key uniqueness across shards, and the counting invariant
 (``seen == encoded + failed + duplicate``, shard rows == encoded, failure
-rows == failed + duplicate).  Cost: one read of every shard (~1 s per GB).
+rows == failed + duplicate + ignored), and reports every input that was cut
+short (a truncated or corrupt tar: failure rows at stage ``input``), since the
+images after the cut were never seen.  Cost: one read of every shard (~1 s per GB).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def inspect_out(out: str | Path, n_failures: int = 10) -> Report:
         f"  shard size {run.get('shard_size')}  fast decode {run.get('fast_decode')}",
         "inputs: " + ", ".join(f"{i['path']} ({i['format']})" for i in m.get("inputs", [])),
         f"seen {c.get('seen', 0)}  encoded {c.get('encoded', 0)}  failed {c.get('failed', 0)}"
-        f"  duplicate {c.get('duplicate', 0)}",
+        f"  duplicate {c.get('duplicate', 0)}  ignored {c.get('ignored', 0)} (not images)",
         f"shards {len(m.get('shards', []))} ({sum(s['rows'] for s in m.get('shards', []))} rows)",
     ]
     if not m.get("complete"):
@@ -112,10 +114,18 @@ def verify_out(out: str | Path) -> Report:
         rep.problems.append(f"counts: seen {seen} != encoded {enc} + failed {failed} + duplicate {dup}")
     if rows != enc:
         rep.problems.append(f"shards hold {rows} rows, manifest says encoded {enc}")
+    ign = int(c.get("ignored", 0))
     fpath = out / FAILURES
-    nfail = pq.read_metadata(fpath).num_rows if fpath.exists() else 0
-    if nfail != failed + dup:
-        rep.problems.append(f"{FAILURES} has {nfail} rows, manifest says failed {failed} + duplicate {dup}")
+    nfail = 0
+    if fpath.exists():
+        fails = pq.read_table(fpath, columns=["stage", "error"])
+        nfail = fails.num_rows
+        for stage, err in zip(fails.column("stage").to_pylist(), fails.column("error").to_pylist()):
+            if stage == "input":
+                rep.problems.append(f"incomplete input: {err}")
+    if nfail != failed + dup + ign:
+        rep.problems.append(f"{FAILURES} has {nfail} rows, manifest says failed {failed} + duplicate {dup}"
+                            f" + ignored {ign}")
     rep.lines.append(f"{out}: {len(listed)} shards, {rows} rows, {nfail} failure rows checked")
     return rep
 

@@ -15,16 +15,22 @@ import argparse
 import sys
 
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
+from asvr.tokenizer.quantizer import SEARCH_DTYPES
 
 EPILOG = """\
 Inputs (auto-detected per INPUT, or --input-format for all):
   folder          images found recursively; key = path relative to the folder (posix)
   *.tar           webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar';
-                  key = __key__, image from jpg/jpeg/png/webp, caption from txt or json 'caption'
+                  key = __key__ (name up to the first dot), every member ending in an image suffix is
+                  an image (a repeated key is a duplicate), caption from txt or json 'caption'
   *.parquet       one image per row (--image-column, --key-column, --caption-column)
   *.json/.jsonl   LLaVA conversations; each distinct 'image' once, read under --image-root
 
-Rerun the same command after a crash or kill: finished shards are kept, the rest is done.
+Every input is a shard row or a row of OUT/failures.parquet (stage read, decode, preprocess, input,
+duplicate); files and tar members that are not images are listed there too, at stage 'ignored'.
+--format webdataset writes NNNNN_RRRRRR.codes.npy + NNNNN_RRRRRR.json members (the key is in the JSON).
+Rerun the same command after a crash, kill or full disk: finished shards are kept, the rest is done.
+Without --ray-address/RAY_ADDRESS a fresh local Ray is started (never another job's cluster).
 """
 
 
@@ -57,13 +63,36 @@ def _tokenize_parser(sub) -> None:
                    help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="encoder precision (bfloat16 autocast is faster on GPUs; features change)")
+    p.add_argument("--search-dtype", default=None, choices=list(SEARCH_DTYPES),
+                   help="RVQ candidate search precision; codes are identical for all, only speed moves "
+                        "(default: fused-bf16x3 on a GPU with triton installed, else float32; fused-* need triton)")
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (or set RAY_ADDRESS); default: start a fresh local Ray")
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own warnings and log lines")
     p.set_defaults(func=_run_tokenize)
+
+
+def quiet_ray(verbose: bool, joining: bool) -> None:
+    """Ray's documented environment knobs, set before ``ray.init`` (what they hide was
+    measured on a local 2-CPU run of Ray 2.60.0):
+
+    * ``RAY_AUTH_MODE=token``: a new local cluster turns token authentication on by
+      default and warns that it did; naming the mode keeps that (secure) default without
+      the warning.  Not set when joining a cluster (its mode is the cluster's).
+
+    ``--verbose`` leaves it unset; a value already in the environment is kept.  (Ray's
+    ``RAY_BACKEND_LOG_LEVEL`` would hide the driver's error-level ``core_worker.cc`` line
+    too, but announces itself with a line of its own; see ``runner._execute`` instead.)"""
+    if verbose:
+        return
+    import os
+
+    if not joining:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def _run_tokenize(args) -> int:
@@ -74,6 +103,9 @@ def _run_tokenize(args) -> int:
         cfg = _config(args, PipelineConfig, SourceOptions)
     except ValueError as e:  # a bad combination of options, named by __post_init__
         raise CLIError(str(e)) from None
+    import os
+
+    quiet_ray(args.verbose, joining=bool(args.ray_address or os.environ.get("RAY_ADDRESS")))
     summary = run_pipeline(cfg)
     for line in summary.lines():
         print(line)
@@ -89,8 +121,9 @@ def _config(args, PipelineConfig, SourceOptions):
                               caption_column=args.caption_column),
         format=args.format, preprocess=args.preprocess, batch_size=args.batch_size, shard_size=args.shard_size,
         fast_decode=args.fast_decode, max_pixels=args.max_pixels, encoder_dtype=args.encoder_dtype,
+        search_dtype=args.search_dtype,
         encode_actors=args.encode_actors, encode_threads=args.encode_threads, ray_address=args.ray_address,
-        num_cpus=args.num_cpus, overwrite=args.overwrite, progress=not args.no_progress,
+        num_cpus=args.num_cpus, overwrite=args.overwrite, progress=not args.no_progress, verbose=args.verbose,
     )
 
 
@@ -116,7 +149,9 @@ def _run_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-pipeline", description=__doc__.splitlines()[0])
+    from asvr.tokenizer.help_text import plain
+
+    p = argparse.ArgumentParser(prog="asvr-pipeline", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _tokenize_parser(sub)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +32,7 @@ from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, Prep
 from .shards import ShardMeta
 from .sources import SourceOptions, discover
 from .stages import Encoder, ReadDecode, TokenizerBuilder
-from .writer import OutputDir, UnitResult, units_hash
+from .writer import COUNTS, OutputDir, UnitResult, units_hash
 
 DECODE_TASK_MEMORY = 512 * 2**20
 
@@ -58,6 +59,9 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images with more pixels fail as decompression bombs (PIL refuses above 2x its own limit regardless)."""
     encoder_dtype: str = "float32"
+    search_dtype: str | None = None
+    """RVQ candidate search (asvr.tokenizer.quantizer.SEARCH_DTYPES; codes are identical for all, only speed
+    moves; default: the tokenizer's choice for the device)."""
     encode_actors: int = 0
     """Encode actors (0: one per GPU, else one per 8 CPUs, at least 1)."""
     encode_threads: int = 0
@@ -67,6 +71,8 @@ class PipelineConfig:
     """CPUs for a local Ray (default: all)."""
     overwrite: bool = False
     progress: bool = True
+    verbose: bool = False
+    """Let Ray print its own warnings (see asvr.pipeline.cli.quiet_ray)."""
 
     def __post_init__(self):
         if self.format not in ("parquet", "webdataset"):
@@ -79,6 +85,10 @@ class PipelineConfig:
             raise ValueError("--max-pixels must be >= 1")
         if self.encoder_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--encoder-dtype must be float32 or bfloat16, got {self.encoder_dtype!r}")
+        from asvr.tokenizer.quantizer import SEARCH_DTYPES
+
+        if self.search_dtype is not None and self.search_dtype not in SEARCH_DTYPES:
+            raise ValueError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}, got {self.search_dtype!r}")
 
 
 @dataclass
@@ -101,7 +111,8 @@ class RunSummary:
         c = self.counts
         split = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
         return [
-            f"seen {c['seen']}  encoded {c['encoded']}  failed {c['failed']}  duplicate {c['duplicate']}",
+            f"seen {c['seen']}  encoded {c['encoded']}  failed {c['failed']}  duplicate {c['duplicate']}"
+            f"  (ignored {c['ignored']} non-image files)",
             f"units {self.units} ({self.units_skipped} already done), shards {self.shards}",
             f"{self.images_processed} images in {self.wall_s:.1f}s = {self.images_per_s:.1f} img/s",
             f"time: {split} (read/decode/encode summed over workers)",
@@ -109,29 +120,51 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------- helpers
-def _ray_init(cfg: PipelineConfig) -> bool:
-    """Start (or join) Ray; returns True when this call started it (and must stop it)."""
+def _ray_init(cfg: PipelineConfig):
+    """Start (or join) Ray; returns a function that stops what this call started (None if it joined).
+
+    Without ``--ray-address`` / ``RAY_ADDRESS`` the job always starts its own
+    local Ray (``address="local"``): a bare ``ray.init()`` would instead attach
+    to a cluster named by a ``ray_current_cluster`` file that ``ray start`` left
+    in Ray's temp folder, another job's or a dead one, and then fail on
+    ``num_cpus``.  That local Ray is tied to this driver, ``kill -9`` included
+    (:mod:`asvr.pipeline.ray_reaper`).
+    """
     import ray
 
+    from .ray_reaper import Reaper
+
     if ray.is_initialized():
-        return False
+        return None
     kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own convention for joining a cluster
     if address:
         ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
-    return True
+        return ray.shutdown
+    reaper = Reaper()
+    try:
+        with reaper.marked():
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
+    except BaseException:
+        reaper.close()
+        raise
+
+    def stop():
+        ray.shutdown()
+        reaper.close()
+
+    return stop
 
 
-def _quiet_ray_data():
+def _quiet_ray_data(verbose: bool = False):
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images, not blocks
     ctx.enable_auto_log_stats = False
     ctx.execution_options.verbose_progress = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ERROR: Ray Data warns "Progress bars disabled" when we turn its bars off for ours
+    logging.getLogger("ray.data").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
@@ -142,12 +175,12 @@ def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
     if gpus:
         actors = cfg.encode_actors or gpus
         remote = {"num_gpus": 1, "num_cpus": 1}
-        builder = TokenizerBuilder(cfg.tokenizer, "cuda", 0, cfg.encoder_dtype)
+        builder = TokenizerBuilder(cfg.tokenizer, "cuda", 0, cfg.encoder_dtype, cfg.search_dtype)
     else:
         actors = cfg.encode_actors or max(1, cpus // 8)
         threads = cfg.encode_threads or max(1, cpus // actors)
         remote = {"num_cpus": 1}
-        builder = TokenizerBuilder(cfg.tokenizer, "cpu", threads, cfg.encoder_dtype)
+        builder = TokenizerBuilder(cfg.tokenizer, "cpu", threads, cfg.encoder_dtype, cfg.search_dtype)
     return actors, remote, builder
 
 
@@ -193,11 +226,16 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
     keys = plan.column("key").to_pylist()
     sources = plan.column("source").to_pylist()
     n_units = math.ceil(n / cfg.shard_size)
+    # ignored: files / tar members that are not input images; listed, never sent to Ray, not ``seen``
+    ignored = np.asarray([k == "ignored" for k in plan.column("kind").to_pylist()], bool)
+    why_ignored = plan.column("error").to_pylist()
 
     # duplicates: a key seen earlier in plan order
     first: dict[str, int] = {}
     dup_of = np.full(n, -1, np.int64)
     for i, k in enumerate(keys):
+        if ignored[i]:
+            continue
         j = first.setdefault(k, i)
         if j != i:
             dup_of[i] = j
@@ -214,7 +252,7 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
             results[u] = r
             continue
         items = np.arange(lo, hi)
-        todo = items[dup_of[lo:hi] < 0]
+        todo = items[(dup_of[lo:hi] < 0) & ~ignored[lo:hi]]
         buffers[u] = _UnitBuffer(u, items, len(todo))
         pending.extend(todo.tolist())
     skipped = len(results)
@@ -227,7 +265,9 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
         rows = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
         failures = []
         for i in buf.items.tolist():
-            if dup_of[i] >= 0:
+            if ignored[i]:
+                failures.append({"key": keys[i], "source": sources[i], "stage": "ignored", "error": why_ignored[i]})
+            elif dup_of[i] >= 0:
                 failures.append({"key": keys[i], "source": sources[i], "stage": "duplicate",
                                  "error": f"duplicate key, first seen at {sources[dup_of[i]]}"})
             elif i in buf.failures:
@@ -239,8 +279,9 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
                                    (keys[i], codes, sha, w, h, cap)):
                     rows[name].append(v)
         ndup = int((dup_of[buf.items] >= 0).sum())
-        counts = {"seen": len(buf.items), "encoded": len(rows["key"]), "failed": len(failures) - ndup,
-                  "duplicate": ndup}
+        nign = int(ignored[buf.items].sum())
+        counts = {"seen": len(buf.items) - nign, "encoded": len(rows["key"]), "failed": len(failures) - ndup - nign,
+                  "duplicate": ndup, "ignored": nign}
         results[buf.unit] = out.commit_unit(buf.unit, unit_hash[buf.unit], meta, rows, failures, counts)
         del buffers[buf.unit]
         seconds["write"] += time.perf_counter() - t0
@@ -254,7 +295,7 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
 
     final = [results[u] for u in range(n_units)]
     out.write_manifest(inputs, final, n_units)
-    manifest_counts = {k: sum(r.counts.get(k, 0) for r in final) for k in ("seen", "encoded", "failed", "duplicate")}
+    manifest_counts = {k: sum(r.counts.get(k, 0) for r in final) for k in COUNTS}
     return RunSummary(manifest_counts, n_units, skipped, sum(1 for r in final if r.shard), time.perf_counter() - t_start,
                       processed, seconds)
 
@@ -264,10 +305,17 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
     import ray.data
     from tqdm import tqdm
 
-    owns_ray = _ray_init(cfg)
+    stop_ray = _ray_init(cfg)
     try:
-        _quiet_ray_data()
+        _quiet_ray_data(cfg.verbose)
         actors, remote, builder = _resources(cfg)
+        if owns_ray:
+            # A local Ray: no node to fail over to, and the encode is deterministic, so Ray Data's
+            # default (restart a dead actor forever, retry its tasks forever) would repeat a crash
+            # without end; failing lets the rerun resume instead.  It also spares the driver's
+            # error-level core_worker line about restartable actors with arguments in the object
+            # store, printed over the progress bar.
+            remote = {**remote, "max_restarts": 0}
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         blocks = _blocks(plan, pending, cfg.batch_size, cpus)
         ds = ray.data.from_arrow(blocks)
@@ -276,8 +324,11 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
         # decode runs in its own processes and overlaps encode.
         ds = ds.map_batches(ReadDecode(pcfg), batch_size=None, batch_format="numpy",
                             num_cpus=1, memory=DECODE_TASK_MEMORY)
-        ds = ds.map_batches(Encoder, fn_constructor_kwargs={"builder": builder}, batch_size=cfg.batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **remote)
+        with warnings.catch_warnings():
+            # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(Encoder, fn_constructor_kwargs={"builder": builder}, batch_size=cfg.batch_size,
+                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **remote)
         unit_of = lambda i: i // cfg.shard_size  # noqa: E731
         done_before = n_total - len(pending)
         bar = tqdm(total=n_total, initial=done_before, unit="img", disable=not cfg.progress, smoothing=0.1,
@@ -306,5 +357,5 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
         bar.close()
         return processed
     finally:
-        if owns_ray:
-            ray.shutdown()
+        if stop_ray is not None:
+            stop_ray()

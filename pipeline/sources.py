@@ -9,22 +9,36 @@ Parquet file (a key sort would seek across every tar for every batch), and is
 just as reproducible, which is all that resuming needs.
 
 Columns: ``key``, ``source`` (human readable location for failures), ``kind``
-(``file`` | ``tar`` | ``parquet`` | ``error``), ``path`` (the file to open),
+(``file`` | ``tar`` | ``parquet`` | ``error`` | ``input`` | ``ignored``), ``path`` (the file to open),
 ``offset``/``size`` (tar data span, or Parquet row group / row in group),
 ``cap_offset``/``cap_size``/``cap_kind`` (tar caption member), ``caption``
 (known at discovery: sidecar .txt, Parquet column), ``image_column`` (Parquet), ``error`` (why a row
-cannot be read: it becomes a failure row at stage ``read``).
+cannot be read: it becomes a failure row at stage ``read``; for ``input``, a
+whole input that is cut short, at stage ``input``; for ``ignored``, why a file or
+tar member is not an input image).
+
+Every file of a folder and every member of a tar is accounted for: an image is
+a plan row (a later image with the same key is a duplicate), a caption beside
+an image belongs to that image, anything else is an ``ignored`` row (counted as
+``ignored`` in the manifest, listed in ``failures.parquet``).  Nothing is opened
+that is not a regular file (a FIFO named ``x.jpg`` would block a reader
+forever), a name that is not valid UTF-8 is a failure row (keys are UTF-8), and
+a tar whose member list ends without the end-of-archive marker is an ``input``
+failure row, since :mod:`tarfile` silently stops listing at a cut or corrupt
+header.
 
 Keys are data, never paths.  Nothing here opens a file named by a key except
-LLaVA JSON images, which are resolved and must stay under ``--image-root``
-(symlinks followed, then checked); folder inputs check that a symlinked file
-stays under the folder.  Tar member names are only used as keys: bytes are read
+LLaVA JSON images, which go through :func:`asvr.tokenizer.paths.confine` and
+must stay under ``--image-root`` (symlinks followed, then checked); folder
+inputs check that a symlinked file stays under the folder.  Tar member names are only used as keys: bytes are read
 by offset from the tar itself, and link members are refused.
 
 Formats: ``folder`` (recursive, dotfiles skipped, ``<stem>.txt`` beside an
 image is its caption), ``webdataset`` (uncompressed ``.tar``; key =
-``__key__`` as webdataset computes it; image from jpg/jpeg/png/webp; caption
-from ``txt`` or a ``json`` ``caption`` field), ``parquet`` (image bytes column,
+``__key__`` as webdataset computes it, the member name up to the first dot of
+its basename; every member whose last suffix is an image suffix is an image of
+that key, so ``x.v2.jpg`` is an image of ``x``; caption from ``txt`` or a
+``json`` ``caption`` field), ``parquet`` (image bytes column,
 raw binary or a Hugging Face ``{bytes, path}`` struct), ``llava`` (``.json`` or
 ``.jsonl`` records with an ``image`` string or list).
 """
@@ -41,10 +55,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
+from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
 
 INPUT_FORMATS = ("auto", "folder", "webdataset", "parquet", "llava")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
+_IMAGE_EXTS = tuple(x[1:] for x in IMAGE_SUFFIXES)
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "bytes", "img")
 PARQUET_KEY_COLUMNS = ("key", "__key__", "id", "path", "file_name", "filename")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt")
@@ -86,12 +101,30 @@ class _Rows:
 
     def add(self, key, source, kind, path="", offset=-1, size=-1, cap_offset=-1, cap_size=-1, cap_kind="",
             caption=None, image_column=None, error=None):
+        if not all(_utf8(v) for v in (key, source, path)):  # a file name that is not UTF-8 (surrogate-escaped)
+            key, source = _escaped(key), _escaped(source)
+            path, offset, size, cap_offset, cap_size, cap_kind, caption = "", -1, -1, -1, -1, "", None
+            if kind != "ignored":
+                kind, error = "error", "file name is not valid UTF-8 (keys are UTF-8 strings); rename the file"
         for name, v in zip(PLAN_SCHEMA.names, (key, source, kind, path, offset, size, cap_offset, cap_size, cap_kind,
                                                 caption, image_column, error)):
             self.cols[name].append(v)
 
     def table(self) -> pa.Table:
         return pa.table(self.cols, schema=PLAN_SCHEMA)
+
+
+def _utf8(s: str | None) -> bool:
+    try:
+        s is None or s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _escaped(s: str) -> str:
+    """A surrogate-escaped file name as valid UTF-8 text (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(s).decode("utf-8", "backslashreplace")
 
 
 # --------------------------------------------------------------------------- expansion + detection
@@ -135,18 +168,27 @@ def detect_format(path: Path) -> str:
 def _scan_folder(root: Path, rows: _Rows) -> None:
     if not root.is_dir():
         raise SourceError(f"{root} is not a folder")
-    real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: no loops, no escape by dir links
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         names = set(filenames)
+        images = {Path(n).stem for n in filenames if n.lower().endswith(IMAGE_SUFFIXES)}
         for name in sorted(filenames):
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
+            if name.startswith("."):
                 continue
             p = Path(dirpath) / name
             key = p.relative_to(root).as_posix()
+            if not name.lower().endswith(IMAGE_SUFFIXES):
+                if not (name.endswith(".txt") and name[:-4] in images):  # a sidecar caption belongs to its image
+                    rows.add(key, str(p), "ignored", error="not an image file (suffix)")
+                continue
             error = None
-            if p.is_symlink() and not p.resolve().is_relative_to(real_root):
-                error = "symlink points outside the input folder"
+            if p.is_symlink():
+                try:
+                    confine(root, key)
+                except UnsafePathError as e:
+                    error = f"symlink: {e}".replace("image path escapes the image root",
+                                                    "points outside the input folder")
+            error = error or regular_file_error(p)
             caption = None
             txt = Path(name).stem + ".txt"
             if error is None and txt in names:
@@ -157,45 +199,65 @@ def _scan_folder(root: Path, rows: _Rows) -> None:
             rows.add(key, str(p), "error" if error else "file", str(p.absolute()), caption=caption, error=error)
 
 
+def _tar_end_problem(path: Path, end: int) -> str | None:
+    """Why the tar does not end cleanly at ``end`` (where :mod:`tarfile` stopped listing), or None."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    if not block:
+        return f"tar ends at byte {end} without the end-of-archive marker: it is truncated"
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"tar is cut inside a member header at byte {end}: it is truncated, later members are lost"
+    return f"unreadable member header at byte {end}: the tar is corrupt, later members are lost"
+
+
 def _scan_tar(path: Path, rows: _Rows) -> None:
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
         raise SourceError(f"{path}: not a readable uncompressed tar ({e})") from None
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    order: list[str] = []
-    bad: dict[str, str] = {}
+    members: list[tarfile.TarInfo] = []
+    problem = None
     with tar:
         try:
             for m in tar:
-                match = _WDS_SPLIT.match(m.name)
-                if not match:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                if not m.isfile():
-                    if ext in WDS_IMAGE_EXTS:
-                        bad[key] = f"tar member {m.name!r} is a link or special file, not image data"
-                    continue
-                samples[key].setdefault(ext, m)
-        except tarfile.TarError as e:  # truncated tar: keep what was listed, say so
-            bad_tail = f"{path}: tar is truncated or corrupt after {len(order)} samples ({e})"
-            rows.add(f"{path.name}#truncated", bad_tail, "error", error=bad_tail)
+                members.append(m)
+        except tarfile.TarError as e:
+            problem = f"tar is truncated or corrupt after {len(members)} members ({e})"
+        end = tar.offset
+    problem = problem or _tar_end_problem(path, end)
+    groups: dict[str, list[tuple[tarfile.TarInfo, str]]] = {}
     abspath = str(path.absolute())
-    for key in order:
-        members = samples[key]
-        img_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
-        if img_ext is None:
-            if key in bad:
-                rows.add(key, f"{path}:{key}", "error", error=bad[key])
-            continue  # a sample without an image is not an input image
-        m = members[img_ext]
-        cap = members.get("txt") or members.get("json")
-        cap_kind = "" if cap is None else ("txt" if "txt" in members else "json")
-        rows.add(key, f"{path}:{m.name}", "tar", abspath, m.offset_data, m.size,
-                 cap.offset_data if cap else -1, cap.size if cap else -1, cap_kind)
+    for m in members:
+        match = _WDS_SPLIT.match(m.name)
+        if not match:
+            rows.add(m.name, f"{path}:{m.name}", "ignored", error="member name has no KEY.EXT form")
+            continue
+        groups.setdefault(match.group(1), []).append((m, match.group(2).lower()))
+    for key, group in groups.items():
+        images = [(m, ext) for m, ext in group if ext.rsplit(".", 1)[-1] in _IMAGE_EXTS]
+        caps = [(m, ext) for m, ext in group if ext in ("txt", "json") and m.isfile()]
+        cap = next((c for c in caps if c[1] == "txt"), None) or (caps[0] if caps else None)
+        for m, ext in group:
+            if images and (m, ext) in images:
+                continue
+            if images and cap is not None and m is cap[0]:
+                continue
+            why = ("not image data" if images else "its sample has no image member") if m.isfile() else \
+                "a folder, link or special member"
+            rows.add(m.name, f"{path}:{m.name}", "ignored", error=why)
+        for m, _ in images:
+            if not m.isfile():
+                rows.add(key, f"{path}:{m.name}", "error",
+                         error=f"tar member {m.name!r} is a link or special file, not image data")
+                continue
+            cm = cap[0] if cap else None
+            rows.add(key, f"{path}:{m.name}", "tar", abspath, m.offset_data, m.size,
+                     cm.offset_data if cm else -1, cm.size if cm else -1, cap[1] if cap else "")
+    if problem:
+        rows.add(f"{path.name}#truncated", f"{path}", "input", error=f"{path}: {problem}")
 
 
 def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what: str, path: Path) -> str | None:
@@ -238,7 +300,6 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
     root = Path(image_root)
     if not root.is_dir():
         raise SourceError(f"--image-root {image_root} is not a folder")
-    real_root = root.resolve()
     try:
         records = read_llava_records(path)
     except LlavaJSONError as e:
@@ -250,13 +311,14 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
             if not isinstance(image, str) or not image or image in seen:
                 continue  # no image, or the same image referenced again: one input image
             seen.add(image)
-            target = (root / image).resolve()
-            error = None
-            if not target.is_relative_to(real_root):
-                error = "image path escapes --image-root"
-            elif not target.is_file():
-                error = "no such image file under --image-root"
-            rows.add(image, f"{path}:{image}", "error" if error else "file", str(target), error=error)
+            try:
+                target = str(confine(root, image))
+                error = regular_file_error(target)
+                if error and not os.path.lexists(target):
+                    error = "no such image file under --image-root"
+            except UnsafePathError as e:
+                target, error = "", str(e).replace("the image root", "--image-root")
+            rows.add(image, f"{path}:{image}", "error" if error else "file", target, error=error)
 
 
 def discover(inputs: list[str], opts: SourceOptions) -> tuple[pa.Table, list[dict]]:

@@ -38,15 +38,18 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
+from asvr.tokenizer.paths import UnsafePathError, read_regular
 from asvr.tokenizer.preprocess import _RESAMPLE, ImageError, PreprocessConfig, expand2square, open_image
 
 def resize_uint8(img, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> uint8 ``[S, S, 3]``: the reference's pad/resize, before normalisation."""
     try:
         if cfg.mode == "pad":
-            img = expand2square(img, cfg.background)
+            img = expand2square(img, cfg.background, cfg.max_pixels)
         img = img.resize((cfg.image_size, cfg.image_size), resample=_RESAMPLE[cfg.resample])
         return np.asarray(img, dtype=np.uint8)
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - any PIL failure is this image's failure
         raise ImageError(f"cannot preprocess: {type(e).__name__}: {e}", stage="preprocess") from None
 
@@ -82,14 +85,13 @@ class _Reader:
 
     def image(self, row: dict) -> bytes:
         kind = row["kind"]
-        if kind == "error":
-            raise ImageError(row["error"], "read")
+        if kind in ("error", "input"):  # input: a whole input cut short (verify reports it)
+            raise ImageError(row["error"], "read" if kind == "error" else "input")
         if kind == "file":
             try:
-                with open(row["path"], "rb") as f:
-                    return f.read()
-            except OSError as e:
-                raise ImageError(f"cannot read file: {e.strerror or e}", "read") from None
+                return read_regular(row["path"])  # never blocks on a FIFO swapped in after discovery
+            except UnsafePathError as e:
+                raise ImageError(f"cannot read file: {e}", "read") from None
         if kind == "tar":
             try:
                 return self._span(row["path"], row["offset"], row["size"])
@@ -176,6 +178,8 @@ class TokenizerBuilder:
     """torch intra-op threads for a CPU actor (0: leave torch's default)."""
     encoder_dtype: str = "float32"
     """float32 (features as the reference) | bfloat16 (autocast; faster on GPU, features change)."""
+    search_dtype: str | None = None
+    """RVQ candidate search of ``encode_pixels`` (None: its default); codes do not depend on it."""
 
     def build(self):
         import torch
@@ -195,6 +199,7 @@ class Encoder:
 
         self.tok = builder.build()
         self.dtype = torch.bfloat16 if builder.encoder_dtype == "bfloat16" else None
+        self.search_dtype = builder.search_dtype
         e = self.tok.spec.encoder
         self.mean = torch.tensor(e.mean, dtype=torch.float32, device=self.tok.device)
         self.std = torch.tensor(e.std, dtype=torch.float32, device=self.tok.device)
@@ -215,7 +220,8 @@ class Encoder:
         n = len(ok)
         codes = np.zeros((n, self.ncodes), np.uint16)
         if ok.any():
-            c = self.tok.encode_pixels(self.normalise(np.ascontiguousarray(batch["pixels"][ok])), dtype=self.dtype)
+            c = self.tok.encode_pixels(self.normalise(np.ascontiguousarray(batch["pixels"][ok])), dtype=self.dtype,
+                                       search_dtype=self.search_dtype)
             codes[ok] = c.reshape(int(ok.sum()), -1).to("cpu").numpy().astype(np.uint16)
         t_encode = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         out = {k: v for k, v in batch.items() if k != "pixels"}

@@ -24,7 +24,9 @@ the end (``complete: true``) with the shard list and counts; it holds no times,
 so a resumed run's manifest equals an uninterrupted run's.  ``failures.parquet``
 (``key, source, stage, error``) holds failed *and* duplicate inputs, so that
 every input is in exactly one shard row or one failure row; the manifest's
-``failed`` counts the former, ``duplicate`` the latter.
+``failed`` counts the former, ``duplicate`` the latter.  It also lists, at stage
+``ignored``, the files and tar members that are not input images (counted as
+``ignored``, not in ``seen``), so every member of every input is accounted for.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from .shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_
 UNITS_DIR = ".units"
 LOCK = ".lock"
 MANIFEST_VERSION = 1
+COUNTS = ("seen", "encoded", "failed", "duplicate", "ignored")
 FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("stage", pa.string()),
                             ("error", pa.string())])
 
@@ -53,13 +57,35 @@ class OutputError(ValueError):
     """OUT cannot be used as asked (foreign run, locked): a one-line CLI error."""
 
 
+def _tmp_path(path: Path) -> Path:
+    """A fresh temp name beside ``path`` (cleaned up by the next run if we die)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # os.open with 0o666 lets the user's umask decide the mode, as for the shards (mkstemp would make it 0600)
+    tmp = _tmp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _writing(path: Path):
+    """A write that fails (disk full, read-only, quota) is a one-line error naming the file;
+    the rerun after freeing space resumes exactly (finished units are kept)."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e).splitlines()[0]
+        raise OutputError(f"cannot write {path}: {reason}; finished shards are kept, free space and rerun") from None
 
 
 def shard_name(unit: int, fmt: str) -> str:
@@ -94,7 +120,10 @@ class OutputDir:
         self.out = Path(out)
         self.run_config = run_config
         self.fmt = run_config["format"]
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"--out {self.out} exists and is not a folder")
+        with _writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
         self.units_dir = self.out / UNITS_DIR
         self._lock = open(self.out / LOCK, "a")
         try:
@@ -168,12 +197,14 @@ class OutputDir:
             table = rows_to_table(meta, rows["key"], np.asarray(rows["codes"]).reshape(n, -1), rows["sha256"],
                                   rows["width"], rows["height"], rows["caption"])
             write = write_parquet_shard if self.fmt == "parquet" else write_webdataset_shard
-            sha = write(stale, table)
+            with _writing(stale):
+                sha = write(stale, table)
             shard, nbytes = stale.name, stale.stat().st_size
         elif stale.exists():
             stale.unlink()
         r = UnitResult(unit, items_sha256, shard, n, sha, nbytes, failures, counts)
-        atomic_write_bytes(self.marker_path(unit), json.dumps(r.__dict__).encode())
+        with _writing(self.marker_path(unit)):
+            atomic_write_bytes(self.marker_path(unit), json.dumps(r.__dict__).encode())
         return r
 
     # ------------------------------------------------------------------ manifest
@@ -181,7 +212,7 @@ class OutputDir:
         """``results=None``: the start-of-run manifest (complete: false); else every unit's result, in order."""
         final = results is not None
         results = results or []
-        counts = {k: sum(r.counts.get(k, 0) for r in results) for k in ("seen", "encoded", "failed", "duplicate")}
+        counts = {k: sum(r.counts.get(k, 0) for r in results) for k in COUNTS}
         manifest = {
             "version": MANIFEST_VERSION,
             "complete": final,
@@ -193,18 +224,23 @@ class OutputDir:
             "counts": counts,
         }
         if final:
-            self._write_failures(results)
+            with _writing(self.out / FAILURES):
+                self._write_failures(results)
             self._remove_stale(n_units)
-        atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        with _writing(self.out / MANIFEST):
+            atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         return manifest
 
     def _write_failures(self, results: list[UnitResult]) -> None:
         rows = [f for r in results for f in r.failures]
         table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in rows], schema=FAILURE_SCHEMA)
-        fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{FAILURES}.tmp-")
-        os.close(fd)
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.out / FAILURES)
+        tmp = _tmp_path(self.out / FAILURES)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, self.out / FAILURES)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _remove_stale(self, n_units: int) -> None:
         """Shards and markers of units beyond this plan (a shorter input list than a previous run)."""

@@ -7,6 +7,7 @@ report files, accuracy = a recount of the predictions, batched = one by one."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,15 @@ def test_loss_errors_are_one_line(run_codes, corpus, tmp_path, capsys):
     assert main(["loss", "--model", str(tmp_path), "--codes", str(corpus.codes), "--data", str(bad),
                  "--out", str(tmp_path / "o")]) == 2
     assert "neither an asvr-train run folder" in capsys.readouterr().err
+    # a truncated shard: the one line names the file (issue 9; before: "Parquet magic bytes not found")
+    codes = tmp_path / "codes"
+    shutil.copytree(corpus.codes, codes)
+    cut = sorted(codes.glob("part-*.parquet"))[0]
+    cut.write_bytes(cut.read_bytes()[:-50])
+    assert main(["loss", "--model", str(run_codes), "--codes", str(codes), "--data", str(bad),
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(cut) in err[0], err
 
 
 # --------------------------------------------------------------------------- bench
@@ -232,3 +242,25 @@ def test_bench_bad_file_is_one_line_error(run_codes, corpus, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("asvr-eval bench: error: ") and f"{bench}:2: not valid JSON" in err
     assert len(err.splitlines()) == 1
+
+
+def test_ask_a_question_about_an_image_as_the_readme_shows(run_codes, corpus, tmp_path):
+    """The README's example: load a run on the default device (cpu here: no CUDA) and ask."""
+    from asvr.eval.bench_formats import read_bench
+    from asvr.eval.generate import GenerationConfig, ask, generate_answers
+    from asvr.eval.loading import load_for_eval
+    from asvr.train.export import load_exported
+
+    assert next(load_exported(run_codes / "final").parameters()).device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    lm = load_for_eval(run_codes, need_encoder=True)
+    image = corpus.images / corpus.keys[0]
+    answer = ask(lm, image, "What is in the image?", max_new_tokens=5)
+    assert isinstance(answer, str)
+    # the same as the bench path with the bare question
+    bench = tmp_path / "one.jsonl"
+    bench.write_text(json.dumps({"image": corpus.keys[0], "question": "What is in the image?", "answer": "x"}) + "\n")
+    _, items = read_bench(bench, images=corpus.images)
+    cfg = GenerationConfig(max_new_tokens=5, instructions="none", progress=False)
+    assert generate_answers(lm, items, cfg) == [answer]
+    assert ask(lm, image.read_bytes(), "What is in the image?", max_new_tokens=5) == answer

@@ -113,3 +113,17 @@ def test_bad_inspect_arguments(shards, capsys):
     assert main(["inspect", str(shards["tok"]), "--nearest", "zero"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("asvr-tokenizer inspect: error:") for line in err)
+
+
+def test_inspect_without_options_prints_the_summary(shards, capsys):
+    from asvr.tokenizer.artifact import load_artifact
+
+    spec, cb = load_artifact(shards["tok"])
+    assert main(["inspect", str(shards["tok"])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{shards['tok']}: efficientnet_lite0") and "3 depths x 32 codes" in out[0]
+    assert out[1] == f"fingerprint {spec.fingerprint}"
+    norms = [float(line.split()[-1]) for line in out[2:5]]
+    assert [line.split(":")[0] for line in out[2:5]] == ["depth 0", "depth 1", "depth 2"]  # numbered from 0
+    np.testing.assert_allclose(norms, np.linalg.norm(cb.numpy(), axis=-1).mean(-1), rtol=1e-3)
+    assert out[5].startswith("more: --codes CODES")

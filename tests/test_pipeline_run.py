@@ -113,7 +113,7 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
     assert all(f["stage"] == "read" and "escapes --image-root" in f["error"] for f in fails.values())
     m = json.loads((out / MANIFEST).read_text())
     assert m["complete"] and m["counts"] == {"seen": len(expect) + 2, "encoded": len(expect), "failed": 2,
-                                             "duplicate": 0}
+                                             "duplicate": 0, "ignored": 0}
     assert not (tmp_path.parent / "evil").exists() and not Path("/abs").exists()
     assert verify_out(out).ok
 
@@ -180,7 +180,8 @@ def test_bad_files_counting_invariant_and_stages(tmp_path, tiny_tokenizer, tiny_
     m = json.loads((out / MANIFEST).read_text())
     c = m["counts"]
     n_fail = sum(1 for s in cases.values() if s)
-    assert c == {"seen": len(cases) + 2, "encoded": len(cases) - n_fail + 1, "failed": n_fail, "duplicate": 1}
+    assert c == {"seen": len(cases) + 2, "encoded": len(cases) - n_fail + 1, "failed": n_fail, "duplicate": 1,
+                 "ignored": 0}
     assert c["seen"] == c["encoded"] + c["failed"] + c["duplicate"]
     fails = failures(out)
     assert fails["same"]["stage"] == "duplicate" and "dup-0.tar" in fails["same"]["error"]
@@ -271,3 +272,18 @@ def test_refusal_webdataset_output_and_verify(tmp_path, tiny_tokenizer, tiny_tok
     arr = np.load(io.BytesIO(next(v for k, v in s0.items() if k.endswith("codes.npy"))))
     assert arr.shape == (7, 7, 3) and arr.dtype == np.uint16
     assert main(["verify", str(out)]) == 0
+
+
+# --------------------------------------------------------------------------- a quiet run
+def test_a_local_run_prints_only_our_lines(tmp_path, tiny_tokenizer_dir):
+    """Its own local Ray, as a user's first run: no token-auth warning, no "Progress bars
+    disabled", no core_worker.cc line; the summary on stdout, nothing on stderr."""
+    write_image_folder(tmp_path / "imgs", 4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    cmd = [sys.executable, "-m", "asvr.pipeline.cli", "tokenize", str(tmp_path / "imgs"), "--tokenizer",
+           str(tiny_tokenizer_dir), "--out", str(tmp_path / "out"), "--no-progress", "--num-cpus", "2"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr == ""
+    assert r.stdout.splitlines()[0] == "seen 4  encoded 4  failed 0  duplicate 0"
+    assert r.stdout.splitlines()[-1] == f"wrote {tmp_path / 'out'}"

@@ -7,6 +7,7 @@ import os
 import tarfile
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 from conftest import image_bytes, write_image_folder
@@ -27,7 +28,10 @@ def test_folder_keys_are_relative_posix_sorted_with_sidecar_captions(tmp_path):
     (tmp_path / "imgs" / "notes.md").write_text("not an image")
     (tmp_path / "imgs" / ".hidden.jpg").write_bytes(image_bytes(9))
     plan, inputs = discover([str(tmp_path / "imgs")], SourceOptions())
-    assert plan.column("key").to_pylist() == sorted(keys)
+    kinds = dict(zip(plan.column("key").to_pylist(), plan.column("kind").to_pylist()))
+    assert kinds.pop("notes.md") == "ignored"  # counted and listed, not an input image; the caption is not
+    assert list(kinds) == sorted(keys)
+    plan = plan.filter(pa.compute.not_equal(plan.column("kind"), "ignored"))
     assert inputs[0]["format"] == "folder"
     caps = dict(zip(plan.column("key").to_pylist(), plan.column("caption").to_pylist()))
     assert caps["d0/img_00000.jpg"] == "a red thing"
@@ -59,8 +63,10 @@ def test_tar_keys_captions_and_hostile_names(tmp_path):
         tar.addfile(link)
     plan, inputs = discover([str(tmp_path / "s-{000..000}.tar")], SourceOptions())
     assert inputs[0]["format"] == "webdataset"
-    rows = {r["key"]: r for r in plan.to_pylist()}
+    rows = {r["key"]: r for r in plan.to_pylist() if r["kind"] != "ignored"}
     assert list(rows) == ["a/x1", "x2", "../../evil", "/abs/key", "linked"]
+    ignored = {r["key"]: r["error"] for r in plan.to_pylist() if r["kind"] == "ignored"}
+    assert ignored == {"textonly.txt": "its sample has no image member"}
     assert rows["a/x1"]["cap_kind"] == "txt" and rows["x2"]["cap_kind"] == "json"
     assert rows["linked"]["kind"] == "error" and "link" in rows["linked"]["error"]
     # bytes are addressed by offset inside the tar, never by the member name
@@ -140,5 +146,5 @@ def test_empty_input_completes_without_ray(tmp_path, tiny_tokenizer_dir):
     assert main(["tokenize", str(tmp_path / "empty"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out),
                  "--no-progress"]) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert m["complete"] and m["counts"] == {"seen": 0, "encoded": 0, "failed": 0, "duplicate": 0}
+    assert m["complete"] and m["counts"] == {"seen": 0, "encoded": 0, "failed": 0, "duplicate": 0, "ignored": 0}
     assert main(["verify", str(out)]) == 0

@@ -48,7 +48,15 @@ def test_validate_report_error_falls_with_depth(trained, capsys):
         assert 0 < d["utilisation"] <= 1 and d["dead_codes"] == 16 - round(16 * d["utilisation"])
         assert 1 <= d["perplexity"] <= 16
     assert sum(r["usage"][0]) == 8 * 49
-    assert (rep / "error_cosine.png").stat().st_size > 0 and (rep / "usage.png").stat().st_size > 0
+    assert [d["depth"] for d in r["per_depth"]] == [0, 1, 2]  # numbered from 0, as --code D:K and asvr-eval
+    assert capsys.readouterr().out.splitlines()[1].split()[0] == "0"
+    from PIL import Image
+
+    with Image.open(rep / "usage.png") as im:  # the inspect usage plot: one readable panel per depth
+        assert im.text["Title"] == "tok: code usage over 8 images (392 patches)"
+        assert im.size[1] > 3 * 150
+    with Image.open(rep / "error_cosine.png") as im:
+        assert im.text["Title"].startswith("tok: 8 images")
 
 
 def test_encode_prints_codes_and_bad_image_is_one_line(trained, capsys, tmp_path):

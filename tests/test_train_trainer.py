@@ -55,8 +55,26 @@ def test_resume_reproduces_uninterrupted_losses_bitwise(corpus, tiny_tokenizer_d
     assert np.isclose(first["loss"], first["loss_text"] + first["loss_visual"], rtol=1e-6)
     assert np.isclose(first["loss_visual"], np.mean([first[f"loss_visual_d{d}"] for d in range(3)]), rtol=1e-6)
     assert straight[-1]["loss_visual"] < straight[0]["loss_visual"]
-    assert (pretrain_run / "loss.png").stat().st_size > 1000
+    from PIL import Image
+
+    with Image.open(pretrain_run / "loss.png") as im:  # titled with the run and the stage, the flat text loss explained
+        assert im.text["Title"] == f"run {pretrain_run.parent.name}/straight: pretrain stage"
+        assert im.text["Description"].startswith("LLM frozen")
     assert sorted(p.name for p in (pretrain_run / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+
+
+def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir, pretrain_run, tmp_path):
+    """--log-every 3 reads the device once per 3 steps (and at the end): same rows, same
+    values as the run above; --no-final-checkpoint leaves no checkpoint behind."""
+    out = tmp_path / "windowed"
+    assert main(_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "4", "--grad-accum", "2",
+                      "--caption-free-ratio", "0.25", "--log-every", "3", "--no-final-checkpoint", "--no-export")) == 0
+    straight, windowed = read_metrics(pretrain_run), read_metrics(out)
+    assert [r["step"] for r in windowed] == [1, 2, 3, 4]
+    for key in ("loss", "loss_text", "loss_visual", "loss_visual_d1", "lr", "epoch"):
+        assert [r[key] for r in straight] == [r[key] for r in windowed], key
+    assert all(r["tokens_per_s"] > 0 and r["step_time_s"] > 0 for r in windowed)
+    assert not list((out / "checkpoints").glob("step*")) if (out / "checkpoints").exists() else True
 
 
 def test_config_file_of_a_run_reproduces_it(pretrain_run, tmp_path):
@@ -133,3 +151,36 @@ def test_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     args[args.index("--images") + 1] = str(tmp_path / "nope")
     assert main(args) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_existing_run_folder_is_refused_without_resume_or_overwrite(corpus, tiny_tokenizer_dir, pretrain_run,
+                                                                    tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(pretrain_run, run)
+    before = (run / "metrics.jsonl").read_text()
+    assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1")) == 2
+    assert capsys.readouterr().err.strip() == (f"asvr-train: error: {run} already holds a run: --resume auto to "
+                                               "continue, --overwrite to start again")
+    assert (run / "metrics.jsonl").read_text() == before  # untouched
+    assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1", "--overwrite")) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000001"]
+
+
+def test_a_run_prints_only_our_lines(corpus, tiny_tokenizer_dir, tmp_path):
+    """A fresh process as a user's: no "Setting accelerator to CPU", no "Loading weights" bar,
+    no "... built successfully"; our counts, our bar, our summary."""
+    out = tmp_path / "plain"
+    args = [a for a in _args(corpus, tiny_tokenizer_dir, out, "--max-steps", "1", "--no-export") if a != "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "DS_ACCELERATOR")}
+    r = subprocess.run([sys.executable, "-m", "asvr.train.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if not line.startswith("building DeepSpeed's")]  # first run only
+    assert lines[0].startswith("9 samples (9 conversations") and len(lines) == 2, r.stdout
+    assert lines[1].startswith("done: step 1 loss")
+    bar = [part for part in r.stderr.replace("\r", "\n").splitlines() if part.strip()]
+    assert bar and all(part.startswith("pretrain: ") for part in bar), r.stderr[-3000:]

@@ -53,7 +53,9 @@ def run_guarded(prog: str, command: str, call, errors: tuple[type[BaseException]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-tokenizer", description=__doc__.splitlines()[0])
+    from .help_text import plain
+
+    p = argparse.ArgumentParser(prog="asvr-tokenizer", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (mod, help_) in COMMANDS.items():

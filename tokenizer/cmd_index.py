@@ -1,4 +1,4 @@
-"""``asvr-tokenizer index OUT --tokenizer TOK --out IDX``: a faiss index over code shards.
+"""``asvr-tokenizer index CODES --tokenizer TOK --out IDX``: a faiss index over code shards.
 
 One vector per image (mean of the dequantized patch features, L2-normalised;
 see :mod:`asvr.tokenizer.retrieval` for why), exact ``Flat`` below 100k images,
@@ -13,12 +13,13 @@ import json
 import sys
 
 from .cli import CLIError
+from .help_text import plain
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = __doc__
+    p.description = plain(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("codes", metavar="OUT", help="code shard directory written by `asvr-pipeline tokenize` (or one shard file)")
+    p.add_argument("codes", metavar="CODES", help="code shard directory written by `asvr-pipeline tokenize` (or one shard file)")
     p.add_argument("--tokenizer", metavar="TOK", help="tokenizer directory the shards were made with "
                    "(required for a new index; --add defaults to the one recorded in IDX/index.json)")
     p.add_argument("--out", metavar="IDX", required=True, help="index directory (index.json, index.*.faiss, keys.*.parquet)")
@@ -26,7 +27,7 @@ def register(p: argparse.ArgumentParser) -> None:
                    "e.g. Flat, HNSW32,Flat, IVF1024,PQ40,Refine(SQ8) (inner-product metric)")
     p.add_argument("--search-params", metavar="P", help="stored search parameters, e.g. nprobe=32,efSearch=128,k_factor=4")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--add", action="store_true", help="add the shards of OUT that IDX does not hold yet")
+    g.add_argument("--add", action="store_true", help="add the shards of CODES that IDX does not hold yet")
     g.add_argument("--force", action="store_true", help="rebuild IDX from scratch if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

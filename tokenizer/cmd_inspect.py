@@ -1,6 +1,6 @@
 """``asvr-tokenizer inspect TOK``: what the codebook learned.
 
-* ``--codes OUT``: usage per depth over the shards (``usage.png``: counts by
+* ``--codes CODES``: usage per depth over the shards (``usage.png``: counts by
   rank, log scale), dead codes (never used) and dominant codes (used more
   than ``--dominant-factor`` x the uniform share), perplexity per depth.
 * ``--nearest d:k``: the codes nearest to code k in depth d's codebook
@@ -9,7 +9,10 @@
   with ``--images ROOT`` a contact sheet ``code_d_k.png`` with the patches
   outlined on the original images (the padding of ``pad`` mode is accounted for).
 
-``--report DIR`` writes report.json and the PNGs; a short summary is printed
+Depths are numbered from 0 (``0:17`` is code 17 of the first depth), as in
+every asvr command.  Without options it prints the summary: encoder, grid,
+depth x codebook size, fingerprint and the mean code norm per depth.
+``--report DIR`` writes report.json and the PNGs; the summary is printed
 either way.
 """
 from __future__ import annotations
@@ -22,17 +25,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .cli import CLIError
+from .help_text import plain
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = __doc__
+    p.description = plain(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("tokenizer", metavar="TOK", help="tokenizer directory")
-    p.add_argument("--codes", metavar="OUT", help="code shard directory made with this tokenizer (for usage and --code)")
+    p.add_argument("--codes", metavar="CODES", help="code shard directory made with this tokenizer (for usage and --code)")
     p.add_argument("--images", metavar="ROOT", help="image root the shard keys are relative to (for the --code sheet)")
     p.add_argument("--report", metavar="DIR", help="write report.json, usage.png and code sheets here")
     p.add_argument("--code", metavar="D:K", action="append", default=[],
-                   help="images/patches using code K at depth D; D:top = the most used code of depth D (repeatable)")
+                   help="images/patches using code K at depth D (both from 0); D:top = the most used code of depth D "
+                        "(repeatable)")
     p.add_argument("--nearest", metavar="D:K", action="append", default=[],
                    help="nearest codes of code K at depth D, or D:top (repeatable)")
     p.add_argument("--top", type=int, default=8, help="nearest codes to list (default 8)")
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     codes = [_code(t, D, K) for t in args.code]
     nearest = [_code(t, D, K) for t in args.nearest]
     if (codes or any(c < 0 for _, c in nearest)) and not args.codes:
-        raise CLIError("--code and D:top need --codes OUT (the shards to look in)")
+        raise CLIError("--code and D:top need --codes CODES (the shards to look in)")
     if args.top < 1 or args.max_images < 1:
         raise CLIError("--top and --max-images must be >= 1")
     report_dir = Path(args.report) if args.report else None
@@ -74,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     bar = lambda total, desc: tqdm(total=total, unit="shard", desc=desc, disable=args.quiet)  # noqa: E731
     report: dict = {"tokenizer": str(Path(args.tokenizer).resolve()), "fingerprint": spec.fingerprint, "depth": D,
                     "codebook_size": K, "dim": spec.dim, "grid": list(spec.grid), "shared_codebook": spec.shared_codebook}
+    for line in summary_lines(args.tokenizer, spec, cb):
+        print(line)
+    if not (args.codes or nearest or report_dir):
+        print("more: --codes CODES (usage per depth), --nearest D:K, --code D:K, --report DIR")
     try:
         if args.codes:
             usage = usage_counts(args.codes, spec.fingerprint, D, K, lambda n: bar(n, "usage"))
@@ -112,6 +121,19 @@ def run(args: argparse.Namespace) -> int:
         _write_json(report_dir / "report.json", report)
         print(f"report: {report_dir / 'report.json'}")
     return 0
+
+
+def summary_lines(path: str, spec, cb) -> list[str]:
+    """What the tokenizer is, in a few lines (``cb``: float32 codebooks ``[D or 1, K, C]``)."""
+    e = spec.encoder
+    norms = cb.norm(dim=-1).mean(dim=-1).tolist()
+    shared = ", shared codebook" if spec.shared_codebook else ""
+    lines = [f"{path}: {e.kind} at {e.image_size} px ({spec.preprocess}), grid "
+             f"{spec.grid[0]}x{spec.grid[1]}, dim {spec.dim}, {spec.depth} depths x {spec.codebook_size} codes{shared}",
+             f"fingerprint {spec.fingerprint}"]
+    names = ["all depths"] if spec.shared_codebook else [f"depth {d}" for d in range(len(norms))]
+    lines += [f"{n}: mean code norm {v:.4g}" for n, v in zip(names, norms)]
+    return lines
 
 
 def _write_json(path: Path, obj) -> None:

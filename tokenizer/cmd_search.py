@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 
 from .cli import CLIError
+from .help_text import plain
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = __doc__
+    p.description = plain(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("index", metavar="IDX", help="index directory built by `asvr-tokenizer index`")
     q = p.add_mutually_exclusive_group(required=True)

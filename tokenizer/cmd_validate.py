@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "w") as f:
         json.dump(body, f, indent=1)
     os.replace(tmp, out / "report.json")
-    plot_report(report, out)
+    plot_report(report, out, title=Path(args.tokenizer).name)
     if failures:
         print(f"skipped {len(failures)} unreadable images (first: {failures[0].path}: {failures[0].reason})",
               file=sys.stderr)

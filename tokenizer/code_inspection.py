@@ -124,14 +124,15 @@ def plot_usage(usage: Usage, path: str | os.PathLike, title: str = "") -> Path:
         ax.set_ylabel("patches")
     axes[-1, 0].set_xlabel("code rank (most used first)")
     axes[0, 0].legend(loc="upper right", fontsize=8)
-    fig.suptitle(title or f"code usage over {usage.images} images ({usage.patches} patches)", fontsize=10)
+    title = title or f"code usage over {usage.images} images ({usage.patches} patches)"
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.canvas.draw()
     from PIL import Image
 
     img = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
     plt.close(fig)
-    return save_png(img, path)
+    return save_png(img, path, text={"Title": title})
 
 
 # --------------------------------------------------------------------------- nearest codes

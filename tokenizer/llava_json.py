@@ -26,6 +26,8 @@ def read_llava_records(path: str | os.PathLike) -> list[Any]:
                    if path.suffix.lower() == ".jsonl" else json.loads(text))
     except (OSError, ValueError) as e:
         raise LlavaJSONError(f"{path}: not a readable LLaVA JSON file ({e})") from None
+    except RecursionError:  # json's C scanner on e.g. 100k nested brackets
+        raise LlavaJSONError(f"{path}: not a readable LLaVA JSON file (nested too deeply)") from None
     if not isinstance(records, list):
         raise LlavaJSONError(f"{path}: expected a JSON list of conversation records")
     return records

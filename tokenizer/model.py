@@ -12,7 +12,7 @@ from PIL import Image
 from .artifact import TokenizerError, TokenizerSpec, load_artifact
 from .encoders import EncoderSpec, build_encoder, hash_encoder_weights
 from .preprocess import PreprocessConfig, open_image, preprocess
-from .quantizer import ResidualQuantizer
+from .quantizer import ResidualQuantizer, default_search_dtype
 
 
 class SemanticTokenizer(torch.nn.Module):
@@ -87,10 +87,8 @@ class SemanticTokenizer(torch.nn.Module):
         """pixels -> codes ``[B, H, W, D]`` (int64)."""
         feats = self.features(pixels, dtype=dtype)
         if search_dtype is None:
-            # fp32 search measured fastest of the exact variants on an H200 (156 img/s vs 149 fp16,
-            # 129 bf16 for 8x16384x1152): on concentrated features most fp16/bf16 rows are not
-            # certified and are searched again in fp32 (bench/results/gpu_tokenizer_h200_v3.json)
-            search_dtype = "float32"
+            # the fused bf16x3 kernel on CUDA (with triton), fp32 elsewhere: quantizer.default_search_dtype
+            search_dtype = default_search_dtype(feats.device)
         cand = 16
         return self.quantizer.encode(feats, search_dtype=search_dtype, candidates=cand)
 

@@ -6,7 +6,14 @@ square canvas of the mean colour (``expand2square``, background
 ``int(255 * mean)``); then a PIL bicubic resize to ``image_size x image_size``,
 ``x / 255``, ``(x - mean) / std``.  ``square`` skips the canvas (aspect ratio is
 not kept).  We add what the reference forgets: EXIF orientation, and modes it
-would mangle (16-bit greyscale is scaled to 8 bits instead of clipped).
+would mangle (16-bit greyscale is scaled to 8 bits instead of clipped; float
+images in [0, 1] are scaled by 255 instead of becoming almost black, and float
+images outside [0, 255] are refused).  The ``pad`` canvas is bounded by
+``max_pixels`` like the decoded image (a 169-byte 30000x1 PNG would otherwise
+ask for a 30000x30000 canvas, 2.7 GB); an image whose canvas fits is padded
+exactly as before.  An image PIL cannot identify is reported with the reason
+its format's decoder gives (``broken PNG file (bad header checksum in
+b'IHDR')``), not PIL's generic "cannot identify".
 
 ``fast_decode`` uses PIL's JPEG ``draft`` (DCT-domain downscaling by a power of
 two, never below the target size): about 2x faster on large photos but the
@@ -15,6 +22,7 @@ pixels differ from a full decode, so it is opt-in.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +66,15 @@ class PreprocessConfig:
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if img.mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        lo, hi = (float(np.min(arr)), float(np.max(arr))) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise ImageError(f"float image with values in [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]")
+        top = 1.0 if hi <= 1.0 else 255.0  # a [0, 1] float image is the common scientific/HDR-export case
+        arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(img).astype(np.float64)
         top = 65535.0 if img.mode.startswith("I;16") else max(255.0, float(arr.max()) if arr.size else 255.0)
         arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
@@ -78,7 +94,7 @@ def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageError("not an image (format not recognised)") from None
+        raise ImageError(_unidentified_reason(data)) from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt headers
@@ -96,16 +112,42 @@ def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
         return _to_rgb(img)
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - truncated data, bad EXIF, unsupported modes
         raise ImageError(f"cannot decode: {type(e).__name__}: {e}") from None
 
 
-def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """The reference's pad-to-square with the mean colour, image centred."""
+def _unidentified_reason(data: bytes) -> str:
+    """Why no PIL plugin opened ``data``: the error of the plugin whose signature matches, if any."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is None or not accept(prefix):
+                continue
+            factory(io.BytesIO(data), None)
+        except Exception as e:  # noqa: BLE001 - the plugin's own reason is what we want
+            why = str(e)
+            if why == "not identified by this driver" and fmt == "PNG" and len(data) >= 24:
+                w, h = struct.unpack(">II", data[16:24])
+                why = f"header says {w}x{h} pixels" if w == 0 or h == 0 else "unsupported mode or size in header"
+            return f"{fmt} file that cannot be opened: {why}"
+    return "not an image (format not recognised)"
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+                  ) -> Image.Image:
+    """The reference's pad-to-square with the mean colour, image centred; the canvas
+    (``side**2`` pixels) must fit ``max_pixels`` (:class:`ImageError` at stage preprocess)."""
     w, h = img.size
     if w == h:
         return img
     side = max(w, h)
+    if side * side > max_pixels:
+        raise ImageError(f"pad canvas {side}x{side} = {side * side} pixels > limit {max_pixels} (--max-pixels)",
+                         stage="preprocess")
     canvas = Image.new(img.mode, (side, side), background)
     canvas.paste(img, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
     return canvas
@@ -115,11 +157,13 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> normalised float32 ``[3, S, S]``."""
     try:
         if cfg.mode == "pad":
-            img = expand2square(img, cfg.background)
+            img = expand2square(img, cfg.background, cfg.max_pixels)
         img = img.resize((cfg.image_size, cfg.image_size), resample=_RESAMPLE[cfg.resample])
         arr = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
         arr = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ImageError(f"cannot preprocess: {type(e).__name__}: {e}", stage="preprocess") from None
 
@@ -131,8 +175,9 @@ def load_and_preprocess(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray,
 
 
 def read_file(path) -> bytes:
+    from .paths import UnsafePathError, read_regular
+
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+        return read_regular(path)  # never blocks on a FIFO named like an image
+    except UnsafePathError as e:
+        raise ImageError(f"cannot read {path}: {e}") from None

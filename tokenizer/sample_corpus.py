@@ -303,7 +303,10 @@ def make_corpus(out: str | os.PathLike, n: int = 600, seed: int = 0, heldout_fra
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m asvr.tokenizer.sample_corpus", description=__doc__.splitlines()[0])
+    from .help_text import plain
+
+    p = argparse.ArgumentParser(prog="python -m asvr.tokenizer.sample_corpus",
+                                description=plain(__doc__.splitlines()[0]))
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=600, help="number of images (train + held-out)")
     p.add_argument("--seed", type=int, default=0)

@@ -96,14 +96,20 @@ def draw_sheet(tiles: list[Tile], layout: SheetLayout = SheetLayout(), title: st
     return sheet
 
 
-def save_png(img: Image.Image, path: str | os.PathLike) -> Path:
-    """Atomic PNG write (temp name in the same folder, then rename)."""
+def save_png(img: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
+    """Atomic PNG write (temp name in the same folder, then rename); ``text`` goes into PNG
+    text chunks (e.g. ``{"Title": ...}``, readable as ``Image.open(path).text``)."""
+    from PIL.PngImagePlugin import PngInfo
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
     try:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,9 @@
 """Codebook quality per depth: reconstruction, utilisation and usage.
 
-For features ``x`` and their exact greedy codes, after each depth ``d``:
+For features ``x`` and their exact greedy codes, after each depth ``d``
+(numbered from 0, as everywhere in asvr: ``--code D:K``, shards, training
+metrics ``loss_visual_d0``; the row of depth ``d`` measures the
+reconstruction from depths ``0..d``):
 
 * ``rel_error``: ``sum ||x - x_hat_d||^2 / sum ||x||^2`` (float64);
 * ``cosine``: mean cosine similarity of ``x`` and ``x_hat_d``;
@@ -68,50 +71,40 @@ def depth_metrics(x: torch.Tensor, codes: torch.Tensor, quantizer) -> tuple[list
         err = float(((x64 - rec) ** 2).sum()) / total
         cos = float(((x64 * rec).sum(1) / (xn * rec.norm(dim=1)).clamp_min(1e-30)).mean())
         hist, h, ppl, dead = usage_stats(codes[:, d].numpy(), k)
-        out.append(DepthMetrics(depth=d + 1, rel_error=err, cosine=cos, utilisation=float((hist > 0).mean()),
+        out.append(DepthMetrics(depth=d, rel_error=err, cosine=cos, utilisation=float((hist > 0).mean()),
                                 entropy_bits=h, perplexity=ppl, dead_codes=dead))
         usage.append(hist.tolist())
     return out, usage
 
 
-def plot_report(report: ValidationReport, out: Path) -> list[Path]:
-    """error_cosine.png (both vs depth) and usage.png (sorted histogram per depth)."""
+def plot_report(report: ValidationReport, out: Path, title: str = "") -> list[Path]:
+    """error_cosine.png (both vs depth) and usage.png (counts by rank per depth, log scale,
+    uniform line: the same plot as ``asvr-tokenizer inspect``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .code_inspection import Usage, plot_usage
+
+    name = f"{title}: " if title else ""
     depths = [m.depth for m in report.per_depth]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(depths, [m.rel_error for m in report.per_depth], "o-", color="C0", label="relative error")
-    ax.set_xlabel("depth")
+    ax.set_xlabel("depth d (reconstruction from depths 0..d)")
     ax.set_ylabel("relative reconstruction error", color="C0")
     ax.set_xticks(depths)
     ax2 = ax.twinx()
     ax2.plot(depths, [m.cosine for m in report.per_depth], "s--", color="C1", label="cosine")
     ax2.set_ylabel("mean cosine similarity", color="C1")
-    ax.set_title(f"{report.n_images} images, {report.n_vectors} vectors")
+    heading = f"{name}{report.n_images} images, {report.n_vectors} vectors"
+    ax.set_title(heading)
     fig.tight_layout()
     p1 = out / "error_cosine.png"
-    fig.savefig(p1, dpi=100)
+    fig.savefig(p1, dpi=100, metadata={"Title": heading})
     plt.close(fig)
 
-    n = len(report.usage)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for i, hist in enumerate(report.usage):
-        a = axes[i // cols][i % cols]
-        h = np.sort(np.asarray(hist))[::-1]
-        a.bar(np.arange(len(h)), h, width=1.0, color="C2")
-        m = report.per_depth[i]
-        a.set_title(f"depth {i + 1}: {100 * m.utilisation:.0f}% used, ppl {m.perplexity:.0f}", fontsize=9)
-        a.set_xlabel("code rank")
-        a.set_ylabel("count")
-    for j in range(n, rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.tight_layout()
-    p2 = out / "usage.png"
-    fig.savefig(p2, dpi=100)
-    plt.close(fig)
+    usage = Usage(np.asarray(report.usage, dtype=np.int64), report.n_images, report.n_vectors, None)
+    p2 = plot_usage(usage, out / "usage.png",
+                    title=f"{name}code usage over {report.n_images} images ({report.n_vectors} patches)")
     return [p1, p2]

@@ -3,9 +3,16 @@
 Layout under ``RUN/checkpoints``: one DeepSpeed tag folder per save
 (``step00000042``: module, ZeRO optimizer partitions, LR scheduler, and our
 ``client_state``), plus DeepSpeed's ``latest`` file naming the newest tag.
-``client_state`` = ``{step, loader: {epoch, position, ...}, rng: {...}}``;
+``client_state`` = ``{step, loader: {epoch, position, ...}}``;
 RNG states are per rank (each rank saves its own ``rng-rank<r>.pt`` next to
 the tag), so dropout and sampling continue exactly where they stopped.
+
+Our own files never unpickle: ``rng-rank<r>.pt`` holds only tensors, ints and
+strings (Python's Mersenne state as an int64 tensor, numpy's as a tensor plus
+numbers) and is read with ``torch.load(weights_only=True)``, so a planted
+pickle there is refused instead of run.  DeepSpeed's own files (module,
+optimizer, ``client_state``) are loaded by DeepSpeed, which unpickles them: a
+run folder is trusted input (README), like any PyTorch checkpoint.
 """
 from __future__ import annotations
 
@@ -25,18 +32,41 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG as tensors and plain numbers (loadable with ``weights_only=True``)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng_state(path: Path) -> dict:
+    """``rng-rank<r>.pt`` -> state; never unpickles code (a planted pickle is a one-line error)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for anything but tensors/containers
+        raise CheckpointError(f"{path}: not an RNG state file of this project, refused without running it "
+                              f"({type(e).__name__}); the run folder is trusted input, check who wrote it") from None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; one line."""
 
 
 def save(engine, run_dir: Path, step: int, loader_state: dict, rank: int, keep: int) -> Path:
@@ -75,7 +105,7 @@ def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | Non
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {run_dir / CHECKPOINTS}")
     rng = run_dir / CHECKPOINTS / tag / f"rng-rank{rank}.pt"
     if rng.exists():
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_rng_state(rng))
     return client
 
 

@@ -23,6 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from asvr.tokenizer.help_text import plain
+
 from .config import TrainConfig
 from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from_args, parse_dataclass_args
 
@@ -33,7 +35,7 @@ class CLIError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option is a ``TrainConfig`` field (``train/config.py``): its docstring is the help."""
-    p = argparse.ArgumentParser(prog="asvr-train", description=__doc__,
+    p = argparse.ArgumentParser(prog="asvr-train", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE",
                    help="options from a .toml/.yaml/.json file (field names as keys, [head] a table); flags given "
@@ -66,19 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     from asvr.tokenizer.artifact import TokenizerError
     from asvr.tokenizer.preprocess import ImageError
 
+    from .checkpoint import CheckpointError
     from .export import ExportError
     from .sources import DataError
     from .templates import ConversationError
+    from .trainer import RunFolderError
     from .vision_tower import VisionTowerError
 
-    expected = (CLIError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
-                VisionTowerError, ConfigFileError)
+    expected = (CLIError, RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError,
+                ConversationError, VisionTowerError, ConfigFileError, CheckpointError)
     try:
         args = parse_dataclass_args(build_parser(), TrainConfig, argv)
         cfg = config_from_args(args)
     except (ValueError, *expected) as e:
         print(f"asvr-train: error: {e}", file=sys.stderr)
         return 2
+    from .libraries import configure
+
+    configure(cfg.verbose)
     if cfg.preview:
         from .preview import preview
 

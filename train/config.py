@@ -308,8 +308,17 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0: only at the end)."""
     keep_checkpoints: int = field(default=2, metadata=_opt(RUN))
     """Newest checkpoints kept (0: all)."""
+    final_checkpoint: bool = field(default=True, metadata=_opt(RUN, flag="--no-final-checkpoint"))
+    """(--no-final-checkpoint) no checkpoint at the last step: throughput runs (a 1.3B SFT state with
+    AdamW is ~20 GB)."""
+    log_every: int = field(default=10, metadata=_opt(RUN, metavar="N"))
+    """Read the step metrics off the device every N optimizer steps: one GPU sync per N steps, not per
+    step; metrics.jsonl still gets every step (step time and tokens/s: the window's mean)."""
     resume: str | None = field(default=None, metadata=_opt(RUN))
     """'auto': continue from the newest checkpoint in --output-dir (if any); or a tag like step00000042."""
+    overwrite: bool = field(default=False, metadata=_opt(RUN))
+    """Start again in an --output-dir that already holds a run (its checkpoints, metrics, plot and export are
+    deleted first; RUN/cache is kept). Without it, or --resume, such a folder is refused."""
     stop_after: int | None = field(default=None, metadata=_opt(RUN))
     """End this invocation after N steps with a checkpoint (the schedule still spans --max-steps; rerun
     with --resume auto): jobs with a wall-time limit."""
@@ -319,6 +328,8 @@ class TrainConfig:
     """(--no-export) do not write RUN/final, the exported model."""
     progress: bool = field(default=True, metadata=_opt(RUN, flag="--quiet"))
     """(--quiet) no progress bar or messages."""
+    verbose: bool = field(default=False, metadata=_opt(RUN))
+    """Also show DeepSpeed's and transformers' own messages and warnings (see asvr.train.libraries)."""
     preview: int = field(default=0, metadata=_opt(RUN, metavar="N"))
     """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100, image
     positions) and exit without training (0: train)."""
@@ -339,8 +350,14 @@ class TrainConfig:
             raise ValueError(f"--attn-implementation must be one of {ATTN_IMPLEMENTATIONS}")
         if self.resume not in (None, "auto") and not self.resume.startswith("step"):
             raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
+        if self.overwrite and self.resume is not None:
+            raise ValueError("--overwrite starts the run again, --resume continues it: give one")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError("--stop-after must be >= 1")
+        if self.stop_after is not None and not self.final_checkpoint:
+            raise ValueError("--stop-after needs the final checkpoint (drop --no-final-checkpoint)")
+        if self.log_every < 1:
+            raise ValueError("--log-every must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:

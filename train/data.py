@@ -23,6 +23,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
+
 from .batch import Batch
 from .packing import MicroBatch, PackingConfig, plan_epoch, shard_for_rank
 from .sources import CodeStore, ConversationRecord, DataError, load_conversations
@@ -70,7 +72,7 @@ class Sample:
 class BadSample:
     sample_id: str
     source: str
-    kind: str  # malformed | not in shards | missing image | too long
+    kind: str  # malformed | not in shards | missing image | unsafe image path | too long
     reason: str
 
 
@@ -95,6 +97,20 @@ def describe_bad(bad: Sequence[BadSample], first: int = 3) -> str:
     head = "; ".join(f"{b.sample_id} ({b.reason})" for b in bad[:first])
     return f"{len(bad)} bad samples ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}): {head}"
 
+
+
+def image_problem(root: Path, key: str) -> tuple[str, str] | None:
+    """``(kind, reason)`` when ``--images/key`` cannot be an image input (it escapes the root, is
+    missing or is not a regular file), else None.  Keys come from shards and conversations, i.e. from
+    data: the same confinement as the pipeline's LLaVA input (:func:`asvr.tokenizer.paths.confine`)."""
+    try:
+        path = confine(root, key)
+    except UnsafePathError as e:
+        return "unsafe image path", f"{key!r}: {str(e).replace('the image root', '--images')}"
+    why = regular_file_error(path)
+    if why is None:
+        return None
+    return "missing image", f"{root / key} {'does not exist' if not os.path.lexists(path) else why}"
 
 def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer, store: CodeStore,
                         check_images: bool | Callable[[str], bool]) -> TrainingData:
@@ -127,8 +143,8 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
         if rec.image is not None and rec.image not in store:
             refuse("not in shards", f"image {rec.image!r} is in no shard")
             continue
-        if rec.image is not None and need(rec.image) and not (root / rec.image).is_file():
-            refuse("missing image", f"{root / rec.image} does not exist")
+        if rec.image is not None and need(rec.image) and (why := image_problem(root, rec.image)):
+            refuse(*why)
             continue
         if len(enc) > max_len:
             if enc.image_mask[max_len:].any():
@@ -142,10 +158,9 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     r = cfg.caption_free_ratio
     n_free = len(free_pool) if r >= 1 else min(len(free_pool), int(round(r / (1 - r) * n_conv)))
     if n_free:
-        missing = {k for k in free_pool if need(k) and not (root / k).is_file()}
+        missing = {k: why for k in free_pool if need(k) and (why := image_problem(root, k))}
         if missing:
-            bad.extend(BadSample(k, "shards", "missing image", f"{root / k} does not exist") for k in free_pool
-                       if k in missing)
+            bad.extend(BadSample(k, "shards", *missing[k]) for k in free_pool if k in missing)
             free_pool = [k for k in free_pool if k not in missing]
             n_free = min(n_free, len(free_pool))
         rng = np.random.default_rng([cfg.seed, 7])

@@ -136,9 +136,10 @@ def resolve_export_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return export, run
 
 
-def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
+def load_exported(folder: str | os.PathLike, device: str | torch.device | None = None, tokenizer=None,
                   attn_implementation: str | None = None, vision_tower=None) -> ASVRModel:
-    """Rebuild the model of an export folder, weights loaded with strict keys.
+    """Rebuild the model of an export folder, weights loaded with strict keys, on ``device``
+    (default: cuda when available, else cpu).
 
     An online model runs its recorded vision tower (``vision_tower=`` passes one
     already built; its fingerprint must match), or the tokenizer's encoder when
@@ -176,6 +177,8 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device = "cpu",
     model = build_model(cfg, tok, codebooks=codebooks, llm=llm, tower=vision_tower)
     model.cfg.vision = vision  # keep the recorded path even when a moved tokenizer was passed in
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from asvr.tokenizer.help_text import plain
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-export", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="asvr-export", description=plain(__doc__.split("\n\n")[0]),
+                                epilog=plain(__doc__.split("\n\n", 2)[2]), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="an asvr-train run folder (its final/) or an export folder")
     p.add_argument("--hf-llava", metavar="OUT", required=True, help="write a Hugging Face LLaVA folder here")
     p.add_argument("--tokenizer", metavar="DIR", help="the semantic tokenizer artifact, when it moved since training")

@@ -7,6 +7,8 @@ crashed after its last checkpoint does not log the replayed steps twice.
 from __future__ import annotations
 
 import json
+import os
+import textwrap
 from pathlib import Path
 
 METRICS = "metrics.jsonl"
@@ -53,15 +55,26 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def plot_losses(run_dir: str | Path) -> Path | None:
-    """``RUN/loss.png``: loss, text loss and visual loss against the step."""
+STAGE_NOTES = {
+    "pretrain": "LLM frozen: only the projector and the visual head learn, so the text loss moves only "
+                "through the image tokens and stays nearly flat",
+}
+
+
+def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
+    """``RUN/loss.png``: loss, text loss and visual loss against the step, titled with the run
+    folder and the stage (PNG metadata ``Title``/``Description`` hold the title and the note)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    fig = Figure(figsize=(7, 4))
+    run_dir = Path(run_dir)
+    name = "/".join(run_dir.resolve().parts[-2:])  # runs/pretrain
+    title = f"run {name}: {stage} stage" if stage else f"run {name}"
+    note = STAGE_NOTES.get(stage or "", "")
+    fig = Figure(figsize=(7, 4.4 if note else 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     steps = [r["step"] for r in rows]
@@ -71,7 +84,12 @@ def plot_losses(run_dir: str | Path) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    out = Path(run_dir) / LOSS_PLOT
+    fig.suptitle(title, fontsize=11)
+    if note:
+        ax.set_title(textwrap.fill(note, 80), fontsize=8, color="0.3")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    out = run_dir / LOSS_PLOT
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})
+    os.replace(tmp, out)
     return out

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from asvr.tokenizer.help_text import plain
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0..5: pad 0, bos 1, eos 2
 
 
@@ -75,7 +77,7 @@ def make_tiny_llm(folder: str | os.PathLike, family: str = "llama", texts: Itera
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m asvr.train.tiny_llm", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m asvr.train.tiny_llm", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--family", default="llama", choices=["llama", "qwen2", "mistral"])

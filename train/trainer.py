@@ -10,13 +10,22 @@ gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
 one-process group itself (127.0.0.1, a free port).  The optimizer is torch's
 AdamW passed to DeepSpeed as a client optimizer (FusedAdam needs CUDA and
 DeepSpeedCPUAdam compiles a C++ op for ~40 s), unless a ``--deepspeed``
-config brings its own ``optimizer`` section.  ZeRO-3: the model is built and
+config brings its own ``optimizer`` section.  (DeepSpeed's CPU backend still
+compiles its shared-memory communication op once per machine, announced
+first: see ``libraries.py``.)  ZeRO-3: the model is built and
 ``--init-from`` weights loaded *before* ``deepspeed.initialize`` partitions
 it (a ~7B model fits in host RAM; ``zero.Init`` for larger ones is not wired),
 and the export gathers the partitions with ``zero.GatheredParameters``.
 ZeRO-3 also partitions the frozen online encoder: on CPU/gloo its ~200 small
 tensors are gathered every step (7 s/step vs 0.5 s with ZeRO-2 on the tiny
 test model), so prefer ZeRO-2, or the codes/features inputs, for small runs.
+
+Metrics: the per-step losses stay on the device and are reduced and copied to
+the host once per ``--log-every`` steps (every step still gets its row in
+metrics.jsonl; step time and tokens/s are the window's mean).  On one H200
+(bench/results/gpu_issues_12_13_h200.md) the CLI at ~1.3B bf16 ran at 0.31-0.58
+of a bare torch loop: the remaining gap is DeepSpeed's (fp32 master weights,
+ZeRO buckets, its own syncs in ``engine.step``).
 
 Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
 an uninterrupted run bit for bit (tested): the loader resumes at the next
@@ -30,6 +39,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict
@@ -39,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, libraries
 from .config import ModelConfig, TrainConfig
 from .data import DataConfig, PackedLoader, TrainingData, assemble_data, describe_bad, open_codes, write_bad_samples
 from .metrics import MetricsLogger, plot_losses
@@ -89,15 +99,48 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
     return f
 
 
+class RunFolderError(ValueError):
+    """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
+
+
+# What a run writes in its folder (RUN/cache, the reusable feature cache, is not among them).
+RUN_OUTPUTS = (checkpoint.CHECKPOINTS, "final", "metrics.jsonl", "loss.png", "train_config.json",
+               "bad_samples.jsonl", "tensorboard")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` has checkpoints, metrics or an export of an earlier run."""
+    return any((run_dir / name).exists() for name in (checkpoint.CHECKPOINTS, "final", "metrics.jsonl"))
+
+
+def check_run_folder(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to silently restart (and so overwrite) a run: before this check, rerunning a
+    finished command without --resume started again at step 1 over the finished run."""
+    if resume is None and not overwrite and holds_run(run_dir):
+        raise RunFolderError(f"{run_dir} already holds a run: --resume auto to continue, --overwrite to start again")
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.resuming = False
+        check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
         self.rank, self.world, self.owns_group = init_distributed()
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.rank == 0:
+            if cfg.overwrite and cfg.resume is None:
+                clear_run_folder(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
 
@@ -207,9 +250,13 @@ class Trainer:
                 warmup = max(1, math.ceil(cfg.warmup_ratio * total))
                 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                               cosine_with_warmup(total, warmup, cfg.min_lr_ratio))
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
-                                               optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
-                                               dist_init_required=False)
+        notice = libraries.build_notice()
+        if notice:
+            self.log(notice)
+        with libraries.quiet_stdout(cfg.verbose):
+            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
+                                                   optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                                   dist_init_required=False)
         step = 0
         if self.resuming:
             client = checkpoint.load(engine, self.run_dir, self.rank, None if cfg.resume == "auto" else cfg.resume)
@@ -227,7 +274,7 @@ class Trainer:
         if cfg.export and stop == total:
             self.export(engine, llm_tokenizer)
         if self.rank == 0:
-            plot_losses(self.run_dir)
+            plot_losses(self.run_dir, cfg.stage)
         dist.barrier()
         return last
 
@@ -239,32 +286,45 @@ class Trainer:
         bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", disable=self.rank != 0 or not cfg.progress,
                    dynamic_ncols=True)
         last: dict = {}
+        pending: list[tuple[dict, list[str], torch.Tensor]] = []
         engine.train()
+        t_window = time.perf_counter()
         while step < stop:
-            t0 = time.perf_counter()
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves at the step's end)
-            record = self.train_step(engine, it)
+            keys, vec, tokens = self.train_step(engine, it)
             step += 1
-            dt = time.perf_counter() - t0
-            record = {"step": step, **record, "tokens_per_s": record.pop("tokens") / dt,
-                      "lr": lr, "step_time_s": dt, "epoch": loader.epoch}
-            metrics.log(record)
-            last = record
-            bar.set_postfix(loss=f"{record['loss']:.4f}", text=f"{record['loss_text']:.3f}",
-                            vis=f"{record['loss_visual']:.3f}")
+            pending.append(({"step": step, "tokens": tokens, "lr": lr, "epoch": loader.epoch}, keys, vec))
             bar.update(1)
-            if step == stop or (cfg.save_every and step % cfg.save_every == 0):
+            save = (step == stop and cfg.final_checkpoint) or (cfg.save_every and step % cfg.save_every == 0)
+            if save or step == stop or len(pending) >= cfg.log_every:
+                # one reduction and one device->host copy for the whole window: the step time is
+                # the window's mean (a per-step host clock would need a sync per step)
+                records = self.read_metrics(pending)
+                dt = (time.perf_counter() - t_window) / len(pending)
+                for record in records:
+                    record.update(tokens_per_s=record.pop("tokens") / dt, step_time_s=dt)
+                    metrics.log(record)
+                last = records[-1]
+                bar.set_postfix(loss=f"{last['loss']:.4f}", text=f"{last['loss_text']:.3f}",
+                                vis=f"{last['loss_visual']:.3f}")
+                pending = []
+            if save:
                 checkpoint.save(engine, self.run_dir, step, loader.state_dict(), self.rank, cfg.keep_checkpoints)
+            if not pending:
+                t_window = time.perf_counter()
         bar.close()
         return last
 
-    def train_step(self, engine, it) -> dict:
-        """One optimizer step = grad_accum micro-batches; metrics averaged over them and the ranks."""
+    def train_step(self, engine, it) -> tuple[list[str], torch.Tensor, int]:
+        """One optimizer step = grad_accum micro-batches.  -> (loss names, their sums over
+        the micro-batches as one device tensor, this rank's tokens): nothing is read back
+        from the device here (see :meth:`read_metrics`)."""
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for _ in range(self.cfg.grad_accum):
-            batch = next(it).to(self.device)
-            tokens += batch.num_tokens
+            batch = next(it)
+            tokens += batch.num_tokens  # counted on the host copy: no device sync
+            batch = batch.to(self.device)
             loss, m = engine(batch)
             engine.backward(loss)
             engine.step()
@@ -272,12 +332,25 @@ class Trainer:
                 if k.startswith("loss"):
                     sums[k] = sums.get(k, 0) + v.detach().float()
         keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys] + [torch.tensor(float(tokens))]).to(self.device)
+        return keys, torch.stack([sums[k] for k in keys]), tokens
+
+    def read_metrics(self, pending: list[tuple[dict, list[str], torch.Tensor]]) -> list[dict]:
+        """The pending steps' records: loss sums and token counts of all steps reduced over
+        the ranks in one all_reduce and copied to the host once; losses averaged over
+        micro-batches and ranks, tokens summed over ranks."""
+        tokens = torch.tensor([float(info["tokens"]) for info, _, _ in pending], device=self.device)
+        vec = torch.cat([v for _, _, v in pending] + [tokens])
         dist.all_reduce(vec)
         vals = vec.cpu().tolist()
         n = self.cfg.grad_accum * self.world
-        out = {k: vals[i] / n for i, k in enumerate(keys)}
-        out["tokens"] = vals[-1]
+        out, pos = [], 0
+        for i, (info, keys, _) in enumerate(pending):
+            rec = {"step": info["step"], **{k: vals[pos + j] / n for j, k in enumerate(keys)}}
+            pos += len(keys)
+            rec.update(tokens=vals[len(vals) - len(pending) + i], lr=info["lr"], epoch=info["epoch"])
+            if self.device.type == "cuda":  # the allocator's counter: a host read, no sync
+                rec["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out.append(rec)
         return out
 
     def export(self, engine, llm_tokenizer) -> None:

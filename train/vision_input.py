@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from asvr.tokenizer.paths import UnsafePathError, confine, read_regular
 from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess
 from asvr.tokenizer.quantizer import ResidualQuantizer
 
@@ -76,9 +77,10 @@ class PixelSource:
 
     def __call__(self, key: str) -> np.ndarray:
         path = self.images / key
-        try:
-            return preprocess(open_image(path.read_bytes(), self.cfg), self.cfg)
-        except (OSError, ImageError) as e:
+        try:  # keys are data: confined to the image root as the pipeline's LLaVA input
+            data = read_regular(confine(self.images, key))
+            return preprocess(open_image(data, self.cfg), self.cfg)
+        except (UnsafePathError, ImageError) as e:
             raise _data_error(f"{path}: {e}") from None
 
 
@@ -92,8 +94,8 @@ class TowerFeatures:
 
     def batch(self, keys: Sequence[str]) -> np.ndarray:
         try:
-            pixels = self.tower.preprocess_images([self.images / k for k in keys], self.mode)
-        except (OSError, ValueError) as e:
+            pixels = self.tower.preprocess_images([read_regular(confine(self.images, k)) for k in keys], self.mode)
+        except (OSError, ValueError) as e:  # UnsafePathError and ImageError are ValueErrors
             raise _data_error(f"computing features: {e}") from None
         return self.tower.features(pixels).cpu().numpy()
 
