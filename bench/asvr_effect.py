@@ -28,7 +28,7 @@ the default size (600 train images, 128-d x 2-layer Llama, 60 pretrain + 400 SFT
 tokenizers and shards.  At that size no arm reads the image: every arm's held-out accuracy
 is at chance (35 %) while the visual head reaches 62-73 % at depth 0.  One seed of arm b
 with 2500 SFT steps breaks the text-loss plateau after ~800 steps (0.48 -> 0.23) and answers
-54 % of questions on *training* images, yet stays at chance on the held-out pairs except
+54 % of its own *training* questions, yet stays at chance on the held-out pairs except
 count (53 % vs 39 %): the model memorises 600 scenes before it generalises.
 """
 from __future__ import annotations
