@@ -306,6 +306,7 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
     from tqdm import tqdm
 
     stop_ray = _ray_init(cfg)
+    owns_ray = stop_ray is not None and not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))  # a local Ray we started
     try:
         _quiet_ray_data(cfg.verbose)
         actors, remote, builder = _resources(cfg)
