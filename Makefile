@@ -13,7 +13,7 @@ DEMO_TRAIN_IMAGES ?= 600
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test test-all demo experiment bench clean
+.PHONY: install lint test test-all demo experiment bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[cpu]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (lint + format check), the import rule of docs/ARCHITECTURE.md (import-linter)
+# and mypy.  The asvr.* packages live in tokenizer/, pipeline/, train/, eval/ (see
+# package-dir); import-linter and mypy read them through a symlinked asvr/ in .lint/.
+LINT_ROOT := .lint
+lint: $(STAMP)
+	@mkdir -p $(LINT_ROOT)/asvr && for p in tokenizer pipeline train eval; do ln -sfn ../../$$p $(LINT_ROOT)/asvr/$$p; done
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	cd $(LINT_ROOT) && PYTHONPATH=. ../$(BIN)/python -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' --config ../pyproject.toml
+	cd $(LINT_ROOT) && ../$(BIN)/python -m mypy --config-file ../pyproject.toml
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 test-all: $(STAMP)
@@ -77,4 +88,4 @@ experiment: $(STAMP)
 	$(BIN)/python -m bench.asvr_effect --out $(EXP) --results bench/results/asvr_effect
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) $(DEMO) .pytest_cache $(LINT_ROOT)

@@ -65,7 +65,7 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.pipeline.shards import ShardMeta, rows_to_table, write_parquet_shard
+    from asvr.tokenizer.shards import ShardMeta, rows_to_table, write_parquet_shard
     from asvr.tokenizer import TokenizerSpec, default_encoder_spec, save_artifact
     from asvr.train.config import tiny_llm_config
     from asvr.train.tiny_llm import train_bpe_tokenizer

@@ -72,7 +72,7 @@ def encode_bench(tok_dir: Path, batch: int, reps: int) -> None:
         t_q, _ = timed(lambda: tok.quantizer.encode(f, search_dtype="bfloat16", candidates=32), reps)
         print(f"encoder {dtype}, batch {batch}: Encoder() {batch / t_all:.0f} img/s | H2D+normalise "
               f"{batch / t_norm:.0f}, features {batch / t_feat:.0f}, RVQ {batch / t_q:.0f} img/s", flush=True)
-        del enc, tok
+        enc = tok = None  # free the GPU memory before the next dtype
         torch.cuda.empty_cache()
 
 

@@ -89,7 +89,7 @@ def main() -> None:
 
     import torch
 
-    from asvr.pipeline.shards import load_codes
+    from asvr.tokenizer.shards import load_codes
     from asvr.tokenizer import SemanticTokenizer
 
     work = Path(args.work)

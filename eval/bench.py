@@ -7,32 +7,32 @@ overall, per kind and per category for all; plus precision / recall / F1 /
 yes-ratio for POPE and acc / acc+ / score per category for MME.  POPE and MME
 are scored as lmms-eval by default (``scoring``; see :mod:`asvr.eval.scoring`);
 each summary records the scoring used.  :func:`rescore` scores saved
-prediction records again without a model (``asvr-eval score``).
+prediction records again without a model (``asvr-eval score``).  Each
+layout's own parser and metrics come from its
+:class:`~asvr.eval.bench_formats.BenchFormat`; nothing here branches on names.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Sequence
 
-from .bench_formats import BenchItem, chance_level, read_bench
+from .bench_formats import BenchItem, bench_format, chance_level, read_bench
 from .generate import GenerationConfig, generate_answers
 from .loading import LoadedModel
-from .scoring import (SCORINGS, accuracy, grouped_accuracy, is_correct, mme_metrics, parse_answer, parse_mme_otter,
-                      parse_pope_lmms, pope_metrics, pope_metrics_lmms)
-
-LMMS_FORMATS = {"pope": parse_pope_lmms, "mme": parse_mme_otter}
+from .scoring import SCORINGS, accuracy, grouped_accuracy, is_correct, parse_answer
 
 
 def scoring_for(fmt: str, scoring: str) -> str:
     """The scoring a layout gets: lmms-eval only exists for POPE and MME."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    return scoring if fmt in LMMS_FORMATS else "lenient"
+    return scoring if bench_format(fmt).lmms_parse is not None else "lenient"
 
 
 def _parse(fmt: str, scoring: str, it: BenchItem, pred: str) -> str | None:
-    if scoring_for(fmt, scoring) == "lmms-eval":
-        return LMMS_FORMATS[fmt](pred)
+    lmms_parse = bench_format(fmt).lmms_parse
+    if lmms_parse is not None and scoring_for(fmt, scoring) == "lmms-eval":
+        return lmms_parse(pred)
     return parse_answer(it.kind, pred, it.options)
 
 
@@ -68,21 +68,14 @@ def bench_metrics(fmt: str, items: Sequence[BenchItem], records: Sequence[dict],
     scored = [r for r in records if r["correct"] is not None]
     correct = [r["correct"] for r in scored]
     lmms = scoring_for(fmt, scoring) == "lmms-eval"
-    pope = pope_metrics_lmms if lmms else pope_metrics
     m = {"n": len(records), "n_scored": len(scored), "acc": accuracy(correct) if scored else None,
          "chance": mean_chance(scored), "scoring": scoring_for(fmt, scoring),
          "unparsed": sum(r["parsed"] not in ("yes", "no") if lmms else r["parsed"] is None for r in records),
          "by_kind": _with_chance(grouped_accuracy([r["kind"] for r in scored], correct), "kind", scored),
          "by_category": _with_chance(grouped_accuracy([r["category"] for r in scored], correct), "category", scored)}
-    if fmt == "pope":
-        m["pope"] = pope([r["parsed"] for r in records], [r["answer"] for r in records])
-        m["pope_by_category"] = {}
-        for cat in sorted({r["category"] for r in records}):
-            sub = [r for r in records if r["category"] == cat]
-            m["pope_by_category"][cat] = pope([r["parsed"] for r in sub], [r["answer"] for r in sub])
-    if fmt == "mme":
-        m["mme"] = mme_metrics([r["category"] for r in records], [it.image_key for it in items],
-                               [bool(r["correct"]) for r in records])
+    layout = bench_format(fmt)
+    if layout.metrics is not None:
+        m.update(layout.metrics(items, records, lmms))
     return m
 
 
@@ -99,7 +92,7 @@ def rescore(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scori
     return fresh, bench_metrics(fmt, items, fresh, scoring)
 
 
-def run_bench(lm: LoadedModel, files: Sequence[str], fmt: str = "auto", images: str | None = None,
+def run_bench(lm: LoadedModel | None, files: Sequence[str], fmt: str = "auto", images: str | None = None,
               gen: GenerationConfig | None = None, max_items: int | None = None, scoring: str = "lmms-eval",
               answer: Callable[[Sequence[BenchItem], GenerationConfig], list[str]] | None = None,
               ) -> tuple[list[dict], list[list[dict]]]:
@@ -109,7 +102,11 @@ def run_bench(lm: LoadedModel, files: Sequence[str], fmt: str = "auto", images: 
     ``max_items`` keeps the first N items of each file (smoke runs).  ``answer``
     replaces ASVR generation (a Hugging Face LLaVA folder: ``hf_llava.HFLlavaModel.answer``)."""
     gen = gen or GenerationConfig()
-    answer = answer or (lambda items, g: generate_answers(lm, items, g))
+    if answer is None:
+        if lm is None:
+            raise ValueError("run_bench needs a model or answer=")
+        model = lm
+        answer = lambda items, g: generate_answers(model, items, g)  # noqa: E731
     read = [(f, k, items[:max_items]) for f, (k, items) in ((f, read_bench(f, fmt, images)) for f in files)]
     summaries, predictions = [], []
     for f, kind, items in read:

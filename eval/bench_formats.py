@@ -28,23 +28,32 @@ Layouts (``--format auto`` picks by content):
 Relative image paths resolve against ``--images`` and then the bench file's
 folder.  Every problem raises :class:`BenchError` whose one-line message
 names the file and line.
+
+The layouts are a registry of :class:`BenchFormat` (reader, detection, the
+layout's own metrics and report tables).  Adding one is one module
+``asvr/eval/format_<name>.py`` (and its test) that calls
+:func:`register_bench_format`; ``format_*`` modules are imported by
+:func:`bench_formats`, so ``--format``, auto-detection, ``asvr-eval bench``'s
+metrics and ``report.md`` all see it.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import csv
+import functools
 import hashlib
+import importlib
 import json
 import os
+import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from .scoring import KINDS, letters_for, normalize_answer, parse_choice
+from .scoring import KINDS, letters_for, normalize_answer, parse_choice, parse_mme_otter, parse_pope_lmms
 
-FORMATS = ("auto", "jsonl", "pope", "mme", "mmbench")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -336,10 +345,10 @@ def read_mmbench(path: Path, images=None) -> list[BenchItem]:
         if len(row) != len(header):
             raise BenchError(f"{where}: {len(row)} fields, the header has {len(header)}")
         rec = dict(zip(header, row))
-        present = [l for l in letters_for(range(26)) if l in rec and rec[l].strip() not in ("", "nan")]
+        present = [c for c in letters_for(range(26)) if c in rec and rec[c].strip() not in ("", "nan")]
         if present != letters_for(present) or len(present) < 2:
             raise BenchError(f"{where}: options must be A, B[, C, ...] without gaps; got {present}")
-        options = [rec[l].strip() for l in present]
+        options = [rec[c].strip() for c in present]
         gold, raw = _gold("multiple_choice", rec["answer"], options, where)
         index = rec.get("index", str(n)).strip()
         # MMBench stores an image once per question index; circular copies reuse it by index % 1e6
@@ -367,11 +376,63 @@ def read_mmbench(path: Path, images=None) -> list[BenchItem]:
     return items
 
 
-READERS = {"jsonl": read_jsonl, "pope": read_pope, "mme": read_mme, "mmbench": read_mmbench}
+# --------------------------------------------------------------------------- the layout registry
+@dataclass(frozen=True)
+class BenchFormat:
+    """One benchmark layout.  ``read(path, images) -> items``; ``detect(path) -> bool`` (plug-ins
+    are asked before the built-in rules); ``metrics(items, records) -> dict`` adds the layout's own
+    metrics to the common ones (accuracy overall / per kind / per category); ``markdown(metrics)
+    -> lines`` renders them for report.md, and ``generic_tables`` keeps the per-kind/category tables.
+    ``lmms_parse(prediction) -> parsed`` is lmms-eval's answer parser for the layouts lmms-eval
+    scores (``--scoring lmms-eval``, the default); ``metrics`` is told which scoring ran."""
+
+    name: str
+    read: Callable[[Path, str | os.PathLike | None], list[BenchItem]]
+    detect: Callable[[Path], bool] | None = None
+    metrics: Callable[[Sequence[BenchItem], Sequence[dict], bool], dict] | None = None
+    markdown: Callable[[dict], list[str]] | None = None
+    generic_tables: bool = True
+    reads_folders: bool = False
+    lmms_parse: Callable[[str], str | None] | None = None
+
+
+_FORMATS: dict[str, BenchFormat] = {}
+_BUILTIN = ("jsonl", "pope", "mme", "mmbench")
+
+
+def register_bench_format(fmt: BenchFormat) -> BenchFormat:
+    if fmt.name in _FORMATS or fmt.name == "auto":
+        raise ValueError(f"benchmark format {fmt.name!r} is registered twice")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+@functools.cache
+def _import_plugins() -> None:
+    pkg = importlib.import_module("asvr.eval")
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name.startswith("format_"):
+            importlib.import_module(f"asvr.eval.{m.name}")
+
+
+def bench_formats() -> dict[str, BenchFormat]:
+    """name -> layout: the built-ins, then every ``asvr.eval.format_*`` module (imported once)."""
+    _import_plugins()
+    return _FORMATS
+
+
+def bench_format(name: str) -> BenchFormat:
+    formats = bench_formats()
+    if name not in formats:
+        raise BenchError(f"format must be one of auto, {', '.join(formats)}; got {name!r}")
+    return formats[name]
 
 
 def detect_format(path: Path) -> str:
     """Guess the layout of ``path`` from its content (see module doc)."""
+    for fmt in bench_formats().values():
+        if fmt.name not in _BUILTIN and fmt.detect is not None and fmt.detect(path):
+            return fmt.name
     if path.is_dir():
         return "mme"
     try:
@@ -399,12 +460,59 @@ def read_bench(path: str | os.PathLike, fmt: str = "auto", images: str | os.Path
     path = Path(path)
     if not path.exists():
         raise BenchError(f"{path}: no such file or folder")
-    if fmt not in FORMATS:
-        raise BenchError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt != "auto":
+        bench_format(fmt)
     fmt = detect_format(path) if fmt == "auto" else fmt
-    if path.is_dir() and fmt != "mme":
-        raise BenchError(f"{path}: a folder is only read as MME")
-    items = READERS[fmt](path, images)
+    layout = bench_format(fmt)
+    if path.is_dir() and not layout.reads_folders:
+        raise BenchError(f"{path}: a folder is only read as {', '.join(f for f, x in _FORMATS.items() if x.reads_folders)}")
+    items = layout.read(path, images)
     if not items:
         raise BenchError(f"{path}: no benchmark items")
     return fmt, items
+
+
+# --------------------------------------------------------------------------- the built-in layouts
+def _pope_metrics(items: Sequence[BenchItem], records: Sequence[dict], lmms: bool) -> dict:
+    from .scoring import pope_metrics as lenient
+    from .scoring import pope_metrics_lmms
+
+    pope_metrics = pope_metrics_lmms if lmms else lenient
+    by_cat = {}
+    for cat in sorted({r["category"] for r in records}):
+        sub = [r for r in records if r["category"] == cat]
+        by_cat[cat] = pope_metrics([r["parsed"] for r in sub], [r["answer"] for r in sub])
+    return {"pope": pope_metrics([r["parsed"] for r in records], [r["answer"] for r in records]),
+            "pope_by_category": by_cat}
+
+
+def _pope_markdown(m: dict) -> list[str]:
+    from .report import pct, table
+
+    rows = [[cat, str(p["n"]), pct(p["acc"]), pct(p["precision"]), pct(p["recall"]), pct(p["f1"]),
+             pct(p["yes_ratio"])] for cat, p in [*m["pope_by_category"].items(), ("all", m["pope"])]]
+    return table(["POPE", "n", "acc %", "precision %", "recall %", "F1 %", "yes %"], rows) + [""]
+
+
+def _mme_metrics(items: Sequence[BenchItem], records: Sequence[dict], lmms: bool) -> dict:
+    from .scoring import mme_metrics
+
+    return {"mme": mme_metrics([r["category"] for r in records], [it.image_key for it in items],
+                               [bool(r["correct"]) for r in records])}
+
+
+def _mme_markdown(m: dict) -> list[str]:
+    from .report import num, pct, table
+
+    rows = [[c, str(x["n_questions"]), pct(x["acc"]), pct(x["acc_plus"]), num(x["score"], 2)]
+            for c, x in m["mme"]["categories"].items()]
+    rows += [[f"**{name}**", "", "", "", num(t["score"], 2)] for name, t in m["mme"]["totals"].items()]
+    return table(["MME category", "questions", "acc %", "acc+ %", "score"], rows) + [""]
+
+
+register_bench_format(BenchFormat("jsonl", read_jsonl))
+register_bench_format(BenchFormat("pope", read_pope, metrics=_pope_metrics, markdown=_pope_markdown,
+                                  generic_tables=False, lmms_parse=parse_pope_lmms))
+register_bench_format(BenchFormat("mme", read_mme, metrics=_mme_metrics, markdown=_mme_markdown,
+                                  generic_tables=False, reads_folders=True, lmms_parse=parse_mme_otter))
+register_bench_format(BenchFormat("mmbench", read_mmbench))

@@ -22,13 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.help_text import plain
 from asvr.tokenizer.preprocess import PREPROCESS_MODES
 from asvr.train.templates import TEMPLATES
-
-
-class CLIError(ValueError):
-    pass
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -47,6 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench_formats import bench_formats
+
     p = argparse.ArgumentParser(prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -74,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(base64 or path)/category.")
     _common(be)
     be.add_argument("--bench", required=True, nargs="+", help="benchmark file(s) (an MME folder is accepted)")
-    be.add_argument("--format", default="auto", choices=["auto", "jsonl", "pope", "mme", "mmbench"],
+    be.add_argument("--format", default="auto", choices=["auto", *bench_formats()],
                     help="layout (default: guessed from the content)")
     be.add_argument("--images", help="image root for relative image paths (default: the bench file's folder)")
     be.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "without running a model; writes report.json, report.md, predictions.jsonl.")
     sc.add_argument("--bench", required=True, help="the benchmark file (or MME folder) the predictions answer")
     sc.add_argument("--predictions", required=True, help="predictions.jsonl written by asvr-eval bench")
-    sc.add_argument("--format", default="auto", choices=["auto", "jsonl", "pope", "mme", "mmbench"],
+    sc.add_argument("--format", default="auto", choices=["auto", *bench_formats()],
                     help="layout (default: guessed from the content)")
     sc.add_argument("--images", help="image root for relative image paths (the bench reader checks they exist)")
     sc.add_argument("--out", required=True, help="report folder (report.json, report.md, predictions.jsonl)")
@@ -243,10 +242,8 @@ def run_score(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asvr.pipeline.shards import ShardError
-    from asvr.tokenizer.artifact import TokenizerError
-    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.preprocess import ImageError
+    from asvr.tokenizer.shards import ShardError
     from asvr.train.export import ExportError
     from asvr.train.sources import DataError
     from asvr.train.templates import ConversationError
@@ -255,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import EvalError
 
     args = build_parser().parse_args(argv)
-    expected = (CLIError, EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
+    expected = (EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
                 ConversationError, ValueError, FileNotFoundError)
     commands = {"loss": run_loss, "bench": run_bench, "score": run_score}
     return run_guarded("asvr-eval", args.command, lambda: commands[args.command](args), expected)

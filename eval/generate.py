@@ -16,7 +16,8 @@ of questions about the same 500 images; MME two per image).
 
 Batches are left-padded with a 2D attention mask; greedy decoding of a
 left-padded batch gives the same tokens as one prompt at a time
-(tests/test_eval_bench.py checks it on a tiny model) up to float ties.
+(``tests/test_eval_model.py::test_bench_online_model_matches_batched_and_single``
+checks it on a tiny model) up to float ties.
 """
 from __future__ import annotations
 

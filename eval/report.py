@@ -6,23 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from asvr.tokenizer.atomic import atomic_write
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, text)
 
 
 def _clean(o):
@@ -52,7 +45,7 @@ def num(x, digits: int = 4) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -70,11 +63,11 @@ def loss_markdown(report: dict) -> str:
              f"- {r['n_samples']} samples, {r['n_images']} images, {t['tokens']} text tokens, "
              f"{v['positions']} image positions ({r['n_bad_samples_skipped']} bad samples skipped), "
              f"{r['seconds']:.1f} s", "", "## Text", "",
-             *_table(["loss", "perplexity", "token acc@1 %"], [[num(t["loss"]), num(t["perplexity"], 2), pct(t["acc1"])]]),
+             *table(["loss", "perplexity", "token acc@1 %"], [[num(t["loss"]), num(t["perplexity"], 2), pct(t["acc1"])]]),
              "", "## Visual tokens (teacher-forced unless noted)", "",
              f"Mean visual loss {num(v['loss'])}; positions right at every depth (acc@1): {pct(v['acc1_all_depths'])} %.",
              "",
-             *_table(["depth", "loss", "acc@1 %", f"acc@{k} %", "greedy acc@1 %"],
+             *table(["depth", "loss", "acc@1 %", f"acc@{k} %", "greedy acc@1 %"],
                      [[str(d["depth"]), num(d["loss"]), pct(d["acc1"]), pct(d[f"acc{k}"]), pct(d["acc_greedy"])]
                       for d in v["per_depth"]]),
              "", "Greedy: the head's own codes depth by depth (no ground truth for the coarser depths).", ""]
@@ -82,6 +75,8 @@ def loss_markdown(report: dict) -> str:
 
 
 def bench_markdown(report: dict) -> str:
+    from .bench_formats import bench_format
+
     if report["kind"] == "score":  # asvr-eval score: saved predictions, no model
         head = [f"- predictions `{report['config']['predictions']}` scored again (no model)"]
     else:
@@ -94,22 +89,15 @@ def bench_markdown(report: dict) -> str:
                   f"{m['n']} questions, {m['n_scored']} scored, accuracy **{pct(m['acc'])} %** "
                   f"(chance {pct(m.get('chance'))} %), "
                   f"{m['unparsed']} unparsed answers, {b['seconds']:.1f} s; predictions in `{b['predictions']}`.", ""]
-        if "pope" in m:
-            rows = [[cat, str(p["n"]), pct(p["acc"]), pct(p["precision"]), pct(p["recall"]), pct(p["f1"]),
-                     pct(p["yes_ratio"])] for cat, p in [*m["pope_by_category"].items(), ("all", m["pope"])]]
-            lines += _table(["POPE", "n", "acc %", "precision %", "recall %", "F1 %", "yes %"], rows) + [""]
-        if "mme" in m:
-            cats = m["mme"]["categories"]
-            rows = [[c, str(x["n_questions"]), pct(x["acc"]), pct(x["acc_plus"]), num(x["score"], 2)]
-                    for c, x in cats.items()]
-            rows += [[f"**{name}**", "", "", "", num(t["score"], 2)] for name, t in m["mme"]["totals"].items()]
-            lines += _table(["MME category", "questions", "acc %", "acc+ %", "score"], rows) + [""]
-        if len(m["by_kind"]) > 1 or "pope" not in m and "mme" not in m:
-            lines += _table(["kind", "n", "acc %", "chance %"],
-                            [[k, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))] for k, x in m["by_kind"].items()])
+        layout = bench_format(b["format"])
+        if layout.markdown is not None:
+            lines += layout.markdown(m)
+        if len(m["by_kind"]) > 1 or layout.generic_tables:
+            lines += table(["kind", "n", "acc %", "chance %"],
+                           [[k, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))] for k, x in m["by_kind"].items()])
             lines += [""]
-        if m["by_category"] and "mme" not in m and "pope" not in m:
-            lines += _table(["category", "n", "acc %", "chance %"],
-                            [[c, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))]
-                             for c, x in m["by_category"].items()]) + [""]
+        if m["by_category"] and layout.generic_tables:
+            lines += table(["category", "n", "acc %", "chance %"],
+                           [[c, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))]
+                            for c, x in m["by_category"].items()]) + [""]
     return "\n".join(lines)

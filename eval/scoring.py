@@ -121,11 +121,11 @@ def parse_choice(text: str, options: Sequence[str]) -> str | None:
                 return letter
     norm = normalize_answer(text)
     texts = [normalize_answer(o) for o in options]
-    exact = [l for l, t in zip(valid, texts) if t and t == norm]
+    exact = [c for c, t in zip(valid, texts) if t and t == norm]
     if len(exact) == 1:
         return exact[0]
     padded = f" {norm} "
-    inside = [l for l, t in zip(valid, texts) if t and f" {t} " in padded]
+    inside = [c for c, t in zip(valid, texts) if t and f" {t} " in padded]
     if len(inside) == 1:
         return inside[0]
     return None
@@ -166,10 +166,10 @@ def pope_metrics(parsed: Sequence[str | None], labels: Sequence[str]) -> dict:
     """POPE: positive = 'yes'.  Unparsed answers are wrong and count as not-'yes'."""
     if len(parsed) != len(labels):
         raise ValueError("parsed and labels differ in length")
-    tp = sum(p == "yes" and l == "yes" for p, l in zip(parsed, labels))
-    fp = sum(p == "yes" and l == "no" for p, l in zip(parsed, labels))
-    fn = sum(p != "yes" and l == "yes" for p, l in zip(parsed, labels))
-    tn = sum(p == "no" and l == "no" for p, l in zip(parsed, labels))
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(parsed, labels))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(parsed, labels))
+    fn = sum(p != "yes" and g == "yes" for p, g in zip(parsed, labels))
+    tn = sum(p == "no" and g == "no" for p, g in zip(parsed, labels))
     n = len(labels)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0

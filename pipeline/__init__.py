@@ -1,14 +1,18 @@
-"""asvr.pipeline: tokenize image corpora into code shards (DESIGN.md contract 2).
+"""asvr.pipeline: tokenize image corpora into code shards (docs/ARCHITECTURE.md, contract 2).
 
 Modules, one job each:
-  sources.py  INPUT arguments -> an ordered plan of images (folder, webdataset, Parquet, LLaVA JSON)
+  sources.py  INPUT arguments -> an ordered plan of images (folder, webdataset, Parquet, LLaVA JSON);
+              the input-format registry
+  input_*.py  plug-in input formats, one module each (input_hf_datasets.py: datasets.save_to_disk folders)
   stages.py   Ray Data operators: ReadDecode (CPU tasks), Encoder (actor pool, tokenizer built in __init__)
   writer.py   OUT: run-config check, work units, atomic shards + unit markers, manifest, failures
   runner.py   PipelineConfig -> run_pipeline: wires the above, progress bar, summary
   check.py    inspect / verify an OUT (no Ray)
-  shards.py   the shard format, readers and atomic writers (no Ray; the trainer imports only this)
   cli.py      asvr-pipeline tokenize | inspect | verify
   ray_reaper.py  ties a local Ray to its driver (kill -9 included)
+
+The shard format itself (schema, readers, atomic shard writers) is
+``asvr.tokenizer.shards``: readers never import the pipeline.
 
 Importing this package imports no Ray; runner.py imports it when a job runs.
 """

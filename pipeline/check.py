@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from .shards import FAILURES, MANIFEST, ShardError, codes_array, read_shard, sha256_file
+from asvr.tokenizer.errors import FingerprintError, check_fingerprint
+from asvr.tokenizer.shards import FAILURES, MANIFEST, ShardError, codes_array, read_shard, sha256_file
 
 
 @dataclass
@@ -92,8 +93,10 @@ def verify_out(out: str | Path) -> Report:
         except Exception as e:  # noqa: BLE001 - any unreadable shard is a finding, not a crash
             rep.problems.append(f"{s['file']}: unreadable ({type(e).__name__}: {e})")
             continue
-        if meta.fingerprint != fp:
-            rep.problems.append(f"{s['file']}: tokenizer {meta.fingerprint[:12]} != manifest {str(fp)[:12]}")
+        try:
+            check_fingerprint(meta.fingerprint, str(fp), s["file"], MANIFEST)
+        except FingerprintError as e:
+            rep.problems.append(str(e))
         if table.num_rows != s["rows"]:
             rep.problems.append(f"{s['file']}: {table.num_rows} rows, manifest says {s['rows']}")
         codes = codes_array(table, meta)

@@ -14,17 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
 from asvr.tokenizer.quantizer import SEARCH_DTYPES
 
-EPILOG = """\
-Inputs (auto-detected per INPUT, or --input-format for all):
-  folder          images found recursively; key = path relative to the folder (posix)
-  *.tar           webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar';
-                  key = __key__ (name up to the first dot), every member ending in an image suffix is
-                  an image (a repeated key is a duplicate), caption from txt or json 'caption'
-  *.parquet       one image per row (--image-column, --key-column, --caption-column)
-  *.json/.jsonl   LLaVA conversations; each distinct 'image' once, read under --image-root
+
+
+def _epilog() -> str:
+    from .sources import input_formats
+
+    lines = ["Inputs (auto-detected per INPUT, or --input-format for all):"]
+    lines += [f"  {f.name:<12} {f.help}" for f in input_formats().values()]
+    return "\n".join(lines) + """
 
 Every input is a shard row or a row of OUT/failures.parquet (stage read, decode, preprocess, input,
 duplicate); files and tar members that are not images are listed there too, at stage 'ignored'.
@@ -34,21 +35,20 @@ Without --ray-address/RAY_ADDRESS a fresh local Ray is started (never another jo
 """
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
 def _tokenize_parser(sub) -> None:
+    from .sources import input_formats
+
     p = sub.add_parser("tokenize", help="encode image corpora into code shards (Ray Data)",
-                       description="Encode image corpora into code shards (Ray Data).", epilog=EPILOG,
+                       description="Encode image corpora into code shards (Ray Data).", epilog=_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image folder, .tar (brace pattern), .parquet, LLaVA .json")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image folder, .tar (brace pattern), .parquet, LLaVA .json, Hugging Face datasets folder")
     p.add_argument("--tokenizer", required=True, help="tokenizer artifact directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset"], help="shard format (default parquet)")
     p.add_argument("--preprocess", choices=["square", "pad"], default=None,
                    help="resize to square, or pad to square with the mean colour first (default: the tokenizer's)")
-    p.add_argument("--input-format", default="auto", choices=["auto", "folder", "webdataset", "parquet", "llava"],
+    p.add_argument("--input-format", default="auto", choices=["auto", *input_formats()],
                    help="format of every INPUT (default: detect each)")
     p.add_argument("--image-root", help="folder that LLaVA JSON image paths are relative to")
     p.add_argument("--image-column", help="Parquet column holding image bytes")
@@ -167,16 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    from asvr.tokenizer.artifact import TokenizerError
-    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.encoders import EncoderLoadError
+    from asvr.tokenizer.shards import ShardError
 
-    from .shards import ShardError
     from .sources import SourceError
     from .writer import OutputError
 
     return run_guarded("asvr-pipeline", args.command, lambda: args.func(args),
-                       (CLIError, SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
+                       (SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
                         FileNotFoundError, NotADirectoryError),
                        interrupted="interrupted; rerun the same command to resume")
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig
 
-from .shards import ShardMeta
+from asvr.tokenizer.shards import ShardMeta
 from .sources import SourceOptions, discover
 from .stages import Encoder, ReadDecode, TokenizerBuilder
 from .writer import COUNTS, OutputDir, UnitResult, units_hash
@@ -110,9 +110,9 @@ class RunSummary:
     def lines(self) -> list[str]:
         c = self.counts
         split = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        ignored = f"  (ignored {c['ignored']} non-image files)" if c.get("ignored") else ""
         return [
-            f"seen {c['seen']}  encoded {c['encoded']}  failed {c['failed']}  duplicate {c['duplicate']}"
-            f"  (ignored {c['ignored']} non-image files)",
+            f"seen {c['seen']}  encoded {c['encoded']}  failed {c['failed']}  duplicate {c['duplicate']}{ignored}",
             f"units {self.units} ({self.units_skipped} already done), shards {self.shards}",
             f"{self.images_processed} images in {self.wall_s:.1f}s = {self.images_per_s:.1f} img/s",
             f"time: {split} (read/decode/encode summed over workers)",

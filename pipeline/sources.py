@@ -40,16 +40,29 @@ its basename; every member whose last suffix is an image suffix is an image of
 that key, so ``x.v2.jpg`` is an image of ``x``; caption from ``txt`` or a
 ``json`` ``caption`` field), ``parquet`` (image bytes column,
 raw binary or a Hugging Face ``{bytes, path}`` struct), ``llava`` (``.json`` or
-``.jsonl`` records with an ``image`` string or list).
+``.jsonl`` records with an ``image`` string or list), plus every registered
+plug-in format.
+
+Adding a format is one module ``asvr/pipeline/input_<name>.py`` (and its test)
+that calls :func:`register_input_format` with an :class:`InputFormat`: how to
+recognise an INPUT, how to add its images to the plan, and, when its rows need
+a reader of their own, a ``kind`` -> reader function.  ``input_*`` modules are
+imported by :func:`input_formats`, so the CLI's ``--input-format`` choices,
+auto-detection and the Ray read stage all see it (``input_hf_datasets.py`` is
+the example).
 """
 from __future__ import annotations
 
+import functools
 import glob
+import importlib
 import os
+import pkgutil
 import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,7 +70,6 @@ import pyarrow.parquet as pq
 from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
 from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
 
-INPUT_FORMATS = ("auto", "folder", "webdataset", "parquet", "llava")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_EXTS = tuple(x[1:] for x in IMAGE_SUFFIXES)
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "bytes", "img")
@@ -91,8 +103,9 @@ class SourceOptions:
     """Parquet caption column (default: first of caption, text, txt; else none)."""
 
     def __post_init__(self):
-        if self.input_format not in INPUT_FORMATS:
-            raise SourceError(f"--input-format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        names = ("auto", *input_formats())
+        if self.input_format not in names:
+            raise SourceError(f"--input-format must be one of {', '.join(names)}, got {self.input_format!r}")
 
 
 @dataclass
@@ -112,6 +125,56 @@ class _Rows:
 
     def table(self) -> pa.Table:
         return pa.table(self.cols, schema=PLAN_SCHEMA)
+
+
+# --------------------------------------------------------------------------- the format registry
+@dataclass(frozen=True)
+class InputFormat:
+    """One kind of INPUT.  ``scan(path, rows, opts)`` adds one plan row per image (``rows.add``);
+    ``detect(path)`` says whether an INPUT is of this format (plug-ins are asked before the
+    built-in suffix rules, so a folder with a special layout can claim it); ``readers`` maps a
+    plan-row ``kind`` this format emits to ``read(row, handles) -> image bytes``, where
+    ``handles`` is a per-block dict for open files (raise :class:`ImageError` for one bad image)."""
+
+    name: str
+    help: str
+    scan: Callable[[Path, "_Rows", "SourceOptions"], None]
+    detect: Callable[[Path], bool] | None = None
+    readers: dict[str, Callable[[dict, dict], bytes]] = field(default_factory=dict)
+
+
+_FORMATS: dict[str, InputFormat] = {}
+_BUILTIN = ("folder", "webdataset", "parquet", "llava")
+
+
+def register_input_format(fmt: InputFormat) -> InputFormat:
+    if fmt.name in _FORMATS or fmt.name == "auto":
+        raise ValueError(f"input format {fmt.name!r} is registered twice")
+    clash = [k for k in fmt.readers for f in _FORMATS.values() if k in f.readers] + \
+        [k for k in fmt.readers if k in ("file", "tar", "parquet", "error")]
+    if clash:
+        raise ValueError(f"input format {fmt.name!r}: row kind {clash[0]!r} already has a reader")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+@functools.cache
+def _import_plugins() -> None:
+    pkg = importlib.import_module("asvr.pipeline")
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name.startswith("input_"):
+            importlib.import_module(f"asvr.pipeline.{m.name}")
+
+
+def input_formats() -> dict[str, InputFormat]:
+    """name -> format: the built-ins, then every ``asvr.pipeline.input_*`` module (imported once)."""
+    _import_plugins()
+    return _FORMATS
+
+
+def row_reader(kind: str) -> Callable[[dict, dict], bytes] | None:
+    """The reader a plug-in format registered for plan rows of ``kind`` (None: a built-in kind)."""
+    return next((f.readers[kind] for f in input_formats().values() if kind in f.readers), None)
 
 
 def _utf8(s: str | None) -> bool:
@@ -150,6 +213,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def detect_format(path: Path) -> str:
+    for fmt in input_formats().values():
+        if fmt.name not in _BUILTIN and fmt.detect is not None and fmt.detect(path):
+            return fmt.name
     if path.is_dir():
         return "folder"
     name = path.name.lower()
@@ -285,8 +351,8 @@ def _scan_parquet(path: Path, rows: _Rows, opts: SourceOptions) -> None:
         cols = [c for c in (key_col, cap_col) if c]
         t = pf.read_row_group(rg, columns=cols) if cols else None
         n = pf.metadata.row_group(rg).num_rows
-        keys = t.column(key_col).to_pylist() if key_col else [None] * n
-        caps = t.column(cap_col).to_pylist() if cap_col else [None] * n
+        keys = t.column(key_col).to_pylist() if t is not None and key_col else [None] * n
+        caps = t.column(cap_col).to_pylist() if t is not None and cap_col else [None] * n
         for i in range(n):
             key = str(keys[i]) if keys[i] is not None else f"{path.name}/{row + i}"
             cap = None if caps[i] is None else str(caps[i])
@@ -325,15 +391,24 @@ def discover(inputs: list[str], opts: SourceOptions) -> tuple[pa.Table, list[dic
     """-> (plan table in input order, one ``{path, format}`` per expanded input)."""
     rows = _Rows()
     described = []
+    formats = input_formats()
     for path in expand_inputs(inputs):
         fmt = detect_format(path) if opts.input_format == "auto" else opts.input_format
-        if fmt == "folder":
-            _scan_folder(path, rows)
-        elif fmt == "webdataset":
-            _scan_tar(path, rows)
-        elif fmt == "parquet":
-            _scan_parquet(path, rows, opts)
-        else:
-            _scan_llava(path, rows, opts.image_root)
+        formats[fmt].scan(path, rows, opts)
         described.append({"path": str(path.absolute()), "format": fmt})
     return rows.table(), described
+
+
+register_input_format(InputFormat(
+    "folder", "images found recursively; key = path relative to the folder (posix)",
+    lambda path, rows, opts: _scan_folder(path, rows)))
+register_input_format(InputFormat(
+    "webdataset", "*.tar webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar'; "
+    "key = __key__ (name up to the first dot), every member ending in an image suffix is an image "
+    "(a repeated key is a duplicate), caption from txt or json 'caption'",
+    lambda path, rows, opts: _scan_tar(path, rows)))
+register_input_format(InputFormat(
+    "parquet", "*.parquet, one image per row (--image-column, --key-column, --caption-column)", _scan_parquet))
+register_input_format(InputFormat(
+    "llava", "*.json/.jsonl LLaVA conversations; each distinct 'image' once, read under --image-root",
+    lambda path, rows, opts: _scan_llava(path, rows, opts.image_root)))

@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 from asvr.tokenizer.paths import UnsafePathError, read_regular
 from asvr.tokenizer.preprocess import _RESAMPLE, ImageError, PreprocessConfig, expand2square, open_image
 
+from .sources import row_reader
+
 def resize_uint8(img, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> uint8 ``[S, S, 3]``: the reference's pad/resize, before normalisation."""
     try:
@@ -67,6 +69,7 @@ class _Reader:
 
     def __init__(self):
         self._files: dict[str, object] = {}
+        self._handles: dict = {}  # plug-in formats' open datasets (see sources.InputFormat)
         self._rg: tuple[str, int, list] | None = None
 
     def close(self):
@@ -97,6 +100,11 @@ class _Reader:
                 return self._span(row["path"], row["offset"], row["size"])
             except OSError as e:
                 raise ImageError(f"cannot read tar: {e.strerror or e}", "read") from None
+        if kind != "parquet":
+            read = row_reader(kind)
+            if read is None:
+                raise ImageError(f"no reader for plan rows of kind {kind!r}", "read")
+            return read(row, self._handles)
         # parquet: offset = row group, size = row in group
         key = (row["path"], row["offset"])
         if self._rg is None or self._rg[:2] != key:

@@ -4,7 +4,7 @@ Resume protocol.  The plan (``sources.py``) is cut into work units of
 ``shard_size`` consecutive inputs; unit ``u`` writes ``part-{u:05d}.parquet``
 (or ``shard-{u:05d}.tar``): shard names come from unit numbers, never from
 keys.  A unit commits in two atomic steps: the shard (temp name, fsync,
-rename: :mod:`asvr.pipeline.shards`), then ``.units/unit-{u:05d}.json``, which
+rename: :mod:`asvr.tokenizer.shards`), then ``.units/unit-{u:05d}.json``, which
 records the hash of the unit's inputs (keys + sources), the shard's sha256 and
 size, the unit's failure rows and counts.  A unit is done only when its marker
 exists, its input hash matches this run's plan, and its shard exists with the
@@ -34,7 +34,6 @@ import fcntl
 import hashlib
 import json
 import os
-import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
+from asvr.tokenizer.atomic import atomic_path, atomic_write
+from asvr.tokenizer.shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
 
 UNITS_DIR = ".units"
 LOCK = ".lock"
@@ -55,26 +55,6 @@ FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("sta
 
 class OutputError(ValueError):
     """OUT cannot be used as asked (foreign run, locked): a one-line CLI error."""
-
-
-def _tmp_path(path: Path) -> Path:
-    """A fresh temp name beside ``path`` (cleaned up by the next run if we die)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    # os.open with 0o666 lets the user's umask decide the mode, as for the shards (mkstemp would make it 0600)
-    tmp = _tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -204,7 +184,7 @@ class OutputDir:
             stale.unlink()
         r = UnitResult(unit, items_sha256, shard, n, sha, nbytes, failures, counts)
         with _writing(self.marker_path(unit)):
-            atomic_write_bytes(self.marker_path(unit), json.dumps(r.__dict__).encode())
+            atomic_write(self.marker_path(unit), json.dumps(r.__dict__))
         return r
 
     # ------------------------------------------------------------------ manifest
@@ -228,19 +208,14 @@ class OutputDir:
                 self._write_failures(results)
             self._remove_stale(n_units)
         with _writing(self.out / MANIFEST):
-            atomic_write_bytes(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+            atomic_write(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n"))
         return manifest
 
     def _write_failures(self, results: list[UnitResult]) -> None:
         rows = [f for r in results for f in r.failures]
         table = pa.Table.from_pylist([{k: f[k] for k in FAILURE_SCHEMA.names} for f in rows], schema=FAILURE_SCHEMA)
-        tmp = _tmp_path(self.out / FAILURES)
-        try:
+        with atomic_path(self.out / FAILURES) as tmp:
             pq.write_table(table, tmp)
-            os.replace(tmp, self.out / FAILURES)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def _remove_stale(self, n_units: int) -> None:
         """Shards and markers of units beyond this plan (a shorter input list than a previous run)."""

@@ -130,8 +130,8 @@ def test_mmbench_tsv_base64_and_path(root):
     b64 = base64.b64encode(image_bytes(7)).decode()
     header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\timage\tcategory"
     rows = [f"0\tWhat colour?\tLook closely.\tred\tgreen\tblue\t\tB\t{b64}\tcolour",
-            f"1\tWhich shape?\tnan\tcircle\tsquare\t\t\tA\tim0.jpg\tshape",
-            f"1000000\tWhat colour?\t\tgreen\tred\tblue\t\tA\t0\tcolour"]  # circular copy: image by index
+            "1\tWhich shape?\tnan\tcircle\tsquare\t\t\tA\tim0.jpg\tshape",
+            "1000000\tWhat colour?\t\tgreen\tred\tblue\t\tA\t0\tcolour"]  # circular copy: image by index
     f = root / "MMBench_DEV_EN.tsv"
     f.write_text("\n".join([header, *rows]) + "\n")
     assert detect_format(f) == "mmbench"
@@ -157,3 +157,36 @@ def test_unknown_layout_and_missing_file(root):
         read_bench(f)
     with pytest.raises(BenchError, match="no such file"):
         read_bench(root / "missing.jsonl")
+
+
+def test_a_registered_layout_is_read_scored_and_reported(root):
+    """What an ``asvr/eval/format_<name>.py`` module does: register a layout; nothing else changes."""
+    from asvr.eval.bench import bench_metrics, score_items
+    from asvr.eval.bench_formats import _FORMATS, BenchFormat, BenchItem, register_bench_format
+    from asvr.eval.report import bench_markdown
+
+    def read_qa(path, images=None):
+        return [BenchItem(id=str(i), question=q, kind="short", answer=a, raw_answer=a, image=None, image_key=None,
+                          source=f"{path}:{i + 1}")
+                for i, (q, a) in enumerate(line.split("=") for line in path.read_text().splitlines())]
+
+    register_bench_format(BenchFormat("qa", read_qa, detect=lambda p: p.suffix == ".qa",
+                                      metrics=lambda items, recs, lmms: {"qa_n": len(recs)},
+                                      markdown=lambda m: [f"qa items: {m['qa_n']}", ""]))
+    try:
+        f = root / "tiny.qa"
+        f.write_text("one plus one=2\nsky colour=blue\n")
+        assert detect_format(f) == "qa"
+        fmt, items = read_bench(f)
+        assert fmt == "qa" and [it.answer for it in items] == ["2", "blue"]
+        m = bench_metrics(fmt, items, score_items(items, ["2", "red"]))
+        assert m["qa_n"] == 2 and m["acc"] == 0.5
+        model = {"model": "m", "vision_input": "codes", "template": "plain", "template_source": "flag", "device": "cpu"}
+        md = bench_markdown({"kind": "bench", "model": model, "config": {"max_new_tokens": 8, "instructions": "none"},
+                             "benches": [{"file": str(f), "format": fmt, "metrics": m, "seconds": 0.1,
+                                          "predictions": "p.jsonl"}]})
+        assert "qa items: 2" in md
+    finally:
+        _FORMATS.pop("qa")
+    with pytest.raises(BenchError, match="format must be one of auto, jsonl, pope, mme, mmbench; got 'qa'"):
+        read_bench(f, "qa")

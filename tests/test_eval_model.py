@@ -194,7 +194,7 @@ def test_bench_end_to_end(run_codes, corpus, tmp_path):
                  "--max-new-tokens", "6", "--out", str(out), "--quiet"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert (out / "report.md").read_text().startswith("# ASVR benchmark report")
-    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["id"] for p in preds] == ["0yn", "1mc", "2s", "3yn"]
     m = rep["benches"][0]["metrics"]
     # recount from the predictions file, re-parsing each prediction
@@ -213,7 +213,7 @@ def test_bench_end_to_end(run_codes, corpus, tmp_path):
     out2 = tmp_path / "rep2"
     assert main(["bench", "--model", str(run_codes / "final"), "--bench", str(bench2), "--images",
                  str(corpus.images), "--max-new-tokens", "6", "--out", str(out2), "--quiet"]) == 0
-    preds2 = [json.loads(l) for l in (out2 / "predictions.jsonl").read_text().splitlines()]
+    preds2 = [json.loads(line) for line in (out2 / "predictions.jsonl").read_text().splitlines()]
     # same prompts, same answers (item 1 lost its options in bench2: another prompt)
     assert [p["prediction"] for p in preds2][::2] == [p["prediction"] for p in preds][::2]
     assert json.loads((out2 / "report.json").read_text())["benches"][0]["metrics"]["acc"] == pytest.approx(2 / 4)

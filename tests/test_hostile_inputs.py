@@ -31,7 +31,7 @@ from PIL import Image
 
 from asvr.pipeline.check import verify_out
 from asvr.pipeline.cli import main
-from asvr.pipeline.shards import (FAILURES, MANIFEST, ShardError, ShardMeta, read_meta, read_shard, rows_to_table,
+from asvr.tokenizer.shards import (FAILURES, MANIFEST, ShardError, ShardMeta, read_meta, read_shard, rows_to_table,
                                   write_parquet_shard, write_webdataset_shard)
 from asvr.pipeline.sources import SourceError, SourceOptions, discover
 from asvr.pipeline.stages import ReadDecode, decode_one

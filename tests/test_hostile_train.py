@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from asvr.pipeline.shards import ShardMeta, rows_to_table, write_parquet_shard
+from asvr.tokenizer.shards import ShardMeta, rows_to_table, write_parquet_shard
 from asvr.train import checkpoint
 from asvr.train.cli import main
 from asvr.train.data import DataConfig, build_training_data

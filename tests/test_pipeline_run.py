@@ -23,7 +23,7 @@ from PIL import Image
 
 from asvr.pipeline.check import verify_out
 from asvr.pipeline.cli import main
-from asvr.pipeline.shards import FAILURES, MANIFEST, load_codes, read_shard
+from asvr.tokenizer.shards import FAILURES, MANIFEST, load_codes, read_shard
 
 ray = pytest.importorskip("ray")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import build_tiny_tokenizer, write_image_folder
 
-from asvr.pipeline.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
+from asvr.tokenizer.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
 from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.cli import main
 from asvr.tokenizer.retrieval import ImageIndex, ImageVectorizer, build_index, new_faiss_index, plan_index
@@ -150,7 +150,7 @@ def test_fingerprint_mismatch_refused(corpus, tmp_path, capsys):
     foreign.mkdir()
     _write(foreign, ShardMeta.from_spec(spec), ["x"], np.zeros((1, 7, 7, 3), np.uint16), 9)
     rc = main(["index", str(foreign), "--out", str(idx_dir), "--add", "--quiet"])
-    assert rc == 2 and "written with tokenizer" in capsys.readouterr().err
+    assert rc == 2 and "fingerprint mismatch: " + str(foreign) in capsys.readouterr().err
     rc = main(["index", str(corpus["out"]), "--tokenizer", str(corpus["tok"]), "--out", str(idx_dir), "--quiet"])
     assert rc == 2 and "--add" in capsys.readouterr().err  # no silent overwrite
 

@@ -99,25 +99,35 @@ def test_tampered_codebook_or_json_is_refused(tiny_tokenizer_dir, tmp_path):
         SemanticTokenizer.load(tok)
 
 
-def test_pixels_encoder_is_patch_means_on_the_efficientnet_grid(tmp_path):
-    """``--encoder pixels``: the appearance tokenizer's features are pooled pixel patches, position by position
-    on the 7 x 7 grid (checked against a numpy loop); the artifact round-trips without weights."""
-    import numpy as np
+def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
+    from asvr.tokenizer.encoders import EncoderLoadError, EncoderSpec, _hf_classes, encoder_kind
 
-    spec = default_encoder_spec("pixels")
-    enc = build_encoder(spec)
-    assert enc.grid == (7, 7) and enc.dim == 48
-    x = torch.rand(2, 3, 224, 224)
-    got = enc(x).numpy()
-    ref = np.zeros((2, 7, 7, 48), np.float32)
-    xn = x.numpy()
-    for i in range(7):
-        for j in range(7):
-            patch = xn[:, :, 32 * i:32 * (i + 1), 32 * j:32 * (j + 1)].reshape(2, 3, 4, 8, 4, 8).mean(axis=(3, 5))
-            ref[:, i, j] = patch.transpose(0, 2, 3, 1).reshape(2, 48)
-    np.testing.assert_allclose(got, ref, atol=1e-5)
-    tok_spec = TokenizerSpec(encoder=spec, preprocess="square", grid=(7, 7), dim=48, depth=2, codebook_size=4,
-                             shared_codebook=False)
-    save_artifact(tmp_path / "tok", tok_spec, torch.randn(2, 4, 48))
-    tok = SemanticTokenizer.load(tmp_path / "tok")
-    assert tuple(tok.encode_pixels(torch.rand(1, 3, 224, 224)).shape) == (1, 7, 7, 2)
+    with pytest.raises(EncoderLoadError, match="unknown encoder kind 'dinov2'"):
+        encoder_kind("dinov2")
+    with pytest.raises(EncoderLoadError, match="unknown encoder kind"):
+        _hf_classes("dinov2")  # used to return the CLIP classes for any kind but siglip
+    with pytest.raises(EncoderLoadError, match="unknown encoder kind"):
+        EncoderSpec(kind="dinov2", weights=str(tmp_path), feature_layer=-1, image_size=32)
+
+
+def test_a_registered_kind_is_built_and_listed():
+    """What an ``asvr/tokenizer/encoder_<name>.py`` module does: register a kind; nothing else changes."""
+    import torch
+
+    from asvr.tokenizer.encoders import (_KINDS, EncoderKind, EncoderSpec, build_encoder, default_encoder_spec,
+                                         encoder_kinds, register_encoder)
+
+    class Mean(torch.nn.Module):
+        def forward(self, pixels):
+            return torch.nn.functional.avg_pool2d(pixels, 4).permute(0, 2, 3, 1)
+
+    register_encoder(EncoderKind("test_pool", build=lambda spec, base: Mean(),
+                                 default_spec=lambda w, layer: EncoderSpec("test_pool", "none", -1, 16)))
+    try:
+        assert "test_pool" in encoder_kinds()
+        spec = default_encoder_spec("test_pool")
+        assert build_encoder(spec)(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4, 3)
+        with pytest.raises(ValueError, match="registered twice"):
+            register_encoder(EncoderKind("test_pool", hf_classes=("A", "B")))
+    finally:
+        _KINDS.pop("test_pool")

@@ -13,6 +13,7 @@ from asvr.train.data import Collator, DataConfig, PackedLoader, build_training_d
 from asvr.train.vision_input import CodesSource, SourceContext, get_vision_input
 from asvr.train.vision_tower import VisionTower
 from asvr.train.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
+from asvr.tokenizer.errors import FingerprintError
 from asvr.train.sources import CodeStore, DataError
 from asvr.train.templates import (IGNORE_INDEX, ConversationError, chatml, encode_conversation, plain, vicuna_v1,
                                   validate_turns)
@@ -105,7 +106,7 @@ def test_code_store_parquet_and_webdataset_agree(corpus, tiny_tokenizer, tmp_pat
 
 
 def test_foreign_fingerprint_is_refused_in_one_line(corpus):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(FingerprintError) as e:
         CodeStore.open(corpus.codes, "f" * 64)
     assert "\n" not in str(e.value) and "ffffffffffff" in str(e.value)
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from asvr.tokenizer.artifact import load_artifact
 from asvr.train.batch import Batch
 from asvr.train.config import ModelConfig, VisionSpec, VisualHeadConfig, tiny_llm_config
+from asvr.tokenizer.errors import FingerprintError
 from asvr.train.export import ExportError, load_exported, save_exported
 from asvr.train.lvlm import build_model
 
@@ -323,7 +324,7 @@ def test_online_vision_input_with_the_real_encoder(tmp_path, tiny_tokenizer):
     tiny_tokenizer_spec = tiny_tokenizer.spec
     try:
         tiny_tokenizer.spec = other
-        with pytest.raises(ExportError, match="fingerprint"):
+        with pytest.raises(FingerprintError, match="fingerprint mismatch"):
             load_exported(out, tokenizer=tiny_tokenizer)
     finally:
         tiny_tokenizer.spec = tiny_tokenizer_spec

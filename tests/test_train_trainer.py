@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -184,3 +186,26 @@ def test_a_run_prints_only_our_lines(corpus, tiny_tokenizer_dir, tmp_path):
     assert lines[1].startswith("done: step 1 loss")
     bar = [part for part in r.stderr.replace("\r", "\n").splitlines() if part.strip()]
     assert bar and all(part.startswith("pretrain: ") for part in bar), r.stderr[-3000:]
+
+
+def test_online_without_images_is_one_line_error(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    args = _args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--vision-input", "online")
+    i = args.index("--images")
+    del args[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asvr-train: error: --vision-input online") and "--images" in err and "\n" not in err
+
+
+def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    """A real SIGINT (what Ctrl-C sends) during a run: exit 130, one line that says how to resume."""
+    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))  # after parsing, during setup or training
+    timer.start()
+    try:
+        rc = main(_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000"))
+    finally:
+        timer.cancel()
+    assert rc == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted;") and "--resume auto" in err[-1] and str(tmp_path / "r") in err[-1]
+    assert not any("Traceback" in line for line in err)

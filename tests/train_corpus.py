@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asvr.pipeline.shards import ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
+from asvr.tokenizer.shards import ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
 from conftest import write_image_folder
 
 WORDS = ["red", "green", "blue", "circle", "square", "wave", "stripe", "bright", "dark", "sky", "sea", "field"]

@@ -1,4 +1,4 @@
-"""The tokenizer artifact (DESIGN.md contract 1): a directory with
+"""The tokenizer artifact (docs/ARCHITECTURE.md, contract 1): a directory with
 ``tokenizer.json`` and ``codebooks.safetensors`` (float32 ``[D or 1, K, C]``).
 
 The fingerprint is sha256 over the codebook bytes, the encoder's weight
@@ -12,22 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write
 from .encoders import EncoderSpec, hash_encoder_weights
+from .errors import TokenizerError, check_fingerprint
 
 FORMAT_VERSION = 1
 TOKENIZER_JSON = "tokenizer.json"
 CODEBOOKS_FILE = "codebooks.safetensors"
-
-
-class TokenizerError(ValueError):
-    pass
 
 
 @dataclass
@@ -78,13 +75,6 @@ def compute_fingerprint(spec: TokenizerSpec, codebooks: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save_artifact(out: str | os.PathLike, spec: TokenizerSpec, codebooks: torch.Tensor) -> TokenizerSpec:
     """Write the artifact; the fingerprint is (re)computed here. Returns the saved spec."""
     out = Path(out)
@@ -97,10 +87,9 @@ def save_artifact(out: str | os.PathLike, spec: TokenizerSpec, codebooks: torch.
     if tuple(cb.shape) != want:
         raise TokenizerError(f"codebooks have shape {tuple(cb.shape)}, spec wants {want}")
     spec.fingerprint = compute_fingerprint(spec, cb)
-    tmp = out / f".{CODEBOOKS_FILE}.tmp"
-    save_file({"codebooks": cb}, str(tmp), metadata={"fingerprint": spec.fingerprint})
-    os.replace(tmp, out / CODEBOOKS_FILE)
-    _atomic_write_bytes(out / TOKENIZER_JSON, (json.dumps(spec.to_dict(), indent=2) + "\n").encode())
+    with atomic_path(out / CODEBOOKS_FILE) as tmp:
+        save_file({"codebooks": cb}, str(tmp), metadata={"fingerprint": spec.fingerprint})
+    atomic_write(out / TOKENIZER_JSON, json.dumps(spec.to_dict(), indent=2) + "\n")
     return spec
 
 
@@ -124,7 +113,6 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> tuple[Tokeniz
     if tuple(cb.shape) != want:
         raise TokenizerError(f"{cbf}: codebooks have shape {tuple(cb.shape)}, tokenizer.json says {want}")
     if verify:
-        fp = compute_fingerprint(spec, cb)
-        if fp != spec.fingerprint:
-            raise TokenizerError(f"{path}: fingerprint mismatch (codebooks or tokenizer.json were changed)")
+        check_fingerprint(compute_fingerprint(spec, cb), spec.fingerprint, f"{path}'s codebooks and encoder",
+                          f"its {TOKENIZER_JSON}", "the codebooks or tokenizer.json were changed")
     return spec, cb

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import run_guarded
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("asvr.tokenizer.cmd_train", "train RVQ codebooks on a folder of images (faiss)"),
@@ -22,10 +24,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
 def add_encoding_args(p: argparse.ArgumentParser) -> None:
     """Options of the commands that run the encoder over a folder of images (train, validate)."""
     p.add_argument("--batch-size", type=int, default=8,
@@ -34,22 +32,6 @@ def add_encoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and faiss (default: theirs). On a busy 2-core machine 1 thread "
                         "was 4x faster than 2 for EfficientNet (OpenMP spin-waits)")
-
-
-def run_guarded(prog: str, command: str, call, errors: tuple[type[BaseException], ...],
-                interrupted: str = "interrupted") -> int:
-    """Run one subcommand the way every ``asvr-*`` CLI does: an expected error is one
-    line on stderr (``prog command: error: ...``) and exit code 2, not a traceback;
-    Ctrl-C is exit code 130."""
-    try:
-        return int(call() or 0)
-    except errors as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{prog} {command}: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -76,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(only=command).parse_args(argv)
-    from .artifact import TokenizerError
     from .encoders import EncoderLoadError
+    from .errors import TokenizerError
     from .preprocess import ImageError
 
     return run_guarded("asvr-tokenizer", args.command, lambda: args.func(args),
-                       (CLIError, TokenizerError, EncoderLoadError, ImageError, FileNotFoundError))
+                       (TokenizerError, EncoderLoadError, ImageError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from .cli import CLIError
+from .errors import CLIError
 from .model import SemanticTokenizer
 from .preprocess import PREPROCESS_MODES, ImageError, open_image, preprocess, read_file
 

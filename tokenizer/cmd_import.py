@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import CLIError
+from .errors import CLIError
 from .dualtoken import DualTokenImportError, import_dualtoken
 from .model import SemanticTokenizer
 from .preprocess import PREPROCESS_MODES

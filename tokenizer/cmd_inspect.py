@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from .cli import CLIError
+from .atomic import atomic_write
+from .errors import CLIError
 from .help_text import plain
 
 
@@ -105,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
         report["codes"] = []
         for d, k in codes:
-            uses = find_code_uses(args.codes, spec.fingerprint, d, k, args.max_images, lambda n: bar(n, f"code {d}:{k}"))
+            uses = find_code_uses(args.codes, spec.fingerprint, d, k, args.max_images, lambda n, what=f"code {d}:{k}": bar(n, what))
             entry = {"code": f"{d}:{k}", "images": uses.images, "patches": uses.patches, "preprocess": uses.preprocess,
                      "top": [{"key": u.key, "positions": [list(p) for p in u.positions]} for u in uses.top]}
             msg = f"code {d}:{k}: {uses.patches} patches in {uses.images} images"
@@ -137,7 +136,4 @@ def summary_lines(path: str, spec, cb) -> list[str]:
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj))

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import CLIError
+from .errors import CLIError
 from .help_text import plain
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from .artifact import TokenizerSpec, save_artifact
-from .cli import CLIError, add_encoding_args
+from .cli import add_encoding_args
+from .errors import CLIError
 from .codebook_training import (TRAIN_METHODS, CodebookTrainConfig, TrainingError, iter_features, list_images, pick,
                                 sample_vectors, set_threads, train_codebooks)
-from .encoders import ENCODER_KINDS, build_encoder, default_encoder_spec
+from .encoders import build_encoder, default_encoder_spec, encoder_kinds
 from .preprocess import PREPROCESS_MODES, PreprocessConfig
 
 
@@ -24,11 +25,11 @@ def register(p: argparse.ArgumentParser) -> None:
         "with faiss. The result is a tokenizer directory (tokenizer.json + codebooks.safetensors) whose codes "
         "are the exact greedy RVQ of the encoder's features.")
     p.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folders (searched recursively)")
-    p.add_argument("--encoder", choices=ENCODER_KINDS, default="efficientnet_lite0",
-                   help="frozen encoder; efficientnet_lite0 is embedded (7x7x320 at 224 px); pixels: raw pixel patches on the same grid (appearance targets)")
+    p.add_argument("--encoder", choices=list(encoder_kinds()), default="efficientnet_lite0",
+                   help="frozen encoder; efficientnet_lite0 is embedded (7x7x320 at 224 px)")
     p.add_argument("--encoder-path", metavar="HFDIR", help="local Hugging Face folder for siglip/clip")
     p.add_argument("--feature-layer", type=int, default=None,
-                   help="block (efficientnet, default -1), hidden-state index (siglip/clip, default -2) or patch side (pixels, default 4)")
+                   help="block (efficientnet, default -1) or hidden-state index (siglip/clip, default -2)")
     p.add_argument("--depth", type=int, required=True, help="RVQ depth D")
     p.add_argument("--codebook-size", type=int, required=True, help="codes per depth K (a power of two for rq)")
     p.add_argument("--shared", action="store_true", help="one codebook shared by every depth (pooled k-means)")

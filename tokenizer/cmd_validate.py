@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .cli import CLIError, add_encoding_args
+from .cli import add_encoding_args
+from .atomic import atomic_write
+from .errors import CLIError
 from .codebook_training import TrainingError, iter_features, list_images, pick, set_threads
 from .model import SemanticTokenizer
 from .preprocess import PREPROCESS_MODES
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     if not paths:
         raise CLIError(f"no images found under {' '.join(args.images)}")
-    failures = []
+    failures: list = []
     feats = [b.features.reshape(-1, tok.spec.dim)
              for b in iter_features(tok.encoder, paths, tok.preprocess_config(args.preprocess),
                                     batch_size=args.batch_size, failures=failures, progress="validate")]
@@ -57,10 +57,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.report)
     out.mkdir(parents=True, exist_ok=True)
     body = dict(report.to_dict(), tokenizer=str(args.tokenizer), fingerprint=tok.spec.fingerprint)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.json.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(body, f, indent=1)
-    os.replace(tmp, out / "report.json")
+    atomic_write(out / "report.json", json.dumps(body, indent=1))
     plot_report(report, out, title=Path(args.tokenizer).name)
     if failures:
         print(f"skipped {len(failures)} unreadable images (first: {failures[0].path}: {failures[0].reason})",

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from asvr.pipeline.shards import ShardError, codes_array, iter_shards, list_shards
+from .shards import ShardError, codes_array, iter_shards, list_shards
 
 Box = tuple[float, float, float, float]
 

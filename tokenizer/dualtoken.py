@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .artifact import TokenizerError, TokenizerSpec, save_artifact
+from .atomic import atomic_dir
 from .encoders import EncoderLoadError, _layer_index, default_encoder_spec, load_vision_config
 
 CODEBOOK_KEY = "quantizer_semantic.codebooks.{}.weight"
@@ -190,16 +190,11 @@ def extract_vision(state: dict[str, torch.Tensor], siglip_dir: Path, rq: RQSigli
 def _write_encoder(out: Path, siglip_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{ENCODER_DIR}."))
-    shutil.copyfile(siglip_dir / "config.json", tmp / "config.json")
-    if (siglip_dir / "preprocessor_config.json").exists():
-        shutil.copyfile(siglip_dir / "preprocessor_config.json", tmp / "preprocessor_config.json")
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": "dualtoken-import"})
-    final = out / ENCODER_DIR
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_dir(out / ENCODER_DIR) as tmp:
+        shutil.copyfile(siglip_dir / "config.json", tmp / "config.json")
+        if (siglip_dir / "preprocessor_config.json").exists():
+            shutil.copyfile(siglip_dir / "preprocessor_config.json", tmp / "preprocessor_config.json")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": "dualtoken-import"})
 
 
 def import_dualtoken(config_dir: str | os.PathLike, checkpoint: str | os.PathLike, siglip_dir: str | os.PathLike,

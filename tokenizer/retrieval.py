@@ -55,7 +55,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,7 +64,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from asvr.pipeline.shards import ShardError, ShardMeta, codes_array, list_shards, read_meta, read_shard, sha256_file
+from .atomic import atomic_path, atomic_write
+from .errors import check_fingerprint
+from .shards import ShardError, ShardMeta, codes_array, list_shards, read_meta, read_shard, sha256_file
 
 INDEX_JSON = "index.json"
 INDEX_FORMAT = 1
@@ -282,19 +283,6 @@ def read_index_meta(idx_dir: str | os.PathLike) -> IndexMeta:
         raise RetrievalError(f"{p}: malformed ({e})") from None
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 KEYS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int32()), ("row", pa.int64())])
 
 
@@ -306,10 +294,11 @@ def save_index(idx_dir: Path, meta: IndexMeta, index, keys: pa.Table) -> None:
     old = {p.name for p in idx_dir.glob("index.*.faiss")} | {p.name for p in idx_dir.glob("keys.*.parquet")}
     meta.generation += 1
     meta.count = int(index.ntotal)
-    _atomic(idx_dir / meta.index_file, lambda t: faiss.write_index(index, t))
-    _atomic(idx_dir / meta.keys_file, lambda t: pq.write_table(keys, t))
-    data = (json.dumps(meta.to_dict(), indent=2) + "\n").encode()
-    _atomic(idx_dir / INDEX_JSON, lambda t: Path(t).write_bytes(data))
+    with atomic_path(idx_dir / meta.index_file) as tmp:
+        faiss.write_index(index, str(tmp))
+    with atomic_path(idx_dir / meta.keys_file) as tmp:
+        pq.write_table(keys, tmp)
+    atomic_write(idx_dir / INDEX_JSON, json.dumps(meta.to_dict(), indent=2) + "\n")
     for name in old - {meta.index_file, meta.keys_file}:
         (idx_dir / name).unlink(missing_ok=True)
 
@@ -331,8 +320,7 @@ def _shard_rows(path: Path) -> int:
 
 def _check_shard(path: Path, want: ShardMeta) -> None:
     m = read_meta(path)
-    if m.fingerprint != want.fingerprint:
-        raise RetrievalError(f"{path}: written with tokenizer {m.fingerprint[:12]}, the index's is {want.fingerprint[:12]}")
+    check_fingerprint(m.fingerprint, want.fingerprint, str(path), "the index's tokenizer")
     if m.preprocess != want.preprocess:
         raise RetrievalError(f"{path}: preprocess mode {m.preprocess!r}, the index holds {want.preprocess!r} codes")
 
@@ -354,27 +342,57 @@ def build_index(
     from .artifact import load_artifact
 
     idx_dir = Path(idx_dir)
+    shard_paths, old = _check_request(out, idx_dir, factory, add, force)
+    tok_dir = Path(tokenizer) if tokenizer is not None else Path(old.tokenizer) if old else None
+    if tok_dir is None:
+        raise RetrievalError("--tokenizer is required to build an index")
+    spec, codebooks = load_artifact(tok_dir)
+    if old is not None:
+        check_fingerprint(spec.fingerprint, old.fingerprint, f"tokenizer {tok_dir}", f"the index {idx_dir}",
+                          "build a new index")
+    preprocess = old.preprocess if old else read_meta(shard_paths[0]).preprocess
+    new, skipped = _split_new_shards(shard_paths, ShardMeta.from_spec(spec, preprocess), old)
+    if old is not None and not new:
+        return BuildResult(old, [], skipped, 0)
+    new_rows = sum(_shard_rows(p) for p, _ in new)
+    if old is not None:
+        import faiss
+
+        meta, index, keys = old, faiss.read_index(str(idx_dir / old.index_file)), pq.read_table(idx_dir / old.keys_file)
+    else:
+        meta, index = _new_index(idx_dir, spec, str(tok_dir.resolve()), preprocess, factory, new_rows)
+        keys = KEYS_SCHEMA.empty_table()
+    if search_params:
+        meta.search_params.update(search_params)
+    bar = progress(new_rows) if progress else None
+    new_keys = _add_shards(index, meta, set(keys.column("key").to_pylist()), new,
+                           ImageVectorizer(codebooks, spec.depth), new_rows, bar)
+    if bar is not None:
+        bar.close()  # type: ignore[attr-defined]
+    apply_search_params(index, meta.search_params)
+    save_index(idx_dir, meta, index, pa.concat_tables([keys, *new_keys]))
+    return BuildResult(meta, [p.name for p, _ in new], skipped, new_rows)
+
+
+def _check_request(out, idx_dir: Path, factory: str | None, add: bool, force: bool
+                   ) -> tuple[list[Path], IndexMeta | None]:
+    """-> (the shards of ``out``, the index to extend or None); refuses a silent overwrite."""
     try:
         shard_paths = list_shards(out)
     except ShardError as e:
         raise RetrievalError(str(e)) from None
     existing = (idx_dir / INDEX_JSON).exists()
-    if add and not existing:
-        add = False  # --add on a missing index is a fresh build
     if existing and not add and not force:
         raise RetrievalError(f"{idx_dir} already holds an index (use --add for new shards, --force to rebuild)")
-    old = read_index_meta(idx_dir) if add else None
+    old = read_index_meta(idx_dir) if add and existing else None  # --add on a missing index is a fresh build
     if old is not None and factory and factory != old.factory:
         raise RetrievalError(f"{idx_dir} is a {old.factory!r} index; --factory {factory!r} needs a rebuild (--force)")
-    tok_dir = Path(tokenizer) if tokenizer is not None else Path(old.tokenizer) if old else None
-    if tok_dir is None:
-        raise RetrievalError("--tokenizer is required to build an index")
-    spec, codebooks = load_artifact(tok_dir)
-    if old is not None and spec.fingerprint != old.fingerprint:
-        raise RetrievalError(f"tokenizer {tok_dir} has fingerprint {spec.fingerprint[:12]}, "
-                             f"the index was built with {old.fingerprint[:12]}; build a new index")
-    preprocess = old.preprocess if old else read_meta(shard_paths[0]).preprocess
-    want = ShardMeta.from_spec(spec, preprocess)
+    return shard_paths, old
+
+
+def _split_new_shards(shard_paths: list[Path], want: ShardMeta, old: IndexMeta | None
+                      ) -> tuple[list[tuple[Path, str]], list[str]]:
+    """-> ((path, sha256) of the shards the index lacks, names of those it holds); checks every shard."""
     have = {(s.name, s.sha256) for s in old.shards} if old else set()
     new: list[tuple[Path, str]] = []
     skipped: list[str] = []
@@ -382,39 +400,35 @@ def build_index(
         _check_shard(p, want)
         digest = sha256_file(p)
         (skipped.append(p.name) if (p.name, digest) in have else new.append((p, digest)))
-    if old is not None and not new:
-        return BuildResult(old, [], skipped, 0)
+    return new, skipped
 
-    vectorize = ImageVectorizer(codebooks, spec.depth)
-    new_rows = sum(_shard_rows(p) for p, _ in new)
-    if old is not None:
-        import faiss
 
-        meta = old
-        index = faiss.read_index(str(idx_dir / old.index_file))
-        keys = pq.read_table(idx_dir / old.keys_file)
-    else:
-        plan = IndexPlan(factory, {}) if factory else plan_index(new_rows, spec.dim)
-        index = new_faiss_index(plan.factory, spec.dim)
-        params = dict(default_search_params(index) if factory else plan.search_params)
-        meta = IndexMeta(fingerprint=spec.fingerprint, tokenizer=str(tok_dir.resolve()), preprocess=preprocess,
-                         grid=tuple(spec.grid), depth=spec.depth, codebook_size=spec.codebook_size, dim=spec.dim,
-                         factory=plan.factory, search_params=params)
-        keys = KEYS_SCHEMA.empty_table()
-        if existing:  # --force: continue the generation count so no file the old index.json names is overwritten
-            try:
-                meta.generation = read_index_meta(idx_dir).generation
-            except RetrievalError:
-                meta.generation = max([int(p.name.split(".")[1]) for p in idx_dir.glob("index.*.faiss")
-                                       if p.name.split(".")[1].isdigit()] + [0])
-    if search_params:
-        meta.search_params.update(search_params)
-    seen = set(keys.column("key").to_pylist())
+def _new_index(idx_dir: Path, spec, tokenizer: str, preprocess: str, factory: str | None, rows: int):
+    """-> (meta, empty faiss index) of a fresh build; a rebuild (--force) continues the
+    generation count, so no file the old index.json names is overwritten."""
+    plan = IndexPlan(factory, {}) if factory else plan_index(rows, spec.dim)
+    index = new_faiss_index(plan.factory, spec.dim)
+    params = dict(default_search_params(index) if factory else plan.search_params)
+    meta = IndexMeta(fingerprint=spec.fingerprint, tokenizer=tokenizer, preprocess=preprocess,
+                     grid=tuple(spec.grid), depth=spec.depth, codebook_size=spec.codebook_size, dim=spec.dim,
+                     factory=plan.factory, search_params=params)
+    if (idx_dir / INDEX_JSON).exists():
+        try:
+            meta.generation = read_index_meta(idx_dir).generation
+        except RetrievalError:
+            meta.generation = max([int(p.name.split(".")[1]) for p in idx_dir.glob("index.*.faiss")
+                                   if p.name.split(".")[1].isdigit()] + [0])
+    return meta, index
+
+
+def _add_shards(index, meta: IndexMeta, seen: set[str], new: list[tuple[Path, str]], vectorize: ImageVectorizer,
+                new_rows: int, bar) -> list[pa.Table]:
+    """Vectorise and add the rows of ``new`` (an untrained index is trained on the first
+    ``train_size_for`` vectors first); records each shard in ``meta``.  -> their key tables."""
     pending: list[np.ndarray] = []  # vectors held back until an untrained index has its training sample
     want_train = train_size_for(index, new_rows)
     new_keys = []
     first_id = int(index.ntotal)
-    bar = progress(new_rows) if progress else None
     for path, digest in new:
         smeta, table = read_shard(path)
         ks = table.column("key").to_pylist()
@@ -423,13 +437,12 @@ def build_index(
             raise RetrievalError(f"{path}: {len(dup)} keys already in the index (e.g. {dup[0]!r}); "
                                  "keys must be unique across the shards of one index")
         seen.update(ks)
-        vecs = vectorize(codes_array(table, smeta))
         meta.shards.append(ShardEntry(path.name, digest, str(path.resolve()), len(ks), first_id))
         new_keys.append(pa.table({"key": pa.array(ks, pa.string()),
                                   "shard": pa.array(np.full(len(ks), len(meta.shards) - 1, np.int32)),
                                   "row": pa.array(np.arange(len(ks), dtype=np.int64))}, schema=KEYS_SCHEMA))
         first_id += len(ks)
-        pending.append(vecs)
+        pending.append(vectorize(codes_array(table, smeta)))
         if bar is not None:
             bar.update(len(ks))
         if not index.is_trained and sum(len(v) for v in pending) < want_train:
@@ -444,12 +457,7 @@ def build_index(
         if not index.is_trained:
             _train(index, sample, meta.factory)
         index.add(sample)
-    if bar is not None:
-        bar.close()
-    apply_search_params(index, meta.search_params)
-    keys = pa.concat_tables([keys, *new_keys])
-    save_index(idx_dir, meta, index, keys)
-    return BuildResult(meta, [p.name for p, _ in new], skipped, new_rows)
+    return new_keys
 
 
 def _train(index, sample: np.ndarray, factory: str) -> None:
@@ -527,9 +535,7 @@ class ImageIndex:
         return ImageVectorizer(cb, spec.depth)
 
     def check_fingerprint(self, fingerprint: str, where) -> None:
-        if fingerprint != self.meta.fingerprint:
-            raise RetrievalError(f"tokenizer {where} has fingerprint {fingerprint[:12]}, "
-                                 f"the index was built with {self.meta.fingerprint[:12]}")
+        check_fingerprint(fingerprint, self.meta.fingerprint, f"tokenizer {where}", "the index")
 
     def vector_of_images(self, images: list, tokenizer) -> np.ndarray:
         """Encode image files with a loaded :class:`SemanticTokenizer` in the index's preprocess mode."""

@@ -29,12 +29,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .atomic import atomic_path, atomic_write
 
 COLOURS = {
     "red": (220, 30, 35), "green": (40, 170, 60), "blue": (30, 70, 210), "yellow": (245, 215, 40),
@@ -219,7 +220,7 @@ def _sft_record(scene: Scene, rng: np.random.Generator) -> dict:
 def _vqa_items(scene: Scene, rng: np.random.Generator) -> list[dict]:
     qs = _questions(scene, rng)
     base = Path(scene.image).stem
-    items = []
+    items: list[dict] = []
     yn = [q for q in qs if q[2] == "yes_no"][0]
     items.append({"id": f"{base}_yn", "image": scene.image, "question": yn[0], "answer": yn[1], "type": "yes_no"})
     mc = [q for q in qs if q[2] in ("colour", "shape")]
@@ -250,13 +251,7 @@ class CorpusSummary:
 
 
 def _write_json(path: Path, obj, lines: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        if lines:
-            f.writelines(json.dumps(o) + "\n" for o in obj)
-        else:
-            json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=1))
 
 
 def make_corpus(out: str | os.PathLike, n: int = 600, seed: int = 0, heldout_fraction: float = 0.1,
@@ -274,9 +269,8 @@ def make_corpus(out: str | os.PathLike, n: int = 600, seed: int = 0, heldout_fra
         scene, img, fmt = make_scene(seed, i, split)
         path = out / "images" / scene.image
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        img.save(tmp, format=fmt, **({"quality": int(75 + (i * 7) % 21)} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            img.save(tmp, format=fmt, **({"quality": int(75 + (i * 7) % 21)} if fmt == "JPEG" else {}))
         scenes.append(scene)
     rng = np.random.default_rng([seed, 1 << 20])
     train = [s for s in scenes if s.split == "train"]

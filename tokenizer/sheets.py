@@ -8,11 +8,12 @@ matplotlib): a 64-tile sheet draws in ~50 ms.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_path
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in the tile's source image pixels
 
@@ -56,7 +57,7 @@ def _fit(img: Image.Image, tile: int) -> tuple[Image.Image, float, int, int]:
     w, h = img.size
     s = tile / max(w, h)
     tw, th = max(1, round(w * s)), max(1, round(h * s))
-    return img.convert("RGB").resize((tw, th), Image.BILINEAR), s, (tile - tw) // 2, (tile - th) // 2
+    return img.convert("RGB").resize((tw, th), Image.Resampling.BILINEAR), s, (tile - tw) // 2, (tile - th) // 2
 
 
 def _clip_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
@@ -103,17 +104,11 @@ def save_png(img: Image.Image, path: str | os.PathLike, text: dict[str, str] | N
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     info = PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, v)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         img.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

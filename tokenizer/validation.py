@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
+
 
 @dataclass
 class DepthMetrics:
@@ -101,7 +103,8 @@ def plot_report(report: ValidationReport, out: Path, title: str = "") -> list[Pa
     ax.set_title(heading)
     fig.tight_layout()
     p1 = out / "error_cosine.png"
-    fig.savefig(p1, dpi=100, metadata={"Title": heading})
+    with atomic_path(p1, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, metadata={"Title": heading})
     plt.close(fig)
 
     usage = Usage(np.asarray(report.usage, dtype=np.int64), report.n_images, report.n_vectors, None)

@@ -1,11 +1,16 @@
-"""Checkpoints: DeepSpeed engine state + loader position + RNG, and weight loading.
+"""Checkpoints: DeepSpeed engine state + loader position + RNG, and ``--init-from``.
 
 Layout under ``RUN/checkpoints``: one DeepSpeed tag folder per save
 (``step00000042``: module, ZeRO optimizer partitions, LR scheduler, and our
-``client_state``), plus DeepSpeed's ``latest`` file naming the newest tag.
-``client_state`` = ``{step, loader: {epoch, position, ...}}``;
-RNG states are per rank (each rank saves its own ``rng-rank<r>.pt`` next to
-the tag), so dropout and sampling continue exactly where they stopped.
+``client_state``), plus DeepSpeed's ``latest`` file naming the newest tag;
+``save`` keeps the newest ``--keep-checkpoints`` tags.
+``client_state`` = ``{step, loader: {epoch, position, ...}}``.  RNG states
+are per rank: each rank saves its own ``rng-rank<r>.pt`` inside the tag
+folder, so dropout and sampling continue exactly where they stopped.
+
+``load_pretrained`` (``--init-from``) loads an exported model (``RUN/final``
+or an export folder) before DeepSpeed wraps the model: strict keys, and the
+tokenizer fingerprint must be this run's.
 
 Our own files never unpickle: ``rng-rank<r>.pt`` holds only tensors, ints and
 strings (Python's Mersenne state as an int64 tensor, numpy's as a tensor plus
@@ -24,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asvr.tokenizer.errors import check_fingerprint
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -37,7 +44,7 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
@@ -123,7 +130,6 @@ def load_pretrained(model, folder: str | Path, fingerprint: str) -> Path:
                           f"a finished pretrain run has RUN/final)")
     meta = json.loads((folder / CONFIG_FILE).read_text())
     got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
-    if got != fingerprint:
-        raise ExportError(f"--init-from {folder}: trained with tokenizer {got[:12]}, this run uses {fingerprint[:12]}")
+    check_fingerprint(got, fingerprint, f"--init-from {folder}", "this run's tokenizer")
     load_exported_weights(model, folder)
     return folder

@@ -20,17 +20,13 @@ and ``train_config.json``, the resolved options: ``--config RUN/train_config.jso
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.help_text import plain
 
 from .config import TrainConfig
 from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from_args, parse_dataclass_args
-
-
-class CLIError(ValueError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +56,14 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         raise CLIError(f"--vision-tower {a.vision_tower}: no such folder")
     if a.images and not Path(a.images).is_dir():
         raise CLIError(f"--images {a.images}: no such folder")
+    if a.vision_input == "online" and not a.images:
+        raise CLIError("--vision-input online reads the images every step: pass --images (the image root)")
     return dataclass_from_args(TrainConfig, a)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asvr.pipeline.shards import ShardError
-    from asvr.tokenizer.artifact import TokenizerError
     from asvr.tokenizer.preprocess import ImageError
+    from asvr.tokenizer.shards import ShardError
 
     from .checkpoint import CheckpointError
     from .export import ExportError
@@ -75,25 +72,35 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import RunFolderError
     from .vision_tower import VisionTowerError
 
-    expected = (CLIError, RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError,
-                ConversationError, VisionTowerError, ConfigFileError, CheckpointError)
+    expected = (RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
+                VisionTowerError, ConfigFileError, CheckpointError)
+    parsed: list[argparse.Namespace] = []
+
+    def run() -> int:
+        parsed.append(parse_dataclass_args(build_parser(), TrainConfig, argv))
+        return _train(parsed[0])
+
+    def interrupted() -> str:
+        if not parsed:
+            return "interrupted"
+        return (f"interrupted; to continue from the newest checkpoint in {parsed[0].output_dir}, "
+                "rerun the same command with --resume auto")
+
+    return run_guarded("asvr-train", None, run, expected, interrupted=interrupted)
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
-        args = parse_dataclass_args(build_parser(), TrainConfig, argv)
         cfg = config_from_args(args)
-    except (ValueError, *expected) as e:
-        print(f"asvr-train: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # TrainConfig's own checks
+        raise CLIError(str(e)) from None
     from .libraries import configure
 
     configure(cfg.verbose)
     if cfg.preview:
         from .preview import preview
 
-        try:
-            preview(cfg, cfg.preview)
-        except expected as e:
-            print(f"asvr-train: error: {e}", file=sys.stderr)
-            return 2
+        preview(cfg, cfg.preview)
         return 0
     from .trainer import Trainer
 
@@ -101,9 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg)
         last = trainer.train()
-    except expected as e:
-        print(f"asvr-train: error: {e}", file=sys.stderr)
-        return 2
     finally:
         if trainer is not None:
             trainer.close()

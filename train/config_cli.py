@@ -90,8 +90,8 @@ def _walk(cls: Any, path: tuple[str, ...] = ()):
 def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return dataclasses.MISSING
 
 

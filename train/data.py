@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from asvr.tokenizer.atomic import atomic_write
 from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
 
 from .batch import Batch
@@ -131,7 +132,7 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
         if rec.image is not None:
             referenced.add(rec.image)
 
-        def refuse(kind: str, reason: str) -> None:
+        def refuse(kind: str, reason: str, rec: ConversationRecord = rec) -> None:
             bad.append(BadSample(rec.sample_id, rec.source, kind, reason))
 
         try:
@@ -327,7 +328,4 @@ class PackedLoader:
 def write_bad_samples(path: str | os.PathLike, bad: Sequence[BadSample]) -> None:
     import json
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(b.__dict__) + "\n" for b in bad))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(b.__dict__) + "\n" for b in bad))

@@ -12,9 +12,11 @@ Folder layout::
                             select, grid, fingerprint; absent: the tokenizer's encoder)
     tokenizer files         the LLM's text tokenizer, when given to ``save_exported``
 
-The frozen semantic tokenizer (encoder + codebooks) is *not* copied: it is
-referenced by path and fingerprint, and ``load_exported`` refuses a tokenizer
-whose fingerprint differs.
+``asvr-train`` writes it to ``RUN/final``; ``save_exported`` writes the whole
+folder atomically (``asvr.tokenizer.atomic.atomic_dir``).  The frozen
+semantic tokenizer (encoder + codebooks) is *not* copied: it is referenced by
+path and fingerprint, and ``load_exported`` refuses a tokenizer whose
+fingerprint differs (:class:`~asvr.tokenizer.errors.FingerprintError`).
 
 Loading from Python::
 
@@ -22,10 +24,10 @@ Loading from Python::
     from asvr.tokenizer import SemanticTokenizer
     from transformers import AutoTokenizer
 
-    model = load_exported("runs/sft/export", device="cuda")          # tokenizer from the recorded path
+    model = load_exported("runs/sft/final", device="cuda")           # tokenizer from the recorded path
     # or, when the tokenizer artifact moved:
-    model = load_exported("runs/sft/export", device="cuda", tokenizer=SemanticTokenizer.load("tok/"))
-    text_tok = AutoTokenizer.from_pretrained("runs/sft/export")
+    model = load_exported("runs/sft/final", device="cuda", tokenizer=SemanticTokenizer.load("tok/"))
+    text_tok = AutoTokenizer.from_pretrained("runs/sft/final")
     new_ids = model.generate(input_ids, image_mask, vision=pixels_or_features_or_codes, max_new_tokens=64)
 
 Keys are checked strictly: a missing or unexpected tensor, or a shape
@@ -35,13 +37,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from asvr.tokenizer.atomic import atomic_dir
+from asvr.tokenizer.errors import check_fingerprint
 
 from .config import ModelConfig, VisionSpec
 from .lvlm import ASVRModel, build_model
@@ -72,9 +75,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=None) -> Path:
     """Write the export folder atomically (a temp folder renamed into place)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         tensors, aliases = _dedupe(model.exported_state_dict())
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.llm.config.save_pretrained(tmp)
@@ -86,16 +87,6 @@ def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=Non
         meta = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), "dtype": dtype,
                 "tied": aliases, "n_tensors": len(tensors)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -112,13 +103,9 @@ def _load_tokenizer(spec: VisionSpec, needs_encoder: bool, tokenizer):
             from asvr.tokenizer.artifact import load_artifact
 
             tspec, cb = load_artifact(spec.path)
-            if tspec.fingerprint != spec.fingerprint:
-                raise ExportError(f"tokenizer at {spec.path} has fingerprint {tspec.fingerprint[:12]}, "
-                                  f"the model was trained with {spec.fingerprint[:12]}")
+            check_fingerprint(tspec.fingerprint, spec.fingerprint, f"tokenizer {spec.path}", "the model")
             return None, cb
-    if tokenizer.spec.fingerprint != spec.fingerprint:
-        raise ExportError(f"tokenizer fingerprint {tokenizer.spec.fingerprint[:12]} differs from the one the model "
-                          f"was trained with ({spec.fingerprint[:12]})")
+    check_fingerprint(tokenizer.spec.fingerprint, spec.fingerprint, f"tokenizer {tokenizer.path}", "the model")
     return tokenizer, None
 
 
@@ -208,11 +195,9 @@ def load_exported_weights(model: ASVRModel, folder: str | os.PathLike) -> None:
     meta = json.loads((folder / CONFIG_FILE).read_text())
     got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
     want = model.cfg.vision.fingerprint if model.cfg.vision else ""
-    if got != want:
-        raise ExportError(f"{folder}: trained with tokenizer {got[:12]}, this model uses {want[:12]}")
+    check_fingerprint(got, want, str(folder), "this model")
     got_tower = (meta.get("model", {}).get("vision_tower") or {}).get("fingerprint", "")
     want_tower = model.cfg.vision_tower.fingerprint if model.cfg.vision_tower is not None else ""
-    if got_tower != want_tower:
-        raise ExportError(f"{folder}: its projector was trained on vision tower {got_tower[:12] or '(the tokenizer)'}, "
-                          f"this model uses {want_tower[:12] or '(the tokenizer)'}")
+    check_fingerprint(got_tower, want_tower, f"the vision tower {folder}'s projector was trained on",
+                      "this model's vision tower", "an empty fingerprint is the tokenizer's own encoder")
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))

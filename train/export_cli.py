@@ -41,9 +41,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from asvr.tokenizer.artifact import TokenizerError
-    from asvr.tokenizer.cli import run_guarded
     from asvr.tokenizer.encoders import EncoderLoadError
+    from asvr.tokenizer.errors import TokenizerError, run_guarded
 
     from .export import ExportError
     from .hf_llava import HFExportError

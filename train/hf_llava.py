@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from asvr.tokenizer.atomic import atomic_dir
 
 from .config import ModelConfig
 from .export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
@@ -291,22 +291,10 @@ def export_hf_llava(run: str | os.PathLike, out: str | os.PathLike, *, tokenizer
     hf.generation_config = gen
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size)
         _processor(tower, text_tok, template).save_pretrained(tmp)
         _save_head(model, tmp / HEAD_DIR)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

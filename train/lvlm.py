@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asvr.tokenizer.errors import check_fingerprint
+
 from .batch import Batch
 from .config import STAGES, ModelConfig, VisionSpec
 from .projector import build_projector
@@ -317,9 +319,9 @@ def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | N
             tower = load_vision_tower(cfg.vision_tower)
         elif tokenizer is not None:
             tower = VisionTower.from_tokenizer(tokenizer)
-    if tower is not None and cfg.vision_tower is not None and tower.spec.fingerprint != cfg.vision_tower.fingerprint:
-        raise ValueError(f"the vision tower given ({tower.spec.fingerprint[:12]}) is not the configured one "
-                         f"({cfg.vision_tower.fingerprint[:12]})")
+    if tower is not None and cfg.vision_tower is not None:
+        check_fingerprint(tower.spec.fingerprint, cfg.vision_tower.fingerprint, "the vision tower given",
+                          "the configured one")
     vision = VisionInput(cfg.vision_input, cfg.vision, codebooks, tower, tokens=cfg.image_tokens, dim=cfg.input_dim)
     llm = build_llm(cfg) if llm is None else llm
     model = ASVRModel(cfg, llm, vision)

@@ -7,9 +7,10 @@ crashed after its last checkpoint does not log the replayed steps twice.
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
+
+from asvr.tokenizer.atomic import atomic_path, atomic_write
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -33,7 +34,7 @@ class MetricsLogger:
 
     def _truncate(self, step: int) -> None:
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -89,7 +90,6 @@ def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
         ax.set_title(textwrap.fill(note, 80), fontsize=8, color="0.3")
     fig.tight_layout()
     out = run_dir / LOSS_PLOT
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})
-    os.replace(tmp, out)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})
     return out

@@ -24,8 +24,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from asvr.pipeline.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
+from asvr.tokenizer.atomic import atomic_path, atomic_write
+from asvr.tokenizer.errors import check_fingerprint
 from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
+from asvr.tokenizer.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
 
 
 class DataError(ValueError):
@@ -63,9 +65,8 @@ class CodeStore:
         except (ShardError, OSError) as e:
             raise DataError(str(e)) from None
         for f, m in zip(files, metas):
-            if m.fingerprint != fingerprint:
-                raise DataError(f"{f}: written with tokenizer {m.fingerprint[:12]}, this run's tokenizer is "
-                                f"{fingerprint[:12]}; re-tokenize the images with this tokenizer")
+            check_fingerprint(m.fingerprint, fingerprint, str(f), "this run's tokenizer",
+                              "tokenize the images again with this tokenizer")
         if len({(m.grid, m.depth, m.preprocess) for m in metas}) != 1:
             raise DataError(f"{codes_dir}: shards disagree on grid/depth/preprocess mode")
         meta = metas[0]
@@ -75,9 +76,9 @@ class CodeStore:
                                  .encode()).hexdigest()[:16]
             cache = Path(cache_dir) / f"codes-{tag}"
             if (cache.with_suffix(".npy")).exists():
-                keys = json.loads(cache.with_suffix(".keys.json").read_text())
+                cached = json.loads(cache.with_suffix(".keys.json").read_text())
                 arr = np.load(cache.with_suffix(".npy"), mmap_mode="r")
-                return cls(meta, keys, arr, {k: i for i, k in enumerate(keys)})
+                return cls(meta, cached, arr, {k: i for i, k in enumerate(cached)})
             if not write_cache:
                 raise DataError(f"code cache {cache}.npy missing (rank 0 should have written it)")
         keys: list[str] = []
@@ -93,22 +94,10 @@ class CodeStore:
             index[k] = i
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_npy(cache.with_suffix(".npy"), arr)
-            _atomic_text(cache.with_suffix(".keys.json"), json.dumps(keys))
+            with atomic_path(cache.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
+            atomic_write(cache.with_suffix(".keys.json"), json.dumps(keys))
         return cls(meta, keys, arr, index)
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class FeatureCache:
@@ -145,6 +134,8 @@ class FeatureCache:
         return key in self.done
 
     def get(self, key: str) -> np.ndarray:
+        if self.array is None:
+            raise DataError(f"{self.path}: the features cache holds no rows yet")
         return np.asarray(self.array[self.index[key]])
 
     def fill(self, keys: Sequence[str], featurize: Callable[[list[str]], np.ndarray], batch_size: int = 32,
@@ -157,22 +148,21 @@ class FeatureCache:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         first = featurize(missing[:1])
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(self.n_rows, *first.shape[1:]))
-        if self.array is not None and self.array.shape == arr.shape:
-            for s in range(0, self.n_rows, 1024):
-                arr[s:s + 1024] = self.array[s:s + 1024]
-        else:
-            self.done = set()
-        arr[self.index[missing[0]]] = first[0]
-        rest = missing[1:]
-        for i in tqdm(range(0, len(rest), batch_size), desc="caching features", disable=not progress):
-            chunk = rest[i:i + batch_size]
-            arr[[self.index[k] for k in chunk]] = featurize(chunk)
-        arr.flush()
-        del arr
-        os.replace(tmp, self.path)
-        _atomic_text(self.keys_path, json.dumps(sorted(self.done | set(missing))))
+        with atomic_path(self.path) as tmp:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(self.n_rows, *first.shape[1:]))
+            if self.array is not None and self.array.shape == arr.shape:
+                for s in range(0, self.n_rows, 1024):
+                    arr[s:s + 1024] = self.array[s:s + 1024]
+            else:
+                self.done = set()
+            arr[self.index[missing[0]]] = first[0]
+            rest = missing[1:]
+            for i in tqdm(range(0, len(rest), batch_size), desc="caching features", disable=not progress):
+                chunk = rest[i:i + batch_size]
+                arr[[self.index[k] for k in chunk]] = featurize(chunk)
+            arr.flush()
+            del arr
+        atomic_write(self.keys_path, json.dumps(sorted(self.done | set(missing))))
         self.reload()
 
 

@@ -282,7 +282,8 @@ class _Boundaries:
         marker = template.answer_end(tokenizer) if template.style != "plain" else ""
         special = set(getattr(tokenizer, "all_special_tokens", ()) or ()) | {tokenizer.eos_token}
         m_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker in special and marker else []
-        self.marker, self.marker_id = (marker, m_ids[0]) if len(m_ids) == 1 else ("", None)
+        self.marker_id: int | None = m_ids[0] if len(m_ids) == 1 else None
+        self.marker = marker if len(m_ids) == 1 else ""
         self.prev: tuple[int, int] | None = None  # (character, token) just after the previous answer's marker
 
     def _generic(self, at: int) -> int:

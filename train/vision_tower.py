@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from asvr.tokenizer.artifact import TOKENIZER_JSON, load_artifact
+from asvr.tokenizer.errors import check_fingerprint
 from asvr.tokenizer.encoders import (EncoderLoadError, EncoderSpec, HFVisionEncoder, build_encoder,
                                      default_encoder_spec, hash_encoder_weights)
 from asvr.tokenizer.preprocess import PreprocessConfig, open_image, preprocess
@@ -171,9 +172,7 @@ def open_vision_tower(path: str | os.PathLike, *, layer: int | None = None, sele
 def load_vision_tower(spec: VisionTowerSpec) -> VisionTower:
     """Rebuild a recorded tower (export folders); its fingerprint must not change."""
     tower = build_tower(EncoderSpec(**spec.encoder), spec.select, spec.source)
-    if tower.spec.fingerprint != spec.fingerprint:
-        raise VisionTowerError(f"vision tower {spec.source}: fingerprint {tower.spec.fingerprint[:12]} differs from "
-                               f"the recorded {spec.fingerprint[:12]}")
+    check_fingerprint(tower.spec.fingerprint, spec.fingerprint, f"vision tower {spec.source}", "the recorded one")
     return tower
 
 

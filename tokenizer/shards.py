@@ -1,7 +1,9 @@
-"""Code shards (DESIGN.md contract 2): schema, atomic writers and readers.
+"""Code shards (docs/ARCHITECTURE.md, contract 2): schema, atomic writers and readers.
 
-Imports only pyarrow/numpy (never Ray), so the trainer and eval read shards
-without the pipeline's extras.
+The shard format belongs to the base package: the pipeline writes shards,
+the index, the inspector, the trainer and eval read them, and none of them
+imports another for it.  Imports only pyarrow/numpy (never Ray, never torch);
+pyarrow comes with every extra that reads shards (index, pipeline, train, eval).
 
 Parquet: ``part-NNNNN.parquet``, one row per image:
 ``key`` string, ``codes`` FixedSizeList<uint16>[H*W*D] (row-major h, w, d),
@@ -38,6 +40,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .atomic import atomic_path
+from .errors import check_fingerprint
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.parquet"
@@ -126,28 +131,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _finish(tmp: Path, path: Path, write) -> str:
-    """``write(tmp)``, fsync, hash, rename; the temp file never outlives a failure (disk full)."""
-    try:
+def _finish(path: Path, write) -> str:
+    """``write(tmp)`` through the atomic helper (fsync, rename; the temp file never outlives a
+    failure such as a full disk); returns the sha256 of what was written."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-        return digest
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return digest
 
 
 def write_parquet_shard(path: str | os.PathLike, table: pa.Table) -> str:
     """Write atomically (temp name, fsync, rename). Returns the file's sha256."""
     path = Path(path)
-    return _finish(_tmp_name(path), path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return _finish(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def write_webdataset_shard(path: str | os.PathLike, table: pa.Table, shard: int | None = None) -> str:
@@ -175,7 +171,7 @@ def write_webdataset_shard(path: str | os.PathLike, table: pa.Table, shard: int 
                     ti.mtime = 0
                     tar.addfile(ti, io.BytesIO(data))
 
-    return _finish(_tmp_name(path), path, write)
+    return _finish(path, write)
 
 
 def codes_array(table: pa.Table, meta: ShardMeta) -> np.ndarray:
@@ -195,6 +191,13 @@ def list_shards(out: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(m)
+    if f is None:
+        raise ShardError(f"tar member {m.name!r} is not a regular file")
+    return f.read()
+
+
 def read_meta(path: str | os.PathLike) -> ShardMeta:
     path = Path(path)
     try:
@@ -203,7 +206,7 @@ def read_meta(path: str | os.PathLike) -> ShardMeta:
         with tarfile.open(path) as tar:
             for m in tar:
                 if m.name.endswith(".json") and m.isfile():
-                    return _meta_of(json.loads(tar.extractfile(m).read()))
+                    return _meta_of(json.loads(_member(tar, m)))
     except ShardError:
         raise
     except Exception as e:  # noqa: BLE001 - pyarrow/tarfile/json raise many types for a damaged file
@@ -247,9 +250,9 @@ def read_shard(path: str | os.PathLike) -> tuple[ShardMeta, pa.Table]:
                 if not m.isfile():
                     continue
                 if m.name.endswith(".codes.npy"):
-                    npys[m.name[: -len(".codes.npy")]] = np.load(io.BytesIO(tar.extractfile(m).read()))
+                    npys[m.name[: -len(".codes.npy")]] = np.load(io.BytesIO(_member(tar, m)))
                 elif m.name.endswith(".json"):
-                    infos[m.name[: -len(".json")]] = json.loads(tar.extractfile(m).read())
+                    infos[m.name[: -len(".json")]] = json.loads(_member(tar, m))
         names = sorted(npys)
         keys = [infos[n].get("key", n) for n in names]  # files before contract 2's update: key = member name
         codes_np = np.stack([npys[n] for n in names]) if names else np.zeros((0, *meta.grid, meta.depth), np.uint16)
@@ -268,19 +271,20 @@ def iter_shards(out: str | os.PathLike, fingerprint: str | None = None) -> Itera
     """All shards of an output directory; refuses a foreign tokenizer fingerprint."""
     for path in list_shards(out):
         meta, table = read_shard(path)
-        if fingerprint is not None and meta.fingerprint != fingerprint:
-            raise ShardError(
-                f"{path}: written with tokenizer {meta.fingerprint[:12]}, this run's tokenizer is {fingerprint[:12]}"
-            )
+        if fingerprint is not None:
+            check_fingerprint(meta.fingerprint, fingerprint, str(path), "this run's tokenizer",
+                              "tokenize the images again with this tokenizer")
         yield path, meta, table
 
 
 def load_codes(out: str | os.PathLike, fingerprint: str | None = None) -> tuple[ShardMeta, dict[str, np.ndarray]]:
     """key -> uint16 codes ``[H, W, D]`` for a whole output directory (small corpora, eval)."""
     result: dict[str, np.ndarray] = {}
-    meta = None
+    meta: ShardMeta | None = None
     for _, m, table in iter_shards(out, fingerprint):
         meta = meta or m
         for key, c in zip(table.column("key").to_pylist(), codes_array(table, m)):
             result[key] = c
+    if meta is None:  # list_shards refuses an empty folder; kept for the type checker
+        raise ShardError(f"{out}: no code shards")
     return meta, result

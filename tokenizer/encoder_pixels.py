@@ -8,14 +8,19 @@ pixels a side and cut into a ``grid x grid`` array of ``patch x patch x 3``
 patches, so it lines up with the semantic encoder's grid position by
 position (EfficientNet-Lite0: 7 x 7 at 224 px; with ``patch`` 4 a feature is
 48 normalised pixel values).  ``asvr-tokenizer train --encoder pixels``
-trains its codebooks like any other encoder's.  No weights.
+trains its codebooks like any other encoder's.  No weights; ``feature_layer`` records the
+patch side (default 4).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-PIXELS_WEIGHTS_REF = "none:pixels"
+from .encoders import NO_WEIGHTS_PREFIX, EncoderKind, EncoderSpec, register_encoder
+
+PIXELS_WEIGHTS_REF = NO_WEIGHTS_PREFIX + "pixels"
 
 
 class PixelPatchEncoder(torch.nn.Module):
@@ -33,3 +38,16 @@ class PixelPatchEncoder(torch.nn.Module):
         x = F.adaptive_avg_pool2d(pixels.float(), g * p)                 # [B, 3, g*p, g*p]
         x = x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1)       # [B, g, g, p, p, 3]
         return x.reshape(b, g, g, self.dim).contiguous()
+
+
+def _build(spec: EncoderSpec, base: Path | None) -> torch.nn.Module:
+    return PixelPatchEncoder(grid=spec.image_size // 32, patch=spec.feature_layer, image_size=spec.image_size)
+
+
+def _default_spec(weights: str | None, feature_layer: int | None) -> EncoderSpec:
+    """EfficientNet-Lite0's grid at 224 px (7 x 7); ``feature_layer`` is the patch side."""
+    return EncoderSpec(kind="pixels", weights=PIXELS_WEIGHTS_REF, feature_layer=4 if feature_layer is None else feature_layer,
+                       image_size=224)
+
+
+register_encoder(EncoderKind(name="pixels", build=_build, default_spec=_default_spec))
