@@ -8,11 +8,12 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden 128 --head-layers 1 --head-dim 32
+DEMO_TRAIN_IMAGES ?= 600
 # torch and faiss both spin OpenMP threads; passive waiting stops them fighting over 2 cores
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install lint test test-all mutation demo bench clean
+.PHONY: install lint test test-all mutation demo experiment bench clean
 
 install: $(STAMP)
 
@@ -52,8 +53,8 @@ mutation: $(STAMP)
 # corpus -> codebook -> validate -> tokenize (Ray) -> index/search/inspect (faiss)
 # -> pretrain + SFT (DeepSpeed, tiny Llama) -> eval.  Everything lands in $(DEMO)/.
 demo: $(STAMP)
-	@echo "== 1/9 sample corpus"
-	$(BIN)/python -m asvr.tokenizer.sample_corpus --out $(DEMO)/corpus --n 600 --seed 0
+	@echo "== 1/9 procedural VQA corpus (held-out images show colour-shape pairs never seen in training)"
+	$(BIN)/python -m asvr.tokenizer.vqa_corpus --out $(DEMO)/corpus --train $(DEMO_TRAIN_IMAGES) --heldout 60 --seed 0 --quiet
 	@echo "== 2/9 train the default codebook (EfficientNet-Lite0, 4 x 256)"
 	$(BIN)/asvr-tokenizer train --images $(DEMO)/corpus/images/train --encoder efficientnet_lite0 \
 	  --depth 4 --codebook-size 256 --method kmeans --seed 0 --out $(DEMO)/tokenizer
@@ -70,21 +71,29 @@ demo: $(STAMP)
 	$(BIN)/asvr-tokenizer inspect $(DEMO)/tokenizer --codes $(DEMO)/codes --images $(DEMO)/corpus/images \
 	  --report $(DEMO)/inspect --code 0:top --nearest 0:top --quiet
 	@echo "== 6/9 a tiny Llama-style LLM built from a config"
-	$(BIN)/python -m asvr.train.tiny_llm --out $(DEMO)/llm --texts $(DEMO)/corpus/llava_pretrain.json $(DEMO)/corpus/llava_sft.json
-	@echo "== 7/9 pretrain (projector + visual head) on cached codes"
+	$(BIN)/python -m asvr.train.tiny_llm --out $(DEMO)/llm --hidden-size 128 --intermediate-size 256 \
+	  --texts $(DEMO)/corpus/llava_pretrain.json $(DEMO)/corpus/llava_sft.json
+	@echo "== 7/9 pretrain (projector + visual head) on EfficientNet features cached once"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
-	  --data $(DEMO)/corpus/llava_pretrain.json --stage pretrain --vision-input codes \
-	  $(DEMO_TRAIN) --max-steps 150 --micro-batch-size 2 --overwrite --output-dir $(DEMO)/runs/pretrain
+	  --data $(DEMO)/corpus/llava_pretrain.json --stage pretrain --vision-input features --images $(DEMO)/corpus/images \
+	  --cache-dir $(DEMO)/cache $(DEMO_TRAIN) --max-steps 60 --micro-batch-size 4 --overwrite --output-dir $(DEMO)/runs/pretrain
 	@echo "== 8/9 SFT from the pretrain run"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
-	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input codes --init-from $(DEMO)/runs/pretrain \
+	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input features --images $(DEMO)/corpus/images \
+	  --cache-dir $(DEMO)/cache --init-from $(DEMO)/runs/pretrain \
 	  $(DEMO_TRAIN) --max-steps 400 --micro-batch-size 4 --lr 2e-3 --overwrite --output-dir $(DEMO)/runs/sft
 	@echo "== 9/9 evaluate"
 	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
 	  --images $(DEMO)/corpus/images --out $(DEMO)/eval/loss
 	$(BIN)/asvr-eval bench --model $(DEMO)/runs/sft --bench $(DEMO)/corpus/vqa_bench.jsonl --images $(DEMO)/corpus/images \
-	  --instructions none --out $(DEMO)/eval/bench
+	  --max-new-tokens 4 --out $(DEMO)/eval/bench
 	@echo "demo done: see $(DEMO)/tokenizer_report, $(DEMO)/search_sheet.png, $(DEMO)/inspect, $(DEMO)/runs/*/loss.png, $(DEMO)/eval"
+
+# The seeded miniature of the paper's ablation (arms a-e x 3 seeds, CPU): results and plot
+# land in bench/results/asvr_effect/ (work files in $(EXP)/; rerun to resume).
+EXP ?= exp_out
+experiment: $(STAMP)
+	$(BIN)/python -m bench.asvr_effect --out $(EXP) --results bench/results/asvr_effect
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache $(LINT_ROOT)

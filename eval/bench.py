@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from .bench_formats import BenchItem, bench_format, read_bench
+from .bench_formats import BenchItem, bench_format, chance_level, read_bench
 from .generate import GenerationConfig, generate_answers
 from .loading import LoadedModel
 from .scoring import SCORINGS, accuracy, grouped_accuracy, is_correct, parse_answer
@@ -46,19 +46,33 @@ def score_items(items: Sequence[BenchItem], answers: Sequence[str], fmt: str = "
                     "question": it.question, "options": it.options, "answer": it.answer,
                     "raw_answer": it.raw_answer, "prediction": pred, "parsed": parsed,
                     "correct": None if it.answer is None else is_correct(it.kind, parsed, it.answer),
+                    "chance": chance_level(it),
                     "image": it.image if isinstance(it.image, str) or it.image is None else it.image_key})
     return out
 
 
+def mean_chance(records: Sequence[dict]) -> float | None:
+    """Chance level of a set of items: the mean of theirs; None when one is unknown."""
+    ch = [r["chance"] for r in records]
+    return sum(ch) / len(ch) if ch and None not in ch else None
+
+
+def _with_chance(groups: dict[str, dict], key: str, scored: Sequence[dict]) -> dict[str, dict]:
+    for k, g in groups.items():
+        g["chance"] = mean_chance([r for r in scored if r[key] == k])
+    return groups
+
+
 def bench_metrics(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scoring: str = "lmms-eval") -> dict:
+    """Accuracy overall / per kind / per category, each with its chance level (``chance``)."""
     scored = [r for r in records if r["correct"] is not None]
     correct = [r["correct"] for r in scored]
     lmms = scoring_for(fmt, scoring) == "lmms-eval"
     m = {"n": len(records), "n_scored": len(scored), "acc": accuracy(correct) if scored else None,
-         "scoring": scoring_for(fmt, scoring),
+         "chance": mean_chance(scored), "scoring": scoring_for(fmt, scoring),
          "unparsed": sum(r["parsed"] not in ("yes", "no") if lmms else r["parsed"] is None for r in records),
-         "by_kind": grouped_accuracy([r["kind"] for r in scored], correct),
-         "by_category": grouped_accuracy([r["category"] for r in scored], correct)}
+         "by_kind": _with_chance(grouped_accuracy([r["kind"] for r in scored], correct), "kind", scored),
+         "by_category": _with_chance(grouped_accuracy([r["category"] for r in scored], correct), "category", scored)}
     layout = bench_format(fmt)
     if layout.metrics is not None:
         m.update(layout.metrics(items, records, lmms))

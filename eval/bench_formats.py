@@ -7,8 +7,10 @@ Layouts (``--format auto`` picks by content):
   ``options`` (a list, or a ``{"A": ..}`` dict: multiple choice; the answer is
   a letter or an option's text), optional ``id``, ``category`` and ``type``
   (``yes_no`` | ``multiple_choice`` | ``short``; inferred when absent: options
-  -> multiple choice, a yes/no answer -> yes/no, else short).  What
-  ``asvr.tokenizer.sample_corpus`` writes as ``vqa_bench.jsonl``.
+  -> multiple choice, a yes/no answer -> yes/no, else short) and ``chance``
+  (the item's chance level, a probability; see :func:`chance_level`).  What
+  ``asvr.tokenizer.sample_corpus`` and ``asvr.tokenizer.vqa_corpus`` write as
+  ``vqa_bench.jsonl``.
 * ``pope``: JSON lines ``{question_id, image, text, label: yes|no}``
   (``coco_pope_{random,popular,adversarial}.json``); the category is the
   record's ``category`` or else the file name.
@@ -77,6 +79,29 @@ class BenchItem:
     options: list[str] | None = None
     hint: str | None = None
     category: str | None = None
+    chance: float | None = None
+    """Accuracy of a uniform guess, when the file gives it (short answers); see :func:`chance_level`."""
+
+
+def chance_level(item: BenchItem) -> float | None:
+    """Expected accuracy of a uniform random guess: the file's ``chance`` when given, else
+    1/2 for yes/no, 1/options for multiple choice; None for short answers without one
+    (their answer space is open)."""
+    if item.chance is not None:
+        return item.chance
+    if item.kind == "yes_no":
+        return 0.5
+    if item.kind == "multiple_choice" and item.options:
+        return 1 / len(item.options)
+    return None
+
+
+def _chance(value, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise BenchError(f"{where}: chance must be a probability in (0, 1], got {value!r}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -180,7 +205,8 @@ def read_jsonl(path: Path, images=None) -> list[BenchItem]:
         items.append(BenchItem(id=str(rec.get("id", rec.get("question_id", f"{path.name}:{n}"))), question=question,
                                kind=kind, answer=gold, raw_answer=raw, image=image, image_key=image, source=where,
                                options=options, hint=_text_field(rec, ("hint",), where, required=False),
-                               category=_text_field(rec, ("category",), where, required=False)))
+                               category=_text_field(rec, ("category",), where, required=False),
+                               chance=_chance(rec.get("chance"), where)))
     return items
 
 

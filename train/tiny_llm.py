@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=128, help="MLP width")
     args = p.parse_args(argv)
     out = make_tiny_llm(args.out, args.family, conversation_texts(args.texts), vocab_size=args.vocab_size,
-                        hidden_size=args.hidden_size, layers=args.layers)
+                        hidden_size=args.hidden_size, layers=args.layers, intermediate_size=args.intermediate_size)
     print(f"wrote a tiny {args.family} LLM to {out}")
     return 0
 

@@ -161,7 +161,7 @@ class Trainer:
 
     def build_data(self, tokenizer, tower, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
         cfg = self.cfg
-        cache = self.run_dir / "cache"
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
         if self.rank == 0:
             store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache)
         dist.barrier()
