@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from asvr.train.export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
+from asvr.train.lvlm import ASVRModel
 from asvr.train.templates import ConversationTemplate, get_template
 
 DEFAULT_TEMPLATE = "vicuna_v1"
@@ -40,7 +41,7 @@ class EvalError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: "torch.nn.Module"
+    model: ASVRModel
     text_tokenizer: object
     image_tokenizer: object | None
     """A ``SemanticTokenizer`` (with its encoder) or None when not needed."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from .vision_input import VisionInput, get_vision_input
 from .vision_tower import VisionTower, check_tower_grid, load_vision_tower
 from .visual_head import VisualHead
 from .visual_loss import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 # --------------------------------------------------------------------------- attention
@@ -76,7 +79,10 @@ def resolve_attn_implementation(name: str) -> str:
 
 # --------------------------------------------------------------------------- the model
 class ASVRModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, vision: VisionInput):
+    # Typed here: torch's Module.__getattr__ types submodules Tensor | Module.
+    llm: PreTrainedModel
+
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, vision: VisionInput):
         super().__init__()
         if cfg.vision is None:
             raise ValueError("ModelConfig.vision must be set (build_model fills it from the tokenizer)")
