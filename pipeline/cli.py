@@ -12,7 +12,10 @@ they find problems.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from typing import Iterator
 
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
@@ -76,9 +79,11 @@ def _tokenize_parser(sub) -> None:
     p.set_defaults(func=_run_tokenize)
 
 
-def quiet_ray(verbose: bool, joining: bool) -> None:
-    """Ray's documented environment knobs, set before ``ray.init`` (what they hide was
-    measured on a local 2-CPU run of Ray 2.60.0):
+@contextlib.contextmanager
+def quiet_ray(verbose: bool, joining: bool) -> Iterator[None]:
+    """Ray's documented environment knobs, set around the job (what they hide was
+    measured on a local 2-CPU run of Ray 2.60.0), and restored after it so that a
+    caller in the same process (a test, a notebook) starts its next Ray unchanged:
 
     * ``RAY_AUTH_MODE=token``: a new local cluster turns token authentication on by
       default and warns that it did; naming the mode keeps that (secure) default without
@@ -87,12 +92,14 @@ def quiet_ray(verbose: bool, joining: bool) -> None:
     ``--verbose`` leaves it unset; a value already in the environment is kept.  (Ray's
     ``RAY_BACKEND_LOG_LEVEL`` would hide the driver's error-level ``core_worker.cc`` line
     too, but announces itself with a line of its own; see ``runner._execute`` instead.)"""
-    if verbose:
+    if verbose or joining or "RAY_AUTH_MODE" in os.environ:
+        yield
         return
-    import os
-
-    if not joining:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _run_tokenize(args) -> int:
@@ -103,10 +110,8 @@ def _run_tokenize(args) -> int:
         cfg = _config(args, PipelineConfig, SourceOptions)
     except ValueError as e:  # a bad combination of options, named by __post_init__
         raise CLIError(str(e)) from None
-    import os
-
-    quiet_ray(args.verbose, joining=bool(args.ray_address or os.environ.get("RAY_ADDRESS")))
-    summary = run_pipeline(cfg)
+    with quiet_ray(args.verbose, joining=bool(args.ray_address or os.environ.get("RAY_ADDRESS"))):
+        summary = run_pipeline(cfg)
     for line in summary.lines():
         print(line)
     print(f"wrote {args.out}")
