@@ -12,7 +12,7 @@ DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install lint test test-all demo bench clean
+.PHONY: install lint test test-all mutation demo bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,14 @@ test: lint
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "" tests
+
+# Mutation testing of the core modules (mutmut; not part of `make test`): one staging
+# copy per module under .mutation/, its fast tests only; survivors are triaged in
+# docs/TESTING.md.  `make mutation MUTATION="quantizer packing"` runs a subset.
+MUTATION ?=
+mutation: $(STAMP)
+	$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[mutation]"
+	$(BIN)/python tools/mutation.py $(MUTATION)
 
 # The whole job on the embedded default, offline, on 2 CPUs (~10 min):
 # corpus -> codebook -> validate -> tokenize (Ray) -> index/search/inspect (faiss)

@@ -1,4 +1,5 @@
 """Retrieval: vector recipe, flat index vs brute force, self-retrieval, --add, fingerprints, approximate recall."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,15 @@ N_REAL, N_RANDOM = 9, 240
 
 
 def _write(out, meta, keys, codes, tag):
-    rows = rows_to_table(meta, keys, codes, [hashlib.sha256(k.encode()).hexdigest() for k in keys],
-                         [64] * len(keys), [48] * len(keys), [None] * len(keys))
+    rows = rows_to_table(
+        meta,
+        keys,
+        codes,
+        [hashlib.sha256(k.encode()).hexdigest() for k in keys],
+        [64] * len(keys),
+        [48] * len(keys),
+        [None] * len(keys),
+    )
     write_parquet_shard(out / f"part-{tag:05d}.parquet", rows)
 
 
@@ -91,8 +99,18 @@ def test_corpus_image_finds_itself(corpus, tmp_path, capsys):
     by_key = _search_json(capsys, str(idx_dir), "--key", key, "-k", "3")
     assert by_key["neighbours"][0]["key"] == key and by_key["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
     sheet = tmp_path / "s.png"
-    by_img = _search_json(capsys, str(idx_dir), "--image", str(corpus["images"] / key), "-k", "4",
-                          "--images", str(corpus["images"]), "--sheet", str(sheet))
+    by_img = _search_json(
+        capsys,
+        str(idx_dir),
+        "--image",
+        str(corpus["images"] / key),
+        "-k",
+        "4",
+        "--images",
+        str(corpus["images"]),
+        "--sheet",
+        str(sheet),
+    )
     assert by_img["neighbours"][0]["key"] == key and by_img["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
     from PIL import Image
 
@@ -158,8 +176,24 @@ def test_fingerprint_mismatch_refused(corpus, tmp_path, capsys):
 def test_trained_factory_through_cli(corpus, tmp_path, capsys):
     """An index that needs training (IVF) and stores no exact vectors: --key rebuilds the query from the shard."""
     idx_dir = tmp_path / "ivf"
-    assert main(["index", str(corpus["out"]), "--tokenizer", str(corpus["tok"]), "--out", str(idx_dir),
-                 "--factory", "IVF4,SQ8", "--search-params", "nprobe=4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(corpus["out"]),
+                "--tokenizer",
+                str(corpus["tok"]),
+                "--out",
+                str(idx_dir),
+                "--factory",
+                "IVF4,SQ8",
+                "--search-params",
+                "nprobe=4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((idx_dir / "index.json").read_text())
     assert meta["factory"] == "IVF4,SQ8" and meta["count"] == N_REAL + N_RANDOM and meta["search_params"]["nprobe"] == 4
     key = corpus["keys"][2]
@@ -179,8 +213,10 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(before)
 
 
-@pytest.mark.parametrize("factory", ["IVF16,PQ16", "HNSW32"])
-def test_approximate_recall(factory, one_faiss_thread):
+# measured recall@10 on this data (faiss 1.x, 1 thread): IVF16,PQ16 0.87, HNSW32 1.0, the planned
+# IVF+PQ+Refine(SQ8) recipe (README: 0.982 on 100k x 320-d) 0.975; thresholds leave ~0.03-0.07
+@pytest.mark.parametrize("factory,floor", [("IVF16,PQ16", 0.8), ("HNSW32", 0.95), ("plan:ivfpq", 0.94)])
+def test_approximate_recall(factory, floor, one_faiss_thread):
     """Recall@10 of an approximate index vs exact numpy search on 3000 clustered 32-d vectors."""
     rng = np.random.default_rng(0)
     dim, n = 32, 3000
@@ -190,6 +226,8 @@ def test_approximate_recall(factory, one_faiss_thread):
     q = x[rng.choice(n, 100, replace=False)] + 0.05 * rng.normal(size=(100, dim)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    if factory.startswith("plan:"):
+        factory = plan_index(n, dim, factory[5:]).factory
     index = new_faiss_index(factory, dim)
     index.train(x)
     index.add(x)
@@ -198,7 +236,7 @@ def test_approximate_recall(factory, one_faiss_thread):
     apply_search_params(index, default_search_params(index))
     _, got = index.search(q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, got)])
-    assert recall > 0.5, recall
+    assert recall > floor, recall
 
 
 def test_plan_by_size():

@@ -27,6 +27,7 @@ whose matmul output is rounded too; a worst-case bound, for any data), plus the 
 (bench/gpu_tokenizer.py).  Distances are computed around each codebook's mean
 (they are translation invariant), so the bound scales with the codes' spread.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,6 +79,19 @@ def rvq_encode_reference(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
             codes[s : s + step, d] = dist.argmin(1)
         r -= cb[d][codes[:, d]]
     return codes
+
+
+def candidate_window(approx: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of approximate distances ``[N, K]`` whose error is at most ``bound`` ``[N]``:
+    the approximate best value and index, and how many codes lie within ``2 * bound`` of
+    it.  The exact argmin is always among those (it is at most ``bound`` above its exact
+    value, which is at most the approximate best's exact value, at most ``bound`` above
+    the approximate best), so a count of 1 certifies the approximate best."""
+    best_val, best_idx = approx.min(dim=1)
+    window = (best_val.double() + 2 * bound).float()
+    window = torch.nextafter(window, torch.full_like(window, math.inf))
+    count = (approx <= window[:, None]).sum(dim=1)
+    return best_val, best_idx, count
 
 
 @dataclass(frozen=True)
@@ -179,8 +193,12 @@ class ResidualQuantizer(torch.nn.Module):
             full += fu
         out = out.reshape(*lead, self.depth)
         if return_stats:
-            return out, SearchStats(rows=flat.shape[0] * self.depth, fallback_rows=sum(per_depth),
-                                    full_rows=full, fallback_per_depth=tuple(per_depth))
+            return out, SearchStats(
+                rows=flat.shape[0] * self.depth,
+                fallback_rows=sum(per_depth),
+                full_rows=full,
+                fallback_per_depth=tuple(per_depth),
+            )
         return out
 
     def _prepared(self, device: torch.device) -> list[dict]:
@@ -197,8 +215,17 @@ class ResidualQuantizer(torch.nn.Module):
                 mean = cb64[i].mean(0)
                 b64 = cb64[i] - mean
                 n2 = (b64 * b64).sum(1)
-                prepared.append({"orig": cb64[i], "mean": mean, "b64": b64, "n64": n2, "n32": n2.float(),
-                                 "cmax": float(n2.max().sqrt()), "lp": {}})
+                prepared.append(
+                    {
+                        "orig": cb64[i],
+                        "mean": mean,
+                        "b64": b64,
+                        "n64": n2,
+                        "n32": n2.float(),
+                        "cmax": float(n2.max().sqrt()),
+                        "lp": {},
+                    }
+                )
             self._cache, self._cache_key = prepared, str(device)
         return self._cache
 
@@ -215,12 +242,20 @@ class ResidualQuantizer(torch.nn.Module):
                 p["lp"][sdtype] = (p["b64"] / max(p["cmax"], 1e-30)).to(sdtype).contiguous()
         return p["lp"][sdtype]
 
-    def _search(self, r: torch.Tensor, p: dict, sdtype, cand: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One precision level.  Approximate distances ``||c||^2 - 2 r.c`` in the search
-        dtype; every code within ``2 * bound`` of the approximate best is a candidate.
-        One candidate: it is the exact argmin, no re-rank needed.  Up to ``cand``: they are
-        re-ranked in float64.  More: the row is not certified (next level).
-        Returns (codes, certified) per row."""
+    def approximate_distances(
+        self, residual: torch.Tensor, depth: int = 0, search_dtype: str = "float32"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the candidate search sees at ``depth``, for tests and benches: the
+        approximate distances ``||c_k - m||^2 - 2 (r - m).(c_k - m)`` ``[N, K]`` (fp32; ``m``
+        the codebook's mean, so the exact value is ``||r - c_k||^2 - ||r - m||^2``) and
+        the bound ``[N]`` on their error that the search relies on."""
+        p = self._prepared(residual.device)[0 if self.codebooks.shape[0] == 1 else depth]
+        rc = residual.to(torch.float64) - p["mean"]
+        return self._approx(rc, p, _SEARCH_DTYPES[search_dtype])
+
+    def _approx(self, r: torch.Tensor, p: dict, sdtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate distances ``||c||^2 - 2 r.c`` in the search dtype (``r`` centred,
+        float64) and the per-row bound on their error."""
         n, c = r.shape
         book = self._book_in(p, sdtype)
         rnorm = r.norm(dim=1)
@@ -238,7 +273,6 @@ class ResidualQuantizer(torch.nn.Module):
             dots.mul_((scale * p["cmax"]).float()[:, None])
         approx = dots.mul_(-2).add_(p["n32"])  # in place: one [n, K] fp32 buffer
         del dots
-        best_val, best_idx = approx.min(dim=1)
         # ---- error bound per row: operand rounding + accumulation, ||c||^2 rounding,
         # and the fp32 rounding of the approximate values themselves
         u = _UNIT_ROUNDOFF[sdtype]
@@ -247,23 +281,32 @@ class ResidualQuantizer(torch.nn.Module):
         delta = (3 if sdtype in (torch.float16, torch.bfloat16) else 2) * u + u * u + 4 * math.sqrt(c) * 2.0**-24
         cmax = p["cmax"]
         bound = 2 * delta * rnorm * cmax + 2.0**-22 * (cmax * cmax + 2 * rnorm * cmax)
-        window = (best_val.double() + 2 * bound).float()
-        window = torch.nextafter(window, torch.full_like(window, math.inf))
-        count = (approx <= window[:, None]).sum(dim=1)
+        return approx, bound
+
+    def _search(
+        self, r: torch.Tensor, r64: torch.Tensor, p: dict, sdtype, cand: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One precision level.  Approximate distances ``||c||^2 - 2 r.c`` in the search
+        dtype; every code within ``2 * bound`` of the approximate best is a candidate.
+        One candidate: it is the exact argmin, no re-rank needed.  Up to ``cand``: they are
+        re-ranked in float64.  More: the row is not certified (next level).
+        ``r`` is the residual centred on the codebook mean, ``r64`` the plain one.
+        Returns (codes, certified) per row."""
+        approx, bound = self._approx(r, p, sdtype)
+        best_val, idx, count = candidate_window(approx, bound)
         ok = (count == 1) & torch.isfinite(best_val)
-        idx = best_idx
         # ---- a few candidates within the window: exact float64 re-rank (lowest index on ties)
         few = ((count > 1) & (count <= cand) & torch.isfinite(best_val)).nonzero().squeeze(1)
         if few.numel():
             top_idx = approx[few].topk(cand, dim=1, largest=False).indices
             sidx, _ = top_idx.sort(dim=1)
-            rf = r[few]
-            dist = p["n64"][sidx] - 2 * torch.einsum("nkc,nc->nk", p["b64"][sidx], rf)
-            idx[few] = sidx.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+            idx[few] = _rerank(r64[few], p["orig"], sidx)
             ok[few] = True
         return idx, ok
 
-    def _search_fused(self, r: torch.Tensor, p: dict, sdtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_fused(
+        self, r: torch.Tensor, r64: torch.Tensor, p: dict, sdtype: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused kernel's four nearest per row (rvq_triton), with the bound of
         :meth:`_search` for the kernel's ``delta``: one code within the window is the
         exact argmin; two or three with the fourth outside are re-ranked in float64;
@@ -272,8 +315,9 @@ class ResidualQuantizer(torch.nn.Module):
 
         prec = _FUSED[sdtype]
         n, c = r.shape
-        vals, ids = rvq_triton.nearest(rvq_triton.split_operand(r.float(), prec), self._book_in(p, sdtype),
-                                       p["n32"], prec)
+        vals, ids = rvq_triton.nearest(
+            rvq_triton.split_operand(r.float(), prec), self._book_in(p, sdtype), p["n32"], prec
+        )
         rnorm = r.norm(dim=1)
         cmax = p["cmax"]
         bound = 2 * rvq_triton.delta(prec, c) * rnorm * cmax + 2.0**-22 * (cmax * cmax + 2 * rnorm * cmax)
@@ -291,8 +335,8 @@ class ResidualQuantizer(torch.nn.Module):
             sid, _ = sid.sort(dim=1)
             valid = sid != torch.iinfo(torch.int64).max
             safe = torch.where(valid, sid, 0)
-            dist = p["n64"][safe] - 2 * torch.einsum("nkc,nc->nk", p["b64"][safe], r[few])
-            dist = torch.where(valid, dist, math.inf)
+            diff = r64[few][:, None, :] - p["orig"][safe]  # the reference's formula (see _rerank)
+            dist = torch.where(valid, (diff * diff).sum(-1), math.inf)
             idx[few] = safe.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
             ok[few] = True
         return idx, ok
@@ -312,40 +356,46 @@ class ResidualQuantizer(torch.nn.Module):
             p = prepared[0 if len(prepared) == 1 else d]
             rc = r - p["mean"]
             if cand >= k_all:
-                idx = self._full_search(rc, p["b64"])
+                idx = self._full_search(rc, r, p)
             else:
                 if sdtype in _FUSED:
-                    idx, ok = self._search_fused(rc, p, sdtype)
+                    idx, ok = self._search_fused(rc, r, p, sdtype)
                 else:
-                    idx, ok = self._search(rc, p, levels[0], cand)
+                    idx, ok = self._search(rc, r, p, levels[0], cand)
                 fallback[d] = int((~ok).sum())
                 for level in levels[1:]:
                     bad = (~ok).nonzero().squeeze(1)
                     if not bad.numel():
                         break
-                    idx[bad], ok_b = self._search(rc[bad], p, level, max(cand, 8))
+                    idx[bad], ok_b = self._search(rc[bad], r[bad], p, level, max(cand, 8))
                     ok[bad] = ok_b
                 bad = (~ok).nonzero().squeeze(1)
                 if bad.numel():
                     full += int(bad.numel())
-                    idx[bad] = self._full_search(rc[bad], p["b64"])
+                    idx[bad] = self._full_search(rc[bad], r[bad], p)
             codes[:, d] = idx
             r = r - p["orig"][idx]
         return codes, fallback, full
 
     @staticmethod
-    def _full_search(r64: torch.Tensor, book64: torch.Tensor, rerank: int = 4, block: int = 4096) -> torch.Tensor:
+    def _full_search(rc: torch.Tensor, r64: torch.Tensor, p: dict, rerank: int = 4, block: int = 4096) -> torch.Tensor:
         """Float64 search over the whole codebook: the expanded form (one float64
-        matmul) shortlists ``rerank`` codes, which are re-ranked with the
-        reference's formula (sum of squared differences, lowest index on ties)."""
-        out = torch.empty(r64.shape[0], dtype=torch.long, device=r64.device)
-        cnorm2 = (book64 * book64).sum(1)
-        k = min(rerank, book64.shape[0])
-        for s in range(0, r64.shape[0], block):
-            r = r64[s : s + block]
-            approx = cnorm2[None, :] - 2 * (r @ book64.T)
+        matmul on the centred residual ``rc``) shortlists ``rerank`` codes, which are
+        re-ranked with the reference's formula (:func:`_rerank`)."""
+        out = torch.empty(rc.shape[0], dtype=torch.long, device=rc.device)
+        k = min(rerank, p["b64"].shape[0])
+        for s in range(0, rc.shape[0], block):
+            approx = p["n64"][None, :] - 2 * (rc[s : s + block] @ p["b64"].T)
             sidx, _ = approx.topk(k, dim=1, largest=False).indices.sort(dim=1)
-            diff = r[:, None, :] - book64[sidx]
-            dist = (diff * diff).sum(-1)
-            out[s : s + block] = sidx.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+            out[s : s + block] = _rerank(r64[s : s + block], p["orig"], sidx)
         return out
+
+
+def _rerank(r64: torch.Tensor, book64: torch.Tensor, sidx: torch.Tensor) -> torch.Tensor:
+    """The reference's formula over a few candidates ``sidx [N, k]`` (sorted by index):
+    sum of squared differences of the *uncentred* float64 vectors, lowest index on
+    ties.  The centred expanded form is cheaper but rounds: with a mean that is not a
+    short binary fraction (K = 48) it broke exact ties towards the wrong code."""
+    diff = r64[:, None, :] - book64[sidx]
+    dist = (diff * diff).sum(-1)
+    return sidx.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)

@@ -4,6 +4,7 @@ TensorBoard, and ``RUN/loss.png`` at the end.  Only rank 0 writes.
 On resume the file is cut back to the checkpoint's step first, so a run that
 crashed after its last checkpoint does not log the replayed steps twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,23 +59,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 STAGE_NOTES = {
     "pretrain": "LLM frozen: only the projector and the visual head learn, so the text loss moves only "
-                "through the image tokens and stays nearly flat",
+    "through the image tokens and stays nearly flat",
 }
 
 
-def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
-    """``RUN/loss.png``: loss, text loss and visual loss against the step, titled with the run
-    folder and the stage (PNG metadata ``Title``/``Description`` hold the title and the note)."""
+def loss_figure(rows: list[dict], title: str = "", note: str = ""):
+    """The figure of ``loss.png``: loss, text loss and visual loss against the step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    rows = read_metrics(run_dir)
-    if not rows:
-        return None
-    run_dir = Path(run_dir)
-    name = "/".join(run_dir.resolve().parts[-2:])  # runs/pretrain
-    title = f"run {name}: {stage} stage" if stage else f"run {name}"
-    note = STAGE_NOTES.get(stage or "", "")
     fig = Figure(figsize=(7, 4.4 if note else 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -85,10 +78,25 @@ def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
+    if title:
+        fig.suptitle(title, fontsize=11)
     if note:
         ax.set_title(textwrap.fill(note, 80), fontsize=8, color="0.3")
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
+    """``RUN/loss.png`` (:func:`loss_figure`), titled with the run folder and the stage
+    (PNG metadata ``Title``/``Description`` hold the title and the note)."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    run_dir = Path(run_dir)
+    name = "/".join(run_dir.resolve().parts[-2:])  # runs/pretrain
+    title = f"run {name}: {stage} stage" if stage else f"run {name}"
+    note = STAGE_NOTES.get(stage or "", "")
+    fig = loss_figure(rows, title, note)
     out = run_dir / LOSS_PLOT
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})

@@ -1,0 +1,126 @@
+"""``make mutation``: mutmut over the core modules, one module at a time.
+
+The packages are installed as ``asvr.tokenizer`` etc. from top-level folders
+(``tokenizer/``...), a layout mutmut cannot map (it names mutants by file path
+and puts ``mutants/`` first on ``sys.path``).  So each target runs in a staging
+copy, ``.mutation/<target>/``, laid out as the installed package (``asvr/...``,
+``tests/``, ``pyproject.toml`` with the ``[tool.mutmut]`` settings of this
+project plus the target's file and its fast test selection, both read from
+``[tool.asvr.mutation.targets]`` in pyproject.toml).  The staging copy's
+``asvr/`` is found on ``sys.path`` before the editable install.
+
+    python tools/mutation.py                 # every target
+    python tools/mutation.py quantizer       # one target
+    python tools/mutation.py --results quantizer   # print the survivors again
+
+Each target prints ``killed/total`` and its surviving mutants; the triage of
+the survivors (equivalent ones with a reason) is in docs/TESTING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("tokenizer", "pipeline", "train", "eval")
+
+
+def _toml_list(xs: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+
+
+def stage(name: str, target: dict, base: dict, fresh: bool) -> Path:
+    """The staging copy for one target (reused unless ``fresh``: mutmut caches results)."""
+    d = ROOT / ".mutation" / name
+    if fresh and d.exists():
+        shutil.rmtree(d)
+    (d / "asvr").mkdir(parents=True, exist_ok=True)
+    (d / "asvr" / "__init__.py").write_text("")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, d / "asvr" / pkg, dirs_exist_ok=True, ignore=ignore)
+    shutil.copytree(ROOT / "tests", d / "tests", dirs_exist_ok=True, ignore=ignore)
+    opts = dict(base)
+    opts.update(
+        {
+            "source_paths": ["asvr"],
+            "only_mutate": [f"asvr/{f}" for f in target["files"]],
+            "pytest_add_cli_args_test_selection": target["tests"],
+        }
+    )
+    lines = [
+        "[tool.pytest.ini_options]",
+        'markers = ["slow: long tests"]',
+        "addopts = \"-m 'not slow' -p no:cacheprovider\"",
+        "",
+        "[tool.mutmut]",
+    ]
+    for k, v in opts.items():
+        lines.append(f"{k} = {_toml_list(v) if isinstance(v, list) else json.dumps(v)}")
+    (d / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def results(d: Path) -> tuple[dict[str, int], list[str]]:
+    """Counts per status and the names of the survivors, from ``mutmut results --all``."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=d, capture_output=True, text=True
+    ).stdout
+    counts: dict[str, int] = {}
+    survivors = []
+    for line in out.splitlines():
+        if ":" not in line:
+            continue
+        mutant, status = (s.strip() for s in line.rsplit(":", 1))
+        counts[status] = counts.get(status, 0) + 1
+        if status == "survived":
+            survivors.append(mutant)
+    return counts, survivors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("targets", nargs="*", help="target names (default: all, see pyproject.toml)")
+    ap.add_argument("--results", action="store_true", help="only print the results of the last run")
+    ap.add_argument("--fresh", action="store_true", help="drop the cached results of earlier runs")
+    ap.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    args = ap.parse_args()
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    base = dict(cfg.get("mutmut", {}))
+    targets = cfg["asvr"]["mutation"]["targets"]
+    names = args.targets or list(targets)
+    unknown = [n for n in names if n not in targets]
+    if unknown:
+        print(f"error: unknown target(s) {unknown}; known: {sorted(targets)}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    summary = []
+    for name in names:
+        d = stage(name, targets[name], base, args.fresh) if not args.results else ROOT / ".mutation" / name
+        if not args.results:
+            print(f"== mutation: {name} ({', '.join(targets[name]['files'])})", flush=True)
+            subprocess.run(
+                [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
+                cwd=d,
+                env=env,
+                check=False,
+            )
+        counts, survivors = results(d)
+        total = sum(counts.values())
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)
+        summary.append(f"{name}: {killed}/{total} killed ({100 * killed / max(total, 1):.0f}%)  {counts}")
+        for s in survivors:
+            print(f"  survived: {s}")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
