@@ -50,7 +50,7 @@ import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence, overload
 
 from .scoring import KINDS, letters_for, normalize_answer, parse_choice, parse_mme_otter, parse_pope_lmms
 
@@ -173,6 +173,14 @@ def _json_lines(path: Path):
         yield n, rec
 
 
+@overload
+def _text_field(rec: dict, names: Sequence[str], where: str, required: Literal[True] = True) -> str: ...
+
+
+@overload
+def _text_field(rec: dict, names: Sequence[str], where: str, required: bool) -> str | None: ...
+
+
 def _text_field(rec: dict, names: Sequence[str], where: str, required: bool = True) -> str | None:
     for k in names:
         if k in rec and rec[k] is not None:
@@ -252,7 +260,7 @@ def read_mme(path: Path, images=None) -> list[BenchItem]:
     category = path.stem
     roots = _roots(path, images)
     roots = [r / category for r in roots] + [r / category / "images" for r in roots] + roots
-    items = []
+    items: list[BenchItem] = []
     cols = None
     for n, row in _read_tsv_rows(path):
         where = _where(path, n)

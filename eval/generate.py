@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -123,7 +123,8 @@ def _decode(lm: LoadedModel, ids: Sequence[int], stop: Sequence[int]) -> str:
     ids = list(ids)
     cut = [ids.index(t) for t in stop if t in ids]
     ids = ids[:min(cut)] if cut else ids
-    text = lm.text_tokenizer.decode(ids, skip_special_tokens=True)
+    # One sequence decodes to one str (transformers types decode for batches too: str | list[str]).
+    text = cast(str, lm.text_tokenizer.decode(ids, skip_special_tokens=True))
     suffix = lm.template.assistant_suffix.strip()  # '' for vicuna_v1: its EOS stops generation
     if suffix and suffix in text:
         text = text.split(suffix)[0]
@@ -171,10 +172,10 @@ def generate_answers(lm: LoadedModel, items: Sequence[BenchItem], cfg: Generatio
         with_image = [items[i] for i in idx if items[i].image is not None]
         vision = None
         if with_image:  # one encoding per distinct image of the batch
-            uniq: dict[str, int] = {}
+            uniq: dict[str | None, int] = {}
             for it in with_image:
                 uniq.setdefault(it.image_key, len(uniq))
-            first = {}
+            first: dict[str | None, BenchItem] = {}
             for it in with_image:
                 first.setdefault(it.image_key, it)
             enc = encoder([first[k] for k in uniq])

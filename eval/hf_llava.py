@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -23,11 +23,14 @@ from asvr.tokenizer.preprocess import ImageError, open_image, read_file
 from .bench_formats import BenchError, BenchItem
 from .generate import GenerationConfig, question_text
 
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
 
 @dataclass
 class HFLlavaModel:
-    model: torch.nn.Module
-    processor: object
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
     folder: Path
     device: torch.device
 
@@ -49,7 +52,8 @@ class HFLlavaModel:
     def _prompt(self, item: BenchItem, instructions: str) -> str:
         content = ([{"type": "image"}] if item.image is not None else []) + [
             {"type": "text", "text": question_text(item, instructions)}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+        # transformers types message content as str only; a list of typed parts is its multimodal form.
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],  # type: ignore[arg-type]
                                                   add_generation_prompt=True)
 
     @torch.no_grad()
@@ -84,4 +88,6 @@ def load_hf_llava(folder: str | Path, device: torch.device) -> HFLlavaModel:
         model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise BenchError(f"{folder}: cannot load as a Hugging Face LLaVA ({str(e).splitlines()[0][:160]})") from None
-    return HFLlavaModel(model=model.to(device).eval(), processor=processor, folder=folder, device=device)
+    # transformers' decorator on PreTrainedModel.to loses the method's self binding in its typing.
+    model = model.to(device).eval()  # type: ignore[arg-type]
+    return HFLlavaModel(model=model, processor=processor, folder=folder, device=device)

@@ -25,11 +25,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from asvr.train.export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
+from asvr.train.lvlm import ASVRModel
 from asvr.train.templates import ConversationTemplate, get_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 
@@ -40,8 +45,8 @@ class EvalError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: "torch.nn.Module"
-    text_tokenizer: object
+    model: ASVRModel
+    text_tokenizer: PreTrainedTokenizerBase
     image_tokenizer: object | None
     """A ``SemanticTokenizer`` (with its encoder) or None when not needed."""
     tower: object | None

@@ -199,6 +199,7 @@ def evaluate_loss(lm: LoadedModel, cfg: LossEvalConfig) -> dict:
     n = len(data.samples) if cfg.max_samples is None else min(cfg.max_samples, len(data.samples))
     order = sorted(range(n), key=lambda i: -len(data.samples[i].encoded))
     batches = [order[s:s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+    assert model.cfg.vision is not None  # ASVRModel refuses a config without one
     total = LossSums(depth=model.cfg.vision.depth, ks=(cfg.topk,))
     t0 = time.perf_counter()
     model.eval()

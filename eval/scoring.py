@@ -104,7 +104,7 @@ _ONLY_LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*[.!]?\s*$")
 _SAID_LETTER = re.compile(r"\b(?i:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Z])\b\)?")
 
 
-def letters_for(options: Sequence[str]) -> list[str]:
+def letters_for(options: Sequence[object]) -> list[str]:
     if len(options) > len(LETTERS):
         raise ValueError(f"{len(options)} options; at most {len(LETTERS)}")
     return list(LETTERS[: len(options)])
@@ -200,12 +200,12 @@ def pope_metrics_lmms(parsed: Sequence[str], labels: Sequence[str]) -> dict:
             "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unparsed": sum(p not in ("yes", "no") for p in parsed)}
 
 
-def mme_metrics(categories: Sequence[str], images: Sequence[str], correct: Sequence[bool]) -> dict:
+def mme_metrics(categories: Sequence[str], images: Sequence[str | None], correct: Sequence[bool]) -> dict:
     """MME per category: acc (questions), acc+ (images whose questions are all
     right; MME has two per image), score = 100 * (acc + acc+); totals for the
     perception and cognition categories present."""
     per_q: dict[str, list[bool]] = defaultdict(list)
-    per_img: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    per_img: dict[str, dict[str | None, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for cat, img, c in zip(categories, images, correct):
         per_q[cat].append(bool(c))
         per_img[cat][img].append(bool(c))

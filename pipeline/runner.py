@@ -22,6 +22,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -136,7 +137,7 @@ def _ray_init(cfg: PipelineConfig):
 
     if ray.is_initialized():
         return None
-    kw = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own convention for joining a cluster
     if address:
         ray.init(address=address, **kw)
@@ -262,7 +263,7 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
 
     def commit(buf: _UnitBuffer):
         t0 = time.perf_counter()
-        rows = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
+        rows: dict[str, list[Any]] = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
         failures = []
         for i in buf.items.tolist():
             if ignored[i]:
@@ -319,7 +320,7 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
             remote = {**remote, "max_restarts": 0}
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         blocks = _blocks(plan, pending, cfg.batch_size, cpus)
-        ds = ray.data.from_arrow(blocks)
+        ds: ray.data.Dataset = ray.data.from_arrow(blocks)
         # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
         # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
         # decode runs in its own processes and overlaps encode.

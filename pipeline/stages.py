@@ -34,6 +34,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -67,8 +68,8 @@ def decode_one(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, int, int
 class _Reader:
     """Reads one block's bytes; keeps the open tar and the last Parquet row group."""
 
-    def __init__(self):
-        self._files: dict[str, object] = {}
+    def __init__(self) -> None:
+        self._files: dict[str, BinaryIO] = {}
         self._handles: dict = {}  # plug-in formats' open datasets (see sources.InputFormat)
         self._rg: tuple[str, int, list] | None = None
 
@@ -144,7 +145,7 @@ class ReadDecode:
         s = self.cfg.image_size
         pixels = np.zeros((n, s, s, 3), np.uint8)
         ok = np.zeros(n, bool)
-        out = {k: [None] * n for k in ("stage", "error", "sha256", "caption")}
+        out: dict[str, list[str | None]] = {k: [None] * n for k in ("stage", "error", "sha256", "caption")}
         width = np.zeros(n, np.int32)
         height = np.zeros(n, np.int32)
         t_read = np.zeros(n)

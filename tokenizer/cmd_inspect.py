@@ -18,6 +18,7 @@ either way.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -48,9 +49,9 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def _code(text: str, depth: int, k: int) -> tuple[int, int]:
     """``D:K``, or ``D:top`` (the most used code at depth D; resolved once usage is known, as K = -1)."""
-    d, sep, c = text.partition(":")
+    ds, sep, cs = text.partition(":")
     try:
-        d, c = int(d), (-1 if c == "top" else int(c))
+        d, c = int(ds), (-1 if cs == "top" else int(cs))
     except ValueError:
         raise CLIError(f"code {text!r} must be DEPTH:CODE or DEPTH:top, e.g. 0:17") from None
     if not sep or not (0 <= d < depth and -1 <= c < k):
@@ -104,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
         report["codes"] = []
         for d, k in codes:
-            uses = find_code_uses(args.codes, spec.fingerprint, d, k, args.max_images, lambda n, what=f"code {d}:{k}": bar(n, what))
+            uses = find_code_uses(args.codes, spec.fingerprint, d, k, args.max_images, functools.partial(bar, desc=f"code {d}:{k}"))
             entry = {"code": f"{d}:{k}", "images": uses.images, "patches": uses.patches, "preprocess": uses.preprocess,
                      "top": [{"key": u.key, "positions": [list(p) for p in u.positions]} for u in uses.top]}
             msg = f"code {d}:{k}: {uses.patches} patches in {uses.images} images"
             if report_dir and args.images:
-                path, missing = code_sheet(uses, args.images, tuple(spec.grid), report_dir / f"code_{d}_{k}.png")
+                path, missing = code_sheet(uses, args.images, (spec.grid[0], spec.grid[1]), report_dir / f"code_{d}_{k}.png")
                 entry["sheet"] = path.name
                 msg += f"; sheet {path}" + (f" ({missing} images not found under {args.images})" if missing else "")
             report["codes"].append(entry)

@@ -13,9 +13,9 @@ import torch
 from .artifact import TokenizerSpec, save_artifact
 from .cli import add_encoding_args
 from .errors import CLIError
-from .codebook_training import (TRAIN_METHODS, CodebookTrainConfig, TrainingError, iter_features, list_images, pick,
+from .codebook_training import (TRAIN_METHODS, CodebookTrainConfig, Failure, TrainingError, iter_features, list_images, pick,
                                 sample_vectors, set_threads, train_codebooks)
-from .encoders import build_encoder, default_encoder_spec, encoder_kinds
+from .encoders import build_encoder, default_encoder_spec, encoder_geometry, encoder_kinds
 from .preprocess import PREPROCESS_MODES, PreprocessConfig
 
 
@@ -65,14 +65,15 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     encoder = build_encoder(enc_spec)
-    most = len(paths) * encoder.grid[0] * encoder.grid[1]
+    grid, dim = encoder_geometry(encoder)
+    most = len(paths) * grid[0] * grid[1]
     most = most if args.max_vectors is None else min(most, args.max_vectors)
     if cfg.codebook_size > most:  # fail before the (long) encoding
         raise CLIError(f"codebook size {cfg.codebook_size} > {most} training vectors ({len(paths)} images x "
-                       f"{encoder.grid[0]}x{encoder.grid[1]}): use more images/vectors or a smaller --codebook-size")
+                       f"{grid[0]}x{grid[1]}): use more images/vectors or a smaller --codebook-size")
     pcfg = PreprocessConfig(image_size=enc_spec.image_size, mean=tuple(enc_spec.mean), std=tuple(enc_spec.std),
                             resample=enc_spec.resample, mode=args.preprocess)
-    failures = []
+    failures: list[Failure] = []
     try:
         x = sample_vectors(iter_features(encoder, paths, pcfg, batch_size=args.batch_size, failures=failures),
                            len(paths), args.max_vectors, args.seed)
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as e:
         raise CLIError(str(e)) from None
 
-    spec = TokenizerSpec(encoder=enc_spec, preprocess=args.preprocess, grid=tuple(encoder.grid), dim=encoder.dim,
+    spec = TokenizerSpec(encoder=enc_spec, preprocess=args.preprocess, grid=grid, dim=dim,
                          depth=cfg.depth, codebook_size=cfg.codebook_size, shared_codebook=cfg.shared)
     spec = save_artifact(args.out, spec, torch.from_numpy(res.codebooks))
     summary = {"out": str(Path(args.out)), "fingerprint": spec.fingerprint, "images": len(paths) - len(failures),

@@ -20,7 +20,7 @@ import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -31,6 +31,14 @@ Box = tuple[float, float, float, float]
 
 class InspectError(ValueError):
     pass
+
+
+class ProgressBar(Protocol):
+    """What the ``progress`` callbacks return (a ``tqdm`` bar does)."""
+
+    def update(self, n: int = 1) -> object: ...
+
+    def close(self) -> object: ...
 
 
 # --------------------------------------------------------------------------- usage
@@ -44,7 +52,7 @@ class Usage:
 
 
 def usage_counts(out: str | os.PathLike, fingerprint: str, depth: int, codebook_size: int,
-                 progress: Callable[[int], object] | None = None) -> Usage:
+                 progress: Callable[[int], ProgressBar] | None = None) -> Usage:
     counts = np.zeros((depth, codebook_size), np.int64)
     images = 0
     modes = set()
@@ -130,7 +138,8 @@ def plot_usage(usage: Usage, path: str | os.PathLike, title: str = "") -> Path:
     fig.canvas.draw()
     from PIL import Image
 
-    img = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
+    rgba = fig.canvas.buffer_rgba()  # type: ignore[attr-defined]  # Agg's canvas has it; matplotlib types the base class
+    img = Image.frombuffer("RGBA", fig.canvas.get_width_height(), rgba).convert("RGB")
     plt.close(fig)
     return save_png(img, path, text={"Title": title})
 
@@ -168,8 +177,8 @@ class CodeUses:
 
 
 def find_code_uses(out: str | os.PathLike, fingerprint: str, depth: int, code: int, max_images: int = 16,
-                   progress: Callable[[int], object] | None = None) -> CodeUses:
-    heap: list[tuple[int, str, np.ndarray]] = []  # min-heap on (count, -key order) keeps the best max_images
+                   progress: Callable[[int], ProgressBar] | None = None) -> CodeUses:
+    heap: list[tuple[int, _Neg, np.ndarray]] = []  # min-heap on (count, -key order) keeps the best max_images
     images = patches = 0
     mode = ""
     try:

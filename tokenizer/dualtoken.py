@@ -26,6 +26,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -94,8 +95,9 @@ def read_rq_config(folder: str | os.PathLike) -> RQSiglipConfig:
     if rq is None:
         raise DualTokenImportError(f"{path}: no 'rqvaesiglip' section")
     try:
-        code_shape = tuple(int(v) for v in rq["code_shape"])
-        latent_shape = tuple(int(v) for v in rq["latent_shape"])
+        # Both lengths are checked (== 3) below, with a clearer message than the constructor's.
+        code_shape = cast("tuple[int, int, int]", tuple(int(v) for v in rq["code_shape"]))
+        latent_shape = cast("tuple[int, int, int]", tuple(int(v) for v in rq["latent_shape"]))
         cfg = RQSiglipConfig(code_shape=code_shape, latent_shape=latent_shape, n_embed=int(rq["n_embed"]),
                              shared_codebook=bool(rq.get("shared_codebook", False)))
     except (KeyError, TypeError, ValueError) as e:
@@ -209,7 +211,7 @@ def import_dualtoken(config_dir: str | os.PathLike, checkpoint: str | os.PathLik
     _write_encoder(out, siglip_dir, vision)
     enc = default_encoder_spec("siglip", str(out / ENCODER_DIR), FEATURE_LAYER)
     enc.weights = ENCODER_DIR  # relative to the artifact: it moves as one folder
-    spec = TokenizerSpec(encoder=enc, preprocess=preprocess, grid=tuple(rq.code_shape[:2]), dim=rq.dim,
+    spec = TokenizerSpec(encoder=enc, preprocess=preprocess, grid=(rq.code_shape[0], rq.code_shape[1]), dim=rq.dim,
                          depth=rq.depth, codebook_size=rq.n_embed, shared_codebook=rq.shared_codebook)
     spec = save_artifact(out, spec, codebooks)
     return ImportResult(spec=spec, vision_tensors=len(vision), skipped=dict(sorted(skipped.items())))

@@ -32,7 +32,7 @@ import os
 import pkgutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, cast
 
 import torch
 
@@ -309,6 +309,14 @@ def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None) -> str:
     if not files:
         raise EncoderLoadError(f"{p}: no weight files")
     return _sha256_files(files)
+
+
+def encoder_geometry(encoder: torch.nn.Module) -> tuple[tuple[int, int], int]:
+    """The ``(rows, cols)`` feature grid and the feature width every encoder declares
+    as plain attributes ``grid`` and ``dim`` (typed here: torch's Module.__getattr__
+    types them Tensor | Module)."""
+    grid = tuple(cast("Iterable[int]", encoder.grid))
+    return cast("tuple[int, int]", grid), cast(int, encoder.dim)
 
 
 def build_encoder(spec: EncoderSpec, base: Path | None = None) -> torch.nn.Module:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .artifact import TokenizerError, TokenizerSpec, load_artifact
-from .encoders import EncoderSpec, build_encoder, hash_encoder_weights
+from .encoders import EncoderSpec, build_encoder, encoder_geometry, hash_encoder_weights
 from .preprocess import PreprocessConfig, open_image, preprocess
 from .quantizer import ResidualQuantizer, default_search_dtype
 
@@ -18,10 +18,11 @@ from .quantizer import ResidualQuantizer, default_search_dtype
 class SemanticTokenizer(torch.nn.Module):
     def __init__(self, spec: TokenizerSpec, encoder: torch.nn.Module, codebooks: torch.Tensor, path: Path | None = None):
         super().__init__()
-        if tuple(encoder.grid) != tuple(spec.grid) or encoder.dim != spec.dim:
+        grid, dim = encoder_geometry(encoder)
+        if tuple(grid) != tuple(spec.grid) or dim != spec.dim:
             raise TokenizerError(
                 f"tokenizer expects a {spec.grid[0]}x{spec.grid[1]} grid of {spec.dim}-d features, the encoder gives "
-                f"{encoder.grid[0]}x{encoder.grid[1]} x {encoder.dim}-d"
+                f"{grid[0]}x{grid[1]} x {dim}-d"
             )
         self.spec = spec
         self.path = path
@@ -55,7 +56,8 @@ class SemanticTokenizer(torch.nn.Module):
         """In-memory tokenizer (tests, training codebooks)."""
         encoder = build_encoder(encoder_spec)
         depth = codebooks.shape[0] if depth is None else depth
-        spec = TokenizerSpec(encoder=encoder_spec, preprocess=preprocess, grid=tuple(encoder.grid), dim=encoder.dim,
+        grid, dim = encoder_geometry(encoder)
+        spec = TokenizerSpec(encoder=encoder_spec, preprocess=preprocess, grid=grid, dim=dim,
                              depth=depth, codebook_size=codebooks.shape[1],
                              shared_codebook=codebooks.shape[0] == 1 and depth > 1)
         return cls(spec, encoder, codebooks)

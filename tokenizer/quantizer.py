@@ -116,6 +116,11 @@ class ResidualQuantizer(torch.nn.Module):
     shared (one codebook used at every depth, as DualToken's ``shared_codebook``).
     """
 
+    # A registered buffer, typed here: torch's Module.__getattr__ types it Tensor | Module.
+    codebooks: torch.Tensor
+    _cache: list[dict] | None
+    _cache_key: str | None
+
     def __init__(self, codebooks: torch.Tensor, depth: int | None = None):
         super().__init__()
         if codebooks.ndim != 3:
@@ -200,9 +205,9 @@ class ResidualQuantizer(torch.nn.Module):
         """Per depth: float64 book, ||c||^2 (float64, float32), max ||c||, and the book
         in each search dtype (scaled by 1/max||c|| for fp16/bf16, so no overflow),
         cached per device: the codebooks are frozen."""
-        if self._cache_key != str(device):
+        if self._cache is None or self._cache_key != str(device):  # key and cache are set together
             cb64 = self.codebooks.to(device=device, dtype=torch.float64)
-            prepared = []
+            prepared: list[dict] = []
             for i in range(cb64.shape[0]):
                 # Distances are translation invariant: search around the codebook mean, so the
                 # error bound scales with the codes' spread, not with a shared offset

@@ -57,7 +57,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import numpy as np
 import pyarrow as pa
@@ -519,7 +519,8 @@ class ImageIndex:
 
         i = self.id_of(key)
         if isinstance(faiss.downcast_index(self.index), (faiss.IndexFlat, faiss.IndexHNSWFlat)):
-            return self.index.reconstruct(i)[None]
+            # faiss's Python wrapper is typed as returning a torch Tensor; it is a numpy array here.
+            return cast(np.ndarray, self.index.reconstruct(i))[None]
         shard = self.meta.shards[self.keys.column("shard")[i].as_py()]
         row = self.keys.column("row")[i].as_py()
         if not Path(shard.path).exists():

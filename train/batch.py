@@ -12,37 +12,38 @@ that same order.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 
 @dataclass
 class Batch:
-    input_ids: torch.LongTensor
-    """``[B, T]``; positions where image features go hold pad/any id."""
-    labels: torch.LongTensor
-    """``[B, T]``; -100 = no text loss (image positions, user turns, padding)."""
-    position_ids: torch.LongTensor
-    """``[B, T]``; restart at 0 for each packed sample."""
-    sample_ids: torch.LongTensor
-    """``[B, T]``; 1..n per packed sample in the row, 0 = padding. Attention
+    input_ids: torch.Tensor
+    """int64 ``[B, T]``; positions where image features go hold pad/any id."""
+    labels: torch.Tensor
+    """int64 ``[B, T]``; -100 = no text loss (image positions, user turns, padding)."""
+    position_ids: torch.Tensor
+    """int64 ``[B, T]``; restart at 0 for each packed sample."""
+    sample_ids: torch.Tensor
+    """int64 ``[B, T]``; 1..n per packed sample in the row, 0 = padding. Attention
     only within the same sample id (causal)."""
-    image_mask: torch.BoolTensor
-    """``[B, T]``; True where a vision token goes (row-major order of images)."""
+    image_mask: torch.Tensor
+    """bool ``[B, T]``; True where a vision token goes (row-major order of images)."""
     vision: torch.Tensor | None = None
     """Per image, in image order: pixels ``[N,3,S,S]`` (online), features
     ``[N,H,W,C]`` float (features) or codes ``[N,H,W,D]`` long (codes)."""
-    visual_codes: torch.LongTensor | None = None
-    """``[N, H*W, D]`` visual targets (from the cached shards)."""
-    visual_loss_mask: torch.BoolTensor | None = None
-    """``[N]``; False = no visual loss for that image."""
-    text_only_codes: torch.LongTensor | None = None
-    """``[M, H*W, D]``: ``--text-only-visual-loss grey-image`` (the ASVR code's behaviour): one grey
+    visual_codes: torch.Tensor | None = None
+    """int64 ``[N, H*W, D]`` visual targets (from the cached shards)."""
+    visual_loss_mask: torch.Tensor | None = None
+    """bool ``[N]``; False = no visual loss for that image."""
+    text_only_codes: torch.Tensor | None = None
+    """int64 ``[M, H*W, D]``: ``--text-only-visual-loss grey-image`` (the ASVR code's behaviour): one grey
     image's codes per text-only sample, predicted by the head from all-zero hidden states."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """A copy with every tensor on ``device``."""
-        kw = {}
+        kw: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -128,6 +128,14 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     bad: list[BadSample] = []
     referenced: set[str] = set()
     root = Path(cfg.images) if cfg.images else None
+
+    def problem(key: str) -> tuple[str, str] | None:
+        """``image_problem`` for a key whose image this run needs, else None."""
+        if not need(key):
+            return None
+        if root is None:  # the vision input's check_images refuses such runs before this
+            raise DataError(f"image {key!r} is needed but no --images folder was given")
+        return image_problem(root, key)
     for rec in records:
         if rec.image is not None:
             referenced.add(rec.image)
@@ -144,7 +152,7 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
         if rec.image is not None and rec.image not in store:
             refuse("not in shards", f"image {rec.image!r} is in no shard")
             continue
-        if rec.image is not None and need(rec.image) and (why := image_problem(root, rec.image)):
+        if rec.image is not None and (why := problem(rec.image)):
             refuse(*why)
             continue
         if len(enc) > max_len:
@@ -159,7 +167,7 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     r = cfg.caption_free_ratio
     n_free = len(free_pool) if r >= 1 else min(len(free_pool), int(round(r / (1 - r) * n_conv)))
     if n_free:
-        missing = {k: why for k in free_pool if need(k) and (why := image_problem(root, k))}
+        missing = {k: why for k in free_pool if (why := problem(k))}
         if missing:
             bad.extend(BadSample(k, "shards", *missing[k]) for k in free_pool if k in missing)
             free_pool = [k for k in free_pool if k not in missing]
@@ -247,7 +255,7 @@ class Collator:
                 pos[r, t:t + L] = np.arange(L)
                 sid[r, t:t + L] = n
                 img[r, t:t + L] = e.image_mask
-                if e.image_mask.any():
+                if s.key is not None:  # set exactly when the sample has image positions
                     keys.append(s.key)
                 else:
                     n_text_only += 1
@@ -314,7 +322,7 @@ class PackedLoader:
         while True:
             rest = self.rank_plan(self.epoch)[self.position:]
             if self.num_workers > 0:
-                it = torch.utils.data.DataLoader(_PlanDataset(rest, self.collate), batch_size=None, shuffle=False,
+                it: Iterable[Batch] = torch.utils.data.DataLoader(_PlanDataset(rest, self.collate), batch_size=None, shuffle=False,
                                                  num_workers=self.num_workers, persistent_workers=False)
             else:
                 it = (self.collate(mb) for mb in rest)

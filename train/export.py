@@ -147,6 +147,8 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device | None =
     from .vision_input import get_vision_input
 
     needs_encoder = get_vision_input(cfg.vision_input).model_runs_tower and cfg.vision_tower is None
+    if cfg.vision is None:
+        raise ExportError(f"{folder}: {CONFIG_FILE} records no vision spec")
     tok, codebooks = _load_tokenizer(cfg.vision, needs_encoder, tokenizer)
 
     from .lvlm import resolve_attn_implementation

@@ -42,6 +42,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
@@ -50,6 +51,9 @@ from asvr.tokenizer.atomic import atomic_dir
 from .config import ModelConfig
 from .export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
 from .vision_input import get_vision_input
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 IMAGE_TOKEN = "<image>"
 HEAD_DIR = "asvr_visual_head"
@@ -66,7 +70,7 @@ class HFTower:
 
     kind: str
     """``siglip`` or ``clip``."""
-    model: torch.nn.Module
+    model: PreTrainedModel
     """The truncated ``SiglipVisionModel`` / ``CLIPVisionModel`` (frozen)."""
     tower: torch.nn.Module
     """The ``VisionTower`` it belongs to (passed to ``load_exported``: built once)."""
@@ -81,7 +85,7 @@ class HFTower:
     """``--vision-tower-select cls_patch`` (CLIP): the CLS token is an LLM position too."""
 
     @property
-    def strategy(self) -> str:
+    def strategy(self) -> Literal["default", "full"]:
         """LLaVA's ``vision_feature_select_strategy``: ``default`` drops the first (CLS) token."""
         return "default" if self.kind == "clip" and not self.keep_cls else "full"
 
@@ -174,7 +178,8 @@ def _llava_config(model, tower: HFTower, image_token_id: int, vocab: int):
     text_config["vocab_size"] = vocab
     vision_config = tower.model.config.to_dict()
     return LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
+        # image_token_id is LlavaConfig's attribute_map alias of image_token_index (untyped as a keyword)
+        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,  # type: ignore[call-arg]
         projector_hidden_act="gelu", multimodal_projector_bias=True, vision_feature_layer=-1,
         vision_feature_select_strategy=tower.strategy, image_seq_length=model.vision.tokens,
         tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
@@ -196,8 +201,9 @@ def _state_dict(model, tower: HFTower, vocab: int) -> dict[str, torch.Tensor]:
     for k, v in tower.model.state_dict().items():
         sd[f"model.vision_tower.{k}"] = v
     for i, name in ((0, "linear_1"), (2, "linear_2")):
-        sd[f"model.multi_modal_projector.{name}.weight"] = proj[i].weight
-        sd[f"model.multi_modal_projector.{name}.bias"] = proj[i].bias
+        linear = cast(torch.nn.Linear, proj[i])  # checked above: Linear, GELU, Linear
+        sd[f"model.multi_modal_projector.{name}.weight"] = linear.weight
+        sd[f"model.multi_modal_projector.{name}.bias"] = linear.bias
     emb = model.llm.get_input_embeddings().weight
     emb_name = next((n for n, p in model.llm.base_model.named_parameters() if p is emb), None)
     if emb_name is None:
@@ -214,8 +220,9 @@ def _processor(tower: HFTower, text_tokenizer, template):
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     from PIL import Image
 
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
-                "nearest": Image.NEAREST}[tower.resample]
+    R = Image.Resampling  # plain ints, as the processor config stores them
+    resample = {"bicubic": int(R.BICUBIC), "bilinear": int(R.BILINEAR), "lanczos": int(R.LANCZOS),
+                "nearest": int(R.NEAREST)}[tower.resample]
     size = {"height": tower.image_size, "width": tower.image_size}
     image_processor = LlavaImageProcessorPil(
         size=size, crop_size=size, do_center_crop=False, do_resize=True, resample=resample,
@@ -269,8 +276,8 @@ def export_hf_llava(run: str | os.PathLike, out: str | os.PathLike, *, tokenizer
     if IMAGE_TOKEN not in text_tok.get_vocab():
         text_tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
                                     replace_extra_special_tokens=False)
-    image_token_id = text_tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    old_vocab = model.llm.get_input_embeddings().weight.shape[0]
+    image_token_id = cast(int, text_tok.convert_tokens_to_ids(IMAGE_TOKEN))  # one token in, one id out
+    old_vocab = cast(torch.nn.Embedding, model.llm.get_input_embeddings()).weight.shape[0]
     vocab = max(old_vocab, -(-(image_token_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
                 if image_token_id >= old_vocab else old_vocab)
     config = _llava_config(model, tower, image_token_id, vocab)

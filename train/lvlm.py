@@ -35,7 +35,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,9 @@ from .vision_input import VisionInput, get_vision_input
 from .vision_tower import VisionTower, check_tower_grid, load_vision_tower
 from .visual_head import VisualHead
 from .visual_loss import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 # --------------------------------------------------------------------------- attention
@@ -75,15 +78,23 @@ def resolve_attn_implementation(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- the model
+def _input_embeddings(llm: PreTrainedModel) -> nn.Embedding:
+    """The LLM's token embedding (transformers types it a plain Module)."""
+    return cast(nn.Embedding, llm.get_input_embeddings())
+
+
 class ASVRModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, vision: VisionInput):
+    # Typed here: torch's Module.__getattr__ types submodules Tensor | Module.
+    llm: PreTrainedModel
+
+    def __init__(self, cfg: ModelConfig, llm: PreTrainedModel, vision: VisionInput):
         super().__init__()
         if cfg.vision is None:
             raise ValueError("ModelConfig.vision must be set (build_model fills it from the tokenizer)")
         self.cfg = cfg
         self.llm = llm
         self.vision = vision
-        hidden = llm.get_input_embeddings().embedding_dim
+        hidden = _input_embeddings(llm).embedding_dim
         v = cfg.vision
         self.projector = build_projector(cfg.projector, cfg.input_dim, hidden)
         self.head = VisualHead(cfg.head, hidden, v.dim, v.depth, v.codebook_size)
@@ -137,12 +148,18 @@ class ASVRModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     @property
+    def vision_spec(self) -> VisionSpec:
+        """``cfg.vision``, always set (the constructor refuses a config without one)."""
+        assert self.cfg.vision is not None
+        return self.cfg.vision
+
+    @property
     def hidden_size(self) -> int:
-        return self.llm.get_input_embeddings().embedding_dim
+        return _input_embeddings(self.llm).embedding_dim
 
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor, vision: torch.Tensor | None) -> torch.Tensor:
         """Text embeddings with projected vision features in the image positions."""
-        embed = self.llm.get_input_embeddings()
+        embed = _input_embeddings(self.llm)
         ids = input_ids.masked_fill(image_mask, 0).clamp(0, embed.num_embeddings - 1)
         x = embed(ids)
         feats = self.vision(vision)
@@ -156,7 +173,7 @@ class ASVRModel(nn.Module):
         """Hidden states of the image positions that carry a visual target, ``[N*H*W, H]``
         in image order (a cls_patch tower's CLS position, first in each image, has none)."""
         rows = h[image_mask]
-        extra = self.cfg.image_tokens - self.cfg.vision.tokens_per_image
+        extra = self.cfg.image_tokens - self.vision_spec.tokens_per_image
         if extra:
             rows = rows.view(-1, self.cfg.image_tokens, rows.shape[-1])[:, extra:].reshape(-1, rows.shape[-1])
         return rows
@@ -205,7 +222,7 @@ class ASVRModel(nn.Module):
         return F.cross_entropy(logits, labels[keep], reduction="sum") / max(n, 1), n
 
     def _visual_loss_sums(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        v = self.cfg.vision
+        v = self.vision_spec
         rows = self.target_rows(h, batch.image_mask)  # [N*HW, H] in image order
         n_img = rows.shape[0] // v.tokens_per_image
         if batch.visual_codes is None or n_img == 0:
@@ -242,7 +259,8 @@ class ASVRModel(nn.Module):
         if self.llm.generation_config.pad_token_id is None and self.llm.generation_config.eos_token_id is not None:
             kw["pad_token_id"] = self.llm.generation_config.eos_token_id
         kw.update(generate_kwargs)
-        return self.llm.generate(inputs_embeds=x, attention_mask=attention_mask, **kw)
+        # A causal LM: generate comes from GenerationMixin, which the PreTrainedModel type lacks.
+        return self.llm.generate(inputs_embeds=x, attention_mask=attention_mask, **kw)  # type: ignore[operator]
 
     @torch.no_grad()
     def predict_codes(self, batch: Batch) -> torch.Tensor:
@@ -250,7 +268,7 @@ class ASVRModel(nn.Module):
         h = self.hidden_states(batch)
         rows = self.target_rows(h, batch.image_mask)
         codes = self.head.predict(rows, lambda c: self.vision.quantizer.cumulative(c))
-        return codes.view(-1, self.cfg.vision.tokens_per_image, self.cfg.vision.depth)
+        return codes.view(-1, self.vision_spec.tokens_per_image, self.vision_spec.depth)
 
     def exported_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights to export: LLM, projector, head; not the frozen tokenizer."""
@@ -279,7 +297,7 @@ def _check_supported(config) -> None:
         raise ValueError(f"{config.model_type}: final-logit soft-capping is not supported by this LVLM")
 
 
-def build_llm(cfg: ModelConfig) -> nn.Module:
+def build_llm(cfg: ModelConfig) -> PreTrainedModel:
     """The HF causal LM of ``cfg.llm``: weights from a folder that has them, random init from a config."""
     from transformers import AutoModelForCausalLM
 
@@ -289,7 +307,7 @@ def build_llm(cfg: ModelConfig) -> nn.Module:
     folder = Path(cfg.llm) if isinstance(cfg.llm, str) else None
     has_weights = folder is not None and folder.is_dir() and any(
         f.suffix in (".safetensors", ".bin") for f in folder.iterdir())
-    if has_weights:
+    if has_weights and isinstance(cfg.llm, str):  # has_weights: cfg.llm is a folder path
         return AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=cfg.torch_dtype, attn_implementation=attn,
                                                     trust_remote_code=cfg.trust_remote_code, local_files_only=True)
     config._attn_implementation = attn
@@ -298,7 +316,7 @@ def build_llm(cfg: ModelConfig) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | None = None,
-                llm: nn.Module | None = None, tower: VisionTower | None = None) -> ASVRModel:
+                llm: PreTrainedModel | None = None, tower: VisionTower | None = None) -> ASVRModel:
     """Build the LVLM.  ``tokenizer`` (a ``SemanticTokenizer``) gives the vision
     spec, the frozen codebooks and, for ``online``, the default tower (its
     encoder).  Without it pass ``codebooks`` ``[D or 1, K, C]`` and

@@ -175,6 +175,7 @@ class Trainer:
         grey = None
         if cfg.text_only_visual_loss == "grey-image":
             grey = grey_image_codes(tokenizer, tokenizer.preprocess_config(store.meta.preprocess).image_size)
+        assert cfg.template is not None  # TrainConfig.__post_init__ fills the stage default
         data, collate = assemble_data(dcfg, get_template(cfg.template), llm_tokenizer, store, tower=tower,
                                       cache_dir=cache, primary=self.rank == 0, barrier=dist.barrier,
                                       progress=cfg.progress, grey_codes=grey)
@@ -226,7 +227,7 @@ class Trainer:
         from asvr.tokenizer import SemanticTokenizer
 
         cfg = self.cfg
-        self.resuming = cfg.resume is not None and (cfg.resume != "auto" or checkpoint.latest_tag(self.run_dir))
+        self.resuming = cfg.resume is not None and (cfg.resume != "auto" or bool(checkpoint.latest_tag(self.run_dir)))
         tokenizer = SemanticTokenizer.load(cfg.tokenizer)
         llm_tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True,
                                                       trust_remote_code=cfg.trust_remote_code)
@@ -245,6 +246,7 @@ class Trainer:
         params = [g for g in params if g["params"]]
         optimizer = scheduler = None
         if "optimizer" not in ds_cfg:
+            assert cfg.lr is not None  # TrainConfig.__post_init__ fills the stage default
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
             if "scheduler" not in ds_cfg:
                 warmup = max(1, math.ceil(cfg.warmup_ratio * total))
@@ -260,6 +262,7 @@ class Trainer:
         step = 0
         if self.resuming:
             client = checkpoint.load(engine, self.run_dir, self.rank, None if cfg.resume == "auto" else cfg.resume)
+            assert client is not None  # resuming: a named tag, or "auto" with a latest tag present
             step = int(client["step"])
             loader.load_state_dict(client["loader"])
             self.log(f"resumed from step {step} (epoch {loader.epoch}, micro-batch {loader.position})")

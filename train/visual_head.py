@@ -42,6 +42,7 @@ reading ``.weight`` from outside), so DeepSpeed ZeRO-3 gathers parameters.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,10 @@ class DepthClassifier(nn.Linear):
     """``Linear(width, K)`` for one depth whose ``forward`` returns the chunked
     CE sum and the argmax hit count, not logits (``logits()`` gives those)."""
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    # Deliberately not Linear's signature: the logits never materialise (see the class doc).
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, target: torch.Tensor, chunk: int = 2048
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return linear_cross_entropy(x, self.weight, self.bias, target, chunk)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,5 +166,5 @@ class VisualHead(nn.Module):
         for d in range(self.depth):
             ctx = cumulative_fn(codes) if d else hidden.new_zeros(hidden.shape[0], 0, self.code_in.in_features)
             x = self.states(hidden, ctx)
-            codes = torch.cat([codes, self.classifiers[d].logits(x[:, d]).argmax(-1, keepdim=True)], dim=1)
+            codes = torch.cat([codes, cast(DepthClassifier, self.classifiers[d]).logits(x[:, d]).argmax(-1, keepdim=True)], dim=1)
         return codes
