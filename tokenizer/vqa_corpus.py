@@ -195,8 +195,8 @@ def _ask(category: str, form: str, scene: Scene, rng: np.random.Generator, truth
     else:  # position of o relative to an object in its row or column: one right answer
         if not any(len(_relation(o, b)) == 1 for b in objs if b is not o):
             o = objs[0]  # the first object always has such a partner (make_scene)
-        b = [b for b in objs if b is not o and len(_relation(o, b)) == 1]
-        b = b[int(rng.integers(len(b)))]
+        partners = [b for b in objs if b is not o and len(_relation(o, b)) == 1]
+        b = partners[int(rng.integers(len(partners)))]
         vocab, gold = list(RELATIONS), _relation(o, b)[0]
         stem = f"Where is the {o.name} relative to the {b.name}?"
         yn = f"Is the {o.name} {{}} the {b.name}?"
@@ -215,6 +215,7 @@ def _ask(category: str, form: str, scene: Scene, rng: np.random.Generator, truth
 
 def _place_options(q: Question, letter: int) -> tuple[list[str], str]:
     """Options with the right one at ``letter % len`` (the rest in drawn order) -> (options, letter)."""
+    assert q.options is not None, "only multiple-choice questions have options"
     opts = [o for o in q.options if o != q.answer]
     pos = letter % len(q.options)
     opts.insert(pos, q.answer)
@@ -257,6 +258,7 @@ class QuestionPlan:
                 self.truth[cat] += 1
                 out.append((q, q.answer))
             elif form == "multiple_choice":
+                assert q.options is not None
                 n = len(q.options)
                 q.options, letter = _place_options(q, self.letter.get(n, 0))
                 self.letter[n] = self.letter.get(n, 0) + 1
