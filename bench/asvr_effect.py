@@ -31,6 +31,7 @@ with 2500 SFT steps breaks the text-loss plateau after ~800 steps (0.48 -> 0.23)
 54 % of its own *training* questions, yet stays at chance on the held-out pairs except
 count (53 % vs 39 %): the model memorises 600 scenes before it generalises.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ARM_NAMES = {"a": "baseline (no visual loss)", "b": "ASVR (semantic targets)", "c": "ASVR + caption-free images",
-             "d": "visual loss in SFT only", "e": "ASVR, appearance targets"}
+ARM_NAMES = {
+    "a": "baseline (no visual loss)",
+    "b": "ASVR (semantic targets)",
+    "c": "ASVR + caption-free images",
+    "d": "visual loss in SFT only",
+    "e": "ASVR, appearance targets",
+}
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,13 @@ class Arm:
         return f"w{self.pretrain_weight:g}-{self.targets}{'-free' if self.caption_free else ''}"
 
 
-ARMS = {"a": Arm("a", 0.0, 0.0, "semantic"), "b": Arm("b", 1.0, 1.0, "semantic"),
-        "c": Arm("c", 1.0, 1.0, "semantic", caption_free=True), "d": Arm("d", 0.0, 1.0, "semantic"),
-        "e": Arm("e", 1.0, 1.0, "appearance")}
+ARMS = {
+    "a": Arm("a", 0.0, 0.0, "semantic"),
+    "b": Arm("b", 1.0, 1.0, "semantic"),
+    "c": Arm("c", 1.0, 1.0, "semantic", caption_free=True),
+    "d": Arm("d", 0.0, 1.0, "semantic"),
+    "e": Arm("e", 1.0, 1.0, "appearance"),
+}
 
 
 @dataclass(kw_only=True)
@@ -108,8 +118,19 @@ class ExperimentConfig:
             raise ValueError("need at least one seed")
 
 
-SMOKE = dict(train_images=12, heldout_images=4, free_images=4, depth=2, codebook_size=16, codebook_images=12,
-             llm_hidden=32, head_width=32, pretrain_steps=2, sft_steps=2, micro_batch=2)
+SMOKE = dict(
+    train_images=12,
+    heldout_images=4,
+    free_images=4,
+    depth=2,
+    codebook_size=16,
+    codebook_images=12,
+    llm_hidden=32,
+    head_width=32,
+    pretrain_steps=2,
+    sft_steps=2,
+    micro_batch=2,
+)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -141,44 +162,124 @@ def prepare(cfg: ExperimentConfig) -> dict[str, Path]:
     from asvr.train.tiny_llm import conversation_texts, make_tiny_llm
 
     out = Path(cfg.out)
-    p = {"corpus": out / "corpus", "semantic": out / "tok_semantic", "appearance": out / "tok_appearance",
-         "llm": out / "llm", "cache": out / "cache"}
+    p = {
+        "corpus": out / "corpus",
+        "semantic": out / "tok_semantic",
+        "appearance": out / "tok_appearance",
+        "llm": out / "llm",
+        "cache": out / "cache",
+    }
     if not (p["corpus"] / "corpus.json").exists():
-        make_vqa_corpus(p["corpus"], cfg.train_images, cfg.heldout_images, cfg.free_images, cfg.corpus_seed,
-                        cfg.questions_per_image, cfg.bench_per_image, progress=False)
+        make_vqa_corpus(
+            p["corpus"],
+            cfg.train_images,
+            cfg.heldout_images,
+            cfg.free_images,
+            cfg.corpus_seed,
+            cfg.questions_per_image,
+            cfg.bench_per_image,
+            progress=False,
+        )
         print("  corpus written", flush=True)
     for kind, encoder in (("semantic", "efficientnet_lite0"), ("appearance", "pixels")):
         if not (p[kind] / "tokenizer.json").exists():
-            _run_cli([_bin("asvr-tokenizer"), "train", "--images", str(p["corpus"] / "images" / "train"),
-                      "--encoder", encoder, "--depth", str(cfg.depth), "--codebook-size", str(cfg.codebook_size),
-                      "--max-images", str(cfg.codebook_images), "--seed", str(cfg.corpus_seed), "--out", str(p[kind])],
-                     f"{kind} tokenizer")
+            _run_cli(
+                [
+                    _bin("asvr-tokenizer"),
+                    "train",
+                    "--images",
+                    str(p["corpus"] / "images" / "train"),
+                    "--encoder",
+                    encoder,
+                    "--depth",
+                    str(cfg.depth),
+                    "--codebook-size",
+                    str(cfg.codebook_size),
+                    "--max-images",
+                    str(cfg.codebook_images),
+                    "--seed",
+                    str(cfg.corpus_seed),
+                    "--out",
+                    str(p[kind]),
+                ],
+                f"{kind} tokenizer",
+            )
         codes = out / f"codes_{kind}"
         if not (codes / "manifest.json").exists():
-            _run_cli([_bin("asvr-pipeline"), "tokenize", str(p["corpus"] / "images"), "--tokenizer", str(p[kind]),
-                      "--out", str(codes)], f"{kind} shards")
+            _run_cli(
+                [
+                    _bin("asvr-pipeline"),
+                    "tokenize",
+                    str(p["corpus"] / "images"),
+                    "--tokenizer",
+                    str(p[kind]),
+                    "--out",
+                    str(codes),
+                ],
+                f"{kind} shards",
+            )
         p[f"codes_{kind}"] = codes
     if not (p["llm"] / "config.json").exists():
         texts = conversation_texts([p["corpus"] / "llava_pretrain.json", p["corpus"] / "llava_sft.json"])
-        make_tiny_llm(p["llm"], texts=texts, hidden_size=cfg.llm_hidden, layers=cfg.llm_layers,
-                      intermediate_size=2 * cfg.llm_hidden, seed=cfg.corpus_seed)
+        make_tiny_llm(
+            p["llm"],
+            texts=texts,
+            hidden_size=cfg.llm_hidden,
+            layers=cfg.llm_layers,
+            intermediate_size=2 * cfg.llm_hidden,
+            seed=cfg.corpus_seed,
+        )
     return p
 
 
-def train_args(cfg: ExperimentConfig, p: dict[str, Path], arm: Arm, stage: str, seed: int, run: Path,
-               init: Path | None) -> list[str]:
+def train_args(
+    cfg: ExperimentConfig, p: dict[str, Path], arm: Arm, stage: str, seed: int, run: Path, init: Path | None
+) -> list[str]:
     corpus = p["corpus"]
     data = corpus / ("llava_pretrain.json" if stage == "pretrain" else "llava_sft.json")
     weight = arm.pretrain_weight if stage == "pretrain" else arm.sft_weight
-    argv = ["--model", str(p["llm"]), "--tokenizer", str(p[arm.targets]),
-            "--codes", str(p[f"codes_{arm.targets}"]), "--data", str(data), "--images", str(corpus / "images"),
-            "--vision-input", "features", "--cache-dir", str(p["cache"]),
-            "--stage", stage, "--visual-loss-weight", str(weight), "--seed", str(seed),
-            "--max-steps", str(cfg.pretrain_steps if stage == "pretrain" else cfg.sft_steps),
-            "--micro-batch-size", str(cfg.micro_batch), "--max-len", str(cfg.max_len),
-            "--lr", str(cfg.pretrain_lr if stage == "pretrain" else cfg.sft_lr),
-            "--head-width", str(cfg.head_width), "--head-proj-hidden", str(cfg.head_width), "--head-layers", "1",
-            "--head-dim", "32", "--overwrite", "--output-dir", str(run), "--quiet"]  # a crashed run starts again
+    argv = [
+        "--model",
+        str(p["llm"]),
+        "--tokenizer",
+        str(p[arm.targets]),
+        "--codes",
+        str(p[f"codes_{arm.targets}"]),
+        "--data",
+        str(data),
+        "--images",
+        str(corpus / "images"),
+        "--vision-input",
+        "features",
+        "--cache-dir",
+        str(p["cache"]),
+        "--stage",
+        stage,
+        "--visual-loss-weight",
+        str(weight),
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(cfg.pretrain_steps if stage == "pretrain" else cfg.sft_steps),
+        "--micro-batch-size",
+        str(cfg.micro_batch),
+        "--max-len",
+        str(cfg.max_len),
+        "--lr",
+        str(cfg.pretrain_lr if stage == "pretrain" else cfg.sft_lr),
+        "--head-width",
+        str(cfg.head_width),
+        "--head-proj-hidden",
+        str(cfg.head_width),
+        "--head-layers",
+        "1",
+        "--head-dim",
+        "32",
+        "--overwrite",
+        "--output-dir",
+        str(run),
+        "--quiet",
+    ]  # a crashed run starts again
     if arm.targets != "semantic":  # the LLM still sees the semantic tokenizer's encoder
         argv += ["--vision-tower", str(p["semantic"])]
     if arm.caption_free:
@@ -193,21 +294,58 @@ def evaluate(p: dict[str, Path], run: Path, codes: Path) -> dict:
     corpus = p["corpus"]
     from asvr.eval.cli import main
 
-    _run_main(main, ["bench", "--model", str(run), "--bench", str(corpus / "vqa_bench.jsonl"),
-              "--images", str(corpus / "images"), "--max-new-tokens", "4", "--batch-size", "32",
-              "--out", str(run / "bench"), "--quiet"], "bench")
+    _run_main(
+        main,
+        [
+            "bench",
+            "--model",
+            str(run),
+            "--bench",
+            str(corpus / "vqa_bench.jsonl"),
+            "--images",
+            str(corpus / "images"),
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "32",
+            "--out",
+            str(run / "bench"),
+            "--quiet",
+        ],
+        "bench",
+    )
     bench = json.loads((run / "bench" / "report.json").read_text())["benches"][0]["metrics"]
-    _run_main(main, ["loss", "--model", str(run), "--codes", str(codes),
-              "--data", str(corpus / "heldout_sft.json"), "--images", str(corpus / "images"), "--no-greedy",
-              "--out", str(run / "loss"), "--quiet"], "loss")
+    _run_main(
+        main,
+        [
+            "loss",
+            "--model",
+            str(run),
+            "--codes",
+            str(codes),
+            "--data",
+            str(corpus / "heldout_sft.json"),
+            "--images",
+            str(corpus / "images"),
+            "--no-greedy",
+            "--out",
+            str(run / "loss"),
+            "--quiet",
+        ],
+        "loss",
+    )
     loss = json.loads((run / "loss" / "report.json").read_text())["results"]
-    return {"acc": bench["acc"], "chance": bench["chance"], "unparsed": bench["unparsed"],
-            "by_category": {k: v["acc"] for k, v in bench["by_category"].items()},
-            "by_kind": {k: v["acc"] for k, v in bench["by_kind"].items()},
-            "chance_by_category": {k: v["chance"] for k, v in bench["by_category"].items()},
-            "chance_by_kind": {k: v["chance"] for k, v in bench["by_kind"].items()},
-            "text_loss": loss["text"]["loss"],
-            "visual_acc_per_depth": [d["acc1"] for d in loss["visual"]["per_depth"]]}
+    return {
+        "acc": bench["acc"],
+        "chance": bench["chance"],
+        "unparsed": bench["unparsed"],
+        "by_category": {k: v["acc"] for k, v in bench["by_category"].items()},
+        "by_kind": {k: v["acc"] for k, v in bench["by_kind"].items()},
+        "chance_by_category": {k: v["chance"] for k, v in bench["by_category"].items()},
+        "chance_by_kind": {k: v["chance"] for k, v in bench["by_kind"].items()},
+        "text_loss": loss["text"]["loss"],
+        "visual_acc_per_depth": [d["acc1"] for d in loss["visual"]["per_depth"]],
+    }
 
 
 def check_work_folder(cfg: ExperimentConfig) -> None:
@@ -250,7 +388,12 @@ def run_all(cfg: ExperimentConfig) -> list[dict]:
             sft = out / "runs" / f"sft-{key}-s{seed}"
             if not (sft / "final").exists():
                 _run_main(train_main, train_args(cfg, p, arm, "sft", seed, sft, pre), "sft")
-            rec = {"arm": key, "seed": seed, **evaluate(p, sft, p[f"codes_{arm.targets}"]), "seconds": round(time.perf_counter() - t0, 1)}
+            rec = {
+                "arm": key,
+                "seed": seed,
+                **evaluate(p, sft, p[f"codes_{arm.targets}"]),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             with open(records_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             done[(key, seed)] = rec
@@ -275,10 +418,16 @@ def summarize(cfg: ExperimentConfig, records: list[dict]) -> dict:
         for group in ("by_category", "by_kind"):
             for k in rs[0][group]:
                 metrics[k] = [r[group][k] for r in rs]
-        depth = [mean_std([r["visual_acc_per_depth"][d] for r in rs]) for d in range(len(rs[0]["visual_acc_per_depth"]))]
-        arms[key] = {"name": ARMS[key].name, "n_seeds": len(rs),
-                     "acc": {k: mean_std(v) for k, v in metrics.items()},
-                     "visual_acc_per_depth": depth, "seconds": sum(r["seconds"] for r in rs)}
+        depth = [
+            mean_std([r["visual_acc_per_depth"][d] for r in rs]) for d in range(len(rs[0]["visual_acc_per_depth"]))
+        ]
+        arms[key] = {
+            "name": ARMS[key].name,
+            "n_seeds": len(rs),
+            "acc": {k: mean_std(v) for k, v in metrics.items()},
+            "visual_acc_per_depth": depth,
+            "seconds": sum(r["seconds"] for r in rs),
+        }
     chance = {"overall": records[0]["chance"], **records[0]["chance_by_category"], **records[0]["chance_by_kind"]}
     contrasts = {}
     if "a" in arms:
@@ -289,11 +438,10 @@ def summarize(cfg: ExperimentConfig, records: list[dict]) -> dict:
             xs = [r["acc"] for r in records if r["arm"] == key]
             (ma, sa), (mk, sk) = mean_std(base), mean_std(xs)
             diff = mk - ma
-            se = math.sqrt(sa ** 2 / len(base) + sk ** 2 / len(xs))
-            pooled = (sa ** 2 + sk ** 2) / 2
-            need = math.ceil(8 * pooled / diff ** 2) if diff else None
-            contrasts[key] = {"diff": diff, "se": se, "resolved": abs(diff) > 2 * se,
-                              "seeds_for_2se": need}
+            se = math.sqrt(sa**2 / len(base) + sk**2 / len(xs))
+            pooled = (sa**2 + sk**2) / 2
+            need = math.ceil(8 * pooled / diff**2) if diff else None
+            contrasts[key] = {"diff": diff, "se": se, "resolved": abs(diff) > 2 * se, "seeds_for_2se": need}
     return {"config": asdict(cfg), "chance": chance, "arms": arms, "vs_baseline": contrasts}
 
 
@@ -305,30 +453,47 @@ def summary_markdown(s: dict) -> str:
     cfg, arms, chance = s["config"], s["arms"], s["chance"]
     cols = ["overall", "colour", "shape", "count", "position", "size", "yes_no", "multiple_choice", "short"]
     cols = [c for c in cols if c in next(iter(arms.values()))["acc"]]
-    lines = ["# ASVR effect, miniature (held-out accuracy %, mean ± std over seeds)", "",
-             f"Seeds {cfg['seeds']}; {cfg['train_images']} train images x {cfg['questions_per_image']} questions, "
-             f"{cfg['heldout_images']} held-out images (unseen colour-shape pairs) x {cfg['bench_per_image']} "
-             f"questions, {cfg['free_images']} caption-free images; tiny Llama {cfg['llm_hidden']}-d x "
-             f"{cfg['llm_layers']} layers; RVQ {cfg['depth']} x {cfg['codebook_size']}; pretrain "
-             f"{cfg['pretrain_steps']} + SFT {cfg['sft_steps']} steps of {cfg['micro_batch']} packed rows "
-             f"x {cfg['max_len']} tokens.", "",
-             "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
-             "| chance | " + " | ".join(f"{100 * chance[c]:.1f}" for c in cols) + " |"]
+    lines = [
+        "# ASVR effect, miniature (held-out accuracy %, mean ± std over seeds)",
+        "",
+        f"Seeds {cfg['seeds']}; {cfg['train_images']} train images x {cfg['questions_per_image']} questions, "
+        f"{cfg['heldout_images']} held-out images (unseen colour-shape pairs) x {cfg['bench_per_image']} "
+        f"questions, {cfg['free_images']} caption-free images; tiny Llama {cfg['llm_hidden']}-d x "
+        f"{cfg['llm_layers']} layers; RVQ {cfg['depth']} x {cfg['codebook_size']}; pretrain "
+        f"{cfg['pretrain_steps']} + SFT {cfg['sft_steps']} steps of {cfg['micro_batch']} packed rows "
+        f"x {cfg['max_len']} tokens.",
+        "",
+        "| arm | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+        "| chance | " + " | ".join(f"{100 * chance[c]:.1f}" for c in cols) + " |",
+    ]
     for key, a in arms.items():
         lines.append(f"| {key}: {a['name']} | " + " | ".join(_pm(a["acc"][c]) for c in cols) + " |")
     depth = len(next(iter(arms.values()))["visual_acc_per_depth"])
-    lines += ["", "Visual-token accuracy @1 per depth on the held-out images (teacher-forced; arm e predicts "
-              "appearance codes, the others semantic codes; arm a never trains its head):", "",
-              "| arm | " + " | ".join(f"depth {d}" for d in range(depth)) + " |", "|---|" + "---|" * depth]
+    lines += [
+        "",
+        "Visual-token accuracy @1 per depth on the held-out images (teacher-forced; arm e predicts "
+        "appearance codes, the others semantic codes; arm a never trains its head):",
+        "",
+        "| arm | " + " | ".join(f"depth {d}" for d in range(depth)) + " |",
+        "|---|" + "---|" * depth,
+    ]
     for key, a in arms.items():
         lines.append(f"| {key} | " + " | ".join(_pm(x) for x in a["visual_acc_per_depth"]) + " |")
     if s["vs_baseline"]:
-        lines += ["", "Overall accuracy minus the baseline's (points), standard error, and the seeds per arm "
-                  "that would put the observed difference at 2 standard errors:", "",
-                  "| arm | difference | s.e. | resolved (> 2 s.e.) | seeds needed |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Overall accuracy minus the baseline's (points), standard error, and the seeds per arm "
+            "that would put the observed difference at 2 standard errors:",
+            "",
+            "| arm | difference | s.e. | resolved (> 2 s.e.) | seeds needed |",
+            "|---|---|---|---|---|",
+        ]
         for key, c in s["vs_baseline"].items():
-            lines.append(f"| {key} | {100 * c['diff']:+.1f} | {100 * c['se']:.1f} | "
-                         f"{'yes' if c['resolved'] else 'no'} | {c['seeds_for_2se'] or '-'} |")
+            lines.append(
+                f"| {key} | {100 * c['diff']:+.1f} | {100 * c['se']:.1f} | "
+                f"{'yes' if c['resolved'] else 'no'} | {c['seeds_for_2se'] or '-'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -337,19 +502,29 @@ def plot(s: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     arms, chance = s["arms"], s["chance"]
-    cols = [c for c in ["overall", "colour", "shape", "count", "position", "size", "yes_no", "multiple_choice",
-                        "short"] if c in next(iter(arms.values()))["acc"]]
+    cols = [
+        c
+        for c in ["overall", "colour", "shape", "count", "position", "size", "yes_no", "multiple_choice", "short"]
+        if c in next(iter(arms.values()))["acc"]
+    ]
     fig = Figure(figsize=(12, 4.2))
     FigureCanvasAgg(fig)
     ax, ax2 = fig.add_subplot(1, 3, (1, 2)), fig.add_subplot(1, 3, 3)
     width = 0.8 / len(arms)
     for i, (key, a) in enumerate(arms.items()):
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(xs, [100 * a["acc"][c][0] for c in cols], width, yerr=[100 * a["acc"][c][1] for c in cols],
-               label=f"{key}: {a['name']}", capsize=2)
+        ax.bar(
+            xs,
+            [100 * a["acc"][c][0] for c in cols],
+            width,
+            yerr=[100 * a["acc"][c][1] for c in cols],
+            label=f"{key}: {a['name']}",
+            capsize=2,
+        )
     for j, c in enumerate(cols):
-        ax.hlines(100 * chance[c], j - 0.45, j + 0.45, colors="k", linestyles="dashed",
-                  label="chance" if j == 0 else None)
+        ax.hlines(
+            100 * chance[c], j - 0.45, j + 0.45, colors="k", linestyles="dashed", label="chance" if j == 0 else None
+        )
     ax.set_xticks(range(len(cols)), [c.replace("multiple_choice", "multi-choice") for c in cols], rotation=20)
     ax.set_ylabel("held-out accuracy % (mean ± std over seeds)")
     ax.legend(fontsize=7, ncol=2)
@@ -376,21 +551,45 @@ def write_results(cfg: ExperimentConfig, records: list[dict], wall: float) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.asvr_effect", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.asvr_effect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", required=True, help="work folder (rerun the same command to resume)")
     ap.add_argument("--results", default="bench/results/asvr_effect", help="results folder (default %(default)s)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--smoke", action="store_true", help="toy sizes, 2 steps per stage (a test of the chain)")
-    for f in ("train_images", "heldout_images", "free_images", "pretrain_steps", "sft_steps", "llm_hidden",
-              "llm_layers", "micro_batch", "codebook_size"):
+    for f in (
+        "train_images",
+        "heldout_images",
+        "free_images",
+        "pretrain_steps",
+        "sft_steps",
+        "llm_hidden",
+        "llm_layers",
+        "micro_batch",
+        "codebook_size",
+    ):
         ap.add_argument("--" + f.replace("_", "-"), type=int)
     a = ap.parse_args(argv)
-    sizes = {**(SMOKE if a.smoke else {}),
-             **{f: getattr(a, f) for f in ("train_images", "heldout_images", "free_images", "pretrain_steps",
-                                           "sft_steps", "llm_hidden", "llm_layers", "micro_batch", "codebook_size")
-                if getattr(a, f) is not None}}
+    sizes = {
+        **(SMOKE if a.smoke else {}),
+        **{
+            f: getattr(a, f)
+            for f in (
+                "train_images",
+                "heldout_images",
+                "free_images",
+                "pretrain_steps",
+                "sft_steps",
+                "llm_hidden",
+                "llm_layers",
+                "micro_batch",
+                "codebook_size",
+            )
+            if getattr(a, f) is not None
+        },
+    }
     try:
         cfg = ExperimentConfig(out=a.out, results=a.results, seeds=a.seeds, arms=a.arms, **sizes)
     except ValueError as e:

@@ -7,6 +7,7 @@ concentrates distances; a trained encoder's spectrum is far from flat).
     python bench/efficientnet_spread.py --out .gpu/data/effnet_spread.npz [--images 200]
 (~20 s on 2 CPU cores; the file is ~0.4 MB, not committed.)
 """
+
 from __future__ import annotations
 
 import argparse

@@ -22,6 +22,7 @@ Measured on the 2-core dev box (torch 2.13 CPU, ~90 s; the fp64 reference domina
       (53.0%); per depth 0.0%, 20.0%, 34.7%, 51.0%: the deeper the residual, the smaller it is
       next to ||c||^2 and the less bf16's 8-bit mantissa separates the candidates
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,16 @@ def fixture(n_images: int = 64) -> tuple[np.ndarray, np.ndarray]:
     from asvr.tokenizer import SemanticTokenizer
     from asvr.tokenizer.dualtoken import import_dualtoken
 
-    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                patch_size=8)
+    tiny = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
     k, d = 16, 3
     torch.manual_seed(0)
     model = SiglipVisionModel(SiglipVisionConfig(**tiny)).eval()
-    state = {"siglip_model.vision_model." + key.removeprefix("vision_model."): v.clone()
-             for key, v in model.state_dict().items()}
+    state = {
+        "siglip_model.vision_model." + key.removeprefix("vision_model."): v.clone()
+        for key, v in model.state_dict().items()
+    }
     g = torch.Generator().manual_seed(1)
     for i in range(d):
         state[f"quantizer_semantic.codebooks.{i}.weight"] = torch.randn(k + 1, 32, generator=g) * (0.5**i)
@@ -70,8 +74,18 @@ def fixture(n_images: int = 64) -> tuple[np.ndarray, np.ndarray]:
         tmp = Path(tmp)
         torch.save({"state_dict": state}, tmp / "ckpt.pt")
         (tmp / "cfg").mkdir()
-        (tmp / "cfg" / "config.json").write_text(json.dumps({"rqvaesiglip": {
-            "code_shape": [4, 4, d], "latent_shape": [4, 4, 32], "n_embed": k, "shared_codebook": False}}))
+        (tmp / "cfg" / "config.json").write_text(
+            json.dumps(
+                {
+                    "rqvaesiglip": {
+                        "code_shape": [4, 4, d],
+                        "latent_shape": [4, 4, 32],
+                        "n_embed": k,
+                        "shared_codebook": False,
+                    }
+                }
+            )
+        )
         (tmp / "siglip").mkdir()
         SiglipVisionConfig(**tiny).to_json_file(tmp / "siglip" / "config.json")
         import_dualtoken(tmp / "cfg", tmp / "ckpt.pt", tmp / "siglip", tmp / "tok")
@@ -95,8 +109,10 @@ def report(name: str, x: np.ndarray, books: np.ndarray) -> None:
     bf16 = bf16_rq_codes(x, books)
     diff = exact != bf16
     per = ", ".join(f"{100 * diff[:, i].mean():.1f}%" for i in range(diff.shape[1]))
-    print(f"{name}: {int(diff.sum())} of {diff.size} codes changed ({100 * diff.mean():.1f}%), "
-          f"{int(diff.any(1).sum())} of {len(x)} positions ({100 * diff.any(1).mean():.1f}%); per depth {per}")
+    print(
+        f"{name}: {int(diff.sum())} of {diff.size} codes changed ({100 * diff.mean():.1f}%), "
+        f"{int(diff.any(1).sum())} of {len(x)} positions ({100 * diff.any(1).mean():.1f}%); per depth {per}"
+    )
 
 
 def main() -> None:

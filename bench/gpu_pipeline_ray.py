@@ -19,6 +19,7 @@ Results go to ``OUT/gpu_pipeline_ray.json`` as they come.
     python bench/gpu_pipeline_ray.py --tiny        # CPU, small tokenizer, seconds
     python bench/gpu_pipeline_ray.py --images 4096 --search-dtype float32 fused-bf16x3   # GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,19 +73,38 @@ def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> 
     from asvr.tokenizer import SemanticTokenizer, TokenizerSpec, default_encoder_spec, save_artifact
 
     if tiny:
-        cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                                 image_size=56, patch_size=14)
+        cfg = SiglipVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+        )
         depth, k = 3, 64
     else:
-        cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                 num_attention_heads=16, patch_size=14, image_size=384)
+        cfg = SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=384,
+        )
         depth, k = 8, 16384
     torch.manual_seed(0)
     with torch.device(device):
         SiglipVisionModel(cfg).save_pretrained(work / "siglip")
     side = cfg.image_size // cfg.patch_size
-    spec = TokenizerSpec(encoder=default_encoder_spec("siglip", str(work / "siglip")), preprocess="square",
-                         grid=(side, side), dim=cfg.hidden_size, depth=depth, codebook_size=k, shared_codebook=False)
+    spec = TokenizerSpec(
+        encoder=default_encoder_spec("siglip", str(work / "siglip")),
+        preprocess="square",
+        grid=(side, side),
+        dim=cfg.hidden_size,
+        depth=depth,
+        codebook_size=k,
+        shared_codebook=False,
+    )
     tok_dir = work / "tok"
     save_artifact(tok_dir, spec, torch.zeros(depth, k, cfg.hidden_size))
     tok = SemanticTokenizer.load(tok_dir, device=device)
@@ -95,8 +115,11 @@ def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> 
     g = torch.Generator().manual_seed(1)
     books = []
     for _ in range(depth):
-        idx = (torch.randperm(r.shape[0], generator=g)[:k] if r.shape[0] >= k
-               else torch.randint(0, r.shape[0], (k,), generator=g)).to(r.device)
+        idx = (
+            torch.randperm(r.shape[0], generator=g)[:k]
+            if r.shape[0] >= k
+            else torch.randint(0, r.shape[0], (k,), generator=g)
+        ).to(r.device)
         book = r[idx] + 0.01 * r.std() * torch.randn(k, r.shape[1], device=r.device)
         books.append(book)
         r = r - book[((book * book).sum(1)[None] - 2 * r @ book.T).argmin(1)]
@@ -113,8 +136,9 @@ def in_process(tok_dir: Path, images: list[Path], batch: int, search_dtype: str,
 
     tok = SemanticTokenizer.load(tok_dir)
     cfg = tok.preprocess_config()
-    enc = Encoder(TokenizerBuilder(str(tok_dir), device, 0, "bfloat16" if device == "cuda" else "float32",
-                                   search_dtype))
+    enc = Encoder(
+        TokenizerBuilder(str(tok_dir), device, 0, "bfloat16" if device == "cuda" else "float32", search_dtype)
+    )
     codes = {}
     with mp.get_context("fork").Pool(procs) as pool:
         it = pool.imap(_decode, [(str(p), cfg) for p in images], chunksize=8)
@@ -138,8 +162,11 @@ def in_process(tok_dir: Path, images: list[Path], batch: int, search_dtype: str,
 
 def gpu_sampler(stop: threading.Event, samples: list) -> None:
     try:
-        p = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                              "-lms", "200"], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
     except FileNotFoundError:
         return
     for line in p.stdout:
@@ -152,11 +179,28 @@ def gpu_sampler(stop: threading.Event, samples: list) -> None:
     p.terminate()
 
 
-def cli_run(tok_dir: Path, images_dir: Path, out: Path, batch: int, search_dtype: str, cuda: bool,
-            timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "asvr.pipeline.cli", "tokenize", str(images_dir), "--tokenizer", str(tok_dir),
-           "--out", str(out), "--batch-size", str(batch), "--no-progress", "--overwrite",
-           "--encoder-dtype", "bfloat16" if cuda else "float32", "--search-dtype", search_dtype]
+def cli_run(
+    tok_dir: Path, images_dir: Path, out: Path, batch: int, search_dtype: str, cuda: bool, timeout: float
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "asvr.pipeline.cli",
+        "tokenize",
+        str(images_dir),
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(batch),
+        "--no-progress",
+        "--overwrite",
+        "--encoder-dtype",
+        "bfloat16" if cuda else "float32",
+        "--search-dtype",
+        search_dtype,
+    ]
     samples: list = []
     stop = threading.Event()
     th = threading.Thread(target=gpu_sampler, args=(stop, samples), daemon=True)
@@ -226,8 +270,10 @@ def main(argv=None) -> int:
     procs = max(1, cores - 1)
     for sd in a.search_dtype:
         res, codes = in_process(tok_dir, paths, a.batch, sd, procs, device)
-        log(f"in-process {sd}: {res['img_s']:.1f} img/s ({res['images']} images after a warm-up batch, "
-            f"{procs} decode processes)")
+        log(
+            f"in-process {sd}: {res['img_s']:.1f} img/s ({res['images']} images after a warm-up batch, "
+            f"{procs} decode processes)"
+        )
         save(**{f"in_process_{sd}": res})
         if cuda:
             torch.cuda.empty_cache()
@@ -238,8 +284,11 @@ def main(argv=None) -> int:
             import pyarrow.parquet as pq
 
             tabs = [pq.read_table(f) for f in sorted((work / f"codes_{sd}").glob("part-*.parquet"))]
-            got = {k: np.asarray(c) for t in tabs for k, c in zip(t.column("key").to_pylist(),
-                                                                   t.column("codes").to_pylist())}
+            got = {
+                k: np.asarray(c)
+                for t in tabs
+                for k, c in zip(t.column("key").to_pylist(), t.column("codes").to_pylist())
+            }
             same = [np.array_equal(got[k].reshape(-1), codes[k].reshape(-1)) for k in got if k in codes]
             res["codes_equal_in_process_share"] = float(np.mean(same)) if same else None
         except Exception as e:  # the comparison is a bonus: never lose the timing for it

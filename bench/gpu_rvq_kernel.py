@@ -25,6 +25,7 @@ from the residuals of the features they quantize.  Sections, each written to
     python bench/gpu_rvq_kernel.py --tiny             # CPU, Triton interpreter, seconds
     python bench/gpu_rvq_kernel.py --spread .gpu/data/effnet_spread.npz   # one H100/H200, ~3 min
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,13 @@ def main(argv=None) -> int:
     if a.tiny:
         a.batch, a.iters = 2, 1
     depth, k = (8, 16384) if not a.tiny else (3, 96)
-    save(device=torch.cuda.get_device_name() if cuda else "cpu (interpreter)", batch=a.batch, depth=depth, k=k,
-         torch=torch.__version__)
+    save(
+        device=torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
+        batch=a.batch,
+        depth=depth,
+        k=k,
+        torch=torch.__version__,
+    )
     try:
         import triton
 
@@ -127,8 +133,11 @@ def main(argv=None) -> int:
         books = []
         g = torch.Generator(device="cpu").manual_seed(1)
         for _ in range(depth):
-            idx = torch.randperm(r.shape[0], generator=g)[:k] if r.shape[0] >= k else \
-                torch.randint(0, r.shape[0], (k,), generator=g)
+            idx = (
+                torch.randperm(r.shape[0], generator=g)[:k]
+                if r.shape[0] >= k
+                else torch.randint(0, r.shape[0], (k,), generator=g)
+            )
             idx = idx.to(r.device)
             book = r[idx] + 0.01 * r.std() * torch.randn(k, c, device=r.device, generator=None)
             books.append(book)
@@ -145,9 +154,12 @@ def main(argv=None) -> int:
     # ---- 2. kernel alone, one depth
     p0 = q._prepared(dev)[0]
     r0 = (feats.reshape(-1, c).double() - p0["mean"]).float()
-    configs = {"bf16x3": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 2), (256, 128, 64, 8, 2)],
-               "tf32x3": [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2)],
-               "fp32": [(64, 64, 32, 4, 2)], "tf32": [(128, 128, 32, 8, 3)]}
+    configs = {
+        "bf16x3": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 2), (256, 128, 64, 8, 2)],
+        "tf32x3": [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2)],
+        "fp32": [(64, 64, 32, 4, 2)],
+        "tf32": [(128, 128, 32, 8, 3)],
+    }
     if a.tiny:
         configs = {prec: [(16, 32, 16, 4, 2)] for prec in configs}
     kernel = {}
@@ -191,15 +203,22 @@ def main(argv=None) -> int:
     errs = {}
     for prec in configs:
         try:
-            *_, dist = rt.nearest(rt.split_operand(r64.float(), prec), rt.split_operand(p0["b64"].float(), prec),
-                                      p0["n32"], prec, write_distances=True)
+            *_, dist = rt.nearest(
+                rt.split_operand(r64.float(), prec),
+                rt.split_operand(p0["b64"].float(), prec),
+                p0["n32"],
+                prec,
+                write_distances=True,
+            )
         except Exception as e:
             errs[prec] = {"error": str(e)[:200]}
             continue
         rel = ((dist.double() - exact).abs() / scale).max().item()
         errs[prec] = {"max_rel_err": rel, "delta_model": rt.delta(prec, c), "ratio": rel / rt.delta(prec, c)}
-        log(f"error {prec}: max |d - d64| / (2 |r| cmax) = {rel:.3e}, model delta {rt.delta(prec, c):.3e} "
-            f"(ratio {rel / rt.delta(prec, c):.3f})")
+        log(
+            f"error {prec}: max |d - d64| / (2 |r| cmax) = {rel:.3e}, model delta {rt.delta(prec, c):.3e} "
+            f"(ratio {rel / rt.delta(prec, c):.3f})"
+        )
     save(error_vs_model=errs)
 
     # ---- 4. RVQ encode, 8 depths
@@ -213,8 +232,9 @@ def main(argv=None) -> int:
             ref = reference_rvq_fp32(f, bk)
             out["reference_fp32_img_s"] = a.batch / timeit(lambda: reference_rvq_fp32(f, bk))
             base, st = q.encode(f, search_dtype="float32", candidates=16, block_rows=16384, return_stats=True)
-            out["today_fp32_img_s"] = a.batch / timeit(lambda: q.encode(f, search_dtype="float32", candidates=16,
-                                                                         block_rows=16384))
+            out["today_fp32_img_s"] = a.batch / timeit(
+                lambda: q.encode(f, search_dtype="float32", candidates=16, block_rows=16384)
+            )
             out["today_fp32_certified_per_depth"] = shares(st)
             out["today_fp32_full_f64_rows"] = st.full_rows
             sub = f[: min(4, f.shape[0])]
@@ -229,14 +249,22 @@ def main(argv=None) -> int:
                     out[sd] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                     log(f"{tag} {sd}: failed {e}")
                     continue
-                out[sd] = {"img_s": a.batch / t, "certified_per_depth": shares(st), "full_f64_rows": st.full_rows,
-                           "equal_today_all_rows": bool((codes == base).all()),
-                           "agree_float64_sample": float((codes[: sub.shape[0]] == f64).float().mean())}
-                log(f"{tag} {sd}: {a.batch / t:.1f} img/s, certified/depth "
+                out[sd] = {
+                    "img_s": a.batch / t,
+                    "certified_per_depth": shares(st),
+                    "full_f64_rows": st.full_rows,
+                    "equal_today_all_rows": bool((codes == base).all()),
+                    "agree_float64_sample": float((codes[: sub.shape[0]] == f64).float().mean()),
+                }
+                log(
+                    f"{tag} {sd}: {a.batch / t:.1f} img/s, certified/depth "
                     f"{' '.join(f'{s:.3f}' for s in out[sd]['certified_per_depth'])}, full-f64 {st.full_rows}, "
-                    f"== today {out[sd]['equal_today_all_rows']}, float64 sample {out[sd]['agree_float64_sample']:.6f}")
-        log(f"{tag}: reference fp32 {out['reference_fp32_img_s']:.1f} img/s, today {out['today_fp32_img_s']:.1f} "
-            f"img/s, certified/depth {' '.join(f'{s:.3f}' for s in out['today_fp32_certified_per_depth'])}")
+                    f"== today {out[sd]['equal_today_all_rows']}, float64 sample {out[sd]['agree_float64_sample']:.6f}"
+                )
+        log(
+            f"{tag}: reference fp32 {out['reference_fp32_img_s']:.1f} img/s, today {out['today_fp32_img_s']:.1f} "
+            f"img/s, certified/depth {' '.join(f'{s:.3f}' for s in out['today_fp32_certified_per_depth'])}"
+        )
         return out
 
     save(encode_siglip_random=encode_section("siglip-random", feats, q, books))
@@ -262,18 +290,21 @@ def main(argv=None) -> int:
         del q2, b2, f2
 
     # ---- 6. end to end
-    best = max(("fused-bf16x3", "fused-tf32x3"),
-               key=lambda s: RESULTS["encode_siglip_random"].get(s, {}).get("img_s", 0))
+    best = max(
+        ("fused-bf16x3", "fused-tf32x3"), key=lambda s: RESULTS["encode_siglip_random"].get(s, {}).get("img_s", 0)
+    )
     e2e = {"rvq": best}
     with torch.no_grad():
         e2e["encoder_eager_img_s"] = a.batch / timeit(lambda: tower(pix))
         e2e["reference_img_s"] = a.batch / timeit(lambda: reference_rvq_fp32(tower(pix).float(), books))
-        e2e["today_img_s"] = a.batch / timeit(lambda: q.encode(tower(pix).float(), search_dtype="float32",
-                                                               candidates=16, block_rows=16384))
-        e2e["fused_img_s"] = a.batch / timeit(lambda: q.encode(tower(pix).float(), search_dtype=best,
-                                                               block_rows=65536))
-        log(f"e2e eager: encoder {e2e['encoder_eager_img_s']:.1f}, reference {e2e['reference_img_s']:.1f}, "
-            f"today {e2e['today_img_s']:.1f}, fused {e2e['fused_img_s']:.1f} img/s")
+        e2e["today_img_s"] = a.batch / timeit(
+            lambda: q.encode(tower(pix).float(), search_dtype="float32", candidates=16, block_rows=16384)
+        )
+        e2e["fused_img_s"] = a.batch / timeit(lambda: q.encode(tower(pix).float(), search_dtype=best, block_rows=65536))
+        log(
+            f"e2e eager: encoder {e2e['encoder_eager_img_s']:.1f}, reference {e2e['reference_img_s']:.1f}, "
+            f"today {e2e['today_img_s']:.1f}, fused {e2e['fused_img_s']:.1f} img/s"
+        )
         save(e2e=e2e)
         enc = tower
         if cuda and not a.no_compile:
@@ -282,14 +313,16 @@ def main(argv=None) -> int:
             enc(pix)
             e2e["compile_s"] = time.perf_counter() - t0
             e2e["encoder_compiled_img_s"] = a.batch / timeit(lambda: enc(pix))
-            e2e["fused_compiled_img_s"] = a.batch / timeit(lambda: q.encode(enc(pix).float(), search_dtype=best,
-                                                                            block_rows=65536))
+            e2e["fused_compiled_img_s"] = a.batch / timeit(
+                lambda: q.encode(enc(pix).float(), search_dtype=best, block_rows=65536)
+            )
             log(f"e2e compiled: encoder {e2e['encoder_compiled_img_s']:.1f}, fused {e2e['fused_compiled_img_s']:.1f}")
             save(e2e=e2e)
         if cuda:
             nb = 6
-            pixs = [torch.randn(a.batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(dev, dt)
-                    for _ in range(nb)]
+            pixs = [
+                torch.randn(a.batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(dev, dt) for _ in range(nb)
+            ]
             side = torch.cuda.Stream()
 
             def overlapped():
@@ -315,8 +348,10 @@ def main(argv=None) -> int:
 
             e2e["sequential_img_s"] = nb * a.batch / timeit(sequential, iters=3)
             e2e["overlapped_img_s"] = nb * a.batch / timeit(overlapped, iters=3)
-            log(f"e2e {nb} batches: sequential {e2e['sequential_img_s']:.1f}, overlapped "
-                f"{e2e['overlapped_img_s']:.1f} img/s")
+            log(
+                f"e2e {nb} batches: sequential {e2e['sequential_img_s']:.1f}, overlapped "
+                f"{e2e['overlapped_img_s']:.1f} img/s"
+            )
             save(e2e=e2e)
     log(json.dumps(RESULTS)[:4000])
     return 0

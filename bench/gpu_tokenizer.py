@@ -19,6 +19,7 @@ PIL draft, and host->device copy of the pixel batches.
 Run: python bench/gpu_tokenizer.py [--batch 64] [--iters 6] [--out DIR]
 Needs torch + transformers + pillow + safetensors only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ def _import_tokenizer():
     except ImportError:  # not installed: load the module file directly
         import importlib.util
 
-        spec = importlib.util.spec_from_file_location("quantizer", Path(__file__).resolve().parents[1] / "tokenizer" / "quantizer.py")
+        spec = importlib.util.spec_from_file_location(
+            "quantizer", Path(__file__).resolve().parents[1] / "tokenizer" / "quantizer.py"
+        )
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         ResidualQuantizer, rvq_encode_reference = mod.ResidualQuantizer, mod.rvq_encode_reference
@@ -69,12 +72,24 @@ def build_encoder(layers_total=27, feature_layer=26, small=False):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     if small:
-        cfg = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                                 image_size=56, patch_size=14)
+        cfg = SiglipVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=56,
+            patch_size=14,
+        )
         feature_layer = 2
     else:
-        cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=layers_total,
-                                 num_attention_heads=16, image_size=384, patch_size=14)
+        cfg = SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=layers_total,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+        )
     cfg.num_hidden_layers = feature_layer  # layers above the semantic one are never built
     cfg._attn_implementation = "sdpa"
     model = SiglipVisionModel(cfg).eval().requires_grad_(False)
@@ -188,8 +203,12 @@ def main():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.small:
         args.k, args.batch, args.iters = 256, 4, 2
-    results: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                     "batch": args.batch, "depth": args.depth, "k": args.k}
+    results: dict = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "batch": args.batch,
+        "depth": args.depth,
+        "k": args.k,
+    }
     timer = cuda_time if dev.type == "cuda" else (lambda fn, iters, warmup=1: _cpu_time(fn, iters))
     gen = torch.Generator().manual_seed(0)
 
@@ -207,7 +226,10 @@ def main():
         enc_s = timer(lambda: tower(pix), args.iters)
     results["encoder_img_s"] = args.batch / enc_s
     n_rows = feats.shape[0] * feats.shape[1] * feats.shape[2]
-    print(f"encoder: {results['encoder_img_s']:.1f} img/s  grid {tuple(feats.shape[1:3])}  rows/batch {n_rows}", flush=True)
+    print(
+        f"encoder: {results['encoder_img_s']:.1f} img/s  grid {tuple(feats.shape[1:3])}  rows/batch {n_rows}",
+        flush=True,
+    )
 
     q = ResidualQuantizer(books.clone())
     q.to(dev)
@@ -223,8 +245,11 @@ def main():
             results[f"rvq_exact_{name}_fallback"] = st.fallback_fraction
             results[f"rvq_exact_{name}_full_f64"] = st.full_rows / max(1, st.rows)
             results[f"rvq_exact_{name}_agree_fp32ref"] = float((codes == ref).float().mean())
-            print(f"rvq exact {name}: {args.batch / s:.1f} img/s fallback {st.fallback_fraction:.4%} full-f64 {st.full_rows / max(1, st.rows):.4%} "
-                  f"agree-fp32ref {results[f'rvq_exact_{name}_agree_fp32ref']:.6f}", flush=True)
+            print(
+                f"rvq exact {name}: {args.batch / s:.1f} img/s fallback {st.fallback_fraction:.4%} full-f64 {st.full_rows / max(1, st.rows):.4%} "
+                f"agree-fp32ref {results[f'rvq_exact_{name}_agree_fp32ref']:.6f}",
+                flush=True,
+            )
             if name == "fp16":
                 exact_codes = codes
         # float64 ground truth on a subset of images (full float64 search)
@@ -250,13 +275,17 @@ def main():
 
         results["e2e_reference_img_s"] = args.batch / timer(e2e_ref, args.iters)
         for sd in ("float32", "float16"):
+
             def e2e_ours():
                 return q.encode(tower(pix).float(), search_dtype=sd, candidates=16, block_rows=16384)
 
             results[f"e2e_ours_{sd}_img_s"] = args.batch / timer(e2e_ours, args.iters)
             results[f"e2e_speedup_{sd}"] = results[f"e2e_ours_{sd}_img_s"] / results["e2e_reference_img_s"]
-            print(f"end to end: reference {results['e2e_reference_img_s']:.1f} img/s, ours ({sd} search) "
-                  f"{results[f'e2e_ours_{sd}_img_s']:.1f} img/s (x{results[f'e2e_speedup_{sd}']:.2f})", flush=True)
+            print(
+                f"end to end: reference {results['e2e_reference_img_s']:.1f} img/s, ours ({sd} search) "
+                f"{results[f'e2e_ours_{sd}_img_s']:.1f} img/s (x{results[f'e2e_speedup_{sd}']:.2f})",
+                flush=True,
+            )
         if args.compile and dev.type == "cuda":
             t0 = time.perf_counter()
             ctower = torch.compile(tower)
@@ -264,8 +293,13 @@ def main():
             results["compile_s"] = time.perf_counter() - t0
             results["encoder_compiled_img_s"] = args.batch / timer(lambda: ctower(pix), args.iters)
             results["e2e_ours_compiled_img_s"] = args.batch / timer(
-                lambda: q.encode(ctower(pix).float(), search_dtype="float32", candidates=16, block_rows=16384), args.iters)
-            print(f"compiled: encoder {results['encoder_compiled_img_s']:.1f}, e2e {results['e2e_ours_compiled_img_s']:.1f} img/s", flush=True)
+                lambda: q.encode(ctower(pix).float(), search_dtype="float32", candidates=16, block_rows=16384),
+                args.iters,
+            )
+            print(
+                f"compiled: encoder {results['encoder_compiled_img_s']:.1f}, e2e {results['e2e_ours_compiled_img_s']:.1f} img/s",
+                flush=True,
+            )
         # host -> device of a pinned uint8 vs float32 batch
         if dev.type == "cuda":
             host = torch.empty(args.batch, 3, cfg.image_size, cfg.image_size, dtype=torch.float32).pin_memory()

@@ -26,6 +26,7 @@ then runs, each a subprocess with a timeout, results appended to
     python bench/gpu_train_check.py --tiny --work /tmp/gtc     # CPU end to end (tiny configs, ~3 min on 2 cores)
     python bench/gpu_train_check.py --work /tmp/gtc            # one H100/H200, ~5 min
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,10 +80,16 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
     llms = {}
     for name, dims in (("llm", s), ("llm_small", small)):
         folder = work / name
-        cfg = tiny_llm_config("llama", vocab_size=max(dims.vocab, len(bpe)), hidden_size=dims.hidden,
-                              layers=dims.layers,
-                              heads=dims.heads, kv_heads=dims.heads, intermediate_size=dims.intermediate,
-                              max_positions=max(4096, dims.seq))
+        cfg = tiny_llm_config(
+            "llama",
+            vocab_size=max(dims.vocab, len(bpe)),
+            hidden_size=dims.hidden,
+            layers=dims.layers,
+            heads=dims.heads,
+            kv_heads=dims.heads,
+            intermediate_size=dims.intermediate,
+            max_positions=max(4096, dims.seq),
+        )
         mt = cfg.pop("model_type")
         torch.manual_seed(0)
         with torch.device(device):
@@ -93,13 +100,25 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
         del model
     # tokenizer artifact: a SigLIP-shaped tower on the bench's grid and width
     side = s.grid[0]
-    vcfg = SiglipVisionConfig(hidden_size=s.code_dim, intermediate_size=4 * s.code_dim, num_hidden_layers=2,
-                              num_attention_heads=max(1, s.code_dim // 72), patch_size=14, image_size=14 * side)
+    vcfg = SiglipVisionConfig(
+        hidden_size=s.code_dim,
+        intermediate_size=4 * s.code_dim,
+        num_hidden_layers=2,
+        num_attention_heads=max(1, s.code_dim // 72),
+        patch_size=14,
+        image_size=14 * side,
+    )
     with torch.device(device):
         SiglipVisionModel(vcfg).save_pretrained(work / "siglip")
-    spec = TokenizerSpec(encoder=default_encoder_spec("siglip", str(work / "siglip")), preprocess="square",
-                         grid=s.grid, dim=s.code_dim, depth=s.depth, codebook_size=s.codebook_size,
-                         shared_codebook=False)
+    spec = TokenizerSpec(
+        encoder=default_encoder_spec("siglip", str(work / "siglip")),
+        preprocess="square",
+        grid=s.grid,
+        dim=s.code_dim,
+        depth=s.depth,
+        codebook_size=s.codebook_size,
+        shared_codebook=False,
+    )
     g = torch.Generator().manual_seed(0)
     spec = save_artifact(work / "tok", spec, torch.randn(s.depth, s.codebook_size, s.code_dim, generator=g) * 0.05)
     # shards of random codes
@@ -107,8 +126,9 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
     codes = rng.integers(0, s.codebook_size, (n_samples, *s.grid, s.depth)).astype(np.uint16)
     meta = ShardMeta.from_spec(spec)
     (work / "codes").mkdir(exist_ok=True)
-    table = rows_to_table(meta, keys, codes, ["0" * 64] * n_samples, [384] * n_samples, [384] * n_samples,
-                          [None] * n_samples)
+    table = rows_to_table(
+        meta, keys, codes, ["0" * 64] * n_samples, [384] * n_samples, [384] * n_samples, [None] * n_samples
+    )
     write_parquet_shard(work / "codes" / "part-00000.parquet", table)
     # one image + a caption that fills the row (<= seq tokens, ~1% padding)
     from asvr.train.templates import encode_conversation, get_template, validate_turns
@@ -130,16 +150,44 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
             words = words[: len(words) - max(1, (length(words) - s.seq) // 2)]
         data.append({"id": f"s{i}", "image": k, "conversations": conv(words)})
     (work / "sft.json").write_text(json.dumps(data))
-    log(f"built work folder in {time.perf_counter() - t0:.1f}s: {n_samples} samples, {n_words} caption words "
-        f"(~{per_word:.2f} tokens/word), tokenizer fingerprint {spec.fingerprint[:12]}")
-    return {"llm": llms["llm"], "llm_small": llms["llm_small"], "tok": work / "tok", "codes": work / "codes",
-            "data": work / "sft.json"}
+    log(
+        f"built work folder in {time.perf_counter() - t0:.1f}s: {n_samples} samples, {n_words} caption words "
+        f"(~{per_word:.2f} tokens/word), tokenizer fingerprint {spec.fingerprint[:12]}"
+    )
+    return {
+        "llm": llms["llm"],
+        "llm_small": llms["llm_small"],
+        "tok": work / "tok",
+        "codes": work / "codes",
+        "data": work / "sft.json",
+    }
 
 
 def cli_args(w: dict, llm: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(llm), "--tokenizer", str(w["tok"]), "--codes", str(w["codes"]), "--data", str(w["data"]),
-            "--output-dir", str(out), "--stage", "sft", "--vision-input", "codes", "--attn-implementation", "sdpa",
-            "--no-export", "--lr", "1e-5", "--seed", "0", *extra]
+    return [
+        "--model",
+        str(llm),
+        "--tokenizer",
+        str(w["tok"]),
+        "--codes",
+        str(w["codes"]),
+        "--data",
+        str(w["data"]),
+        "--output-dir",
+        str(out),
+        "--stage",
+        "sft",
+        "--vision-input",
+        "codes",
+        "--attn-implementation",
+        "sdpa",
+        "--no-export",
+        "--lr",
+        "1e-5",
+        "--seed",
+        "0",
+        *extra,
+    ]
 
 
 def run_cli(args: list[str], timeout: float, name: str) -> tuple[int, float, str]:
@@ -164,19 +212,36 @@ def summarise(run_dir: Path, skip: int) -> dict:
     timed = rows[skip:] or rows
     if not rows:
         return {"error": "no metrics"}
-    return {"steps": len(rows), "step_time_s": float(np.mean([r["step_time_s"] for r in timed])),
-            "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in timed])),
-            "tokens_per_step": float(np.mean([r["tokens_per_s"] * r["step_time_s"] for r in timed])),
-            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "loss_text_last": rows[-1]["loss_text"], "loss_visual_last": rows[-1]["loss_visual"],
-            "gpu_mem_peak_gib": rows[-1].get("gpu_mem_peak_gib")}
+    return {
+        "steps": len(rows),
+        "step_time_s": float(np.mean([r["step_time_s"] for r in timed])),
+        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in timed])),
+        "tokens_per_step": float(np.mean([r["tokens_per_s"] * r["step_time_s"] for r in timed])),
+        "loss_first": rows[0]["loss"],
+        "loss_last": rows[-1]["loss"],
+        "loss_text_last": rows[-1]["loss_text"],
+        "loss_visual_last": rows[-1]["loss_visual"],
+        "gpu_mem_peak_gib": rows[-1].get("gpu_mem_peak_gib"),
+    }
 
 
 def resume_check(w: dict, work: Path, steps: int, save_at: int, timeout: float, extra: list[str]) -> dict:
     from asvr.train.metrics import read_metrics
 
-    common = ["--max-steps", str(steps), "--save-every", str(save_at), "--log-every", "1", "--keep-checkpoints", "1",
-              "--zero", "2", "--quiet", *extra]
+    common = [
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        str(save_at),
+        "--log-every",
+        "1",
+        "--keep-checkpoints",
+        "1",
+        "--zero",
+        "2",
+        "--quiet",
+        *extra,
+    ]
     straight, killed = work / "resume_straight", work / "resume_killed"
     for d in (straight, killed):
         shutil.rmtree(d, ignore_errors=True)
@@ -195,16 +260,22 @@ def resume_check(w: dict, work: Path, steps: int, save_at: int, timeout: float, 
     p.wait()
     got = len(read_metrics(killed))
     log(f"--- resume: killed at {got} logged steps (checkpoint at {save_at}), rc {p.returncode}")
-    rc, _, _ = run_cli(cli_args(w, w["llm_small"], killed, *common, "--resume", "auto"), timeout,
-                       "resume: --resume auto")
+    rc, _, _ = run_cli(
+        cli_args(w, w["llm_small"], killed, *common, "--resume", "auto"), timeout, "resume: --resume auto"
+    )
     if rc:
         return {"error": "resumed run failed"}
     a, b = read_metrics(straight), read_metrics(killed)
     la = np.array([r["loss"] for r in a])
     lb = np.array([r["loss"] for r in b])
-    res = {"steps": steps, "checkpoint_at": save_at, "killed_after_steps": got,
-           "resumed_steps": [r["step"] for r in b] == list(range(1, steps + 1)),
-           "loss_uninterrupted": la.tolist(), "loss_resumed": lb.tolist()}
+    res = {
+        "steps": steps,
+        "checkpoint_at": save_at,
+        "killed_after_steps": got,
+        "resumed_steps": [r["step"] for r in b] == list(range(1, steps + 1)),
+        "loss_uninterrupted": la.tolist(),
+        "loss_resumed": lb.tolist(),
+    }
     if len(la) == len(lb) == steps:
         res["max_abs_diff_before_kill"] = float(np.abs(la[:save_at] - lb[:save_at]).max())
         res["max_abs_diff_after_resume"] = float(np.abs(la[save_at:] - lb[save_at:]).max())
@@ -240,8 +311,14 @@ def main(argv=None) -> int:
     steps = a.steps or (4 if a.tiny else 12)
     window = a.log_every or (2 if a.tiny else 4)
     only = set(a.only or ["cli", "bare", "resume"])
-    save(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, batch=s.batch, seq=s.seq,
-         steps=steps, log_every=window)
+    save(
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        torch=torch.__version__,
+        batch=s.batch,
+        seq=s.seq,
+        steps=steps,
+        log_every=window,
+    )
     try:
         import deepspeed
 
@@ -250,8 +327,18 @@ def main(argv=None) -> int:
         pass
     work = Path(a.work)
     w = build_work(work, s, small, n_samples=max(64, s.batch * (steps + 1)), device=device)
-    head = [] if not a.tiny else ["--head-width", str(s.head.width), "--head-proj-hidden", str(s.head.proj_hidden),
-                                  "--head-dim", str(s.head.head_dim)]
+    head = (
+        []
+        if not a.tiny
+        else [
+            "--head-width",
+            str(s.head.width),
+            "--head-proj-hidden",
+            str(s.head.proj_hidden),
+            "--head-dim",
+            str(s.head.head_dim),
+        ]
+    )
     mfu_flops = None
     if "cli" in only or "bare" in only:
         # FLOPs of one full step (train_mfu's count) for the MFU of the CLI runs
@@ -260,8 +347,10 @@ def main(argv=None) -> int:
 
         vision = VisionSpec(dim=s.code_dim, grid=s.grid, depth=s.depth, codebook_size=s.codebook_size)
         with torch.device("meta"):
-            m = build_model(ModelConfig(llm=s.llm_config(), vision_input="codes", head=s.head, vision=vision),
-                            codebooks=torch.empty(s.depth, s.codebook_size, s.code_dim))
+            m = build_model(
+                ModelConfig(llm=s.llm_config(), vision_input="codes", head=s.head, vision=vision),
+                codebooks=torch.empty(s.depth, s.codebook_size, s.code_dim),
+            )
         n_label = s.batch * (s.seq - 1 - s.image_tokens)
         mfu_flops = train_mfu.llm_flops_per_step(s, m.llm, n_label)[0] + train_mfu.asvr_extra_flops_per_step(s)
         save(model_tflop_per_full_step=mfu_flops / 1e12)
@@ -274,9 +363,22 @@ def main(argv=None) -> int:
                 name = f"zero{zero}{'_gc' if gc else ''}"
                 out = work / "runs" / name
                 shutil.rmtree(out, ignore_errors=True)
-                extra = ["--zero", str(zero), "--max-steps", str(steps), "--micro-batch-size", str(s.batch),
-                         "--max-len", str(s.seq), "--log-every", str(window), "--no-final-checkpoint", "--quiet",
-                         *head, *(["--gradient-checkpointing"] if gc else [])]
+                extra = [
+                    "--zero",
+                    str(zero),
+                    "--max-steps",
+                    str(steps),
+                    "--micro-batch-size",
+                    str(s.batch),
+                    "--max-len",
+                    str(s.seq),
+                    "--log-every",
+                    str(window),
+                    "--no-final-checkpoint",
+                    "--quiet",
+                    *head,
+                    *(["--gradient-checkpointing"] if gc else []),
+                ]
                 rc, wall, _ = run_cli(cli_args(w, w["llm"], out, *extra), a.timeout, name)
                 res = summarise(out, window) if rc == 0 else {"error": f"rc {rc}"}
                 res["wall_s"] = wall
@@ -289,8 +391,14 @@ def main(argv=None) -> int:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
                 save(cli=runs)
     if "bare" in only:
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "train_mfu.py"), "--steps", str(steps - window),
-               "--warmup", str(window)] + (["--tiny"] if a.tiny else [])
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "train_mfu.py"),
+            "--steps",
+            str(steps - window),
+            "--warmup",
+            str(window),
+        ] + (["--tiny"] if a.tiny else [])
         t0 = time.perf_counter()
         try:
             pr = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -304,23 +412,45 @@ def main(argv=None) -> int:
                 parts = line.split()
                 key = "asvr" if line.startswith("ASVR") else "hf_llm_only"
                 nums = parts[-8:]
-                bare[key] = {"step_time_s": float(nums[0]), "tokens_per_s": float(nums[1]),
-                             "model_tflops": float(nums[3]), "mfu": nums[4], "gpu_mem_peak_gib": nums[6],
-                             "loss": float(nums[7])}
+                bare[key] = {
+                    "step_time_s": float(nums[0]),
+                    "tokens_per_s": float(nums[1]),
+                    "model_tflops": float(nums[3]),
+                    "mfu": nums[4],
+                    "gpu_mem_peak_gib": nums[6],
+                    "loss": float(nums[7]),
+                }
             if line.startswith("visual head alone"):
                 bare["visual_head_alone"] = line
         save(bare=bare)
         if "cli" in RESULTS and "asvr" in bare:
-            ratio = {n: (bare["asvr"]["step_time_s"] / r["step_time_s"]) for n, r in RESULTS["cli"].items()
-                     if "step_time_s" in r}
+            ratio = {
+                n: (bare["asvr"]["step_time_s"] / r["step_time_s"])
+                for n, r in RESULTS["cli"].items()
+                if "step_time_s" in r
+            }
             save(cli_over_bare_speed=ratio)
             log(f"CLI speed / bare loop speed (same shapes, step time): {json.dumps(ratio)}")
     if "resume" in only:
-        res = resume_check(w, work, steps=10 if not a.tiny else 6, save_at=4 if not a.tiny else 2, timeout=a.timeout,
-                           extra=["--micro-batch-size", "2", "--max-len", str(s.seq),
-                                  "--head-width", "256" if not a.tiny else str(s.head.width),
-                                  "--head-proj-hidden", "512" if not a.tiny else str(s.head.proj_hidden),
-                                  "--head-dim", "64" if not a.tiny else str(s.head.head_dim)])
+        res = resume_check(
+            w,
+            work,
+            steps=10 if not a.tiny else 6,
+            save_at=4 if not a.tiny else 2,
+            timeout=a.timeout,
+            extra=[
+                "--micro-batch-size",
+                "2",
+                "--max-len",
+                str(s.seq),
+                "--head-width",
+                "256" if not a.tiny else str(s.head.width),
+                "--head-proj-hidden",
+                "512" if not a.tiny else str(s.head.proj_hidden),
+                "--head-dim",
+                "64" if not a.tiny else str(s.head.head_dim),
+            ],
+        )
         save(resume=res)
         log(f"resume: {json.dumps({k: v for k, v in res.items() if not k.startswith('loss_')})}")
     log("summary: " + json.dumps(RESULTS)[:6000])

@@ -13,6 +13,7 @@ the ratio of wasted slots, packing vs the baseline.
 
     python bench/packing_waste.py [--n 100000] [--image-tokens 576]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ def grouped_plan(lengths: list[int], rows: int, world: int, seed: int) -> list[l
     mega = rows * world
     plan = []
     for s in range(0, len(order), mega):
-        chunk = sorted(order[s:s + mega].tolist(), key=lambda i: -lengths[i])
-        plan.extend([[i] for i in chunk[j:j + rows]] for j in range(0, len(chunk), rows))
+        chunk = sorted(order[s : s + mega].tolist(), key=lambda i: -lengths[i])
+        plan.extend([[i] for i in chunk[j : j + rows]] for j in range(0, len(chunk), rows))
     return plan
 
 
@@ -51,15 +52,20 @@ def main(argv=None) -> None:
     p.add_argument("--image-tokens", type=int, default=576)
     p.add_argument("--max-len", type=int, default=2048)
     a = p.parse_args(argv)
-    print(f"{a.n} samples, {a.image_tokens} image tokens, max_len {a.max_len}; waste = padding share of the "
-          f"token slots (micro-batch padded to its longest row); fill = real tokens / (rows x max_len)")
-    print(f"{'stage':9} {'samples/mb':>10} {'pad-to-longest':>15} {'LLaVA grouped':>14} {'packed rows/mb':>15} "
-          f"{'packed waste':>13} {'packed fill':>12} {'vs random':>10} {'vs grouped':>11} {'plan s':>7}")
+    print(
+        f"{a.n} samples, {a.image_tokens} image tokens, max_len {a.max_len}; waste = padding share of the "
+        f"token slots (micro-batch padded to its longest row); fill = real tokens / (rows x max_len)"
+    )
+    print(
+        f"{'stage':9} {'samples/mb':>10} {'pad-to-longest':>15} {'LLaVA grouped':>14} {'packed rows/mb':>15} "
+        f"{'packed waste':>13} {'packed fill':>12} {'vs random':>10} {'vs grouped':>11} {'plan s':>7}"
+    )
     for stage in ("pretrain", "sft"):
         lengths = [min(x, a.max_len) for x in llava_like_lengths(a.n, stage, a.image_tokens)]
         for rows in (4, 16):
-            naive = padding_waste(plan_epoch(lengths, PackingConfig(max_len=a.max_len, rows=rows, pack=False), 0, 0),
-                                  lengths)
+            naive = padding_waste(
+                plan_epoch(lengths, PackingConfig(max_len=a.max_len, rows=rows, pack=False), 0, 0), lengths
+            )
             grouped = padding_waste(grouped_plan(lengths, rows, 8, 0), lengths)
             # about the same tokens per micro-batch: rows samples of ~mean length vs packed rows of max_len
             prow = max(1, round(rows * float(np.mean(lengths)) / a.max_len))
@@ -69,8 +75,11 @@ def main(argv=None) -> None:
             packed = padding_waste(plan, lengths)
             fill = sum(lengths) / (sum(len(mb) for mb in plan) * a.max_len)
             ratio = lambda base: f"{base / packed:.0f}x" if packed > 1e-4 else "no pad"  # noqa: E731
-            print(f"{stage:9} {rows:>10} {naive:>15.1%} {grouped:>14.1%} {prow:>15} {packed:>13.2%} {fill:>12.1%} "
-                  f"{ratio(naive):>10} {ratio(grouped):>11} {dt:>7.2f}")
+            print(
+                f"{stage:9} {rows:>10} {naive:>15.1%} {grouped:>14.1%} {prow:>15} {packed:>13.2%} {fill:>12.1%} "
+                f"{ratio(naive):>10} {ratio(grouped):>11} {dt:>7.2f}"
+            )
+
 
 if __name__ == "__main__":
     main()

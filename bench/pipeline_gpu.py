@@ -10,6 +10,7 @@ Compare with DESIGN.md's floor: (666+220) GFLOP / 779 TFLOP/s ~ 880 img/s.
 
 Usage (on a GPU machine): python bench/pipeline_gpu.py [--work DIR] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,20 @@ def build_so400m_tokenizer(work: Path) -> Path:
     enc_dir, tok_dir = work / "siglip", work / "tok"
     if (tok_dir / "tokenizer.json").exists():
         return tok_dir
-    cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                             patch_size=14, image_size=384)
+    cfg = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=384,
+    )
     torch.manual_seed(0)
     SiglipVisionModel(cfg).save_pretrained(enc_dir)
     enc = default_encoder_spec("siglip", str(enc_dir))
-    spec = TokenizerSpec(encoder=enc, preprocess="square", grid=(27, 27), dim=1152, depth=8, codebook_size=16384,
-                         shared_codebook=False)
+    spec = TokenizerSpec(
+        encoder=enc, preprocess="square", grid=(27, 27), dim=1152, depth=8, codebook_size=16384, shared_codebook=False
+    )
     save_artifact(tok_dir, spec, torch.randn(8, 16384, 1152) * 0.05)
     return tok_dir
 
@@ -70,8 +78,11 @@ def encode_bench(tok_dir: Path, batch: int, reps: int) -> None:
         t_norm, x = timed(lambda: enc.normalise(pixels), reps)
         t_feat, f = timed(lambda: tok.features(x, dtype=ad), reps)
         t_q, _ = timed(lambda: tok.quantizer.encode(f, search_dtype="bfloat16", candidates=32), reps)
-        print(f"encoder {dtype}, batch {batch}: Encoder() {batch / t_all:.0f} img/s | H2D+normalise "
-              f"{batch / t_norm:.0f}, features {batch / t_feat:.0f}, RVQ {batch / t_q:.0f} img/s", flush=True)
+        print(
+            f"encoder {dtype}, batch {batch}: Encoder() {batch / t_all:.0f} img/s | H2D+normalise "
+            f"{batch / t_norm:.0f}, features {batch / t_feat:.0f}, RVQ {batch / t_q:.0f} img/s",
+            flush=True,
+        )
         enc = tok = None  # free the GPU memory before the next dtype
         torch.cuda.empty_cache()
 
@@ -108,8 +119,11 @@ def decode_bench(n_per_core: int) -> None:
             t0 = time.perf_counter()
             total = sum(pool.map(_decode_worker, [(w, fast) for w in work]))
             dt = time.perf_counter() - t0
-        print(f"decode+resize 1024x768 -> 384 ({'fast' if fast else 'full'}): {one:.0f} img/s on one core, "
-              f"{total / dt:.0f} img/s on {cores - 1} processes", flush=True)
+        print(
+            f"decode+resize 1024x768 -> 384 ({'fast' if fast else 'full'}): {one:.0f} img/s on one core, "
+            f"{total / dt:.0f} img/s on {cores - 1} processes",
+            flush=True,
+        )
 
 
 def main() -> None:

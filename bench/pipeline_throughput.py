@@ -15,6 +15,7 @@ same images, same machine, measured in one run:
 
 Usage: .venv/bin/python bench/pipeline_throughput.py [--images 2000] [--work DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ def bare_loop(tok, paths: list[Path], batch: int) -> tuple[float, dict]:
     t0 = time.perf_counter()
     codes = {}
     for i in range(0, len(paths), batch):
-        chunk = paths[i:i + batch]
+        chunk = paths[i : i + batch]
         c = tok.encode_images([p.read_bytes() for p in chunk]).numpy()
         for p, ci in zip(chunk, c):
             codes[p] = ci
@@ -98,15 +99,31 @@ def main() -> None:
     paths = make_corpus(work / "images", args.images)
     folder = work / "images"
     tok = SemanticTokenizer.load(tok_dir)
-    print(f"{len(paths)} images 256x192 JPEG, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
-          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"{len(paths)} images 256x192 JPEG, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     t_bare, bare_codes = bare_loop(tok, paths, args.batch_size)
     print(f"bare loop: {t_bare:.1f}s = {len(paths) / t_bare:.2f} img/s", flush=True)
 
     out = work / "out"
-    cmd = [str(Path(sys.executable).parent / "asvr-pipeline"), "tokenize", str(folder), "--tokenizer", str(tok_dir),
-           "--out", str(out), "--num-cpus", "2", "--batch-size", str(args.batch_size), "--no-progress", "--overwrite"]
+    cmd = [
+        str(Path(sys.executable).parent / "asvr-pipeline"),
+        "tokenize",
+        str(folder),
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(out),
+        "--num-cpus",
+        "2",
+        "--batch-size",
+        str(args.batch_size),
+        "--no-progress",
+        "--overwrite",
+    ]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
@@ -125,13 +142,17 @@ def main() -> None:
     raw = 7 * 7 * 4 * 2
     jpeg = sum(p.stat().st_size for p in paths) / len(paths)
     print(f"codes equal to the bare loop: {same}")
-    print(f"parquet bytes/image {shard_bytes / n:.1f}; raw uint16 codes {raw} ({shard_bytes / n / raw:.2f}x); "
-          f"source JPEG {jpeg:.0f} ({shard_bytes / n / jpeg:.4f}x)")
+    print(
+        f"parquet bytes/image {shard_bytes / n:.1f}; raw uint16 codes {raw} ({shard_bytes / n / raw:.2f}x); "
+        f"source JPEG {jpeg:.0f} ({shard_bytes / n / jpeg:.4f}x)"
+    )
     fd = fast_decode_check(tok, args.fast_decode_images) if args.fast_decode_images else {}
     if fd:
-        print(f"fast decode 1024x768: {fd['decode_img_s_full']:.1f} -> {fd['decode_img_s_fast']:.1f} img/s "
-              f"({fd['decode_img_s_fast'] / fd['decode_img_s_full']:.2f}x), codes equal {fd['code_agreement']:.3f} "
-              f"(depth 0: {fd['code_agreement_depth0']:.3f})")
+        print(
+            f"fast decode 1024x768: {fd['decode_img_s_full']:.1f} -> {fd['decode_img_s_fast']:.1f} img/s "
+            f"({fd['decode_img_s_fast'] / fd['decode_img_s_full']:.2f}x), codes equal {fd['code_agreement']:.3f} "
+            f"(depth 0: {fd['code_agreement_depth0']:.3f})"
+        )
     print(f"RATIO cli/bare throughput = {t_bare / t_cli:.3f} (target >= 0.85)")
 
 

@@ -17,6 +17,7 @@ efConstruction 80, efSearch 64/128/256).
     .venv/bin/python bench/retrieval_recall.py            # 100k x 320-d, ~3-5 min on 2 cores
     .venv/bin/python bench/retrieval_recall.py --dim 1152 # the published tokenizer's width
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,12 +70,16 @@ def main(argv=None) -> None:
     scale = torch.tensor([0.5**d for d in range(args.depth)])[:, None, None]
     cb = torch.randn(args.depth, args.k, args.dim) * scale
     vec = ImageVectorizer(cb, args.depth, batch=2048)
-    codes, t_gen = timed(lambda: synthetic_codes(args.n + args.queries, rng, args.topics, args.depth, args.k, args.grid**2))
+    codes, t_gen = timed(
+        lambda: synthetic_codes(args.n + args.queries, rng, args.topics, args.depth, args.k, args.grid**2)
+    )
     xq_all, t_vec = timed(lambda: vec(codes.reshape(len(codes), args.grid, args.grid, args.depth)))
     xb, xq = xq_all[: args.n], xq_all[args.n :]
-    print(f"{args.n} vectors x {args.dim}-d (+{args.queries} queries), codes {args.depth}x{args.k}, "
-          f"grid {args.grid}x{args.grid}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
-          f"load avg {os.getloadavg()[0]:.1f}; sampling {t_gen:.1f}s, vectors {t_vec:.1f}s")
+    print(
+        f"{args.n} vectors x {args.dim}-d (+{args.queries} queries), codes {args.depth}x{args.k}, "
+        f"grid {args.grid}x{args.grid}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
+        f"load avg {os.getloadavg()[0]:.1f}; sampling {t_gen:.1f}s, vectors {t_vec:.1f}s"
+    )
 
     rows = []
     flat = faiss.IndexFlatIP(args.dim)
@@ -84,33 +89,54 @@ def main(argv=None) -> None:
     rows.append(("Flat (exact)", "", t_build, 1.0, qps_exact, 4 * args.dim))
     sims, _ = flat.search(xq, 10)
     rand = np.einsum("ij,ij->i", xq, xb[rng.integers(0, args.n, len(xq))])
-    print(f"median cosine: 1st neighbour {np.median(sims[:, 0]):.3f}, 10th {np.median(sims[:, 9]):.3f}, "
-          f"random pair {np.median(rand):.3f}")
+    print(
+        f"median cosine: 1st neighbour {np.median(sims[:, 0]):.3f}, 10th {np.median(sims[:, 9]):.3f}, "
+        f"random pair {np.median(rand):.3f}"
+    )
 
     def run(factory: str, params_list: list[dict], train_n: int):
         index = new_faiss_index(factory, args.dim)
+
         def build():
             if not index.is_trained:
                 index.train(xb[rng.choice(args.n, min(args.n, train_n), replace=False)])
             index.add(xb)
+
         _, tb = timed(build)
         bytes_per = faiss.serialize_index(index).size / args.n
         for params in params_list:
             apply_search_params(index, params)
             (_, got), tq = timed(lambda: index.search(xq, 10))
-            rows.append((factory, ",".join(f"{k}={v:g}" for k, v in params.items()), tb, recall_at(exact, got),
-                         len(xq) / tq, bytes_per))
+            rows.append(
+                (
+                    factory,
+                    ",".join(f"{k}={v:g}" for k, v in params.items()),
+                    tb,
+                    recall_at(exact, got),
+                    len(xq) / tq,
+                    bytes_per,
+                )
+            )
             tb = float("nan")  # build time shown once per factory
 
     hnsw = plan_index(args.n, args.dim, "hnsw")
     run(hnsw.factory, [{"efSearch": 64}, hnsw.search_params, {"efSearch": 256}], 0)
     ivf = plan_index(args.n, args.dim, "ivfpq")
-    run(ivf.factory, [ivf.search_params, {**ivf.search_params, "nprobe": 2 * ivf.search_params["nprobe"]},
-                     {**ivf.search_params, "k_factor": 8}], ivf.train_size)
+    run(
+        ivf.factory,
+        [
+            ivf.search_params,
+            {**ivf.search_params, "nprobe": 2 * ivf.search_params["nprobe"]},
+            {**ivf.search_params, "k_factor": 8},
+        ],
+        ivf.train_size,
+    )
     run(ivf.factory.rsplit(",", 1)[0], [{"nprobe": ivf.search_params["nprobe"]}], ivf.train_size)
 
-    print(f"\n{'index':34s} {'search params':22s} {'build s':>8s} {'recall@10':>10s} {'queries/s':>10s} "
-          f"{'x exact':>8s} {'bytes/vec':>9s}")
+    print(
+        f"\n{'index':34s} {'search params':22s} {'build s':>8s} {'recall@10':>10s} {'queries/s':>10s} "
+        f"{'x exact':>8s} {'bytes/vec':>9s}"
+    )
     for name, params, tb, rec, qps, bpv in rows:
         tb_s = "" if tb != tb else f"{tb:8.1f}"
         print(f"{name:34s} {params:22s} {tb_s:>8s} {rec:10.3f} {qps:10.0f} {qps / qps_exact:8.1f} {bpv:9.0f}")

@@ -15,6 +15,7 @@ Measured on the 2-core dev box (shared with other jobs, load ~8), torch 2 thread
   N=2000 D=4 K=4096 C=1152:  reference 614 s, fp32 5.41 s (x113), 100% equal, 0% fallback;
   (--big, ~11 min)           bf16 27.9 s (x22), 100% equal, 5.2% fallback
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,11 +53,15 @@ def run_case(n: int, d: int, k: int, c: int) -> None:
     t_bf, (cbf, sbf) = timed(lambda: q.encode(xt, search_dtype="bfloat16", candidates=32, return_stats=True))
     print(f"N={n} D={d} K={k} C={c}  threads={torch.get_num_threads()}")
     print(f"  float64 numpy reference : {t_ref:8.3f} s")
-    print(f"  exact fp32 search       : {t_f32:8.3f} s   speed-up x{t_ref / t_f32:.1f}   "
-          f"agreement {100 * (c32.numpy() == ref).mean():.3f}%   fallback {100 * s32.fallback_fraction:.3f}% "
-          f"(full float64 {100 * s32.full_rows / s32.rows:.3f}%)")
-    print(f"  exact bf16 search (info): {t_bf:8.3f} s   speed-up x{t_ref / t_bf:.1f}   "
-          f"agreement {100 * (cbf.numpy() == ref).mean():.3f}%   fallback {100 * sbf.fallback_fraction:.3f}%")
+    print(
+        f"  exact fp32 search       : {t_f32:8.3f} s   speed-up x{t_ref / t_f32:.1f}   "
+        f"agreement {100 * (c32.numpy() == ref).mean():.3f}%   fallback {100 * s32.fallback_fraction:.3f}% "
+        f"(full float64 {100 * s32.full_rows / s32.rows:.3f}%)"
+    )
+    print(
+        f"  exact bf16 search (info): {t_bf:8.3f} s   speed-up x{t_ref / t_bf:.1f}   "
+        f"agreement {100 * (cbf.numpy() == ref).mean():.3f}%   fallback {100 * sbf.fallback_fraction:.3f}%"
+    )
     assert (c32.numpy() == ref).all() and (cbf.numpy() == ref).all(), "codes differ from the reference"
 
 

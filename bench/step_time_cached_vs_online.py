@@ -24,6 +24,7 @@ the model is built in bf16 on the device and the encoder runs under bf16 autocas
     python bench/step_time_cached_vs_online.py --siglip --device cuda --hidden 2048 --layers 24 --text 1318 \\
         --depth 8 --codebook 16384 --search-dtype fused-bf16x3     # one H100/H200
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,12 +62,19 @@ def make_batch(tok: SemanticTokenizer, pixels: torch.Tensor, codes: torch.Tensor
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (n, T), generator=g)
     image_mask = torch.zeros(n, T, dtype=torch.bool)
-    image_mask[:, 1:1 + hw] = True
+    image_mask[:, 1 : 1 + hw] = True
     labels = ids.masked_fill(image_mask, -100)
     labels[:, : 1 + hw] = -100
-    return Batch(input_ids=ids, labels=labels, position_ids=torch.arange(T).expand(n, T).clone(),
-                 sample_ids=torch.ones(n, T, dtype=torch.long), image_mask=image_mask, vision=None,
-                 visual_codes=codes.reshape(n, hw, -1), visual_loss_mask=torch.ones(n, dtype=torch.bool))
+    return Batch(
+        input_ids=ids,
+        labels=labels,
+        position_ids=torch.arange(T).expand(n, T).clone(),
+        sample_ids=torch.ones(n, T, dtype=torch.long),
+        image_mask=image_mask,
+        vision=None,
+        visual_codes=codes.reshape(n, hw, -1),
+        visual_loss_mask=torch.ones(n, dtype=torch.bool),
+    )
 
 
 def timed_steps(model, opt, make, steps: int, device) -> float:
@@ -109,8 +117,14 @@ def main(argv=None) -> None:
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         folder = tempfile.mkdtemp(prefix="siglip_")
-        vcfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                  num_attention_heads=16, patch_size=14, image_size=384)
+        vcfg = SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=384,
+        )
         with torch.device(device):
             SiglipVisionModel(vcfg).save_pretrained(folder)
         cb = torch.randn(a.depth, a.codebook, 1152) * 0.05
@@ -125,15 +139,27 @@ def main(argv=None) -> None:
     decode_s = (time.perf_counter() - t) / a.batch
     pixels = pixels.to(device)
     codes = tok.encode_pixels(pixels, dtype=enc_dtype, search_dtype=a.search_dtype).cpu()  # what the shards hold
-    llm = tiny_llm_config("llama", vocab_size=4096, hidden_size=a.hidden, layers=a.layers, heads=max(1, a.hidden // 64),
-                          kv_heads=max(1, a.hidden // 128), intermediate_size=a.hidden * 4)
+    llm = tiny_llm_config(
+        "llama",
+        vocab_size=4096,
+        hidden_size=a.hidden,
+        layers=a.layers,
+        heads=max(1, a.hidden // 64),
+        kv_heads=max(1, a.hidden // 128),
+        intermediate_size=a.hidden * 4,
+    )
     head = VisualHeadConfig(proj_hidden=a.hidden * 2, width=a.hidden * 2, layers=3, head_dim=64)
-    print(f"device {device}; batch {a.batch} images x ({tok.spec.tokens_per_image} image + {a.text} text tokens); "
-          f"LLM hidden {a.hidden} x {a.layers} layers; RVQ depth {a.depth} x {a.codebook}; decode+preprocess of a "
-          f"640x480 JPEG: {decode_s * 1e3:.1f} ms/image (pixel modes pay it in the loader)")
+    print(
+        f"device {device}; batch {a.batch} images x ({tok.spec.tokens_per_image} image + {a.text} text tokens); "
+        f"LLM hidden {a.hidden} x {a.layers} layers; RVQ depth {a.depth} x {a.codebook}; decode+preprocess of a "
+        f"640x480 JPEG: {decode_s * 1e3:.1f} ms/image (pixel modes pay it in the loader)"
+    )
     results = {}
-    runs = (("cached codes", "codes", codes.to(device)), ("online+cached", "online", pixels),
-            ("reference", "online", pixels))
+    runs = (
+        ("cached codes", "codes", codes.to(device)),
+        ("online+cached", "online", pixels),
+        ("reference", "online", pixels),
+    )
     for name, mode, vision in runs:
         torch.manual_seed(0)
         mcfg = ModelConfig(llm=llm, vision_input=mode, head=head, dtype="bfloat16" if cuda else "float32")
@@ -147,17 +173,20 @@ def main(argv=None) -> None:
             b = Batch(**{**base.__dict__})
             b.vision = vision
             if name == "reference":  # tokenizer on the images every step for the targets
-                b.visual_codes = tok.encode_pixels(pixels, dtype=enc_dtype,
-                                                   search_dtype=a.search_dtype).reshape(b.visual_codes.shape)
+                b.visual_codes = tok.encode_pixels(pixels, dtype=enc_dtype, search_dtype=a.search_dtype).reshape(
+                    b.visual_codes.shape
+                )
             return b
 
         results[name] = timed_steps(model, opt, make, a.steps, device)
         print(f"{name:14} {results[name] * 1e3:9.1f} ms/step")
         del model, opt
     r = results
-    print(f"reference / cached codes = {r['reference'] / r['cached codes']:.2f}x; "
-          f"reference / online+cached = {r['reference'] / r['online+cached']:.2f}x; "
-          f"online+cached / cached codes = {r['online+cached'] / r['cached codes']:.2f}x")
+    print(
+        f"reference / cached codes = {r['reference'] / r['cached codes']:.2f}x; "
+        f"reference / online+cached = {r['reference'] / r['online+cached']:.2f}x; "
+        f"online+cached / cached codes = {r['online+cached'] / r['cached codes']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ FLOPs; the visual head alone runs at 254 TFLOP/s (0.076 s/step).
     python bench/train_mfu.py --tiny             # CPU smoke check (seconds)
     python bench/train_mfu.py                    # one H100/H200, ~1-2 minutes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,18 +65,40 @@ class Setup:
 
     @classmethod
     def tiny(cls) -> "Setup":
-        return cls(hidden=64, layers=2, heads=4, intermediate=128, vocab=300, seq=64, grid=(3, 3), code_dim=16,
-                   depth=3, codebook_size=64, head=VisualHeadConfig(proj_hidden=32, width=32, head_dim=8), batch=2)
+        return cls(
+            hidden=64,
+            layers=2,
+            heads=4,
+            intermediate=128,
+            vocab=300,
+            seq=64,
+            grid=(3, 3),
+            code_dim=16,
+            depth=3,
+            codebook_size=64,
+            head=VisualHeadConfig(proj_hidden=32, width=32, head_dim=8),
+            batch=2,
+        )
 
     @property
     def image_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def llm_config(self) -> dict:
-        return dict(model_type="llama", vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
-                    num_attention_heads=self.heads, num_key_value_heads=self.heads,
-                    intermediate_size=self.intermediate, max_position_embeddings=max(4096, self.seq),
-                    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+        return dict(
+            model_type="llama",
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=max(4096, self.seq),
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
 
 
 def make_batch(s: Setup, device, seed: int = 0) -> Batch:
@@ -88,9 +111,16 @@ def make_batch(s: Setup, device, seed: int = 0) -> Batch:
     labels = ids.clone()
     labels[:, : 1 + n_img] = -100
     codes = torch.randint(0, s.codebook_size, (b, *s.grid, s.depth), generator=g)
-    batch = Batch(input_ids=ids, labels=labels, position_ids=torch.arange(t).expand(b, t).contiguous(),
-                  sample_ids=torch.ones(b, t, dtype=torch.long), image_mask=image_mask, vision=codes,
-                  visual_codes=codes.flatten(1, 2), visual_loss_mask=torch.ones(b, dtype=torch.bool))
+    batch = Batch(
+        input_ids=ids,
+        labels=labels,
+        position_ids=torch.arange(t).expand(b, t).contiguous(),
+        sample_ids=torch.ones(b, t, dtype=torch.long),
+        image_mask=image_mask,
+        vision=codes,
+        visual_codes=codes.flatten(1, 2),
+        visual_loss_mask=torch.ones(b, dtype=torch.bool),
+    )
     return batch.to(device)
 
 
@@ -109,8 +139,13 @@ def asvr_extra_flops_per_step(s: Setup) -> float:
     h, e, d, k, c = s.head, s.head.width, s.depth, s.codebook_size, s.code_dim
     rows = s.batch * s.image_tokens
     projector = c * s.hidden + s.hidden * s.hidden
-    per_row = (s.hidden * h.proj_hidden + h.proj_hidden * e + (d - 1) * c * e
-               + h.layers * d * (4 * e * e + 2 * e * h.ffn_mult * e) + d * e * k)
+    per_row = (
+        s.hidden * h.proj_hidden
+        + h.proj_hidden * e
+        + (d - 1) * c * e
+        + h.layers * d * (4 * e * e + 2 * e * h.ffn_mult * e)
+        + d * e * k
+    )
     depth_attn = h.layers * 2 * d * d * e  # QK^T and AV over D depths, multiply-adds
     return float(6 * rows * (projector + per_row + depth_attn))
 
@@ -179,15 +214,23 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     batch = make_batch(s, device)
     vision = VisionSpec(dim=s.code_dim, grid=s.grid, depth=s.depth, codebook_size=s.codebook_size)
-    cfg = ModelConfig(llm=s.llm_config(), vision_input="codes", head=s.head, vision=vision, attn_implementation="sdpa",
-                      dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    cfg = ModelConfig(
+        llm=s.llm_config(),
+        vision_input="codes",
+        head=s.head,
+        vision=vision,
+        attn_implementation="sdpa",
+        dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+    )
     codebooks = torch.randn(s.depth, s.codebook_size, s.code_dim, device=device) * 0.1
     t_build = time.perf_counter()
     with torch.device(device):  # initialise weights on the device: seconds instead of a minute on CPU
         model = build_model(cfg, codebooks=codebooks)
     model.train()
-    print(f"built in {time.perf_counter() - t_build:.1f}s on {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})")
+    print(
+        f"built in {time.perf_counter() - t_build:.1f}s on {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})"
+    )
     llm = model.llm
     tokens = s.batch * s.seq
     n_label = int((batch.labels[:, 1:] != -100).sum())
@@ -199,7 +242,9 @@ def main(argv=None) -> int:
 
     def hf_step():
         opt.zero_grad(set_to_none=True)
-        loss = llm(input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, use_cache=False).loss
+        loss = llm(
+            input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, use_cache=False
+        ).loss
         loss.backward()
         opt.step()
         return loss.detach()
@@ -247,18 +292,26 @@ def main(argv=None) -> int:
     # ---- report
     peak = peak_tflops(device, a.peak_tflops)
     mm = matmul_tflops(device, dtype)
-    print(f"LLM params {n_llm / 1e6:.1f}M without input embeddings, LVLM params {n_all / 1e6:.1f}M; batch {s.batch} x {s.seq} "
-          f"tokens, {s.image_tokens} image positions per sequence, D={s.depth}, K={s.codebook_size}")
+    print(
+        f"LLM params {n_llm / 1e6:.1f}M without input embeddings, LVLM params {n_all / 1e6:.1f}M; batch {s.batch} x {s.seq} "
+        f"tokens, {s.image_tokens} image positions per sequence, D={s.depth}, K={s.codebook_size}"
+    )
     print(f"dense matmul in this run: {mm:.1f} TFLOP/s; peak used for MFU: {peak or 'n/a'} TFLOP/s")
     print("MFU = model TFLOP/s / spec peak; MFU@mm = / the dense matmul rate measured above")
-    print(f"{'loop':<24}{'step s':>9}{'tokens/s':>11}{'TFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>7}{'MFU@mm':>8}"
-          f"{'peak GiB':>10}{'loss':>9}")
+    print(
+        f"{'loop':<24}{'step s':>9}{'tokens/s':>11}{'TFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>7}{'MFU@mm':>8}"
+        f"{'peak GiB':>10}{'loss':>9}"
+    )
     for name, sec, loss, flops, mem in rows:
         tflops = flops / sec / 1e12
         mfu = f"{tflops / peak:.3f}" if peak else "n/a"
-        print(f"{name:<24}{sec:>9.4f}{tokens / sec:>11.0f}{flops / 1e12:>12.2f}{tflops:>9.1f}{mfu:>7}{tflops / mm:>8.3f}"
-              f"{mem:>10.1f}{loss:>9.3f}")
-    print(f"visual head alone (fwd+bwd, no optimizer): {head_sec:.4f} s/step, {head_flops / head_sec / 1e12:.1f} TFLOP/s")
+        print(
+            f"{name:<24}{sec:>9.4f}{tokens / sec:>11.0f}{flops / 1e12:>12.2f}{tflops:>9.1f}{mfu:>7}{tflops / mm:>8.3f}"
+            f"{mem:>10.1f}{loss:>9.3f}"
+        )
+    print(
+        f"visual head alone (fwd+bwd, no optimizer): {head_sec:.4f} s/step, {head_flops / head_sec / 1e12:.1f} TFLOP/s"
+    )
     print(f"ASVR / HF tokens/s = {rows[0][1] / rows[1][1]:.3f}")
     return 0
 

@@ -18,6 +18,7 @@ Usage::
     python bench/visual_loss_memory.py                 # CPU: N=729 D=8 K=16384 E=256 fp32
     python bench/visual_loss_memory.py --device cuda --width 2048 --images 4 --dtype bfloat16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,10 @@ def setup(a, device):
     dt = getattr(torch, a.dtype)
     n = a.images * 729
     x = (torch.randn(n, a.depth, a.width, generator=g) * 0.5).to(device, dt).requires_grad_(True)
-    ws = [(torch.randn(a.k, a.width, generator=g) / a.width**0.5).to(device, dt).requires_grad_(True) for _ in range(a.depth)]
+    ws = [
+        (torch.randn(a.k, a.width, generator=g) / a.width**0.5).to(device, dt).requires_grad_(True)
+        for _ in range(a.depth)
+    ]
     bs = [torch.zeros(a.k, device=device, dtype=dt, requires_grad=True) for _ in range(a.depth)]
     t = torch.randint(0, a.k, (n, a.depth), generator=g).to(device)
     return x, ws, bs, t
@@ -54,8 +58,12 @@ def step(variant, a, x, ws, bs, t):
         logits = torch.stack([F.linear(x[:, d], ws[d], bs[d]) for d in range(a.depth)], 1)  # [N, D, K]
         loss = torch.stack([F.cross_entropy(logits[:, d].float(), t[:, d]) for d in range(a.depth)]).mean()
     else:
-        loss = torch.stack([linear_cross_entropy(x[:, d], ws[d], bs[d], t[:, d], a.chunk)[0]
-                            for d in range(a.depth)]).mean() / x.shape[0]
+        loss = (
+            torch.stack(
+                [linear_cross_entropy(x[:, d], ws[d], bs[d], t[:, d], a.chunk)[0] for d in range(a.depth)]
+            ).mean()
+            / x.shape[0]
+        )
     loss.backward()
     return loss.detach()
 
@@ -79,9 +87,14 @@ def run_one(variant, a) -> dict:
         sec = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     grads = [x.grad] + [w.grad for w in ws] + [b.grad for b in bs]
-    return {"variant": variant, "loss": float(loss), "peak_bytes": int(peak), "seconds": sec,
-            "grad_norm": float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))),
-            "grads": [g.float().cpu() for g in grads] if a.keep_grads else None}
+    return {
+        "variant": variant,
+        "loss": float(loss),
+        "peak_bytes": int(peak),
+        "seconds": sec,
+        "grad_norm": float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads))),
+        "grads": [g.float().cpu() for g in grads] if a.keep_grads else None,
+    }
 
 
 def main(argv=None) -> int:
@@ -109,17 +122,28 @@ def main(argv=None) -> int:
     else:
         res = []
         for v in ("naive", "chunked"):
-            out = subprocess.run([sys.executable, __file__, "--only", v] + [f"--{k.replace('_', '-')}={getattr(a, k)}"
-                                 for k in ("device", "images", "depth", "k", "width", "chunk", "dtype")],
-                                 check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--only", v]
+                + [
+                    f"--{k.replace('_', '-')}={getattr(a, k)}"
+                    for k in ("device", "images", "depth", "k", "width", "chunk", "dtype")
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             res.append(json.loads(out.stdout.strip().splitlines()[-1]))
         a.keep_grads = True  # gradients compared in-process on a smaller slice of the same problem
         small = argparse.Namespace(**{**vars(a), "k": min(a.k, 2048)})
         g1, g2 = run_one("naive", small)["grads"], run_one("chunked", small)["grads"]
         diff = max(float((x - y).abs().max()) for x, y in zip(g1, g2))
     n = a.images * 729
-    print(f"visual loss, N={n} positions, D={a.depth}, K={a.k}, width={a.width}, {a.dtype} on {a.device}, chunk={a.chunk}")
-    print(f"naive [N,D,K] logits alone: {n * a.depth * a.k * torch.finfo(getattr(torch, a.dtype)).bits / 8 / 2**20:.0f} MiB")
+    print(
+        f"visual loss, N={n} positions, D={a.depth}, K={a.k}, width={a.width}, {a.dtype} on {a.device}, chunk={a.chunk}"
+    )
+    print(
+        f"naive [N,D,K] logits alone: {n * a.depth * a.k * torch.finfo(getattr(torch, a.dtype)).bits / 8 / 2**20:.0f} MiB"
+    )
     print(f"{'variant':<8} {'loss':>10} {'peak MiB':>10} {'seconds':>8}")
     for r in res:
         print(f"{r['variant']:<8} {r['loss']:>10.6f} {r['peak_bytes'] / 2**20:>10.1f} {r['seconds']:>8.3f}")

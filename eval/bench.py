@@ -11,6 +11,7 @@ prediction records again without a model (``asvr-eval score``).  Each
 layout's own parser and metrics come from its
 :class:`~asvr.eval.bench_formats.BenchFormat`; nothing here branches on names.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,18 +37,30 @@ def _parse(fmt: str, scoring: str, it: BenchItem, pred: str) -> str | None:
     return parse_answer(it.kind, pred, it.options)
 
 
-def score_items(items: Sequence[BenchItem], answers: Sequence[str], fmt: str = "jsonl",
-                scoring: str = "lmms-eval") -> list[dict]:
+def score_items(
+    items: Sequence[BenchItem], answers: Sequence[str], fmt: str = "jsonl", scoring: str = "lmms-eval"
+) -> list[dict]:
     """One prediction record per item: gold, prediction, parsed answer, correct (None: unscored)."""
     out = []
     for it, pred in zip(items, answers, strict=True):
         parsed = _parse(fmt, scoring, it, pred)
-        out.append({"id": it.id, "source": it.source, "category": it.category, "kind": it.kind,
-                    "question": it.question, "options": it.options, "answer": it.answer,
-                    "raw_answer": it.raw_answer, "prediction": pred, "parsed": parsed,
-                    "correct": None if it.answer is None else is_correct(it.kind, parsed, it.answer),
-                    "chance": chance_level(it),
-                    "image": it.image if isinstance(it.image, str) or it.image is None else it.image_key})
+        out.append(
+            {
+                "id": it.id,
+                "source": it.source,
+                "category": it.category,
+                "kind": it.kind,
+                "question": it.question,
+                "options": it.options,
+                "answer": it.answer,
+                "raw_answer": it.raw_answer,
+                "prediction": pred,
+                "parsed": parsed,
+                "correct": None if it.answer is None else is_correct(it.kind, parsed, it.answer),
+                "chance": chance_level(it),
+                "image": it.image if isinstance(it.image, str) or it.image is None else it.image_key,
+            }
+        )
     return out
 
 
@@ -68,11 +81,16 @@ def bench_metrics(fmt: str, items: Sequence[BenchItem], records: Sequence[dict],
     scored = [r for r in records if r["correct"] is not None]
     correct = [r["correct"] for r in scored]
     lmms = scoring_for(fmt, scoring) == "lmms-eval"
-    m = {"n": len(records), "n_scored": len(scored), "acc": accuracy(correct) if scored else None,
-         "chance": mean_chance(scored), "scoring": scoring_for(fmt, scoring),
-         "unparsed": sum(r["parsed"] not in ("yes", "no") if lmms else r["parsed"] is None for r in records),
-         "by_kind": _with_chance(grouped_accuracy([r["kind"] for r in scored], correct), "kind", scored),
-         "by_category": _with_chance(grouped_accuracy([r["category"] for r in scored], correct), "category", scored)}
+    m = {
+        "n": len(records),
+        "n_scored": len(scored),
+        "acc": accuracy(correct) if scored else None,
+        "chance": mean_chance(scored),
+        "scoring": scoring_for(fmt, scoring),
+        "unparsed": sum(r["parsed"] not in ("yes", "no") if lmms else r["parsed"] is None for r in records),
+        "by_kind": _with_chance(grouped_accuracy([r["kind"] for r in scored], correct), "kind", scored),
+        "by_category": _with_chance(grouped_accuracy([r["category"] for r in scored], correct), "category", scored),
+    }
     layout = bench_format(fmt)
     if layout.metrics is not None:
         m.update(layout.metrics(items, records, lmms))
@@ -92,10 +110,16 @@ def rescore(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scori
     return fresh, bench_metrics(fmt, items, fresh, scoring)
 
 
-def run_bench(lm: LoadedModel | None, files: Sequence[str], fmt: str = "auto", images: str | None = None,
-              gen: GenerationConfig | None = None, max_items: int | None = None, scoring: str = "lmms-eval",
-              answer: Callable[[Sequence[BenchItem], GenerationConfig], list[str]] | None = None,
-              ) -> tuple[list[dict], list[list[dict]]]:
+def run_bench(
+    lm: LoadedModel | None,
+    files: Sequence[str],
+    fmt: str = "auto",
+    images: str | None = None,
+    gen: GenerationConfig | None = None,
+    max_items: int | None = None,
+    scoring: str = "lmms-eval",
+    answer: Callable[[Sequence[BenchItem], GenerationConfig], list[str]] | None = None,
+) -> tuple[list[dict], list[list[dict]]]:
     """-> (one summary per file: file, format, metrics, seconds; the prediction records per file).
 
     Every file is read (and checked) before the first answer is generated;
@@ -113,7 +137,14 @@ def run_bench(lm: LoadedModel | None, files: Sequence[str], fmt: str = "auto", i
         t0 = time.perf_counter()
         answers = answer(items, gen)
         records = score_items(items, answers, kind, scoring)
-        summaries.append({"file": str(f), "format": kind, "scoring": scoring_for(kind, scoring),
-                          "metrics": bench_metrics(kind, items, records, scoring), "seconds": time.perf_counter() - t0})
+        summaries.append(
+            {
+                "file": str(f),
+                "format": kind,
+                "scoring": scoring_for(kind, scoring),
+                "metrics": bench_metrics(kind, items, records, scoring),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         predictions.append(records)
     return summaries, predictions

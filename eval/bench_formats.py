@@ -36,6 +36,7 @@ layout's own metrics and report tables).  Adding one is one module
 :func:`bench_formats`, so ``--format``, auto-detection, ``asvr-eval bench``'s
 metrics and ``report.md`` all see it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -203,18 +204,34 @@ def read_jsonl(path: Path, images=None) -> list[BenchItem]:
         answer = rec.get("answer")
         kind = rec.get("type") or rec.get("kind")
         if kind not in KINDS:
-            kind = ("multiple_choice" if options else
-                    "yes_no" if isinstance(answer, str) and normalize_answer(answer) in ("yes", "no") else "short")
+            kind = (
+                "multiple_choice"
+                if options
+                else "yes_no"
+                if isinstance(answer, str) and normalize_answer(answer) in ("yes", "no")
+                else "short"
+            )
         if kind == "multiple_choice" and not options:
             raise BenchError(f"{where}: multiple-choice item without options")
         gold, raw = _gold(kind, answer, options, where)
         ref = _text_field(rec, ("image",), where, required=False)
         image = _resolve_image(ref, roots, where) if ref else None
-        items.append(BenchItem(id=str(rec.get("id", rec.get("question_id", f"{path.name}:{n}"))), question=question,
-                               kind=kind, answer=gold, raw_answer=raw, image=image, image_key=image, source=where,
-                               options=options, hint=_text_field(rec, ("hint",), where, required=False),
-                               category=_text_field(rec, ("category",), where, required=False),
-                               chance=_chance(rec.get("chance"), where)))
+        items.append(
+            BenchItem(
+                id=str(rec.get("id", rec.get("question_id", f"{path.name}:{n}"))),
+                question=question,
+                kind=kind,
+                answer=gold,
+                raw_answer=raw,
+                image=image,
+                image_key=image,
+                source=where,
+                options=options,
+                hint=_text_field(rec, ("hint",), where, required=False),
+                category=_text_field(rec, ("category",), where, required=False),
+                chance=_chance(rec.get("chance"), where),
+            )
+        )
     return items
 
 
@@ -230,9 +247,19 @@ def read_pope(path: Path, images=None) -> list[BenchItem]:
         if gold is None:
             raise BenchError(f"{where}: empty POPE label")
         image = _resolve_image(str(rec["image"]), roots, where)
-        items.append(BenchItem(id=str(rec["question_id"]), question=str(rec["text"]), kind="yes_no", answer=gold,
-                               raw_answer=raw, image=image, image_key=image, source=where,
-                               category=str(rec.get("category") or path.stem)))
+        items.append(
+            BenchItem(
+                id=str(rec["question_id"]),
+                question=str(rec["text"]),
+                kind="yes_no",
+                answer=gold,
+                raw_answer=raw,
+                image=image,
+                image_key=image,
+                source=where,
+                category=str(rec.get("category") or path.stem),
+            )
+        )
     return items
 
 
@@ -278,9 +305,19 @@ def read_mme(path: Path, images=None) -> list[BenchItem]:
         if gold is None:
             raise BenchError(f"{where}: empty answer")
         image = _resolve_image(ref, roots, where)
-        items.append(BenchItem(id=f"{cat}/{ref}#{len(items)}", question=row[c["question"]].strip(), kind="yes_no",
-                               answer=gold, raw_answer=raw, image=image, image_key=f"{cat}/{ref}", source=where,
-                               category=cat))
+        items.append(
+            BenchItem(
+                id=f"{cat}/{ref}#{len(items)}",
+                question=row[c["question"]].strip(),
+                kind="yes_no",
+                answer=gold,
+                raw_answer=raw,
+                image=image,
+                image_key=f"{cat}/{ref}",
+                source=where,
+                category=cat,
+            )
+        )
     return items
 
 
@@ -311,9 +348,19 @@ def _read_mme_folder(root: Path, images=None) -> list[BenchItem]:
                 gold, raw = _gold("yes_no", row[1], None, where)
                 if gold is None:
                     raise BenchError(f"{where}: empty answer")
-                items.append(BenchItem(id=f"{category}/{f.stem}#{n}", question=row[0].strip(), kind="yes_no",
-                                       answer=gold, raw_answer=raw, image=image, image_key=f"{category}/{f.stem}",
-                                       source=where, category=category))
+                items.append(
+                    BenchItem(
+                        id=f"{category}/{f.stem}#{n}",
+                        question=row[0].strip(),
+                        kind="yes_no",
+                        answer=gold,
+                        raw_answer=raw,
+                        image=image,
+                        image_key=f"{category}/{f.stem}",
+                        source=where,
+                        category=category,
+                    )
+                )
     if not qa_dirs:
         files = sorted(p for p in root.iterdir() if p.suffix in (".txt", ".tsv") and p.is_file())
         if not files:
@@ -375,10 +422,21 @@ def read_mmbench(path: Path, images=None) -> list[BenchItem]:
                 by_index.setdefault(str(int(index) % 1_000_000), image)
         hint = rec.get("hint", "").strip()
         key = image if image is None or isinstance(image, str) else "sha256:" + hashlib.sha256(image).hexdigest()
-        items.append(BenchItem(id=index, question=rec["question"].strip(), kind="multiple_choice", answer=gold,
-                               raw_answer=raw, image=image, image_key=key, source=where, options=options,
-                               hint=hint if hint and hint != "nan" else None,
-                               category=(rec.get("category") or "").strip() or None))
+        items.append(
+            BenchItem(
+                id=index,
+                question=rec["question"].strip(),
+                kind="multiple_choice",
+                answer=gold,
+                raw_answer=raw,
+                image=image,
+                image_key=key,
+                source=where,
+                options=options,
+                hint=hint if hint and hint != "nan" else None,
+                category=(rec.get("category") or "").strip() or None,
+            )
+        )
     if header is None:
         raise BenchError(f"{path}: empty file")
     return items
@@ -462,8 +520,9 @@ def detect_format(path: Path) -> str:
     raise BenchError(f"{path}:1: cannot tell the format (not JSON lines, nor a TSV); pass --format")
 
 
-def read_bench(path: str | os.PathLike, fmt: str = "auto", images: str | os.PathLike | None = None
-               ) -> tuple[str, list[BenchItem]]:
+def read_bench(
+    path: str | os.PathLike, fmt: str = "auto", images: str | os.PathLike | None = None
+) -> tuple[str, list[BenchItem]]:
     """-> (format, items).  Raises :class:`BenchError` (one line, file:line)."""
     path = Path(path)
     if not path.exists():
@@ -473,7 +532,9 @@ def read_bench(path: str | os.PathLike, fmt: str = "auto", images: str | os.Path
     fmt = detect_format(path) if fmt == "auto" else fmt
     layout = bench_format(fmt)
     if path.is_dir() and not layout.reads_folders:
-        raise BenchError(f"{path}: a folder is only read as {', '.join(f for f, x in _FORMATS.items() if x.reads_folders)}")
+        raise BenchError(
+            f"{path}: a folder is only read as {', '.join(f for f, x in _FORMATS.items() if x.reads_folders)}"
+        )
     items = layout.read(path, images)
     if not items:
         raise BenchError(f"{path}: no benchmark items")
@@ -490,37 +551,63 @@ def _pope_metrics(items: Sequence[BenchItem], records: Sequence[dict], lmms: boo
     for cat in sorted({r["category"] for r in records}):
         sub = [r for r in records if r["category"] == cat]
         by_cat[cat] = pope_metrics([r["parsed"] for r in sub], [r["answer"] for r in sub])
-    return {"pope": pope_metrics([r["parsed"] for r in records], [r["answer"] for r in records]),
-            "pope_by_category": by_cat}
+    return {
+        "pope": pope_metrics([r["parsed"] for r in records], [r["answer"] for r in records]),
+        "pope_by_category": by_cat,
+    }
 
 
 def _pope_markdown(m: dict) -> list[str]:
     from .report import pct, table
 
-    rows = [[cat, str(p["n"]), pct(p["acc"]), pct(p["precision"]), pct(p["recall"]), pct(p["f1"]),
-             pct(p["yes_ratio"])] for cat, p in [*m["pope_by_category"].items(), ("all", m["pope"])]]
+    rows = [
+        [cat, str(p["n"]), pct(p["acc"]), pct(p["precision"]), pct(p["recall"]), pct(p["f1"]), pct(p["yes_ratio"])]
+        for cat, p in [*m["pope_by_category"].items(), ("all", m["pope"])]
+    ]
     return table(["POPE", "n", "acc %", "precision %", "recall %", "F1 %", "yes %"], rows) + [""]
 
 
 def _mme_metrics(items: Sequence[BenchItem], records: Sequence[dict], lmms: bool) -> dict:
     from .scoring import mme_metrics
 
-    return {"mme": mme_metrics([r["category"] for r in records], [it.image_key for it in items],
-                               [bool(r["correct"]) for r in records])}
+    return {
+        "mme": mme_metrics(
+            [r["category"] for r in records], [it.image_key for it in items], [bool(r["correct"]) for r in records]
+        )
+    }
 
 
 def _mme_markdown(m: dict) -> list[str]:
     from .report import num, pct, table
 
-    rows = [[c, str(x["n_questions"]), pct(x["acc"]), pct(x["acc_plus"]), num(x["score"], 2)]
-            for c, x in m["mme"]["categories"].items()]
+    rows = [
+        [c, str(x["n_questions"]), pct(x["acc"]), pct(x["acc_plus"]), num(x["score"], 2)]
+        for c, x in m["mme"]["categories"].items()
+    ]
     rows += [[f"**{name}**", "", "", "", num(t["score"], 2)] for name, t in m["mme"]["totals"].items()]
     return table(["MME category", "questions", "acc %", "acc+ %", "score"], rows) + [""]
 
 
 register_bench_format(BenchFormat("jsonl", read_jsonl))
-register_bench_format(BenchFormat("pope", read_pope, metrics=_pope_metrics, markdown=_pope_markdown,
-                                  generic_tables=False, lmms_parse=parse_pope_lmms))
-register_bench_format(BenchFormat("mme", read_mme, metrics=_mme_metrics, markdown=_mme_markdown,
-                                  generic_tables=False, reads_folders=True, lmms_parse=parse_mme_otter))
+register_bench_format(
+    BenchFormat(
+        "pope",
+        read_pope,
+        metrics=_pope_metrics,
+        markdown=_pope_markdown,
+        generic_tables=False,
+        lmms_parse=parse_pope_lmms,
+    )
+)
+register_bench_format(
+    BenchFormat(
+        "mme",
+        read_mme,
+        metrics=_mme_metrics,
+        markdown=_mme_markdown,
+        generic_tables=False,
+        reads_folders=True,
+        lmms_parse=parse_mme_otter,
+    )
+)
 register_bench_format(BenchFormat("mmbench", read_mmbench))

@@ -16,6 +16,7 @@ the answers to ``predictions.jsonl`` (``predictions-NN-NAME.jsonl``, one per fil
 when several ``--bench`` files are given).  POPE and MME are scored as lmms-eval scores them
 unless ``--scoring lenient``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,24 @@ from asvr.train.templates import TEMPLATES
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="asvr-train run folder (RUN, exported model in RUN/final), an export "
-                   "folder, or (bench) a Hugging Face LLaVA folder (asvr-export --hf-llava, or LLaVA-1.5 from elsewhere)")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="asvr-train run folder (RUN, exported model in RUN/final), an export "
+        "folder, or (bench) a Hugging Face LLaVA folder (asvr-export --hf-llava, or LLaVA-1.5 from elsewhere)",
+    )
     g.add_argument("--tokenizer", help="semantic tokenizer folder, when it moved from the path recorded in the model")
-    g.add_argument("--vision-tower", help="weights folder of the model's vision tower, when it moved from the path "
-                   "recorded in the model (its sha256 must match)")
+    g.add_argument(
+        "--vision-tower",
+        help="weights folder of the model's vision tower, when it moved from the path "
+        "recorded in the model (its sha256 must match)",
+    )
     g.add_argument("--text-tokenizer", help="LLM text tokenizer folder, when the export has none")
-    g.add_argument("--template", choices=list(TEMPLATES),
-                   help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)")
+    g.add_argument(
+        "--template",
+        choices=list(TEMPLATES),
+        help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)",
+    )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="report folder (report.json, report.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -46,13 +57,18 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .bench_formats import bench_formats
 
-    p = argparse.ArgumentParser(prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    lo = sub.add_parser("loss", help="held-out text loss, perplexity and visual-token accuracy per depth",
-                        description="Teacher-forced text loss / perplexity and visual-token accuracy @1 and @k per "
-                                    "depth (plus free-running greedy accuracy) on held-out LLaVA JSON conversations "
-                                    "whose images are in --codes.")
+    lo = sub.add_parser(
+        "loss",
+        help="held-out text loss, perplexity and visual-token accuracy per depth",
+        description="Teacher-forced text loss / perplexity and visual-token accuracy @1 and @k per "
+        "depth (plus free-running greedy accuracy) on held-out LLaVA JSON conversations "
+        "whose images are in --codes.",
+    )
     _common(lo)
     lo.add_argument("--codes", required=True, help="code shards holding the held-out images (the model's tokenizer)")
     lo.add_argument("--data", required=True, nargs="+", help="held-out LLaVA JSON file(s)")
@@ -65,36 +81,57 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--no-greedy", dest="greedy", action="store_false", help="skip the free-running code accuracy")
     lo.add_argument("--skip-bad-samples", action="store_true", help="skip malformed/missing samples instead of failing")
 
-    be = sub.add_parser("bench", help="VQA benchmarks on local files (JSONL, POPE, MME, MMBench TSV)",
-                        description="Greedy answers to benchmark questions, scored per layout. "
-                                    "Formats: jsonl {image, question, answer, options?, type?, category?}; "
-                                    "pope {question_id, image, text, label}; mme TSV image/question/answer "
-                                    "(or the MME release folder); mmbench TSV index/question/hint/A../answer/image "
-                                    "(base64 or path)/category.")
+    be = sub.add_parser(
+        "bench",
+        help="VQA benchmarks on local files (JSONL, POPE, MME, MMBench TSV)",
+        description="Greedy answers to benchmark questions, scored per layout. "
+        "Formats: jsonl {image, question, answer, options?, type?, category?}; "
+        "pope {question_id, image, text, label}; mme TSV image/question/answer "
+        "(or the MME release folder); mmbench TSV index/question/hint/A../answer/image "
+        "(base64 or path)/category.",
+    )
     _common(be)
     be.add_argument("--bench", required=True, nargs="+", help="benchmark file(s) (an MME folder is accepted)")
-    be.add_argument("--format", default="auto", choices=["auto", *bench_formats()],
-                    help="layout (default: guessed from the content)")
+    be.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", *bench_formats()],
+        help="layout (default: guessed from the content)",
+    )
     be.add_argument("--images", help="image root for relative image paths (default: the bench file's folder)")
     be.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default 8)")
     be.add_argument("--max-items", type=int, help="only the first N questions of each file (smoke runs)")
     be.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
-    be.add_argument("--instructions", choices=["llava", "none"], default="llava",
-                    help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
-                         "'Answer with the option's letter ...'); none: the bare question (default llava)")
-    be.add_argument("--preprocess", choices=PREPROCESS_MODES,
-                    help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)")
+    be.add_argument(
+        "--instructions",
+        choices=["llava", "none"],
+        default="llava",
+        help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
+        "'Answer with the option's letter ...'); none: the bare question (default llava)",
+    )
+    be.add_argument(
+        "--preprocess",
+        choices=PREPROCESS_MODES,
+        help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)",
+    )
     # the old name (before --preprocess, as in asvr-pipeline tokenize): still accepted, not shown
     be.add_argument("--preprocess-mode", dest="preprocess", choices=PREPROCESS_MODES, help=argparse.SUPPRESS)
     _scoring(be)
 
-    sc = sub.add_parser("score", help="score saved predictions again (no model)",
-                        description="Re-score a bench run's predictions.jsonl (matched to the bench items by id) "
-                                    "without running a model; writes report.json, report.md, predictions.jsonl.")
+    sc = sub.add_parser(
+        "score",
+        help="score saved predictions again (no model)",
+        description="Re-score a bench run's predictions.jsonl (matched to the bench items by id) "
+        "without running a model; writes report.json, report.md, predictions.jsonl.",
+    )
     sc.add_argument("--bench", required=True, help="the benchmark file (or MME folder) the predictions answer")
     sc.add_argument("--predictions", required=True, help="predictions.jsonl written by asvr-eval bench")
-    sc.add_argument("--format", default="auto", choices=["auto", *bench_formats()],
-                    help="layout (default: guessed from the content)")
+    sc.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", *bench_formats()],
+        help="layout (default: guessed from the content)",
+    )
     sc.add_argument("--images", help="image root for relative image paths (the bench reader checks they exist)")
     sc.add_argument("--out", required=True, help="report folder (report.json, report.md, predictions.jsonl)")
     _scoring(sc)
@@ -102,18 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scoring(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scoring", choices=["lmms-eval", "lenient"], default="lmms-eval",
-                   help="POPE and MME: lmms-eval (exact lower-cased yes/no for POPE with lmms-eval's recall and "
-                        "yes-ratio; Otter's parse_pred_ans for MME: numbers comparable with published ones) or "
-                        "lenient (first yes/no word, negations; unparsed kept apart). Other layouts: always "
-                        "lenient (default lmms-eval)")
+    p.add_argument(
+        "--scoring",
+        choices=["lmms-eval", "lenient"],
+        default="lmms-eval",
+        help="POPE and MME: lmms-eval (exact lower-cased yes/no for POPE with lmms-eval's recall and "
+        "yes-ratio; Otter's parse_pred_ans for MME: numbers comparable with published ones) or "
+        "lenient (first yes/no word, negations; unparsed kept apart). Other layouts: always "
+        "lenient (default lmms-eval)",
+    )
 
 
 def _model_info(lm) -> dict:
-    return {"model": str(lm.export_dir), "run": str(lm.run_dir) if lm.run_dir else None,
-            "vision_input": lm.vision_input, "vision_tower": lm.tower.spec.source if lm.tower is not None else None,
-            "template": lm.template.name, "template_source": lm.template_source,
-            "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint, "device": str(lm.device)}
+    return {
+        "model": str(lm.export_dir),
+        "run": str(lm.run_dir) if lm.run_dir else None,
+        "vision_input": lm.vision_input,
+        "vision_tower": lm.tower.spec.source if lm.tower is not None else None,
+        "template": lm.template.name,
+        "template_source": lm.template_source,
+        "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint,
+        "device": str(lm.device),
+    }
 
 
 def run_loss(a: argparse.Namespace) -> int:
@@ -126,15 +173,41 @@ def run_loss(a: argparse.Namespace) -> int:
             raise CLIError(f"--data {f}: no such file")
     if not Path(a.codes).exists():
         raise CLIError(f"--codes {a.codes}: no such folder")
-    cfg = LossEvalConfig(data=a.data, codes=a.codes, images=a.images, batch_size=a.batch_size,
-                         max_samples=a.max_samples, max_len=a.max_len, topk=a.topk, chunk=a.chunk, greedy=a.greedy,
-                         skip_bad_samples=a.skip_bad_samples, progress=not a.quiet)
-    lm = load_for_eval(a.model, device=a.device, tokenizer_dir=a.tokenizer, text_tokenizer=a.text_tokenizer,
-                       template=a.template, vision_tower_dir=a.vision_tower)
+    cfg = LossEvalConfig(
+        data=a.data,
+        codes=a.codes,
+        images=a.images,
+        batch_size=a.batch_size,
+        max_samples=a.max_samples,
+        max_len=a.max_len,
+        topk=a.topk,
+        chunk=a.chunk,
+        greedy=a.greedy,
+        skip_bad_samples=a.skip_bad_samples,
+        progress=not a.quiet,
+    )
+    lm = load_for_eval(
+        a.model,
+        device=a.device,
+        tokenizer_dir=a.tokenizer,
+        text_tokenizer=a.text_tokenizer,
+        template=a.template,
+        vision_tower_dir=a.vision_tower,
+    )
     results = evaluate_loss(lm, cfg)
-    report = {"kind": "loss", "model": _model_info(lm),
-              "config": {"data": a.data, "codes": a.codes, "images": a.images, "batch_size": a.batch_size,
-                         "max_samples": a.max_samples, "topk": a.topk}, "results": results}
+    report = {
+        "kind": "loss",
+        "model": _model_info(lm),
+        "config": {
+            "data": a.data,
+            "codes": a.codes,
+            "images": a.images,
+            "batch_size": a.batch_size,
+            "max_samples": a.max_samples,
+            "topk": a.topk,
+        },
+        "results": results,
+    }
     out = Path(a.out)
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", loss_markdown(report))
@@ -164,18 +237,29 @@ def run_bench(a: argparse.Namespace) -> int:
 
     if a.max_items is not None and a.max_items < 1:
         raise CLIError("--max-items must be >= 1")
-    gen = GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, instructions=a.instructions,
-                           preprocess_mode=a.preprocess, progress=not a.quiet)
+    gen = GenerationConfig(
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.batch_size,
+        instructions=a.instructions,
+        preprocess_mode=a.preprocess,
+        progress=not a.quiet,
+    )
     for f in a.bench:  # fail on a bad file before loading the model
         read_bench(f, a.format, a.images)
     if is_hf_llava(a.model):  # a Hugging Face LLaVA folder (asvr-export --hf-llava, or trained elsewhere)
         hf = load_hf_llava(a.model, resolve_device(a.device))
-        summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, a.scoring,
-                                     answer=hf.answer)
+        summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, a.scoring, answer=hf.answer)
         info, preprocess = hf.info(), a.preprocess or hf.preprocess_mode
     else:
-        lm = load_for_eval(a.model, device=a.device, need_encoder=True, tokenizer_dir=a.tokenizer,
-                           text_tokenizer=a.text_tokenizer, template=a.template, vision_tower_dir=a.vision_tower)
+        lm = load_for_eval(
+            a.model,
+            device=a.device,
+            need_encoder=True,
+            tokenizer_dir=a.tokenizer,
+            text_tokenizer=a.text_tokenizer,
+            template=a.template,
+            vision_tower_dir=a.vision_tower,
+        )
         summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
         info, preprocess = _model_info(lm), a.preprocess or lm.preprocess
     out = Path(a.out)
@@ -183,17 +267,30 @@ def run_bench(a: argparse.Namespace) -> int:
         name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"
         write_jsonl(out / name, recs)
         s["predictions"] = name
-    report = {"kind": "bench", "model": info,
-              "config": {"bench": a.bench, "format": a.format, "images": a.images, "max_new_tokens": a.max_new_tokens,
-                         "instructions": a.instructions, "batch_size": a.batch_size, "max_items": a.max_items,
-                         "preprocess_mode": preprocess, "scoring": a.scoring},
-              "benches": summaries}
+    report = {
+        "kind": "bench",
+        "model": info,
+        "config": {
+            "bench": a.bench,
+            "format": a.format,
+            "images": a.images,
+            "max_new_tokens": a.max_new_tokens,
+            "instructions": a.instructions,
+            "batch_size": a.batch_size,
+            "max_items": a.max_items,
+            "preprocess_mode": preprocess,
+            "scoring": a.scoring,
+        },
+        "benches": summaries,
+    }
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))
     for s in summaries:
         m = s["metrics"]
-        print(f"{s['file']} ({s['format']}, {s['scoring']} scoring): {m['n']} questions, accuracy {_vs_chance(m)}, "
-              f"{m['unparsed']} unparsed")
+        print(
+            f"{s['file']} ({s['format']}, {s['scoring']} scoring): {m['n']} questions, accuracy {_vs_chance(m)}, "
+            f"{m['unparsed']} unparsed"
+        )
         if len(m["by_kind"]) > 1:
             print("  " + "; ".join(f"{k} {_vs_chance(x)}" for k, x in m["by_kind"].items()))
     print(f"report in {out / 'report.md'}")
@@ -227,17 +324,32 @@ def run_score(a: argparse.Namespace) -> int:
         raise CLIError(f"{pred}: {e}") from None
     out = Path(a.out)
     write_jsonl(out / "predictions.jsonl", fresh)
-    summary = {"file": str(a.bench), "format": fmt, "scoring": scoring_for(fmt, a.scoring), "metrics": metrics,
-               "seconds": 0.0, "predictions": "predictions.jsonl"}
-    report = {"kind": "score",
-              "config": {"bench": [str(a.bench)], "format": a.format, "images": a.images, "predictions": str(pred),
-                         "scoring": a.scoring},
-              "benches": [summary]}
+    summary = {
+        "file": str(a.bench),
+        "format": fmt,
+        "scoring": scoring_for(fmt, a.scoring),
+        "metrics": metrics,
+        "seconds": 0.0,
+        "predictions": "predictions.jsonl",
+    }
+    report = {
+        "kind": "score",
+        "config": {
+            "bench": [str(a.bench)],
+            "format": a.format,
+            "images": a.images,
+            "predictions": str(pred),
+            "scoring": a.scoring,
+        },
+        "benches": [summary],
+    }
     write_json(out / "report.json", report)
     write_atomic(out / "report.md", bench_markdown(report))
     acc = f"{100 * metrics['acc']:.2f}%" if metrics["acc"] is not None else "-"
-    print(f"{a.bench} ({fmt}, {summary['scoring']} scoring): {metrics['n']} questions, accuracy {acc}, "
-          f"{metrics['unparsed']} unparsed; report in {out / 'report.md'}")
+    print(
+        f"{a.bench} ({fmt}, {summary['scoring']} scoring): {metrics['n']} questions, accuracy {acc}, "
+        f"{metrics['unparsed']} unparsed; report in {out / 'report.md'}"
+    )
     return 0
 
 
@@ -252,8 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import EvalError
 
     args = build_parser().parse_args(argv)
-    expected = (EvalError, BenchError, DataError, ShardError, TokenizerError, ImageError, ExportError,
-                ConversationError, ValueError, FileNotFoundError)
+    expected = (
+        EvalError,
+        BenchError,
+        DataError,
+        ShardError,
+        TokenizerError,
+        ImageError,
+        ExportError,
+        ConversationError,
+        ValueError,
+        FileNotFoundError,
+    )
     commands = {"loss": run_loss, "bench": run_bench, "score": run_score}
     return run_guarded("asvr-eval", args.command, lambda: commands[args.command](args), expected)
 

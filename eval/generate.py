@@ -19,6 +19,7 @@ left-padded batch gives the same tokens as one prompt at a time
 (``tests/test_eval_model.py::test_bench_online_model_matches_batched_and_single``
 checks it on a tiny model) up to float ties.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,11 @@ from .bench_formats import BenchError, BenchItem
 from .loading import LoadedModel
 
 INSTRUCTIONS = {
-    "llava": {"yes_no": "Answer the question using a single word or phrase.",
-              "short": "Answer the question using a single word or phrase.",
-              "multiple_choice": "Answer with the option's letter from the given choices directly."},
+    "llava": {
+        "yes_no": "Answer the question using a single word or phrase.",
+        "short": "Answer the question using a single word or phrase.",
+        "multiple_choice": "Answer with the option's letter from the given choices directly.",
+    },
     "none": {"yes_no": "", "short": "", "multiple_choice": ""},
 }
 
@@ -92,8 +95,9 @@ class VisionEncoder:
         self.mode = mode or lm.preprocess
 
     def _encode(self, items: Sequence[BenchItem]) -> torch.Tensor:
-        return self.kind.from_images([it.image for it in items], tower=self.lm.tower,
-                                     tokenizer=self.lm.image_tokenizer, preprocess=self.mode)
+        return self.kind.from_images(
+            [it.image for it in items], tower=self.lm.tower, tokenizer=self.lm.image_tokenizer, preprocess=self.mode
+        )
 
     @torch.no_grad()
     def __call__(self, items: Sequence[BenchItem]) -> torch.Tensor:
@@ -122,7 +126,7 @@ def _stop_ids(lm: LoadedModel) -> list[int]:
 def _decode(lm: LoadedModel, ids: Sequence[int], stop: Sequence[int]) -> str:
     ids = list(ids)
     cut = [ids.index(t) for t in stop if t in ids]
-    ids = ids[:min(cut)] if cut else ids
+    ids = ids[: min(cut)] if cut else ids
     # One sequence decodes to one str (transformers types decode for batches too: str | list[str]).
     text = cast(str, lm.text_tokenizer.decode(ids, skip_special_tokens=True))
     suffix = lm.template.assistant_suffix.strip()  # '' for vicuna_v1: its EOS stops generation
@@ -138,8 +142,16 @@ def ask(lm: LoadedModel, image: str | os.PathLike | bytes | None, question: str,
     if image is not None and not isinstance(image, bytes):
         image = os.fspath(image)
     key = None if image is None else (image if isinstance(image, str) else "bytes")
-    item = BenchItem(id="ask", question=question, kind="short", answer=None, raw_answer=None, image=image,
-                     image_key=key, source=key or "question")
+    item = BenchItem(
+        id="ask",
+        question=question,
+        kind="short",
+        answer=None,
+        raw_answer=None,
+        image=image,
+        image_key=key,
+        source=key or "question",
+    )
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=1, instructions="none", progress=False)
     return generate_answers(lm, [item], cfg)[0]
 
@@ -159,16 +171,16 @@ def generate_answers(lm: LoadedModel, items: Sequence[BenchItem], cfg: Generatio
     answers: list[str] = [""] * len(items)
     bar = tqdm(total=len(items), desc="generating", unit="q", disable=not cfg.progress)
     for s in range(0, len(order), cfg.batch_size):
-        idx = order[s:s + cfg.batch_size]
+        idx = order[s : s + cfg.batch_size]
         width = max(len(prompts[i][0]) for i in idx)
         ids = np.full((len(idx), width), pad, np.int64)
         img = np.zeros((len(idx), width), bool)
         att = np.zeros((len(idx), width), np.int64)
         for r, i in enumerate(idx):  # left padding
             p_ids, p_img = prompts[i]
-            ids[r, width - len(p_ids):] = p_ids
-            img[r, width - len(p_ids):] = p_img
-            att[r, width - len(p_ids):] = 1
+            ids[r, width - len(p_ids) :] = p_ids
+            img[r, width - len(p_ids) :] = p_img
+            att[r, width - len(p_ids) :] = 1
         with_image = [items[i] for i in idx if items[i].image is not None]
         vision = None
         if with_image:  # one encoding per distinct image of the batch
@@ -180,9 +192,14 @@ def generate_answers(lm: LoadedModel, items: Sequence[BenchItem], cfg: Generatio
                 first.setdefault(it.image_key, it)
             enc = encoder([first[k] for k in uniq])
             vision = enc[torch.tensor([uniq[it.image_key] for it in with_image])].to(lm.device)
-        out = model.generate(torch.from_numpy(ids).to(lm.device), torch.from_numpy(img).to(lm.device), vision,
-                             attention_mask=torch.from_numpy(att).to(lm.device), max_new_tokens=cfg.max_new_tokens,
-                             eos_token_id=stop or None)
+        out = model.generate(
+            torch.from_numpy(ids).to(lm.device),
+            torch.from_numpy(img).to(lm.device),
+            vision,
+            attention_mask=torch.from_numpy(att).to(lm.device),
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=stop or None,
+        )
         for r, i in enumerate(idx):
             answers[i] = _decode(lm, out[r].tolist(), stop)
         bar.update(len(idx))

@@ -10,6 +10,7 @@ project's loader (RGB, EXIF orientation applied) and preprocessed by the
 folder's processor.  On an ``asvr-export`` folder the answers equal those of
 ``asvr-eval bench --model RUN`` (tests/test_hf_llava_export.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,15 @@ class HFLlavaModel:
     device: torch.device
 
     def info(self) -> dict:
-        return {"model": str(self.folder), "run": None, "vision_input": "hf-llava", "template": "chat_template",
-                "template_source": str(self.folder), "tokenizer_fingerprint": None, "device": str(self.device)}
+        return {
+            "model": str(self.folder),
+            "run": None,
+            "vision_input": "hf-llava",
+            "template": "chat_template",
+            "template_source": str(self.folder),
+            "tokenizer_fingerprint": None,
+            "device": str(self.device),
+        }
 
     @property
     def preprocess_mode(self) -> str:
@@ -51,10 +59,13 @@ class HFLlavaModel:
 
     def _prompt(self, item: BenchItem, instructions: str) -> str:
         content = ([{"type": "image"}] if item.image is not None else []) + [
-            {"type": "text", "text": question_text(item, instructions)}]
+            {"type": "text", "text": question_text(item, instructions)}
+        ]
         # transformers types message content as str only; a list of typed parts is its multimodal form.
-        return self.processor.apply_chat_template([{"role": "user", "content": content}],  # type: ignore[arg-type]
-                                                  add_generation_prompt=True)
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}],  # type: ignore[arg-type]
+            add_generation_prompt=True,
+        )
 
     @torch.no_grad()
     def answer(self, items: Sequence[BenchItem], cfg: GenerationConfig) -> list[str]:
@@ -70,10 +81,12 @@ class HFLlavaModel:
         out = []
         for item in tqdm(items, desc="generating", unit="q", disable=not cfg.progress):
             images = [self._image(item)] if item.image is not None else None
-            inputs = self.processor(images=images, text=self._prompt(item, cfg.instructions),
-                                    return_tensors="pt").to(self.device)
-            new = self.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                      num_beams=1)[0, inputs["input_ids"].shape[1]:].tolist()
+            inputs = self.processor(images=images, text=self._prompt(item, cfg.instructions), return_tensors="pt").to(
+                self.device
+            )
+            new = self.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1)[
+                0, inputs["input_ids"].shape[1] :
+            ].tolist()
             cut = next((i for i, t in enumerate(new) if t in stop), len(new))
             out.append(tok.decode(new[:cut], skip_special_tokens=True).strip())
         return out

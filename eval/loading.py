@@ -19,6 +19,7 @@ finds:
   weights moved, checked against the recorded sha256), else the tokenizer's
   encoder.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,9 +110,16 @@ def find_recorded(recorded: str | None, export: Path) -> Path | None:
     return None
 
 
-def load_for_eval(path: str | os.PathLike, *, device: str = "auto", need_encoder: bool = False,
-                  tokenizer_dir: str | os.PathLike | None = None, text_tokenizer: str | os.PathLike | None = None,
-                  template: str | None = None, vision_tower_dir: str | os.PathLike | None = None) -> LoadedModel:
+def load_for_eval(
+    path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    need_encoder: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+    text_tokenizer: str | os.PathLike | None = None,
+    template: str | None = None,
+    vision_tower_dir: str | os.PathLike | None = None,
+) -> LoadedModel:
     from transformers import AutoTokenizer
 
     from asvr.tokenizer import SemanticTokenizer
@@ -146,18 +154,31 @@ def load_for_eval(path: str | os.PathLike, *, device: str = "auto", need_encoder
     model = load_exported(export, device=dev, tokenizer=image_tok, vision_tower=tower)
     if tower is None and mode.uses_tower:
         tower = VisionTower.from_tokenizer(image_tok)
-    preprocess = image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess
+    preprocess = (
+        image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess
+    )
     src = text_tokenizer or export
     try:
-        text_tok = AutoTokenizer.from_pretrained(src, local_files_only=True,
-                                                 trust_remote_code=model.cfg.trust_remote_code)
+        text_tok = AutoTokenizer.from_pretrained(
+            src, local_files_only=True, trust_remote_code=model.cfg.trust_remote_code
+        )
     except (OSError, ValueError) as e:
-        raise EvalError(f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); "
-                        f"pass --text-tokenizer LLM_FOLDER") from None
+        raise EvalError(
+            f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); pass --text-tokenizer LLM_FOLDER"
+        ) from None
     tmpl, tsrc = resolve_template(run, template)
-    return LoadedModel(model=model, text_tokenizer=text_tok, image_tokenizer=image_tok, tower=tower,
-                       preprocess=preprocess, template=tmpl, template_source=tsrc, export_dir=export, run_dir=run,
-                       device=dev)
+    return LoadedModel(
+        model=model,
+        text_tokenizer=text_tok,
+        image_tokenizer=image_tok,
+        tower=tower,
+        preprocess=preprocess,
+        template=tmpl,
+        template_source=tsrc,
+        export_dir=export,
+        run_dir=run,
+        device=dev,
+    )
 
 
 __all__ = ["EvalError", "ExportError", "LoadedModel", "load_for_eval", "resolve_export", "resolve_template"]

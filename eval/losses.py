@@ -25,6 +25,7 @@ Per batch one LLM forward (``model.hidden_states``) gives
 
 Perplexity is ``exp`` of the token-weighted mean text CE.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ from .loading import EvalError, LoadedModel
 
 # --------------------------------------------------------------------------- chunked scoring
 @torch.no_grad()
-def chunked_scores(x: torch.Tensor, logits_fn, target: torch.Tensor, ks: Sequence[int] = (5,),
-                   chunk: int = 1024) -> tuple[float, torch.Tensor, dict[int, int]]:
+def chunked_scores(
+    x: torch.Tensor, logits_fn, target: torch.Tensor, ks: Sequence[int] = (5,), chunk: int = 1024
+) -> tuple[float, torch.Tensor, dict[int, int]]:
     """``logits_fn(x[rows]) -> [rows, K]`` scored ``chunk`` rows at a time.
 
     Returns (CE sum, argmax-correct bool ``[N]``, ``{k: rows whose target is in the top k}``).
@@ -56,11 +58,11 @@ def chunked_scores(x: torch.Tensor, logits_fn, target: torch.Tensor, ks: Sequenc
     hit1 = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     topk = {k: 0 for k in ks}
     for s in range(0, x.shape[0], chunk):
-        logits = logits_fn(x[s:s + chunk])
+        logits = logits_fn(x[s : s + chunk])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        t = target[s:s + chunk]
+        t = target[s : s + chunk]
         ce += float(F.cross_entropy(logits, t, reduction="sum"))
-        hit1[s:s + chunk] = logits.argmax(-1) == t
+        hit1[s : s + chunk] = logits.argmax(-1) == t
         if ks:
             top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
             for k in ks:
@@ -147,8 +149,8 @@ def batch_sums(model, batch: Batch, ks: Sequence[int] = (5,), chunk: int = 1024,
     if greedy:
         cumulative = model.vision.quantizer.cumulative
         for s in range(0, rows.shape[0], chunk):
-            pred = model.head.predict(rows[s:s + chunk], cumulative)
-            right = (pred == codes[s:s + chunk]).sum(0)
+            pred = model.head.predict(rows[s : s + chunk], cumulative)
+            right = (pred == codes[s : s + chunk]).sum(0)
             for d in range(v.depth):
                 out.vis_greedy_hits[d] += int(right[d])
     return out
@@ -192,13 +194,19 @@ def evaluate_loss(lm: LoadedModel, cfg: LossEvalConfig) -> dict:
     if get_vision_input(lm.vision_input).uses_tower and not cfg.images:
         raise EvalError(f"this model's vision input is {lm.vision_input!r}: pass --images (the image root)")
     store = open_codes(cfg.codes, model.cfg.vision)
-    dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=lm.vision_input,
-                      image_tokens=model.cfg.image_tokens, skip_bad_samples=cfg.skip_bad_samples,
-                      packing=PackingConfig(max_len=cfg.max_len, pack=False))
+    dcfg = DataConfig(
+        data=cfg.data,
+        codes=cfg.codes,
+        images=cfg.images,
+        vision_input=lm.vision_input,
+        image_tokens=model.cfg.image_tokens,
+        skip_bad_samples=cfg.skip_bad_samples,
+        packing=PackingConfig(max_len=cfg.max_len, pack=False),
+    )
     data, collate = assemble_data(dcfg, lm.template, lm.text_tokenizer, store, tower=lm.tower, progress=False)
     n = len(data.samples) if cfg.max_samples is None else min(cfg.max_samples, len(data.samples))
     order = sorted(range(n), key=lambda i: -len(data.samples[i].encoded))
-    batches = [order[s:s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+    batches = [order[s : s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
     assert model.cfg.vision is not None  # ASVRModel refuses a config without one
     total = LossSums(depth=model.cfg.vision.depth, ks=(cfg.topk,))
     t0 = time.perf_counter()
@@ -217,18 +225,33 @@ def summarize(s: LossSums, *, n_samples: int, n_bad: int, seconds: float, topk: 
     text_loss = _ratio(s.text_ce, s.text_tokens)
     depths = []
     for d in range(s.depth):
-        depths.append({"depth": d, "loss": _ratio(s.vis_ce[d], s.vis_positions),
-                       "acc1": _ratio(s.vis_hits1[d], s.vis_positions),
-                       f"acc{topk}": _ratio(s.vis_hitsk[topk][d], s.vis_positions),
-                       "acc_greedy": _ratio(s.vis_greedy_hits[d], s.vis_positions)})
+        depths.append(
+            {
+                "depth": d,
+                "loss": _ratio(s.vis_ce[d], s.vis_positions),
+                "acc1": _ratio(s.vis_hits1[d], s.vis_positions),
+                f"acc{topk}": _ratio(s.vis_hitsk[topk][d], s.vis_positions),
+                "acc_greedy": _ratio(s.vis_greedy_hits[d], s.vis_positions),
+            }
+        )
     vis_losses = [x["loss"] for x in depths if x["loss"] is not None]
     return {
-        "n_samples": n_samples, "n_bad_samples_skipped": n_bad, "n_images": s.images, "seconds": seconds,
-        "text": {"tokens": s.text_tokens, "loss": text_loss,
-                 "perplexity": math.exp(text_loss) if text_loss is not None and text_loss < 700 else None,
-                 "acc1": _ratio(s.text_hits, s.text_tokens)},
-        "visual": {"positions": s.vis_positions, "topk": topk,
-                   "loss": sum(vis_losses) / len(vis_losses) if vis_losses else None,
-                   "acc1_all_depths": _ratio(s.vis_all_depths, s.vis_positions), "per_depth": depths},
+        "n_samples": n_samples,
+        "n_bad_samples_skipped": n_bad,
+        "n_images": s.images,
+        "seconds": seconds,
+        "text": {
+            "tokens": s.text_tokens,
+            "loss": text_loss,
+            "perplexity": math.exp(text_loss) if text_loss is not None and text_loss < 700 else None,
+            "acc1": _ratio(s.text_hits, s.text_tokens),
+        },
+        "visual": {
+            "positions": s.vis_positions,
+            "topk": topk,
+            "loss": sum(vis_losses) / len(vis_losses) if vis_losses else None,
+            "acc1_all_depths": _ratio(s.vis_all_depths, s.vis_positions),
+            "per_depth": depths,
+        },
         "sums": asdict(s),
     }

@@ -38,6 +38,7 @@ Of 26 tricky answers (tests/test_eval_scoring.py: "yes.", "y", "nope",
 "There is no dog.", ...) lenient and lmms-eval read 11 differently for POPE
 and 11 for MME.
 """
+
 from __future__ import annotations
 
 import re
@@ -49,11 +50,32 @@ KINDS = ("yes_no", "multiple_choice", "short")
 SCORINGS = ("lmms-eval", "lenient")
 """How POPE and MME answers are parsed and counted (see module doc); other layouts are always lenient."""
 LETTERS = string.ascii_uppercase
-NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_WORDS = {
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = {"a", "an", "the"}
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR")
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
@@ -174,9 +196,19 @@ def pope_metrics(parsed: Sequence[str | None], labels: Sequence[str]) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"n": n, "acc": (tp + tn) / n if n else float("nan"), "precision": precision, "recall": recall,
-            "f1": f1, "yes_ratio": sum(p == "yes" for p in parsed) / n if n else float("nan"),
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unparsed": sum(p is None for p in parsed)}
+    return {
+        "n": n,
+        "acc": (tp + tn) / n if n else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": sum(p == "yes" for p in parsed) / n if n else float("nan"),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "unparsed": sum(p is None for p in parsed),
+    }
 
 
 def pope_metrics_lmms(parsed: Sequence[str], labels: Sequence[str]) -> dict:
@@ -193,11 +225,20 @@ def pope_metrics_lmms(parsed: Sequence[str], labels: Sequence[str]) -> dict:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     n_yes_no = sum(l in ("yes", "no") for l in labels)
-    return {"n": n, "acc": sum(p == l for p, l in pairs) / n if n else float("nan"), "precision": precision,
-            "recall": recall, "f1": f1,
-            "yes_ratio": sum(l == "yes" for l in labels) / n_yes_no if n_yes_no else 0.0,
-            "pred_yes_ratio": sum(p == "yes" for p in parsed) / n if n else float("nan"),
-            "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unparsed": sum(p not in ("yes", "no") for p in parsed)}
+    return {
+        "n": n,
+        "acc": sum(p == l for p, l in pairs) / n if n else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": sum(l == "yes" for l in labels) / n_yes_no if n_yes_no else 0.0,
+        "pred_yes_ratio": sum(p == "yes" for p in parsed) / n if n else float("nan"),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "unparsed": sum(p not in ("yes", "no") for p in parsed),
+    }
 
 
 def mme_metrics(categories: Sequence[str], images: Sequence[str | None], correct: Sequence[bool]) -> dict:
@@ -214,9 +255,14 @@ def mme_metrics(categories: Sequence[str], images: Sequence[str | None], correct
         imgs = per_img[cat]
         acc = accuracy(per_q[cat])
         acc_plus = accuracy(all(v) for v in imgs.values())
-        cats[cat] = {"n_questions": len(per_q[cat]), "n_images": len(imgs),
-                     "images_without_a_pair": sum(len(v) != 2 for v in imgs.values()),
-                     "acc": acc, "acc_plus": acc_plus, "score": 100 * (acc + acc_plus)}
+        cats[cat] = {
+            "n_questions": len(per_q[cat]),
+            "n_images": len(imgs),
+            "images_without_a_pair": sum(len(v) != 2 for v in imgs.values()),
+            "acc": acc,
+            "acc_plus": acc_plus,
+            "score": 100 * (acc + acc_plus),
+        }
     totals = {}
     for name, members in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
         present = [c for c in cats if c.lower() in {m.lower() for m in members}]

@@ -8,6 +8,7 @@ rows == failed + duplicate + ignored), and reports every input that was cut
 short (a truncated or corrupt tar: failure rows at stage ``input``), since the
 images after the cut were never seen.  Cost: one read of every shard (~1 s per GB).
 """
+
 from __future__ import annotations
 
 import json
@@ -127,8 +128,9 @@ def verify_out(out: str | Path) -> Report:
             if stage == "input":
                 rep.problems.append(f"incomplete input: {err}")
     if nfail != failed + dup + ign:
-        rep.problems.append(f"{FAILURES} has {nfail} rows, manifest says failed {failed} + duplicate {dup}"
-                            f" + ignored {ign}")
+        rep.problems.append(
+            f"{FAILURES} has {nfail} rows, manifest says failed {failed} + duplicate {dup} + ignored {ign}"
+        )
     rep.lines.append(f"{out}: {len(listed)} shards, {rows} rows, {nfail} failure rows checked")
     return rep
 

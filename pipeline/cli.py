@@ -9,6 +9,7 @@ Bad input (missing INPUT, unknown format, bad tokenizer directory, a foreign
 OUT) is a one-line error with exit code 2; ``verify``/``inspect`` exit 1 when
 they find problems.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,14 @@ from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
 from asvr.tokenizer.quantizer import SEARCH_DTYPES
 
 
-
 def _epilog() -> str:
     from .sources import input_formats
 
     lines = ["Inputs (auto-detected per INPUT, or --input-format for all):"]
     lines += [f"  {f.name:<12} {f.help}" for f in input_formats().values()]
-    return "\n".join(lines) + """
+    return (
+        "\n".join(lines)
+        + """
 
 Every input is a shard row or a row of OUT/failures.parquet (stage read, decode, preprocess, input,
 duplicate); files and tar members that are not images are listed there too, at stage 'ignored'.
@@ -36,43 +38,82 @@ duplicate); files and tar members that are not images are listed there too, at s
 Rerun the same command after a crash, kill or full disk: finished shards are kept, the rest is done.
 Without --ray-address/RAY_ADDRESS a fresh local Ray is started (never another job's cluster).
 """
+    )
 
 
 def _tokenize_parser(sub) -> None:
     from .sources import input_formats
 
-    p = sub.add_parser("tokenize", help="encode image corpora into code shards (Ray Data)",
-                       description="Encode image corpora into code shards (Ray Data).", epilog=_epilog(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image folder, .tar (brace pattern), .parquet, LLaVA .json, Hugging Face datasets folder")
+    p = sub.add_parser(
+        "tokenize",
+        help="encode image corpora into code shards (Ray Data)",
+        description="Encode image corpora into code shards (Ray Data).",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image folder, .tar (brace pattern), .parquet, LLaVA .json, Hugging Face datasets folder",
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer artifact directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--format", default="parquet", choices=["parquet", "webdataset"], help="shard format (default parquet)")
-    p.add_argument("--preprocess", choices=["square", "pad"], default=None,
-                   help="resize to square, or pad to square with the mean colour first (default: the tokenizer's)")
-    p.add_argument("--input-format", default="auto", choices=["auto", *input_formats()],
-                   help="format of every INPUT (default: detect each)")
+    p.add_argument(
+        "--format", default="parquet", choices=["parquet", "webdataset"], help="shard format (default parquet)"
+    )
+    p.add_argument(
+        "--preprocess",
+        choices=["square", "pad"],
+        default=None,
+        help="resize to square, or pad to square with the mean colour first (default: the tokenizer's)",
+    )
+    p.add_argument(
+        "--input-format",
+        default="auto",
+        choices=["auto", *input_formats()],
+        help="format of every INPUT (default: detect each)",
+    )
     p.add_argument("--image-root", help="folder that LLaVA JSON image paths are relative to")
     p.add_argument("--image-column", help="Parquet column holding image bytes")
     p.add_argument("--key-column", help="Parquet column holding the key")
     p.add_argument("--caption-column", help="Parquet column holding a caption")
     p.add_argument("--batch-size", type=int, default=32, help="images per encode call (default 32)")
-    p.add_argument("--shard-size", type=int, default=1000,
-                   help="input images per shard; also the unit of resume (default 1000)")
-    p.add_argument("--fast-decode", action="store_true",
-                   help="JPEG draft decoding: ~2x faster on large photos, but pixels and so codes differ")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--encoder-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="encoder precision (bfloat16 autocast is faster on GPUs; features change)")
-    p.add_argument("--search-dtype", default=None, choices=list(SEARCH_DTYPES),
-                   help="RVQ candidate search precision; codes are identical for all, only speed moves "
-                        "(default: fused-bf16x3 on a GPU with triton installed, else float32; fused-* need triton)")
+    p.add_argument(
+        "--shard-size", type=int, default=1000, help="input images per shard; also the unit of resume (default 1000)"
+    )
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="JPEG draft decoding: ~2x faster on large photos, but pixels and so codes differ",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--encoder-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="encoder precision (bfloat16 autocast is faster on GPUs; features change)",
+    )
+    p.add_argument(
+        "--search-dtype",
+        default=None,
+        choices=list(SEARCH_DTYPES),
+        help="RVQ candidate search precision; codes are identical for all, only speed moves "
+        "(default: fused-bf16x3 on a GPU with triton installed, else float32; fused-* need triton)",
+    )
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (or set RAY_ADDRESS); default: start a fresh local Ray")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (or set RAY_ADDRESS); default: start a fresh local Ray",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's own warnings and log lines")
@@ -120,15 +161,31 @@ def _run_tokenize(args) -> int:
 
 def _config(args, PipelineConfig, SourceOptions):
     return PipelineConfig(
-        inputs=args.inputs, tokenizer=args.tokenizer, out=args.out,
-        sources=SourceOptions(input_format=args.input_format, image_root=args.image_root,
-                              image_column=args.image_column, key_column=args.key_column,
-                              caption_column=args.caption_column),
-        format=args.format, preprocess=args.preprocess, batch_size=args.batch_size, shard_size=args.shard_size,
-        fast_decode=args.fast_decode, max_pixels=args.max_pixels, encoder_dtype=args.encoder_dtype,
+        inputs=args.inputs,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        sources=SourceOptions(
+            input_format=args.input_format,
+            image_root=args.image_root,
+            image_column=args.image_column,
+            key_column=args.key_column,
+            caption_column=args.caption_column,
+        ),
+        format=args.format,
+        preprocess=args.preprocess,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        fast_decode=args.fast_decode,
+        max_pixels=args.max_pixels,
+        encoder_dtype=args.encoder_dtype,
         search_dtype=args.search_dtype,
-        encode_actors=args.encode_actors, encode_threads=args.encode_threads, ray_address=args.ray_address,
-        num_cpus=args.num_cpus, overwrite=args.overwrite, progress=not args.no_progress, verbose=args.verbose,
+        encode_actors=args.encode_actors,
+        encode_threads=args.encode_threads,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        verbose=args.verbose,
     )
 
 
@@ -178,10 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     from .sources import SourceError
     from .writer import OutputError
 
-    return run_guarded("asvr-pipeline", args.command, lambda: args.func(args),
-                       (SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError,
-                        FileNotFoundError, NotADirectoryError),
-                       interrupted="interrupted; rerun the same command to resume")
+    return run_guarded(
+        "asvr-pipeline",
+        args.command,
+        lambda: args.func(args),
+        (SourceError, OutputError, ShardError, TokenizerError, EncoderLoadError, FileNotFoundError, NotADirectoryError),
+        interrupted="interrupted; rerun the same command to resume",
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ to pass instead.
 This module is the whole format: registering it adds it to auto-detection,
 ``--input-format`` and the read stage (see :mod:`asvr.pipeline.sources`).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ from pathlib import Path
 
 from asvr.tokenizer.preprocess import ImageError
 
-from .sources import (PARQUET_CAPTION_COLUMNS, PARQUET_IMAGE_COLUMNS, PARQUET_KEY_COLUMNS, InputFormat, SourceError,
-                      SourceOptions, _pick, _Rows, register_input_format)
+from .sources import (
+    PARQUET_CAPTION_COLUMNS,
+    PARQUET_IMAGE_COLUMNS,
+    PARQUET_KEY_COLUMNS,
+    InputFormat,
+    SourceError,
+    SourceOptions,
+    _pick,
+    _Rows,
+    register_input_format,
+)
 
 NAME = "hf-datasets"
 KIND = "hf-datasets"  # plan rows: path = the folder, offset = row index, image_column
@@ -32,15 +42,17 @@ KIND = "hf-datasets"  # plan rows: path = the folder, offset = row index, image_
 def _detect(path: Path) -> bool:
     return path.is_dir() and (
         ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
-        or (path / "dataset_dict.json").is_file())
+        or (path / "dataset_dict.json").is_file()
+    )
 
 
 def _load(path: Path):
     try:
         import datasets
     except ImportError:
-        raise SourceError(f"{path}: a Hugging Face datasets folder needs the datasets package "
-                          "(pip install 'asvr[pipeline]')") from None
+        raise SourceError(
+            f"{path}: a Hugging Face datasets folder needs the datasets package (pip install 'asvr[pipeline]')"
+        ) from None
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         raise SourceError(f"{path} holds several splits; pass one of: {', '.join(str(path / s) for s in splits)}")
@@ -89,6 +101,13 @@ def _read(row: dict, handles: dict) -> bytes:
     return bytes(v)
 
 
-register_input_format(InputFormat(
-    NAME, "Hugging Face datasets folder (Dataset.save_to_disk); image from the Image-feature column, "
-    "key/caption as for Parquet", _scan, detect=_detect, readers={KIND: _read}))
+register_input_format(
+    InputFormat(
+        NAME,
+        "Hugging Face datasets folder (Dataset.save_to_disk); image from the Image-feature column, "
+        "key/caption as for Parquet",
+        _scan,
+        detect=_detect,
+        readers={KIND: _read},
+    )
+)

@@ -19,6 +19,7 @@ SIGKILLs every process with that token and exits.  After a normal
 (tests/test_hostile_inputs.py, slow): 0.1-0.2 s from the kill until no process
 of that Ray is left, in both cases; its cost is one ~40 ms Python start.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,9 +55,13 @@ class Reaper:
         self.token = f"{os.getpid()}-{secrets.token_hex(8)}"
         r, self._w = os.pipe()  # both ends close-on-exec: Ray's children never hold the write end
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", __name__, self.token], stdin=r,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True)  # a Ctrl-C to the driver's group spares it
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, self.token],
+                stdin=r,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # a Ctrl-C to the driver's group spares it
         finally:
             os.close(r)
 

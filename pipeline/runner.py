@@ -14,6 +14,7 @@ of a 96x72 JPEG costs ~1/50 of its encode, so the encoder is the bottleneck
 and the decode task is mostly idle; with GPUs there is one actor per GPU
 (``num_gpus=1``) and every other CPU decodes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -207,12 +208,25 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     spec, _ = load_artifact(cfg.tokenizer)  # a bad tokenizer dir fails here, before Ray starts
     mode = cfg.preprocess or spec.preprocess
     e = spec.encoder
-    pcfg = PreprocessConfig(image_size=e.image_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample,
-                            mode=mode, max_pixels=cfg.max_pixels, fast_decode=cfg.fast_decode)
+    pcfg = PreprocessConfig(
+        image_size=e.image_size,
+        mean=tuple(e.mean),
+        std=tuple(e.std),
+        resample=e.resample,
+        mode=mode,
+        max_pixels=cfg.max_pixels,
+        fast_decode=cfg.fast_decode,
+    )
     meta = ShardMeta.from_spec(spec, mode)
-    run_config = {"fingerprint": spec.fingerprint, "preprocess": mode, "format": cfg.format,
-                  "shard_size": cfg.shard_size, "fast_decode": cfg.fast_decode, "max_pixels": cfg.max_pixels,
-                  "encoder_dtype": cfg.encoder_dtype}
+    run_config = {
+        "fingerprint": spec.fingerprint,
+        "preprocess": mode,
+        "format": cfg.format,
+        "shard_size": cfg.shard_size,
+        "fast_decode": cfg.fast_decode,
+        "max_pixels": cfg.max_pixels,
+        "encoder_dtype": cfg.encoder_dtype,
+    }
 
     plan, inputs = discover(cfg.inputs, cfg.sources)
     out = OutputDir(cfg.out, run_config, overwrite=cfg.overwrite)
@@ -269,20 +283,32 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
             if ignored[i]:
                 failures.append({"key": keys[i], "source": sources[i], "stage": "ignored", "error": why_ignored[i]})
             elif dup_of[i] >= 0:
-                failures.append({"key": keys[i], "source": sources[i], "stage": "duplicate",
-                                 "error": f"duplicate key, first seen at {sources[dup_of[i]]}"})
+                failures.append(
+                    {
+                        "key": keys[i],
+                        "source": sources[i],
+                        "stage": "duplicate",
+                        "error": f"duplicate key, first seen at {sources[dup_of[i]]}",
+                    }
+                )
             elif i in buf.failures:
                 stage, err = buf.failures[i]
                 failures.append({"key": keys[i], "source": sources[i], "stage": stage, "error": err})
             else:
                 codes, sha, w, h, cap = buf.rows[i]
-                for name, v in zip(("key", "codes", "sha256", "width", "height", "caption"),
-                                   (keys[i], codes, sha, w, h, cap)):
+                for name, v in zip(
+                    ("key", "codes", "sha256", "width", "height", "caption"), (keys[i], codes, sha, w, h, cap)
+                ):
                     rows[name].append(v)
         ndup = int((dup_of[buf.items] >= 0).sum())
         nign = int(ignored[buf.items].sum())
-        counts = {"seen": len(buf.items) - nign, "encoded": len(rows["key"]), "failed": len(failures) - ndup - nign,
-                  "duplicate": ndup, "ignored": nign}
+        counts = {
+            "seen": len(buf.items) - nign,
+            "encoded": len(rows["key"]),
+            "failed": len(failures) - ndup - nign,
+            "duplicate": ndup,
+            "ignored": nign,
+        }
         results[buf.unit] = out.commit_unit(buf.unit, unit_hash[buf.unit], meta, rows, failures, counts)
         del buffers[buf.unit]
         seconds["write"] += time.perf_counter() - t0
@@ -297,8 +323,15 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
     final = [results[u] for u in range(n_units)]
     out.write_manifest(inputs, final, n_units)
     manifest_counts = {k: sum(r.counts.get(k, 0) for r in final) for k in COUNTS}
-    return RunSummary(manifest_counts, n_units, skipped, sum(1 for r in final if r.shard), time.perf_counter() - t_start,
-                      processed, seconds)
+    return RunSummary(
+        manifest_counts,
+        n_units,
+        skipped,
+        sum(1 for r in final if r.shard),
+        time.perf_counter() - t_start,
+        processed,
+        seconds,
+    )
 
 
 def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skipped) -> int:
@@ -324,17 +357,31 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
         # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
         # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
         # decode runs in its own processes and overlaps encode.
-        ds = ds.map_batches(ReadDecode(pcfg), batch_size=None, batch_format="numpy",
-                            num_cpus=1, memory=DECODE_TASK_MEMORY)
+        ds = ds.map_batches(
+            ReadDecode(pcfg), batch_size=None, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY
+        )
         with warnings.catch_warnings():
             # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = ds.map_batches(Encoder, fn_constructor_kwargs={"builder": builder}, batch_size=cfg.batch_size,
-                                batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), **remote)
+            ds = ds.map_batches(
+                Encoder,
+                fn_constructor_kwargs={"builder": builder},
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                **remote,
+            )
         unit_of = lambda i: i // cfg.shard_size  # noqa: E731
         done_before = n_total - len(pending)
-        bar = tqdm(total=n_total, initial=done_before, unit="img", disable=not cfg.progress, smoothing=0.1,
-                   dynamic_ncols=True, desc="tokenize")
+        bar = tqdm(
+            total=n_total,
+            initial=done_before,
+            unit="img",
+            disable=not cfg.progress,
+            smoothing=0.1,
+            dynamic_ncols=True,
+            desc="tokenize",
+        )
         processed = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             seconds["read"] += float(batch["t_read"].sum())
@@ -345,8 +392,13 @@ def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skippe
                 buf = buffers[unit_of(i)]
                 if batch["ok"][j]:
                     cap = batch["caption"][j]  # Arrow may turn an all-None column into NaN floats
-                    buf.rows[i] = (batch["codes"][j], batch["sha256"][j], int(batch["width"][j]),
-                                   int(batch["height"][j]), cap if isinstance(cap, str) else None)
+                    buf.rows[i] = (
+                        batch["codes"][j],
+                        batch["sha256"][j],
+                        int(batch["width"][j]),
+                        int(batch["height"][j]),
+                        cap if isinstance(cap, str) else None,
+                    )
                 else:
                     buf.failures[i] = (batch["stage"][j], batch["error"][j])
                 buf.waiting -= 1

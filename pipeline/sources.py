@@ -51,6 +51,7 @@ imported by :func:`input_formats`, so the CLI's ``--input-format`` choices,
 auto-detection and the Ray read stage all see it (``input_hf_datasets.py`` is
 the example).
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,11 +79,22 @@ PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt")
 # webdataset's own key split: everything before the first dot of the basename.
 _WDS_SPLIT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
-PLAN_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("path", pa.string()),
-    ("offset", pa.int64()), ("size", pa.int64()), ("cap_offset", pa.int64()), ("cap_size", pa.int64()),
-    ("cap_kind", pa.string()), ("caption", pa.string()), ("image_column", pa.string()), ("error", pa.string()),
-])
+PLAN_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("path", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("cap_offset", pa.int64()),
+        ("cap_size", pa.int64()),
+        ("cap_kind", pa.string()),
+        ("caption", pa.string()),
+        ("image_column", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 
 
 class SourceError(ValueError):
@@ -112,15 +124,30 @@ class SourceOptions:
 class _Rows:
     cols: dict[str, list] = field(default_factory=lambda: {n: [] for n in PLAN_SCHEMA.names})
 
-    def add(self, key, source, kind, path="", offset=-1, size=-1, cap_offset=-1, cap_size=-1, cap_kind="",
-            caption=None, image_column=None, error=None):
+    def add(
+        self,
+        key,
+        source,
+        kind,
+        path="",
+        offset=-1,
+        size=-1,
+        cap_offset=-1,
+        cap_size=-1,
+        cap_kind="",
+        caption=None,
+        image_column=None,
+        error=None,
+    ):
         if not all(_utf8(v) for v in (key, source, path)):  # a file name that is not UTF-8 (surrogate-escaped)
             key, source = _escaped(key), _escaped(source)
             path, offset, size, cap_offset, cap_size, cap_kind, caption = "", -1, -1, -1, -1, "", None
             if kind != "ignored":
                 kind, error = "error", "file name is not valid UTF-8 (keys are UTF-8 strings); rename the file"
-        for name, v in zip(PLAN_SCHEMA.names, (key, source, kind, path, offset, size, cap_offset, cap_size, cap_kind,
-                                                caption, image_column, error)):
+        for name, v in zip(
+            PLAN_SCHEMA.names,
+            (key, source, kind, path, offset, size, cap_offset, cap_size, cap_kind, caption, image_column, error),
+        ):
             self.cols[name].append(v)
 
     def table(self) -> pa.Table:
@@ -150,8 +177,9 @@ _BUILTIN = ("folder", "webdataset", "parquet", "llava")
 def register_input_format(fmt: InputFormat) -> InputFormat:
     if fmt.name in _FORMATS or fmt.name == "auto":
         raise ValueError(f"input format {fmt.name!r} is registered twice")
-    clash = [k for k in fmt.readers for f in _FORMATS.values() if k in f.readers] + \
-        [k for k in fmt.readers if k in ("file", "tar", "parquet", "error")]
+    clash = [k for k in fmt.readers for f in _FORMATS.values() if k in f.readers] + [
+        k for k in fmt.readers if k in ("file", "tar", "parquet", "error")
+    ]
     if clash:
         raise ValueError(f"input format {fmt.name!r}: row kind {clash[0]!r} already has a reader")
     _FORMATS[fmt.name] = fmt
@@ -252,8 +280,9 @@ def _scan_folder(root: Path, rows: _Rows) -> None:
                 try:
                     confine(root, key)
                 except UnsafePathError as e:
-                    error = f"symlink: {e}".replace("image path escapes the image root",
-                                                    "points outside the input folder")
+                    error = f"symlink: {e}".replace(
+                        "image path escapes the image root", "points outside the input folder"
+                    )
             error = error or regular_file_error(p)
             caption = None
             txt = Path(name).stem + ".txt"
@@ -311,17 +340,33 @@ def _scan_tar(path: Path, rows: _Rows) -> None:
                 continue
             if images and cap is not None and m is cap[0]:
                 continue
-            why = ("not image data" if images else "its sample has no image member") if m.isfile() else \
-                "a folder, link or special member"
+            why = (
+                ("not image data" if images else "its sample has no image member")
+                if m.isfile()
+                else "a folder, link or special member"
+            )
             rows.add(m.name, f"{path}:{m.name}", "ignored", error=why)
         for m, _ in images:
             if not m.isfile():
-                rows.add(key, f"{path}:{m.name}", "error",
-                         error=f"tar member {m.name!r} is a link or special file, not image data")
+                rows.add(
+                    key,
+                    f"{path}:{m.name}",
+                    "error",
+                    error=f"tar member {m.name!r} is a link or special file, not image data",
+                )
                 continue
             cm = cap[0] if cap else None
-            rows.add(key, f"{path}:{m.name}", "tar", abspath, m.offset_data, m.size,
-                     cm.offset_data if cm else -1, cm.size if cm else -1, cap[1] if cap else "")
+            rows.add(
+                key,
+                f"{path}:{m.name}",
+                "tar",
+                abspath,
+                m.offset_data,
+                m.size,
+                cm.offset_data if cm else -1,
+                cm.size if cm else -1,
+                cap[1] if cap else "",
+            )
     if problem:
         rows.add(f"{path.name}#truncated", f"{path}", "input", error=f"{path}: {problem}")
 
@@ -399,16 +444,31 @@ def discover(inputs: list[str], opts: SourceOptions) -> tuple[pa.Table, list[dic
     return rows.table(), described
 
 
-register_input_format(InputFormat(
-    "folder", "images found recursively; key = path relative to the folder (posix)",
-    lambda path, rows, opts: _scan_folder(path, rows)))
-register_input_format(InputFormat(
-    "webdataset", "*.tar webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar'; "
-    "key = __key__ (name up to the first dot), every member ending in an image suffix is an image "
-    "(a repeated key is a duplicate), caption from txt or json 'caption'",
-    lambda path, rows, opts: _scan_tar(path, rows)))
-register_input_format(InputFormat(
-    "parquet", "*.parquet, one image per row (--image-column, --key-column, --caption-column)", _scan_parquet))
-register_input_format(InputFormat(
-    "llava", "*.json/.jsonl LLaVA conversations; each distinct 'image' once, read under --image-root",
-    lambda path, rows, opts: _scan_llava(path, rows, opts.image_root)))
+register_input_format(
+    InputFormat(
+        "folder",
+        "images found recursively; key = path relative to the folder (posix)",
+        lambda path, rows, opts: _scan_folder(path, rows),
+    )
+)
+register_input_format(
+    InputFormat(
+        "webdataset",
+        "*.tar webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar'; "
+        "key = __key__ (name up to the first dot), every member ending in an image suffix is an image "
+        "(a repeated key is a duplicate), caption from txt or json 'caption'",
+        lambda path, rows, opts: _scan_tar(path, rows),
+    )
+)
+register_input_format(
+    InputFormat(
+        "parquet", "*.parquet, one image per row (--image-column, --key-column, --caption-column)", _scan_parquet
+    )
+)
+register_input_format(
+    InputFormat(
+        "llava",
+        "*.json/.jsonl LLaVA conversations; each distinct 'image' once, read under --image-root",
+        lambda path, rows, opts: _scan_llava(path, rows, opts.image_root),
+    )
+)

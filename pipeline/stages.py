@@ -27,6 +27,7 @@ The encode actor gets a :class:`TokenizerBuilder` (a path and options), never a
 model object, and loads the tokenizer once in ``__init__``: actors pickle
 cleanly and a cluster node loads weights from its own disk.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,6 +44,7 @@ from asvr.tokenizer.paths import UnsafePathError, read_regular
 from asvr.tokenizer.preprocess import _RESAMPLE, ImageError, PreprocessConfig, expand2square, open_image
 
 from .sources import row_reader
+
 
 def resize_uint8(img, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> uint8 ``[S, S, 3]``: the reference's pad/resize, before normalisation."""
@@ -172,8 +174,16 @@ class ReadDecode:
                 t_decode[i] = time.perf_counter() - t0 - t_read[i]
         finally:
             reader.close()
-        return {"idx": batch["idx"], "ok": ok, **{k: np.array(v, dtype=object) for k, v in out.items()},
-                "width": width, "height": height, "pixels": pixels, "t_read": t_read, "t_decode": t_decode}
+        return {
+            "idx": batch["idx"],
+            "ok": ok,
+            **{k: np.array(v, dtype=object) for k, v in out.items()},
+            "width": width,
+            "height": height,
+            "pixels": pixels,
+            "t_read": t_read,
+            "t_decode": t_decode,
+        }
 
 
 @dataclass(frozen=True)
@@ -229,8 +239,11 @@ class Encoder:
         n = len(ok)
         codes = np.zeros((n, self.ncodes), np.uint16)
         if ok.any():
-            c = self.tok.encode_pixels(self.normalise(np.ascontiguousarray(batch["pixels"][ok])), dtype=self.dtype,
-                                       search_dtype=self.search_dtype)
+            c = self.tok.encode_pixels(
+                self.normalise(np.ascontiguousarray(batch["pixels"][ok])),
+                dtype=self.dtype,
+                search_dtype=self.search_dtype,
+            )
             codes[ok] = c.reshape(int(ok.sum()), -1).to("cpu").numpy().astype(np.uint16)
         t_encode = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         out = {k: v for k, v in batch.items() if k != "pixels"}

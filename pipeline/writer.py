@@ -28,6 +28,7 @@ every input is in exactly one shard row or one failure row; the manifest's
 ``ignored``, the files and tar members that are not input images (counted as
 ``ignored``, not in ``seen``), so every member of every input is accounted for.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -43,14 +44,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvr.tokenizer.atomic import atomic_path, atomic_write
-from asvr.tokenizer.shards import FAILURES, MANIFEST, ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
+from asvr.tokenizer.shards import (
+    FAILURES,
+    MANIFEST,
+    ShardMeta,
+    rows_to_table,
+    write_parquet_shard,
+    write_webdataset_shard,
+)
 
 UNITS_DIR = ".units"
 LOCK = ".lock"
 MANIFEST_VERSION = 1
 COUNTS = ("seen", "encoded", "failed", "duplicate", "ignored")
-FAILURE_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("stage", pa.string()),
-                            ("error", pa.string())])
+FAILURE_SCHEMA = pa.schema(
+    [("key", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("error", pa.string())]
+)
 
 
 class OutputError(ValueError):
@@ -121,8 +130,11 @@ class OutputDir:
 
     # ------------------------------------------------------------------ run config
     def _ours(self) -> list[Path]:
-        return (sorted(self.out.glob("part-*.parquet")) + sorted(self.out.glob("shard-*.tar"))
-                + [p for p in (self.out / MANIFEST, self.out / FAILURES) if p.exists()])
+        return (
+            sorted(self.out.glob("part-*.parquet"))
+            + sorted(self.out.glob("shard-*.tar"))
+            + [p for p in (self.out / MANIFEST, self.out / FAILURES) if p.exists()]
+        )
 
     def _check_or_reset(self, overwrite: bool) -> None:
         mpath = self.out / MANIFEST
@@ -166,16 +178,24 @@ class OutputDir:
                 return None
         return r
 
-    def commit_unit(self, unit: int, items_sha256: str, meta: ShardMeta, rows: dict, failures: list[dict],
-                    counts: dict) -> UnitResult:
+    def commit_unit(
+        self, unit: int, items_sha256: str, meta: ShardMeta, rows: dict, failures: list[dict], counts: dict
+    ) -> UnitResult:
         """rows: key, codes [N, H*W*D], sha256, width, height, caption (plan order). Shard, then marker."""
         shard = sha = None
         nbytes = 0
         n = len(rows["key"])
         stale = self.out / shard_name(unit, self.fmt)
         if n:
-            table = rows_to_table(meta, rows["key"], np.asarray(rows["codes"]).reshape(n, -1), rows["sha256"],
-                                  rows["width"], rows["height"], rows["caption"])
+            table = rows_to_table(
+                meta,
+                rows["key"],
+                np.asarray(rows["codes"]).reshape(n, -1),
+                rows["sha256"],
+                rows["width"],
+                rows["height"],
+                rows["caption"],
+            )
             write = write_parquet_shard if self.fmt == "parquet" else write_webdataset_shard
             with _writing(stale):
                 sha = write(stale, table)
@@ -222,7 +242,9 @@ class OutputDir:
         for pattern in ("part-*.parquet", "shard-*.tar"):
             for p in self.out.glob(pattern):
                 num = p.name.split("-", 1)[1].split(".", 1)[0]
-                if num.isdigit() and (int(num) >= n_units or p.suffix != (".parquet" if self.fmt == "parquet" else ".tar")):
+                if num.isdigit() and (
+                    int(num) >= n_units or p.suffix != (".parquet" if self.fmt == "parquet" else ".tar")
+                ):
                     p.unlink()
         for p in self.units_dir.glob("unit-*.json"):
             num = p.stem.split("-", 1)[1]

@@ -1,5 +1,6 @@
 """Shared fixtures: a real (embedded EfficientNet-Lite0) tokenizer with small
 random codebooks, and generated images.  Nothing is downloaded."""
+
 from __future__ import annotations
 
 import io
@@ -44,9 +45,13 @@ def build_tiny_tokenizer(out: Path, depth=3, k=32, seed=0, preprocess="square") 
     """Real EfficientNet-Lite0 encoder (7x7x320) + random codebooks scaled to its features."""
     enc = default_encoder_spec()
     g = torch.Generator().manual_seed(seed)
-    cb = torch.randn(depth, k, 320, generator=g) * torch.tensor([1.0, 0.5, 0.25][:depth] + [0.1] * max(0, depth - 3))[:, None, None]
-    spec = TokenizerSpec(encoder=enc, preprocess=preprocess, grid=(7, 7), dim=320, depth=depth, codebook_size=k,
-                         shared_codebook=False)
+    cb = (
+        torch.randn(depth, k, 320, generator=g)
+        * torch.tensor([1.0, 0.5, 0.25][:depth] + [0.1] * max(0, depth - 3))[:, None, None]
+    )
+    spec = TokenizerSpec(
+        encoder=enc, preprocess=preprocess, grid=(7, 7), dim=320, depth=depth, codebook_size=k, shared_codebook=False
+    )
     save_artifact(out, spec, cb)
     return out
 

@@ -1,4 +1,5 @@
 """The one atomic-write helper: all or nothing, no leftovers, the user's umask."""
+
 from __future__ import annotations
 
 import os

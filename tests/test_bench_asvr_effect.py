@@ -1,5 +1,6 @@
 """The ASVR-effect experiment driver (bench/asvr_effect.py) end to end at a toy size, 2 steps per stage:
 corpus -> semantic and appearance tokenizers -> shards (Ray) -> pretrain/SFT per arm -> bench + loss -> summary."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,18 @@ from bench.asvr_effect import ARMS, ExperimentConfig, mean_std, summarize  # noq
 
 def test_summary_statistics_and_contrasts():
     cfg = ExperimentConfig(out="x", results="y", seeds=[0, 1], arms=["a", "b"])
-    rec = lambda arm, seed, acc: {"arm": arm, "seed": seed, "acc": acc, "chance": 0.4,  # noqa: E731
-                                  "by_category": {"colour": acc}, "by_kind": {"yes_no": acc},
-                                  "chance_by_category": {"colour": 0.3}, "chance_by_kind": {"yes_no": 0.5},
-                                  "visual_acc_per_depth": [acc, acc / 2], "seconds": 1.0}
+    rec = lambda arm, seed, acc: {
+        "arm": arm,
+        "seed": seed,
+        "acc": acc,
+        "chance": 0.4,  # noqa: E731
+        "by_category": {"colour": acc},
+        "by_kind": {"yes_no": acc},
+        "chance_by_category": {"colour": 0.3},
+        "chance_by_kind": {"yes_no": 0.5},
+        "visual_acc_per_depth": [acc, acc / 2],
+        "seconds": 1.0,
+    }
     s = summarize(cfg, [rec("a", 0, 0.5), rec("a", 1, 0.6), rec("b", 0, 0.7), rec("b", 1, 0.9)])
     assert s["arms"]["a"]["acc"]["overall"] == pytest.approx((0.55, 0.0707107), abs=1e-6)
     assert s["arms"]["b"]["visual_acc_per_depth"][1] == pytest.approx((0.4, 0.0707107), abs=1e-6)

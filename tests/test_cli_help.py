@@ -1,4 +1,5 @@
 """Every asvr-* --help: plain text (no reStructuredText markup), the names the commands use."""
+
 from __future__ import annotations
 
 import re
@@ -14,10 +15,15 @@ from asvr.tokenizer.sample_corpus import main as sample_corpus_main
 from asvr.train.export_cli import main as export_main
 from asvr.train.tiny_llm import main as tiny_llm_main
 
-HELPS = ([(tokenizer_main, [c]) for c in COMMANDS] + [(tokenizer_main, [])]
-         + [(pipeline_main, [c]) for c in ("tokenize", "inspect", "verify")] + [(pipeline_main, [])]
-         + [(eval_main, [c]) for c in ("loss", "bench", "score")] + [(eval_main, [])]
-         + [(train_main, []), (tiny_llm_main, []), (sample_corpus_main, []), (export_main, [])])
+HELPS = (
+    [(tokenizer_main, [c]) for c in COMMANDS]
+    + [(tokenizer_main, [])]
+    + [(pipeline_main, [c]) for c in ("tokenize", "inspect", "verify")]
+    + [(pipeline_main, [])]
+    + [(eval_main, [c]) for c in ("loss", "bench", "score")]
+    + [(eval_main, [])]
+    + [(train_main, []), (tiny_llm_main, []), (sample_corpus_main, []), (export_main, [])]
+)
 
 
 def help_text(main, argv, capsys) -> str:

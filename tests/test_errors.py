@@ -1,4 +1,5 @@
 """The shared error path: one fingerprint check, one CLIError, one guard for all four CLIs."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,9 @@ def test_check_fingerprint_passes_equal_and_names_both_sides():
     with pytest.raises(FingerprintError) as e:
         check_fingerprint("a" * 64, "b" * 64, "shard x", "this run's tokenizer", "tokenize again")
     msg = str(e.value)
-    assert msg == ("fingerprint mismatch: shard x has aaaaaaaaaaaa, this run's tokenizer has bbbbbbbbbbbb; "
-                   "tokenize again")
+    assert msg == (
+        "fingerprint mismatch: shard x has aaaaaaaaaaaa, this run's tokenizer has bbbbbbbbbbbb; tokenize again"
+    )
     assert isinstance(e.value, TokenizerError)  # every CLI reports it as a one-line error
     with pytest.raises(FingerprintError, match=r"has \(none\)"):
         check_fingerprint("", "b" * 64, "export", "this model")

@@ -1,4 +1,5 @@
 """asvr.eval.bench_formats: each layout read from generated files; bad lines name file:line."""
+
 from __future__ import annotations
 
 import base64
@@ -26,13 +27,22 @@ def _jsonl(path: Path, rows) -> Path:
 
 
 def test_generic_jsonl(root):
-    f = _jsonl(root / "b.jsonl", [
-        {"id": "1", "image": "im0.jpg", "question": "Is it red?", "answer": "Yes"},
-        {"image": "im1.jpg", "question": "Colour?", "options": ["red", "green"], "answer": "green", "category": "c"},
-        {"image": "im1.jpg", "question": "Colour?", "options": {"A": "red", "B": "green"}, "answer": "(A)"},
-        {"question": "Two plus two?", "answer": "Four", "type": "short"},
-        "",
-    ])
+    f = _jsonl(
+        root / "b.jsonl",
+        [
+            {"id": "1", "image": "im0.jpg", "question": "Is it red?", "answer": "Yes"},
+            {
+                "image": "im1.jpg",
+                "question": "Colour?",
+                "options": ["red", "green"],
+                "answer": "green",
+                "category": "c",
+            },
+            {"image": "im1.jpg", "question": "Colour?", "options": {"A": "red", "B": "green"}, "answer": "(A)"},
+            {"question": "Two plus two?", "answer": "Four", "type": "short"},
+            "",
+        ],
+    )
     fmt, items = read_bench(f, images=root / "imgs")
     assert fmt == "jsonl" and len(items) == 4
     assert [it.kind for it in items] == ["yes_no", "multiple_choice", "multiple_choice", "short"]
@@ -44,13 +54,27 @@ def test_generic_jsonl(root):
 
 
 def test_chance_levels_beside_the_scores(root):
-    f = _jsonl(root / "b.jsonl", [
-        {"image": "im0.jpg", "question": "Is it red?", "answer": "yes", "category": "colour"},
-        {"image": "im1.jpg", "question": "Colour?", "options": ["red", "green", "blue", "white"], "answer": "B",
-         "category": "colour"},
-        {"image": "im1.jpg", "question": "How many?", "answer": "3", "type": "short", "chance": 0.25,
-         "category": "count"},
-    ])
+    f = _jsonl(
+        root / "b.jsonl",
+        [
+            {"image": "im0.jpg", "question": "Is it red?", "answer": "yes", "category": "colour"},
+            {
+                "image": "im1.jpg",
+                "question": "Colour?",
+                "options": ["red", "green", "blue", "white"],
+                "answer": "B",
+                "category": "colour",
+            },
+            {
+                "image": "im1.jpg",
+                "question": "How many?",
+                "answer": "3",
+                "type": "short",
+                "chance": 0.25,
+                "category": "count",
+            },
+        ],
+    )
     _, items = read_bench(f, images=root / "imgs")
     assert [chance_level(it) for it in items] == [0.5, 0.25, 0.25]
     m = bench_metrics("jsonl", items, score_items(items, ["Yes", "A", "3"]))
@@ -58,21 +82,28 @@ def test_chance_levels_beside_the_scores(root):
     assert m["by_kind"]["multiple_choice"] == {"n": 1, "correct": 0, "acc": 0.0, "chance": 0.25}
     assert m["by_category"]["colour"]["chance"] == pytest.approx(0.375)
     # one item of unknown chance makes its groups' chance unknown, not a wrong number
-    _, items = read_bench(_jsonl(root / "c.jsonl", [{"question": "Two plus two?", "answer": "4", "type": "short"},
-                                                    {"question": "Ok?", "answer": "yes"}]))
+    _, items = read_bench(
+        _jsonl(
+            root / "c.jsonl",
+            [{"question": "Two plus two?", "answer": "4", "type": "short"}, {"question": "Ok?", "answer": "yes"}],
+        )
+    )
     m = bench_metrics("jsonl", items, score_items(items, ["4", "no"]))
     assert m["chance"] is None and m["by_kind"]["yes_no"]["chance"] == 0.5
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ('{"image": "im0.jpg", "question": "q", "answer": "yes"', "not valid JSON"),
-    ('{"image": "nope.jpg", "question": "q", "answer": "yes"}', "not found"),
-    ('{"image": "im0.jpg", "answer": "yes"}', "missing field 'question'"),
-    ('{"image": "im0.jpg", "question": "q", "options": ["a", "b"], "answer": "C"}', "neither an option letter"),
-    ('{"image": "im0.jpg", "question": "q", "type": "yes_no", "answer": "maybe"}', "yes/no item"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"image": "im0.jpg", "question": "q", "answer": "yes", "chance": 1.5}', "chance must be a probability"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ('{"image": "im0.jpg", "question": "q", "answer": "yes"', "not valid JSON"),
+        ('{"image": "nope.jpg", "question": "q", "answer": "yes"}', "not found"),
+        ('{"image": "im0.jpg", "answer": "yes"}', "missing field 'question'"),
+        ('{"image": "im0.jpg", "question": "q", "options": ["a", "b"], "answer": "C"}', "neither an option letter"),
+        ('{"image": "im0.jpg", "question": "q", "type": "yes_no", "answer": "maybe"}', "yes/no item"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"image": "im0.jpg", "question": "q", "answer": "yes", "chance": 1.5}', "chance must be a probability"),
+    ],
+)
 def test_generic_jsonl_bad_line_names_file_and_line(root, bad, msg):
     good = {"image": "im0.jpg", "question": "q", "answer": "yes"}
     f = _jsonl(root / "b.jsonl", [good, good, bad])
@@ -81,8 +112,10 @@ def test_generic_jsonl_bad_line_names_file_and_line(root, bad, msg):
 
 
 def test_pope(root):
-    rows = [{"question_id": i, "image": f"im{i % 3}.jpg", "text": f"Is there a cat {i}?", "label": lab}
-            for i, lab in enumerate(["yes", "no", "no", "yes"])]
+    rows = [
+        {"question_id": i, "image": f"im{i % 3}.jpg", "text": f"Is there a cat {i}?", "label": lab}
+        for i, lab in enumerate(["yes", "no", "no", "yes"])
+    ]
     f = _jsonl(root / "imgs" / "coco_pope_random.json", rows)
     assert detect_format(f) == "pope"
     fmt, items = read_bench(f)  # images next to the file
@@ -129,9 +162,11 @@ def test_mme_file_folder_and_release(root):
 def test_mmbench_tsv_base64_and_path(root):
     b64 = base64.b64encode(image_bytes(7)).decode()
     header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\timage\tcategory"
-    rows = [f"0\tWhat colour?\tLook closely.\tred\tgreen\tblue\t\tB\t{b64}\tcolour",
-            "1\tWhich shape?\tnan\tcircle\tsquare\t\t\tA\tim0.jpg\tshape",
-            "1000000\tWhat colour?\t\tgreen\tred\tblue\t\tA\t0\tcolour"]  # circular copy: image by index
+    rows = [
+        f"0\tWhat colour?\tLook closely.\tred\tgreen\tblue\t\tB\t{b64}\tcolour",
+        "1\tWhich shape?\tnan\tcircle\tsquare\t\t\tA\tim0.jpg\tshape",
+        "1000000\tWhat colour?\t\tgreen\tred\tblue\t\tA\t0\tcolour",
+    ]  # circular copy: image by index
     f = root / "MMBench_DEV_EN.tsv"
     f.write_text("\n".join([header, *rows]) + "\n")
     assert detect_format(f) == "mmbench"
@@ -166,13 +201,29 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
     from asvr.eval.report import bench_markdown
 
     def read_qa(path, images=None):
-        return [BenchItem(id=str(i), question=q, kind="short", answer=a, raw_answer=a, image=None, image_key=None,
-                          source=f"{path}:{i + 1}")
-                for i, (q, a) in enumerate(line.split("=") for line in path.read_text().splitlines())]
+        return [
+            BenchItem(
+                id=str(i),
+                question=q,
+                kind="short",
+                answer=a,
+                raw_answer=a,
+                image=None,
+                image_key=None,
+                source=f"{path}:{i + 1}",
+            )
+            for i, (q, a) in enumerate(line.split("=") for line in path.read_text().splitlines())
+        ]
 
-    register_bench_format(BenchFormat("qa", read_qa, detect=lambda p: p.suffix == ".qa",
-                                      metrics=lambda items, recs, lmms: {"qa_n": len(recs)},
-                                      markdown=lambda m: [f"qa items: {m['qa_n']}", ""]))
+    register_bench_format(
+        BenchFormat(
+            "qa",
+            read_qa,
+            detect=lambda p: p.suffix == ".qa",
+            metrics=lambda items, recs, lmms: {"qa_n": len(recs)},
+            markdown=lambda m: [f"qa items: {m['qa_n']}", ""],
+        )
+    )
     try:
         f = root / "tiny.qa"
         f.write_text("one plus one=2\nsky colour=blue\n")
@@ -182,9 +233,14 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
         m = bench_metrics(fmt, items, score_items(items, ["2", "red"]))
         assert m["qa_n"] == 2 and m["acc"] == 0.5
         model = {"model": "m", "vision_input": "codes", "template": "plain", "template_source": "flag", "device": "cpu"}
-        md = bench_markdown({"kind": "bench", "model": model, "config": {"max_new_tokens": 8, "instructions": "none"},
-                             "benches": [{"file": str(f), "format": fmt, "metrics": m, "seconds": 0.1,
-                                          "predictions": "p.jsonl"}]})
+        md = bench_markdown(
+            {
+                "kind": "bench",
+                "model": model,
+                "config": {"max_new_tokens": 8, "instructions": "none"},
+                "benches": [{"file": str(f), "format": fmt, "metrics": m, "seconds": 0.1, "predictions": "p.jsonl"}],
+            }
+        )
         assert "qa items: 2" in md
     finally:
         _FORMATS.pop("qa")

@@ -4,6 +4,7 @@ loss: text loss equals ``training_forward``'s on the same batches; visual
 acc@1/@5 and greedy accuracy per depth equal an independent computation from
 the model's full logits (K = 32).  bench: end to end on 4 generated images,
 report files, accuracy = a recount of the predictions, batched = one by one."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,13 @@ def _samples(lm, corpus):
     from asvr.train.vision_input import CodesSource
 
     store = CodeStore.open(corpus.codes, lm.model.cfg.vision.fingerprint)
-    data = build_training_data(DataConfig(data=[str(corpus.sft)], codes=str(corpus.codes)), lm.template,
-                               lm.text_tokenizer, store, check_images=False)
+    data = build_training_data(
+        DataConfig(data=[str(corpus.sft)], codes=str(corpus.codes)),
+        lm.template,
+        lm.text_tokenizer,
+        store,
+        check_images=False,
+    )
     collate = Collator(data, CodesSource(store), pad_id=lm.text_tokenizer.pad_token_id)
     return data, collate
 
@@ -92,8 +98,27 @@ def test_loss_matches_training_forward_and_full_logits(run_codes, corpus, tmp_pa
     from asvr.eval.losses import batch_sums
 
     out = tmp_path / "rep"
-    assert main(["loss", "--model", str(run_codes), "--codes", str(corpus.codes), "--data", str(corpus.sft),
-                 "--batch-size", "3", "--chunk", "7", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "loss",
+                "--model",
+                str(run_codes),
+                "--codes",
+                str(corpus.codes),
+                "--data",
+                str(corpus.sft),
+                "--batch-size",
+                "3",
+                "--chunk",
+                "7",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     assert (out / "report.md").read_text().startswith("# ASVR held-out losses")
     res = rep["results"]
@@ -146,22 +171,75 @@ def test_text_loss_on_a_padded_batch_equals_training_forward(run_codes, corpus):
 
 def test_loss_errors_are_one_line(run_codes, corpus, tmp_path, capsys):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"id": "x", "image": "nowhere.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]))
-    assert main(["loss", "--model", str(run_codes), "--codes", str(corpus.codes), "--data", str(bad),
-                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "x",
+                    "image": "nowhere.jpg",
+                    "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+                }
+            ]
+        )
+    )
+    assert (
+        main(
+            [
+                "loss",
+                "--model",
+                str(run_codes),
+                "--codes",
+                str(corpus.codes),
+                "--data",
+                str(bad),
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "not in shards" in err and len(err.strip().splitlines()) == 1
-    assert main(["loss", "--model", str(tmp_path), "--codes", str(corpus.codes), "--data", str(bad),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "loss",
+                "--model",
+                str(tmp_path),
+                "--codes",
+                str(corpus.codes),
+                "--data",
+                str(bad),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "neither an asvr-train run folder" in capsys.readouterr().err
     # a truncated shard: the one line names the file (issue 9; before: "Parquet magic bytes not found")
     codes = tmp_path / "codes"
     shutil.copytree(corpus.codes, codes)
     cut = sorted(codes.glob("part-*.parquet"))[0]
     cut.write_bytes(cut.read_bytes()[:-50])
-    assert main(["loss", "--model", str(run_codes), "--codes", str(codes), "--data", str(bad),
-                 "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "loss",
+                "--model",
+                str(run_codes),
+                "--codes",
+                str(codes),
+                "--data",
+                str(bad),
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(cut) in err[0], err
 
@@ -171,11 +249,20 @@ def _bench(path: Path, keys: list[str], answers: list[str] | None = None) -> Pat
     """One question per image, cycling yes/no, multiple choice, short."""
     rows = []
     for i, k in enumerate(keys):
-        rows.append([{"id": f"{i}yn", "image": k, "question": "Is there a red shape?", "answer": "yes" if i % 2 else "no"},
-                     {"id": f"{i}mc", "image": k, "question": "What colour?", "options": ["red", "green", "blue"],
-                      "answer": "ABC"[i % 3], "category": "colour"},
-                     {"id": f"{i}s", "image": k, "question": "How many shapes?", "answer": str(i + 1), "type": "short"},
-                     ][i % 3])
+        rows.append(
+            [
+                {"id": f"{i}yn", "image": k, "question": "Is there a red shape?", "answer": "yes" if i % 2 else "no"},
+                {
+                    "id": f"{i}mc",
+                    "image": k,
+                    "question": "What colour?",
+                    "options": ["red", "green", "blue"],
+                    "answer": "ABC"[i % 3],
+                    "category": "colour",
+                },
+                {"id": f"{i}s", "image": k, "question": "How many shapes?", "answer": str(i + 1), "type": "short"},
+            ][i % 3]
+        )
     if answers is not None:
         for r, a in zip(rows, answers):
             r["type"], r["answer"] = "short", a
@@ -190,8 +277,25 @@ def test_bench_end_to_end(run_codes, corpus, tmp_path):
     keys = corpus.keys[:4]
     bench = _bench(tmp_path / "vqa.jsonl", keys)
     out = tmp_path / "rep"
-    assert main(["bench", "--model", str(run_codes), "--bench", str(bench), "--images", str(corpus.images),
-                 "--max-new-tokens", "6", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(run_codes),
+                "--bench",
+                str(bench),
+                "--images",
+                str(corpus.images),
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     assert (out / "report.md").read_text().startswith("# ASVR benchmark report")
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -211,8 +315,25 @@ def test_bench_end_to_end(run_codes, corpus, tmp_path):
     assert all(gold[::2]), "a prediction normalised to nothing"
     bench2 = _bench(tmp_path / "vqa2.jsonl", keys, gold)
     out2 = tmp_path / "rep2"
-    assert main(["bench", "--model", str(run_codes / "final"), "--bench", str(bench2), "--images",
-                 str(corpus.images), "--max-new-tokens", "6", "--out", str(out2), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(run_codes / "final"),
+                "--bench",
+                str(bench2),
+                "--images",
+                str(corpus.images),
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(out2),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     preds2 = [json.loads(line) for line in (out2 / "predictions.jsonl").read_text().splitlines()]
     # same prompts, same answers (item 1 lost its options in bench2: another prompt)
     assert [p["prediction"] for p in preds2][::2] == [p["prediction"] for p in preds][::2]
@@ -237,8 +358,22 @@ def test_bench_online_model_matches_batched_and_single(tmp_path, corpus, tiny_to
 def test_bench_bad_file_is_one_line_error(run_codes, corpus, tmp_path, capsys):
     bench = tmp_path / "bad.jsonl"
     bench.write_text(json.dumps({"image": corpus.keys[0], "question": "q", "answer": "yes"}) + "\n{oops\n")
-    assert main(["bench", "--model", str(run_codes), "--bench", str(bench), "--images", str(corpus.images),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                str(run_codes),
+                "--bench",
+                str(bench),
+                "--images",
+                str(corpus.images),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("asvr-eval bench: error: ") and f"{bench}:2: not valid JSON" in err
     assert len(err.splitlines()) == 1
@@ -252,7 +387,8 @@ def test_ask_a_question_about_an_image_as_the_readme_shows(run_codes, corpus, tm
     from asvr.train.export import load_exported
 
     assert next(load_exported(run_codes / "final").parameters()).device.type == (
-        "cuda" if torch.cuda.is_available() else "cpu")
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
     lm = load_for_eval(run_codes, need_encoder=True)
     image = corpus.images / corpus.keys[0]
     answer = ask(lm, image, "What is in the image?", max_new_tokens=5)

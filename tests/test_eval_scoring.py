@@ -1,17 +1,36 @@
 """asvr.eval.scoring: answer parsing and metrics on hand-made cases."""
+
 from __future__ import annotations
 
 import pytest
 
-from asvr.eval.scoring import (grouped_accuracy, mme_metrics, normalize_answer, parse_answer, parse_choice,
-                               parse_yes_no, pope_metrics)
+from asvr.eval.scoring import (
+    grouped_accuracy,
+    mme_metrics,
+    normalize_answer,
+    parse_answer,
+    parse_choice,
+    parse_yes_no,
+    pope_metrics,
+)
 
 
-@pytest.mark.parametrize("text, want", [
-    ("Yes", "yes"), ("yes.", "yes"), ("  YES, there is a cat.", "yes"), ("No", "no"), ("no!", "no"),
-    ("There is no dog in the image.", "no"), ("It is not red.", "no"), ("I think yes", "yes"),
-    ("The cat", None), ("", None), ("Yes, but no", "yes"),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Yes", "yes"),
+        ("yes.", "yes"),
+        ("  YES, there is a cat.", "yes"),
+        ("No", "no"),
+        ("no!", "no"),
+        ("There is no dog in the image.", "no"),
+        ("It is not red.", "no"),
+        ("I think yes", "yes"),
+        ("The cat", None),
+        ("", None),
+        ("Yes, but no", "yes"),
+    ],
+)
 def test_parse_yes_no(text, want):
     assert parse_yes_no(text) == want
 
@@ -19,14 +38,30 @@ def test_parse_yes_no(text, want):
 OPTS = ["red", "green", "blue square", "a yellow star"]
 
 
-@pytest.mark.parametrize("text, want", [
-    ("B", "B"), ("B.", "B"), ("(C)", "C"), ("C) blue square", "C"), ("A. red", "A"), ("D: a yellow star", "D"),
-    ("The answer is C.", "C"), ("Answer: D", "D"), ("option B", "B"),
-    ("green", "B"), ("Green.", "B"), ("It is a blue square.", "C"), ("yellow star", "D"),
-    ("A red circle", "A"),   # 'A' is an article here; 'red' is option A's text
-    ("A purple circle", None),  # an article and no option text: not a letter
-    ("E", None), ("red or green", None), ("", None), ("b", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("B", "B"),
+        ("B.", "B"),
+        ("(C)", "C"),
+        ("C) blue square", "C"),
+        ("A. red", "A"),
+        ("D: a yellow star", "D"),
+        ("The answer is C.", "C"),
+        ("Answer: D", "D"),
+        ("option B", "B"),
+        ("green", "B"),
+        ("Green.", "B"),
+        ("It is a blue square.", "C"),
+        ("yellow star", "D"),
+        ("A red circle", "A"),  # 'A' is an article here; 'red' is option A's text
+        ("A purple circle", None),  # an article and no option text: not a letter
+        ("E", None),
+        ("red or green", None),
+        ("", None),
+        ("b", None),
+    ],
+)
 def test_parse_choice(text, want):
     assert parse_choice(text, OPTS) == want
 
@@ -81,9 +116,34 @@ def test_grouped_accuracy():
 
 # ---------------------------------------------------------------- lmms-eval scoring (POPE, MME)
 # 26 tricky answers; each is scored on a 'yes' and on a 'no' item below
-TRICKY = ["Yes", "No", "yes.", "No.", " YES ", "no\n", "Yes, there is a cat.", "No, there is no dog.",
-          "There is no dog.", "It is not red.", "I think yes", "y", "n", "Y.", "N", "yeah", "nope", "Not at all.",
-          "None", "Nothing", "", "The cat", "yes and no", "Yes.\nNo.", "noo", "...yes"]
+TRICKY = [
+    "Yes",
+    "No",
+    "yes.",
+    "No.",
+    " YES ",
+    "no\n",
+    "Yes, there is a cat.",
+    "No, there is no dog.",
+    "There is no dog.",
+    "It is not red.",
+    "I think yes",
+    "y",
+    "n",
+    "Y.",
+    "N",
+    "yeah",
+    "nope",
+    "Not at all.",
+    "None",
+    "Nothing",
+    "",
+    "The cat",
+    "yes and no",
+    "Yes.\nNo.",
+    "noo",
+    "...yes",
+]
 
 
 def lmms_pope_reference(preds, labels):
@@ -160,8 +220,10 @@ def test_pope_and_mme_equal_lmms_evals_own_functions():
 
     pope = _lmms_module("pope")
     preds, labels = TRICKY * 2, ["yes"] * 26 + ["no"] * 26
-    res = [pope.pope_process_results({"answer": l, "question_id": i}, [p])["pope_accuracy"]
-           for i, (p, l) in enumerate(zip(preds, labels))]
+    res = [
+        pope.pope_process_results({"answer": l, "question_id": i}, [p])["pope_accuracy"]
+        for i, (p, l) in enumerate(zip(preds, labels))
+    ]
     m = pope_metrics_lmms([parse_pope_lmms(p) for p in preds], labels)
     assert m["acc"] == pytest.approx(pope.pope_aggregate_accuracy(res))
     assert m["precision"] == pytest.approx(pope.pope_aggregate_precision(res))
@@ -187,16 +249,22 @@ def test_asvr_eval_score_rescoring_saved_predictions(tmp_path, capsys):
     (tmp_path / "im0.jpg").write_bytes(image_bytes(0))
     labels = ["yes", "no", "yes", "no"]
     bench = tmp_path / "coco_pope_random.json"
-    bench.write_text("".join(json.dumps({"question_id": i, "image": "im0.jpg", "text": f"Is there a cat {i}?",
-                                         "label": l}) + "\n" for i, l in enumerate(labels)))
+    bench.write_text(
+        "".join(
+            json.dumps({"question_id": i, "image": "im0.jpg", "text": f"Is there a cat {i}?", "label": l}) + "\n"
+            for i, l in enumerate(labels)
+        )
+    )
     preds = tmp_path / "predictions.jsonl"
     answers = ["Yes.", "no", "yes", "There is no cat."]
     preds.write_text("".join(json.dumps({"id": str(i), "prediction": a}) + "\n" for i, a in enumerate(answers)))
     accs = {}
     for scoring in ("lmms-eval", "lenient"):
         out = tmp_path / scoring
-        assert main(["score", "--bench", str(bench), "--predictions", str(preds), "--scoring", scoring,
-                     "--out", str(out)]) == 0
+        assert (
+            main(["score", "--bench", str(bench), "--predictions", str(preds), "--scoring", scoring, "--out", str(out)])
+            == 0
+        )
         rep = json.loads((out / "report.json").read_text())
         b = rep["benches"][0]
         assert b["scoring"] == scoring == b["metrics"]["scoring"]

@@ -9,6 +9,7 @@ is this project's own inference path (``load_for_eval`` + ``encode_prompt`` +
 (``LlavaForConditionalGeneration`` + ``AutoProcessor``), which knows nothing of
 ASVR.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ from asvr.train.config import ModelConfig, VisualHeadConfig
 from asvr.train.export import save_exported
 from asvr.train.lvlm import build_model
 
-TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                   patch_size=8)
+TINY_SIGLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
 HEAD = VisualHeadConfig(width=64, proj_hidden=64, layers=1, head_dim=32)
 QUESTIONS = ["What colour is the square?", "Is there a circle in the picture?\nAnswer yes or no."]
 
@@ -59,9 +61,15 @@ def world(tmp_path_factory):
         tok_dir = root / f"tok_{mode}"
         g = torch.Generator().manual_seed(1)
         kind = "clip" if mode == "clip" else "siglip"
-        spec = TokenizerSpec(encoder=default_encoder_spec(kind, str(root / kind)),
-                             preprocess="pad" if mode == "pad" else "square",
-                             grid=(4, 4), dim=32, depth=2, codebook_size=16, shared_codebook=False)
+        spec = TokenizerSpec(
+            encoder=default_encoder_spec(kind, str(root / kind)),
+            preprocess="pad" if mode == "pad" else "square",
+            grid=(4, 4),
+            dim=32,
+            depth=2,
+            codebook_size=16,
+            shared_codebook=False,
+        )
         save_artifact(tok_dir, spec, torch.randn(2, 16, 32, generator=g))
         from asvr.tokenizer import SemanticTokenizer
 
@@ -71,10 +79,17 @@ def world(tmp_path_factory):
         if mode in ("tower", "cls_patch"):
             from asvr.train.vision_tower import open_vision_tower
 
-            tower = open_vision_tower(root / ("tower" if mode == "tower" else "clip_tower"),
-                                      select="cls_patch" if mode == "cls_patch" else "patch")
-        model = build_model(ModelConfig(llm=str(llm), vision_input="online", head=HEAD,
-                                        vision_tower=tower.spec if tower is not None else None), tok, tower=tower)
+            tower = open_vision_tower(
+                root / ("tower" if mode == "tower" else "clip_tower"),
+                select="cls_patch" if mode == "cls_patch" else "patch",
+            )
+        model = build_model(
+            ModelConfig(
+                llm=str(llm), vision_input="online", head=HEAD, vision_tower=tower.spec if tower is not None else None
+            ),
+            tok,
+            tower=tower,
+        )
         with torch.no_grad():  # larger projector weights: images must move the logits
             for p in model.projector.parameters():
                 p.mul_(4.0)
@@ -105,8 +120,16 @@ def _ours(run: Path, image: Path, question: str):
 
     lm = load_for_eval(run, device="cpu")
     ids, mask = encode_prompt(lm, question, True)
-    item = BenchItem(id="q", question=question, kind="short", answer=None, raw_answer=None, image=str(image),
-                     image_key=str(image), source="test")
+    item = BenchItem(
+        id="q",
+        question=question,
+        kind="short",
+        answer=None,
+        raw_answer=None,
+        image=str(image),
+        image_key=str(image),
+        source="test",
+    )
     pixels = VisionEncoder(lm)([item])
     ids_t, mask_t = torch.from_numpy(ids)[None], torch.from_numpy(mask)[None]
     with torch.no_grad():
@@ -147,10 +170,14 @@ def test_hf_llava_matches_asvr_inference(world, mode):
         assert inputs["input_ids"][0].tolist() == want.tolist()
         assert (logits.max(-1).values - logits.min(-1).values).min() > 0  # not a constant model
         # images matter: another image changes the logits at the answer position
-        other = processor(images=Image.open(images[1 - images.index(image)]),
-                          text=processor.apply_chat_template(
-                              [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                              add_generation_prompt=True), return_tensors="pt")
+        other = processor(
+            images=Image.open(images[1 - images.index(image)]),
+            text=processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                add_generation_prompt=True,
+            ),
+            return_tensors="pt",
+        )
         with torch.no_grad():
             moved = (model(**other).logits[0, -1] - theirs[-1]).abs().max()
         assert moved > 1e-3
@@ -164,12 +191,23 @@ def test_greedy_answers_equal_asvr_eval(world):
     root, runs, images = world
     out = _export(world, "pad")
     lm = load_for_eval(runs["pad"], device="cpu")
-    items = [BenchItem(id=f"q{i}", question=q, kind="short", answer=None, raw_answer=None, image=str(im),
-                       image_key=str(im), source="test") for i, (im, q) in enumerate(zip(images, QUESTIONS))]
+    items = [
+        BenchItem(
+            id=f"q{i}",
+            question=q,
+            kind="short",
+            answer=None,
+            raw_answer=None,
+            image=str(im),
+            image_key=str(im),
+            source="test",
+        )
+        for i, (im, q) in enumerate(zip(images, QUESTIONS))
+    ]
     ours = generate_answers(lm, items, GenerationConfig(max_new_tokens=6, instructions="none", progress=False))
     for item, want in zip(items, ours):
         processor, model, inputs = _theirs(out, Path(item.image), item.question)
-        new = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        new = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
         stop = [t for t in (lm.text_tokenizer.eos_token_id,) if t is not None]
         cut = [i for i, t in enumerate(new.tolist()) if t in stop]
         text = processor.tokenizer.decode(new[: cut[0]] if cut else new, skip_special_tokens=True).strip()
@@ -230,16 +268,36 @@ def test_asvr_eval_bench_scores_an_hf_llava_folder(world, tmp_path):
 
     root, runs, images = world
     out = _export(world, "pad")
-    rows = [{"id": "a", "image": images[0].name, "question": "Is there a red shape?", "answer": "yes"},
-            {"id": "b", "image": images[1].name, "question": "What colour?", "options": ["red", "green"],
-             "answer": "A"},
-            {"id": "c", "question": "Say something.", "answer": "x", "type": "short"}]
+    rows = [
+        {"id": "a", "image": images[0].name, "question": "Is there a red shape?", "answer": "yes"},
+        {"id": "b", "image": images[1].name, "question": "What colour?", "options": ["red", "green"], "answer": "A"},
+        {"id": "c", "question": "Say something.", "answer": "x", "type": "short"},
+    ]
     bench = tmp_path / "b.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
     preds = {}
     for name, model in (("run", runs["pad"]), ("hf", out)):
-        assert main(["bench", "--model", str(model), "--bench", str(bench), "--images", str(root),
-                     "--max-new-tokens", "5", "--batch-size", "1", "--out", str(tmp_path / name), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "--model",
+                    str(model),
+                    "--bench",
+                    str(bench),
+                    "--images",
+                    str(root),
+                    "--max-new-tokens",
+                    "5",
+                    "--batch-size",
+                    "1",
+                    "--out",
+                    str(tmp_path / name),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         preds[name] = [json.loads(l) for l in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
         rep = json.loads((tmp_path / name / "report.json").read_text())
         assert rep["config"]["preprocess_mode"] == "pad"
@@ -261,8 +319,10 @@ def test_chat_template_renders_the_training_prompt(world, name):
     t = get_template(name)
     cases = [[("user", "<image>\nWhat is it?")], [("user", "What is it? <image>")]]
     if name != "plain":
-        cases += [[("user", "Hello there.")],
-                  [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "And the colour?")]]
+        cases += [
+            [("user", "Hello there.")],
+            [("user", "<image>\nWhat is it?"), ("assistant", "A cat."), ("user", "And the colour?")],
+        ]
     for turns in cases:
         conv = [{"from": "human" if r == "user" else "gpt", "value": v} for r, v in turns + [("assistant", "x")]]
         want, _ = render(t, validate_turns(conv, True)[:-1], tok, generation=True)
@@ -272,8 +332,9 @@ def test_chat_template_renders_the_training_prompt(world, name):
             if "<image>" in text:
                 content.insert(0, {"type": "image"})
             messages.append({"role": role, "content": content if role == "user" else text})
-        got = tok.apply_chat_template(messages, chat_template=chat_template(t), add_generation_prompt=True,
-                                      tokenize=False)
+        got = tok.apply_chat_template(
+            messages, chat_template=chat_template(t), add_generation_prompt=True, tokenize=False
+        )
         assert got == want, (name, turns)
 
 
@@ -286,8 +347,12 @@ def test_the_exported_tower_is_the_llms_not_the_tokenizers(world):
     out = _export(world, "tower")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vision_config"]["hidden_size"] == 48
-    stored = {k.removeprefix("model.vision_tower."): v for f in out.glob("*.safetensors")
-              for k, v in load_file(f).items() if k.startswith("model.vision_tower.")}
+    stored = {
+        k.removeprefix("model.vision_tower."): v
+        for f in out.glob("*.safetensors")
+        for k, v in load_file(f).items()
+        if k.startswith("model.vision_tower.")
+    }
     src = SiglipVisionModel.from_pretrained(root / "tower").state_dict()
     for k, v in stored.items():
         torch.testing.assert_close(v, src[k])

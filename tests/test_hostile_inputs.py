@@ -4,6 +4,7 @@ failed on the code before the fix.  No crash, no hang, no silent loss, no escape
 Unit level first (discovery, decoding, shard files, output directory: no Ray),
 then one real pipeline run over all the hostile inputs at once (one local Ray
 for the module), then Ray's own start-up and shutdown in subprocesses."""
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,17 @@ from PIL import Image
 
 from asvr.pipeline.check import verify_out
 from asvr.pipeline.cli import main
-from asvr.tokenizer.shards import (FAILURES, MANIFEST, ShardError, ShardMeta, read_meta, read_shard, rows_to_table,
-                                  write_parquet_shard, write_webdataset_shard)
+from asvr.tokenizer.shards import (
+    FAILURES,
+    MANIFEST,
+    ShardError,
+    ShardMeta,
+    read_meta,
+    read_shard,
+    rows_to_table,
+    write_parquet_shard,
+    write_webdataset_shard,
+)
 from asvr.pipeline.sources import SourceError, SourceOptions, discover
 from asvr.pipeline.stages import ReadDecode, decode_one
 from asvr.pipeline.writer import OutputDir
@@ -98,8 +108,9 @@ def test_fifo_named_like_an_image_is_never_opened(tmp_path):
 def test_llava_nul_byte_and_deep_json(tmp_path):
     root = tmp_path / "root"
     write_image_folder(root, 1, sub=False)
-    (tmp_path / "chat.json").write_text(json.dumps([{"id": "a", "image": "img_00000.jpg\u0000.png"},
-                                                    {"id": "b", "image": "img_00000.jpg"}]))
+    (tmp_path / "chat.json").write_text(
+        json.dumps([{"id": "a", "image": "img_00000.jpg\u0000.png"}, {"id": "b", "image": "img_00000.jpg"}])
+    )
     rows = by_key(plan_rows(tmp_path / "chat.json", image_root=str(root)))  # before: ValueError traceback
     assert rows["img_00000.jpg\x00.png"]["kind"] == "error" and "NUL" in rows["img_00000.jpg\x00.png"]["error"]
     assert rows["img_00000.jpg"]["kind"] == "file"
@@ -140,8 +151,10 @@ def test_repeated_tar_member_is_a_second_row_with_the_same_key(tmp_path):
 
 
 def test_tar_members_that_are_not_images_are_listed_as_ignored(tmp_path):
-    p = _tar(tmp_path / "a.tar", [("x.jpg", image_bytes(1)), ("x.txt", b"cap"), ("x.cls", b"3"),
-                                  ("notes.md", b"readme"), ("noext", b"?")])
+    p = _tar(
+        tmp_path / "a.tar",
+        [("x.jpg", image_bytes(1)), ("x.txt", b"cap"), ("x.cls", b"3"), ("notes.md", b"readme"), ("noext", b"?")],
+    )
     ignored = {r["key"]: r["error"] for r in plan_rows(p) if r["kind"] == "ignored"}
     assert set(ignored) == {"x.cls", "notes.md", "noext"}  # x.txt is x's caption, not ignored
 
@@ -151,7 +164,7 @@ def test_tar_cut_inside_a_header_is_an_input_failure_row(tmp_path):
     with tarfile.open(p) as tar:
         third = tar.getmembers()[2].offset
     data = p.read_bytes()
-    p.write_bytes(data[:third + 200])  # cut 200 bytes into the third member's header
+    p.write_bytes(data[: third + 200])  # cut 200 bytes into the third member's header
     rows = plan_rows(p)
     assert [r["key"] for r in rows if r["kind"] == "tar"] == ["k0", "k1"]
     cut = [r for r in rows if r["kind"] == "input"]  # before: nothing; k2, k3 vanished silently
@@ -267,8 +280,17 @@ def test_truncated_parquet_shard_is_a_shard_error_naming_the_file(tmp_path):
 def test_out_that_is_a_file_is_a_one_line_error(tmp_path, tiny_tokenizer_dir, capsys):
     write_image_folder(tmp_path / "imgs", 1)
     (tmp_path / "out").write_text("not a folder")
-    rc = main(["tokenize", str(tmp_path / "imgs"), "--tokenizer", str(tiny_tokenizer_dir), "--out",
-               str(tmp_path / "out"), "--no-progress"])
+    rc = main(
+        [
+            "tokenize",
+            str(tmp_path / "imgs"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "is not a folder" in err[0]  # before: FileExistsError traceback
 
@@ -278,17 +300,31 @@ def test_outputs_follow_the_umask(tmp_path):
     try:
         out = OutputDir(tmp_path / "out", {"format": "parquet", "fingerprint": "f" * 64})
         n = 2
-        rows = {"key": ["a", "b"], "codes": np.zeros((n, 12), np.uint16), "sha256": ["0" * 64] * n,
-                "width": [1] * n, "height": [1] * n, "caption": [None] * n}
-        out.commit_unit(0, "h", _meta(), rows, [{"key": "c", "source": "s", "stage": "read", "error": "e"}],
-                        {"seen": 3, "encoded": 2, "failed": 1, "duplicate": 0, "ignored": 0})
+        rows = {
+            "key": ["a", "b"],
+            "codes": np.zeros((n, 12), np.uint16),
+            "sha256": ["0" * 64] * n,
+            "width": [1] * n,
+            "height": [1] * n,
+            "caption": [None] * n,
+        }
+        out.commit_unit(
+            0,
+            "h",
+            _meta(),
+            rows,
+            [{"key": "c", "source": "s", "stage": "read", "error": "e"}],
+            {"seen": 3, "encoded": 2, "failed": 1, "duplicate": 0, "ignored": 0},
+        )
         out.write_manifest([], [out.done(0, "h")], 1)
         out.close()
     finally:
         os.umask(old)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [*(tmp_path / "out").iterdir(),
-                                                              *(tmp_path / "out" / ".units").iterdir()]
-             if p.is_file()}
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in [*(tmp_path / "out").iterdir(), *(tmp_path / "out" / ".units").iterdir()]
+        if p.is_file()
+    }
     assert modes == {n: 0o644 for n in (".lock", "part-00000.parquet", MANIFEST, FAILURES, "unit-00000.json")}
 
 
@@ -315,8 +351,17 @@ def full_disk(tmp_path):
 
 def test_disk_full_is_a_one_line_error_naming_the_file(full_disk, tiny_tokenizer_dir, tmp_path, capsys):
     write_image_folder(tmp_path / "imgs", 2)
-    rc = main(["tokenize", str(tmp_path / "imgs"), "--tokenizer", str(tiny_tokenizer_dir), "--out",
-               str(full_disk / "out"), "--no-progress"])
+    rc = main(
+        [
+            "tokenize",
+            str(tmp_path / "imgs"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--out",
+            str(full_disk / "out"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err  # before: a traceback ending in ENOSPC
     assert str(full_disk / "out") in err[0] and "No space left on device" in err[0]
@@ -346,17 +391,34 @@ def hostile_run(tmp_path_factory, tiny_tokenizer_dir, ray_local):
     os.mkfifo(imgs / "fifo.jpg")
     (imgs / "crc.png").write_bytes(_png(4, 4, crc_ok=False))
     (imgs / "readme.md").write_text("not an image")
-    _tar(d / "a.tar", [("x.v2.jpg", image_bytes(10)), ("y.jpg", image_bytes(11)), ("y.jpg", image_bytes(12)),
-                       ("y.cls", b"1")])
+    _tar(
+        d / "a.tar",
+        [("x.v2.jpg", image_bytes(10)), ("y.jpg", image_bytes(11)), ("y.jpg", image_bytes(12)), ("y.cls", b"1")],
+    )
     cut = _tar(d / "cut.tar", [(f"c{i}.jpg", image_bytes(20 + i)) for i in range(3)])
     with tarfile.open(cut) as tar:
         third = tar.getmembers()[2].offset
-    cut.write_bytes(cut.read_bytes()[:third + 100])
+    cut.write_bytes(cut.read_bytes()[: third + 100])
     out = d / "out"
     old = os.umask(0o022)
     try:
-        rc = main(["tokenize", str(imgs), str(d / "a.tar"), str(cut), "--tokenizer", str(tiny_tokenizer_dir),
-                   "--out", str(out), "--format", "webdataset", "--no-progress", "--batch-size", "4"])
+        rc = main(
+            [
+                "tokenize",
+                str(imgs),
+                str(d / "a.tar"),
+                str(cut),
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+                "--out",
+                str(out),
+                "--format",
+                "webdataset",
+                "--no-progress",
+                "--batch-size",
+                "4",
+            ]
+        )
     finally:
         os.umask(old)
     return rc, out
@@ -372,7 +434,9 @@ def test_hostile_run_finishes_and_accounts_for_every_input(hostile_run):
     assert stage["crc.png"] == "decode" and "checksum" in next(f["error"] for f in fails if f["key"] == "crc.png")
     assert stage["readme.md"] == "ignored" and stage["y.cls"] == "ignored"
     assert stage["y"] == "duplicate" and stage["cut.tar#truncated"] == "input"
-    encoded = {k for _, t in [read_shard(p) for p in sorted(out.glob("shard-*.tar"))] for k in t.column("key").to_pylist()}
+    encoded = {
+        k for _, t in [read_shard(p) for p in sorted(out.glob("shard-*.tar"))] for k in t.column("key").to_pylist()
+    }
     assert encoded == {"img_00000.jpg", "img_00001.jpg", "x", "y", "c0", "c1"}
     c = m["counts"]
     assert c == {"seen": 12, "encoded": 6, "failed": 5, "duplicate": 1, "ignored": 2}
@@ -409,10 +473,26 @@ def test_without_address_a_stale_cluster_file_is_not_joined(tmp_path, tiny_token
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # what `ray start` leaves behind
         write_image_folder(tmp_path / "imgs", 2)
-        r = subprocess.run([sys.executable, "-m", "asvr.pipeline.cli", "tokenize", str(tmp_path / "imgs"),
-                            "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "out"), "--no-progress",
-                            "--num-cpus", "2"], env=_pipeline_env(ray_tmp), capture_output=True, text=True,
-                           timeout=400)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "asvr.pipeline.cli",
+                "tokenize",
+                str(tmp_path / "imgs"),
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+                "--num-cpus",
+                "2",
+            ],
+            env=_pipeline_env(ray_tmp),
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert r.returncode == 0, r.stderr[-2000:]  # before: tried 127.0.0.1:9, then died on num_cpus
         assert json.loads((tmp_path / "out" / MANIFEST).read_text())["counts"]["encoded"] == 2
     finally:
@@ -425,15 +505,47 @@ def test_without_address_a_running_cluster_is_not_joined(tmp_path, tiny_tokenize
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
     env = _pipeline_env(ray_tmp)
     try:
-        r = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus", "1",
-                            "--include-dashboard", "false", "--disable-usage-stats"], env=env,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ray.scripts.scripts",
+                "start",
+                "--head",
+                "--num-cpus",
+                "1",
+                "--include-dashboard",
+                "false",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         other = set(_ray_processes(ray_tmp, b"gcs_server"))
         write_image_folder(tmp_path / "imgs", 2)
-        r = subprocess.run([sys.executable, "-m", "asvr.pipeline.cli", "tokenize", str(tmp_path / "imgs"),
-                            "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "out"), "--no-progress",
-                            "--num-cpus", "2"], env=env, capture_output=True, text=True, timeout=400)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "asvr.pipeline.cli",
+                "tokenize",
+                str(tmp_path / "imgs"),
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+                "--out",
+                str(tmp_path / "out"),
+                "--no-progress",
+                "--num-cpus",
+                "2",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert r.returncode == 0, r.stderr[-2000:]  # before: joined it, then died on num_cpus
         assert set(_ray_processes(ray_tmp, b"gcs_server")) == other  # the other cluster is untouched
     finally:
@@ -466,10 +578,29 @@ def test_local_ray_does_not_outlive_a_killed_driver(tmp_path, tiny_tokenizer_dir
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
     write_image_folder(tmp_path / "imgs", 40)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "asvr.pipeline.cli", "tokenize", str(tmp_path / "imgs"),
-                             "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out), "--no-progress",
-                             "--num-cpus", "2", "--shard-size", "3", "--batch-size", "3"],
-                            env=_pipeline_env(ray_tmp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "asvr.pipeline.cli",
+            "tokenize",
+            str(tmp_path / "imgs"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--num-cpus",
+            "2",
+            "--shard-size",
+            "3",
+            "--batch-size",
+            "3",
+        ],
+        env=_pipeline_env(ray_tmp),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     left = []
     try:
         deadline = time.time() + 300

@@ -1,5 +1,6 @@
 """Hostile inputs on the training side (issue 9): a planted pickle in a run folder,
 shard keys escaping ``--images``, corrupt shards.  Each failed before the fix."""
+
 from __future__ import annotations
 
 import random
@@ -31,9 +32,25 @@ def corpus(tmp_path_factory, tiny_tokenizer):
 
 
 def _args(corpus, tok_dir, out, *extra, codes=None):
-    return ["--model", str(corpus.llm), "--tokenizer", str(tok_dir), "--codes", str(codes or corpus.codes),
-            "--data", str(corpus.pretrain), "--images", str(corpus.images), "--output-dir", str(out),
-            "--max-len", "256", "--quiet", *TINY_HEAD, *extra]
+    return [
+        "--model",
+        str(corpus.llm),
+        "--tokenizer",
+        str(tok_dir),
+        "--codes",
+        str(codes or corpus.codes),
+        "--data",
+        str(corpus.pretrain),
+        "--images",
+        str(corpus.images),
+        "--output-dir",
+        str(out),
+        "--max-len",
+        "256",
+        "--quiet",
+        *TINY_HEAD,
+        *extra,
+    ]
 
 
 class _Plant:
@@ -81,8 +98,9 @@ def _escaping_codes(corpus, tiny_tokenizer, tmp_path):
     shutil.copytree(corpus.codes, codes)
     meta = ShardMeta.from_spec(tiny_tokenizer.spec)
     c = next(iter(corpus.codes_by_key.values()))[None]
-    write_parquet_shard(codes / "part-00009.parquet", rows_to_table(meta, ["../secret.jpg"], c, ["0" * 64], [1], [1],
-                                                                    [None]))
+    write_parquet_shard(
+        codes / "part-00009.parquet", rows_to_table(meta, ["../secret.jpg"], c, ["0" * 64], [1], [1], [None])
+    )
     return codes
 
 
@@ -90,13 +108,20 @@ def _escaping_codes(corpus, tiny_tokenizer, tmp_path):
 def test_shard_keys_escaping_images_are_refused(corpus, tiny_tokenizer, tmp_path, vision_input):
     codes = _escaping_codes(corpus, tiny_tokenizer, tmp_path)
     store = CodeStore.open(codes, tiny_tokenizer.spec.fingerprint)
-    cfg = DataConfig(data=[str(corpus.pretrain)], codes=str(codes), images=str(corpus.images),
-                     vision_input=vision_input, caption_free_ratio=1.0, packing=PackingConfig(max_len=256))
+    cfg = DataConfig(
+        data=[str(corpus.pretrain)],
+        codes=str(codes),
+        images=str(corpus.images),
+        vision_input=vision_input,
+        caption_free_ratio=1.0,
+        packing=PackingConfig(max_len=256),
+    )
     llm_tok = AutoTokenizer.from_pretrained(corpus.llm)
     with pytest.raises(DataError, match=r"unsafe image path.*'\.\./secret\.jpg': image path escapes --images"):
         build_training_data(cfg, plain(), llm_tok, store, check_images=True)  # before: secret.jpg was read
-    skipped = build_training_data(DataConfig(**{**cfg.__dict__, "skip_bad_samples": True}), plain(), llm_tok, store,
-                                  check_images=True)
+    skipped = build_training_data(
+        DataConfig(**{**cfg.__dict__, "skip_bad_samples": True}), plain(), llm_tok, store, check_images=True
+    )
     assert "../secret.jpg" not in {s.key for s in skipped.samples} and skipped.samples
 
 

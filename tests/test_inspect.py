@@ -1,4 +1,5 @@
 """Codebook inspection: usage counts, nearest codes, code uses, patch boxes, sheets and the CLI report."""
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,18 @@ def shards(tmp_path_factory, tiny_tokenizer_dir):
     out.mkdir()
     for s in range(3):
         ks = keys[4 * s : 4 * s + 4]
-        write_parquet_shard(out / f"part-{s:05d}.parquet", rows_to_table(
-            meta, ks, codes[4 * s : 4 * s + 4], [hashlib.sha256(k.encode()).hexdigest() for k in ks],
-            [1] * 4, [1] * 4, [None] * 4))
+        write_parquet_shard(
+            out / f"part-{s:05d}.parquet",
+            rows_to_table(
+                meta,
+                ks,
+                codes[4 * s : 4 * s + 4],
+                [hashlib.sha256(k.encode()).hexdigest() for k in ks],
+                [1] * 4,
+                [1] * 4,
+                [None] * 4,
+            ),
+        )
     return {"out": out, "images": root / "images", "tok": tiny_tokenizer_dir, "keys": keys}
 
 
@@ -42,8 +52,23 @@ def test_report_usage_equals_bincount(shards, tmp_path, capsys):
     all_codes = np.stack(list(by_key.values())).reshape(-1, 3)
     want = np.stack([np.bincount(all_codes[:, d], minlength=32) for d in range(3)])
     top = int(want[1].argmax())
-    rc = main(["inspect", str(shards["tok"]), "--codes", str(shards["out"]), "--images", str(shards["images"]),
-               "--report", str(rep), "--code", "1:top", "--nearest", "0:5", "--quiet"])
+    rc = main(
+        [
+            "inspect",
+            str(shards["tok"]),
+            "--codes",
+            str(shards["out"]),
+            "--images",
+            str(shards["images"]),
+            "--report",
+            str(rep),
+            "--code",
+            "1:top",
+            "--nearest",
+            "0:5",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     report = json.loads((rep / "report.json").read_text())
     assert np.array_equal(np.array(report["usage"]["counts"]), want)

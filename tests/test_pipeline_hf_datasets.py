@@ -1,5 +1,6 @@
 """The ``hf-datasets`` input format (a plug-in module): a ``Dataset.save_to_disk`` folder
 tokenized by the real Ray job gives the codes of the in-process tokenizer on the same bytes."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ def save_dataset(folder, datas, keys, captions, paths=None, cwd=None):
     rows = [{"bytes": d, "path": None} for d in datas]
     for i, p in (paths or {}).items():
         rows[i] = {"bytes": None, "path": p}
-    feats = datasets.Features({"id": datasets.Value("string"), "picture": datasets.Image(),
-                               "text": datasets.Value("string")})
+    feats = datasets.Features(
+        {"id": datasets.Value("string"), "picture": datasets.Image(), "text": datasets.Value("string")}
+    )
     ds = datasets.Dataset.from_dict({"id": keys, "picture": rows, "text": captions}, features=feats)
     with contextlib.chdir(cwd or folder.parent):
         ds.save_to_disk(str(folder))
@@ -46,13 +48,32 @@ def test_datasets_folder_tokenizes_like_in_process_encode(tmp_path, tiny_tokeniz
     root = tmp_path / "root"
     root.mkdir()
     (root / "by_ref.jpg").write_bytes(datas[3])
-    save_dataset(tmp_path / "ds", datas[:3] + [b""], ["k0", "k1", "k2", "k3"], ["c0", None, "c2", "c3"],
-                 paths={3: "by_ref.jpg"}, cwd=root)
+    save_dataset(
+        tmp_path / "ds",
+        datas[:3] + [b""],
+        ["k0", "k1", "k2", "k3"],
+        ["c0", None, "c2", "c3"],
+        paths={3: "by_ref.jpg"},
+        cwd=root,
+    )
     out = tmp_path / "out"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
-        rc = main(["tokenize", str(tmp_path / "ds"), "--tokenizer", str(tiny_tokenizer_dir),
-                   "--out", str(out), "--shard-size", "3", "--no-progress", "--batch-size", "2"])
+        rc = main(
+            [
+                "tokenize",
+                str(tmp_path / "ds"),
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+                "--out",
+                str(out),
+                "--shard-size",
+                "3",
+                "--no-progress",
+                "--batch-size",
+                "2",
+            ]
+        )
     finally:
         ray.shutdown()
     assert rc == 0

@@ -2,6 +2,7 @@
 format against the tokenizer's in-process encode, bad files and the counting
 invariant, hostile keys, resume after a kill -9, fingerprint refusal, webdataset
 output, inspect and verify."""
+
 from __future__ import annotations
 
 import io
@@ -75,9 +76,17 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
             captions[f"t{s}/a"], captions[f"t{s}/b"] = f"tar {s} a", f"tar {s} b"
     # Parquet with a Hugging Face {bytes, path} image struct and a caption column
     pdatas = [image_bytes(200 + i, size=(50 + 7 * i, 40)) for i in range(3)]
-    pq.write_table(pa.table({"key": [f"pq{i}" for i in range(3)],
-                             "image": [{"bytes": d, "path": None} for d in pdatas],
-                             "caption": ["p0", None, "p2"]}), tmp_path / "rows.parquet", row_group_size=2)
+    pq.write_table(
+        pa.table(
+            {
+                "key": [f"pq{i}" for i in range(3)],
+                "image": [{"bytes": d, "path": None} for d in pdatas],
+                "caption": ["p0", None, "p2"],
+            }
+        ),
+        tmp_path / "rows.parquet",
+        row_group_size=2,
+    )
     for i, d in enumerate(pdatas):
         expect[f"pq{i}"], captions[f"pq{i}"] = d, ["p0", None, "p2"][i]
     # LLaVA JSON: an image referenced twice, one escaping --image-root, one absolute
@@ -85,15 +94,29 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
     for k in write_image_folder(root, 2, start=300, sub=False):
         expect[k], captions[k] = (root / k).read_bytes(), None
     (tmp_path / "secret.jpg").write_bytes(image_bytes(7))
-    conv = [{"id": str(i), "image": im, "conversations": []}
-            for i, im in enumerate(["img_00300.jpg", "img_00301.jpg", "img_00300.jpg", "../secret.jpg",
-                                    str(tmp_path / "secret.jpg")])]
+    conv = [
+        {"id": str(i), "image": im, "conversations": []}
+        for i, im in enumerate(
+            ["img_00300.jpg", "img_00301.jpg", "img_00300.jpg", "../secret.jpg", str(tmp_path / "secret.jpg")]
+        )
+    ]
     (tmp_path / "chat.json").write_text(json.dumps(conv))
 
     out = tmp_path / "out"
-    rc = tokenize(tmp_path / "folder", tmp_path / "wds-{000..001}.tar", tmp_path / "rows.parquet",
-                  tmp_path / "chat.json", "--image-root", root, "--tokenizer", tiny_tokenizer_dir, "--out", out,
-                  "--shard-size", "5")
+    rc = tokenize(
+        tmp_path / "folder",
+        tmp_path / "wds-{000..001}.tar",
+        tmp_path / "rows.parquet",
+        tmp_path / "chat.json",
+        "--image-root",
+        root,
+        "--tokenizer",
+        tiny_tokenizer_dir,
+        "--out",
+        out,
+        "--shard-size",
+        "5",
+    )
     assert rc == 0
     meta, codes = load_codes(out, tiny_tokenizer.spec.fingerprint)
     assert set(codes) == set(expect)
@@ -112,16 +135,35 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
     assert set(fails) == {"../secret.jpg", str(tmp_path / "secret.jpg")}
     assert all(f["stage"] == "read" and "escapes --image-root" in f["error"] for f in fails.values())
     m = json.loads((out / MANIFEST).read_text())
-    assert m["complete"] and m["counts"] == {"seen": len(expect) + 2, "encoded": len(expect), "failed": 2,
-                                             "duplicate": 0, "ignored": 0}
+    assert m["complete"] and m["counts"] == {
+        "seen": len(expect) + 2,
+        "encoded": len(expect),
+        "failed": 2,
+        "duplicate": 0,
+        "ignored": 0,
+    }
     assert not (tmp_path.parent / "evil").exists() and not Path("/abs").exists()
     assert verify_out(out).ok
 
     # a rerun of a finished job does nothing and changes nothing
     before = (out / MANIFEST).read_bytes()
-    assert tokenize(tmp_path / "folder", tmp_path / "wds-{000..001}.tar", tmp_path / "rows.parquet",
-                    tmp_path / "chat.json", "--image-root", root, "--tokenizer", tiny_tokenizer_dir, "--out", out,
-                    "--shard-size", "5") == 0
+    assert (
+        tokenize(
+            tmp_path / "folder",
+            tmp_path / "wds-{000..001}.tar",
+            tmp_path / "rows.parquet",
+            tmp_path / "chat.json",
+            "--image-root",
+            root,
+            "--tokenizer",
+            tiny_tokenizer_dir,
+            "--out",
+            out,
+            "--shard-size",
+            "5",
+        )
+        == 0
+    )
     assert (out / MANIFEST).read_bytes() == before
 
 
@@ -175,13 +217,32 @@ def test_bad_files_counting_invariant_and_stages(tmp_path, tiny_tokenizer, tiny_
         with tarfile.open(tmp_path / f"dup-{s}.tar", "w") as tar:
             add_member(tar, "same.jpg", image_bytes(50 + s))
     out = tmp_path / "out"
-    assert tokenize(tmp_path / "bad", tmp_path / "dup-0.tar", tmp_path / "dup-1.tar", "--tokenizer",
-                    tiny_tokenizer_dir, "--out", out, "--max-pixels", "1000000", "--shard-size", "6") == 0
+    assert (
+        tokenize(
+            tmp_path / "bad",
+            tmp_path / "dup-0.tar",
+            tmp_path / "dup-1.tar",
+            "--tokenizer",
+            tiny_tokenizer_dir,
+            "--out",
+            out,
+            "--max-pixels",
+            "1000000",
+            "--shard-size",
+            "6",
+        )
+        == 0
+    )
     m = json.loads((out / MANIFEST).read_text())
     c = m["counts"]
     n_fail = sum(1 for s in cases.values() if s)
-    assert c == {"seen": len(cases) + 2, "encoded": len(cases) - n_fail + 1, "failed": n_fail, "duplicate": 1,
-                 "ignored": 0}
+    assert c == {
+        "seen": len(cases) + 2,
+        "encoded": len(cases) - n_fail + 1,
+        "failed": n_fail,
+        "duplicate": 1,
+        "ignored": 0,
+    }
     assert c["seen"] == c["encoded"] + c["failed"] + c["duplicate"]
     fails = failures(out)
     assert fails["same"]["stage"] == "duplicate" and "dup-0.tar" in fails["same"]["error"]
@@ -208,8 +269,18 @@ def test_resume_after_kill_equals_clean_run(tmp_path, tiny_tokenizer_dir, ray_lo
     assert tokenize(*args, "--out", clean) == 0
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "asvr.pipeline.cli", "tokenize", *map(str, args), "--out", str(out),
-           "--no-progress", "--ray-address", ray_local]
+    cmd = [
+        sys.executable,
+        "-m",
+        "asvr.pipeline.cli",
+        "tokenize",
+        *map(str, args),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--ray-address",
+        ray_local,
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -240,8 +311,11 @@ def test_refusal_webdataset_output_and_verify(tmp_path, tiny_tokenizer, tiny_tok
 
     other = build_tiny_tokenizer(tmp_path / "other_tok", seed=1)
     capsys.readouterr()
-    for extra in (["--tokenizer", other], ["--tokenizer", tiny_tokenizer_dir, "--preprocess", "pad"],
-                  ["--tokenizer", tiny_tokenizer_dir, "--format", "webdataset"]):
+    for extra in (
+        ["--tokenizer", other],
+        ["--tokenizer", tiny_tokenizer_dir, "--preprocess", "pad"],
+        ["--tokenizer", tiny_tokenizer_dir, "--format", "webdataset"],
+    ):
         assert tokenize(tmp_path / "imgs", *extra, "--out", out, "--shard-size", "2") == 2
         err = capsys.readouterr().err
         assert "other settings" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
@@ -257,8 +331,21 @@ def test_refusal_webdataset_output_and_verify(tmp_path, tiny_tokenizer, tiny_tok
     assert "sha256 differs" in capsys.readouterr().err
 
     # --overwrite with the webdataset format: same rows, readable by the webdataset library
-    assert tokenize(tmp_path / "imgs", "--tokenizer", tiny_tokenizer_dir, "--format", "webdataset", "--out", out,
-                    "--shard-size", "2", "--overwrite") == 0
+    assert (
+        tokenize(
+            tmp_path / "imgs",
+            "--tokenizer",
+            tiny_tokenizer_dir,
+            "--format",
+            "webdataset",
+            "--out",
+            out,
+            "--shard-size",
+            "2",
+            "--overwrite",
+        )
+        == 0
+    )
     assert not list(out.glob("part-*.parquet")) and len(list(out.glob("shard-*.tar"))) == 2
     _, wds_codes = load_codes(out)
     assert set(wds_codes) == set(keys)
@@ -280,8 +367,20 @@ def test_a_local_run_prints_only_our_lines(tmp_path, tiny_tokenizer_dir):
     disabled", no core_worker.cc line; the summary on stdout, nothing on stderr."""
     write_image_folder(tmp_path / "imgs", 4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    cmd = [sys.executable, "-m", "asvr.pipeline.cli", "tokenize", str(tmp_path / "imgs"), "--tokenizer",
-           str(tiny_tokenizer_dir), "--out", str(tmp_path / "out"), "--no-progress", "--num-cpus", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "asvr.pipeline.cli",
+        "tokenize",
+        str(tmp_path / "imgs"),
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--num-cpus",
+        "2",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr == ""

@@ -1,4 +1,5 @@
 """Input discovery and CLI errors (no Ray): keys, order, captions, traversal, formats."""
+
 from __future__ import annotations
 
 import io
@@ -94,20 +95,27 @@ def test_llava_json_distinct_images_and_root_escape(tmp_path):
     root = tmp_path / "root"
     write_image_folder(root, 2, sub=False)
     (tmp_path / "outside.jpg").write_bytes(image_bytes(5))
-    recs = [{"id": "1", "image": "img_00000.jpg", "conversations": []},
-            {"id": "2", "image": "img_00000.jpg", "conversations": []},
-            {"id": "3", "conversations": []},
-            {"id": "4", "image": "../outside.jpg", "conversations": []},
-            {"id": "5", "image": str(tmp_path / "outside.jpg"), "conversations": []},
-            {"id": "6", "image": ["img_00001.jpg", "missing.jpg"], "conversations": []}]
+    recs = [
+        {"id": "1", "image": "img_00000.jpg", "conversations": []},
+        {"id": "2", "image": "img_00000.jpg", "conversations": []},
+        {"id": "3", "conversations": []},
+        {"id": "4", "image": "../outside.jpg", "conversations": []},
+        {"id": "5", "image": str(tmp_path / "outside.jpg"), "conversations": []},
+        {"id": "6", "image": ["img_00001.jpg", "missing.jpg"], "conversations": []},
+    ]
     j = tmp_path / "chat.json"
     j.write_text(json.dumps(recs))
     with pytest.raises(SourceError, match="--image-root"):
         discover([str(j)], SourceOptions())
     plan, _ = discover([str(j)], SourceOptions(image_root=str(root)))
     rows = {r["key"]: r for r in plan.to_pylist()}
-    assert list(rows) == ["img_00000.jpg", "../outside.jpg", str(tmp_path / "outside.jpg"), "img_00001.jpg",
-                          "missing.jpg"]
+    assert list(rows) == [
+        "img_00000.jpg",
+        "../outside.jpg",
+        str(tmp_path / "outside.jpg"),
+        "img_00001.jpg",
+        "missing.jpg",
+    ]
     assert "escapes" in rows["../outside.jpg"]["error"]
     assert "escapes" in rows[str(tmp_path / "outside.jpg")]["error"]
     assert "no such image" in rows["missing.jpg"]["error"]
@@ -117,20 +125,41 @@ def test_llava_json_distinct_images_and_root_escape(tmp_path):
 def test_cli_one_line_errors(tmp_path, tiny_tokenizer_dir, capsys):
     write_image_folder(tmp_path / "imgs", 1)
     cases = [
-        (["tokenize", str(tmp_path / "nope"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o")],
-         "does not exist"),
-        (["tokenize", str(tmp_path / "imgs"), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o")],
-         "not a tokenizer directory"),
-        (["tokenize", str(tmp_path / "x.zip"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o")],
-         "does not exist"),
-        (["tokenize", str(tmp_path / "imgs"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o"),
-          "--batch-size", "0"], "--batch-size"),
+        (
+            ["tokenize", str(tmp_path / "nope"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o")],
+            "does not exist",
+        ),
+        (
+            ["tokenize", str(tmp_path / "imgs"), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o")],
+            "not a tokenizer directory",
+        ),
+        (
+            ["tokenize", str(tmp_path / "x.zip"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o")],
+            "does not exist",
+        ),
+        (
+            [
+                "tokenize",
+                str(tmp_path / "imgs"),
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+                "--out",
+                str(tmp_path / "o"),
+                "--batch-size",
+                "0",
+            ],
+            "--batch-size",
+        ),
         (["inspect", str(tmp_path)], "no manifest.json"),
         (["verify", str(tmp_path)], "no manifest.json"),
     ]
     (tmp_path / "y.bin").write_bytes(b"x")
-    cases.append((["tokenize", str(tmp_path / "y.bin"), "--tokenizer", str(tiny_tokenizer_dir), "--out",
-                   str(tmp_path / "o")], "cannot tell its format"))
+    cases.append(
+        (
+            ["tokenize", str(tmp_path / "y.bin"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o")],
+            "cannot tell its format",
+        )
+    )
     for argv, msg in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -143,8 +172,20 @@ def test_cli_one_line_errors(tmp_path, tiny_tokenizer_dir, capsys):
 def test_empty_input_completes_without_ray(tmp_path, tiny_tokenizer_dir):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
-    assert main(["tokenize", str(tmp_path / "empty"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                str(tmp_path / "empty"),
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["counts"] == {"seen": 0, "encoded": 0, "failed": 0, "duplicate": 0, "ignored": 0}
     assert main(["verify", str(out)]) == 0

@@ -1,4 +1,5 @@
 """Stages alone (no Ray): uint8 decode + in-actor normalisation == the tokenizer's preprocess, bit for bit."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,12 +22,21 @@ def test_decode_then_normalise_equals_preprocess(tmp_path, tiny_tokenizer, encod
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     names = ["0.jpg", "bad.jpg", "1.jpg", "2.jpg"]
     n = len(names)
-    block = {"idx": np.arange(n), "key": np.array(names, object), "source": np.array(names, object),
-             "kind": np.array(["file"] * n, object), "path": np.array([str(tmp_path / x) for x in names], object),
-             "offset": np.full(n, -1), "size": np.full(n, -1), "cap_offset": np.full(n, -1),
-             "cap_size": np.full(n, -1), "cap_kind": np.array([""] * n, object),
-             "caption": np.array([None] * n, object), "image_column": np.array([None] * n, object),
-             "error": np.array([None] * n, object)}
+    block = {
+        "idx": np.arange(n),
+        "key": np.array(names, object),
+        "source": np.array(names, object),
+        "kind": np.array(["file"] * n, object),
+        "path": np.array([str(tmp_path / x) for x in names], object),
+        "offset": np.full(n, -1),
+        "size": np.full(n, -1),
+        "cap_offset": np.full(n, -1),
+        "cap_size": np.full(n, -1),
+        "cap_kind": np.array([""] * n, object),
+        "caption": np.array([None] * n, object),
+        "image_column": np.array([None] * n, object),
+        "error": np.array([None] * n, object),
+    }
     cfg = tiny_tokenizer.preprocess_config(mode)
     out = ReadDecode(cfg)(block)
     assert out["ok"].tolist() == [True, False, True, True]

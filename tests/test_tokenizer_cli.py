@@ -1,4 +1,5 @@
 """train / validate / encode end to end on generated images (real EfficientNet-Lite0, real faiss)."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,25 @@ def trained(tmp_path_factory):
     write_image_folder(root / "held", 8, start=100)
     (root / "train" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     tok = root / "tok"
-    rc = main(["train", "--images", str(root / "train"), "--depth", "3", "--codebook-size", "16", "--method", "kmeans",
-               "--refine-rounds", "2", "--seed", "0", "--out", str(tok)])
+    rc = main(
+        [
+            "train",
+            "--images",
+            str(root / "train"),
+            "--depth",
+            "3",
+            "--codebook-size",
+            "16",
+            "--method",
+            "kmeans",
+            "--refine-rounds",
+            "2",
+            "--seed",
+            "0",
+            "--out",
+            str(tok),
+        ]
+    )
     assert rc == 0
     return root, tok, SemanticTokenizer.load(tok)
 
@@ -81,10 +99,40 @@ def test_encode_prints_codes_and_bad_image_is_one_line(trained, capsys, tmp_path
 
 def test_train_errors_are_one_line(tmp_path, capsys):
     write_image_folder(tmp_path / "few", 2)
-    assert main(["train", "--images", str(tmp_path / "few"), "--depth", "2", "--codebook-size", "128",
-                 "--out", str(tmp_path / "tok")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(tmp_path / "few"),
+                "--depth",
+                "2",
+                "--codebook-size",
+                "128",
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "codebook size 128 > 98 training vectors" in err[0]  # before any encoding
-    assert main(["train", "--images", str(tmp_path / "few"), "--depth", "2", "--codebook-size", "12",
-                 "--method", "rq", "--out", str(tmp_path / "tok")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--images",
+                str(tmp_path / "few"),
+                "--depth",
+                "2",
+                "--codebook-size",
+                "12",
+                "--method",
+                "rq",
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 2
+    )
     assert "power-of-two" in capsys.readouterr().err

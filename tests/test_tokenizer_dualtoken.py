@@ -1,5 +1,6 @@
 """import-dualtoken on a tiny checkpoint of the published layout: codes of the
 imported tokenizer equal codes computed by hand from the checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ from asvr.tokenizer.cli import main
 from asvr.tokenizer.dualtoken import DualTokenImportError, import_dualtoken
 from conftest import make_image
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
 K, D = 16, 3
 
 
@@ -28,7 +31,9 @@ def _layout(tmp_path, shared=False, nest=True):
     from transformers import SiglipVisionConfig
 
     model = _vision_model()
-    state = {"siglip_model.vision_model." + k.removeprefix("vision_model."): v.clone() for k, v in model.state_dict().items()}
+    state = {
+        "siglip_model.vision_model." + k.removeprefix("vision_model."): v.clone() for k, v in model.state_dict().items()
+    }
     g = torch.Generator().manual_seed(1)
     n_books = 1 if shared else D
     books = [torch.randn(K + 1, 32, generator=g) * (0.5**i) for i in range(n_books)]
@@ -42,8 +47,9 @@ def _layout(tmp_path, shared=False, nest=True):
     rq = {"code_shape": [4, 4, D], "latent_shape": [4, 4, 32], "n_embed": K, "shared_codebook": shared}
     cfg_dir = tmp_path / "cfg"
     cfg_dir.mkdir()
-    (cfg_dir / "config.json").write_text(json.dumps({"model_type": "x", "vision_tower": {"rqvaesiglip": rq}} if nest
-                                                    else {"rqvaesiglip": rq}))
+    (cfg_dir / "config.json").write_text(
+        json.dumps({"model_type": "x", "vision_tower": {"rqvaesiglip": rq}} if nest else {"rqvaesiglip": rq})
+    )
     siglip = tmp_path / "siglip"
     siglip.mkdir()
     SiglipVisionConfig(**TINY).to_json_file(siglip / "config.json")
@@ -69,8 +75,12 @@ def test_import_codes_equal_hand_computed(tmp_path, shared):
     cfg_dir, ckpt, siglip, state, model = _layout(tmp_path, shared=shared, nest=not shared)
     res = import_dualtoken(cfg_dir, ckpt, siglip, tmp_path / "tok")
     assert res.spec.depth == D and res.spec.codebook_size == K and res.spec.shared_codebook == shared
-    assert set(res.skipped) >= {"quantizer_pixel", "decoder", "siglip_model.text_model",
-                                "siglip_model.vision_model.encoder.layers.2+"}
+    assert set(res.skipped) >= {
+        "quantizer_pixel",
+        "decoder",
+        "siglip_model.text_model",
+        "siglip_model.vision_model.encoder.layers.2+",
+    }
     assert not (tmp_path / "tok" / "encoder" / "model.safetensors").is_symlink()
     from safetensors.torch import load_file
 
@@ -106,9 +116,34 @@ def test_import_cli_one_line_error(tmp_path, capsys):
     cfg_dir, ckpt, siglip, state, _ = _layout(tmp_path)
     bad = {k: v for k, v in state.items() if not k.startswith("quantizer_semantic.codebooks.0")}
     torch.save({"state_dict": bad}, tmp_path / "bad.pt")
-    rc = main(["import-dualtoken", "--config", str(cfg_dir), "--checkpoint", str(tmp_path / "bad.pt"),
-               "--siglip", str(siglip), "--out", str(tmp_path / "tok")])
+    rc = main(
+        [
+            "import-dualtoken",
+            "--config",
+            str(cfg_dir),
+            "--checkpoint",
+            str(tmp_path / "bad.pt"),
+            "--siglip",
+            str(siglip),
+            "--out",
+            str(tmp_path / "tok"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "quantizer_semantic.codebooks.0.weight" in err[0]
-    assert main(["import-dualtoken", "--config", str(cfg_dir), "--checkpoint", str(ckpt),
-                 "--siglip", str(siglip), "--out", str(tmp_path / "tok")]) == 0
+    assert (
+        main(
+            [
+                "import-dualtoken",
+                "--config",
+                str(cfg_dir),
+                "--checkpoint",
+                str(ckpt),
+                "--siglip",
+                str(siglip),
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )

@@ -1,5 +1,6 @@
 """Strict encoder loading (tiny SigLIP/CLIP saved with save_pretrained) and the
 artifact's refusal of mismatched or tampered tokenizers."""
+
 from __future__ import annotations
 
 import json
@@ -8,18 +9,29 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from asvr.tokenizer import SemanticTokenizer, TokenizerError, TokenizerSpec, build_encoder, default_encoder_spec, save_artifact
+from asvr.tokenizer import (
+    SemanticTokenizer,
+    TokenizerError,
+    TokenizerSpec,
+    build_encoder,
+    default_encoder_spec,
+    save_artifact,
+)
 from asvr.tokenizer.artifact import CODEBOOKS_FILE, load_artifact
 from asvr.tokenizer.encoders import EncoderLoadError
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def _save_tiny(kind: str, folder):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(0)
-    cfg_cls, model_cls = (SiglipVisionConfig, SiglipVisionModel) if kind == "siglip" else (CLIPVisionConfig, CLIPVisionModel)
+    cfg_cls, model_cls = (
+        (SiglipVisionConfig, SiglipVisionModel) if kind == "siglip" else (CLIPVisionConfig, CLIPVisionModel)
+    )
     model = model_cls(cfg_cls(**TINY)).eval()
     model.save_pretrained(folder)
     return model
@@ -73,9 +85,13 @@ def test_hf_encoder_reads_full_checkpoint_layout(tmp_path):
 def test_tokenizer_refuses_grid_or_dim_mismatch(tmp_path):
     enc = default_encoder_spec()
     for grid, dim in [((8, 8), 320), ((7, 7), 256)]:
-        spec = TokenizerSpec(encoder=enc, preprocess="square", grid=grid, dim=dim, depth=2, codebook_size=4,
-                             shared_codebook=False)
-        out = save_artifact(tmp_path / f"tok{dim}{grid[0]}", spec, torch.randn(2, 4, dim)) and tmp_path / f"tok{dim}{grid[0]}"
+        spec = TokenizerSpec(
+            encoder=enc, preprocess="square", grid=grid, dim=dim, depth=2, codebook_size=4, shared_codebook=False
+        )
+        out = (
+            save_artifact(tmp_path / f"tok{dim}{grid[0]}", spec, torch.randn(2, 4, dim))
+            and tmp_path / f"tok{dim}{grid[0]}"
+        )
         with pytest.raises(TokenizerError, match="grid"):
             SemanticTokenizer.load(out)
 
@@ -114,15 +130,27 @@ def test_a_registered_kind_is_built_and_listed():
     """What an ``asvr/tokenizer/encoder_<name>.py`` module does: register a kind; nothing else changes."""
     import torch
 
-    from asvr.tokenizer.encoders import (_KINDS, EncoderKind, EncoderSpec, build_encoder, default_encoder_spec,
-                                         encoder_kinds, register_encoder)
+    from asvr.tokenizer.encoders import (
+        _KINDS,
+        EncoderKind,
+        EncoderSpec,
+        build_encoder,
+        default_encoder_spec,
+        encoder_kinds,
+        register_encoder,
+    )
 
     class Mean(torch.nn.Module):
         def forward(self, pixels):
             return torch.nn.functional.avg_pool2d(pixels, 4).permute(0, 2, 3, 1)
 
-    register_encoder(EncoderKind("test_pool", build=lambda spec, base: Mean(),
-                                 default_spec=lambda w, layer: EncoderSpec("test_pool", "none", -1, 16)))
+    register_encoder(
+        EncoderKind(
+            "test_pool",
+            build=lambda spec, base: Mean(),
+            default_spec=lambda w, layer: EncoderSpec("test_pool", "none", -1, 16),
+        )
+    )
     try:
         assert "test_pool" in encoder_kinds()
         spec = default_encoder_spec("test_pool")

@@ -1,4 +1,5 @@
 """Decoding and preprocessing against independent numpy/PIL re-implementations."""
+
 from __future__ import annotations
 
 import io

@@ -1,6 +1,7 @@
 """Exactness of the RVQ encoder against the float64 numpy reference, for every
 search precision available on CPU, incl. shared codebooks, near-ties that force
 the float64 fallback, overflow of fp16, and real EfficientNet features."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ codebooks, tile sizes that do not divide the shapes).  Without triton the kernel
 tests skip and the quantizer tests run its torch stand-in (same certification
 and re-rank); precision on tensor cores is measured on the GPU
 (bench/gpu_rvq_kernel.py)."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,13 @@ def test_nearest_four_match_float64(precision):
     a = torch.from_numpy(rng.standard_normal((n, c)).astype(np.float32))
     b = torch.from_numpy(rng.standard_normal((k, c)).astype(np.float32))
     norms = (b.double() ** 2).sum(1)
-    vals, ids = rvq_triton.nearest(rvq_triton.split_operand(a, precision), rvq_triton.split_operand(b, precision),
-                                   norms.float(), precision, tiles=(16, 32, 16, 4, 2))
+    vals, ids = rvq_triton.nearest(
+        rvq_triton.split_operand(a, precision),
+        rvq_triton.split_operand(b, precision),
+        norms.float(),
+        precision,
+        tiles=(16, 32, 16, 4, 2),
+    )
     ref = norms[None] - 2 * a.double() @ b.double().T
     top, order = ref.sort(dim=1)
     err = rvq_triton.delta(precision, c) * 2 * a.double().norm(dim=1) * b.double().norm(dim=1).max() + 1e-5
@@ -59,8 +65,13 @@ def test_nearest_four_across_tiles_and_duplicates():
     a = b[[3, 10]] + 0.01 * rng.standard_normal((2, 24)).astype(np.float32)
     bt = torch.from_numpy(b)
     norms = (bt.double() ** 2).sum(1).float()
-    vals, ids = rvq_triton.nearest(rvq_triton.split_operand(torch.from_numpy(a), "fp32"),
-                                   rvq_triton.split_operand(bt, "fp32"), norms, "fp32", tiles=(16, 16, 16, 4, 2))
+    vals, ids = rvq_triton.nearest(
+        rvq_triton.split_operand(torch.from_numpy(a), "fp32"),
+        rvq_triton.split_operand(bt, "fp32"),
+        norms,
+        "fp32",
+        tiles=(16, 16, 16, 4, 2),
+    )
     assert set(ids[0].tolist()) == {3, 80, 40, 95} and float(vals[0, 0]) == float(vals[0, 1])
     assert int(ids[1, 0]) == 10 and (vals[1, 1:] > vals[1, 0]).all()
 

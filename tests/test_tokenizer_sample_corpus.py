@@ -1,4 +1,5 @@
 """The offline sample corpus: deterministic, well-formed, answers consistent with the scenes."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Codebook training with faiss on synthetic vectors (no encoder)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,9 @@ def _vectors(n=3000, c=24, seed=0):
 @pytest.mark.parametrize("method,shared", [("kmeans", False), ("rq", False), ("kmeans", True)])
 def test_training_reduces_error_with_depth(method, shared):
     x = _vectors()
-    res = train_codebooks(x, CodebookTrainConfig(depth=3, codebook_size=32, method=method, shared=shared,
-                                                 refine_rounds=2, seed=0))
+    res = train_codebooks(
+        x, CodebookTrainConfig(depth=3, codebook_size=32, method=method, shared=shared, refine_rounds=2, seed=0)
+    )
     assert res.codebooks.shape == ((1 if shared else 3), 32, 24) and res.codebooks.dtype == np.float32
     errs = res.rel_error
     if shared:  # greedy RVQ has no zero code: a shared codebook may not help at every depth

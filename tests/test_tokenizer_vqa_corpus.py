@@ -1,4 +1,5 @@
 """The procedural VQA corpus: deterministic, balanced, held-out pairs truly unseen, answers true to the pixels."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,11 @@ def test_question_types_and_answers_are_balanced(tmp_path):
     root, _, bench = _corpus(tmp_path, train=30, heldout=10)  # 30 = 2 x (5 categories x 3 forms) bench items
     assert Counter((b["category"], b["type"]) for b in bench) == {(c, f): 2 for c in CATEGORIES for f in FORMS}
     sft = json.loads((root / "llava_sft.json").read_text())
-    turns = [(h["value"].removeprefix("<image>\n"), g["value"]) for r in sft
-             for h, g in zip(r["conversations"][::2], r["conversations"][1::2])]
+    turns = [
+        (h["value"].removeprefix("<image>\n"), g["value"])
+        for r in sft
+        for h, g in zip(r["conversations"][::2], r["conversations"][1::2])
+    ]
     assert all(r["conversations"][-2]["value"] == DESCRIBE for r in sft)  # the description comes last
     prompts, replies = zip(*[(p, g) for p, g in turns if p != DESCRIBE])
     assert len(prompts) == 90
@@ -60,10 +64,13 @@ def test_question_types_and_answers_are_balanced(tmp_path):
         assert set(letters) == set("ABCD"[:n_options]) and max(letters.values()) - min(letters.values()) <= 1
     # no turn gives away a later one: the turns of one image ask different categories (held-out SFT
     # has the same plan; its categories are readable from the question stems)
-    stems = {"colour": ("What colour", "Is the circle", "Is the square", "Is the triangle", "Is the star"),
-             "shape": ("What shape", "object a "), "count": ("How many", "Are there"),
-             "position": ("relative to", " the left of", " the right of", " above the ", " below the "),
-             "size": ("What size", " small?", " medium?", " large?")}
+    stems = {
+        "colour": ("What colour", "Is the circle", "Is the square", "Is the triangle", "Is the star"),
+        "shape": ("What shape", "object a "),
+        "count": ("How many", "Are there"),
+        "position": ("relative to", " the left of", " the right of", " above the ", " below the "),
+        "size": ("What size", " small?", " medium?", " large?"),
+    }
 
     def category(q):
         hits = {c for c, keys in stems.items() for k in keys if k in q}
@@ -71,8 +78,9 @@ def test_question_types_and_answers_are_balanced(tmp_path):
         return hits.pop()
 
     for r in sft:
-        qs = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in r["conversations"][:-2]
-              if t["from"] == "human"]
+        qs = [
+            t["value"].removeprefix("<image>\n").split("\n")[0] for t in r["conversations"][:-2] if t["from"] == "human"
+        ]
         assert len({category(q) for q in qs}) == len(qs) == 3
     # any form can come first (a benchmark asks one question per prompt)
     first = Counter(r["conversations"][1]["value"] in ("Yes", "No") for r in sft)
@@ -126,8 +134,12 @@ def test_answers_match_the_pixels_and_the_bench_reads(tmp_path):
             a_name, b_name = q.split(" relative to the ")
             a = next(o for o in objs if f"{o['colour']} {o['shape']}" == a_name)
             o2 = next(o for o in objs if f"{o['colour']} {o['shape']}" == b_name)
-            truth = {"left": a["col"] < o2["col"], "right": a["col"] > o2["col"],
-                     "above": a["row"] < o2["row"], "below": a["row"] > o2["row"]}
+            truth = {
+                "left": a["col"] < o2["col"],
+                "right": a["col"] > o2["col"],
+                "above": a["row"] < o2["row"],
+                "below": a["row"] > o2["row"],
+            }
             assert truth[b["answer"]]
     fmt, items = read_bench(root / "vqa_bench.jsonl", images=root / "images")
     assert fmt == "jsonl"

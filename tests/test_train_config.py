@@ -1,6 +1,7 @@
 """asvr-train's command line is generated from TrainConfig: one option per field,
 its docstring the help; --config files (TOML, YAML, JSON) set defaults, flags win;
 the README's and Makefile's asvr-train commands still parse to what they meant."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,22 +52,41 @@ def test_choices_come_from_the_one_list():
 def test_defaults_and_switches():
     cfg = _parse(REQUIRED)
     assert (cfg.stage, cfg.vision_input, cfg.zero, cfg.max_len, cfg.lr, cfg.template) == (
-        "pretrain", "codes", 2, 2048, 1e-3, "plain")
+        "pretrain",
+        "codes",
+        2,
+        2048,
+        1e-3,
+        "plain",
+    )
     assert cfg.pack and cfg.export and cfg.progress and cfg.head == VisualHeadConfig()
-    cfg = _parse(REQUIRED + ["--no-pack", "--no-export", "--quiet", "--stage", "sft", "--head-dim", "64",
-                             "--data", "a.json", "b.json"])
+    cfg = _parse(
+        REQUIRED
+        + ["--no-pack", "--no-export", "--quiet", "--stage", "sft", "--head-dim", "64", "--data", "a.json", "b.json"]
+    )
     assert not cfg.pack and not cfg.export and not cfg.progress
     assert (cfg.lr, cfg.template, cfg.head.head_dim, cfg.data) == (2e-5, "vicuna_v1", 64, ["a.json", "b.json"])
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
 def test_config_file_sets_defaults_and_flags_win(tmp_path, suffix):
-    values = {"model": "m", "tokenizer": "t", "codes": "c", "data": ["d.json"], "output_dir": "o", "stage": "sft",
-              "max_len": 512, "pack": False, "head": {"width": 128, "head_dim": 32}}
+    values = {
+        "model": "m",
+        "tokenizer": "t",
+        "codes": "c",
+        "data": ["d.json"],
+        "output_dir": "o",
+        "stage": "sft",
+        "max_len": 512,
+        "pack": False,
+        "head": {"width": 128, "head_dim": 32},
+    }
     f = tmp_path / f"run{suffix}"
     if suffix == ".toml":
-        f.write_text('model = "m"\ntokenizer = "t"\ncodes = "c"\ndata = ["d.json"]\noutput_dir = "o"\nstage = "sft"\n'
-                     'max_len = 512\npack = false\n[head]\nwidth = 128\nhead_dim = 32\n')
+        f.write_text(
+            'model = "m"\ntokenizer = "t"\ncodes = "c"\ndata = ["d.json"]\noutput_dir = "o"\nstage = "sft"\n'
+            "max_len = 512\npack = false\n[head]\nwidth = 128\nhead_dim = 32\n"
+        )
     elif suffix == ".yaml":
         import yaml
 
@@ -75,7 +95,14 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path, suffix):
         f.write_text(json.dumps(values))
     cfg = _parse(["--config", str(f), "--max-len", "256"])
     assert (cfg.model, cfg.stage, cfg.max_len, cfg.pack, cfg.head.width, cfg.head.head_dim, cfg.head.layers) == (
-        "m", "sft", 256, False, 128, 32, 3)
+        "m",
+        "sft",
+        256,
+        False,
+        128,
+        32,
+        3,
+    )
 
 
 def test_bad_config_file_is_one_line_error(tmp_path, capsys):
@@ -109,11 +136,20 @@ def test_readme_and_makefile_commands_parse_unchanged():
     for argv in _commands(make):
         argv = [a.replace("$(DEMO)", "demo_out") for a in argv]
         i = argv.index("$(DEMO_TRAIN)")
-        cmds.append(argv[:i] + demo_train + argv[i + 1:])
+        cmds.append(argv[:i] + demo_train + argv[i + 1 :])
     assert len(cmds) >= 5
     for argv in cmds:
         cfg = _parse(argv)
         assert cfg.model and cfg.output_dir and cfg.data
     sft = _parse(cmds[-1])  # the demo's SFT step
-    assert (sft.stage, sft.vision_input, sft.max_steps, sft.micro_batch_size, sft.lr, sft.head.width, sft.max_len,
-            sft.save_every, sft.init_from) == ("sft", "features", 400, 4, 2e-3, 128, 512, 100, "demo_out/runs/pretrain")
+    assert (
+        sft.stage,
+        sft.vision_input,
+        sft.max_steps,
+        sft.micro_batch_size,
+        sft.lr,
+        sft.head.width,
+        sft.max_len,
+        sft.save_every,
+        sft.init_from,
+    ) == ("sft", "features", 400, 4, 2e-3, 128, 512, 100, "demo_out/runs/pretrain")

@@ -1,5 +1,6 @@
 """Data side of asvr-train: templates, shards + conversations join, bad samples,
 packing, collation into Batch, resumable loader.  No DeepSpeed here."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,15 @@ from asvr.train.vision_tower import VisionTower
 from asvr.train.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
 from asvr.tokenizer.errors import FingerprintError
 from asvr.train.sources import CodeStore, DataError
-from asvr.train.templates import (IGNORE_INDEX, ConversationError, chatml, encode_conversation, plain, vicuna_v1,
-                                  validate_turns)
+from asvr.train.templates import (
+    IGNORE_INDEX,
+    ConversationError,
+    chatml,
+    encode_conversation,
+    plain,
+    vicuna_v1,
+    validate_turns,
+)
 from train_corpus import caption, make_corpus
 
 HW = 49  # the tiny tokenizer's 7x7 grid
@@ -37,8 +45,12 @@ def _store(corpus, tiny_tokenizer, codes=None):
 
 
 # ---------------------------------------------------------------- templates
-TURNS = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a red square"},
-         {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}]
+TURNS = [
+    {"from": "human", "value": "<image>\nWhat is it?"},
+    {"from": "gpt", "value": "a red square"},
+    {"from": "human", "value": "Colour?"},
+    {"from": "gpt", "value": "red"},
+]
 
 
 def _text(tok, enc, mask):
@@ -49,36 +61,40 @@ def test_vicuna_labels_only_on_answers_and_layout_matches_llava(llm_tok):
     enc = encode_conversation(vicuna_v1(), validate_turns(TURNS, True), llm_tok, HW)
     t = vicuna_v1()
     # independent rendering, as LLaVA's conv_vicuna_v1 (sep " ", sep2 "</s>")
-    want = (f"<s>{t.system} USER: \nWhat is it? ASSISTANT: a red square</s>USER: Colour? ASSISTANT: red</s>")
+    want = f"<s>{t.system} USER: \nWhat is it? ASSISTANT: a red square</s>USER: Colour? ASSISTANT: red</s>"
     assert _text(llm_tok, enc, ~enc.image_mask) == want
     assert _text(llm_tok, enc, enc.trained) == " a red square</s> red</s>"  # LLaVA trains the answer's space
     assert enc.image_mask.sum() == HW
     first = int(np.argmax(enc.image_mask))
-    assert enc.image_mask[first:first + HW].all()  # one contiguous block
+    assert enc.image_mask[first : first + HW].all()  # one contiguous block
     assert (enc.labels[enc.image_mask] == IGNORE_INDEX).all()
 
 
 def test_chatml_and_plain(llm_tok):
     enc = encode_conversation(chatml(), validate_turns(TURNS, True), llm_tok, HW)
     assert _text(llm_tok, enc, enc.trained) == "a red square<|im_end|>red<|im_end|>"
-    assert _text(llm_tok, enc, ~enc.image_mask).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                                                           "<|im_start|>user\n\nWhat is it?<|im_end|>\n")
+    assert _text(llm_tok, enc, ~enc.image_mask).startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\nWhat is it?<|im_end|>\n"
+    )
     pre = validate_turns(TURNS[:2], True)
     enc = encode_conversation(plain(), pre, llm_tok, HW)
-    assert enc.input_ids[0] == llm_tok.bos_token_id and enc.image_mask[1:1 + HW].all()
+    assert enc.input_ids[0] == llm_tok.bos_token_id and enc.image_mask[1 : 1 + HW].all()
     assert _text(llm_tok, enc, ~enc.image_mask) == "<s>a red square\n"  # the question text is dropped
     assert _text(llm_tok, enc, enc.trained) == "a red square\n"
 
 
-@pytest.mark.parametrize("turns,has_image,msg", [
-    ([], True, "non-empty"),
-    ([{"from": "gpt", "value": "x"}], False, "alternation"),
-    ([{"from": "human", "value": "x"}], False, "last turn"),
-    ([{"from": "human", "value": 3}, {"from": "gpt", "value": "y"}], False, "from, value"),
-    ([{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "y"}], True, "placeholders"),
-    ([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}], False, "no image"),
-    ([{"from": "bot", "value": "x"}, {"from": "gpt", "value": "y"}], False, "not human/gpt"),
-])
+@pytest.mark.parametrize(
+    "turns,has_image,msg",
+    [
+        ([], True, "non-empty"),
+        ([{"from": "gpt", "value": "x"}], False, "alternation"),
+        ([{"from": "human", "value": "x"}], False, "last turn"),
+        ([{"from": "human", "value": 3}, {"from": "gpt", "value": "y"}], False, "from, value"),
+        ([{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "y"}], True, "placeholders"),
+        ([{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}], False, "no image"),
+        ([{"from": "bot", "value": "x"}, {"from": "gpt", "value": "y"}], False, "not human/gpt"),
+    ],
+)
 def test_malformed_conversations(turns, has_image, msg):
     with pytest.raises(ConversationError, match=msg):
         validate_turns(turns, has_image)
@@ -99,8 +115,9 @@ def test_code_store_parquet_and_webdataset_agree(corpus, tiny_tokenizer, tmp_pat
         for k in corpus.keys:
             np.testing.assert_array_equal(store.get(k), corpus.codes_by_key[k].reshape(HW, -1))
     cached = CodeStore.open(corpus.codes, tiny_tokenizer.spec.fingerprint, cache_dir=tmp_path / "cache")
-    again = CodeStore.open(corpus.codes, tiny_tokenizer.spec.fingerprint, cache_dir=tmp_path / "cache",
-                           write_cache=False)
+    again = CodeStore.open(
+        corpus.codes, tiny_tokenizer.spec.fingerprint, cache_dir=tmp_path / "cache", write_cache=False
+    )
     assert isinstance(again.codes, np.memmap) and again.keys == cached.keys
     np.testing.assert_array_equal(np.asarray(again.codes), cached.codes)
 
@@ -195,8 +212,12 @@ def test_best_fit_matches_exhaustive_on_easy_case():
 def test_collator_builds_consistent_batches(corpus, tiny_tokenizer, llm_tok, mode):
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft, caption_free_ratio=1.0), vicuna_v1(), llm_tok, store, True)
-    ctx = SourceContext(store=store, images=str(corpus.images), tower=VisionTower.from_tokenizer(tiny_tokenizer),
-                        preprocess=store.meta.preprocess)
+    ctx = SourceContext(
+        store=store,
+        images=str(corpus.images),
+        tower=VisionTower.from_tokenizer(tiny_tokenizer),
+        preprocess=store.meta.preprocess,
+    )
     col = Collator(data, get_vision_input(mode).source(ctx), llm_tok.pad_token_id)
     plan = plan_epoch(data.lengths, PackingConfig(max_len=400, rows=2), seed=0, epoch=0)
     mb = max(plan, key=lambda m: sum(len(r) for r in m))
@@ -241,19 +262,21 @@ def test_loader_resumes_mid_epoch_on_the_next_micro_batch(corpus, tiny_tokenizer
     b = PackedLoader(data.lengths, col, pk, seed=5)
     b.load_state_dict(state)
     rest = list(zip(range(5), iter(b)))
-    for (_, got), want in zip(rest, stream[n - 2:]):
+    for (_, got), want in zip(rest, stream[n - 2 :]):
         assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.sample_ids, want.sample_ids)
     assert b.state_dict()["epoch"] == 1
     ranks = [PackedLoader(data.lengths, col, pk, seed=5, rank=r, world=2) for r in range(2)]
     firsts = [next(iter(x)) for x in ranks]
-    assert torch.equal(firsts[0].input_ids, stream[0].input_ids) and torch.equal(firsts[1].input_ids,
-                                                                                 stream[1].input_ids)
+    assert torch.equal(firsts[0].input_ids, stream[0].input_ids) and torch.equal(
+        firsts[1].input_ids, stream[1].input_ids
+    )
 
 
 def test_caption_text_encodes_index(corpus, llm_tok):
     # the test corpus is self-describing: decoding a trained span gives its caption back
-    enc = encode_conversation(plain(), validate_turns(json.loads(corpus.pretrain.read_text())[4]["conversations"], True),
-                              llm_tok, HW)
+    enc = encode_conversation(
+        plain(), validate_turns(json.loads(corpus.pretrain.read_text())[4]["conversations"], True), llm_tok, HW
+    )
     assert llm_tok.decode(enc.input_ids[enc.trained].tolist()) == caption(4) + "\n"
 
 
@@ -264,7 +287,7 @@ def test_loader_workers_give_the_same_batches(corpus, tiny_tokenizer, llm_tok):
     pk = PackingConfig(max_len=200, rows=2)
     a = PackedLoader(data.lengths, col, pk, seed=2)
     b = PackedLoader(data.lengths, col, pk, seed=2, num_workers=1)
-    for (x, y, _) in zip(iter(a), iter(b), range(a.micro_batches_per_epoch() + 1)):
+    for x, y, _ in zip(iter(a), iter(b), range(a.micro_batches_per_epoch() + 1)):
         assert torch.equal(x.input_ids, y.input_ids) and x.num_images == y.num_images
         if x.num_images:
             assert torch.equal(x.vision, y.vision)
@@ -284,8 +307,9 @@ def test_one_list_of_vision_inputs():
         DataConfig(data=["x.json"], codes="c", vision_input="features")
 
 
-def test_feature_cache_adds_only_missing_rows_and_features_need_images_only_for_them(corpus, tiny_tokenizer,
-                                                                                      llm_tok, tmp_path):
+def test_feature_cache_adds_only_missing_rows_and_features_need_images_only_for_them(
+    corpus, tiny_tokenizer, llm_tok, tmp_path
+):
     from asvr.train.sources import FeatureCache
 
     store = _store(corpus, tiny_tokenizer)
@@ -312,8 +336,22 @@ def test_asvr_train_preview_prints_samples_and_does_not_train(corpus, tiny_token
     from asvr.train.cli import main
 
     run = tmp_path / "run"
-    argv = ["--model", str(corpus.llm), "--tokenizer", str(tiny_tokenizer_dir), "--codes", str(corpus.codes),
-            "--data", str(corpus.sft), "--stage", "sft", "--output-dir", str(run), "--preview", "3"]
+    argv = [
+        "--model",
+        str(corpus.llm),
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--codes",
+        str(corpus.codes),
+        "--data",
+        str(corpus.sft),
+        "--stage",
+        "sft",
+        "--output-dir",
+        str(run),
+        "--preview",
+        "3",
+    ]
     assert main(argv) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [l["id"] for l in lines] == ["sft0", "sft1", "sft2"] and not run.exists()
@@ -321,11 +359,13 @@ def test_asvr_train_preview_prints_samples_and_does_not_train(corpus, tiny_token
     for l, rec in zip(lines, recs):
         enc = encode_conversation(vicuna_v1(), validate_turns(rec["conversations"], True), llm_tok, HW)
         assert l["input_ids"] == enc.input_ids.tolist() and l["labels"] == enc.labels.tolist()
-        (a, b), = l["image_positions"]
+        ((a, b),) = l["image_positions"]
         assert b - a == HW and l["n_tokens"] == len(enc) and l["image"] == rec["image"]
         assert l["text"].startswith(vicuna_v1().system + " USER: <image>\nWhat is in image")
         trained = [t for t in l["labels"] if t != IGNORE_INDEX]
-        assert llm_tok.decode(trained) == f" {rec['conversations'][1]['value']}</s> {rec['conversations'][3]['value']}</s>"
+        assert (
+            llm_tok.decode(trained) == f" {rec['conversations'][1]['value']}</s> {rec['conversations'][3]['value']}</s>"
+        )
     assert main(argv[:-1] + ["-1"]) == 2
 
 
@@ -354,8 +394,10 @@ def test_a_sample_whose_labels_cannot_be_exact_is_listed_not_trained_masked(corp
     from test_train_templates import SlowLlama, _train_sp
 
     tok = SlowLlama(_train_sp([":▁3"]), legacy=True)  # joins 'ASSISTANT:' to an answer starting with '3'
-    recs = [{"id": "ok", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]},
-            {"id": "joined", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"}]}]
+    recs = [
+        {"id": "ok", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "two"}]},
+        {"id": "joined", "conversations": [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"}]},
+    ]
     f = tmp_path / "d.json"
     f.write_text(json.dumps(recs))
     store = _store(corpus, tiny_tokenizer)

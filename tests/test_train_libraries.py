@@ -1,5 +1,6 @@
 """asvr-train's handling of library output: the one-time DeepSpeed op build is announced,
 DeepSpeed's and transformers' chatter stays out of a normal run."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@
 Tiny random LLMs from configs (llama, qwen2, mistral; hidden 64, 2 layers,
 vocab 300); references are independent where one exists (HF's own loss, a
 sample run alone, full-logits CE)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,19 +32,23 @@ def tiny_model(family="llama", mode="features", seed=0, vision=None, codebooks=N
     if vision is None:
         vision = VisionSpec(dim=C, grid=GRID, depth=DEPTH, codebook_size=K)
         codebooks = torch.randn(DEPTH, K, C, generator=torch.Generator().manual_seed(99))
-    cfg = ModelConfig(llm=tiny_llm_config(family), vision_input=mode, head=VisualHeadConfig(**HEAD), vision=vision, **kw)
+    cfg = ModelConfig(
+        llm=tiny_llm_config(family), vision_input=mode, head=VisualHeadConfig(**HEAD), vision=vision, **kw
+    )
     return build_model(cfg, codebooks=codebooks)
 
 
 @dataclass
 class Sample:
-    ids: torch.Tensor       # [L]
-    labels: torch.Tensor    # [L]
+    ids: torch.Tensor  # [L]
+    labels: torch.Tensor  # [L]
     image_mask: torch.Tensor  # [L] bool
     codes: torch.Tensor | None  # [H, W, D]
 
 
-def make_sample(seed: int, pre: int, image: bool, post: int, caption: bool = True, grid=GRID, depth=DEPTH, k=K) -> Sample:
+def make_sample(
+    seed: int, pre: int, image: bool, post: int, caption: bool = True, grid=GRID, depth=DEPTH, k=K
+) -> Sample:
     g = torch.Generator().manual_seed(seed)
     hw = grid[0] * grid[1] if image else 0
     n = pre + hw + post
@@ -116,8 +121,9 @@ def test_training_forward_backward_matches_hf_loss_and_naive_visual_loss(family)
     loss.backward()
     # text: HF's own shifted CE on the same embeddings
     with torch.no_grad():
-        hf = model.llm(inputs_embeds=model.embed(batch.input_ids, batch.image_mask, batch.vision),
-                       labels=batch.labels).loss
+        hf = model.llm(
+            inputs_embeds=model.embed(batch.input_ids, batch.image_mask, batch.vision), labels=batch.labels
+        ).loss
         torch.testing.assert_close(m["loss_text"], hf, rtol=1e-5, atol=1e-6)
         # visual: full [N, D, K] logits
         rows = model.hidden_states(batch)[batch.image_mask]
@@ -262,8 +268,14 @@ def _train_one_step(model, batch):
 
 def test_export_roundtrip_and_strict_keys(tmp_path, tiny_tokenizer_dir):
     spec, cb = load_artifact(tiny_tokenizer_dir)
-    vision = VisionSpec(dim=spec.dim, grid=spec.grid, depth=spec.depth, codebook_size=spec.codebook_size,
-                        fingerprint=spec.fingerprint, path=str(tiny_tokenizer_dir))
+    vision = VisionSpec(
+        dim=spec.dim,
+        grid=spec.grid,
+        depth=spec.depth,
+        codebook_size=spec.codebook_size,
+        fingerprint=spec.fingerprint,
+        path=str(tiny_tokenizer_dir),
+    )
     model = tiny_model("qwen2", mode="codes", vision=vision, codebooks=cb)  # qwen2 tiny: tied embeddings
     s1 = make_sample(16, 2, True, 4, grid=spec.grid, depth=spec.depth, k=spec.codebook_size)
     s2 = make_sample(17, 3, False, 3)
@@ -279,8 +291,10 @@ def test_export_roundtrip_and_strict_keys(tmp_path, tiny_tokenizer_dir):
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
     b1 = collate([[s1]], len(s1.ids), "codes", model)
-    assert torch.equal(model.generate(b1.input_ids, b1.image_mask, b1.vision, max_new_tokens=4),
-                       loaded.generate(b1.input_ids, b1.image_mask, b1.vision, max_new_tokens=4))
+    assert torch.equal(
+        model.generate(b1.input_ids, b1.image_mask, b1.vision, max_new_tokens=4),
+        loaded.generate(b1.input_ids, b1.image_mask, b1.vision, max_new_tokens=4),
+    )
 
     weights = out / "model.safetensors"
     tensors = load_file(weights)
@@ -302,8 +316,10 @@ def test_online_vision_input_with_the_real_encoder(tmp_path, tiny_tokenizer):
     pixels = torch.from_numpy(tiny_tokenizer.preprocess_images([make_image(1)]))
     codes = tiny_tokenizer.encode_pixels(pixels)  # [1, 7, 7, D], the cached targets
     g = tiny_tokenizer.spec.grid
-    samples = [make_sample(20 + i, 2, True, 3, grid=g, depth=tiny_tokenizer.spec.depth,
-                           k=tiny_tokenizer.spec.codebook_size) for i in range(1)]
+    samples = [
+        make_sample(20 + i, 2, True, 3, grid=g, depth=tiny_tokenizer.spec.depth, k=tiny_tokenizer.spec.codebook_size)
+        for i in range(1)
+    ]
     for s, c in zip(samples, codes):
         s.codes = c
     batch = collate([samples + [make_sample(30, 4, False, 3)]], 64, "codes", model)

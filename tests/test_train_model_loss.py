@@ -1,4 +1,5 @@
 """Chunked linear+CE and the visual head against naive full-logits references (float64)."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,8 +50,12 @@ def test_linear_cross_entropy_bf16_close_to_fp32():
 def _naive_head_loss(head: VisualHead, hidden, ctx, targets):
     """Full [N, D, K] logits, F.cross_entropy per depth."""
     x = head.states(hidden, ctx)
-    return torch.stack([F.cross_entropy(F.linear(x[:, d], c.weight, c.bias), targets[:, d], reduction="sum")
-                        for d, c in enumerate(head.classifiers)])
+    return torch.stack(
+        [
+            F.cross_entropy(F.linear(x[:, d], c.weight, c.bias), targets[:, d], reduction="sum")
+            for d, c in enumerate(head.classifiers)
+        ]
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

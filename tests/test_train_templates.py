@@ -7,6 +7,7 @@ the test: the Hugging Face class (tokenizers backend) and a slow tokenizer
 applying the pre-v5 slow ``LlamaTokenizer`` rules on the SentencePiece model
 itself, each legacy and not.  chatml against ``apply_chat_template`` of a
 Qwen2-style tokenizer (Qwen2's chat template)."""
+
 from __future__ import annotations
 
 import io
@@ -16,34 +17,68 @@ import re
 import numpy as np
 import pytest
 
-from asvr.train.templates import (IGNORE_INDEX, ConversationError, chatml, encode_conversation,
-                                  encode_generation_prompt, plain, validate_turns, vicuna_v1)
+from asvr.train.templates import (
+    IGNORE_INDEX,
+    ConversationError,
+    chatml,
+    encode_conversation,
+    encode_generation_prompt,
+    plain,
+    validate_turns,
+    vicuna_v1,
+)
 
 spm = pytest.importorskip("sentencepiece")
 HW = 5
 IMG = -200
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 CONVS = {
     "image-1": (True, [("human", "What is in the picture?\n<image>"), ("gpt", "A red square on a blue background.")]),
-    "image-3": (True, [("human", "<image>\nHow many dogs?"), ("gpt", "3 dogs."), ("human", "And cats?"),
-                       ("gpt", "There are 12 cats.\nNo birds."), ("human", "Colour of the square?"), ("gpt", "red")]),
+    "image-3": (
+        True,
+        [
+            ("human", "<image>\nHow many dogs?"),
+            ("gpt", "3 dogs."),
+            ("human", "And cats?"),
+            ("gpt", "There are 12 cats.\nNo birds."),
+            ("human", "Colour of the square?"),
+            ("gpt", "red"),
+        ],
+    ),
     "image-mid": (True, [("human", "Look at this: <image> What is it? "), ("gpt", "A square.")]),
     "text-1": (False, [("human", "Say hello."), ("gpt", "Hello there, user.")]),
     "text-2": (False, [("human", "Count to 3."), ("gpt", "1 2 3"), ("human", "Now the colour?"), ("gpt", "blue")]),
 }
-TRAIN_TEXT = [SYSTEM, "USER: What is in the picture? ASSISTANT: A red square on a blue background.",
-              "How many dogs? 3 dogs. And cats? There are 12 cats. No birds. Colour of the square? red",
-              "Look at this: What is it? A square. Say hello. Hello there, user. Count to 3. Now the colour? blue"]
+TRAIN_TEXT = [
+    SYSTEM,
+    "USER: What is in the picture? ASSISTANT: A red square on a blue background.",
+    "How many dogs? 3 dogs. And cats? There are 12 cats. No birds. Colour of the square? red",
+    "Look at this: What is it? A square. Say hello. Hello there, user. Count to 3. Now the colour? blue",
+]
 
 
 # ------------------------------------------------------------------ tokenizers
 def _train_sp(user_symbols=()) -> bytes:
     m = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAIN_TEXT * 20), model_writer=m, vocab_size=420, model_type="bpe", byte_fallback=True,
-        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2, user_defined_symbols=list(user_symbols))
+        sentence_iterator=iter(TRAIN_TEXT * 20),
+        model_writer=m,
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+        user_defined_symbols=list(user_symbols),
+    )
     return m.getvalue()
 
 
@@ -65,12 +100,18 @@ class SlowLlama:
             elif piece and (self.legacy or j == 0):
                 ids += self.sp.encode(piece)
             elif piece:  # the slow tokenizer's trick: encode after '<unk>' and drop its pieces
-                ids += self.sp.encode("<unk>" + piece)[len(self.sp.encode("<unk>")):]
+                ids += self.sp.encode("<unk>" + piece)[len(self.sp.encode("<unk>")) :]
         return {"input_ids": ids}
 
     def decode(self, ids) -> str:
-        return "".join("</s>" if i == 2 else self.sp.decode([int(i)]) if self.sp.id_to_piece(int(i))[0] != "▁"
-                       else " " + self.sp.decode([int(i)]) for i in ids)
+        return "".join(
+            "</s>"
+            if i == 2
+            else self.sp.decode([int(i)])
+            if self.sp.id_to_piece(int(i))[0] != "▁"
+            else " " + self.sp.decode([int(i)])
+            for i in ids
+        )
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +274,7 @@ def test_plain_equals_llava_preprocess_plain(toks, tk, name):
     enc = _ours(plain(), conv, tok, True)
     ref_ids, ref_labels = _expand(*ref_preprocess_plain(conv, tok), 7)
     assert enc.input_ids.tolist() == ref_ids and enc.labels.tolist() == ref_labels
-    assert enc.image_mask[1:1 + HW].all() and enc.trained[1 + HW:].all()
+    assert enc.image_mask[1 : 1 + HW].all() and enc.trained[1 + HW :].all()
 
 
 def test_old_v0_system_prompt_is_gone(toks):
@@ -270,7 +311,9 @@ def test_vicuna_generation_prompt_is_llavas_eval_prompt(toks):
     for tk in ("hf-legacy=True", "slow-legacy=False"):
         tok = toks[tk]
         enc = encode_generation_prompt(vicuna_v1(), [("user", "<image>\nWhat is it?")], tok, HW, image_id=7)
-        want, _ = _expand(ref_tokenizer_image_token(SYSTEM + " USER: <image>\nWhat is it? ASSISTANT:", tok), [0] * 99, 7)
+        want, _ = _expand(
+            ref_tokenizer_image_token(SYSTEM + " USER: <image>\nWhat is it? ASSISTANT:", tok), [0] * 99, 7
+        )
         assert enc.input_ids.tolist() == want
         full = _ours(vicuna_v1(), [("human", "<image>\nWhat is it?"), ("gpt", "A square.")], tok, True)
         n = len(enc)  # the prompt is the training stream up to the first trained token
@@ -282,9 +325,12 @@ QWEN2_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
-               r"""|\s+(?!\S)|\s+""")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -293,15 +339,30 @@ def qwen_tok():
     from transformers import PreTrainedTokenizerFast
 
     t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     t.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    t.train_from_iterator(TRAIN_TEXT * 5, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials[1:], chat_template=QWEN2_CHAT_TEMPLATE)
+    t.train_from_iterator(
+        TRAIN_TEXT * 5,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+        chat_template=QWEN2_CHAT_TEMPLATE,
+    )
 
 
 def _ids(x):
@@ -316,11 +377,15 @@ def test_chatml_equals_qwen2_apply_chat_template(qwen_tok, name):
     assert enc.input_ids.tolist() == _ids(qwen_tok.apply_chat_template(msgs, tokenize=True))
     assert enc.text == qwen_tok.apply_chat_template(msgs, tokenize=False)
     spans = _trained_spans(enc)
-    assert [qwen_tok.decode(s) for s in spans] == [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
-    gen = encode_generation_prompt(chatml(), validate_turns(_turns(conv[:-1] + [("gpt", "x")]), False)[:-1],
-                                   qwen_tok, HW)
-    assert gen.input_ids.tolist() == _ids(qwen_tok.apply_chat_template(msgs[:-1], tokenize=True,
-                                                                       add_generation_prompt=True))
+    assert [qwen_tok.decode(s) for s in spans] == [
+        m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"
+    ]
+    gen = encode_generation_prompt(
+        chatml(), validate_turns(_turns(conv[:-1] + [("gpt", "x")]), False)[:-1], qwen_tok, HW
+    )
+    assert gen.input_ids.tolist() == _ids(
+        qwen_tok.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True)
+    )
 
 
 def test_chatml_image_chunks(qwen_tok):
@@ -328,6 +393,10 @@ def test_chatml_image_chunks(qwen_tok):
     enc = _ours(chatml(), conv, qwen_tok, True)
     text = enc.text
     a, b = text.split("<image>")
-    want = qwen_tok(a, add_special_tokens=False)["input_ids"] + [7] * HW + qwen_tok(b, add_special_tokens=False)["input_ids"]
+    want = (
+        qwen_tok(a, add_special_tokens=False)["input_ids"]
+        + [7] * HW
+        + qwen_tok(b, add_special_tokens=False)["input_ids"]
+    )
     assert enc.input_ids.tolist() == want and enc.image_mask.sum() == HW
     assert "<|im_start|>user\n<image>\nWhat is in the picture?<|im_end|>" in text

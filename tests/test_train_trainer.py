@@ -1,5 +1,6 @@
 """asvr-train end to end on CPU with real DeepSpeed (gloo, fp32): exact resume,
 sft from a pretrain run, ZeRO-3 vs ZeRO-2, two processes vs accumulation, errors."""
+
 from __future__ import annotations
 
 import json
@@ -28,17 +29,51 @@ def corpus(tmp_path_factory, tiny_tokenizer):
 
 
 def _args(corpus, tok_dir, out, *extra, data=None):
-    return ["--model", str(corpus.llm), "--tokenizer", str(tok_dir), "--codes", str(corpus.codes),
-            "--data", str(data or corpus.pretrain), "--images", str(corpus.images), "--output-dir", str(out),
-            "--max-len", "256", "--quiet", *TINY_HEAD, *extra]
+    return [
+        "--model",
+        str(corpus.llm),
+        "--tokenizer",
+        str(tok_dir),
+        "--codes",
+        str(corpus.codes),
+        "--data",
+        str(data or corpus.pretrain),
+        "--images",
+        str(corpus.images),
+        "--output-dir",
+        str(out),
+        "--max-len",
+        "256",
+        "--quiet",
+        *TINY_HEAD,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def pretrain_run(corpus, tiny_tokenizer_dir, tmp_path_factory):
     """4 uninterrupted steps, 2 micro-batches each, checkpoint every 2."""
     out = tmp_path_factory.mktemp("runs") / "straight"
-    assert main(_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "4", "--grad-accum", "2", "--save-every", "2",
-                      "--caption-free-ratio", "0.25", "--keep-checkpoints", "0")) == 0
+    assert (
+        main(
+            _args(
+                corpus,
+                tiny_tokenizer_dir,
+                out,
+                "--max-steps",
+                "4",
+                "--grad-accum",
+                "2",
+                "--save-every",
+                "2",
+                "--caption-free-ratio",
+                "0.25",
+                "--keep-checkpoints",
+                "0",
+            )
+        )
+        == 0
+    )
     return out
 
 
@@ -69,8 +104,26 @@ def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir
     """--log-every 3 reads the device once per 3 steps (and at the end): same rows, same
     values as the run above; --no-final-checkpoint leaves no checkpoint behind."""
     out = tmp_path / "windowed"
-    assert main(_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "4", "--grad-accum", "2",
-                      "--caption-free-ratio", "0.25", "--log-every", "3", "--no-final-checkpoint", "--no-export")) == 0
+    assert (
+        main(
+            _args(
+                corpus,
+                tiny_tokenizer_dir,
+                out,
+                "--max-steps",
+                "4",
+                "--grad-accum",
+                "2",
+                "--caption-free-ratio",
+                "0.25",
+                "--log-every",
+                "3",
+                "--no-final-checkpoint",
+                "--no-export",
+            )
+        )
+        == 0
+    )
     straight, windowed = read_metrics(pretrain_run), read_metrics(out)
     assert [r["step"] for r in windowed] == [1, 2, 3, 4]
     for key in ("loss", "loss_text", "loss_visual", "loss_visual_d1", "lr", "epoch"):
@@ -96,15 +149,34 @@ def test_pretrain_freezes_llm_and_exports_loadable_model(corpus, pretrain_run, t
     for k, v in llm0.items():
         assert torch.equal(final["llm." + k], v), k  # LLM frozen in pretraining
     model = load_exported(pretrain_run / "final", tokenizer=tiny_tokenizer)
-    assert torch.equal(model.projector.state_dict()[next(iter(model.projector.state_dict()))],
-                       final["projector." + next(iter(model.projector.state_dict()))])
+    assert torch.equal(
+        model.projector.state_dict()[next(iter(model.projector.state_dict()))],
+        final["projector." + next(iter(model.projector.state_dict()))],
+    )
 
 
 def test_sft_starts_from_pretrain_weights(corpus, tiny_tokenizer_dir, pretrain_run, tmp_path):
     out = tmp_path / "sft"
     # lr 0: one real SFT step through DeepSpeed leaves the --init-from weights untouched
-    assert main(_args(corpus, tiny_tokenizer_dir, out, "--stage", "sft", "--init-from", str(pretrain_run),
-                      "--max-steps", "1", "--lr", "0", data=corpus.sft)) == 0
+    assert (
+        main(
+            _args(
+                corpus,
+                tiny_tokenizer_dir,
+                out,
+                "--stage",
+                "sft",
+                "--init-from",
+                str(pretrain_run),
+                "--max-steps",
+                "1",
+                "--lr",
+                "0",
+                data=corpus.sft,
+            )
+        )
+        == 0
+    )
     a = load_file(str(pretrain_run / "final" / "model.safetensors"))
     b = load_file(str(out / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("head.") for k in a)
@@ -115,10 +187,27 @@ def test_sft_starts_from_pretrain_weights(corpus, tiny_tokenizer_dir, pretrain_r
 
 def test_zero3_features_equals_zero2_online(corpus, tiny_tokenizer_dir, tmp_path):
     common = ["--stage", "sft", "--max-steps", "2", "--caption-free-ratio", "0.2", "--no-export"]
-    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "z2", *common, "--vision-input", "online",
-                      data=corpus.sft)) == 0
-    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "z3", *common, "--vision-input", "features", "--zero",
-                      "3", "--gradient-checkpointing", data=corpus.sft)) == 0
+    assert (
+        main(_args(corpus, tiny_tokenizer_dir, tmp_path / "z2", *common, "--vision-input", "online", data=corpus.sft))
+        == 0
+    )
+    assert (
+        main(
+            _args(
+                corpus,
+                tiny_tokenizer_dir,
+                tmp_path / "z3",
+                *common,
+                "--vision-input",
+                "features",
+                "--zero",
+                "3",
+                "--gradient-checkpointing",
+                data=corpus.sft,
+            )
+        )
+        == 0
+    )
     assert list((tmp_path / "z3" / "cache").glob("features-*.npy"))
     a, b = read_metrics(tmp_path / "z2"), read_metrics(tmp_path / "z3")
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
@@ -126,11 +215,23 @@ def test_zero3_features_equals_zero2_online(corpus, tiny_tokenizer_dir, tmp_path
 
 def test_two_processes_equal_one_process_with_accumulation(corpus, tiny_tokenizer_dir, tmp_path):
     common = ["--stage", "sft", "--max-steps", "2", "--no-export", "--seed", "1"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "asvr.train.cli", *_args(corpus, tiny_tokenizer_dir, tmp_path / "w2", *common, data=corpus.sft)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "asvr.train.cli",
+        *_args(corpus, tiny_tokenizer_dir, tmp_path / "w2", *common, data=corpus.sft),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "w1", *common, "--grad-accum", "2", data=corpus.sft)) == 0
@@ -155,16 +256,18 @@ def test_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_existing_run_folder_is_refused_without_resume_or_overwrite(corpus, tiny_tokenizer_dir, pretrain_run,
-                                                                    tmp_path, capsys):
+def test_existing_run_folder_is_refused_without_resume_or_overwrite(
+    corpus, tiny_tokenizer_dir, pretrain_run, tmp_path, capsys
+):
     import shutil
 
     run = tmp_path / "again"
     shutil.copytree(pretrain_run, run)
     before = (run / "metrics.jsonl").read_text()
     assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1")) == 2
-    assert capsys.readouterr().err.strip() == (f"asvr-train: error: {run} already holds a run: --resume auto to "
-                                               "continue, --overwrite to start again")
+    assert capsys.readouterr().err.strip() == (
+        f"asvr-train: error: {run} already holds a run: --resume auto to continue, --overwrite to start again"
+    )
     assert (run / "metrics.jsonl").read_text() == before  # untouched
     assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1", "--overwrite")) == 0
     assert [r["step"] for r in read_metrics(run)] == [1]
@@ -176,10 +279,14 @@ def test_a_run_prints_only_our_lines(corpus, tiny_tokenizer_dir, tmp_path):
     no "... built successfully"; our counts, our bar, our summary."""
     out = tmp_path / "plain"
     args = [a for a in _args(corpus, tiny_tokenizer_dir, out, "--max-steps", "1", "--no-export") if a != "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "DS_ACCELERATOR")}
-    r = subprocess.run([sys.executable, "-m", "asvr.train.cli", *args], env=env, capture_output=True, text=True,
-                       timeout=300)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "asvr.train.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if not line.startswith("building DeepSpeed's")]  # first run only
     assert lines[0].startswith("9 samples (9 conversations") and len(lines) == 2, r.stdout
@@ -191,7 +298,7 @@ def test_a_run_prints_only_our_lines(corpus, tiny_tokenizer_dir, tmp_path):
 def test_online_without_images_is_one_line_error(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     args = _args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--vision-input", "online")
     i = args.index("--images")
-    del args[i:i + 2]
+    del args[i : i + 2]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("asvr-train: error: --vision-input online") and "--images" in err and "\n" not in err

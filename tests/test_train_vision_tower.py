@@ -4,6 +4,7 @@ as targets).  Tiny SigLIP/CLIP folders are built here from configs (random init,
 save_pretrained): the tokenizer's SigLIP (32-d) and the LLM's tower (48-d) differ,
 and the projector's input is compared with the tower run directly through
 transformers."""
+
 from __future__ import annotations
 
 import json
@@ -21,15 +22,25 @@ from train_corpus import make_corpus
 TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
 
 
-def save_tiny_tower(folder: Path, kind: str = "siglip", *, seed: int, hidden: int, image_size: int = 28,
-                    patch: int = 4, layers: int = 3) -> Path:
+def save_tiny_tower(
+    folder: Path, kind: str = "siglip", *, seed: int, hidden: int, image_size: int = 28, patch: int = 4, layers: int = 3
+) -> Path:
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    cfg_cls, model_cls = (SiglipVisionConfig, SiglipVisionModel) if kind == "siglip" else (CLIPVisionConfig,
-                                                                                          CLIPVisionModel)
+    cfg_cls, model_cls = (
+        (SiglipVisionConfig, SiglipVisionModel) if kind == "siglip" else (CLIPVisionConfig, CLIPVisionModel)
+    )
     torch.manual_seed(seed)
-    model_cls(cfg_cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, image_size=image_size, patch_size=patch)).save_pretrained(folder)
+    model_cls(
+        cfg_cls(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=patch,
+        )
+    ).save_pretrained(folder)
     return folder
 
 
@@ -39,8 +50,15 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tower")
     tok_siglip = save_tiny_tower(root / "tok_siglip", seed=0, hidden=32)
     tower = save_tiny_tower(root / "tower_siglip", seed=1, hidden=48)
-    spec = TokenizerSpec(encoder=default_encoder_spec("siglip", str(tok_siglip)), preprocess="square", grid=(7, 7),
-                         dim=32, depth=2, codebook_size=16, shared_codebook=False)
+    spec = TokenizerSpec(
+        encoder=default_encoder_spec("siglip", str(tok_siglip)),
+        preprocess="square",
+        grid=(7, 7),
+        dim=32,
+        depth=2,
+        codebook_size=16,
+        shared_codebook=False,
+    )
     save_artifact(root / "tok", spec, torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0)))
     tokenizer = SemanticTokenizer.load(root / "tok")
     corpus = make_corpus(root / "corpus", tokenizer, n_images=6, n_captioned=4)
@@ -49,9 +67,27 @@ def setup(tmp_path_factory):
 
 def _args(setup, out, *extra, data=None):
     root, _, tower, corpus = setup
-    return ["--model", str(corpus.llm), "--tokenizer", str(root / "tok"), "--codes", str(corpus.codes),
-            "--data", str(data or corpus.sft), "--images", str(corpus.images), "--output-dir", str(out),
-            "--stage", "sft", "--max-len", "256", "--quiet", *TINY_HEAD, *extra]
+    return [
+        "--model",
+        str(corpus.llm),
+        "--tokenizer",
+        str(root / "tok"),
+        "--codes",
+        str(corpus.codes),
+        "--data",
+        str(data or corpus.sft),
+        "--images",
+        str(corpus.images),
+        "--output-dir",
+        str(out),
+        "--stage",
+        "sft",
+        "--max-len",
+        "256",
+        "--quiet",
+        *TINY_HEAD,
+        *extra,
+    ]
 
 
 def _reference_tower(folder: Path, pixels: torch.Tensor, layer: int = -2) -> torch.Tensor:
@@ -67,8 +103,14 @@ def _reference_tower(folder: Path, pixels: torch.Tensor, layer: int = -2) -> tor
 def online_run(setup, tmp_path_factory):
     root, _, tower, corpus = setup
     out = tmp_path_factory.mktemp("runs") / "online"
-    assert main(_args(setup, out, "--vision-input", "online", "--vision-tower", str(tower), "--max-steps", "3",
-                      "--lr", "1e-3")) == 0
+    assert (
+        main(
+            _args(
+                setup, out, "--vision-input", "online", "--vision-tower", str(tower), "--max-steps", "3", "--lr", "1e-3"
+            )
+        )
+        == 0
+    )
     return out
 
 
@@ -97,24 +139,65 @@ def test_online_tower_feeds_the_projector_trains_and_evaluates(setup, online_run
     ids = torch.zeros(1, 2 * 49 + 3, dtype=torch.long)
     img = torch.zeros_like(ids, dtype=torch.bool)
     img[0, 1:50] = img[0, 51:100] = True
-    batch = Batch(input_ids=ids, labels=torch.full_like(ids, -100), position_ids=torch.arange(ids.shape[1])[None],
-                  sample_ids=torch.ones_like(ids), image_mask=img, vision=torch.from_numpy(pixels))
+    batch = Batch(
+        input_ids=ids,
+        labels=torch.full_like(ids, -100),
+        position_ids=torch.arange(ids.shape[1])[None],
+        sample_ids=torch.ones_like(ids),
+        image_mask=img,
+        vision=torch.from_numpy(pixels),
+    )
     model.hidden_states(batch)
     want = _reference_tower(tower, torch.from_numpy(pixels)).reshape(-1, 48)
     torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
     tok_feats = tokenizer.features(tokenizer.preprocess_images([corpus.images / k for k in keys]))
     assert tok_feats.shape[-1] == 32  # the tokenizer's SigLIP is another model
 
-    assert eval_main(["loss", "--model", str(online_run), "--codes", str(corpus.codes), "--data", str(corpus.sft),
-                      "--images", str(corpus.images), "--out", str(tmp_path / "loss"), "--quiet"]) == 0
+    assert (
+        eval_main(
+            [
+                "loss",
+                "--model",
+                str(online_run),
+                "--codes",
+                str(corpus.codes),
+                "--data",
+                str(corpus.sft),
+                "--images",
+                str(corpus.images),
+                "--out",
+                str(tmp_path / "loss"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "loss" / "report.json").read_text())
     assert rep["results"]["visual"]["positions"] == 4 * 49 and rep["results"]["text"]["tokens"] > 0
     assert rep["model"]["vision_tower"] == str(tower.resolve())
     bench = tmp_path / "b.jsonl"
-    bench.write_text("".join(json.dumps({"image": k, "question": "Is it red?", "answer": "yes"}) + "\n"
-                             for k in corpus.keys[:2]))
-    assert eval_main(["bench", "--model", str(online_run), "--bench", str(bench), "--images", str(corpus.images),
-                      "--max-new-tokens", "2", "--out", str(tmp_path / "bench"), "--quiet"]) == 0
+    bench.write_text(
+        "".join(json.dumps({"image": k, "question": "Is it red?", "answer": "yes"}) + "\n" for k in corpus.keys[:2])
+    )
+    assert (
+        eval_main(
+            [
+                "bench",
+                "--model",
+                str(online_run),
+                "--bench",
+                str(bench),
+                "--images",
+                str(corpus.images),
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(tmp_path / "bench"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "bench" / "predictions.jsonl").read_text().splitlines()) == 2
 
 
@@ -124,8 +207,23 @@ def test_features_cache_holds_the_towers_output_and_is_named_by_it(setup, online
 
     root, tokenizer, tower, corpus = setup
     out = tmp_path / "feat"
-    assert main(_args(setup, out, "--vision-input", "features", "--vision-tower", str(tower), "--max-steps", "3",
-                      "--lr", "1e-3")) == 0
+    assert (
+        main(
+            _args(
+                setup,
+                out,
+                "--vision-input",
+                "features",
+                "--vision-tower",
+                str(tower),
+                "--max-steps",
+                "3",
+                "--lr",
+                "1e-3",
+            )
+        )
+        == 0
+    )
     t = open_vision_tower(tower)
     caches = sorted((out / "cache").glob("features-*.npy"))
     assert [c.name.split("-")[1] for c in caches] == [t.spec.fingerprint[:12]]
@@ -148,8 +246,25 @@ def test_features_cache_holds_the_towers_output_and_is_named_by_it(setup, online
     assert json.loads((out / "final" / "asvr_config.json").read_text())["model"]["vision_tower"]["dim"] == 48
     from asvr.eval.cli import main as eval_main  # a features model evaluates with the tower's features
 
-    assert eval_main(["loss", "--model", str(out), "--codes", str(corpus.codes), "--data", str(corpus.sft),
-                      "--images", str(corpus.images), "--out", str(tmp_path / "loss"), "--quiet"]) == 0
+    assert (
+        eval_main(
+            [
+                "loss",
+                "--model",
+                str(out),
+                "--codes",
+                str(corpus.codes),
+                "--data",
+                str(corpus.sft),
+                "--images",
+                str(corpus.images),
+                "--out",
+                str(tmp_path / "loss"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "loss" / "report.json").read_text())
     assert rep["model"]["vision_input"] == "features" and rep["results"]["visual"]["positions"] == 4 * 49
 
@@ -177,8 +292,12 @@ def test_cls_patch_clip_tower_adds_one_untargeted_position(setup, tmp_path):
     clip = save_tiny_tower(tmp_path / "clip", "clip", seed=2, hidden=40)
     t = open_vision_tower(clip, select="cls_patch")
     assert t.tokens_per_image == 50
-    cfg = ModelConfig(llm=str(corpus.llm), vision_input="online", vision_tower=t.spec,
-                      head=VisualHeadConfig(width=64, proj_hidden=64, layers=1, head_dim=32))
+    cfg = ModelConfig(
+        llm=str(corpus.llm),
+        vision_input="online",
+        vision_tower=t.spec,
+        head=VisualHeadConfig(width=64, proj_hidden=64, layers=1, head_dim=32),
+    )
     model = build_model(cfg, tokenizer, tower=t)
     s = make_sample(3, 2, True, 3, grid=(7, 7), depth=2, k=16)
     batch = collate([[s]], 60, "codes", model)
@@ -211,7 +330,11 @@ def test_tower_errors_are_one_line(setup, tmp_path, capsys):
 
 
 def test_init_from_a_run_with_another_tower_is_refused(setup, online_run, tmp_path, capsys):
-    assert main(_args(setup, tmp_path / "r", "--vision-input", "online", "--init-from", str(online_run),
-                      "--max-steps", "1")) == 2
+    assert (
+        main(
+            _args(setup, tmp_path / "r", "--vision-input", "online", "--init-from", str(online_run), "--max-steps", "1")
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("asvr-train: error:") and "vision tower" in err

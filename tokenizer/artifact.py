@@ -7,6 +7,7 @@ files, and the canonical JSON of everything that changes pixels or features
 *mode* (square/pad) is recorded beside it, not in it: the same tokenizer serves
 both modes, and shards record the mode they were made with.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,9 +69,16 @@ def compute_fingerprint(spec: TokenizerSpec, codebooks: torch.Tensor) -> str:
     h.update(codebooks.detach().float().contiguous().cpu().numpy().tobytes())
     h.update(spec.encoder.weights_sha256.encode())
     enc = spec.encoder
-    pixels = {"kind": enc.kind, "feature_layer": enc.feature_layer, "image_size": enc.image_size,
-              "mean": enc.mean, "std": enc.std, "resample": enc.resample,
-              "depth": spec.depth, "shared": spec.shared_codebook}
+    pixels = {
+        "kind": enc.kind,
+        "feature_layer": enc.feature_layer,
+        "image_size": enc.image_size,
+        "mean": enc.mean,
+        "std": enc.std,
+        "resample": enc.resample,
+        "depth": spec.depth,
+        "shared": spec.shared_codebook,
+    }
     h.update(json.dumps(pixels, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -113,6 +121,11 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> tuple[Tokeniz
     if tuple(cb.shape) != want:
         raise TokenizerError(f"{cbf}: codebooks have shape {tuple(cb.shape)}, tokenizer.json says {want}")
     if verify:
-        check_fingerprint(compute_fingerprint(spec, cb), spec.fingerprint, f"{path}'s codebooks and encoder",
-                          f"its {TOKENIZER_JSON}", "the codebooks or tokenizer.json were changed")
+        check_fingerprint(
+            compute_fingerprint(spec, cb),
+            spec.fingerprint,
+            f"{path}'s codebooks and encoder",
+            f"its {TOKENIZER_JSON}",
+            "the codebooks or tokenizer.json were changed",
+        )
     return spec, cb

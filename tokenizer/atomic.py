@@ -14,6 +14,7 @@ PNGs, caches, exports) goes through :func:`atomic_path` / :func:`atomic_write`
 The result gets the permissions a plain ``open()`` would give (0666/0777
 minus the user's umask), not ``mkstemp``'s 0600.  Standard library only.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Each subcommand lives in its own module exposing ``register(subparsers)``; the
 module is imported only when its command runs, so ``asvr-tokenizer encode``
 never imports faiss or matplotlib.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-dualtoken": ("asvr.tokenizer.cmd_import", "convert the published ASVR/DualToken tokenizer checkpoint"),
     "index": ("asvr.tokenizer.cmd_index", "build or extend a faiss index over code shards"),
     "search": ("asvr.tokenizer.cmd_search", "nearest images of an image or a key in an index"),
-    "inspect": ("asvr.tokenizer.cmd_inspect", "codebook usage, dead/dominant codes, nearest codes, code contact sheets"),
+    "inspect": (
+        "asvr.tokenizer.cmd_inspect",
+        "codebook usage, dead/dominant codes, nearest codes, code contact sheets",
+    ),
 }
 
 
 def add_encoding_args(p: argparse.ArgumentParser) -> None:
     """Options of the commands that run the encoder over a folder of images (train, validate)."""
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="images per encoder call (EfficientNet-Lite0 on CPU: 64 ms/img at 8, 112 at 32)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="images per encoder call (EfficientNet-Lite0 on CPU: 64 ms/img at 8, 112 at 32)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and faiss (default: theirs). On a busy 2-core machine 1 thread "
-                        "was 4x faster than 2 for EfficientNet (OpenMP spin-waits)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch and faiss (default: theirs). On a busy 2-core machine 1 thread "
+        "was 4x faster than 2 for EfficientNet (OpenMP spin-waits)",
+    )
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -62,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import TokenizerError
     from .preprocess import ImageError
 
-    return run_guarded("asvr-tokenizer", args.command, lambda: args.func(args),
-                       (TokenizerError, EncoderLoadError, ImageError, FileNotFoundError))
+    return run_guarded(
+        "asvr-tokenizer",
+        args.command,
+        lambda: args.func(args),
+        (TokenizerError, EncoderLoadError, ImageError, FileNotFoundError),
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """``asvr-tokenizer encode``: print the codes of a few images."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,11 @@ from .preprocess import PREPROCESS_MODES, ImageError, open_image, preprocess, re
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Print the codes of each image: one line per grid row, each cell the D codes joined by ':' "
-                     "(or one JSON object per image with --json: codes nested [H][W][D]). An unreadable image "
-                     "stops with a one-line error naming it (exit 2).")
+    p.description = (
+        "Print the codes of each image: one line per grid row, each cell the D codes joined by ':' "
+        "(or one JSON object per image with --json: codes nested [H][W][D]). An unreadable image "
+        "stops with a one-line error naming it (exit 2)."
+    )
     p.add_argument("tokenizer", metavar="TOK", help="tokenizer directory")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--json", action="store_true", help="one JSON object per line per image")
@@ -36,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
     h, w, d = codes.shape[1:]
     for path, c in zip(args.images, codes):
         if args.json:
-            print(json.dumps({"image": path, "grid": [h, w], "depth": d, "preprocess": cfg.mode,
-                              "codes": c.tolist()}))
+            print(json.dumps({"image": path, "grid": [h, w], "depth": d, "preprocess": cfg.mode, "codes": c.tolist()}))
         else:
             print(f"# {path}  grid {h}x{w}  depth {d}  preprocess {cfg.mode}")
             for row in c:

@@ -6,6 +6,7 @@ see :mod:`asvr.tokenizer.retrieval` for why), exact ``Flat`` below 100k images,
 queries/s on 100k vectors).  ``--add`` indexes
 only the shards the index lacks (by file name and sha256).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,27 @@ from .help_text import plain
 def register(p: argparse.ArgumentParser) -> None:
     p.description = plain(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("codes", metavar="CODES", help="code shard directory written by `asvr-pipeline tokenize` (or one shard file)")
-    p.add_argument("--tokenizer", metavar="TOK", help="tokenizer directory the shards were made with "
-                   "(required for a new index; --add defaults to the one recorded in IDX/index.json)")
-    p.add_argument("--out", metavar="IDX", required=True, help="index directory (index.json, index.*.faiss, keys.*.parquet)")
-    p.add_argument("--factory", metavar="STR", help="faiss index_factory string overriding the size-based choice, "
-                   "e.g. Flat, HNSW32,Flat, IVF1024,PQ40,Refine(SQ8) (inner-product metric)")
-    p.add_argument("--search-params", metavar="P", help="stored search parameters, e.g. nprobe=32,efSearch=128,k_factor=4")
+    p.add_argument(
+        "codes", metavar="CODES", help="code shard directory written by `asvr-pipeline tokenize` (or one shard file)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="TOK",
+        help="tokenizer directory the shards were made with "
+        "(required for a new index; --add defaults to the one recorded in IDX/index.json)",
+    )
+    p.add_argument(
+        "--out", metavar="IDX", required=True, help="index directory (index.json, index.*.faiss, keys.*.parquet)"
+    )
+    p.add_argument(
+        "--factory",
+        metavar="STR",
+        help="faiss index_factory string overriding the size-based choice, "
+        "e.g. Flat, HNSW32,Flat, IVF1024,PQ40,Refine(SQ8) (inner-product metric)",
+    )
+    p.add_argument(
+        "--search-params", metavar="P", help="stored search parameters, e.g. nprobe=32,efSearch=128,k_factor=4"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--add", action="store_true", help="add the shards of CODES that IDX does not hold yet")
     g.add_argument("--force", action="store_true", help="rebuild IDX from scratch if it exists")
@@ -42,17 +57,37 @@ def run(args: argparse.Namespace) -> int:
         return tqdm(total=total_rows, unit="img", desc="index", disable=args.quiet)
 
     try:
-        res = build_index(args.codes, args.out, args.tokenizer, factory=args.factory,
-                          search_params=parse_search_params(args.search_params), add=args.add, force=args.force,
-                          progress=progress)
+        res = build_index(
+            args.codes,
+            args.out,
+            args.tokenizer,
+            factory=args.factory,
+            search_params=parse_search_params(args.search_params),
+            add=args.add,
+            force=args.force,
+            progress=progress,
+        )
     except RetrievalError as e:
         raise CLIError(str(e)) from None
     m = res.meta
     if m.factory == "Flat" and m.count >= EXACT_LIMIT:
-        print(f"note: {m.count} images in an exact Flat index; `--force` rebuilds it with the approximate index "
-              f"chosen for this size", file=sys.stderr)
-    print(json.dumps({"index": str(args.out), "factory": m.factory, "count": m.count, "dim": m.dim,
-                      "added_shards": len(res.added_shards), "skipped_shards": len(res.skipped_shards),
-                      "added_images": res.added_rows, "search_params": m.search_params}))
+        print(
+            f"note: {m.count} images in an exact Flat index; `--force` rebuilds it with the approximate index "
+            f"chosen for this size",
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "index": str(args.out),
+                "factory": m.factory,
+                "count": m.count,
+                "dim": m.dim,
+                "added_shards": len(res.added_shards),
+                "skipped_shards": len(res.skipped_shards),
+                "added_images": res.added_rows,
+                "search_params": m.search_params,
+            }
+        )
+    )
     return 0
-

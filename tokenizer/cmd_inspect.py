@@ -15,6 +15,7 @@ depth x codebook size, fingerprint and the mean code norm per depth.
 ``--report DIR`` writes report.json and the PNGs; the summary is printed
 either way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,25 @@ def register(p: argparse.ArgumentParser) -> None:
     p.description = plain(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("tokenizer", metavar="TOK", help="tokenizer directory")
-    p.add_argument("--codes", metavar="CODES", help="code shard directory made with this tokenizer (for usage and --code)")
+    p.add_argument(
+        "--codes", metavar="CODES", help="code shard directory made with this tokenizer (for usage and --code)"
+    )
     p.add_argument("--images", metavar="ROOT", help="image root the shard keys are relative to (for the --code sheet)")
     p.add_argument("--report", metavar="DIR", help="write report.json, usage.png and code sheets here")
-    p.add_argument("--code", metavar="D:K", action="append", default=[],
-                   help="images/patches using code K at depth D (both from 0); D:top = the most used code of depth D "
-                        "(repeatable)")
-    p.add_argument("--nearest", metavar="D:K", action="append", default=[],
-                   help="nearest codes of code K at depth D, or D:top (repeatable)")
+    p.add_argument(
+        "--code",
+        metavar="D:K",
+        action="append",
+        default=[],
+        help="images/patches using code K at depth D (both from 0); D:top = the most used code of depth D (repeatable)",
+    )
+    p.add_argument(
+        "--nearest",
+        metavar="D:K",
+        action="append",
+        default=[],
+        help="nearest codes of code K at depth D, or D:top (repeatable)",
+    )
     p.add_argument("--top", type=int, default=8, help="nearest codes to list (default 8)")
     p.add_argument("--max-images", type=int, default=16, help="images on a code sheet (default 16)")
     p.add_argument("--dominant-factor", type=float, default=10.0, help="dominant: share > F / K (default 10)")
@@ -63,7 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .artifact import load_artifact
-    from .code_inspection import InspectError, code_sheet, find_code_uses, nearest_codes, plot_usage, summarize, usage_counts
+    from .code_inspection import (
+        InspectError,
+        code_sheet,
+        find_code_uses,
+        nearest_codes,
+        plot_usage,
+        summarize,
+        usage_counts,
+    )
 
     spec, cb = load_artifact(args.tokenizer)
     D, K = spec.depth, spec.codebook_size
@@ -77,8 +97,15 @@ def run(args: argparse.Namespace) -> int:
     if report_dir:
         report_dir.mkdir(parents=True, exist_ok=True)
     bar = lambda total, desc: tqdm(total=total, unit="shard", desc=desc, disable=args.quiet)  # noqa: E731
-    report: dict = {"tokenizer": str(Path(args.tokenizer).resolve()), "fingerprint": spec.fingerprint, "depth": D,
-                    "codebook_size": K, "dim": spec.dim, "grid": list(spec.grid), "shared_codebook": spec.shared_codebook}
+    report: dict = {
+        "tokenizer": str(Path(args.tokenizer).resolve()),
+        "fingerprint": spec.fingerprint,
+        "depth": D,
+        "codebook_size": K,
+        "dim": spec.dim,
+        "grid": list(spec.grid),
+        "shared_codebook": spec.shared_codebook,
+    }
     for line in summary_lines(args.tokenizer, spec, cb):
         print(line)
     if not (args.codes or nearest or report_dir):
@@ -87,13 +114,21 @@ def run(args: argparse.Namespace) -> int:
         if args.codes:
             usage = usage_counts(args.codes, spec.fingerprint, D, K, lambda n: bar(n, "usage"))
             summ = summarize(usage, args.dominant_factor)
-            report["usage"] = {"codes": str(Path(args.codes).resolve()), "images": usage.images, "patches": usage.patches,
-                               "preprocess": usage.preprocess, "expected_per_code": usage.patches / K,
-                               "dominant_factor": args.dominant_factor,
-                               "depths": [asdict(s) for s in summ], "counts": usage.counts.tolist()}
+            report["usage"] = {
+                "codes": str(Path(args.codes).resolve()),
+                "images": usage.images,
+                "patches": usage.patches,
+                "preprocess": usage.preprocess,
+                "expected_per_code": usage.patches / K,
+                "dominant_factor": args.dominant_factor,
+                "depths": [asdict(s) for s in summ],
+                "counts": usage.counts.tolist(),
+            }
             for s in summ:
-                print(f"depth {s.depth}: used {s.used}/{K}  dead {s.dead}  dominant {len(s.dominant)}  "
-                      f"perplexity {s.perplexity:.1f}  top-1% share {s.top_share:.3f}")
+                print(
+                    f"depth {s.depth}: used {s.used}/{K}  dead {s.dead}  dominant {len(s.dominant)}  "
+                    f"perplexity {s.perplexity:.1f}  top-1% share {s.top_share:.3f}"
+                )
             if report_dir:
                 plot_usage(usage, report_dir / "usage.png")
             top = lambda d, c: (d, int(usage.counts[d].argmax()) if c < 0 else c)  # noqa: E731
@@ -101,16 +136,27 @@ def run(args: argparse.Namespace) -> int:
         report["nearest"] = []
         for d, k in nearest:
             nn = nearest_codes(cb[0 if cb.shape[0] == 1 else d].numpy(), k, args.top)
-            report["nearest"].append({"code": f"{d}:{k}", "neighbours": [{"code": c, "sq_l2": round(x, 6)} for c, x in nn]})
+            report["nearest"].append(
+                {"code": f"{d}:{k}", "neighbours": [{"code": c, "sq_l2": round(x, 6)} for c, x in nn]}
+            )
             print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
         report["codes"] = []
         for d, k in codes:
-            uses = find_code_uses(args.codes, spec.fingerprint, d, k, args.max_images, functools.partial(bar, desc=f"code {d}:{k}"))
-            entry = {"code": f"{d}:{k}", "images": uses.images, "patches": uses.patches, "preprocess": uses.preprocess,
-                     "top": [{"key": u.key, "positions": [list(p) for p in u.positions]} for u in uses.top]}
+            uses = find_code_uses(
+                args.codes, spec.fingerprint, d, k, args.max_images, functools.partial(bar, desc=f"code {d}:{k}")
+            )
+            entry = {
+                "code": f"{d}:{k}",
+                "images": uses.images,
+                "patches": uses.patches,
+                "preprocess": uses.preprocess,
+                "top": [{"key": u.key, "positions": [list(p) for p in u.positions]} for u in uses.top],
+            }
             msg = f"code {d}:{k}: {uses.patches} patches in {uses.images} images"
             if report_dir and args.images:
-                path, missing = code_sheet(uses, args.images, (spec.grid[0], spec.grid[1]), report_dir / f"code_{d}_{k}.png")
+                path, missing = code_sheet(
+                    uses, args.images, (spec.grid[0], spec.grid[1]), report_dir / f"code_{d}_{k}.png"
+                )
                 entry["sheet"] = path.name
                 msg += f"; sheet {path}" + (f" ({missing} images not found under {args.images})" if missing else "")
             report["codes"].append(entry)
@@ -128,9 +174,11 @@ def summary_lines(path: str, spec, cb) -> list[str]:
     e = spec.encoder
     norms = cb.norm(dim=-1).mean(dim=-1).tolist()
     shared = ", shared codebook" if spec.shared_codebook else ""
-    lines = [f"{path}: {e.kind} at {e.image_size} px ({spec.preprocess}), grid "
-             f"{spec.grid[0]}x{spec.grid[1]}, dim {spec.dim}, {spec.depth} depths x {spec.codebook_size} codes{shared}",
-             f"fingerprint {spec.fingerprint}"]
+    lines = [
+        f"{path}: {e.kind} at {e.image_size} px ({spec.preprocess}), grid "
+        f"{spec.grid[0]}x{spec.grid[1]}, dim {spec.dim}, {spec.depth} depths x {spec.codebook_size} codes{shared}",
+        f"fingerprint {spec.fingerprint}",
+    ]
     names = ["all depths"] if spec.shared_codebook else [f"depth {d}" for d in range(len(norms))]
     lines += [f"{n}: mean code norm {v:.4g}" for n, v in zip(names, norms)]
     return lines

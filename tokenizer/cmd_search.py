@@ -6,6 +6,7 @@ the index's preprocess mode, so an image of the corpus finds itself first at
 cosine 1.  ``--key`` uses the stored image's vector.  ``--sheet`` draws the
 query and its neighbours (key + score) from the files under ``--images``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--tokenizer", metavar="TOK", help="tokenizer directory (default: the one in IDX/index.json)")
-    p.add_argument("--search-params", metavar="P", help="override stored search parameters, e.g. nprobe=64,efSearch=256")
+    p.add_argument(
+        "--search-params", metavar="P", help="override stored search parameters, e.g. nprobe=64,efSearch=256"
+    )
     p.add_argument("--images", metavar="ROOT", help="image root the keys are relative to (for --sheet)")
     p.add_argument("--sheet", metavar="PNG", help="write a contact sheet of the query and neighbours (needs --images)")
     p.set_defaults(func=run)
@@ -56,8 +59,18 @@ def run(args: argparse.Namespace) -> int:
 
     what = {"key": args.key} if args.key is not None else {"image": args.image}
     if args.json:
-        print(json.dumps({"query": what, "index": str(args.index), "factory": idx.meta.factory,
-                          "neighbours": [{"rank": r + 1, "key": h.key, "score": round(h.score, 6)} for r, h in enumerate(hits)]}))
+        print(
+            json.dumps(
+                {
+                    "query": what,
+                    "index": str(args.index),
+                    "factory": idx.meta.factory,
+                    "neighbours": [
+                        {"rank": r + 1, "key": h.key, "score": round(h.score, 6)} for r, h in enumerate(hits)
+                    ],
+                }
+            )
+        )
     else:
         print(f"query {next(iter(what.values()))}  ({idx.meta.factory}, {len(idx)} images)")
         for r, h in enumerate(hits):
@@ -75,9 +88,16 @@ def _sheet(args, hits) -> None:
         q = Tile(open_image(read_file(args.image)), f"query\n{Path(args.image).name}", highlight=True)
     else:
         q = Tile(load_image_under(args.images, args.key), f"query\n{args.key}", highlight=True)
-    tiles = [q] + [Tile(load_image_under(args.images, h.key), f"{r + 1}. {h.score:.3f}\n{h.key}")
-                   for r, h in enumerate(hits)]
+    tiles = [q] + [
+        Tile(load_image_under(args.images, h.key), f"{r + 1}. {h.score:.3f}\n{h.key}") for r, h in enumerate(hits)
+    ]
     missing = sum(t.image is None for t in tiles)
-    save_png(draw_sheet(tiles, SheetLayout(cols=min(6, len(tiles))), title=f"search {args.index}: query + {len(hits)} nearest (cosine)"),
-             args.sheet)
+    save_png(
+        draw_sheet(
+            tiles,
+            SheetLayout(cols=min(6, len(tiles))),
+            title=f"search {args.index}: query + {len(hits)} nearest (cosine)",
+        ),
+        args.sheet,
+    )
     print(f"sheet: {args.sheet}" + (f" ({missing} keys not found under {args.images})" if missing else ""))

@@ -14,6 +14,7 @@ entirely in the padding has no box.  The cell is the patch's nominal
 footprint: the encoder's receptive field is wider, and SigLIP's 27 patches of
 14 px cover 378 of the 384 px (the last 6 px belong to no cell).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -51,8 +52,13 @@ class Usage:
     preprocess: str | None
 
 
-def usage_counts(out: str | os.PathLike, fingerprint: str, depth: int, codebook_size: int,
-                 progress: Callable[[int], ProgressBar] | None = None) -> Usage:
+def usage_counts(
+    out: str | os.PathLike,
+    fingerprint: str,
+    depth: int,
+    codebook_size: int,
+    progress: Callable[[int], ProgressBar] | None = None,
+) -> Usage:
     counts = np.zeros((depth, codebook_size), np.int64)
     images = 0
     modes = set()
@@ -100,12 +106,17 @@ def summarize(usage: Usage, dominant_factor: float = 10.0, max_dominant: int = 5
         order = np.argsort(-c, kind="stable")
         top = max(1, k // 100)
         dom = [int(i) for i in order if p[i] > dominant_factor / k][:max_dominant]
-        out.append(DepthSummary(
-            depth=d, used=int((c > 0).sum()), dead=int((c == 0).sum()), perplexity=round(ppl, 3),
-            top_share=round(float(c[order[:top]].sum() / total), 5),
-            dominant=[{"code": i, "count": int(c[i]), "share": round(float(p[i]), 6)} for i in dom],
-            dead_codes=[int(i) for i in np.flatnonzero(c == 0)],
-        ))
+        out.append(
+            DepthSummary(
+                depth=d,
+                used=int((c > 0).sum()),
+                dead=int((c == 0).sum()),
+                perplexity=round(ppl, 3),
+                top_share=round(float(c[order[:top]].sum() / total), 5),
+                dominant=[{"code": i, "count": int(c[i]), "share": round(float(p[i]), 6)} for i in dom],
+                dead_codes=[int(i) for i in np.flatnonzero(c == 0)],
+            )
+        )
     return out
 
 
@@ -176,8 +187,14 @@ class CodeUses:
     preprocess: str
 
 
-def find_code_uses(out: str | os.PathLike, fingerprint: str, depth: int, code: int, max_images: int = 16,
-                   progress: Callable[[int], ProgressBar] | None = None) -> CodeUses:
+def find_code_uses(
+    out: str | os.PathLike,
+    fingerprint: str,
+    depth: int,
+    code: int,
+    max_images: int = 16,
+    progress: Callable[[int], ProgressBar] | None = None,
+) -> CodeUses:
     heap: list[tuple[int, _Neg, np.ndarray]] = []  # min-heap on (count, -key order) keeps the best max_images
     images = patches = 0
     mode = ""
@@ -242,8 +259,9 @@ def patch_box(h: int, w: int, grid: tuple[int, int], size: tuple[int, int], mode
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
-def code_sheet(uses: CodeUses, images_root: str | os.PathLike, grid: tuple[int, int], path: str | os.PathLike,
-               tile: int = 160) -> tuple[Path, int]:
+def code_sheet(
+    uses: CodeUses, images_root: str | os.PathLike, grid: tuple[int, int], path: str | os.PathLike, tile: int = 160
+) -> tuple[Path, int]:
     """Contact sheet of the images using a code, its patches outlined. Returns (path, missing images)."""
     from .sheets import SheetLayout, Tile, draw_sheet, load_image_under, save_png
 
@@ -254,7 +272,9 @@ def code_sheet(uses: CodeUses, images_root: str | os.PathLike, grid: tuple[int, 
         if img is not None:
             boxes = [b for h, w in u.positions if (b := patch_box(h, w, grid, img.size, uses.preprocess)) is not None]
         tiles.append(Tile(img, f"{len(u.positions)} patches\n{u.key}", boxes))
-    title = (f"code {uses.depth}:{uses.code}: {uses.patches} patches in {uses.images} images "
-             f"({uses.preprocess}); top {len(tiles)}")
+    title = (
+        f"code {uses.depth}:{uses.code}: {uses.patches} patches in {uses.images} images "
+        f"({uses.preprocess}); top {len(tiles)}"
+    )
     sheet = draw_sheet(tiles or [Tile(None, "no image uses it")], SheetLayout(tile=tile), title=title)
     return save_png(sheet, path), sum(t.image is None for t in tiles)

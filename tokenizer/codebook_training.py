@@ -23,6 +23,7 @@ greedy residuals of all depths (the inputs each depth sees), started from the
 current codebook; a round is kept only if the greedy error falls.  Centroids
 thus spread over the scales of all depths.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,9 +101,15 @@ def _load(path: Path, cfg: PreprocessConfig) -> np.ndarray | Failure:
         return Failure(path, e.stage, e.reason)
 
 
-def iter_features(encoder: torch.nn.Module, paths: Sequence[Path], cfg: PreprocessConfig, *,
-                  batch_size: int = 8, failures: list[Failure] | None = None,
-                  progress: str | None = "encode") -> Iterator[FeatureBatch]:
+def iter_features(
+    encoder: torch.nn.Module,
+    paths: Sequence[Path],
+    cfg: PreprocessConfig,
+    *,
+    batch_size: int = 8,
+    failures: list[Failure] | None = None,
+    progress: str | None = "encode",
+) -> Iterator[FeatureBatch]:
     """Decode + preprocess on a 2-thread pool (PIL releases the GIL) one batch
     ahead of the encoder; yield float32 features per batch.  Unreadable images
     are appended to ``failures`` and skipped."""
@@ -214,8 +221,9 @@ def relative_errors(x: np.ndarray, codebooks: np.ndarray, codes: np.ndarray) -> 
     return out
 
 
-def _score_round(x: np.ndarray, books: np.ndarray, depth: int, err: float, rnd: int,
-                 rounds: list[dict]) -> tuple[bool, np.ndarray, float]:
+def _score_round(
+    x: np.ndarray, books: np.ndarray, depth: int, err: float, rnd: int, rounds: list[dict]
+) -> tuple[bool, np.ndarray, float]:
     """Encode with a refinement round's codebooks; the round is kept only if the
     final relative error falls.  Returns (kept, codes, error) and logs the round."""
     codes = greedy_encode(x, books, depth)
@@ -228,10 +236,13 @@ def _score_round(x: np.ndarray, books: np.ndarray, depth: int, err: float, rnd: 
 def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None) -> np.ndarray:
     import faiss
 
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=1 << 20)
-    km.train(np.ascontiguousarray(x, dtype=np.float32),
-             init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32))
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, verbose=False, min_points_per_centroid=1, max_points_per_centroid=1 << 20
+    )
+    km.train(
+        np.ascontiguousarray(x, dtype=np.float32),
+        init_centroids=None if init is None else np.ascontiguousarray(init, dtype=np.float32),
+    )
     return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
 
 
@@ -311,8 +322,10 @@ def train_codebooks(x: np.ndarray, cfg: CodebookTrainConfig) -> CodebookTrainRes
     if x.ndim != 2:
         raise TrainingError(f"vectors must be [N, C], got shape {x.shape}")
     if cfg.codebook_size > x.shape[0]:
-        raise TrainingError(f"codebook size {cfg.codebook_size} > {x.shape[0]} training vectors: "
-                            "use more images/vectors or a smaller --codebook-size")
+        raise TrainingError(
+            f"codebook size {cfg.codebook_size} > {x.shape[0]} training vectors: "
+            "use more images/vectors or a smaller --codebook-size"
+        )
     t0 = time.perf_counter()
     rounds: list[dict] = []
     if cfg.shared:
@@ -322,5 +335,6 @@ def train_codebooks(x: np.ndarray, cfg: CodebookTrainConfig) -> CodebookTrainRes
     else:
         books = _train_kmeans(x, cfg, rounds)
     codes = greedy_encode(x, books, cfg.depth)
-    return CodebookTrainResult(codebooks=books, rel_error=relative_errors(x, books, codes), rounds=rounds,
-                               seconds=time.perf_counter() - t0)
+    return CodebookTrainResult(
+        codebooks=books, rel_error=relative_errors(x, books, codes), rounds=rounds, seconds=time.perf_counter() - t0
+    )

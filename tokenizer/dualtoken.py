@@ -17,6 +17,7 @@ wrong shape, or a config that disagrees (hidden size vs ``C``, grid
 ``image_size / patch_size`` vs ``code_shape``) is an error, never a silent
 random init.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,13 +99,19 @@ def read_rq_config(folder: str | os.PathLike) -> RQSiglipConfig:
         # Both lengths are checked (== 3) below, with a clearer message than the constructor's.
         code_shape = cast("tuple[int, int, int]", tuple(int(v) for v in rq["code_shape"]))
         latent_shape = cast("tuple[int, int, int]", tuple(int(v) for v in rq["latent_shape"]))
-        cfg = RQSiglipConfig(code_shape=code_shape, latent_shape=latent_shape, n_embed=int(rq["n_embed"]),
-                             shared_codebook=bool(rq.get("shared_codebook", False)))
+        cfg = RQSiglipConfig(
+            code_shape=code_shape,
+            latent_shape=latent_shape,
+            n_embed=int(rq["n_embed"]),
+            shared_codebook=bool(rq.get("shared_codebook", False)),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise DualTokenImportError(f"{path}: rqvaesiglip needs code_shape, latent_shape, n_embed ({e!r})") from None
     if len(code_shape) != 3 or len(latent_shape) != 3 or code_shape[:2] != latent_shape[:2]:
-        raise DualTokenImportError(f"{path}: code_shape {list(code_shape)} and latent_shape {list(latent_shape)} "
-                                   "must be [H, W, D] and [H, W, C] on the same grid")
+        raise DualTokenImportError(
+            f"{path}: code_shape {list(code_shape)} and latent_shape {list(latent_shape)} "
+            "must be [H, W, D] and [H, W, C] on the same grid"
+        )
     return cfg
 
 
@@ -138,8 +145,9 @@ def extract_codebooks(state: dict[str, torch.Tensor], rq: RQSiglipConfig) -> tup
         if key not in state:
             raise DualTokenImportError(f"checkpoint has no {key}")
         if tuple(state[key].shape) != want:
-            raise DualTokenImportError(f"{key} has shape {tuple(state[key].shape)}, config wants {want} "
-                                       f"(n_embed + 1 pad row, C)")
+            raise DualTokenImportError(
+                f"{key} has shape {tuple(state[key].shape)}, config wants {want} (n_embed + 1 pad row, C)"
+            )
         books.append(state[key][: rq.n_embed].float())
         used.add(key)
     for key in state:
@@ -148,16 +156,19 @@ def extract_codebooks(state: dict[str, torch.Tensor], rq: RQSiglipConfig) -> tup
             continue
         i = int(m.group(1))
         if not rq.shared_codebook or i >= rq.depth:
-            raise DualTokenImportError(f"checkpoint has {key} but the config has depth {rq.depth}"
-                                       f"{' and a shared codebook' if rq.shared_codebook else ''}")
+            raise DualTokenImportError(
+                f"checkpoint has {key} but the config has depth {rq.depth}"
+                f"{' and a shared codebook' if rq.shared_codebook else ''}"
+            )
         if not torch.equal(state[key], state[CODEBOOK_KEY.format(0)]):
             raise DualTokenImportError(f"shared_codebook is set but {key} differs from codebook 0")
         used.add(key)  # the same module registered at every depth
     return torch.stack(books).contiguous(), used
 
 
-def extract_vision(state: dict[str, torch.Tensor], siglip_dir: Path, rq: RQSiglipConfig
-                   ) -> tuple[dict[str, torch.Tensor], set[str], int]:
+def extract_vision(
+    state: dict[str, torch.Tensor], siglip_dir: Path, rq: RQSiglipConfig
+) -> tuple[dict[str, torch.Tensor], set[str], int]:
     """Vision weights the truncated tower needs, as ``vision_model.*``; -> (weights, keys used, layers)."""
     from transformers import SiglipVisionModel
 
@@ -169,8 +180,10 @@ def extract_vision(state: dict[str, torch.Tensor], siglip_dir: Path, rq: RQSigli
     if cfg.hidden_size != rq.dim:
         raise DualTokenImportError(f"SigLIP hidden size {cfg.hidden_size} != codebook dim C={rq.dim}")
     if (side, side) != tuple(rq.code_shape[:2]):
-        raise DualTokenImportError(f"SigLIP grid {side}x{side} (image {cfg.image_size} / patch {cfg.patch_size}) "
-                                   f"!= code_shape {rq.code_shape[0]}x{rq.code_shape[1]}")
+        raise DualTokenImportError(
+            f"SigLIP grid {side}x{side} (image {cfg.image_size} / patch {cfg.patch_size}) "
+            f"!= code_shape {rq.code_shape[0]}x{rq.code_shape[1]}"
+        )
     layers = cfg.num_hidden_layers + 1 + FEATURE_LAYER
     cfg.num_hidden_layers = layers
     with torch.device("meta"):  # shapes only: no 400M-parameter allocation
@@ -199,8 +212,13 @@ def _write_encoder(out: Path, siglip_dir: Path, weights: dict[str, torch.Tensor]
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": "dualtoken-import"})
 
 
-def import_dualtoken(config_dir: str | os.PathLike, checkpoint: str | os.PathLike, siglip_dir: str | os.PathLike,
-                     out: str | os.PathLike, preprocess: str = "square") -> ImportResult:
+def import_dualtoken(
+    config_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    siglip_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    preprocess: str = "square",
+) -> ImportResult:
     """Convert a DualToken/ASVR checkpoint to a tokenizer directory at ``out``."""
     siglip_dir, out = Path(siglip_dir), Path(out)
     rq = read_rq_config(config_dir)
@@ -211,7 +229,14 @@ def import_dualtoken(config_dir: str | os.PathLike, checkpoint: str | os.PathLik
     _write_encoder(out, siglip_dir, vision)
     enc = default_encoder_spec("siglip", str(out / ENCODER_DIR), FEATURE_LAYER)
     enc.weights = ENCODER_DIR  # relative to the artifact: it moves as one folder
-    spec = TokenizerSpec(encoder=enc, preprocess=preprocess, grid=(rq.code_shape[0], rq.code_shape[1]), dim=rq.dim,
-                         depth=rq.depth, codebook_size=rq.n_embed, shared_codebook=rq.shared_codebook)
+    spec = TokenizerSpec(
+        encoder=enc,
+        preprocess=preprocess,
+        grid=(rq.code_shape[0], rq.code_shape[1]),
+        dim=rq.dim,
+        depth=rq.depth,
+        codebook_size=rq.n_embed,
+        shared_codebook=rq.shared_codebook,
+    )
     spec = save_artifact(out, spec, codebooks)
     return ImportResult(spec=spec, vision_tensors=len(vision), skipped=dict(sorted(skipped.items())))

@@ -11,6 +11,7 @@ position (EfficientNet-Lite0: 7 x 7 at 224 px; with ``patch`` 4 a feature is
 trains its codebooks like any other encoder's.  No weights; ``feature_layer`` records the
 patch side (default 4).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,9 @@ class PixelPatchEncoder(torch.nn.Module):
     def __init__(self, grid: int = 7, patch: int = 4, image_size: int = 224):
         super().__init__()
         if grid < 1 or patch < 1 or image_size < grid * patch:
-            raise ValueError(f"pixels encoder: need 1 <= grid * patch <= image size, got {grid} x {patch} > {image_size}")
+            raise ValueError(
+                f"pixels encoder: need 1 <= grid * patch <= image size, got {grid} x {patch} > {image_size}"
+            )
         self.side, self.patch, self.image_size = grid, patch, image_size
         self.grid = (grid, grid)
         self.dim = 3 * patch * patch
@@ -35,8 +38,8 @@ class PixelPatchEncoder(torch.nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         b = pixels.shape[0]
         g, p = self.side, self.patch
-        x = F.adaptive_avg_pool2d(pixels.float(), g * p)                 # [B, 3, g*p, g*p]
-        x = x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1)       # [B, g, g, p, p, 3]
+        x = F.adaptive_avg_pool2d(pixels.float(), g * p)  # [B, 3, g*p, g*p]
+        x = x.reshape(b, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # [B, g, g, p, p, 3]
         return x.reshape(b, g, g, self.dim).contiguous()
 
 
@@ -46,8 +49,12 @@ def _build(spec: EncoderSpec, base: Path | None) -> torch.nn.Module:
 
 def _default_spec(weights: str | None, feature_layer: int | None) -> EncoderSpec:
     """EfficientNet-Lite0's grid at 224 px (7 x 7); ``feature_layer`` is the patch side."""
-    return EncoderSpec(kind="pixels", weights=PIXELS_WEIGHTS_REF, feature_layer=4 if feature_layer is None else feature_layer,
-                       image_size=224)
+    return EncoderSpec(
+        kind="pixels",
+        weights=PIXELS_WEIGHTS_REF,
+        feature_layer=4 if feature_layer is None else feature_layer,
+        image_size=224,
+    )
 
 
 register_encoder(EncoderKind(name="pixels", build=_build, default_spec=_default_spec))

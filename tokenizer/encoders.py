@@ -22,6 +22,7 @@ names its transformers config/model classes, anything else gives ``build``.
 ``encoder_*`` modules are imported by :func:`encoder_kinds`, so
 ``asvr-tokenizer train --encoder`` lists them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -151,7 +152,9 @@ class EfficientNetLiteEncoder(torch.nn.Module):
         n = len(net._blocks)
         layer = feature_layer if feature_layer >= 0 else n + feature_layer
         if not 0 <= layer < n:
-            raise EncoderLoadError(f"efficientnet_lite0 has blocks 0..{n - 1}; feature_layer {feature_layer} is out of range")
+            raise EncoderLoadError(
+                f"efficientnet_lite0 has blocks 0..{n - 1}; feature_layer {feature_layer} is out of range"
+            )
         self.stem = torch.nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = torch.nn.ModuleList(net._blocks[: layer + 1])
         self.image_size = image_size
@@ -217,15 +220,22 @@ def weight_files(folder: Path) -> list[Path]:
 class HFVisionEncoder(torch.nn.Module):
     """SigLIP or CLIP vision tower truncated at ``feature_layer``; CLIP's CLS token is dropped."""
 
-    def __init__(self, kind: str, folder: str | os.PathLike, feature_layer: int = -2,
-                 state_dict: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        folder: str | os.PathLike,
+        feature_layer: int = -2,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         folder = Path(folder)
         cfg = load_vision_config(kind, folder)
         total = cfg.num_hidden_layers
         layer = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
         if not 1 <= layer <= total:
-            raise EncoderLoadError(f"{kind} has hidden states 1..{total}; feature_layer {feature_layer} is out of range")
+            raise EncoderLoadError(
+                f"{kind} has hidden states 1..{total}; feature_layer {feature_layer} is out of range"
+            )
         cfg.num_hidden_layers = layer
         _, model_cls = _hf_classes(kind)
         model = model_cls(cfg)
@@ -244,7 +254,9 @@ class HFVisionEncoder(torch.nn.Module):
             )
         for k, v in model.state_dict().items():
             if state[k].shape != v.shape:
-                raise EncoderLoadError(f"{folder}: {k} has shape {tuple(state[k].shape)}, config wants {tuple(v.shape)}")
+                raise EncoderLoadError(
+                    f"{folder}: {k} has shape {tuple(state[k].shape)}, config wants {tuple(v.shape)}"
+                )
         model.load_state_dict(state, strict=True)
         self.skipped = sorted(upper | skipped_other)
         self.model = model.eval().requires_grad_(False)
@@ -262,7 +274,7 @@ class HFVisionEncoder(torch.nn.Module):
         transformers < 5 vision models) prefix them ``vision_model.``; transformers >= 5
         vision models do not."""
         want = VISION_PREFIX if any(k.startswith(VISION_PREFIX) for k in expected) else ""
-        vision = {k[len(VISION_PREFIX):]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
+        vision = {k[len(VISION_PREFIX) :]: v for k, v in state.items() if k.startswith(VISION_PREFIX)}
         return {want + k: v for k, v in (vision or state).items()}
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -329,7 +341,9 @@ def build_encoder(spec: EncoderSpec, base: Path | None = None) -> torch.nn.Modul
     return HFVisionEncoder(spec.kind, folder, spec.feature_layer)
 
 
-def default_encoder_spec(kind: str = "efficientnet_lite0", weights: str | None = None, feature_layer: int | None = None) -> EncoderSpec:
+def default_encoder_spec(
+    kind: str = "efficientnet_lite0", weights: str | None = None, feature_layer: int | None = None
+) -> EncoderSpec:
     """Spec for a kind, reading image size and normalisation from the HF folder."""
     k = encoder_kind(kind)
     if k.default_spec is not None:
@@ -343,16 +357,34 @@ def default_encoder_spec(kind: str = "efficientnet_lite0", weights: str | None =
     if pp.exists():
         raw = json.loads(pp.read_text())
         mean, std = list(raw.get("image_mean", mean)), list(raw.get("image_std", std))
-    return EncoderSpec(kind=kind, weights=str(folder.resolve()),
-                       feature_layer=-2 if feature_layer is None else feature_layer,
-                       image_size=cfg.image_size, mean=mean, std=std)
+    return EncoderSpec(
+        kind=kind,
+        weights=str(folder.resolve()),
+        feature_layer=-2 if feature_layer is None else feature_layer,
+        image_size=cfg.image_size,
+        mean=mean,
+        std=std,
+    )
 
 
-register_encoder(EncoderKind(
-    "efficientnet_lite0",
-    build=lambda spec, base: EfficientNetLiteEncoder(spec.feature_layer, spec.image_size),
-    default_spec=lambda weights, layer: EncoderSpec(kind="efficientnet_lite0", weights=EFFICIENTNET_PACKAGE_REF,
-                                                    feature_layer=-1 if layer is None else layer, image_size=224)))
+register_encoder(
+    EncoderKind(
+        "efficientnet_lite0",
+        build=lambda spec, base: EfficientNetLiteEncoder(spec.feature_layer, spec.image_size),
+        default_spec=lambda weights, layer: EncoderSpec(
+            kind="efficientnet_lite0",
+            weights=EFFICIENTNET_PACKAGE_REF,
+            feature_layer=-1 if layer is None else layer,
+            image_size=224,
+        ),
+    )
+)
 register_encoder(EncoderKind("siglip", hf_classes=("SiglipVisionConfig", "SiglipVisionModel")))
-register_encoder(EncoderKind("clip", hf_classes=("CLIPVisionConfig", "CLIPVisionModel"), drop_cls=True,
-                             mean_std=([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])))
+register_encoder(
+    EncoderKind(
+        "clip",
+        hf_classes=("CLIPVisionConfig", "CLIPVisionModel"),
+        drop_cls=True,
+        mean_std=([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+    )
+)

@@ -12,6 +12,7 @@ and the trainer use it without torch.
 * :func:`run_guarded`: an expected error is one line on stderr and exit code
   2, Ctrl-C one line and exit code 130, never a traceback.
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,13 +39,19 @@ def check_fingerprint(got: str, want: str, what: str, against: str, hint: str = 
     export folder), ``against`` the thing that carries ``want`` (this run's
     tokenizer, the index); ``hint`` says how to fix it."""
     if got != want:
-        raise FingerprintError(f"fingerprint mismatch: {what} has {got[:12] or '(none)'}, "
-                               f"{against} has {want[:12] or '(none)'}" + (f"; {hint}" if hint else ""))
+        raise FingerprintError(
+            f"fingerprint mismatch: {what} has {got[:12] or '(none)'}, "
+            f"{against} has {want[:12] or '(none)'}" + (f"; {hint}" if hint else "")
+        )
 
 
-def run_guarded(prog: str, command: str | None, call: Callable[[], object],
-                errors: tuple[type[BaseException], ...] = (),
-                interrupted: str | Callable[[], str] = "interrupted") -> int:
+def run_guarded(
+    prog: str,
+    command: str | None,
+    call: Callable[[], object],
+    errors: tuple[type[BaseException], ...] = (),
+    interrupted: str | Callable[[], str] = "interrupted",
+) -> int:
     """Run one (sub)command the way every ``asvr-*`` CLI does.
 
     An error of a type in ``errors`` (or a :class:`CLIError`) is one line on

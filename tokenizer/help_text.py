@@ -2,6 +2,7 @@
 reStructuredText (``literal``, ``Examples::``, :mod:`x`), a terminal shows
 plain text.  One function, used by every ``asvr-*`` parser that prints a
 docstring."""
+
 from __future__ import annotations
 
 import re

@@ -6,6 +6,7 @@ A ``.json`` file holds a list of records ``{id, image?, conversations}``; a
 (each reader validates the fields it uses); only an unreadable file or one
 that is not a list is refused here, with a one-line :class:`LlavaJSONError`.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,11 @@ def read_llava_records(path: str | os.PathLike) -> list[Any]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        records = ([json.loads(line) for line in text.splitlines() if line.strip()]
-                   if path.suffix.lower() == ".jsonl" else json.loads(text))
+        records = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if path.suffix.lower() == ".jsonl"
+            else json.loads(text)
+        )
     except (OSError, ValueError) as e:
         raise LlavaJSONError(f"{path}: not a readable LLaVA JSON file ({e})") from None
     except RecursionError:  # json's C scanner on e.g. 100k nested brackets

@@ -1,4 +1,5 @@
 """The semantic visual tokenizer: frozen encoder + feature layer + RVQ codebooks."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,9 @@ from .quantizer import ResidualQuantizer, default_search_dtype
 
 
 class SemanticTokenizer(torch.nn.Module):
-    def __init__(self, spec: TokenizerSpec, encoder: torch.nn.Module, codebooks: torch.Tensor, path: Path | None = None):
+    def __init__(
+        self, spec: TokenizerSpec, encoder: torch.nn.Module, codebooks: torch.Tensor, path: Path | None = None
+    ):
         super().__init__()
         grid, dim = encoder_geometry(encoder)
         if tuple(grid) != tuple(spec.grid) or dim != spec.dim:
@@ -31,8 +34,14 @@ class SemanticTokenizer(torch.nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
-             encoder_path: str | None = None, verify_weights: bool = True) -> "SemanticTokenizer":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        *,
+        encoder_path: str | None = None,
+        verify_weights: bool = True,
+    ) -> "SemanticTokenizer":
         """Load an artifact directory.  ``encoder_path`` points a Hugging Face
         encoder at another folder (the artifact moved machines); its weights must
         hash to what the artifact recorded."""
@@ -51,15 +60,22 @@ class SemanticTokenizer(torch.nn.Module):
         return cls(spec, encoder, cb, path).to(device)
 
     @classmethod
-    def from_parts(cls, encoder_spec: EncoderSpec, codebooks: torch.Tensor, preprocess: str = "square",
-                   depth: int | None = None) -> "SemanticTokenizer":
+    def from_parts(
+        cls, encoder_spec: EncoderSpec, codebooks: torch.Tensor, preprocess: str = "square", depth: int | None = None
+    ) -> "SemanticTokenizer":
         """In-memory tokenizer (tests, training codebooks)."""
         encoder = build_encoder(encoder_spec)
         depth = codebooks.shape[0] if depth is None else depth
         grid, dim = encoder_geometry(encoder)
-        spec = TokenizerSpec(encoder=encoder_spec, preprocess=preprocess, grid=grid, dim=dim,
-                             depth=depth, codebook_size=codebooks.shape[1],
-                             shared_codebook=codebooks.shape[0] == 1 and depth > 1)
+        spec = TokenizerSpec(
+            encoder=encoder_spec,
+            preprocess=preprocess,
+            grid=grid,
+            dim=dim,
+            depth=depth,
+            codebook_size=codebooks.shape[1],
+            shared_codebook=codebooks.shape[0] == 1 and depth > 1,
+        )
         return cls(spec, encoder, codebooks)
 
     # ------------------------------------------------------------------ config
@@ -69,8 +85,14 @@ class SemanticTokenizer(torch.nn.Module):
 
     def preprocess_config(self, mode: str | None = None, fast_decode: bool = False) -> PreprocessConfig:
         e = self.spec.encoder
-        return PreprocessConfig(image_size=e.image_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample,
-                                mode=mode or self.spec.preprocess, fast_decode=fast_decode)
+        return PreprocessConfig(
+            image_size=e.image_size,
+            mean=tuple(e.mean),
+            std=tuple(e.std),
+            resample=e.resample,
+            mode=mode or self.spec.preprocess,
+            fast_decode=fast_decode,
+        )
 
     # ------------------------------------------------------------------ compute
     @torch.no_grad()
@@ -85,7 +107,9 @@ class SemanticTokenizer(torch.nn.Module):
         return self.encoder(pixels.float()).float()
 
     @torch.no_grad()
-    def encode_pixels(self, pixels, *, search_dtype: str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def encode_pixels(
+        self, pixels, *, search_dtype: str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """pixels -> codes ``[B, H, W, D]`` (int64)."""
         feats = self.features(pixels, dtype=dtype)
         if search_dtype is None:
@@ -94,8 +118,12 @@ class SemanticTokenizer(torch.nn.Module):
         cand = 16
         return self.quantizer.encode(feats, search_dtype=search_dtype, candidates=cand)
 
-    def preprocess_images(self, images: Sequence[bytes | Image.Image | str | os.PathLike],
-                          mode: str | None = None, fast_decode: bool = False) -> np.ndarray:
+    def preprocess_images(
+        self,
+        images: Sequence[bytes | Image.Image | str | os.PathLike],
+        mode: str | None = None,
+        fast_decode: bool = False,
+    ) -> np.ndarray:
         cfg = self.preprocess_config(mode, fast_decode)
         out = []
         for im in images:

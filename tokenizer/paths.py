@@ -11,6 +11,7 @@ with ``O_NONBLOCK`` (opening a FIFO for reading then returns at once instead of
 waiting for a writer) and checks ``fstat`` of the opened descriptor, so a file
 swapped for a FIFO after a check is still refused.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,13 @@ def read_regular(path: str | os.PathLike) -> bytes:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a plain file"

@@ -19,6 +19,7 @@ b'IHDR')``), not PIL's generic "cannot identify".
 two, never below the target size): about 2x faster on large photos but the
 pixels differ from a full decode, so it is opt-in.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
 PREPROCESS_MODES = ("square", "pad")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
@@ -138,8 +143,9 @@ def _unidentified_reason(data: bytes) -> str:
     return "not an image (format not recognised)"
 
 
-def expand2square(img: Image.Image, background: tuple[int, int, int], max_pixels: int = DEFAULT_MAX_PIXELS
-                  ) -> Image.Image:
+def expand2square(
+    img: Image.Image, background: tuple[int, int, int], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """The reference's pad-to-square with the mean colour, image centred; the canvas
     (``side**2`` pixels) must fit ``max_pixels`` (:class:`ImageError` at stage preprocess)."""
     w, h = img.size
@@ -147,8 +153,9 @@ def expand2square(img: Image.Image, background: tuple[int, int, int], max_pixels
         return img
     side = max(w, h)
     if side * side > max_pixels:
-        raise ImageError(f"pad canvas {side}x{side} = {side * side} pixels > limit {max_pixels} (--max-pixels)",
-                         stage="preprocess")
+        raise ImageError(
+            f"pad canvas {side}x{side} = {side * side} pixels > limit {max_pixels} (--max-pixels)", stage="preprocess"
+        )
     canvas = Image.new(img.mode, (side, side), background)
     canvas.paste(img, (0, (side - h) // 2) if w > h else ((side - w) // 2, 0))
     return canvas

@@ -50,6 +50,7 @@ number).  A build or an ``--add`` writes a new generation under temporary
 names, renames them, and only then replaces ``index.json``; a crash leaves
 the previous index intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -132,8 +133,9 @@ def plan_index(n: int, dim: int, kind: str | None = None) -> IndexPlan:
     if kind == "ivfpq":
         nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(max(n, 1)))))
         train = int(min(n, max(64 * nlist, 256 * 64)))
-        return IndexPlan(f"IVF{nlist},PQ{_pq_m(dim)},Refine(SQ8)",
-                         {"nprobe": max(16, nlist // 64), "k_factor": 4}, train)
+        return IndexPlan(
+            f"IVF{nlist},PQ{_pq_m(dim)},Refine(SQ8)", {"nprobe": max(16, nlist // 64), "k_factor": 4}, train
+        )
     raise RetrievalError(f"unknown index kind {kind!r} (flat, hnsw, ivfpq)")
 
 
@@ -202,7 +204,9 @@ def new_faiss_index(factory: str, dim: int):
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise RetrievalError(f"faiss cannot build {factory!r} for {dim}-d vectors: {str(e).splitlines()[-1][:200]}") from None
+        raise RetrievalError(
+            f"faiss cannot build {factory!r} for {dim}-d vectors: {str(e).splitlines()[-1][:200]}"
+        ) from None
     ivf = _find_ivf(index)
     for part in (ivf and faiss.downcast_index(ivf), _find(index, faiss.IndexPQ)):
         if part is not None and hasattr(part, "do_polysemous_training"):
@@ -266,7 +270,9 @@ class IndexMeta:
     @classmethod
     def from_dict(cls, d: dict) -> "IndexMeta":
         if d.get("format_version") != INDEX_FORMAT or d.get("recipe") != RECIPE:
-            raise RetrievalError(f"index format {d.get('format_version')}/{d.get('recipe')} is not {INDEX_FORMAT}/{RECIPE}")
+            raise RetrievalError(
+                f"index format {d.get('format_version')}/{d.get('recipe')} is not {INDEX_FORMAT}/{RECIPE}"
+            )
         d = {k: v for k, v in d.items() if k not in ("index_file", "keys_file")}
         d["grid"] = tuple(d["grid"])
         d["shards"] = [ShardEntry(**s) for s in d["shards"]]
@@ -348,8 +354,9 @@ def build_index(
         raise RetrievalError("--tokenizer is required to build an index")
     spec, codebooks = load_artifact(tok_dir)
     if old is not None:
-        check_fingerprint(spec.fingerprint, old.fingerprint, f"tokenizer {tok_dir}", f"the index {idx_dir}",
-                          "build a new index")
+        check_fingerprint(
+            spec.fingerprint, old.fingerprint, f"tokenizer {tok_dir}", f"the index {idx_dir}", "build a new index"
+        )
     preprocess = old.preprocess if old else read_meta(shard_paths[0]).preprocess
     new, skipped = _split_new_shards(shard_paths, ShardMeta.from_spec(spec, preprocess), old)
     if old is not None and not new:
@@ -365,8 +372,9 @@ def build_index(
     if search_params:
         meta.search_params.update(search_params)
     bar = progress(new_rows) if progress else None
-    new_keys = _add_shards(index, meta, set(keys.column("key").to_pylist()), new,
-                           ImageVectorizer(codebooks, spec.depth), new_rows, bar)
+    new_keys = _add_shards(
+        index, meta, set(keys.column("key").to_pylist()), new, ImageVectorizer(codebooks, spec.depth), new_rows, bar
+    )
     if bar is not None:
         bar.close()  # type: ignore[attr-defined]
     apply_search_params(index, meta.search_params)
@@ -374,8 +382,9 @@ def build_index(
     return BuildResult(meta, [p.name for p, _ in new], skipped, new_rows)
 
 
-def _check_request(out, idx_dir: Path, factory: str | None, add: bool, force: bool
-                   ) -> tuple[list[Path], IndexMeta | None]:
+def _check_request(
+    out, idx_dir: Path, factory: str | None, add: bool, force: bool
+) -> tuple[list[Path], IndexMeta | None]:
     """-> (the shards of ``out``, the index to extend or None); refuses a silent overwrite."""
     try:
         shard_paths = list_shards(out)
@@ -390,8 +399,9 @@ def _check_request(out, idx_dir: Path, factory: str | None, add: bool, force: bo
     return shard_paths, old
 
 
-def _split_new_shards(shard_paths: list[Path], want: ShardMeta, old: IndexMeta | None
-                      ) -> tuple[list[tuple[Path, str]], list[str]]:
+def _split_new_shards(
+    shard_paths: list[Path], want: ShardMeta, old: IndexMeta | None
+) -> tuple[list[tuple[Path, str]], list[str]]:
     """-> ((path, sha256) of the shards the index lacks, names of those it holds); checks every shard."""
     have = {(s.name, s.sha256) for s in old.shards} if old else set()
     new: list[tuple[Path, str]] = []
@@ -409,20 +419,31 @@ def _new_index(idx_dir: Path, spec, tokenizer: str, preprocess: str, factory: st
     plan = IndexPlan(factory, {}) if factory else plan_index(rows, spec.dim)
     index = new_faiss_index(plan.factory, spec.dim)
     params = dict(default_search_params(index) if factory else plan.search_params)
-    meta = IndexMeta(fingerprint=spec.fingerprint, tokenizer=tokenizer, preprocess=preprocess,
-                     grid=tuple(spec.grid), depth=spec.depth, codebook_size=spec.codebook_size, dim=spec.dim,
-                     factory=plan.factory, search_params=params)
+    meta = IndexMeta(
+        fingerprint=spec.fingerprint,
+        tokenizer=tokenizer,
+        preprocess=preprocess,
+        grid=tuple(spec.grid),
+        depth=spec.depth,
+        codebook_size=spec.codebook_size,
+        dim=spec.dim,
+        factory=plan.factory,
+        search_params=params,
+    )
     if (idx_dir / INDEX_JSON).exists():
         try:
             meta.generation = read_index_meta(idx_dir).generation
         except RetrievalError:
-            meta.generation = max([int(p.name.split(".")[1]) for p in idx_dir.glob("index.*.faiss")
-                                   if p.name.split(".")[1].isdigit()] + [0])
+            meta.generation = max(
+                [int(p.name.split(".")[1]) for p in idx_dir.glob("index.*.faiss") if p.name.split(".")[1].isdigit()]
+                + [0]
+            )
     return meta, index
 
 
-def _add_shards(index, meta: IndexMeta, seen: set[str], new: list[tuple[Path, str]], vectorize: ImageVectorizer,
-                new_rows: int, bar) -> list[pa.Table]:
+def _add_shards(
+    index, meta: IndexMeta, seen: set[str], new: list[tuple[Path, str]], vectorize: ImageVectorizer, new_rows: int, bar
+) -> list[pa.Table]:
     """Vectorise and add the rows of ``new`` (an untrained index is trained on the first
     ``train_size_for`` vectors first); records each shard in ``meta``.  -> their key tables."""
     pending: list[np.ndarray] = []  # vectors held back until an untrained index has its training sample
@@ -434,13 +455,22 @@ def _add_shards(index, meta: IndexMeta, seen: set[str], new: list[tuple[Path, st
         ks = table.column("key").to_pylist()
         dup = [k for k in ks if k in seen]
         if dup:
-            raise RetrievalError(f"{path}: {len(dup)} keys already in the index (e.g. {dup[0]!r}); "
-                                 "keys must be unique across the shards of one index")
+            raise RetrievalError(
+                f"{path}: {len(dup)} keys already in the index (e.g. {dup[0]!r}); "
+                "keys must be unique across the shards of one index"
+            )
         seen.update(ks)
         meta.shards.append(ShardEntry(path.name, digest, str(path.resolve()), len(ks), first_id))
-        new_keys.append(pa.table({"key": pa.array(ks, pa.string()),
-                                  "shard": pa.array(np.full(len(ks), len(meta.shards) - 1, np.int32)),
-                                  "row": pa.array(np.arange(len(ks), dtype=np.int64))}, schema=KEYS_SCHEMA))
+        new_keys.append(
+            pa.table(
+                {
+                    "key": pa.array(ks, pa.string()),
+                    "shard": pa.array(np.full(len(ks), len(meta.shards) - 1, np.int32)),
+                    "row": pa.array(np.arange(len(ks), dtype=np.int64)),
+                },
+                schema=KEYS_SCHEMA,
+            )
+        )
         first_id += len(ks)
         pending.append(vectorize(codes_array(table, smeta)))
         if bar is not None:
@@ -464,8 +494,10 @@ def _train(index, sample: np.ndarray, factory: str) -> None:
     try:
         index.train(sample)
     except RuntimeError as e:
-        raise RetrievalError(f"cannot train {factory!r} on {len(sample)} vectors: "
-                             f"{str(e).splitlines()[-1][:160]} (use a smaller index or --factory Flat)") from None
+        raise RetrievalError(
+            f"cannot train {factory!r} on {len(sample)} vectors: "
+            f"{str(e).splitlines()[-1][:160]} (use a smaller index or --factory Flat)"
+        ) from None
 
 
 # --------------------------------------------------------------------------- search
@@ -487,7 +519,9 @@ class ImageIndex:
         try:
             self.index = faiss.read_index(str(self.dir / self.meta.index_file))
         except RuntimeError as e:
-            raise RetrievalError(f"{self.dir / self.meta.index_file}: cannot read ({str(e).splitlines()[-1][:120]})") from None
+            raise RetrievalError(
+                f"{self.dir / self.meta.index_file}: cannot read ({str(e).splitlines()[-1][:120]})"
+            ) from None
         self.keys = pq.read_table(self.dir / self.meta.keys_file)
         self._key_list = self.keys.column("key").to_pylist()
         self._row_of: dict[str, int] | None = None
@@ -509,8 +543,10 @@ class ImageIndex:
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         scores, ids = self.index.search(vectors, min(k, len(self)))
-        return [[Hit(self._key_list[i], float(s), int(i)) for s, i in zip(srow, irow) if i >= 0]
-                for srow, irow in zip(scores, ids)]
+        return [
+            [Hit(self._key_list[i], float(s), int(i)) for s, i in zip(srow, irow) if i >= 0]
+            for srow, irow in zip(scores, ids)
+        ]
 
     # ------------------------------------------------------------------ query vectors
     def vector_of_key(self, key: str, tokenizer: str | os.PathLike | None = None) -> np.ndarray:
@@ -524,7 +560,9 @@ class ImageIndex:
         shard = self.meta.shards[self.keys.column("shard")[i].as_py()]
         row = self.keys.column("row")[i].as_py()
         if not Path(shard.path).exists():
-            raise RetrievalError(f"shard {shard.path} holding {key!r} has moved; the index needs it to rebuild the query")
+            raise RetrievalError(
+                f"shard {shard.path} holding {key!r} has moved; the index needs it to rebuild the query"
+            )
         smeta, table = read_shard(shard.path)
         return self.vectorizer(tokenizer)(codes_array(table.slice(row, 1), smeta))
 

@@ -38,6 +38,7 @@ Share of rows the kernel level settles on random-SigLIP features falls with
 depth (bf16x3 1.00 -> 0.53, tf32x3 1.00 -> 0.60); the 8-depth RVQ runs at 245
 img/s (bf16x3) vs 152 for the fp32 cascade, codes identical.
 """
+
 import math
 import os
 
@@ -75,9 +76,26 @@ def delta(precision: str, dim: int) -> float:
 
 if tl is not None:  # the kernel is defined only where triton imports
 
-    def _nn4(A_HI, A_LO, B_HI, B_LO, NORM, VALS, IDS, D_OUT, N, stride_a, stride_b,
-             K: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             PREC: tl.constexpr, WRITE_D: tl.constexpr):
+    def _nn4(
+        A_HI,
+        A_LO,
+        B_HI,
+        B_LO,
+        NORM,
+        VALS,
+        IDS,
+        D_OUT,
+        N,
+        stride_a,
+        stride_b,
+        K: tl.constexpr,
+        C: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREC: tl.constexpr,
+        WRITE_D: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < N
@@ -173,8 +191,12 @@ def split_operand(x32: torch.Tensor, precision: str) -> tuple[torch.Tensor, torc
 
 # tiles per precision: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); bench/gpu_rvq_kernel.py
 # times alternatives on the GPU
-DEFAULT_TILES = {"bf16x3": (128, 128, 64, 8, 3), "tf32x3": (128, 128, 32, 8, 3), "fp32": (64, 64, 32, 4, 2),
-                 "tf32": (128, 128, 32, 8, 3)}
+DEFAULT_TILES = {
+    "bf16x3": (128, 128, 64, 8, 3),
+    "tf32x3": (128, 128, 32, 8, 3),
+    "fp32": (64, 64, 32, 4, 2),
+    "tf32": (128, 128, 32, 8, 3),
+}
 
 
 def _nearest_torch(a, b, norms: torch.Tensor, precision: str, write_distances: bool):
@@ -197,8 +219,14 @@ def _nearest_torch(a, b, norms: torch.Tensor, precision: str, write_distances: b
     return (vals, ids, dist) if write_distances else (vals, ids)
 
 
-def nearest(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], norms: torch.Tensor,
-            precision: str, tiles: tuple[int, int, int, int, int] | None = None, write_distances: bool = False):
+def nearest(
+    a: tuple[torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor],
+    norms: torch.Tensor,
+    precision: str,
+    tiles: tuple[int, int, int, int, int] | None = None,
+    write_distances: bool = False,
+):
     """Per row of ``a`` [N, C] (split as :func:`split_operand`): the :data:`TOP` smallest
     of ``norms[k] - 2 a.b_k`` over the rows of ``b`` [K, C], ascending, and their
     indices.  -> (values fp32 [N, TOP], indices int64 [N, TOP] [, the distances
@@ -217,9 +245,27 @@ def nearest(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.T
     ids = torch.empty((n, TOP), dtype=torch.int32, device=dev)
     dist = torch.empty((n, k) if write_distances else (1,), dtype=torch.float32, device=dev)
     extra = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
-    _kernel()[(triton.cdiv(n, bm),)](a_hi, a_lo, b_hi, b_lo, norms.float().contiguous(), vals, ids, dist,
-                                     n, a_hi.stride(0), b_hi.stride(0), K=k, C=c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                     PREC=_PREC_ID[precision], WRITE_D=write_distances, **extra)
+    _kernel()[(triton.cdiv(n, bm),)](
+        a_hi,
+        a_lo,
+        b_hi,
+        b_lo,
+        norms.float().contiguous(),
+        vals,
+        ids,
+        dist,
+        n,
+        a_hi.stride(0),
+        b_hi.stride(0),
+        K=k,
+        C=c,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        PREC=_PREC_ID[precision],
+        WRITE_D=write_distances,
+        **extra,
+    )
     if write_distances:
         return vals, ids.long(), dist
     return vals, ids.long()

@@ -22,6 +22,7 @@ gradient, striped, checkered, dotted or noisy background.  Each image is drawn
 from ``default_rng([seed, index])``, so the corpus is deterministic and an
 image does not depend on ``--n``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,26 @@ from PIL import Image, ImageDraw
 from .atomic import atomic_path, atomic_write
 
 COLOURS = {
-    "red": (220, 30, 35), "green": (40, 170, 60), "blue": (30, 70, 210), "yellow": (245, 215, 40),
-    "orange": (250, 140, 20), "purple": (130, 50, 170), "pink": (245, 120, 180), "brown": (125, 75, 35),
-    "black": (15, 15, 15), "white": (250, 250, 250), "cyan": (40, 200, 220),
+    "red": (220, 30, 35),
+    "green": (40, 170, 60),
+    "blue": (30, 70, 210),
+    "yellow": (245, 215, 40),
+    "orange": (250, 140, 20),
+    "purple": (130, 50, 170),
+    "pink": (245, 120, 180),
+    "brown": (125, 75, 35),
+    "black": (15, 15, 15),
+    "white": (250, 250, 250),
+    "cyan": (40, 200, 220),
 }
 BACKGROUNDS = {
-    "beige": (225, 210, 180), "light gray": (200, 200, 200), "dark gray": (70, 70, 75), "light blue": (180, 205, 235),
-    "pale green": (195, 225, 190), "navy": (25, 35, 80), "cream": (245, 240, 220),
+    "beige": (225, 210, 180),
+    "light gray": (200, 200, 200),
+    "dark gray": (70, 70, 75),
+    "light blue": (180, 205, 235),
+    "pale green": (195, 225, 190),
+    "navy": (25, 35, 80),
+    "cream": (245, 240, 220),
 }
 TEXTURES = ("plain", "gradient", "striped", "checkered", "dotted", "noisy")
 KINDS = ("circle", "square", "triangle", "star", "diamond", "rectangle")
@@ -89,8 +103,10 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        parts = [f"{s.phrase()} at the {s.position}" if s.position != "center" else f"{s.phrase()} in the center"
-                 for s in self.objects]
+        parts = [
+            f"{s.phrase()} at the {s.position}" if s.position != "center" else f"{s.phrase()} in the center"
+            for s in self.objects
+        ]
         body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         words = self.background if self.texture == "plain" else f"{self.texture} {self.background}"
         bg = f"{article(words)} {words} background"
@@ -133,8 +149,13 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
     if kind == "diamond":
         return [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
     if kind == "star":
-        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
-                 cy + (r if i % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+        return [
+            (
+                cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                cy + (r if i % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + i * math.pi / 5),
+            )
+            for i in range(10)
+        ]
     raise ValueError(kind)
 
 
@@ -167,8 +188,15 @@ def make_scene(seed: int, index: int, split: str) -> tuple[Scene, Image.Image, s
     colours = [c for c in COLOURS if np.abs(np.subtract(COLOURS[c], BACKGROUNDS[bg_name])).sum() > 120]
     picked = rng.choice(len(colours), n, replace=False)
     positions = rng.choice(len(POSITIONS), n, replace=False)
-    objects = [Shape(kind=KINDS[rng.integers(len(KINDS))], colour=colours[c], size=list(SIZES)[rng.integers(3)],
-                     position=POSITIONS[p]) for c, p in zip(picked, positions)]
+    objects = [
+        Shape(
+            kind=KINDS[rng.integers(len(KINDS))],
+            colour=colours[c],
+            size=list(SIZES)[rng.integers(3)],
+            position=POSITIONS[p],
+        )
+        for c, p in zip(picked, positions)
+    ]
     img = _background(rng, w, h, BACKGROUNDS[bg_name], texture)
     d = ImageDraw.Draw(img)
     for s in objects:
@@ -203,8 +231,11 @@ def _questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, s
 
 
 def _pretrain_record(scene: Scene) -> dict:
-    return {"id": Path(scene.image).stem, "image": scene.image,
-            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": scene.caption}]}
+    return {
+        "id": Path(scene.image).stem,
+        "image": scene.image,
+        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": scene.caption}],
+    }
 
 
 def _sft_record(scene: Scene, rng: np.random.Generator) -> dict:
@@ -229,11 +260,26 @@ def _vqa_items(scene: Scene, rng: np.random.Generator) -> list[dict]:
         pool = [c for c in (COLOURS if kind == "colour" else KINDS) if c != a]
         options = [pool[i] for i in rng.choice(len(pool), 3, replace=False)] + [a]
         options = [options[i] for i in rng.permutation(4)]
-        items.append({"id": f"{base}_mc", "image": scene.image, "question": q, "options": options,
-                      "answer": "ABCD"[options.index(a)], "type": "multiple_choice"})
+        items.append(
+            {
+                "id": f"{base}_mc",
+                "image": scene.image,
+                "question": q,
+                "options": options,
+                "answer": "ABCD"[options.index(a)],
+                "type": "multiple_choice",
+            }
+        )
     cnt = [q for q in qs if q[2] == "count"][0]
-    items.append({"id": f"{base}_count", "image": scene.image, "question": cnt[0] + " Answer with a number.",
-                  "answer": cnt[1], "type": "short"})
+    items.append(
+        {
+            "id": f"{base}_count",
+            "image": scene.image,
+            "question": cnt[0] + " Answer with a number.",
+            "answer": cnt[1],
+            "type": "short",
+        }
+    )
     return items
 
 
@@ -254,8 +300,9 @@ def _write_json(path: Path, obj, lines: bool = False) -> None:
     atomic_write(path, "".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=1))
 
 
-def make_corpus(out: str | os.PathLike, n: int = 600, seed: int = 0, heldout_fraction: float = 0.1,
-                progress: bool = True) -> CorpusSummary:
+def make_corpus(
+    out: str | os.PathLike, n: int = 600, seed: int = 0, heldout_fraction: float = 0.1, progress: bool = True
+) -> CorpusSummary:
     """Write the sample corpus (see module docstring); returns its counts."""
     from tqdm import tqdm
 
@@ -275,23 +322,47 @@ def make_corpus(out: str | os.PathLike, n: int = 600, seed: int = 0, heldout_fra
     rng = np.random.default_rng([seed, 1 << 20])
     train = [s for s in scenes if s.split == "train"]
     held = [s for s in scenes if s.split == "heldout"]
-    _write_json(out / "captions.jsonl", [dict(image=s.image, split=s.split, width=s.width, height=s.height,
-                                              caption=s.caption, background=s.background, texture=s.texture,
-                                              objects=[asdict(o) for o in s.objects]) for s in scenes], lines=True)
+    _write_json(
+        out / "captions.jsonl",
+        [
+            dict(
+                image=s.image,
+                split=s.split,
+                width=s.width,
+                height=s.height,
+                caption=s.caption,
+                background=s.background,
+                texture=s.texture,
+                objects=[asdict(o) for o in s.objects],
+            )
+            for s in scenes
+        ],
+        lines=True,
+    )
     sft = [_sft_record(s, rng) for s in train]
     n_text = max(1, len(train) // 20)
     for j in range(n_text):
         q, a = TEXT_ONLY[j % len(TEXT_ONLY)]
-        sft.insert(int(rng.integers(len(sft) + 1)), {"id": f"text_{j:04d}", "conversations": [
-            {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+        sft.insert(
+            int(rng.integers(len(sft) + 1)),
+            {"id": f"text_{j:04d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+        )
     _write_json(out / "llava_pretrain.json", [_pretrain_record(s) for s in train])
     _write_json(out / "llava_sft.json", sft)
     _write_json(out / "heldout_pretrain.json", [_pretrain_record(s) for s in held])
     _write_json(out / "heldout_sft.json", [_sft_record(s, rng) for s in held])
     vqa = [item for s in held for item in _vqa_items(s, rng)]
     _write_json(out / "vqa_bench.jsonl", vqa, lines=True)
-    summary = CorpusSummary(out=str(out), seed=seed, train_images=len(train), heldout_images=len(held),
-                            pretrain=len(train), sft=len(sft), text_only=n_text, vqa=len(vqa))
+    summary = CorpusSummary(
+        out=str(out),
+        seed=seed,
+        train_images=len(train),
+        heldout_images=len(held),
+        pretrain=len(train),
+        sft=len(sft),
+        text_only=n_text,
+        vqa=len(vqa),
+    )
     _write_json(out / "corpus.json", {k: v for k, v in asdict(summary).items() if k != "out"})  # relocatable
     return summary
 
@@ -299,8 +370,9 @@ def make_corpus(out: str | os.PathLike, n: int = 600, seed: int = 0, heldout_fra
 def main(argv: list[str] | None = None) -> int:
     from .help_text import plain
 
-    p = argparse.ArgumentParser(prog="python -m asvr.tokenizer.sample_corpus",
-                                description=plain(__doc__.splitlines()[0]))
+    p = argparse.ArgumentParser(
+        prog="python -m asvr.tokenizer.sample_corpus", description=plain(__doc__.splitlines()[0])
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=600, help="number of images (train + held-out)")
     p.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ size when a shard is read (one vectorised pass, ~1 ms per 10k rows at 27x27x8),
 so a bad row is refused with its file and key before training starts instead of
 failing with an ``IndexError`` whenever it is first sampled.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,16 +75,26 @@ class ShardMeta:
         md = md or {}
         try:
             get = lambda k: json.loads(md[f"asvr.{k}".encode()])  # noqa: E731
-            return cls(fingerprint=get("fingerprint"), grid=tuple(get("grid")), depth=int(get("depth")),
-                       codebook_size=int(get("codebook_size")), preprocess=get("preprocess"))
+            return cls(
+                fingerprint=get("fingerprint"),
+                grid=tuple(get("grid")),
+                depth=int(get("depth")),
+                codebook_size=int(get("codebook_size")),
+                preprocess=get("preprocess"),
+            )
         except KeyError as e:
             raise ShardError(f"{where}: not an ASVR code shard (schema metadata lacks {e.args[0]})") from None
 
     @classmethod
     def from_spec(cls, spec, preprocess: str | None = None) -> "ShardMeta":
         """From a :class:`asvr.tokenizer.TokenizerSpec`."""
-        return cls(fingerprint=spec.fingerprint, grid=tuple(spec.grid), depth=spec.depth,
-                   codebook_size=spec.codebook_size, preprocess=preprocess or spec.preprocess)
+        return cls(
+            fingerprint=spec.fingerprint,
+            grid=tuple(spec.grid),
+            depth=spec.depth,
+            codebook_size=spec.codebook_size,
+            preprocess=preprocess or spec.preprocess,
+        )
 
 
 def shard_schema(meta: ShardMeta) -> pa.Schema:
@@ -215,8 +226,13 @@ def read_meta(path: str | os.PathLike) -> ShardMeta:
 
 
 def _meta_of(info: dict) -> ShardMeta:
-    return ShardMeta(fingerprint=info["fingerprint"], grid=tuple(info["grid"]), depth=int(info["depth"]),
-                     codebook_size=int(info["codebook_size"]), preprocess=info["preprocess"])
+    return ShardMeta(
+        fingerprint=info["fingerprint"],
+        grid=tuple(info["grid"]),
+        depth=int(info["depth"]),
+        codebook_size=int(info["codebook_size"]),
+        preprocess=info["preprocess"],
+    )
 
 
 def _why(e: BaseException) -> str:
@@ -228,8 +244,10 @@ def check_code_range(path, meta: ShardMeta, keys, flat: np.ndarray) -> None:
     One vectorised pass (``max``); the per-row search runs only when something is wrong."""
     if flat.size and int(flat.max()) >= meta.codebook_size:
         row = int(np.argmax(flat.reshape(len(keys), -1).max(axis=1) >= meta.codebook_size))
-        raise ShardError(f"{path}: key {keys[row]!r} has code {int(flat.reshape(len(keys), -1)[row].max())} "
-                         f"outside [0, {meta.codebook_size}) (codebook size); the shard is corrupt")
+        raise ShardError(
+            f"{path}: key {keys[row]!r} has code {int(flat.reshape(len(keys), -1)[row].max())} "
+            f"outside [0, {meta.codebook_size}) (codebook size); the shard is corrupt"
+        )
 
 
 def read_shard(path: str | os.PathLike) -> tuple[ShardMeta, pa.Table]:
@@ -258,8 +276,15 @@ def read_shard(path: str | os.PathLike) -> tuple[ShardMeta, pa.Table]:
         codes_np = np.stack([npys[n] for n in names]) if names else np.zeros((0, *meta.grid, meta.depth), np.uint16)
         check_code_range(path, meta, keys, codes_np)
         rest = [infos[n] for n in names]
-        table = rows_to_table(meta, keys, codes_np, [r["sha256"] for r in rest], [r["width"] for r in rest],
-                              [r["height"] for r in rest], [r.get("caption") for r in rest])
+        table = rows_to_table(
+            meta,
+            keys,
+            codes_np,
+            [r["sha256"] for r in rest],
+            [r["width"] for r in rest],
+            [r["height"] for r in rest],
+            [r.get("caption") for r in rest],
+        )
         return meta, table
     except ShardError:
         raise
@@ -272,8 +297,13 @@ def iter_shards(out: str | os.PathLike, fingerprint: str | None = None) -> Itera
     for path in list_shards(out):
         meta, table = read_shard(path)
         if fingerprint is not None:
-            check_fingerprint(meta.fingerprint, fingerprint, str(path), "this run's tokenizer",
-                              "tokenize the images again with this tokenizer")
+            check_fingerprint(
+                meta.fingerprint,
+                fingerprint,
+                str(path),
+                "this run's tokenizer",
+                "tokenize the images again with this tokenizer",
+            )
         yield path, meta, table
 
 

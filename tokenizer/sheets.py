@@ -5,6 +5,7 @@ its boxes, given in the image's own pixel coordinates, go through the same
 scale and offset, so callers never think about thumbnails.  PIL only (no
 matplotlib): a 64-tile sheet draws in ~50 ms.
 """
+
 from __future__ import annotations
 
 import os
@@ -87,8 +88,11 @@ def draw_sheet(tiles: list[Tile], layout: SheetLayout = SheetLayout(), title: st
             thumb, s, ox, oy = _fit(tile.image, t)
             sheet.paste(thumb, (x + ox, y + oy))
             for x0, y0, x1, y1 in tile.boxes:
-                draw.rectangle([x + ox + x0 * s, y + oy + y0 * s, x + ox + x1 * s - 1, y + oy + y1 * s - 1],
-                               outline=(255, 40, 40), width=2)
+                draw.rectangle(
+                    [x + ox + x0 * s, y + oy + y0 * s, x + ox + x1 * s - 1, y + oy + y1 * s - 1],
+                    outline=(255, 40, 40),
+                    width=2,
+                )
         if tile.highlight:
             draw.rectangle([x - 3, y - 3, x + t + 2, y + t + 2], outline=(20, 120, 255), width=3)
         lines = tile.caption.split("\n")[: layout.caption_lines]

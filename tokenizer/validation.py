@@ -12,6 +12,7 @@ reconstruction from depths ``0..d``):
   (perplexity ``2^H`` is the number of equally used codes it is worth);
 * ``dead_codes``: codes never used at depth ``d``.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -73,8 +74,17 @@ def depth_metrics(x: torch.Tensor, codes: torch.Tensor, quantizer) -> tuple[list
         err = float(((x64 - rec) ** 2).sum()) / total
         cos = float(((x64 * rec).sum(1) / (xn * rec.norm(dim=1)).clamp_min(1e-30)).mean())
         hist, h, ppl, dead = usage_stats(codes[:, d].numpy(), k)
-        out.append(DepthMetrics(depth=d, rel_error=err, cosine=cos, utilisation=float((hist > 0).mean()),
-                                entropy_bits=h, perplexity=ppl, dead_codes=dead))
+        out.append(
+            DepthMetrics(
+                depth=d,
+                rel_error=err,
+                cosine=cos,
+                utilisation=float((hist > 0).mean()),
+                entropy_bits=h,
+                perplexity=ppl,
+                dead_codes=dead,
+            )
+        )
         usage.append(hist.tolist())
     return out, usage
 
@@ -108,6 +118,7 @@ def plot_report(report: ValidationReport, out: Path, title: str = "") -> list[Pa
     plt.close(fig)
 
     usage = Usage(np.asarray(report.usage, dtype=np.int64), report.n_images, report.n_vectors, None)
-    p2 = plot_usage(usage, out / "usage.png",
-                    title=f"{name}code usage over {report.n_images} images ({report.n_vectors} patches)")
+    p2 = plot_usage(
+        usage, out / "usage.png", title=f"{name}code usage over {report.n_images} images ({report.n_vectors} patches)"
+    )
     return [p1, p2]

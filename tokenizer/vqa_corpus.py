@@ -33,6 +33,7 @@ and position questions are about that object.  Chance level per item is in
 Everything is drawn from ``default_rng([seed, split, index])``: the corpus is
 deterministic and an image does not depend on the other counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 35), "green": (40, 170, 60), "blue": (30, 70, 210), "yellow": (245, 215, 40),
-           "purple": (130, 50, 170), "white": (250, 250, 250)}
+COLOURS = {
+    "red": (220, 30, 35),
+    "green": (40, 170, 60),
+    "blue": (30, 70, 210),
+    "yellow": (245, 215, 40),
+    "purple": (130, 50, 170),
+    "white": (250, 250, 250),
+}
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = {"small": 0.11, "medium": 0.16, "large": 0.22}  # radius / image side
 BACKGROUNDS = ((120, 120, 120), (90, 95, 100), (150, 145, 140), (70, 70, 70))
@@ -56,13 +63,18 @@ FORMS = ("yes_no", "multiple_choice", "short")
 RELATIONS = ("left", "right", "above", "below")
 COUNTS = ("2", "3", "4")
 SPLITS = {"train": 0, "heldout": 1, "free": 2}
-INSTRUCTION = {"yes_no": "Answer the question using a single word or phrase.",
-               "short": "Answer the question using a single word or phrase.",
-               "multiple_choice": "Answer with the option's letter from the given choices directly."}
+INSTRUCTION = {
+    "yes_no": "Answer the question using a single word or phrase.",
+    "short": "Answer the question using a single word or phrase.",
+    "multiple_choice": "Answer with the option's letter from the given choices directly.",
+}
 """LLaVA-1.5's answer-format prompts, as ``asvr-eval bench --instructions llava`` appends them."""
 IMAGE_SIDE = 224
-CELL_NAMES = (("at the top left", "at the top", "at the top right"), ("on the left", "in the middle", "on the right"),
-              ("at the bottom left", "at the bottom", "at the bottom right"))
+CELL_NAMES = (
+    ("at the top left", "at the top", "at the top right"),
+    ("on the left", "in the middle", "on the right"),
+    ("at the bottom left", "at the bottom", "at the bottom right"),
+)
 DESCRIBE = "Describe the image briefly."
 
 
@@ -122,16 +134,22 @@ def make_scene(seed: int, split: str, index: int, held: list[tuple[str, str]]) -
     second = aligned[int(rng.integers(len(aligned)))]
     rest = [k for k in rng.permutation(9).tolist() if k not in (first, second)]
     cells = [first, second, *rest][:n]
-    objs = [Obj(c, s, list(SIZES)[int(rng.integers(3))], int(k) // 3, int(k) % 3)
-            for c, s, k in zip(colours, shapes, cells)]
+    objs = [
+        Obj(c, s, list(SIZES)[int(rng.integers(3))], int(k) // 3, int(k) % 3) for c, s, k in zip(colours, shapes, cells)
+    ]
     return Scene(f"{split}/{index // 100:02d}/scene_{index:05d}.png", split, objs)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":
         return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in (-np.pi / 2, np.pi / 6, 5 * np.pi / 6)]
-    return [(cx + (r if i % 2 == 0 else 0.45 * r) * np.cos(-np.pi / 2 + i * np.pi / 5),
-             cy + (r if i % 2 == 0 else 0.45 * r) * np.sin(-np.pi / 2 + i * np.pi / 5)) for i in range(10)]
+    return [
+        (
+            cx + (r if i % 2 == 0 else 0.45 * r) * np.cos(-np.pi / 2 + i * np.pi / 5),
+            cy + (r if i % 2 == 0 else 0.45 * r) * np.sin(-np.pi / 2 + i * np.pi / 5),
+        )
+        for i in range(10)
+    ]
 
 
 def draw_scene(scene: Scene, seed: int, index: int, side: int = IMAGE_SIDE) -> Image.Image:
@@ -248,8 +266,9 @@ class QuestionPlan:
         if i == 0:
             self.perm = self.rng.permutation(len(CATEGORIES)).tolist()
         self.n += 1
-        slots = [(CATEGORIES[self.perm[(i + j) % len(CATEGORIES)]], FORMS[j % len(FORMS)])
-                 for j in range(self.per_image)]
+        slots = [
+            (CATEGORIES[self.perm[(i + j) % len(CATEGORIES)]], FORMS[j % len(FORMS)]) for j in range(self.per_image)
+        ]
         out = []
         for k in self.rng.permutation(len(slots)).tolist():
             cat, form = slots[k]
@@ -301,9 +320,17 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def make_vqa_corpus(out: str | os.PathLike, train: int = 600, heldout: int = 60, free: int = 0, seed: int = 0,
-                    questions_per_image: int = 3, bench_per_image: int = 3, describe: bool = True,
-                    progress: bool = True) -> VQACorpusSummary:
+def make_vqa_corpus(
+    out: str | os.PathLike,
+    train: int = 600,
+    heldout: int = 60,
+    free: int = 0,
+    seed: int = 0,
+    questions_per_image: int = 3,
+    bench_per_image: int = 3,
+    describe: bool = True,
+    progress: bool = True,
+) -> VQACorpusSummary:
     """Write the corpus (see module doc); returns its counts.  ``describe``: each SFT conversation
     ends with "Describe the image briefly." and the caption (dense grounded supervision: a tiny
     LLM learns to read the image from ~15 caption tokens an image far sooner than from 3
@@ -344,31 +371,60 @@ def make_vqa_corpus(out: str | os.PathLike, train: int = 600, heldout: int = 60,
     bench = []
     for s in by_split["heldout"]:
         for t, (q, gold) in enumerate(plan.for_image(s)):
-            item = {"id": f"{Path(s.image).stem}_{t}", "image": s.image, "question": q.question, "answer": gold,
-                    "type": q.form, "category": q.category, "chance": round(q.chance, 6)}
+            item = {
+                "id": f"{Path(s.image).stem}_{t}",
+                "image": s.image,
+                "question": q.question,
+                "answer": gold,
+                "type": q.form,
+                "category": q.category,
+                "chance": round(q.chance, 6),
+            }
             if q.options:
                 item["options"] = q.options
             bench.append(item)
-    pre = [{"id": Path(s.image).stem + "_cap", "image": s.image,
-            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": s.caption}]}
-           for s in by_split["train"]]
-    _write(out / "scenes.jsonl", "".join(json.dumps({"image": s.image, "split": s.split, "caption": s.caption,
-                                                     "objects": [asdict(o) for o in s.objects]}) + "\n"
-                                         for s in scenes))
+    pre = [
+        {
+            "id": Path(s.image).stem + "_cap",
+            "image": s.image,
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": s.caption}],
+        }
+        for s in by_split["train"]
+    ]
+    _write(
+        out / "scenes.jsonl",
+        "".join(
+            json.dumps(
+                {"image": s.image, "split": s.split, "caption": s.caption, "objects": [asdict(o) for o in s.objects]}
+            )
+            + "\n"
+            for s in scenes
+        ),
+    )
     _write(out / "llava_pretrain.json", json.dumps(pre, indent=1))
     _write(out / "llava_sft.json", json.dumps(sft, indent=1))
     _write(out / "heldout_sft.json", json.dumps(held_sft, indent=1))
     _write(out / "vqa_bench.jsonl", "".join(json.dumps(b) + "\n" for b in bench))
-    summary = VQACorpusSummary(out=str(out), seed=seed, train_images=train, heldout_images=heldout,
-                               free_images=free, sft_turns=train * questions_per_image, vqa=len(bench),
-                               heldout_pairs=[f"{c} {s}" for c, s in held])
+    summary = VQACorpusSummary(
+        out=str(out),
+        seed=seed,
+        train_images=train,
+        heldout_images=heldout,
+        free_images=free,
+        sft_turns=train * questions_per_image,
+        vqa=len(bench),
+        heldout_pairs=[f"{c} {s}" for c, s in held],
+    )
     _write(out / "corpus.json", json.dumps({k: v for k, v in asdict(summary).items() if k != "out"}, indent=1))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m asvr.tokenizer.vqa_corpus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m asvr.tokenizer.vqa_corpus",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--train", type=int, default=600, help="train images (captions + questions)")
     p.add_argument("--heldout", type=int, default=60, help="held-out images (unseen colour-shape pairs; the bench)")
@@ -379,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     try:
-        s = make_vqa_corpus(a.out, a.train, a.heldout, a.free, a.seed, a.questions, a.bench_questions,
-                            progress=not a.quiet)
+        s = make_vqa_corpus(
+            a.out, a.train, a.heldout, a.free, a.seed, a.questions, a.bench_questions, progress=not a.quiet
+        )
     except (ValueError, OSError) as e:
         print(f"vqa_corpus: error: {e}", file=sys.stderr)
         return 2

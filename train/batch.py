@@ -9,6 +9,7 @@ first, left to right); each image takes exactly ``H*W`` consecutive positions,
 and ``vision`` / ``visual_codes`` / ``visual_loss_mask`` list the images in
 that same order.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

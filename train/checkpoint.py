@@ -19,6 +19,7 @@ pickle there is refused instead of run.  DeepSpeed's own files (module,
 optimizer, ``client_state``) are loaded by DeepSpeed, which unpickles them: a
 run folder is trusted input (README), like any PyTorch checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -56,8 +62,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     py, nps = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
-    np.random.set_state((nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
-                         nps["cached_gaussian"]))
+    np.random.set_state(
+        (nps["kind"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -68,8 +75,10 @@ def load_rng_state(path: Path) -> dict:
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError for anything but tensors/containers
-        raise CheckpointError(f"{path}: not an RNG state file of this project, refused without running it "
-                              f"({type(e).__name__}); the run folder is trusted input, check who wrote it") from None
+        raise CheckpointError(
+            f"{path}: not an RNG state file of this project, refused without running it "
+            f"({type(e).__name__}); the run folder is trusted input, check who wrote it"
+        ) from None
 
 
 class CheckpointError(ValueError):
@@ -106,8 +115,9 @@ def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | Non
     tag = tag or latest_tag(run_dir)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(str(run_dir / CHECKPOINTS), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    path, client = engine.load_checkpoint(
+        str(run_dir / CHECKPOINTS), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {run_dir / CHECKPOINTS}")
     rng = run_dir / CHECKPOINTS / tag / f"rng-rank{rank}.pt"
@@ -126,8 +136,9 @@ def load_pretrained(model, folder: str | Path, fingerprint: str) -> Path:
     if not (folder / CONFIG_FILE).exists() and (folder / "final" / CONFIG_FILE).exists():
         folder = folder / "final"
     if not (folder / CONFIG_FILE).exists():
-        raise ExportError(f"--init-from {folder}: no exported model there (no {CONFIG_FILE}; "
-                          f"a finished pretrain run has RUN/final)")
+        raise ExportError(
+            f"--init-from {folder}: no exported model there (no {CONFIG_FILE}; a finished pretrain run has RUN/final)"
+        )
     meta = json.loads((folder / CONFIG_FILE).read_text())
     got = (meta.get("model", {}).get("vision") or {}).get("fingerprint", "")
     check_fingerprint(got, fingerprint, f"--init-from {folder}", "this run's tokenizer")

@@ -17,6 +17,7 @@ The run folder gets ``checkpoints/`` (DeepSpeed tags + loader state + RNG;
 and ``train_config.json``, the resolved options: ``--config RUN/train_config.json``
 (or any .toml/.yaml with the same keys) runs it again; flags override the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,15 @@ from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option is a ``TrainConfig`` field (``train/config.py``): its docstring is the help."""
-    p = argparse.ArgumentParser(prog="asvr-train", description=plain(__doc__),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE",
-                   help="options from a .toml/.yaml/.json file (field names as keys, [head] a table); flags given "
-                        "here win. RUN/train_config.json is one: --config RUN/train_config.json reproduces RUN")
+    p = argparse.ArgumentParser(
+        prog="asvr-train", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="options from a .toml/.yaml/.json file (field names as keys, [head] a table); flags given "
+        "here win. RUN/train_config.json is one: --config RUN/train_config.json reproduces RUN",
+    )
     add_dataclass_arguments(p, TrainConfig, groups={"head": "model: visual head"})
     return p
 
@@ -72,8 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import RunFolderError
     from .vision_tower import VisionTowerError
 
-    expected = (RunFolderError, DataError, ShardError, TokenizerError, ImageError, ExportError, ConversationError,
-                VisionTowerError, ConfigFileError, CheckpointError)
+    expected = (
+        RunFolderError,
+        DataError,
+        ShardError,
+        TokenizerError,
+        ImageError,
+        ExportError,
+        ConversationError,
+        VisionTowerError,
+        ConfigFileError,
+        CheckpointError,
+    )
     parsed: list[argparse.Namespace] = []
 
     def run() -> int:
@@ -83,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     def interrupted() -> str:
         if not parsed:
             return "interrupted"
-        return (f"interrupted; to continue from the newest checkpoint in {parsed[0].output_dir}, "
-                "rerun the same command with --resume auto")
+        return (
+            f"interrupted; to continue from the newest checkpoint in {parsed[0].output_dir}, "
+            "rerun the same command with --resume auto"
+        )
 
     return run_guarded("asvr-train", None, run, expected, interrupted=interrupted)
 
@@ -112,8 +129,10 @@ def _train(args: argparse.Namespace) -> int:
         if trainer is not None:
             trainer.close()
     if last and trainer.rank == 0 and cfg.progress:
-        print(f"done: step {last['step']} loss {last['loss']:.4f} (text {last['loss_text']:.4f}, visual "
-              f"{last['loss_visual']:.4f}); run in {cfg.output_dir}")
+        print(
+            f"done: step {last['step']} loss {last['loss']:.4f} (text {last['loss_text']:.4f}, visual "
+            f"{last['loss_visual']:.4f}); run in {cfg.output_dir}"
+        )
     return 0
 
 

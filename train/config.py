@@ -9,6 +9,7 @@ written once, here.  The exported model folder stores a ``ModelConfig`` in
 resolved ``TrainConfig`` in ``train_config.json``, which ``--config`` reads
 back.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,9 @@ class VisionSpec:
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
         if len(self.grid) != 2 or min(self.grid) < 1 or min(self.dim, self.depth, self.codebook_size) < 1:
-            raise ValueError(f"bad vision spec: grid {self.grid}, dim {self.dim}, depth {self.depth}, K {self.codebook_size}")
+            raise ValueError(
+                f"bad vision spec: grid {self.grid}, dim {self.dim}, depth {self.depth}, K {self.codebook_size}"
+            )
 
     @property
     def tokens_per_image(self) -> int:
@@ -157,7 +160,9 @@ class ModelConfig:
             self.vision_tower = VisionTowerSpec(**self.vision_tower)
         get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.visual_loss_weight < 0 or self.visual_loss_chunk < 1:
@@ -372,16 +377,35 @@ class TrainConfig:
         self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
 
 
-def tiny_llm_config(family: str = "llama", *, vocab_size: int = 300, hidden_size: int = 64, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, intermediate_size: int = 128, max_positions: int = 1024) -> dict:
+def tiny_llm_config(
+    family: str = "llama",
+    *,
+    vocab_size: int = 300,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 1024,
+) -> dict:
     """A tiny decoder config dict of a real family (llama, qwen2, mistral): tests,
     ``make demo`` and CPU smoke runs build random LLMs from it."""
     if family not in ("llama", "qwen2", "mistral"):
         raise ValueError(f"tiny configs exist for llama, qwen2, mistral; not {family!r}")
-    cfg = dict(model_type=family, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
-               num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate_size,
-               max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               tie_word_embeddings=family == "qwen2")
+    cfg = dict(
+        model_type=family,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=family == "qwen2",
+    )
     if family == "mistral":
         cfg["sliding_window"] = None
     return cfg

@@ -20,6 +20,7 @@ the command line win over the file, the file over the dataclass.  The
 resolved config a run stores (``RUN/train_config.json``) is such a file, so
 ``--config RUN/train_config.json`` reproduces the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,13 @@ def field_docs(cls: Any) -> dict[str, str]:
     body = node.body
     out = {}
     for a, b in zip(body, body[1:]):
-        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(a.target, ast.Name)
+            and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant)
+            and isinstance(b.value.value, str)
+        ):
             out[a.target.id] = " ".join(b.value.value.split())
     return out
 
@@ -95,8 +101,7 @@ def _default(f: dataclasses.Field):
     return dataclasses.MISSING
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: Any,
-                            groups: dict[str, str] | None = None) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: Any, groups: dict[str, str] | None = None) -> None:
     """One option per leaf field of ``cls`` (see module doc)."""
     made: dict[str, argparse._ArgumentGroup] = {}
     docs_cache: dict[Any, dict[str, str]] = {}

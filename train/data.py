@@ -12,6 +12,7 @@ no conversation references are the caption-free pool (visual loss only).
 iterates plans epoch after epoch and carries ``(epoch, position)`` so a run
 resumes mid-epoch on exactly the next micro-batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,15 @@ from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
 from .batch import Batch
 from .packing import MicroBatch, PackingConfig, plan_epoch, shard_for_rank
 from .sources import CodeStore, ConversationRecord, DataError, load_conversations
-from .templates import (IGNORE_INDEX, ConversationError, ConversationTemplate, EncodedSample, encode_conversation,
-                        encode_image_only, validate_turns)
+from .templates import (
+    IGNORE_INDEX,
+    ConversationError,
+    ConversationTemplate,
+    EncodedSample,
+    encode_conversation,
+    encode_image_only,
+    validate_turns,
+)
 
 
 @dataclass(kw_only=True)
@@ -99,7 +107,6 @@ def describe_bad(bad: Sequence[BadSample], first: int = 3) -> str:
     return f"{len(bad)} bad samples ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}): {head}"
 
 
-
 def image_problem(root: Path, key: str) -> tuple[str, str] | None:
     """``(kind, reason)`` when ``--images/key`` cannot be an image input (it escapes the root, is
     missing or is not a regular file), else None.  Keys come from shards and conversations, i.e. from
@@ -113,8 +120,14 @@ def image_problem(root: Path, key: str) -> tuple[str, str] | None:
         return None
     return "missing image", f"{root / key} {'does not exist' if not os.path.lexists(path) else why}"
 
-def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer, store: CodeStore,
-                        check_images: bool | Callable[[str], bool]) -> TrainingData:
+
+def build_training_data(
+    cfg: DataConfig,
+    template: ConversationTemplate,
+    llm_tokenizer,
+    store: CodeStore,
+    check_images: bool | Callable[[str], bool],
+) -> TrainingData:
     """Join, validate and tokenize. Raises :class:`DataError` on bad samples unless ``cfg.skip_bad_samples``.
 
     ``check_images``: whether ``images/key`` must exist, for every key or per key (a
@@ -136,6 +149,7 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
         if root is None:  # the vision input's check_images refuses such runs before this
             raise DataError(f"image {key!r} is needed but no --images folder was given")
         return image_problem(root, key)
+
     for rec in records:
         if rec.image is not None:
             referenced.add(rec.image)
@@ -185,21 +199,33 @@ def build_training_data(cfg: DataConfig, template: ConversationTemplate, llm_tok
     return TrainingData(samples, store, bad, n_conv, n_free)
 
 
-def open_codes(codes: str | os.PathLike, vision, cache_dir: str | os.PathLike | None = None,
-               write_cache: bool = True) -> CodeStore:
+def open_codes(
+    codes: str | os.PathLike, vision, cache_dir: str | os.PathLike | None = None, write_cache: bool = True
+) -> CodeStore:
     """The shards of ``codes``, refused unless written with the tokenizer ``vision``
     describes (fingerprint, grid, depth: a ``VisionSpec`` or a ``TokenizerSpec``)."""
     store = CodeStore.open(codes, vision.fingerprint, cache_dir=cache_dir, write_cache=write_cache)
     if tuple(store.meta.grid) != tuple(vision.grid) or store.meta.depth != vision.depth:
-        raise DataError(f"{codes}: shards have grid {store.meta.grid} x depth {store.meta.depth}, "
-                        f"the tokenizer {tuple(vision.grid)} x {vision.depth}")
+        raise DataError(
+            f"{codes}: shards have grid {store.meta.grid} x depth {store.meta.depth}, "
+            f"the tokenizer {tuple(vision.grid)} x {vision.depth}"
+        )
     return store
 
 
-def assemble_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer, store: CodeStore, *,
-                  tower=None, cache_dir: str | os.PathLike | None = None, primary: bool = True,
-                  barrier: Callable[[], None] = lambda: None, progress: bool = True,
-                  grey_codes: np.ndarray | None = None) -> tuple[TrainingData, "Collator"]:
+def assemble_data(
+    cfg: DataConfig,
+    template: ConversationTemplate,
+    llm_tokenizer,
+    store: CodeStore,
+    *,
+    tower=None,
+    cache_dir: str | os.PathLike | None = None,
+    primary: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    progress: bool = True,
+    grey_codes: np.ndarray | None = None,
+) -> tuple[TrainingData, "Collator"]:
     """The one data path of the trainer and ``asvr-eval loss``: samples joined and
     checked, and the collator whose vision input is ``cfg.vision_input``'s.
 
@@ -213,9 +239,19 @@ def assemble_data(cfg: DataConfig, template: ConversationTemplate, llm_tokenizer
     cache = mode.open_cache(Path(cache_dir), store, tower) if cache_dir is not None else None
     data = build_training_data(cfg, template, llm_tokenizer, store, lambda key: mode.needs_image(key, cache))
     barrier()  # every process has judged the samples against the same cache before one fills it
-    source = mode.source(SourceContext(store=store, images=cfg.images, tower=tower, preprocess=store.meta.preprocess,
-                                       cache=cache, keys=data.keys_with_images(), primary=primary, barrier=barrier,
-                                       progress=progress))
+    source = mode.source(
+        SourceContext(
+            store=store,
+            images=cfg.images,
+            tower=tower,
+            preprocess=store.meta.preprocess,
+            cache=cache,
+            keys=data.keys_with_images(),
+            primary=primary,
+            barrier=barrier,
+            progress=progress,
+        )
+    )
     return data, Collator(data, source, pad_id=llm_tokenizer.pad_token_id or 0, grey_codes=grey_codes)
 
 
@@ -226,8 +262,9 @@ class Collator:
     (``VisionInputMode.source``: codes, pixels or features); the visual targets
     always come from the shards."""
 
-    def __init__(self, data: TrainingData, source: Callable[[str], np.ndarray], pad_id: int,
-                 grey_codes: np.ndarray | None = None):
+    def __init__(
+        self, data: TrainingData, source: Callable[[str], np.ndarray], pad_id: int, grey_codes: np.ndarray | None = None
+    ):
         self.samples = data.samples
         self.store = data.store
         self.source = source
@@ -250,11 +287,11 @@ class Collator:
                 s = self.samples[i]
                 e = s.encoded
                 L = len(e)
-                ids[r, t:t + L] = e.input_ids
-                labels[r, t:t + L] = e.labels
-                pos[r, t:t + L] = np.arange(L)
-                sid[r, t:t + L] = n
-                img[r, t:t + L] = e.image_mask
+                ids[r, t : t + L] = e.input_ids
+                labels[r, t : t + L] = e.labels
+                pos[r, t : t + L] = np.arange(L)
+                sid[r, t : t + L] = n
+                img[r, t : t + L] = e.image_mask
                 if s.key is not None:  # set exactly when the sample has image positions
                     keys.append(s.key)
                 else:
@@ -268,10 +305,17 @@ class Collator:
         grey = None
         if self.grey_codes is not None and n_text_only:
             grey = torch.from_numpy(np.repeat(self.grey_codes[None].astype(np.int64), n_text_only, axis=0))
-        return Batch(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels),
-                     position_ids=torch.from_numpy(pos), sample_ids=torch.from_numpy(sid),
-                     image_mask=torch.from_numpy(img), vision=vision, visual_codes=codes, visual_loss_mask=vmask,
-                     text_only_codes=grey)
+        return Batch(
+            input_ids=torch.from_numpy(ids),
+            labels=torch.from_numpy(labels),
+            position_ids=torch.from_numpy(pos),
+            sample_ids=torch.from_numpy(sid),
+            image_mask=torch.from_numpy(img),
+            vision=vision,
+            visual_codes=codes,
+            visual_loss_mask=vmask,
+            text_only_codes=grey,
+        )
 
 
 class _PlanDataset(torch.utils.data.Dataset):
@@ -289,8 +333,17 @@ class _PlanDataset(torch.utils.data.Dataset):
 class PackedLoader:
     """Endless, deterministic, rank-sharded micro-batches with resumable ``(epoch, position)``."""
 
-    def __init__(self, lengths: Sequence[int], collate: Collator, packing: PackingConfig, *, seed: int,
-                 rank: int = 0, world: int = 1, num_workers: int = 0):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        collate: Collator,
+        packing: PackingConfig,
+        *,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+    ):
         self.lengths = list(lengths)
         self.collate = collate
         self.packing = packing
@@ -314,16 +367,23 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("world", self.world) != self.world or state.get("seed", self.seed) != self.seed:
-            raise DataError(f"checkpoint loader state was for seed {state.get('seed')} x {state.get('world')} ranks; "
-                            f"this run has seed {self.seed} x {self.world} ranks")
+            raise DataError(
+                f"checkpoint loader state was for seed {state.get('seed')} x {state.get('world')} ranks; "
+                f"this run has seed {self.seed} x {self.world} ranks"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            rest = self.rank_plan(self.epoch)[self.position:]
+            rest = self.rank_plan(self.epoch)[self.position :]
             if self.num_workers > 0:
-                it: Iterable[Batch] = torch.utils.data.DataLoader(_PlanDataset(rest, self.collate), batch_size=None, shuffle=False,
-                                                 num_workers=self.num_workers, persistent_workers=False)
+                it: Iterable[Batch] = torch.utils.data.DataLoader(
+                    _PlanDataset(rest, self.collate),
+                    batch_size=None,
+                    shuffle=False,
+                    num_workers=self.num_workers,
+                    persistent_workers=False,
+                )
             else:
                 it = (self.collate(mb) for mb in rest)
             for batch in it:

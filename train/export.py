@@ -33,6 +33,7 @@ Loading from Python::
 Keys are checked strictly: a missing or unexpected tensor, or a shape
 mismatch, is an error (never a silent random init).
 """
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,13 @@ def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=Non
         if llm_tokenizer is not None:
             llm_tokenizer.save_pretrained(tmp)
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else model.cfg.dtype
-        meta = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(), "dtype": dtype,
-                "tied": aliases, "n_tensors": len(tensors)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": model.cfg.to_dict(),
+            "dtype": dtype,
+            "tied": aliases,
+            "n_tensors": len(tensors),
+        }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -117,14 +123,21 @@ def resolve_export_dir(path: str | os.PathLike) -> tuple[Path, Path | None]:
     elif (p / "final" / CONFIG_FILE).is_file():
         export = p / "final"
     else:
-        raise ExportError(f"{p}: neither an asvr-train run folder (with final/{CONFIG_FILE}) "
-                          f"nor an exported model (with {CONFIG_FILE})")
+        raise ExportError(
+            f"{p}: neither an asvr-train run folder (with final/{CONFIG_FILE}) "
+            f"nor an exported model (with {CONFIG_FILE})"
+        )
     run = export.parent if (export.parent / "train_config.json").is_file() else None
     return export, run
 
 
-def load_exported(folder: str | os.PathLike, device: str | torch.device | None = None, tokenizer=None,
-                  attn_implementation: str | None = None, vision_tower=None) -> ASVRModel:
+def load_exported(
+    folder: str | os.PathLike,
+    device: str | torch.device | None = None,
+    tokenizer=None,
+    attn_implementation: str | None = None,
+    vision_tower=None,
+) -> ASVRModel:
     """Rebuild the model of an export folder, weights loaded with strict keys, on ``device``
     (default: cuda when available, else cpu).
 
@@ -156,8 +169,9 @@ def load_exported(folder: str | os.PathLike, device: str | torch.device | None =
     attn = resolve_attn_implementation(cfg.attn_implementation)
     llm_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
     with no_init_weights():  # every weight is overwritten below
-        llm = AutoModelForCausalLM.from_config(llm_config, dtype=cfg.torch_dtype, attn_implementation=attn,
-                                               trust_remote_code=cfg.trust_remote_code)
+        llm = AutoModelForCausalLM.from_config(
+            llm_config, dtype=cfg.torch_dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+        )
     if (folder / "generation_config.json").exists():
         from transformers import GenerationConfig
 
@@ -178,8 +192,9 @@ def _load_strict(model: ASVRModel, path: Path, tied: dict[str, str]) -> None:
     missing = [k for k in expected if k not in stored and tied.get(k) not in stored]
     unexpected = [k for k in stored if k not in expected]
     if missing or unexpected:
-        raise ExportError(f"{path.name}: {len(missing)} missing keys {missing[:3]}, "
-                          f"{len(unexpected)} unexpected {unexpected[:3]}")
+        raise ExportError(
+            f"{path.name}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}"
+        )
     for k, v in expected.items():
         src = stored[k] if k in stored else stored[tied[k]]
         if tuple(src.shape) != tuple(v.shape):
@@ -200,6 +215,11 @@ def load_exported_weights(model: ASVRModel, folder: str | os.PathLike) -> None:
     check_fingerprint(got, want, str(folder), "this model")
     got_tower = (meta.get("model", {}).get("vision_tower") or {}).get("fingerprint", "")
     want_tower = model.cfg.vision_tower.fingerprint if model.cfg.vision_tower is not None else ""
-    check_fingerprint(got_tower, want_tower, f"the vision tower {folder}'s projector was trained on",
-                      "this model's vision tower", "an empty fingerprint is the tokenizer's own encoder")
+    check_fingerprint(
+        got_tower,
+        want_tower,
+        f"the vision tower {folder}'s projector was trained on",
+        "this model's vision tower",
+        "an empty fingerprint is the tokenizer's own encoder",
+    )
     _load_strict(model, folder / WEIGHTS_FILE, meta.get("tied", {}))

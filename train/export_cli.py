@@ -10,6 +10,7 @@ came from a Hugging Face SigLIP/CLIP vision tower (``--vision-input online`` or
 scores it with this project's harness.  The training-only visual head is saved
 in ``OUT/asvr_visual_head/``, outside the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,12 @@ from asvr.tokenizer.help_text import plain
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asvr-export", description=plain(__doc__.split("\n\n")[0]),
-                                epilog=plain(__doc__.split("\n\n", 2)[2]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="asvr-export",
+        description=plain(__doc__.split("\n\n")[0]),
+        epilog=plain(__doc__.split("\n\n", 2)[2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run", metavar="RUN", help="an asvr-train run folder (its final/) or an export folder")
     p.add_argument("--hf-llava", metavar="OUT", required=True, help="write a Hugging Face LLaVA folder here")
     p.add_argument("--tokenizer", metavar="DIR", help="the semantic tokenizer artifact, when it moved since training")
@@ -47,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     from .export import ExportError
     from .hf_llava import HFExportError
 
-    return run_guarded("asvr-export", "--hf-llava", lambda: _export(args),
-                       (HFExportError, ExportError, TokenizerError, EncoderLoadError, FileNotFoundError))
+    return run_guarded(
+        "asvr-export",
+        "--hf-llava",
+        lambda: _export(args),
+        (HFExportError, ExportError, TokenizerError, EncoderLoadError, FileNotFoundError),
+    )
 
 
 if __name__ == "__main__":

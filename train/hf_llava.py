@@ -36,6 +36,7 @@ logits, to fp32 tolerance, and the same greedy answers as ``asvr-eval`` on
   ``plain``) as Jinja, so ``apply_chat_template(..., add_generation_prompt=True)``
   renders the prompt ``asvr-eval`` asks with.
 """
+
 from __future__ import annotations
 
 import json
@@ -110,27 +111,44 @@ def hf_tower(cfg, tokenizer) -> HFTower:
     from .vision_tower import VisionTower, load_vision_tower
 
     if not get_vision_input(cfg.vision_input).uses_tower:
-        raise HFExportError(f"this model reads its image features rebuilt from cached semantic codes "
-                            f"(--vision-input {cfg.vision_input}), which a LLaVA cannot compute from pixels; train "
-                            f"with --vision-input online or features to export it")
-    tower = load_vision_tower(cfg.vision_tower) if cfg.vision_tower is not None else VisionTower.from_tokenizer(tokenizer)
+        raise HFExportError(
+            f"this model reads its image features rebuilt from cached semantic codes "
+            f"(--vision-input {cfg.vision_input}), which a LLaVA cannot compute from pixels; train "
+            f"with --vision-input online or features to export it"
+        )
+    tower = (
+        load_vision_tower(cfg.vision_tower) if cfg.vision_tower is not None else VisionTower.from_tokenizer(tokenizer)
+    )
     enc, e = tower.encoder, tower.encoder_spec
     if not isinstance(enc, HFVisionEncoder):
-        raise HFExportError(f"the LLM's vision tower is {e.kind}, not a Hugging Face SigLIP/CLIP tower, so "
-                            f"transformers' LLaVA cannot hold it; train with a SigLIP or CLIP tower "
-                            f"(--vision-tower) to export")
-    return HFTower(kind=enc.kind, model=enc.model, tower=tower, image_size=e.image_size,
-                   patch_size=enc.model.config.patch_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample,
-                   preprocess=tokenizer.spec.preprocess, keep_cls=tower.select == "cls_patch")
+        raise HFExportError(
+            f"the LLM's vision tower is {e.kind}, not a Hugging Face SigLIP/CLIP tower, so "
+            f"transformers' LLaVA cannot hold it; train with a SigLIP or CLIP tower "
+            f"(--vision-tower) to export"
+        )
+    return HFTower(
+        kind=enc.kind,
+        model=enc.model,
+        tower=tower,
+        image_size=e.image_size,
+        patch_size=enc.model.config.patch_size,
+        mean=tuple(e.mean),
+        std=tuple(e.std),
+        resample=e.resample,
+        preprocess=tokenizer.spec.preprocess,
+        keep_cls=tower.select == "cls_patch",
+    )
 
 
 # --------------------------------------------------------------------------- chat templates
 _ROLE = "{% set role = 'user' if message['role'] in ('user', 'human') else 'assistant' %}"
-_CONTENT = ("{% if message['content'] is string %}{% set text = message['content'] %}{% set n_img = 0 %}"
-            "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') "
-            "| map(attribute='text') | join('\\n') %}"
-            "{% set n_img = message['content'] | selectattr('type', 'equalto', 'image') | list | length %}"
-            "{% endif %}")
+_CONTENT = (
+    "{% if message['content'] is string %}{% set text = message['content'] %}{% set n_img = 0 %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('\\n') %}"
+    "{% set n_img = message['content'] | selectattr('type', 'equalto', 'image') | list | length %}"
+    "{% endif %}"
+)
 
 
 def _literal(text: str) -> str:
@@ -155,19 +173,48 @@ def chat_template(template) -> str:
         user = _literal(f"{t.roles[0]}: ") + image + "{{ text }}" + _literal(t.sep)
         answer = _literal(f"{t.roles[1]}: ") + "{{ text }}" + end
         gen = _literal(f"{t.roles[1]}:")
-        return (first + "{% for message in messages %}" + head + "{% if role == 'user' %}" + user + "{% else %}"
-                + answer + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + gen + "{% endif %}")
+        return (
+            first
+            + "{% for message in messages %}"
+            + head
+            + "{% if role == 'user' %}"
+            + user
+            + "{% else %}"
+            + answer
+            + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
+            + gen
+            + "{% endif %}"
+        )
     elif t.style == "chatml":
         system = _literal(f"<|im_start|>system\n{t.system}<|im_end|>\n") if t.system else ""
         user = _literal(f"<|im_start|>{t.roles[0]}\n") + image + "{{ text }}" + _literal("<|im_end|>\n")
         answer = _literal(f"<|im_start|>{t.roles[1]}\n") + "{{ text }}" + _literal("<|im_end|>\n")
         gen = _literal(f"<|im_start|>{t.roles[1]}\n")
-        return (system + "{% for message in messages %}" + head + "{% if role == 'user' %}" + user + "{% else %}"
-                + answer + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + gen + "{% endif %}")
+        return (
+            system
+            + "{% for message in messages %}"
+            + head
+            + "{% if role == 'user' %}"
+            + user
+            + "{% else %}"
+            + answer
+            + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
+            + gen
+            + "{% endif %}"
+        )
     else:
         raise HFExportError(f"no chat template for conversation style {t.style!r}")
-    return ("{% for message in messages %}" + head + "{% if role == 'user' %}" + user + "{% else %}" + answer
-            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + gen + "{% endif %}")
+    return (
+        "{% for message in messages %}"
+        + head
+        + "{% if role == 'user' %}"
+        + user
+        + "{% else %}"
+        + answer
+        + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
+        + gen
+        + "{% endif %}"
+    )
 
 
 # --------------------------------------------------------------------------- the export
@@ -179,10 +226,16 @@ def _llava_config(model, tower: HFTower, image_token_id: int, vocab: int):
     vision_config = tower.model.config.to_dict()
     return LlavaConfig(
         # image_token_id is LlavaConfig's attribute_map alias of image_token_index (untyped as a keyword)
-        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,  # type: ignore[call-arg]
-        projector_hidden_act="gelu", multimodal_projector_bias=True, vision_feature_layer=-1,
-        vision_feature_select_strategy=tower.strategy, image_seq_length=model.vision.tokens,
-        tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)))
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_token_id,  # type: ignore[call-arg]
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy=tower.strategy,
+        image_seq_length=model.vision.tokens,
+        tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)),
+    )
 
 
 def _grown(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -194,8 +247,12 @@ def _grown(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def _state_dict(model, tower: HFTower, vocab: int) -> dict[str, torch.Tensor]:
     """``LlavaForConditionalGeneration`` keys -> tensors (contiguous, CPU)."""
     proj = model.projector
-    if not (isinstance(proj, torch.nn.Sequential) and len(proj) == 3 and isinstance(proj[1], torch.nn.GELU)
-            and proj[1].approximate == "none"):
+    if not (
+        isinstance(proj, torch.nn.Sequential)
+        and len(proj) == 3
+        and isinstance(proj[1], torch.nn.GELU)
+        and proj[1].approximate == "none"
+    ):
         raise HFExportError(f"the projector is {model.cfg.projector}; LLaVA holds mlp2x_gelu only")
     sd: dict[str, torch.Tensor] = {}
     for k, v in tower.model.state_dict().items():
@@ -221,16 +278,36 @@ def _processor(tower: HFTower, text_tokenizer, template):
     from PIL import Image
 
     R = Image.Resampling  # plain ints, as the processor config stores them
-    resample = {"bicubic": int(R.BICUBIC), "bilinear": int(R.BILINEAR), "lanczos": int(R.LANCZOS),
-                "nearest": int(R.NEAREST)}[tower.resample]
+    resample = {
+        "bicubic": int(R.BICUBIC),
+        "bilinear": int(R.BILINEAR),
+        "lanczos": int(R.LANCZOS),
+        "nearest": int(R.NEAREST),
+    }[tower.resample]
     size = {"height": tower.image_size, "width": tower.image_size}
     image_processor = LlavaImageProcessorPil(
-        size=size, crop_size=size, do_center_crop=False, do_resize=True, resample=resample,
-        do_pad=tower.preprocess == "pad", image_mean=list(tower.mean), image_std=list(tower.std),
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=text_tokenizer, patch_size=tower.patch_size,
-                          vision_feature_select_strategy=tower.strategy, chat_template=chat_template(template),
-                          image_token=IMAGE_TOKEN, num_additional_image_tokens=1 if tower.kind == "clip" else 0)
+        size=size,
+        crop_size=size,
+        do_center_crop=False,
+        do_resize=True,
+        resample=resample,
+        do_pad=tower.preprocess == "pad",
+        image_mean=list(tower.mean),
+        image_std=list(tower.std),
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=text_tokenizer,
+        patch_size=tower.patch_size,
+        vision_feature_select_strategy=tower.strategy,
+        chat_template=chat_template(template),
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1 if tower.kind == "clip" else 0,
+    )
 
 
 def _save_head(model, folder: Path) -> None:
@@ -240,14 +317,21 @@ def _save_head(model, folder: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     v = model.cfg.vision
-    meta = {"head": model.cfg.to_dict()["head"], "llm_hidden_size": model.hidden_size, "dim": v.dim,
-            "depth": v.depth, "codebook_size": v.codebook_size, "tokenizer_fingerprint": v.fingerprint,
-            "note": "ASVR's training-only visual head (not part of the LLaVA model in the folder above)"}
+    meta = {
+        "head": model.cfg.to_dict()["head"],
+        "llm_hidden_size": model.hidden_size,
+        "dim": v.dim,
+        "depth": v.depth,
+        "codebook_size": v.codebook_size,
+        "tokenizer_fingerprint": v.fingerprint,
+        "note": "ASVR's training-only visual head (not part of the LLaVA model in the folder above)",
+    }
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def export_hf_llava(run: str | os.PathLike, out: str | os.PathLike, *, tokenizer=None,
-                    max_shard_size: str = "5GB") -> Path:
+def export_hf_llava(
+    run: str | os.PathLike, out: str | os.PathLike, *, tokenizer=None, max_shard_size: str = "5GB"
+) -> Path:
     """Write ``out`` (atomically: a temp folder renamed into place) from a run or export folder.
 
     ``tokenizer`` (a ``SemanticTokenizer``) overrides the recorded tokenizer path."""
@@ -268,18 +352,20 @@ def export_hf_llava(run: str | os.PathLike, out: str | os.PathLike, *, tokenizer
             raise HFExportError(f"the tokenizer this model was trained with ({path}) is not there")
         tokenizer = SemanticTokenizer.load(path)
     tower = hf_tower(cfg, tokenizer)
-    model = load_exported(export, tokenizer=tokenizer,
-                          vision_tower=tower.tower if cfg.vision_tower is not None else None)
+    model = load_exported(
+        export, tokenizer=tokenizer, vision_tower=tower.tower if cfg.vision_tower is not None else None
+    )
     text_tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
     template = get_template(run_template_name(run_dir))
 
     if IMAGE_TOKEN not in text_tok.get_vocab():
-        text_tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]},
-                                    replace_extra_special_tokens=False)
+        text_tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     image_token_id = cast(int, text_tok.convert_tokens_to_ids(IMAGE_TOKEN))  # one token in, one id out
     old_vocab = cast(torch.nn.Embedding, model.llm.get_input_embeddings()).weight.shape[0]
-    vocab = max(old_vocab, -(-(image_token_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-                if image_token_id >= old_vocab else old_vocab)
+    vocab = max(
+        old_vocab,
+        -(-(image_token_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE if image_token_id >= old_vocab else old_vocab,
+    )
     config = _llava_config(model, tower, image_token_id, vocab)
     state = _state_dict(model, tower, vocab)
     with torch.device("meta"):
@@ -290,8 +376,11 @@ def export_hf_llava(run: str | os.PathLike, out: str | os.PathLike, *, tokenizer
         raise HFExportError(f"LLaVA weights do not line up: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if config.tie_word_embeddings:
         hf.tie_weights()
-    gen = GenerationConfig.from_model_config(model.llm.config) if model.llm.generation_config is None \
+    gen = (
+        GenerationConfig.from_model_config(model.llm.config)
+        if model.llm.generation_config is None
         else GenerationConfig.from_dict(model.llm.generation_config.to_dict())
+    )
     gen.suppress_tokens = list(range(old_vocab, vocab)) or None
     if gen.pad_token_id is None:
         gen.pad_token_id = text_tok.pad_token_id if text_tok.pad_token_id is not None else gen.eos_token_id
@@ -314,5 +403,4 @@ def is_hf_llava(folder: str | os.PathLike) -> bool:
         return False
 
 
-__all__ = ["HFExportError", "export_hf_llava", "chat_template", "is_hf_llava", "resolve_export_dir",
-           "ExportError"]
+__all__ = ["HFExportError", "export_hf_llava", "chat_template", "is_hf_llava", "resolve_export_dir", "ExportError"]

@@ -25,6 +25,7 @@ Measured on a tiny CPU run before this module (DeepSpeed 0.19, transformers 5):
   ``transformers.utils.logging.disable_progress_bar`` turns it off, and
   ``set_verbosity_error`` keeps its advisory warnings out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,11 @@ def configure(verbose: bool = False) -> None:
     if verbose:
         return
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    warnings.filterwarnings(
+        "ignore",
+        category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -62,10 +66,17 @@ def extensions_dir() -> Path:
         return Path(root)
     from torch.utils.cpp_extension import get_default_build_root
 
-    accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
-             f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
-    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}" \
+    accel = (
+        f"rocm{torch.version.hip.replace('.', '')}"
+        if torch.version.hip
+        else f"cu{torch.version.cuda.replace('.', '')}"
+        if torch.version.cuda
+        else "cpu"
+    )
+    return (
+        Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}"
         f"{getattr(sys, 'abiflags', '')}_{accel}"
+    )
 
 
 def build_notice() -> str | None:
@@ -82,8 +93,7 @@ def build_notice() -> str | None:
     where = extensions_dir() / SHM_OP
     if (where / f"{SHM_OP}.so").exists():
         return None
-    return (f"building DeepSpeed's CPU communication op ({SHM_OP}) once: ~2 min on 2 cores, "
-            f"cached in {where.parent}")
+    return f"building DeepSpeed's CPU communication op ({SHM_OP}) once: ~2 min on 2 cores, cached in {where.parent}"
 
 
 @contextlib.contextmanager

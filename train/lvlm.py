@@ -30,6 +30,7 @@ the varlen segments from ``position_ids`` restarting at 0.
 Not supported: LLMs whose logits are post-processed after the LM head
 (e.g. Gemma-2 final-logit soft-capping); ``build_model`` refuses them.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -103,8 +104,11 @@ class ASVRModel(nn.Module):
 
     # ------------------------------------------------------------------ stages
     def _groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"projector": list(self.projector.parameters()), "visual_head": list(self.head.parameters()),
-                "llm": list(self.llm.parameters())}
+        return {
+            "projector": list(self.projector.parameters()),
+            "visual_head": list(self.head.parameters()),
+            "llm": list(self.llm.parameters()),
+        }
 
     def trainable_parameters(self, stage: str) -> list[dict[str, Any]]:
         """Optimizer parameter groups that ``stage`` trains, ``[{"name", "params"}]``:
@@ -188,8 +192,12 @@ class ASVRModel(nn.Module):
     def hidden_states(self, batch: Batch) -> torch.Tensor:
         """Last hidden states ``[B, T, H]`` of the base model."""
         x = self.embed(batch.input_ids, batch.image_mask, batch.vision)
-        out = self.llm.base_model(inputs_embeds=x, attention_mask=self.attention_mask(batch.sample_ids, x.dtype),
-                                  position_ids=batch.position_ids, use_cache=False)
+        out = self.llm.base_model(
+            inputs_embeds=x,
+            attention_mask=self.attention_mask(batch.sample_ids, x.dtype),
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
         return out.last_hidden_state
 
     # ------------------------------------------------------------------ losses
@@ -205,8 +213,11 @@ class ASVRModel(nn.Module):
         loss_visual = per_depth.mean()
         loss = loss_text + self.cfg.visual_loss_weight * loss_visual
         metrics: dict[str, torch.Tensor] = {
-            "loss": loss.detach(), "loss_text": loss_text.detach(), "loss_visual": loss_visual.detach(),
-            "n_text_tokens": torch.tensor(n_text), "n_visual_tokens": torch.tensor(n_vis),
+            "loss": loss.detach(),
+            "loss_text": loss_text.detach(),
+            "loss_visual": loss_visual.detach(),
+            "n_text_tokens": torch.tensor(n_text),
+            "n_visual_tokens": torch.tensor(n_vis),
         }
         for d in range(per_depth.shape[0]):
             metrics[f"loss_visual_d{d}"] = per_depth[d].detach()
@@ -231,9 +242,14 @@ class ASVRModel(nn.Module):
         else:
             codes = batch.visual_codes.reshape(-1, v.depth)
             if codes.shape[0] != rows.shape[0]:
-                raise ValueError(f"visual_codes give {codes.shape[0]} positions, the batch has {rows.shape[0]} image positions")
-            img_keep = (batch.visual_loss_mask if batch.visual_loss_mask is not None
-                        else torch.ones(n_img, dtype=torch.bool, device=h.device))
+                raise ValueError(
+                    f"visual_codes give {codes.shape[0]} positions, the batch has {rows.shape[0]} image positions"
+                )
+            img_keep = (
+                batch.visual_loss_mask
+                if batch.visual_loss_mask is not None
+                else torch.ones(n_img, dtype=torch.bool, device=h.device)
+            )
             keep = img_keep.to(h.device).repeat_interleave(v.tokens_per_image)
         rows, codes = rows[keep], codes[keep].to(h.device)
         if batch.text_only_codes is not None and batch.text_only_codes.numel():
@@ -246,8 +262,15 @@ class ASVRModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, image_mask: torch.Tensor, vision: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **generate_kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        image_mask: torch.Tensor,
+        vision: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        **generate_kwargs,
+    ) -> torch.Tensor:
         """Greedy generation (HF ``generate`` on ``inputs_embeds`` with a KV cache).
         ``input_ids``/``image_mask`` ``[B, T]`` as in :class:`Batch` (left-pad
         several prompts and give the 2D ``attention_mask``).  Returns the new
@@ -305,18 +328,31 @@ def build_llm(cfg: ModelConfig) -> PreTrainedModel:
     config = load_llm_config(cfg.llm, cfg.trust_remote_code)
     _check_supported(config)
     folder = Path(cfg.llm) if isinstance(cfg.llm, str) else None
-    has_weights = folder is not None and folder.is_dir() and any(
-        f.suffix in (".safetensors", ".bin") for f in folder.iterdir())
+    has_weights = (
+        folder is not None and folder.is_dir() and any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir())
+    )
     if has_weights and isinstance(cfg.llm, str):  # has_weights: cfg.llm is a folder path
-        return AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=cfg.torch_dtype, attn_implementation=attn,
-                                                    trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.llm,
+            dtype=cfg.torch_dtype,
+            attn_implementation=attn,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=True,
+        )
     config._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(config, dtype=cfg.torch_dtype, attn_implementation=attn,
-                                            trust_remote_code=cfg.trust_remote_code)
+    return AutoModelForCausalLM.from_config(
+        config, dtype=cfg.torch_dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+    )
 
 
-def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | None = None,
-                llm: PreTrainedModel | None = None, tower: VisionTower | None = None) -> ASVRModel:
+def build_model(
+    cfg: ModelConfig,
+    tokenizer=None,
+    *,
+    codebooks: torch.Tensor | None = None,
+    llm: PreTrainedModel | None = None,
+    tower: VisionTower | None = None,
+) -> ASVRModel:
     """Build the LVLM.  ``tokenizer`` (a ``SemanticTokenizer``) gives the vision
     spec, the frozen codebooks and, for ``online``, the default tower (its
     encoder).  Without it pass ``codebooks`` ``[D or 1, K, C]`` and
@@ -325,8 +361,14 @@ def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | N
     ``llm`` skips ``build_llm``."""
     if tokenizer is not None:
         s = tokenizer.spec
-        cfg.vision = VisionSpec(dim=s.dim, grid=tuple(s.grid), depth=s.depth, codebook_size=s.codebook_size,
-                                fingerprint=s.fingerprint, path=str(Path(tokenizer.path).resolve()) if tokenizer.path else None)
+        cfg.vision = VisionSpec(
+            dim=s.dim,
+            grid=tuple(s.grid),
+            depth=s.depth,
+            codebook_size=s.codebook_size,
+            fingerprint=s.fingerprint,
+            path=str(Path(tokenizer.path).resolve()) if tokenizer.path else None,
+        )
         codebooks = tokenizer.quantizer.codebooks
     elif codebooks is None or cfg.vision is None:
         raise ValueError("build_model needs a tokenizer, or codebooks and cfg.vision")
@@ -338,8 +380,9 @@ def build_model(cfg: ModelConfig, tokenizer=None, *, codebooks: torch.Tensor | N
         elif tokenizer is not None:
             tower = VisionTower.from_tokenizer(tokenizer)
     if tower is not None and cfg.vision_tower is not None:
-        check_fingerprint(tower.spec.fingerprint, cfg.vision_tower.fingerprint, "the vision tower given",
-                          "the configured one")
+        check_fingerprint(
+            tower.spec.fingerprint, cfg.vision_tower.fingerprint, "the vision tower given", "the configured one"
+        )
     vision = VisionInput(cfg.vision_input, cfg.vision, codebooks, tower, tokens=cfg.image_tokens, dim=cfg.input_dim)
     llm = build_llm(cfg) if llm is None else llm
     model = ASVRModel(cfg, llm, vision)

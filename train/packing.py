@@ -20,6 +20,7 @@ same token count): share of token slots that are padding
 
 Planning an epoch of 50k samples takes ~0.3 s in Python.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -51,7 +52,7 @@ def best_fit_rows(order: Sequence[int], lengths: Sequence[int], max_len: int, wi
     """Best-fit decreasing inside each window of ``order``; rows keep their samples' lengths <= max_len."""
     rows: list[list[int]] = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])  # stable: ties keep order
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])  # stable: ties keep order
         free: list[tuple[int, int]] = []  # (space left, row index), sorted
         for i in chunk:
             n = lengths[i]
@@ -74,7 +75,7 @@ def plan_epoch(lengths: Sequence[int], cfg: PackingConfig, seed: int, epoch: int
     order = rng.permutation(len(lengths)).tolist()
     if not cfg.pack:
         rows = [[i] for i in order]
-        return [rows[i:i + cfg.rows] for i in range(0, len(rows), cfg.rows)]
+        return [rows[i : i + cfg.rows] for i in range(0, len(rows), cfg.rows)]
     rows = best_fit_rows(order, lengths, cfg.max_len, cfg.window)
     rows = [rows[i] for i in rng.permutation(len(rows))]
     if cfg.rows == 1:
@@ -86,7 +87,7 @@ def plan_epoch(lengths: Sequence[int], cfg: PackingConfig, seed: int, epoch: int
     group = 16 * cfg.rows
     for s in range(0, len(rows), group):
         idx = sorted(range(s, min(s + group, len(rows))), key=lambda j: -fill[j])
-        plan.extend([rows[j] for j in idx[k:k + cfg.rows]] for k in range(0, len(idx), cfg.rows))
+        plan.extend([rows[j] for j in idx[k : k + cfg.rows]] for k in range(0, len(idx), cfg.rows))
     return [plan[i] for i in rng.permutation(len(plan))]
 
 

@@ -9,6 +9,7 @@ The data is read, joined and checked exactly as for training (bad samples
 refused or, with ``--skip-bad-samples``, left out); nothing is written to the
 run folder and no process group or DeepSpeed is started.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ from .vision_input import get_vision_input
 def sample_record(s: Sample) -> dict:
     e = s.encoded
     edges = np.flatnonzero(np.diff(np.concatenate([[0], e.image_mask.astype(np.int8), [0]])))
-    return {"id": s.sample_id, "image": s.key, "text": e.text, "input_ids": e.input_ids.tolist(),
-            "labels": e.labels.tolist(), "image_positions": edges.reshape(-1, 2).tolist(), "n_tokens": len(e)}
+    return {
+        "id": s.sample_id,
+        "image": s.key,
+        "text": e.text,
+        "input_ids": e.input_ids.tolist(),
+        "labels": e.labels.tolist(),
+        "image_positions": edges.reshape(-1, 2).tolist(),
+        "n_tokens": len(e),
+    }
 
 
 def preview(cfg, n: int, out: TextIO = sys.stdout) -> int:
@@ -39,16 +47,29 @@ def preview(cfg, n: int, out: TextIO = sys.stdout) -> int:
     from asvr.tokenizer import SemanticTokenizer
 
     tokenizer = SemanticTokenizer.load(cfg.tokenizer)
-    llm_tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True,
-                                                  trust_remote_code=cfg.trust_remote_code)
+    llm_tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+    )
     store = open_codes(cfg.codes, tokenizer.spec)
-    dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=cfg.vision_input,
-                      image_tokens=image_tokens(tokenizer.spec.grid, cfg.vision_tower_select),
-                      caption_free_ratio=cfg.caption_free_ratio, skip_bad_samples=cfg.skip_bad_samples, seed=cfg.seed,
-                      packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack))
+    dcfg = DataConfig(
+        data=cfg.data,
+        codes=cfg.codes,
+        images=cfg.images,
+        vision_input=cfg.vision_input,
+        image_tokens=image_tokens(tokenizer.spec.grid, cfg.vision_tower_select),
+        caption_free_ratio=cfg.caption_free_ratio,
+        skip_bad_samples=cfg.skip_bad_samples,
+        seed=cfg.seed,
+        packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack),
+    )
     # images are checked where every step reads them (online); a features cache may hold them already
-    data = build_training_data(dcfg, get_template(cfg.template), llm_tokenizer, store,
-                               check_images=get_vision_input(cfg.vision_input).model_runs_tower)
+    data = build_training_data(
+        dcfg,
+        get_template(cfg.template),
+        llm_tokenizer,
+        store,
+        check_images=get_vision_input(cfg.vision_input).model_runs_tower,
+    )
     if not data.samples:
         raise DataError("no training samples")
     for s in data.samples[:n]:

@@ -3,6 +3,7 @@
 ``mlp2x_gelu`` is the reference's (LLaVA-1.5): ``Linear(C, H) GELU Linear(H, H)``.
 ``linear`` and ``mlpNx_gelu`` (N Linear layers, GELU between) are accepted too.
 """
+
 from __future__ import annotations
 
 import re

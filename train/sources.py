@@ -13,6 +13,7 @@ features computed once from the images and memory-mapped afterwards (float32
 SigLIP 27x27x1152, so 2.1 TB for LLaVA-665k: the ``codes`` input exists
 because of that).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,13 @@ class CodeStore:
         return self.codes[self.index[key]]
 
     @classmethod
-    def open(cls, codes_dir: str | os.PathLike, fingerprint: str, cache_dir: str | os.PathLike | None = None,
-             write_cache: bool = True) -> "CodeStore":
+    def open(
+        cls,
+        codes_dir: str | os.PathLike,
+        fingerprint: str,
+        cache_dir: str | os.PathLike | None = None,
+        write_cache: bool = True,
+    ) -> "CodeStore":
         """Read all shards; refuse a foreign tokenizer fingerprint (one-line :class:`DataError`).
 
         ``cache_dir``: memory-map ``codes-<hash>.npy`` there (``write_cache``:
@@ -65,15 +71,21 @@ class CodeStore:
         except (ShardError, OSError) as e:
             raise DataError(str(e)) from None
         for f, m in zip(files, metas):
-            check_fingerprint(m.fingerprint, fingerprint, str(f), "this run's tokenizer",
-                              "tokenize the images again with this tokenizer")
+            check_fingerprint(
+                m.fingerprint,
+                fingerprint,
+                str(f),
+                "this run's tokenizer",
+                "tokenize the images again with this tokenizer",
+            )
         if len({(m.grid, m.depth, m.preprocess) for m in metas}) != 1:
             raise DataError(f"{codes_dir}: shards disagree on grid/depth/preprocess mode")
         meta = metas[0]
         cache = None
         if cache_dir is not None:
-            tag = hashlib.sha256(json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-                                 .encode()).hexdigest()[:16]
+            tag = hashlib.sha256(
+                json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode()
+            ).hexdigest()[:16]
             cache = Path(cache_dir) / f"codes-{tag}"
             if (cache.with_suffix(".npy")).exists():
                 cached = json.loads(cache.with_suffix(".keys.json").read_text())
@@ -138,8 +150,13 @@ class FeatureCache:
             raise DataError(f"{self.path}: the features cache holds no rows yet")
         return np.asarray(self.array[self.index[key]])
 
-    def fill(self, keys: Sequence[str], featurize: Callable[[list[str]], np.ndarray], batch_size: int = 32,
-             progress: bool = True) -> None:
+    def fill(
+        self,
+        keys: Sequence[str],
+        featurize: Callable[[list[str]], np.ndarray],
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> None:
         """Compute the rows of ``keys`` not cached yet; ``featurize(keys) -> float32 [n, T, C]``."""
         from tqdm import tqdm
 
@@ -152,13 +169,13 @@ class FeatureCache:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(self.n_rows, *first.shape[1:]))
             if self.array is not None and self.array.shape == arr.shape:
                 for s in range(0, self.n_rows, 1024):
-                    arr[s:s + 1024] = self.array[s:s + 1024]
+                    arr[s : s + 1024] = self.array[s : s + 1024]
             else:
                 self.done = set()
             arr[self.index[missing[0]]] = first[0]
             rest = missing[1:]
             for i in tqdm(range(0, len(rest), batch_size), desc="caching features", disable=not progress):
-                chunk = rest[i:i + batch_size]
+                chunk = rest[i : i + batch_size]
                 arr[[self.index[k] for k in chunk]] = featurize(chunk)
             arr.flush()
             del arr
@@ -188,7 +205,12 @@ def load_conversations(paths: Sequence[str | os.PathLike]) -> list[ConversationR
                 out.append(ConversationRecord(f"{path.name}[{i}]", None, None, str(path)))
                 continue
             image = rec.get("image")
-            out.append(ConversationRecord(str(rec.get("id", f"{path.name}[{i}]")),
-                                          image if isinstance(image, str) else None if image is None else repr(image),
-                                          rec.get("conversations"), str(path)))
+            out.append(
+                ConversationRecord(
+                    str(rec.get("id", f"{path.name}[{i}]")),
+                    image if isinstance(image, str) else None if image is None else repr(image),
+                    rec.get("conversations"),
+                    str(path),
+                )
+            )
     return out

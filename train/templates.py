@@ -29,6 +29,7 @@ or listed under ``--skip-bad-samples``), never silently all-masked.  Cost:
 about the old piecewise encoding's (1 to 3 ms for a 1- to 8-round sample
 with the tiny BPE tokenizer on the dev box; see :class:`_Boundaries`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -89,8 +90,10 @@ class ConversationTemplate:
         return {"plain": self.sep, "chatml": "<|im_end|>"}.get(self.style, self.sep2 or "")
 
 
-VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 """LLaVA's ``conv_vicuna_v1`` system prompt (llava/conversation.py), used by LLaVA-1.5 and ASVR."""
 
 
@@ -101,14 +104,20 @@ def plain() -> ConversationTemplate:
 
 def vicuna_v1() -> ConversationTemplate:
     """LLaVA-1.5 ``vicuna_v1``: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``."""
-    return ConversationTemplate(name="vicuna_v1", style="two", system=VICUNA_V1_SYSTEM, roles=("USER", "ASSISTANT"),
-                                sep=" ", sep2=None)
+    return ConversationTemplate(
+        name="vicuna_v1", style="two", system=VICUNA_V1_SYSTEM, roles=("USER", "ASSISTANT"), sep=" ", sep2=None
+    )
 
 
 def chatml() -> ConversationTemplate:
     """ChatML (Qwen2): ``<|im_start|>role\\ncontent<|im_end|>\\n``; needs those special tokens."""
-    return ConversationTemplate(name="chatml", style="chatml", system="You are a helpful assistant.",
-                                roles=("user", "assistant"), add_special_tokens=False)
+    return ConversationTemplate(
+        name="chatml",
+        style="chatml",
+        system="You are a helpful assistant.",
+        roles=("user", "assistant"),
+        add_special_tokens=False,
+    )
 
 
 TEMPLATES: dict[str, Callable[[], ConversationTemplate]] = {"plain": plain, "vicuna_v1": vicuna_v1, "chatml": chatml}
@@ -185,8 +194,9 @@ def move_image_first(text: str) -> str:
     return (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
 
 
-def render(template: ConversationTemplate, turns: Sequence[tuple[str, str]], tokenizer,
-           generation: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def render(
+    template: ConversationTemplate, turns: Sequence[tuple[str, str]], tokenizer, generation: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
     """Turns -> (the prompt string, character spans ``[start, end)`` of the trained text).
 
     ``generation``: the turns end with a question; the string ends where the
@@ -220,8 +230,9 @@ def render(template: ConversationTemplate, turns: Sequence[tuple[str, str]], tok
     return (s + f"<|im_start|>{template.roles[1]}\n" if generation else s), spans
 
 
-def _render_plain(template: ConversationTemplate, turns: Sequence[tuple[str, str]],
-                  generation: bool) -> tuple[str, list[tuple[int, int]]]:
+def _render_plain(
+    template: ConversationTemplate, turns: Sequence[tuple[str, str]], generation: bool
+) -> tuple[str, list[tuple[int, int]]]:
     # LLaVA preprocess_plain: asserts two turns and an <image> in the first, which becomes just "<image>"
     if len(turns) != (1 if generation else 2) or IMAGE_PLACEHOLDER not in turns[0][1]:
         raise ConversationError("the plain template needs one question holding <image> and one answer")
@@ -245,8 +256,13 @@ def tokenize_with_images(text: str, tokenizer, add_special_tokens: bool = True) 
     return out
 
 
-def encode_conversation(template: ConversationTemplate, turns: list[tuple[str, str]], tokenizer,
-                        image_tokens: int, image_id: int | None = None) -> EncodedSample:
+def encode_conversation(
+    template: ConversationTemplate,
+    turns: list[tuple[str, str]],
+    tokenizer,
+    image_tokens: int,
+    image_id: int | None = None,
+) -> EncodedSample:
     """Validated turns (:func:`validate_turns`) -> :class:`EncodedSample` (see module doc).
 
     ``image_tokens`` = H*W positions per ``<image>``; ``image_id`` fills them
@@ -288,17 +304,22 @@ class _Boundaries:
 
     def _generic(self, at: int) -> int:
         pre = tokenize_with_images(self.text[:at], self.tok, self.template.add_special_tokens)
-        if self.ids[:len(pre)] != pre:
-            near = self.text[max(0, at - 12):at + 12].replace("\n", "\\n")
-            raise ConversationError(f"an answer boundary falls inside a token (near {near!r}): its labels cannot "
-                                    "be computed exactly")
+        if self.ids[: len(pre)] != pre:
+            near = self.text[max(0, at - 12) : at + 12].replace("\n", "\\n")
+            raise ConversationError(
+                f"an answer boundary falls inside a token (near {near!r}): its labels cannot be computed exactly"
+            )
         return len(pre)
 
     def start(self, at: int) -> int:
-        if self.prev is not None and self.marker_id is not None and IMAGE_PLACEHOLDER not in self.text[self.prev[0]:at]:
+        if (
+            self.prev is not None
+            and self.marker_id is not None
+            and IMAGE_PLACEHOLDER not in self.text[self.prev[0] : at]
+        ):
             c, t = self.prev
             seg = self.tok(self.marker + self.text[c:at], add_special_tokens=False)["input_ids"]
-            if seg and seg[0] == self.marker_id and self.ids[t:t + len(seg) - 1] == seg[1:]:
+            if seg and seg[0] == self.marker_id and self.ids[t : t + len(seg) - 1] == seg[1:]:
                 return t + len(seg) - 1
         return self._generic(at)
 
@@ -306,7 +327,7 @@ class _Boundaries:
         if at == len(self.text):
             return len(self.ids)
         m = self.marker
-        if self.marker_id is not None and self.text[:at].endswith(m) and m not in self.text[start_char:at - len(m)]:
+        if self.marker_id is not None and self.text[:at].endswith(m) and m not in self.text[start_char : at - len(m)]:
             j = next((i for i in range(start, len(self.ids)) if self.ids[i] == self.marker_id), None)
             if j is not None:
                 self.prev = (at, j + 1)
@@ -316,16 +337,22 @@ class _Boundaries:
         return b
 
 
-def encode_generation_prompt(template: ConversationTemplate, turns: list[tuple[str, str]], tokenizer,
-                             image_tokens: int, image_id: int | None = None) -> EncodedSample:
+def encode_generation_prompt(
+    template: ConversationTemplate,
+    turns: list[tuple[str, str]],
+    tokenizer,
+    image_tokens: int,
+    image_id: int | None = None,
+) -> EncodedSample:
     """The prompt for generating the next answer (``turns`` end with a question): LLaVA's eval prompt."""
     text, _ = render(template, turns, tokenizer, generation=True)
     ids = tokenize_with_images(text, tokenizer, template.add_special_tokens)
     return _expand(ids, np.zeros(len(ids), bool), image_tokens, _image_id(tokenizer, image_id), text)
 
 
-def encode_image_only(template: ConversationTemplate, tokenizer, image_tokens: int,
-                      image_id: int | None = None) -> EncodedSample:
+def encode_image_only(
+    template: ConversationTemplate, tokenizer, image_tokens: int, image_id: int | None = None
+) -> EncodedSample:
     """A caption-free sample: (BOS +) the image positions, no text labels."""
     ids = tokenize_with_images(IMAGE_PLACEHOLDER, tokenizer, template.add_special_tokens)
     return _expand(ids, np.zeros(len(ids), bool), image_tokens, _image_id(tokenizer, image_id), IMAGE_PLACEHOLDER)

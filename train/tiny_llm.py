@@ -9,6 +9,7 @@ with the special tokens the templates use (``<s>``, ``</s>``, ``<pad>``,
 
     python -m asvr.train.tiny_llm --out demo_out/llm --texts demo_out/corpus/llava_sft.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,25 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer=trainer)
     # BOS on every encoding with special tokens, as a Llama tokenizer (LLaVA's templates count on it)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", SPECIALS.index("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIALS.index("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
 
 
 def conversation_texts(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -51,9 +63,20 @@ def conversation_texts(paths: Iterable[str | os.PathLike]) -> list[str]:
     return out
 
 
-def make_tiny_llm(folder: str | os.PathLike, family: str = "llama", texts: Iterable[str] = (), *,
-                  vocab_size: int = 512, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                  intermediate_size: int = 128, max_positions: int = 2048, seed: int = 0) -> Path:
+def make_tiny_llm(
+    folder: str | os.PathLike,
+    family: str = "llama",
+    texts: Iterable[str] = (),
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_positions: int = 2048,
+    seed: int = 0,
+) -> Path:
     """Write a loadable LLM folder (config.json, model.safetensors, tokenizer files)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -62,11 +85,22 @@ def make_tiny_llm(folder: str | os.PathLike, family: str = "llama", texts: Itera
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = ["A chat between a curious human and an artificial intelligence assistant.",
-            "USER: What is in the image? ASSISTANT: A picture.", "The quick brown fox jumps over the lazy dog."]
+    base = [
+        "A chat between a curious human and an artificial intelligence assistant.",
+        "USER: What is in the image? ASSISTANT: A picture.",
+        "The quick brown fox jumps over the lazy dog.",
+    ]
     tok = train_bpe_tokenizer(base + list(texts), vocab_size)
-    cfg = tiny_llm_config(family, vocab_size=len(tok), hidden_size=hidden_size, layers=layers, heads=heads,
-                          kv_heads=kv_heads, intermediate_size=intermediate_size, max_positions=max_positions)
+    cfg = tiny_llm_config(
+        family,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        max_positions=max_positions,
+    )
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
@@ -77,8 +111,11 @@ def make_tiny_llm(folder: str | os.PathLike, family: str = "llama", texts: Itera
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m asvr.train.tiny_llm", description=plain(__doc__),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m asvr.train.tiny_llm",
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--family", default="llama", choices=["llama", "qwen2", "mistral"])
     p.add_argument("--texts", nargs="*", default=[], help="LLaVA JSON files whose text trains the BPE tokenizer")
@@ -87,8 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--intermediate-size", type=int, default=128, help="MLP width")
     args = p.parse_args(argv)
-    out = make_tiny_llm(args.out, args.family, conversation_texts(args.texts), vocab_size=args.vocab_size,
-                        hidden_size=args.hidden_size, layers=args.layers, intermediate_size=args.intermediate_size)
+    out = make_tiny_llm(
+        args.out,
+        args.family,
+        conversation_texts(args.texts),
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        intermediate_size=args.intermediate_size,
+    )
     print(f"wrote a tiny {args.family} LLM to {out}")
     return 0
 

@@ -31,6 +31,7 @@ Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
 an uninterrupted run bit for bit (tested): the loader resumes at the next
 micro-batch, and model, optimizer, scheduler and RNG states are restored.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -56,6 +57,7 @@ from .metrics import MetricsLogger, plot_losses
 from .packing import PackingConfig, padding_waste, plan_epoch
 from .templates import get_template
 
+
 def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
     """Codes ``[H*W, D]`` of LLaVA's dummy image for text-only samples: ``torch.zeros(3, S, S)`` after
     normalisation (the mean colour: mid-grey for SigLIP's 0.5 mean)."""
@@ -80,8 +82,13 @@ def init_distributed() -> tuple[int, int, bool]:
         dist.init_process_group(backend)
     else:
         # deepspeed.initialize reads these; a lone process is rank 0 of 1.
-        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
-                     ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        for k, v in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(free_port())),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+        ):
             os.environ.setdefault(k, v)
         dist.init_process_group(backend, rank=0, world_size=1)
         # Kept for the life of the process: DeepSpeed caches its groups, so a
@@ -96,6 +103,7 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
@@ -104,8 +112,15 @@ class RunFolderError(ValueError):
 
 
 # What a run writes in its folder (RUN/cache, the reusable feature cache, is not among them).
-RUN_OUTPUTS = (checkpoint.CHECKPOINTS, "final", "metrics.jsonl", "loss.png", "train_config.json",
-               "bad_samples.jsonl", "tensorboard")
+RUN_OUTPUTS = (
+    checkpoint.CHECKPOINTS,
+    "final",
+    "metrics.jsonl",
+    "loss.png",
+    "train_config.json",
+    "bad_samples.jsonl",
+    "tensorboard",
+)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -155,8 +170,10 @@ class Trainer:
             return VisionTower.from_tokenizer(tokenizer) if get_vision_input(cfg.vision_input).uses_tower else None
         tower = open_vision_tower(cfg.vision_tower, layer=cfg.vision_tower_layer, select=cfg.vision_tower_select)
         check_tower_grid(tower.spec, tokenizer.spec.grid)
-        self.log(f"vision tower {tower.spec.source} ({tower.encoder_spec.kind}, layer {tower.encoder_spec.feature_layer}"
-                 f", {tower.select}): {tower.tokens_per_image} x {tower.spec.dim}-d per image")
+        self.log(
+            f"vision tower {tower.spec.source} ({tower.encoder_spec.kind}, layer {tower.encoder_spec.feature_layer}"
+            f", {tower.select}): {tower.tokens_per_image} x {tower.spec.dim}-d per image"
+        )
         return tower.to(self.device)
 
     def build_data(self, tokenizer, tower, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
@@ -167,31 +184,60 @@ class Trainer:
         dist.barrier()
         if self.rank != 0:
             store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache, write_cache=False)
-        dcfg = DataConfig(data=cfg.data, codes=cfg.codes, images=cfg.images, vision_input=cfg.vision_input,
-                          image_tokens=tower.tokens_per_image if tower is not None else None,
-                          caption_free_ratio=cfg.caption_free_ratio, skip_bad_samples=cfg.skip_bad_samples,
-                          seed=cfg.seed, num_workers=cfg.num_workers,
-                          packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack))
+        dcfg = DataConfig(
+            data=cfg.data,
+            codes=cfg.codes,
+            images=cfg.images,
+            vision_input=cfg.vision_input,
+            image_tokens=tower.tokens_per_image if tower is not None else None,
+            caption_free_ratio=cfg.caption_free_ratio,
+            skip_bad_samples=cfg.skip_bad_samples,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack),
+        )
         grey = None
         if cfg.text_only_visual_loss == "grey-image":
             grey = grey_image_codes(tokenizer, tokenizer.preprocess_config(store.meta.preprocess).image_size)
         assert cfg.template is not None  # TrainConfig.__post_init__ fills the stage default
-        data, collate = assemble_data(dcfg, get_template(cfg.template), llm_tokenizer, store, tower=tower,
-                                      cache_dir=cache, primary=self.rank == 0, barrier=dist.barrier,
-                                      progress=cfg.progress, grey_codes=grey)
+        data, collate = assemble_data(
+            dcfg,
+            get_template(cfg.template),
+            llm_tokenizer,
+            store,
+            tower=tower,
+            cache_dir=cache,
+            primary=self.rank == 0,
+            barrier=dist.barrier,
+            progress=cfg.progress,
+            grey_codes=grey,
+        )
         if data.bad and self.rank == 0:
             write_bad_samples(self.run_dir / "bad_samples.jsonl", data.bad)
             print(f"skipping {describe_bad(data.bad)} (all listed in {self.run_dir / 'bad_samples.jsonl'})")
-        loader = PackedLoader(data.lengths, collate, dcfg.packing, seed=cfg.seed, rank=self.rank, world=self.world,
-                              num_workers=cfg.num_workers)
+        loader = PackedLoader(
+            data.lengths,
+            collate,
+            dcfg.packing,
+            seed=cfg.seed,
+            rank=self.rank,
+            world=self.world,
+            num_workers=cfg.num_workers,
+        )
         return data, loader
 
     def build_model(self, tokenizer, tower):
         cfg = self.cfg
-        mcfg = ModelConfig(llm=cfg.model, trust_remote_code=cfg.trust_remote_code, vision_input=cfg.vision_input,
-                           vision_tower=tower.spec if cfg.vision_tower is not None else None,
-                           head=cfg.head, visual_loss_weight=cfg.visual_loss_weight,
-                           attn_implementation=cfg.attn_implementation, gradient_checkpointing=cfg.gradient_checkpointing)
+        mcfg = ModelConfig(
+            llm=cfg.model,
+            trust_remote_code=cfg.trust_remote_code,
+            vision_input=cfg.vision_input,
+            vision_tower=tower.spec if cfg.vision_tower is not None else None,
+            head=cfg.head,
+            visual_loss_weight=cfg.visual_loss_weight,
+            attn_implementation=cfg.attn_implementation,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
         from .lvlm import build_model
 
         torch.manual_seed(cfg.seed)  # same random projector/head on every rank
@@ -204,9 +250,15 @@ class Trainer:
 
     def deepspeed_config(self) -> dict:
         cfg = self.cfg
-        ds = json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": cfg.zero}}
-        ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
-                  gradient_clipping=cfg.grad_clip, steps_per_print=ds.get("steps_per_print", 1 << 30))
+        ds = (
+            json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": cfg.zero}}
+        )
+        ds.update(
+            train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            gradient_clipping=cfg.grad_clip,
+            steps_per_print=ds.get("steps_per_print", 1 << 30),
+        )
         ds.pop("train_batch_size", None)
         if self.device.type == "cuda":
             ds.setdefault("bf16", {"enabled": True})
@@ -229,16 +281,19 @@ class Trainer:
         cfg = self.cfg
         self.resuming = cfg.resume is not None and (cfg.resume != "auto" or bool(checkpoint.latest_tag(self.run_dir)))
         tokenizer = SemanticTokenizer.load(cfg.tokenizer)
-        llm_tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True,
-                                                      trust_remote_code=cfg.trust_remote_code)
+        llm_tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
         tower = self.build_tower(tokenizer)
         data, loader = self.build_data(tokenizer, tower, llm_tokenizer)
         per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
         total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
-        self.log(f"{len(data.samples)} samples ({data.n_conversations} conversations, {data.n_caption_free} "
-                 f"caption-free), {loader.micro_batches_per_epoch()} micro-batches/epoch/rank, padding waste "
-                 f"{padding_waste(plan_epoch(data.lengths, loader.packing, cfg.seed, 0), data.lengths):.1%}, "
-                 f"{total} steps on {self.world} x {self.device.type}")
+        self.log(
+            f"{len(data.samples)} samples ({data.n_conversations} conversations, {data.n_caption_free} "
+            f"caption-free), {loader.micro_batches_per_epoch()} micro-batches/epoch/rank, padding waste "
+            f"{padding_waste(plan_epoch(data.lengths, loader.packing, cfg.seed, 0), data.lengths):.1%}, "
+            f"{total} steps on {self.world} x {self.device.type}"
+        )
 
         model, groups = self.build_model(tokenizer, tower)
         ds_cfg = self.deepspeed_config()
@@ -250,15 +305,21 @@ class Trainer:
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
             if "scheduler" not in ds_cfg:
                 warmup = max(1, math.ceil(cfg.warmup_ratio * total))
-                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                              cosine_with_warmup(total, warmup, cfg.min_lr_ratio))
+                scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, cosine_with_warmup(total, warmup, cfg.min_lr_ratio)
+                )
         notice = libraries.build_notice()
         if notice:
             self.log(notice)
         with libraries.quiet_stdout(cfg.verbose):
-            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params if optimizer is None else None,
-                                                   optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
-                                                   dist_init_required=False)
+            engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                model_parameters=params if optimizer is None else None,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=ds_cfg,
+                dist_init_required=False,
+            )
         step = 0
         if self.resuming:
             client = checkpoint.load(engine, self.run_dir, self.rank, None if cfg.resume == "auto" else cfg.resume)
@@ -286,8 +347,13 @@ class Trainer:
 
         cfg = self.cfg
         it = iter(loader)
-        bar = tqdm(total=total, initial=step, desc=f"{cfg.stage}", disable=self.rank != 0 or not cfg.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"{cfg.stage}",
+            disable=self.rank != 0 or not cfg.progress,
+            dynamic_ncols=True,
+        )
         last: dict = {}
         pending: list[tuple[dict, list[str], torch.Tensor]] = []
         engine.train()
@@ -308,8 +374,9 @@ class Trainer:
                     record.update(tokens_per_s=record.pop("tokens") / dt, step_time_s=dt)
                     metrics.log(record)
                 last = records[-1]
-                bar.set_postfix(loss=f"{last['loss']:.4f}", text=f"{last['loss_text']:.3f}",
-                                vis=f"{last['loss_visual']:.3f}")
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}", text=f"{last['loss_text']:.3f}", vis=f"{last['loss_visual']:.3f}"
+                )
                 pending = []
             if save:
                 checkpoint.save(engine, self.run_dir, step, loader.state_dict(), self.rank, cfg.keep_checkpoints)

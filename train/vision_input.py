@@ -30,6 +30,7 @@ artifact) and also feed the visual head's teacher forcing.
 Adding a mode is one subclass here plus its entry in ``VISION_INPUTS``; no
 other module branches on the mode's name.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -135,8 +136,10 @@ class VisionInputMode:
 
     def check_tower(self, tower_given: bool) -> None:
         if tower_given and not self.uses_tower:
-            raise ValueError(f"--vision-tower feeds the online and features inputs; the {self.name} input rebuilds "
-                             f"the features from the codes")
+            raise ValueError(
+                f"--vision-tower feeds the online and features inputs; the {self.name} input rebuilds "
+                f"the features from the codes"
+            )
 
     def check_images(self, images: str | None) -> None:
         if self.uses_tower and not images:
@@ -229,7 +232,9 @@ class CodesInput(VisionInputMode):
     def to_features(self, module, vision):
         d = module.spec.depth
         if vision.dtype.is_floating_point or vision.shape[-1] != d:
-            raise ValueError(f"codes vision input must be integer [N, H, W, {d}], got {vision.dtype} {tuple(vision.shape)}")
+            raise ValueError(
+                f"codes vision input must be integer [N, H, W, {d}], got {vision.dtype} {tuple(vision.shape)}"
+            )
         feats = module.quantizer.decode(vision)
         return feats.reshape(feats.shape[0], -1, feats.shape[-1])
 
@@ -250,8 +255,16 @@ class VisionInput(nn.Module):
     """The model's ``vision`` submodule: the mode's input -> features ``[N, T, C]``;
     holds the frozen codebooks and, for modes that run it, the tower."""
 
-    def __init__(self, mode: str, spec: VisionSpec, codebooks: torch.Tensor, tower: nn.Module | None = None, *,
-                 tokens: int | None = None, dim: int | None = None):
+    def __init__(
+        self,
+        mode: str,
+        spec: VisionSpec,
+        codebooks: torch.Tensor,
+        tower: nn.Module | None = None,
+        *,
+        tokens: int | None = None,
+        dim: int | None = None,
+    ):
         super().__init__()
         self.kind = get_vision_input(mode)
         if self.kind.model_runs_tower and tower is None:
@@ -281,8 +294,9 @@ class VisionInput(nn.Module):
             return self.quantizer.codebooks.new_zeros(0, self.tokens, self.dim)
         feats = self.kind.to_features(self, vision)
         if tuple(feats.shape[1:]) != (self.tokens, self.dim):
-            raise ValueError(f"vision features have shape {tuple(feats.shape)}, the model takes "
-                             f"[N, {self.tokens}, {self.dim}]")
+            raise ValueError(
+                f"vision features have shape {tuple(feats.shape)}, the model takes [N, {self.tokens}, {self.dim}]"
+            )
         return feats
 
     def code_context(self, codes: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ target.  The image preprocessing (size, normalisation, resample) is the
 tower's own; the square/pad mode is the shards', so both views cover the
 same image region.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,14 @@ from torch import nn
 
 from asvr.tokenizer.artifact import TOKENIZER_JSON, load_artifact
 from asvr.tokenizer.errors import check_fingerprint
-from asvr.tokenizer.encoders import (EncoderLoadError, EncoderSpec, HFVisionEncoder, build_encoder,
-                                     default_encoder_spec, hash_encoder_weights)
+from asvr.tokenizer.encoders import (
+    EncoderLoadError,
+    EncoderSpec,
+    HFVisionEncoder,
+    build_encoder,
+    default_encoder_spec,
+    hash_encoder_weights,
+)
 from asvr.tokenizer.preprocess import PreprocessConfig, open_image, preprocess
 
 from .config import TOWER_SELECT, VisionTowerSpec
@@ -70,14 +77,20 @@ class VisionTower(nn.Module):
         if select not in TOWER_SELECT:
             raise VisionTowerError(f"--vision-tower-select must be one of {TOWER_SELECT}, got {select!r}")
         if select == "cls_patch" and not (isinstance(encoder, HFVisionEncoder) and encoder.drop_cls):
-            raise VisionTowerError(f"--vision-tower-select cls_patch needs a CLIP tower (a CLS token); "
-                                   f"{encoder_spec.kind} has none")
+            raise VisionTowerError(
+                f"--vision-tower-select cls_patch needs a CLIP tower (a CLS token); {encoder_spec.kind} has none"
+            )
         self.encoder: Any = encoder.eval().requires_grad_(False)
         self.encoder_spec = encoder_spec
         self.select = select
-        self.spec = VisionTowerSpec(encoder=encoder_spec.to_dict(), select=select, source=source,
-                                    grid=tuple(encoder.grid), dim=int(encoder.dim),
-                                    fingerprint=tower_fingerprint(encoder_spec, select))
+        self.spec = VisionTowerSpec(
+            encoder=encoder_spec.to_dict(),
+            select=select,
+            source=source,
+            grid=tuple(encoder.grid),
+            dim=int(encoder.dim),
+            fingerprint=tower_fingerprint(encoder_spec, select),
+        )
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "VisionTower":
@@ -105,8 +118,9 @@ class VisionTower(nn.Module):
     # ------------------------------------------------------------------ images
     def preprocess_config(self, mode: str) -> PreprocessConfig:
         e = self.encoder_spec
-        return PreprocessConfig(image_size=e.image_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample,
-                                mode=mode)
+        return PreprocessConfig(
+            image_size=e.image_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample, mode=mode
+        )
 
     def preprocess_images(self, images: Sequence[str | os.PathLike | bytes], mode: str) -> np.ndarray:
         cfg = self.preprocess_config(mode)
@@ -130,8 +144,10 @@ def _hf_kind(folder: Path) -> str:
         raise VisionTowerError(f"--vision-tower {folder}: cannot read config.json ({e})") from None
     kind = HF_KINDS.get(str(raw.get("model_type", "")))
     if kind is None:
-        raise VisionTowerError(f"--vision-tower {folder}: model_type {raw.get('model_type')!r} is not a SigLIP or "
-                               f"CLIP vision model ({sorted(HF_KINDS)})")
+        raise VisionTowerError(
+            f"--vision-tower {folder}: model_type {raw.get('model_type')!r} is not a SigLIP or "
+            f"CLIP vision model ({sorted(HF_KINDS)})"
+        )
     return kind
 
 
@@ -140,8 +156,10 @@ def build_tower(encoder: EncoderSpec, select: str, source: str) -> VisionTower:
     try:
         got = hash_encoder_weights(encoder)
         if encoder.weights_sha256 and got != encoder.weights_sha256:
-            raise VisionTowerError(f"vision tower weights at {encoder.weights} are not the recorded ones "
-                                   f"(sha256 {got[:12]} != {encoder.weights_sha256[:12]})")
+            raise VisionTowerError(
+                f"vision tower weights at {encoder.weights} are not the recorded ones "
+                f"(sha256 {got[:12]} != {encoder.weights_sha256[:12]})"
+            )
         encoder.weights_sha256 = got
         return VisionTower(build_encoder(encoder), encoder, select, source)
     except (EncoderLoadError, OSError) as e:
@@ -164,8 +182,10 @@ def open_vision_tower(path: str | os.PathLike, *, layer: int | None = None, sele
         except (EncoderLoadError, TypeError, ValueError) as e:
             raise VisionTowerError(f"--vision-tower {p}: {e}") from None
     else:
-        raise VisionTowerError(f"--vision-tower {p}: neither a tokenizer artifact ({TOKENIZER_JSON}) nor a Hugging "
-                               f"Face vision folder (config.json)")
+        raise VisionTowerError(
+            f"--vision-tower {p}: neither a tokenizer artifact ({TOKENIZER_JSON}) nor a Hugging "
+            f"Face vision folder (config.json)"
+        )
     return build_tower(enc, select, str(p.resolve()))
 
 
@@ -181,4 +201,5 @@ def check_tower_grid(tower: VisionTowerSpec, grid: Sequence[int]) -> None:
         raise VisionTowerError(
             f"the vision tower {tower.source} gives a {tower.grid[0]}x{tower.grid[1]} patch grid, the tokenizer's "
             f"targets lie on {grid[0]}x{grid[1]}: each image position carries the target of its own patch, so the "
-            f"grids must be equal (pick the tower's image size / patch size, or the tokenizer, to match)")
+            f"grids must be equal (pick the tower's image size / patch size, or the tokenizer, to match)"
+        )

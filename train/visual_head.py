@@ -39,6 +39,7 @@ chunked (``visual_loss.py``) instead of materialising ``[N, D, K]`` logits.
 Every parameter-owning module is invoked through ``__call__`` (never by
 reading ``.weight`` from outside), so DeepSpeed ZeRO-3 gathers parameters.
 """
+
 from __future__ import annotations
 
 import math
@@ -130,7 +131,9 @@ class VisualHead(nn.Module):
     def __init__(self, cfg: VisualHeadConfig, llm_hidden: int, code_dim: int, depth: int, codebook_size: int):
         super().__init__()
         self.depth = depth
-        self.proj = nn.Sequential(nn.Linear(llm_hidden, cfg.proj_hidden), nn.GELU(), nn.Linear(cfg.proj_hidden, cfg.width))
+        self.proj = nn.Sequential(
+            nn.Linear(llm_hidden, cfg.proj_hidden), nn.GELU(), nn.Linear(cfg.proj_hidden, cfg.width)
+        )
         self.code_in = nn.Linear(code_dim, cfg.width)
         self.layers = nn.ModuleList(DepthLayer(depth, cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.width, cfg.norm_eps)
@@ -150,8 +153,9 @@ class VisualHead(nn.Module):
                 x = layer(x)
         return self.norm(x)
 
-    def loss(self, hidden: torch.Tensor, code_context: torch.Tensor, targets: torch.Tensor,
-             chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self, hidden: torch.Tensor, code_context: torch.Tensor, targets: torch.Tensor, chunk: int = 2048
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced loss.  ``targets`` ``[N, D]``, ``code_context`` ``[N, D-1, C]``.
         Returns per-depth CE *sums* ``[D]`` (fp32+) and per-depth argmax hits ``[D]``."""
         x = self.states(hidden, code_context)
@@ -166,5 +170,7 @@ class VisualHead(nn.Module):
         for d in range(self.depth):
             ctx = cumulative_fn(codes) if d else hidden.new_zeros(hidden.shape[0], 0, self.code_in.in_features)
             x = self.states(hidden, ctx)
-            codes = torch.cat([codes, cast(DepthClassifier, self.classifiers[d]).logits(x[:, d]).argmax(-1, keepdim=True)], dim=1)
+            codes = torch.cat(
+                [codes, cast(DepthClassifier, self.classifiers[d]).logits(x[:, d]).argmax(-1, keepdim=True)], dim=1
+            )
         return codes

@@ -34,6 +34,7 @@ are accumulated over chunks in at least fp32.  In float64 the value and the
 gradients equal the naive ``F.cross_entropy(F.linear(x, W, b), t,
 reduction="sum")`` to rounding (tests/test_train_model_loss.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,7 +79,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = lse.dtype
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=_acc_dtype(bias.dtype), device=bias.device) if need_b and bias is not None else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=_acc_dtype(bias.dtype), device=bias.device)
+            if need_b and bias is not None
+            else None
+        )
         g = grad_loss.to(acc)
         for s in range(0, x.shape[0], ctx.chunk):
             xc, tc = x[s : s + ctx.chunk], target[s : s + ctx.chunk]
@@ -99,8 +104,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                         chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum`` over rows of ``CE(x @ W^T + b, target)`` and the number of rows
     whose argmax equals the target, computed ``chunk`` rows at a time.
 
