@@ -40,12 +40,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .atomic import atomic_path, atomic_write
 
 COLOURS = {
     "red": (220, 30, 35),
@@ -314,10 +315,7 @@ class VQACorpusSummary:
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def make_vqa_corpus(
@@ -347,9 +345,8 @@ def make_vqa_corpus(
         scene = make_scene(seed, split, i, held)
         path = out / "images" / scene.image
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        draw_scene(scene, seed, i).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            draw_scene(scene, seed, i).save(tmp, format="PNG")
         scenes.append(scene)
     by_split = {s: [x for x in scenes if x.split == s] for s in SPLITS}
 
