@@ -166,54 +166,24 @@ def chat_template(template) -> str:
     head = _ROLE + _CONTENT + "{% set text = text | trim if n_img else text %}"
     image = "{% if n_img %}" + _literal(IMAGE_TOKEN + "\n") + "{% endif %}"
     if t.style == "plain":
-        user, answer, gen = "{% if n_img %}" + _literal(IMAGE_TOKEN) + "{% endif %}", "{{ text }}" + _literal(t.sep), ""
+        first, gen = "", ""
+        user, answer = "{% if n_img %}" + _literal(IMAGE_TOKEN) + "{% endif %}", "{{ text }}" + _literal(t.sep)
     elif t.style == "two":
         end = _literal(t.sep2) if t.sep2 is not None else "{{ eos_token }}"
         first = _literal(t.system + t.sep)
         user = _literal(f"{t.roles[0]}: ") + image + "{{ text }}" + _literal(t.sep)
         answer = _literal(f"{t.roles[1]}: ") + "{{ text }}" + end
         gen = _literal(f"{t.roles[1]}:")
-        return (
-            first
-            + "{% for message in messages %}"
-            + head
-            + "{% if role == 'user' %}"
-            + user
-            + "{% else %}"
-            + answer
-            + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
-            + gen
-            + "{% endif %}"
-        )
     elif t.style == "chatml":
-        system = _literal(f"<|im_start|>system\n{t.system}<|im_end|>\n") if t.system else ""
+        first = _literal(f"<|im_start|>system\n{t.system}<|im_end|>\n") if t.system else ""
         user = _literal(f"<|im_start|>{t.roles[0]}\n") + image + "{{ text }}" + _literal("<|im_end|>\n")
         answer = _literal(f"<|im_start|>{t.roles[1]}\n") + "{{ text }}" + _literal("<|im_end|>\n")
         gen = _literal(f"<|im_start|>{t.roles[1]}\n")
-        return (
-            system
-            + "{% for message in messages %}"
-            + head
-            + "{% if role == 'user' %}"
-            + user
-            + "{% else %}"
-            + answer
-            + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
-            + gen
-            + "{% endif %}"
-        )
     else:
         raise HFExportError(f"no chat template for conversation style {t.style!r}")
     return (
-        "{% for message in messages %}"
-        + head
-        + "{% if role == 'user' %}"
-        + user
-        + "{% else %}"
-        + answer
-        + "{% endif %}{% endfor %}{% if add_generation_prompt %}"
-        + gen
-        + "{% endif %}"
+        f"{first}{{% for message in messages %}}{head}{{% if role == 'user' %}}{user}{{% else %}}{answer}"
+        f"{{% endif %}}{{% endfor %}}{{% if add_generation_prompt %}}{gen}{{% endif %}}"
     )
 
 
