@@ -4,6 +4,7 @@ random codebooks, and generated images.  Nothing is downloaded."""
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,20 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_dir) -> SemanticTokenizer:
     return SemanticTokenizer.load(tiny_tokenizer_dir)
+
+
+def tokenize_cmd(images, tokenizer, out, *extra) -> list[str]:
+    """``asvr-pipeline tokenize`` as a subprocess command line (this Python, no progress bar)."""
+    return [
+        sys.executable,
+        "-m",
+        "asvr.pipeline.cli",
+        "tokenize",
+        str(images),
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--no-progress",
+        *map(str, extra),
+    ]

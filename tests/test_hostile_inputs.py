@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_bytes, make_image, write_image_folder
+from conftest import image_bytes, make_image, write_image_folder, tokenize_cmd
 from PIL import Image
 
 from asvr.pipeline.check import verify_out
@@ -474,20 +474,7 @@ def test_without_address_a_stale_cluster_file_is_not_joined(tmp_path, tiny_token
         (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # what `ray start` leaves behind
         write_image_folder(tmp_path / "imgs", 2)
         r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "asvr.pipeline.cli",
-                "tokenize",
-                str(tmp_path / "imgs"),
-                "--tokenizer",
-                str(tiny_tokenizer_dir),
-                "--out",
-                str(tmp_path / "out"),
-                "--no-progress",
-                "--num-cpus",
-                "2",
-            ],
+            tokenize_cmd(tmp_path / "imgs", tiny_tokenizer_dir, tmp_path / "out", "--num-cpus", "2"),
             env=_pipeline_env(ray_tmp),
             capture_output=True,
             text=True,
@@ -527,20 +514,7 @@ def test_without_address_a_running_cluster_is_not_joined(tmp_path, tiny_tokenize
         other = set(_ray_processes(ray_tmp, b"gcs_server"))
         write_image_folder(tmp_path / "imgs", 2)
         r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "asvr.pipeline.cli",
-                "tokenize",
-                str(tmp_path / "imgs"),
-                "--tokenizer",
-                str(tiny_tokenizer_dir),
-                "--out",
-                str(tmp_path / "out"),
-                "--no-progress",
-                "--num-cpus",
-                "2",
-            ],
+            tokenize_cmd(tmp_path / "imgs", tiny_tokenizer_dir, tmp_path / "out", "--num-cpus", "2"),
             env=env,
             capture_output=True,
             text=True,
@@ -579,24 +553,9 @@ def test_local_ray_does_not_outlive_a_killed_driver(tmp_path, tiny_tokenizer_dir
     write_image_folder(tmp_path / "imgs", 40)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "asvr.pipeline.cli",
-            "tokenize",
-            str(tmp_path / "imgs"),
-            "--tokenizer",
-            str(tiny_tokenizer_dir),
-            "--out",
-            str(out),
-            "--no-progress",
-            "--num-cpus",
-            "2",
-            "--shard-size",
-            "3",
-            "--batch-size",
-            "3",
-        ],
+        tokenize_cmd(
+            tmp_path / "imgs", tiny_tokenizer_dir, out, "--num-cpus", "2", "--shard-size", "3", "--batch-size", "3"
+        ),
         env=_pipeline_env(ray_tmp),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -21,36 +21,12 @@ from asvr.train.packing import PackingConfig
 from asvr.train.sources import CodeStore, DataError
 from asvr.train.templates import plain
 from conftest import image_bytes
-from train_corpus import make_corpus
-
-TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
+from train_corpus import make_corpus, train_args
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_tokenizer):
     return make_corpus(tmp_path_factory.mktemp("corpus"), tiny_tokenizer)
-
-
-def _args(corpus, tok_dir, out, *extra, codes=None):
-    return [
-        "--model",
-        str(corpus.llm),
-        "--tokenizer",
-        str(tok_dir),
-        "--codes",
-        str(codes or corpus.codes),
-        "--data",
-        str(corpus.pretrain),
-        "--images",
-        str(corpus.images),
-        "--output-dir",
-        str(out),
-        "--max-len",
-        "256",
-        "--quiet",
-        *TINY_HEAD,
-        *extra,
-    ]
 
 
 class _Plant:
@@ -77,13 +53,13 @@ def test_rng_state_round_trips_without_pickles(tmp_path):
 def test_resume_refuses_a_planted_pickle_without_running_it(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--max-steps", "2", "--save-every", "1", "--no-export"]
-    assert main(_args(corpus, tiny_tokenizer_dir, out, *common, "--stop-after", "1")) == 0
+    assert main(train_args(corpus, tiny_tokenizer_dir, out, *common, "--stop-after", "1")) == 0
     rng = out / "checkpoints" / "step00000001" / "rng-rank0.pt"
     assert rng.exists()
     marker = tmp_path / "pwned"
     torch.save(_Plant(marker), rng)  # a real torch file whose unpickling calls open(marker, "w")
     capsys.readouterr()
-    rc = main(_args(corpus, tiny_tokenizer_dir, out, *common, "--resume", "auto"))
+    rc = main(train_args(corpus, tiny_tokenizer_dir, out, *common, "--resume", "auto"))
     assert not marker.exists(), "the planted pickle ran"  # before: torch.load(weights_only=False) ran it
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # (above it: transformers' weight-loading bar)
@@ -130,7 +106,7 @@ def test_corrupt_shard_is_a_one_line_error_naming_it(corpus, tiny_tokenizer_dir,
     shutil.copytree(corpus.codes, codes)
     bad = sorted(codes.glob("part-*.parquet"))[1]
     bad.write_bytes(bad.read_bytes()[: pq.read_metadata(bad).serialized_size])  # cut in the middle
-    rc = main(_args(corpus, tiny_tokenizer_dir, tmp_path / "run", "--max-steps", "1", codes=codes))
+    rc = main(train_args(corpus, tiny_tokenizer_dir, tmp_path / "run", "--max-steps", "1", codes=codes))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(bad) in err[0], err  # before: pyarrow traceback
     assert re.search(r"unreadable code shard", err[0])

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import build_tiny_tokenizer, image_bytes, make_image, write_image_folder
+from conftest import build_tiny_tokenizer, image_bytes, make_image, write_image_folder, tokenize_cmd
 from PIL import Image
 
 from asvr.pipeline.check import verify_out
@@ -367,20 +367,7 @@ def test_a_local_run_prints_only_our_lines(tmp_path, tiny_tokenizer_dir):
     disabled", no core_worker.cc line; the summary on stdout, nothing on stderr."""
     write_image_folder(tmp_path / "imgs", 4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "asvr.pipeline.cli",
-        "tokenize",
-        str(tmp_path / "imgs"),
-        "--tokenizer",
-        str(tiny_tokenizer_dir),
-        "--out",
-        str(tmp_path / "out"),
-        "--no-progress",
-        "--num-cpus",
-        "2",
-    ]
+    cmd = tokenize_cmd(tmp_path / "imgs", tiny_tokenizer_dir, tmp_path / "out", "--num-cpus", "2")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr == ""

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from asvr.train.cli import main
 from asvr.train.metrics import loss_figure, read_metrics
-from train_corpus import make_corpus
+from train_corpus import make_corpus, train_args
 
-TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
 LR = 1e-3
 COMMON = [
     "--stage",
@@ -47,25 +46,7 @@ def corpus(tmp_path_factory, tiny_tokenizer):
 
 
 def _args(corpus, tok_dir, out, *extra, quiet=True):
-    return [
-        "--model",
-        str(corpus.llm),
-        "--tokenizer",
-        str(tok_dir),
-        "--codes",
-        str(corpus.codes),
-        "--data",
-        str(corpus.sft),
-        "--images",
-        str(corpus.images),
-        "--output-dir",
-        str(out),
-        "--max-len",
-        "256",
-        *TINY_HEAD,
-        *(["--quiet"] if quiet else []),
-        *extra,
-    ]
+    return train_args(corpus, tok_dir, out, *extra, data=corpus.sft, quiet=quiet)
 
 
 @pytest.fixture(scope="module")

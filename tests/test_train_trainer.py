@@ -18,36 +18,12 @@ from safetensors.torch import load_file
 from asvr.train.cli import main
 from asvr.train.metrics import read_metrics
 from conftest import build_tiny_tokenizer
-from train_corpus import make_corpus
-
-TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
+from train_corpus import make_corpus, train_args
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_tokenizer):
     return make_corpus(tmp_path_factory.mktemp("corpus"), tiny_tokenizer)
-
-
-def _args(corpus, tok_dir, out, *extra, data=None):
-    return [
-        "--model",
-        str(corpus.llm),
-        "--tokenizer",
-        str(tok_dir),
-        "--codes",
-        str(corpus.codes),
-        "--data",
-        str(data or corpus.pretrain),
-        "--images",
-        str(corpus.images),
-        "--output-dir",
-        str(out),
-        "--max-len",
-        "256",
-        "--quiet",
-        *TINY_HEAD,
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +32,7 @@ def pretrain_run(corpus, tiny_tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "straight"
     assert (
         main(
-            _args(
+            train_args(
                 corpus,
                 tiny_tokenizer_dir,
                 out,
@@ -80,9 +56,9 @@ def pretrain_run(corpus, tiny_tokenizer_dir, tmp_path_factory):
 def test_resume_reproduces_uninterrupted_losses_bitwise(corpus, tiny_tokenizer_dir, pretrain_run, tmp_path):
     out = tmp_path / "resumed"
     common = ["--max-steps", "4", "--grad-accum", "2", "--caption-free-ratio", "0.25"]
-    assert main(_args(corpus, tiny_tokenizer_dir, out, *common, "--stop-after", "2")) == 0
+    assert main(train_args(corpus, tiny_tokenizer_dir, out, *common, "--stop-after", "2")) == 0
     assert not (out / "final").exists() and (out / "checkpoints" / "step00000002").is_dir()
-    assert main(_args(corpus, tiny_tokenizer_dir, out, *common, "--resume", "auto")) == 0
+    assert main(train_args(corpus, tiny_tokenizer_dir, out, *common, "--resume", "auto")) == 0
     straight, resumed = read_metrics(pretrain_run), read_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for key in ("loss", "loss_text", "loss_visual", "loss_visual_d2", "lr"):
@@ -106,7 +82,7 @@ def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir
     out = tmp_path / "windowed"
     assert (
         main(
-            _args(
+            train_args(
                 corpus,
                 tiny_tokenizer_dir,
                 out,
@@ -160,7 +136,7 @@ def test_sft_starts_from_pretrain_weights(corpus, tiny_tokenizer_dir, pretrain_r
     # lr 0: one real SFT step through DeepSpeed leaves the --init-from weights untouched
     assert (
         main(
-            _args(
+            train_args(
                 corpus,
                 tiny_tokenizer_dir,
                 out,
@@ -188,12 +164,16 @@ def test_sft_starts_from_pretrain_weights(corpus, tiny_tokenizer_dir, pretrain_r
 def test_zero3_features_equals_zero2_online(corpus, tiny_tokenizer_dir, tmp_path):
     common = ["--stage", "sft", "--max-steps", "2", "--caption-free-ratio", "0.2", "--no-export"]
     assert (
-        main(_args(corpus, tiny_tokenizer_dir, tmp_path / "z2", *common, "--vision-input", "online", data=corpus.sft))
+        main(
+            train_args(
+                corpus, tiny_tokenizer_dir, tmp_path / "z2", *common, "--vision-input", "online", data=corpus.sft
+            )
+        )
         == 0
     )
     assert (
         main(
-            _args(
+            train_args(
                 corpus,
                 tiny_tokenizer_dir,
                 tmp_path / "z3",
@@ -230,11 +210,14 @@ def test_two_processes_equal_one_process_with_accumulation(corpus, tiny_tokenize
         "2",
         "-m",
         "asvr.train.cli",
-        *_args(corpus, tiny_tokenizer_dir, tmp_path / "w2", *common, data=corpus.sft),
+        *train_args(corpus, tiny_tokenizer_dir, tmp_path / "w2", *common, data=corpus.sft),
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "w1", *common, "--grad-accum", "2", data=corpus.sft)) == 0
+    assert (
+        main(train_args(corpus, tiny_tokenizer_dir, tmp_path / "w1", *common, "--grad-accum", "2", data=corpus.sft))
+        == 0
+    )
     a, b = read_metrics(tmp_path / "w2"), read_metrics(tmp_path / "w1")
     assert len(a) == 2
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
@@ -242,15 +225,15 @@ def test_two_processes_equal_one_process_with_accumulation(corpus, tiny_tokenize
 
 def test_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     other = build_tiny_tokenizer(tmp_path / "other_tok", seed=1)
-    assert main(_args(corpus, other, tmp_path / "r1")) == 2
+    assert main(train_args(corpus, other, tmp_path / "r1")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("asvr-train: error:") and "\n" not in err and "tokenizer" in err
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": "x", "image": "missing.jpg", "conversations": []}]')
-    assert main(_args(corpus, tiny_tokenizer_dir, tmp_path / "r2", data=bad)) == 2
+    assert main(train_args(corpus, tiny_tokenizer_dir, tmp_path / "r2", data=bad)) == 2
     err = capsys.readouterr().err.strip()
     assert "1 bad samples" in err and "\n" not in err
-    args = _args(corpus, tiny_tokenizer_dir, tmp_path / "r3", "--vision-input", "online")
+    args = train_args(corpus, tiny_tokenizer_dir, tmp_path / "r3", "--vision-input", "online")
     args[args.index("--images") + 1] = str(tmp_path / "nope")
     assert main(args) == 2
     assert "no such folder" in capsys.readouterr().err
@@ -264,12 +247,12 @@ def test_existing_run_folder_is_refused_without_resume_or_overwrite(
     run = tmp_path / "again"
     shutil.copytree(pretrain_run, run)
     before = (run / "metrics.jsonl").read_text()
-    assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1")) == 2
+    assert main(train_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1")) == 2
     assert capsys.readouterr().err.strip() == (
         f"asvr-train: error: {run} already holds a run: --resume auto to continue, --overwrite to start again"
     )
     assert (run / "metrics.jsonl").read_text() == before  # untouched
-    assert main(_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1", "--overwrite")) == 0
+    assert main(train_args(corpus, tiny_tokenizer_dir, run, "--max-steps", "1", "--overwrite")) == 0
     assert [r["step"] for r in read_metrics(run)] == [1]
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000001"]
 
@@ -278,7 +261,7 @@ def test_a_run_prints_only_our_lines(corpus, tiny_tokenizer_dir, tmp_path):
     """A fresh process as a user's: no "Setting accelerator to CPU", no "Loading weights" bar,
     no "... built successfully"; our counts, our bar, our summary."""
     out = tmp_path / "plain"
-    args = [a for a in _args(corpus, tiny_tokenizer_dir, out, "--max-steps", "1", "--no-export") if a != "--quiet"]
+    args = [a for a in train_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "1", "--no-export") if a != "--quiet"]
     env = {
         k: v
         for k, v in os.environ.items()
@@ -296,7 +279,7 @@ def test_a_run_prints_only_our_lines(corpus, tiny_tokenizer_dir, tmp_path):
 
 
 def test_online_without_images_is_one_line_error(corpus, tiny_tokenizer_dir, tmp_path, capsys):
-    args = _args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--vision-input", "online")
+    args = train_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--vision-input", "online")
     i = args.index("--images")
     del args[i : i + 2]
     assert main(args) == 2
@@ -309,7 +292,7 @@ def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path, 
     timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))  # after parsing, during setup or training
     timer.start()
     try:
-        rc = main(_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000"))
+        rc = main(train_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000"))
     finally:
         timer.cancel()
     assert rc == 130

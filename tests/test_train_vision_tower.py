@@ -17,9 +17,7 @@ import torch
 from asvr.tokenizer import SemanticTokenizer, TokenizerSpec, default_encoder_spec, save_artifact
 from asvr.train.cli import main
 from asvr.train.metrics import read_metrics
-from train_corpus import make_corpus
-
-TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
+from train_corpus import TINY_HEAD, make_corpus
 
 
 def save_tiny_tower(

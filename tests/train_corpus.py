@@ -92,3 +92,29 @@ def make_corpus(
             root / "llm", "llama", [caption(i) for i in range(n_images)] + ["What is in image", "hello there"]
         )
     return Corpus(root, images, out, root / "pretrain.json", root / "sft.json", llm, keys, dict(zip(keys, codes)))
+
+
+TINY_HEAD = ["--head-width", "64", "--head-proj-hidden", "64", "--head-layers", "1", "--head-dim", "32"]
+
+
+def train_args(corpus: Corpus, tok_dir, out, *extra, data=None, codes=None, quiet: bool = True) -> list[str]:
+    """``asvr-train`` arguments for a tiny run on ``corpus`` (``data``: the pretrain file by default)."""
+    return [
+        "--model",
+        str(corpus.llm),
+        "--tokenizer",
+        str(tok_dir),
+        "--codes",
+        str(codes or corpus.codes),
+        "--data",
+        str(data or corpus.pretrain),
+        "--images",
+        str(corpus.images),
+        "--output-dir",
+        str(out),
+        "--max-len",
+        "256",
+        *TINY_HEAD,
+        *(["--quiet"] if quiet else []),
+        *extra,
+    ]
