@@ -85,7 +85,8 @@ demo: $(STAMP)
 	@echo "== 9/9 evaluate"
 	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
 	  --images $(DEMO)/corpus/images --out $(DEMO)/eval/loss
-	$(BIN)/asvr-eval bench --model $(DEMO)/runs/sft --bench $(DEMO)/corpus/vqa_bench.jsonl --images $(DEMO)/corpus/images \
+	$(BIN)/asvr-eval bench --model $(DEMO)/runs/sft --bench $(DEMO)/corpus/vqa_bench_seen.jsonl $(DEMO)/corpus/vqa_bench.jsonl \
+	  --images $(DEMO)/corpus/images \
 	  --max-new-tokens 4 --out $(DEMO)/eval/bench
 	@echo "demo done: see $(DEMO)/tokenizer_report, $(DEMO)/search_sheet.png, $(DEMO)/inspect, $(DEMO)/runs/*/loss.png, $(DEMO)/eval"
 
