@@ -42,8 +42,14 @@ def _books(shared=False, dtype=torch.float32):
     return torch.randn(1 if shared else 2, 4, 3, generator=g, dtype=torch.float64).to(dtype)
 
 
-def test_sizes_per_image():
-    assert _spec().tokens_per_image == 15 and _spec().codes_per_image == 30
+def test_an_unsaved_spec_and_its_dict():
+    spec = _spec()
+    assert spec.tokens_per_image == 15 and spec.codes_per_image == 30
+    assert spec.fingerprint == "" and spec.format_version == 1  # save_artifact fills the fingerprint
+    d = spec.to_dict()
+    assert d["grid"] == [3, 5] and d["encoder"] == asdict(spec.encoder)
+    again = TokenizerSpec.from_dict(d)
+    assert again == spec and again.grid == (3, 5) and d == spec.to_dict()  # the caller's dict is left alone
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -90,7 +96,9 @@ def test_save_keeps_a_recorded_weights_hash_and_takes_any_layout(tmp_path):
 
 def test_fingerprint_is_of_the_float32_values():
     spec = replace(_spec(), encoder=replace(default_encoder_spec(), weights_sha256="b" * 64))
-    assert compute_fingerprint(spec, _books(dtype=torch.float64)) == compute_fingerprint(spec, _books())
+    want = compute_fingerprint(spec, _books())
+    assert compute_fingerprint(spec, _books(dtype=torch.float64)) == want
+    assert compute_fingerprint(spec, _books().requires_grad_()) == want
 
 
 def test_save_refuses_codebooks_of_another_shape(tmp_path):
@@ -137,9 +145,14 @@ def test_load_refuses_a_malformed_tokenizer_json(tok, text, why):
     assert str(e.value) == f"{tok / 'tokenizer.json'}: malformed {why}"
 
 
-@pytest.mark.parametrize("version", [2, None])
+@pytest.mark.parametrize("version", [2, None, "absent"])
 def test_load_refuses_another_format_version(tok, version):
     _edit_json(tok, format_version=version)
+    if version == "absent":
+        js = json.loads((tok / "tokenizer.json").read_text())
+        del js["format_version"]
+        (tok / "tokenizer.json").write_text(json.dumps(js))
+        version = None
     with pytest.raises(TokenizerError) as e:
         load_artifact(tok)
     assert str(e.value) == f"tokenizer format_version {version} is not 1"

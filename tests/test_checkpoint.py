@@ -107,12 +107,14 @@ def test_latest_tag_needs_the_file_and_its_folder(tmp_path):
 @pytest.mark.parametrize("keep,kept", [(2, [2, 3]), (1, [3]), (0, [1, 2, 3])])
 def test_save_keeps_the_newest_tags(tmp_path, make_engine, keep, kept):
     engine = make_engine()
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "step_notes.txt").write_text("not a checkpoint: neither counted nor removed")
     for s in (1, 2, 3):
         _step(engine, s)
         path = checkpoint.save(engine, tmp_path, s, {"epoch": 0, "position": s}, 0, keep)
         assert path == tmp_path / "checkpoints" / tag_for(s)
-    ckpt = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["latest"] + [tag_for(s) for s in kept])
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["latest", "step_notes.txt"] + [tag_for(s) for s in kept])
     assert (ckpt / "latest").read_text().strip() == tag_for(3)
     assert all((ckpt / tag_for(s) / "rng-rank0.pt").is_file() for s in kept)
 
