@@ -38,8 +38,8 @@ def _visible(folder):
 def test_shard_names_and_the_input_hash():
     assert shard_name(7, "parquet") == "part-00007.parquet"
     assert shard_name(123456, "webdataset") == "shard-123456.tar"
-    keys, sources = ["a/b.jpg", "c\udcff.jpg"], ["s1", "s2"]  # a non-UTF-8 file name survives as a surrogate
-    h = hashlib.sha256(b"a/b.jpg\0s1\nc\xed\xb3\xbf.jpg\0s2\n").hexdigest()
+    keys, sources = ["a/b.jpg", "c\udcff.jpg"], ["s1", "s\udcfe"]  # non-UTF-8 file names survive as surrogates
+    h = hashlib.sha256(b"a/b.jpg\0s1\nc\xed\xb3\xbf.jpg\0s\xed\xb3\xbe\n").hexdigest()
     assert units_hash(keys, sources) == h
     assert units_hash(["ab"], ["c"]) != units_hash(["a"], ["bc"])  # the separator is part of it
 
@@ -92,7 +92,7 @@ def test_resume_accepts_the_same_settings_and_names_every_changed_one(tmp_path):
     _write_out(tmp_path)
     _open(tmp_path).close()  # same settings: a resume
     with pytest.raises(OutputError) as e:
-        _open(tmp_path, dict(RUN, shard_size=4, preprocess="pad", extra=True))
+        OutputDir(tmp_path, dict(RUN, shard_size=4, preprocess="pad", extra=True))  # no --overwrite by default
     assert str(e.value) == (
         f"{tmp_path} was written with other settings (shard_size 3 -> 4, preprocess 'square' -> 'pad', "
         "extra None -> True); pass --overwrite to replace it"
@@ -144,6 +144,24 @@ def test_overwrite_removes_our_files_only(tmp_path):
     assert out.done(0, units_hash(["a", "b", "c"], ["src"] * 3)) is None
     out.close()
     _open(tmp_path / "fresh", overwrite=True).close()  # nothing to remove yet
+
+
+def test_each_write_that_fails_names_its_file(tmp_path):
+    out = _open(tmp_path)
+    why = "Is a directory; finished shards are kept, free space and rerun"
+    (tmp_path / "part-00000.parquet").mkdir()
+    with pytest.raises(OutputError) as e:
+        out.commit_unit(0, "h", META, _rows(["a"]), [], {})
+    assert str(e.value) == f"cannot write {tmp_path / 'part-00000.parquet'}: {why}"
+    (tmp_path / "manifest.json").mkdir()
+    with pytest.raises(OutputError) as e:
+        out.write_manifest([], None, 1)
+    assert str(e.value) == f"cannot write {tmp_path / 'manifest.json'}: {why}"
+    (tmp_path / "failures.parquet").mkdir()
+    with pytest.raises(OutputError) as e:
+        out.write_manifest([], [], 1)
+    assert str(e.value) == f"cannot write {tmp_path / 'failures.parquet'}: {why}"
+    out.close()
 
 
 def test_commit_writes_the_rows_then_a_marker_that_records_them(tmp_path):
@@ -301,4 +319,12 @@ def test_webdataset_output_drops_parquet_shards_of_its_units(tmp_path):
     (tmp_path / "part-00000.parquet").write_bytes(b"x")
     out.write_manifest([], [r], 1)
     assert _visible(tmp_path) == ["failures.parquet", "manifest.json", "shard-00000.tar"]
+    out.close()
+
+
+def test_no_failures_is_an_empty_table_with_the_schema(tmp_path):
+    out = _open(tmp_path)
+    out.write_manifest([], [_result(0, 2, {"seen": 2, "encoded": 2})], 1)
+    fails = pq.read_table(tmp_path / "failures.parquet")
+    assert fails.num_rows == 0 and fails.schema.equals(FAILURE_SCHEMA)
     out.close()

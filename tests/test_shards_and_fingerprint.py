@@ -73,6 +73,24 @@ def test_verify_accepts_a_clean_output(tmp_path, fmt):
     rep = verify_out(out)
     assert rep.ok and rep.problems == []
     assert rep.lines == [f"{out}: 2 shards, 5 rows, 1 failure rows checked"]
+    (out / "shard-00009.tar").write_bytes((out / "failures.parquet").read_bytes())
+    assert verify_out(out).problems == ["shard-00009.tar: shard not in the manifest"]
+
+
+def test_verify_counts_duplicates_on_both_sides(tmp_path):
+    """seen = encoded + failed + duplicate, and the failure rows hold the duplicates too."""
+    out = _write_out(tmp_path / "out")
+    _set_failures(
+        out,
+        [
+            {"key": "f", "source": "src", "stage": "decode", "error": "bad"},
+            {"key": "a", "source": "src2", "stage": "duplicate", "error": "same key as src/a"},
+        ],
+        seen=7,
+        duplicate=1,
+    )
+    rep = verify_out(out)
+    assert rep.problems == [] and rep.lines == [f"{out}: 2 shards, 5 rows, 2 failure rows checked"]
 
 
 def _manifest(out):
@@ -305,7 +323,7 @@ def test_inspect_counts_stages_and_shows_the_first_failures(tmp_path):
     m = _manifest(out)
     m.update(complete=False, inputs=[{"path": "a", "format": "folder"}, {"path": "b.tar", "format": "tar"}])
     m["run"]["fast_decode"] = True
-    m["counts"] = {"seen": 9, "ignored": 4}
+    m["counts"] = {"seen": 9, "duplicate": 3, "ignored": 4}
     _set_manifest(out, m)
     rep = inspect_out(out, n_failures=2)
     assert rep.problems == ["the run is incomplete"]
@@ -313,12 +331,15 @@ def test_inspect_counts_stages_and_shows_the_first_failures(tmp_path):
         f"{out}: INCOMPLETE (run the same command again to finish)",
         "tokenizer ffffffffffffffff  preprocess square  format parquet  shard size 3  fast decode True",
         "inputs: a (folder), b.tar (tar)",
-        "seen 9  encoded 0  failed 0  duplicate 0  ignored 4 (not images)",
+        "seen 9  encoded 0  failed 0  duplicate 3  ignored 4 (not images)",
         "shards 2 (5 rows)",
         "failures by stage: decode 2, duplicate 1, input 1",
         "  [input] k1: cut",
         "  [decode] k2: bad",
     ]
+    _set_failures(out, [{"key": f"k{i:02d}", "source": "s", "stage": "decode", "error": "bad"} for i in range(12)])
+    lines = inspect_out(out).lines  # the first 10 failures by default
+    assert lines[-11:] == ["failures by stage: decode 12"] + [f"  [decode] k{i:02d}: bad" for i in range(10)]
     _set_failures(out, [])
     assert inspect_out(out).lines[-1] == "shards 2 (5 rows)"  # an empty failures table: no failure lines
     (out / "failures.parquet").unlink()
