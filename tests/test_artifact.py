@@ -5,6 +5,7 @@ model is built, so the file runs in about a second."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, replace
 
@@ -92,6 +93,17 @@ def test_save_keeps_a_recorded_weights_hash_and_takes_any_layout(tmp_path):
     assert saved.encoder.weights_sha256 == "a" * 64
     assert saved.fingerprint == compute_fingerprint(saved, _books())
     assert torch.equal(load_artifact(tmp_path)[1], _books())
+
+
+def test_encoder_weights_are_found_next_to_the_tokenizer(tmp_path, monkeypatch):
+    """A relative ``weights`` path is relative to the tokenizer folder, not the working directory."""
+    out = tmp_path / "tok"
+    (out / "enc").mkdir(parents=True)
+    (out / "enc" / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    spec = replace(_spec(), encoder=replace(default_encoder_spec(), weights="enc/model.safetensors"))
+    saved = save_artifact(out, spec, _books())
+    assert saved.encoder.weights_sha256 == hashlib.sha256(b"model.safetensors" + b"weights").hexdigest()
 
 
 def test_fingerprint_is_of_the_float32_values():
