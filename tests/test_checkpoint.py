@@ -176,7 +176,10 @@ def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine):
     assert str(e.value) == f"--resume step00000009: no such checkpoint in {ckpt} (there: step00000001)"
     with pytest.raises(CheckpointError) as e:
         checkpoint.load(make_engine(), tmp_path / "other", 0, "step00000001")
-    assert str(e.value) == f"--resume step00000001: no such checkpoint in {tmp_path / 'other' / 'checkpoints'} (there: none)"
+    assert (
+        str(e.value)
+        == f"--resume step00000001: no such checkpoint in {tmp_path / 'other' / 'checkpoints'} (there: none)"
+    )
 
 
 def test_init_from_finds_the_export_in_a_run_folder(tmp_path):

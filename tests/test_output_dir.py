@@ -247,7 +247,9 @@ def test_a_marker_whose_shard_is_gone_or_resized_means_redo(tmp_path):
 
 
 def _result(unit, rows, counts, failures=()):
-    return UnitResult(unit, "h", f"part-{unit:05d}.parquet" if rows else None, rows, "s" * 64, 10, list(failures), counts)
+    return UnitResult(
+        unit, "h", f"part-{unit:05d}.parquet" if rows else None, rows, "s" * 64, 10, list(failures), counts
+    )
 
 
 def test_manifest_at_the_start_and_at_the_end(tmp_path):
