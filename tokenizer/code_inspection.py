@@ -160,7 +160,7 @@ def plot_usage(usage: Usage, path: str | os.PathLike, title: str = "") -> Path:
 
     fig = usage_figure(usage, title)
     fig.canvas.draw()
-    rgba = fig.canvas.buffer_rgba()  # type: ignore[attr-defined]  # Agg's canvas has it; matplotlib types the base class
+    rgba = fig.canvas.buffer_rgba()  # Agg's canvas
     img = Image.frombuffer("RGBA", fig.canvas.get_width_height(), rgba).convert("RGB")
     plt.close(fig)
     return save_png(img, path, text={"Title": title or usage_title(usage)})
