@@ -8,6 +8,7 @@ versions of these claims are in ``test_train_runs.py``."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from asvr.train import checkpoint, libraries
+from asvr.tokenizer.errors import FingerprintError
 from asvr.train.checkpoint import CheckpointError, latest_tag, load_rng_state, rng_state, set_rng_state, tag_for
 
 
@@ -170,10 +172,11 @@ def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine):
     assert checkpoint.load(fresh, tmp_path, 0)["step"] == 1  # older runs: no RNG file, RNG untouched
     assert torch.equal(torch.rand(2), want)
     (tmp_path / "checkpoints" / "step00000002").write_text("")  # not a checkpoint folder
+    (tmp_path / "checkpoints" / "step00000000").mkdir()
     with pytest.raises(CheckpointError) as e:
         checkpoint.load(make_engine(), tmp_path, 0, "step00000009")
     ckpt = tmp_path / "checkpoints"
-    assert str(e.value) == f"--resume step00000009: no such checkpoint in {ckpt} (there: step00000001)"
+    assert str(e.value) == f"--resume step00000009: no such checkpoint in {ckpt} (there: step00000000, step00000001)"
     with pytest.raises(CheckpointError) as e:
         checkpoint.load(make_engine(), tmp_path / "other", 0, "step00000001")
     assert (
@@ -194,6 +197,17 @@ def test_init_from_finds_the_export_in_a_run_folder(tmp_path):
     for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), k
     assert load_pretrained(fresh, tmp_path / "run" / "final", "") == tmp_path / "run" / "final"
+    config = tmp_path / "run" / "final" / "asvr_config.json"
+    meta = json.loads(config.read_text())
+    for drop in ("vision", "model"):  # an export without a tokenizer fingerprint
+        (meta["model"] if drop == "vision" else meta).pop(drop)
+        config.write_text(json.dumps(meta))
+        with pytest.raises(FingerprintError) as e:
+            load_pretrained(fresh, tmp_path / "run", "f" * 64)
+        assert str(e.value) == (
+            f"fingerprint mismatch: --init-from {tmp_path / 'run' / 'final'} has (none), "
+            "this run's tokenizer has ffffffffffff"
+        )
     with pytest.raises(ExportError) as e:
         load_pretrained(fresh, tmp_path, "")
     assert str(e.value) == (
