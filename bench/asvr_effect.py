@@ -289,8 +289,27 @@ def train_args(
     return argv
 
 
+BENCHES = {
+    "seen": ("vqa_bench_seen.jsonl", "new scenes: questions about objects whose colour-shape pair training showed"),
+    "unseen": ("vqa_bench.jsonl", "the unseen colour-shape pair of each held-out image (compositional)"),
+}
+"""The two held-out benches (same images, ``asvr.tokenizer.vqa_corpus``): name -> (file, what it measures)."""
+
+
+def _bench_metrics(m: dict) -> dict:
+    return {
+        "acc": m["acc"],
+        "chance": m["chance"],
+        "unparsed": m["unparsed"],
+        "by_category": {k: v["acc"] for k, v in m["by_category"].items()},
+        "by_kind": {k: v["acc"] for k, v in m["by_kind"].items()},
+        "chance_by_category": {k: v["chance"] for k, v in m["by_category"].items()},
+        "chance_by_kind": {k: v["chance"] for k, v in m["by_kind"].items()},
+    }
+
+
 def evaluate(p: dict[str, Path], run: Path, codes: Path) -> dict:
-    """Held-out bench (accuracy per category / form with chance) and per-depth visual accuracy."""
+    """Both held-out benches (accuracy per category / form with chance) and per-depth visual accuracy."""
     corpus = p["corpus"]
     from asvr.eval.cli import main
 
@@ -301,7 +320,7 @@ def evaluate(p: dict[str, Path], run: Path, codes: Path) -> dict:
             "--model",
             str(run),
             "--bench",
-            str(corpus / "vqa_bench.jsonl"),
+            *[str(corpus / f) for f, _ in BENCHES.values()],
             "--images",
             str(corpus / "images"),
             "--max-new-tokens",
@@ -314,7 +333,7 @@ def evaluate(p: dict[str, Path], run: Path, codes: Path) -> dict:
         ],
         "bench",
     )
-    bench = json.loads((run / "bench" / "report.json").read_text())["benches"][0]["metrics"]
+    reports = {Path(r["file"]).name: r for r in json.loads((run / "bench" / "report.json").read_text())["benches"]}
     _run_main(
         main,
         [
@@ -336,13 +355,7 @@ def evaluate(p: dict[str, Path], run: Path, codes: Path) -> dict:
     )
     loss = json.loads((run / "loss" / "report.json").read_text())["results"]
     return {
-        "acc": bench["acc"],
-        "chance": bench["chance"],
-        "unparsed": bench["unparsed"],
-        "by_category": {k: v["acc"] for k, v in bench["by_category"].items()},
-        "by_kind": {k: v["acc"] for k, v in bench["by_kind"].items()},
-        "chance_by_category": {k: v["chance"] for k, v in bench["by_category"].items()},
-        "chance_by_kind": {k: v["chance"] for k, v in bench["by_kind"].items()},
+        "benches": {name: _bench_metrics(reports[f]["metrics"]) for name, (f, _) in BENCHES.items()},
         "text_loss": loss["text"]["loss"],
         "visual_acc_per_depth": [d["acc1"] for d in loss["visual"]["per_depth"]],
     }
@@ -397,7 +410,14 @@ def run_all(cfg: ExperimentConfig) -> list[dict]:
             with open(records_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             done[(key, seed)] = rec
-            print(f"   held-out accuracy {100 * rec['acc']:.1f}% (chance {100 * rec['chance']:.1f}%)", flush=True)
+            print(
+                "   held-out accuracy "
+                + ", ".join(
+                    f"{name} {100 * m['acc']:.1f}% (chance {100 * m['chance']:.1f}%)"
+                    for name, m in rec["benches"].items()
+                ),
+                flush=True,
+            )
     return [done[(k, s)] for k in cfg.arms for s in cfg.seeds]
 
 
@@ -408,9 +428,9 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def summarize(cfg: ExperimentConfig, records: list[dict]) -> dict:
-    """Mean +- std per arm of every metric; each arm's difference to the baseline (a) with its
-    standard error and the seeds per arm that would put that difference at 2 standard errors."""
+def _bench_summary(cfg: ExperimentConfig, records: list[dict]) -> dict:
+    """One bench: mean +- std per arm of every metric; each arm's difference to the baseline (a)
+    with its standard error and the seeds per arm that would put it at 2 standard errors."""
     arms = {}
     for key in cfg.arms:
         rs = [r for r in records if r["arm"] == key]
@@ -418,16 +438,7 @@ def summarize(cfg: ExperimentConfig, records: list[dict]) -> dict:
         for group in ("by_category", "by_kind"):
             for k in rs[0][group]:
                 metrics[k] = [r[group][k] for r in rs]
-        depth = [
-            mean_std([r["visual_acc_per_depth"][d] for r in rs]) for d in range(len(rs[0]["visual_acc_per_depth"]))
-        ]
-        arms[key] = {
-            "name": ARMS[key].name,
-            "n_seeds": len(rs),
-            "acc": {k: mean_std(v) for k, v in metrics.items()},
-            "visual_acc_per_depth": depth,
-            "seconds": sum(r["seconds"] for r in rs),
-        }
+        arms[key] = {k: mean_std(v) for k, v in metrics.items()}
     chance = {"overall": records[0]["chance"], **records[0]["chance_by_category"], **records[0]["chance_by_kind"]}
     contrasts = {}
     if "a" in arms:
@@ -442,92 +453,129 @@ def summarize(cfg: ExperimentConfig, records: list[dict]) -> dict:
             pooled = (sa**2 + sk**2) / 2
             need = math.ceil(8 * pooled / diff**2) if diff else None
             contrasts[key] = {"diff": diff, "se": se, "resolved": abs(diff) > 2 * se, "seeds_for_2se": need}
-    return {"config": asdict(cfg), "chance": chance, "arms": arms, "vs_baseline": contrasts}
+    return {"chance": chance, "acc": arms, "vs_baseline": contrasts}
+
+
+def summarize(cfg: ExperimentConfig, records: list[dict]) -> dict:
+    """Per bench (``BENCHES``): accuracies mean +- std and contrasts to the baseline; per arm:
+    visual-token accuracy per depth and run time."""
+    arms = {}
+    for key in cfg.arms:
+        rs = [r for r in records if r["arm"] == key]
+        depth = [
+            mean_std([r["visual_acc_per_depth"][d] for r in rs]) for d in range(len(rs[0]["visual_acc_per_depth"]))
+        ]
+        arms[key] = {
+            "name": ARMS[key].name,
+            "n_seeds": len(rs),
+            "visual_acc_per_depth": depth,
+            "seconds": sum(r["seconds"] for r in rs),
+        }
+    benches = {
+        name: _bench_summary(cfg, [{"arm": r["arm"], **r["benches"][name]} for r in records]) for name in BENCHES
+    }
+    return {"config": asdict(cfg), "arms": arms, "benches": benches}
 
 
 def _pm(ms, scale: float = 100) -> str:
     return f"{scale * ms[0]:.1f} ± {scale * ms[1]:.1f}"
 
 
+COLUMNS = ["overall", "colour", "shape", "count", "position", "size", "yes_no", "multiple_choice", "short"]
+
+
 def summary_markdown(s: dict) -> str:
-    cfg, arms, chance = s["config"], s["arms"], s["chance"]
-    cols = ["overall", "colour", "shape", "count", "position", "size", "yes_no", "multiple_choice", "short"]
-    cols = [c for c in cols if c in next(iter(arms.values()))["acc"]]
+    cfg, arms = s["config"], s["arms"]
     lines = [
         "# ASVR effect, miniature (held-out accuracy %, mean ± std over seeds)",
         "",
         f"Seeds {cfg['seeds']}; {cfg['train_images']} train images x {cfg['questions_per_image']} questions, "
-        f"{cfg['heldout_images']} held-out images (unseen colour-shape pairs) x {cfg['bench_per_image']} "
-        f"questions, {cfg['free_images']} caption-free images; tiny Llama {cfg['llm_hidden']}-d x "
+        f"{cfg['heldout_images']} held-out images x {cfg['bench_per_image']} questions per bench, "
+        f"{cfg['free_images']} caption-free images; tiny Llama {cfg['llm_hidden']}-d x "
         f"{cfg['llm_layers']} layers; RVQ {cfg['depth']} x {cfg['codebook_size']}; pretrain "
         f"{cfg['pretrain_steps']} + SFT {cfg['sft_steps']} steps of {cfg['micro_batch']} packed rows "
         f"x {cfg['max_len']} tokens.",
-        "",
-        "| arm | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
-        "| chance | " + " | ".join(f"{100 * chance[c]:.1f}" for c in cols) + " |",
     ]
-    for key, a in arms.items():
-        lines.append(f"| {key}: {a['name']} | " + " | ".join(_pm(a["acc"][c]) for c in cols) + " |")
+    for name, b in s["benches"].items():
+        cols = [c for c in COLUMNS if c in next(iter(b["acc"].values()))]
+        lines += [
+            "",
+            f"## Bench `{name}`: {BENCHES[name][1]}",
+            "",
+            "| arm | " + " | ".join(cols) + " |",
+            "|---|" + "---|" * len(cols),
+            "| chance | " + " | ".join(f"{100 * b['chance'][c]:.1f}" for c in cols) + " |",
+        ]
+        for key, acc in b["acc"].items():
+            lines.append(f"| {key}: {arms[key]['name']} | " + " | ".join(_pm(acc[c]) for c in cols) + " |")
+        if b["vs_baseline"]:
+            lines += [
+                "",
+                "Overall accuracy minus the baseline's (points), standard error, and the seeds per arm "
+                "that would put the observed difference at 2 standard errors:",
+                "",
+                "| arm | difference | s.e. | resolved (> 2 s.e.) | seeds needed |",
+                "|---|---|---|---|---|",
+            ]
+            for key, c in b["vs_baseline"].items():
+                lines.append(
+                    f"| {key} | {100 * c['diff']:+.1f} | {100 * c['se']:.1f} | "
+                    f"{'yes' if c['resolved'] else 'no'} | {c['seeds_for_2se'] or '-'} |"
+                )
     depth = len(next(iter(arms.values()))["visual_acc_per_depth"])
     lines += [
         "",
-        "Visual-token accuracy @1 per depth on the held-out images (teacher-forced; arm e predicts "
-        "appearance codes, the others semantic codes; arm a never trains its head):",
+        "## Visual-token accuracy @1 per depth on the held-out images",
+        "",
+        "Teacher-forced; arm e predicts appearance codes, the others semantic codes; arm a never trains its head.",
         "",
         "| arm | " + " | ".join(f"depth {d}" for d in range(depth)) + " |",
         "|---|" + "---|" * depth,
     ]
     for key, a in arms.items():
         lines.append(f"| {key} | " + " | ".join(_pm(x) for x in a["visual_acc_per_depth"]) + " |")
-    if s["vs_baseline"]:
-        lines += [
-            "",
-            "Overall accuracy minus the baseline's (points), standard error, and the seeds per arm "
-            "that would put the observed difference at 2 standard errors:",
-            "",
-            "| arm | difference | s.e. | resolved (> 2 s.e.) | seeds needed |",
-            "|---|---|---|---|---|",
-        ]
-        for key, c in s["vs_baseline"].items():
-            lines.append(
-                f"| {key} | {100 * c['diff']:+.1f} | {100 * c['se']:.1f} | "
-                f"{'yes' if c['resolved'] else 'no'} | {c['seeds_for_2se'] or '-'} |"
-            )
     return "\n".join(lines) + "\n"
 
 
 def plot(s: dict, path: Path) -> None:
+    """One bar panel per bench (accuracy per metric and arm, chance dashed) and the per-depth
+    visual accuracy."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    arms, chance = s["arms"], s["chance"]
-    cols = [
-        c
-        for c in ["overall", "colour", "shape", "count", "position", "size", "yes_no", "multiple_choice", "short"]
-        if c in next(iter(arms.values()))["acc"]
-    ]
-    fig = Figure(figsize=(12, 4.2))
+    arms = s["arms"]
+    fig = Figure(figsize=(16, 4.2))
     FigureCanvasAgg(fig)
-    ax, ax2 = fig.add_subplot(1, 3, (1, 2)), fig.add_subplot(1, 3, 3)
-    width = 0.8 / len(arms)
-    for i, (key, a) in enumerate(arms.items()):
-        xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(
-            xs,
-            [100 * a["acc"][c][0] for c in cols],
-            width,
-            yerr=[100 * a["acc"][c][1] for c in cols],
-            label=f"{key}: {a['name']}",
-            capsize=2,
-        )
-    for j, c in enumerate(cols):
-        ax.hlines(
-            100 * chance[c], j - 0.45, j + 0.45, colors="k", linestyles="dashed", label="chance" if j == 0 else None
-        )
-    ax.set_xticks(range(len(cols)), [c.replace("multiple_choice", "multi-choice") for c in cols], rotation=20)
-    ax.set_ylabel("held-out accuracy % (mean ± std over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    n = len(s["benches"])
+    for bi, (name, b) in enumerate(s["benches"].items()):
+        ax = fig.add_subplot(1, 2 * n + 1, (2 * bi + 1, 2 * bi + 2))
+        cols = [c for c in COLUMNS if c in next(iter(b["acc"].values()))]
+        width = 0.8 / len(b["acc"])
+        for i, (key, acc) in enumerate(b["acc"].items()):
+            xs = [j + (i - (len(b["acc"]) - 1) / 2) * width for j in range(len(cols))]
+            ax.bar(
+                xs,
+                [100 * acc[c][0] for c in cols],
+                width,
+                yerr=[100 * acc[c][1] for c in cols],
+                label=f"{key}: {arms[key]['name']}",
+                capsize=2,
+            )
+        for j, c in enumerate(cols):
+            ax.hlines(
+                100 * b["chance"][c],
+                j - 0.45,
+                j + 0.45,
+                colors="k",
+                linestyles="dashed",
+                label="chance" if j == 0 else None,
+            )
+        ax.set_xticks(range(len(cols)), [c.replace("multiple_choice", "multi-choice") for c in cols], rotation=20)
+        ax.set_title(f"bench {name}", fontsize=9)
+        ax.set_ylabel("held-out accuracy % (mean ± std over seeds)")
+        if bi == 0:
+            ax.legend(fontsize=7, ncol=2)
+    ax2 = fig.add_subplot(1, 2 * n + 1, 2 * n + 1)
     for key, a in arms.items():
         d = a["visual_acc_per_depth"]
         ax2.errorbar(range(len(d)), [100 * x[0] for x in d], yerr=[100 * x[1] for x in d], marker="o", label=key)

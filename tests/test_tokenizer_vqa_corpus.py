@@ -93,7 +93,7 @@ def test_heldout_pairs_never_seen_in_training(tmp_path):
     assert len(held) == len(SHAPES)
     for s in scenes:
         pairs = {f"{o['colour']} {o['shape']}" for o in s["objects"]}
-        assert (pairs & held) if s["split"] == "heldout" else not (pairs & held), s
+        assert len(pairs & held) == (1 if s["split"] == "heldout" else 0), s
     pre = json.loads((root / "llava_pretrain.json").read_text())
     sft = json.loads((root / "llava_sft.json").read_text())
     train_text = json.dumps(pre) + json.dumps(sft)
@@ -108,6 +108,25 @@ def test_heldout_pairs_never_seen_in_training(tmp_path):
             shape = b["question"].split("the ")[1].rstrip("?")
             obj = next(o for o in by_image[b["image"]]["objects"] if o["shape"] == shape)
             assert f"{b['answer']} {shape}" in held and obj["colour"] == b["answer"]
+    # the second bench asks the same images about their other objects: pairs seen in training
+    seen = [json.loads(x) for x in (root / "vqa_bench_seen.jsonl").read_text().splitlines()]
+    assert {b["image"] for b in seen} == {b["image"] for b in bench}
+    cells = Counter((b["category"], b["type"]) for b in seen)  # 12 images: 2 balanced blocks of 5 + 2
+    assert len(seen) == len(bench) and len(cells) == 15 and max(cells.values()) - min(cells.values()) <= 1
+    asked = 0
+    for b in seen:
+        objs = by_image[b["image"]]["objects"]
+        if b["category"] == "colour" and b["type"] == "short":
+            shape = b["question"].split("the ")[1].rstrip("?")
+            obj = next(o for o in objs if o["shape"] == shape)
+            assert f"{b['answer']} {shape}" not in held and obj["colour"] == b["answer"]
+            asked += 1
+        if b["category"] == "size" and b["type"] == "short":  # "What size is the <colour> <shape>?"
+            name = b["question"].removeprefix("What size is the ").rstrip("?")
+            obj = next(o for o in objs if f"{o['colour']} {o['shape']}" == name)
+            assert name not in held and obj["size"] == b["answer"]
+            asked += 1
+    assert asked >= 4
 
 
 def test_answers_match_the_pixels_and_the_bench_reads(tmp_path):

@@ -8,7 +8,10 @@
     DIR/llava_sft.json        LLaVA, one question per turn, LLaVA-1.5's answer-format instructions  (train)
     DIR/heldout_sft.json      the same on the held-out images (held-out losses, per-depth visual accuracy)
     DIR/vqa_bench.jsonl       {"id", "image", "question", "answer", "type", "category", "chance", ["options"]}
-                              on the held-out images: what ``asvr-eval bench`` reads
+                              on the held-out images, about their unseen colour-shape pair (what
+                              ``asvr-eval bench`` reads): compositional generalisation
+    DIR/vqa_bench_seen.jsonl  the same images, about their other objects (pairs seen in training):
+                              generalisation to new scenes
     DIR/corpus.json           counts, seed, held-out colour-shape pairs
 
 ``free`` images have no conversation at all: caption-free samples once
@@ -27,8 +30,11 @@ answer); every scene has such a pair.
 
 Held-out combinations: one colour per shape (4 of the 24 colour-shape pairs)
 is drawn from the seed and never appears in a train or free image; every
-held-out image holds at least one such object, and its colour, shape, size
-and position questions are about that object.  Chance level per item is in
+held-out image holds at least one such object; the colour, shape, size and
+position questions of ``vqa_bench.jsonl`` are about that object, those of
+``vqa_bench_seen.jsonl`` about the image's other objects (new scenes of known
+pairs: a model that reads the image at all gets these right before it
+composes colour and shape it never saw together).  Chance level per item is in
 ``chance`` (1/2 yes/no, 1/options, 1/answer-vocabulary for short answers).
 Everything is drawn from ``default_rng([seed, split, index])``: the corpus is
 deterministic and an image does not depend on the other counts.
@@ -115,7 +121,7 @@ def heldout_pairs(seed: int) -> list[tuple[str, str]]:
 
 # --------------------------------------------------------------------------- scenes
 def make_scene(seed: int, split: str, index: int, held: list[tuple[str, str]]) -> Scene:
-    """Objects of one scene; held-out scenes contain a held-out pair (first object), others none."""
+    """Objects of one scene; a held-out scene contains exactly one held-out pair (its first object), others none."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     n = int(rng.integers(2, 5))
     held_set = set(held)
@@ -126,7 +132,8 @@ def make_scene(seed: int, split: str, index: int, held: list[tuple[str, str]]) -
             c, s = held[int(rng.integers(len(held)))]
             colours, shapes = [c] + [x for x in colours if x != c], [s] + [x for x in shapes if x != s]
         colours, shapes = colours[:n], shapes[:n]
-        if split == "heldout" or not any((c, s) in held_set for c, s in zip(colours, shapes)):
+        others = zip(colours[1:], shapes[1:]) if split == "heldout" else zip(colours, shapes)
+        if not any((c, s) in held_set for c, s in others):  # held-out scenes: exactly one unseen pair
             break
     # the second object shares a row or a column with the first: every scene has a pair whose
     # relative position is one word (left / right / above / below), never a diagonal
@@ -195,10 +202,15 @@ def _relation(a: Obj, b: Obj) -> list[str]:
 _RELATION_WORDS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
 
 
-def _ask(category: str, form: str, scene: Scene, rng: np.random.Generator, truth: bool) -> Question:
-    """One question of ``category`` in ``form`` (yes/no answer = ``truth``)."""
+def _ask(
+    category: str, form: str, scene: Scene, rng: np.random.Generator, truth: bool, subject: str = "any"
+) -> Question:
+    """One question of ``category`` in ``form`` (yes/no answer = ``truth``) about an object drawn
+    from ``subject``: ``any`` object, the ``unseen`` pair (a held-out scene's first object) or a
+    ``seen`` one (any other)."""
     objs = scene.objects
-    o = objs[0] if scene.split == "heldout" else objs[int(rng.integers(len(objs)))]
+    pool = {"any": objs, "unseen": objs[:1], "seen": objs[1:]}[subject]
+    o = pool[int(rng.integers(len(pool)))]
     if category == "colour":
         vocab, gold, stem = list(COLOURS), o.colour, f"What colour is the {o.shape}?"
         yn = f"Is the {o.shape} {{}}?"
@@ -213,7 +225,7 @@ def _ask(category: str, form: str, scene: Scene, rng: np.random.Generator, truth
         yn = f"Is the {o.name} {{}}?"
     else:  # position of o relative to an object in its row or column: one right answer
         if not any(len(_relation(o, b)) == 1 for b in objs if b is not o):
-            o = objs[0]  # the first object always has such a partner (make_scene)
+            o = objs[1] if subject == "seen" else objs[0]  # the first two objects share a row or column
         partners = [b for b in objs if b is not o and len(_relation(o, b)) == 1]
         b = partners[int(rng.integers(len(partners)))]
         vocab, gold = list(RELATIONS), _relation(o, b)[0]
@@ -251,11 +263,12 @@ class QuestionPlan:
     question type can come first (what a one-question benchmark asks).  Yes/no truths
     alternate per category; the right option's letter cycles per number of options."""
 
-    def __init__(self, rng: np.random.Generator, per_image: int):
+    def __init__(self, rng: np.random.Generator, per_image: int, subject: str = "any"):
         if not 1 <= per_image <= len(CATEGORIES):
             raise ValueError(f"questions per image must be 1..{len(CATEGORIES)}, got {per_image}")
         self.rng = rng
         self.per_image = per_image
+        self.subject = subject
         self.n = 0
         self.perm = list(range(len(CATEGORIES)))
         self.truth = {c: 0 for c in CATEGORIES}
@@ -273,7 +286,7 @@ class QuestionPlan:
         out = []
         for k in self.rng.permutation(len(slots)).tolist():
             cat, form = slots[k]
-            q = _ask(cat, form, scene, self.rng, truth=self.truth[cat] % 2 == 0)
+            q = _ask(cat, form, scene, self.rng, truth=self.truth[cat] % 2 == 0, subject=self.subject)
             if form == "yes_no":
                 self.truth[cat] += 1
                 out.append((q, q.answer))
@@ -364,22 +377,26 @@ def make_vqa_corpus(
 
     sft = conversations("train", QuestionPlan(np.random.default_rng([seed, 10]), questions_per_image), describe)
     held_sft = conversations("heldout", QuestionPlan(np.random.default_rng([seed, 11]), questions_per_image), describe)
-    plan = QuestionPlan(np.random.default_rng([seed, 12]), bench_per_image)
-    bench = []
-    for s in by_split["heldout"]:
-        for t, (q, gold) in enumerate(plan.for_image(s)):
-            item = {
-                "id": f"{Path(s.image).stem}_{t}",
-                "image": s.image,
-                "question": q.question,
-                "answer": gold,
-                "type": q.form,
-                "category": q.category,
-                "chance": round(q.chance, 6),
-            }
-            if q.options:
-                item["options"] = q.options
-            bench.append(item)
+
+    def bench(subject: str, stream: int) -> list[dict]:
+        plan = QuestionPlan(np.random.default_rng([seed, stream]), bench_per_image, subject)
+        items = []
+        for s in by_split["heldout"]:
+            for t, (q, gold) in enumerate(plan.for_image(s)):
+                item = {
+                    "id": f"{Path(s.image).stem}_{t}",
+                    "image": s.image,
+                    "question": q.question,
+                    "answer": gold,
+                    "type": q.form,
+                    "category": q.category,
+                    "chance": round(q.chance, 6),
+                }
+                if q.options:
+                    item["options"] = q.options
+                items.append(item)
+        return items
+
     pre = [
         {
             "id": Path(s.image).stem + "_cap",
@@ -401,7 +418,9 @@ def make_vqa_corpus(
     _write(out / "llava_pretrain.json", json.dumps(pre, indent=1))
     _write(out / "llava_sft.json", json.dumps(sft, indent=1))
     _write(out / "heldout_sft.json", json.dumps(held_sft, indent=1))
-    _write(out / "vqa_bench.jsonl", "".join(json.dumps(b) + "\n" for b in bench))
+    unseen, seen = bench("unseen", 12), bench("seen", 13)
+    _write(out / "vqa_bench.jsonl", "".join(json.dumps(b) + "\n" for b in unseen))
+    _write(out / "vqa_bench_seen.jsonl", "".join(json.dumps(b) + "\n" for b in seen))
     summary = VQACorpusSummary(
         out=str(out),
         seed=seed,
@@ -409,7 +428,7 @@ def make_vqa_corpus(
         heldout_images=heldout,
         free_images=free,
         sft_turns=train * questions_per_image,
-        vqa=len(bench),
+        vqa=len(unseen),
         heldout_pairs=[f"{c} {s}" for c, s in held],
     )
     _write(out / "corpus.json", json.dumps({k: v for k, v in asdict(summary).items() if k != "out"}, indent=1))
