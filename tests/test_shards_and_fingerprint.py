@@ -69,9 +69,28 @@ def test_marker_is_accepted_only_for_the_same_inputs_and_an_intact_shard(tmp_pat
 
 @pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
 def test_verify_accepts_a_clean_output(tmp_path, fmt):
-    rep = verify_out(_write_out(tmp_path / "out", fmt))
-    assert rep.ok, rep.problems
-    assert "2 shards, 5 rows, 1 failure rows" in rep.lines[-1]
+    out = _write_out(tmp_path / "out", fmt)
+    rep = verify_out(out)
+    assert rep.ok and rep.problems == []
+    assert rep.lines == [f"{out}: 2 shards, 5 rows, 1 failure rows checked"]
+    (out / "shard-00009.tar").write_bytes((out / "failures.parquet").read_bytes())
+    assert verify_out(out).problems == ["shard-00009.tar: shard not in the manifest"]
+
+
+def test_verify_counts_duplicates_on_both_sides(tmp_path):
+    """seen = encoded + failed + duplicate, and the failure rows hold the duplicates too."""
+    out = _write_out(tmp_path / "out")
+    _set_failures(
+        out,
+        [
+            {"key": "f", "source": "src", "stage": "decode", "error": "bad"},
+            {"key": "a", "source": "src2", "stage": "duplicate", "error": "same key as src/a"},
+        ],
+        seen=7,
+        duplicate=1,
+    )
+    rep = verify_out(out)
+    assert rep.problems == [] and rep.lines == [f"{out}: 2 shards, 5 rows, 2 failure rows checked"]
 
 
 def _manifest(out):
@@ -167,55 +186,172 @@ def _break_incomplete(out):
     _set_manifest(out, m)
 
 
+def _break_seen(out):
+    m = _manifest(out)
+    m["counts"]["seen"] += 1
+    _set_manifest(out, m)
+
+
+def _set_failures(out, rows, **counts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from asvr.pipeline.writer import FAILURE_SCHEMA
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA), out / "failures.parquet")
+    m = _manifest(out)
+    m["counts"].update(counts)
+    _set_manifest(out, m)
+
+
+def _break_failures_missing(out):
+    (out / "failures.parquet").unlink()
+
+
+def _break_failure_rows(out):
+    _set_failures(out, [], ignored=2)
+
+
+def _break_cut_input(out):
+    cut = {"key": "x.tar", "source": "x.tar", "stage": "input", "error": "x.tar: truncated after 3 members"}
+    _set_failures(out, [{"key": "f", "source": "src", "stage": "decode", "error": "bad"}, cut], ignored=1)
+
+
+# Each breakage's complete list of findings (OUT: the output folder), compared whole: a
+# finding with a changed word, a second finding for one fault, or one missing, fails.
 @pytest.mark.parametrize(
-    "breakage,finding",
+    "breakage,findings",
     [
-        (_break_missing, "part-00001.parquet: missing"),
-        (_break_codes, ("2 rows with codes >= codebook size 8", "has code 8 outside [0, 8)")),
-        (_break_rows, "3 rows, manifest says 4"),
-        (_break_extra, "part-00007.parquet: shard not in the manifest"),
-        (_break_sha, "sha256 differs"),
-        (_break_counts, "shards hold 5 rows, manifest says encoded 6"),
-        (_break_incomplete, "manifest says the run is incomplete"),
-        (_break_first_missing, "shards hold 2 rows, manifest says encoded 5"),  # later shards still checked
+        (_break_missing, ["part-00001.parquet: missing", "shards hold 3 rows, manifest says encoded 5"]),
+        (
+            _break_codes,
+            [
+                "part-00000.parquet: unreadable (ShardError: OUT/part-00000.parquet: key 'b' has code 8 "
+                "outside [0, 8) (codebook size); the shard is corrupt)",
+                "shards hold 2 rows, manifest says encoded 5",
+            ],
+        ),
+        (_break_rows, ["part-00000.parquet: 3 rows, manifest says 4"]),
+        (_break_extra, ["part-00007.parquet: shard not in the manifest"]),
+        (_break_sha, ["part-00001.parquet: sha256 differs from the manifest (modified or corrupt)"]),
+        (_break_counts, ["shards hold 5 rows, manifest says encoded 6"]),
+        (_break_seen, ["counts: seen 7 != encoded 5 + failed 1 + duplicate 0"]),
+        (_break_incomplete, ["manifest says the run is incomplete"]),
+        (_break_first_missing, ["part-00000.parquet: missing", "shards hold 2 rows, manifest says encoded 5"]),
         (
             _break_fingerprint,
-            (
-                "part-00001.parquet: tokenizer eeeeeeeeeeee != manifest ffffffffffff",
-                "part-00001.parquet has eeeeeeeeeeee, manifest.json has ffffffffffff",
-            ),
+            ["fingerprint mismatch: part-00001.parquet has eeeeeeeeeeee, manifest.json has ffffffffffff"],
         ),
-        (_break_unreadable, "part-00001.parquet: unreadable ("),
-        (_break_duplicate, "part-00001.parquet: duplicate key 'a'"),
+        (
+            _break_unreadable,
+            [
+                "part-00001.parquet: unreadable (ShardError: OUT/part-00001.parquet: unreadable code shard (",
+                "shards hold 3 rows, manifest says encoded 5",
+            ],
+        ),
+        (_break_duplicate, ["part-00001.parquet: duplicate key 'a'"]),
+        (_break_failures_missing, ["failures.parquet has 0 rows, manifest says failed 1 + duplicate 0 + ignored 0"]),
+        (_break_failure_rows, ["failures.parquet has 0 rows, manifest says failed 1 + duplicate 0 + ignored 2"]),
+        (_break_cut_input, ["incomplete input: x.tar: truncated after 3 members"]),
     ],
 )
-def test_verify_finds_each_breakage(tmp_path, breakage, finding):
+def test_verify_finds_each_breakage(tmp_path, breakage, findings):
     out = _write_out(tmp_path / "out")
     breakage(out)
     rep = verify_out(out)
     assert not rep.ok
-    findings = finding if isinstance(finding, tuple) else (finding,)
-    assert any(f in p for p in rep.problems for f in findings), rep.problems
+    got = [p.replace(str(out), "OUT") for p in rep.problems]
+    if breakage is _break_unreadable:  # the rest of the reason is pyarrow's wording
+        got[0] = got[0][: len(findings[0])]
+    assert got == findings
+    rows = next((int(f.split()[2]) for f in findings if f.startswith("shards hold")), 5)
+    nfail = {_break_failures_missing: 0, _break_failure_rows: 0, _break_cut_input: 2}.get(breakage, 1)
+    assert rep.lines == [f"{out}: 2 shards, {rows} rows, {nfail} failure rows checked"]
 
 
 def test_verify_and_inspect_refuse_a_folder_without_a_readable_manifest(tmp_path):
     from asvr.pipeline.check import ShardError, inspect_out
 
-    with pytest.raises(ShardError, match="no manifest.json"):
+    with pytest.raises(ShardError) as e:
         verify_out(tmp_path)
+    assert str(e.value) == f"{tmp_path}: no manifest.json (not an asvr-pipeline output directory)"
     (tmp_path / "manifest.json").write_text("{")
-    with pytest.raises(ShardError, match="manifest.json: unreadable"):
+    with pytest.raises(ShardError) as e:
         inspect_out(tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path / 'manifest.json'}: unreadable (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))"
+    )
+
+
+def test_verify_of_an_empty_manifest_lists_every_shard_and_failure_row(tmp_path):
+    out = _write_out(tmp_path / "out")
+    _set_manifest(out, {})
+    rep = verify_out(out)
+    assert rep.problems == [
+        "manifest says the run is incomplete",
+        "part-00000.parquet: shard not in the manifest",
+        "part-00001.parquet: shard not in the manifest",
+        "failures.parquet has 1 rows, manifest says failed 0 + duplicate 0 + ignored 0",
+    ]
+    assert rep.lines == [f"{out}: 0 shards, 0 rows, 1 failure rows checked"]
 
 
 def test_inspect_lists_counts_and_failures(tmp_path):
     from asvr.pipeline.check import inspect_out
 
-    rep = inspect_out(_write_out(tmp_path / "out"))
-    assert rep.ok and rep.lines[0].endswith("complete")
-    assert any(line.startswith("seen 6  encoded 5  failed 1  duplicate 0") for line in rep.lines)
-    assert "shards 2 (5 rows)" in rep.lines
-    assert "failures by stage: decode 1" in rep.lines and "  [decode] f: bad" in rep.lines
+    out = _write_out(tmp_path / "out")
+    rep = inspect_out(out)
+    assert rep.ok and rep.problems == []
+    assert rep.lines == [
+        f"{out}: complete",
+        "tokenizer ffffffffffffffff  preprocess square  format parquet  shard size 3  fast decode None",
+        "inputs: src (folder)",
+        "seen 6  encoded 5  failed 1  duplicate 0  ignored 0 (not images)",
+        "shards 2 (5 rows)",
+        "failures by stage: decode 1",
+        "  [decode] f: bad",
+    ]
+
+
+def test_inspect_counts_stages_and_shows_the_first_failures(tmp_path):
+    from asvr.pipeline.check import inspect_out
+
+    out = _write_out(tmp_path / "out")
+    rows = [("k1", "input", "cut"), ("k2", "decode", "bad"), ("k3", "duplicate", "same"), ("k4", "decode", "worse")]
+    _set_failures(out, [{"key": k, "source": "s", "stage": st, "error": e} for k, st, e in rows])
+    m = _manifest(out)
+    m.update(complete=False, inputs=[{"path": "a", "format": "folder"}, {"path": "b.tar", "format": "tar"}])
+    m["run"]["fast_decode"] = True
+    m["counts"] = {"seen": 9, "duplicate": 3, "ignored": 4}
+    _set_manifest(out, m)
+    rep = inspect_out(out, n_failures=2)
+    assert rep.problems == ["the run is incomplete"]
+    assert rep.lines == [
+        f"{out}: INCOMPLETE (run the same command again to finish)",
+        "tokenizer ffffffffffffffff  preprocess square  format parquet  shard size 3  fast decode True",
+        "inputs: a (folder), b.tar (tar)",
+        "seen 9  encoded 0  failed 0  duplicate 3  ignored 4 (not images)",
+        "shards 2 (5 rows)",
+        "failures by stage: decode 2, duplicate 1, input 1",
+        "  [input] k1: cut",
+        "  [decode] k2: bad",
+    ]
+    _set_failures(out, [{"key": f"k{i:02d}", "source": "s", "stage": "decode", "error": "bad"} for i in range(12)])
+    lines = inspect_out(out).lines  # the first 10 failures by default
+    assert lines[-11:] == ["failures by stage: decode 12"] + [f"  [decode] k{i:02d}: bad" for i in range(10)]
+    _set_failures(out, [])
+    assert inspect_out(out).lines[-1] == "shards 2 (5 rows)"  # an empty failures table: no failure lines
+    (out / "failures.parquet").unlink()
+    assert inspect_out(out).lines[-1] == "shards 2 (5 rows)"
+    _set_manifest(out, {})
+    assert inspect_out(out).lines == [
+        f"{out}: INCOMPLETE (run the same command again to finish)",
+        "tokenizer   preprocess None  format None  shard size None  fast decode None",
+        "inputs: ",
+        "seen 0  encoded 0  failed 0  duplicate 0  ignored 0 (not images)",
+        "shards 0 (0 rows)",
+    ]
 
 
 # --------------------------------------------------------------------------- fingerprint

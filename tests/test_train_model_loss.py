@@ -31,7 +31,7 @@ def test_linear_cross_entropy_equals_naive_fp64(n, chunk, bias):
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     logits = F.linear(x, w, b)
-    assert int(hits) == int(((logits.argmax(-1) == t) & (t != -100)).sum())
+    assert hits.dtype == torch.long and int(hits) == int(((logits.argmax(-1) == t) & (t != -100)).sum())
     # a non-trivial upstream gradient (the loss is scaled before backward)
     for gg, gw in zip(_grads(got * 0.37, params), _grads(want * 0.37, params)):
         torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-12)
@@ -45,6 +45,26 @@ def test_linear_cross_entropy_bf16_close_to_fp32():
     got, _ = linear_cross_entropy(x.bfloat16(), w.bfloat16(), None, t, 7)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, naive_linear_cross_entropy(x, w, None, t), rtol=2e-2, atol=0)
+    assert naive_linear_cross_entropy(x.bfloat16(), w.bfloat16(), None, t).dtype == torch.float32  # upcast too
+
+
+def test_linear_cross_entropy_with_a_frozen_classifier():
+    """Only ``x`` needs a gradient (a frozen head): no weight gradient is made, ``x``'s is exact."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    b = torch.randn(7, dtype=torch.float64, generator=g)
+    t = torch.randint(0, 7, (9,), generator=g)
+    got, _ = linear_cross_entropy(x, w, b, t, 4)
+    (gx,) = _grads(got, [x])
+    torch.testing.assert_close(gx, _grads(naive_linear_cross_entropy(x, w, b, t), [x])[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("xs,ts", [((4, 3, 1), (4,)), ((4, 3), (3,)), ((4, 3), (4, 1))])
+def test_linear_cross_entropy_refuses_misshaped_inputs(xs, ts):
+    with pytest.raises(ValueError) as e:
+        linear_cross_entropy(torch.zeros(xs), torch.zeros(2, 3), None, torch.zeros(ts, dtype=torch.long))
+    assert str(e.value) == f"x must be [N, E] and target [N]; got {xs} and {ts}"
 
 
 def _naive_head_loss(head: VisualHead, hidden, ctx, targets):

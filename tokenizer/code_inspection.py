@@ -120,21 +120,20 @@ def summarize(usage: Usage, dominant_factor: float = 10.0, max_dominant: int = 5
     return out
 
 
-def plot_usage(usage: Usage, path: str | os.PathLike, title: str = "") -> Path:
-    """One row per depth: counts by rank (log scale) with used/dead/perplexity; atomic PNG."""
+def usage_figure(usage: Usage, title: str = ""):
+    """One row per depth: the counts sorted by rank (``StepPatch`` over ranks ``0..K``, floored
+    at 0.5 for the log scale), the uniform share (dashed line), used/dead/perplexity in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .sheets import save_png
 
     d, k = usage.counts.shape
     fig, axes = plt.subplots(d, 1, figsize=(8, 1.9 * d + 0.6), squeeze=False, sharex=True)
     uniform = usage.patches / k
     for i, (ax, c) in enumerate(zip(axes[:, 0], usage.counts)):
         s = np.sort(c)[::-1]
-        ax.fill_between(np.arange(k), np.maximum(s, 0.5), 0.5, step="post", color="tab:blue", alpha=0.8)
+        ax.stairs(np.maximum(s, 0.5), np.arange(k + 1), baseline=0.5, fill=True, color="tab:blue", alpha=0.8)
         ax.axhline(max(uniform, 0.5), color="tab:red", lw=0.8, ls="--", label="uniform")
         ax.set_yscale("log")
         ax.set_ylim(0.5, max(2.0, s[0] * 1.5))
@@ -143,16 +142,28 @@ def plot_usage(usage: Usage, path: str | os.PathLike, title: str = "") -> Path:
         ax.set_ylabel("patches")
     axes[-1, 0].set_xlabel("code rank (most used first)")
     axes[0, 0].legend(loc="upper right", fontsize=8)
-    title = title or f"code usage over {usage.images} images ({usage.patches} patches)"
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title or usage_title(usage), fontsize=10)
     fig.tight_layout()
-    fig.canvas.draw()
+    return fig
+
+
+def usage_title(usage: Usage) -> str:
+    return f"code usage over {usage.images} images ({usage.patches} patches)"
+
+
+def plot_usage(usage: Usage, path: str | os.PathLike, title: str = "") -> Path:
+    """:func:`usage_figure` as an atomic PNG (metadata ``Title``)."""
+    import matplotlib.pyplot as plt
     from PIL import Image
 
-    rgba = fig.canvas.buffer_rgba()  # type: ignore[attr-defined]  # Agg's canvas has it; matplotlib types the base class
+    from .sheets import save_png
+
+    fig = usage_figure(usage, title)
+    fig.canvas.draw()
+    rgba = fig.canvas.buffer_rgba()  # Agg's canvas
     img = Image.frombuffer("RGBA", fig.canvas.get_width_height(), rgba).convert("RGB")
     plt.close(fig)
-    return save_png(img, path, text={"Title": title})
+    return save_png(img, path, text={"Title": title or usage_title(usage)})
 
 
 # --------------------------------------------------------------------------- nearest codes

@@ -89,17 +89,13 @@ def depth_metrics(x: torch.Tensor, codes: torch.Tensor, quantizer) -> tuple[list
     return out, usage
 
 
-def plot_report(report: ValidationReport, out: Path, title: str = "") -> list[Path]:
-    """error_cosine.png (both vs depth) and usage.png (counts by rank per depth, log scale,
-    uniform line: the same plot as ``asvr-tokenizer inspect``)."""
+def error_cosine_figure(report: ValidationReport, heading: str):
+    """Relative error (left axis, solid) and mean cosine (right axis, dashed) against depth."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .code_inspection import Usage, plot_usage
-
-    name = f"{title}: " if title else ""
     depths = [m.depth for m in report.per_depth]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(depths, [m.rel_error for m in report.per_depth], "o-", color="C0", label="relative error")
@@ -109,9 +105,21 @@ def plot_report(report: ValidationReport, out: Path, title: str = "") -> list[Pa
     ax2 = ax.twinx()
     ax2.plot(depths, [m.cosine for m in report.per_depth], "s--", color="C1", label="cosine")
     ax2.set_ylabel("mean cosine similarity", color="C1")
-    heading = f"{name}{report.n_images} images, {report.n_vectors} vectors"
     ax.set_title(heading)
     fig.tight_layout()
+    return fig
+
+
+def plot_report(report: ValidationReport, out: Path, title: str = "") -> list[Path]:
+    """error_cosine.png (:func:`error_cosine_figure`) and usage.png (counts by rank per depth, log
+    scale, uniform line: the same plot as ``asvr-tokenizer inspect``)."""
+    import matplotlib.pyplot as plt
+
+    from .code_inspection import Usage, plot_usage
+
+    name = f"{title}: " if title else ""
+    heading = f"{name}{report.n_images} images, {report.n_vectors} vectors"
+    fig = error_cosine_figure(report, heading)
     p1 = out / "error_cosine.png"
     with atomic_path(p1, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, metadata={"Title": heading})

@@ -115,12 +115,12 @@ def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | Non
     tag = tag or latest_tag(run_dir)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(
-        str(run_dir / CHECKPOINTS), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {run_dir / CHECKPOINTS}")
-    rng = run_dir / CHECKPOINTS / tag / f"rng-rank{rank}.pt"
+    ckpt = run_dir / CHECKPOINTS
+    if not (ckpt / tag).is_dir():  # DeepSpeed would fail an assert with no message
+        there = ", ".join(sorted(p.name for p in ckpt.glob("step*") if p.is_dir())) or "none"
+        raise CheckpointError(f"--resume {tag}: no such checkpoint in {ckpt} (there: {there})")
+    _, client = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    rng = ckpt / tag / f"rng-rank{rank}.pt"
     if rng.exists():
         set_rng_state(load_rng_state(rng))
     return client
