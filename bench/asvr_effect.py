@@ -88,9 +88,9 @@ class ExperimentConfig:
     """Where results.json, summary.md and the plot go (small; committed under bench/results/)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     arms: list[str] = field(default_factory=lambda: list(ARMS))
-    train_images: int = 600
-    heldout_images: int = 100
-    free_images: int = 300
+    train_images: int = 4000
+    heldout_images: int = 150
+    free_images: int = 1000
     questions_per_image: int = 3
     bench_per_image: int = 3
     caption_free_ratio: float = 0.3
@@ -103,7 +103,7 @@ class ExperimentConfig:
     llm_layers: int = 2
     head_width: int = 128
     pretrain_steps: int = 60
-    sft_steps: int = 400
+    sft_steps: int = 1500
     micro_batch: int = 4
     max_len: int = 512
     pretrain_lr: float = 1e-3
