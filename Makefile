@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 DEMO    ?= demo_out
 DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden 128 --head-layers 1 --head-dim 32
-DEMO_TRAIN_IMAGES ?= 1500
+DEMO_TRAIN_IMAGES ?= 1000
 # torch and faiss both spin OpenMP threads; passive waiting stops them fighting over 2 cores
 export OMP_WAIT_POLICY ?= PASSIVE
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -81,7 +81,7 @@ demo: $(STAMP)
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \
 	  --data $(DEMO)/corpus/llava_sft.json --stage sft --vision-input features --images $(DEMO)/corpus/images \
 	  --cache-dir $(DEMO)/cache --init-from $(DEMO)/runs/pretrain \
-	  $(DEMO_TRAIN) --max-steps 1500 --micro-batch-size 4 --lr 2e-3 --overwrite --output-dir $(DEMO)/runs/sft
+	  $(DEMO_TRAIN) --max-steps 1000 --micro-batch-size 4 --lr 2e-3 --overwrite --output-dir $(DEMO)/runs/sft
 	@echo "== 9/9 evaluate"
 	$(BIN)/asvr-eval loss --model $(DEMO)/runs/sft --codes $(DEMO)/codes --data $(DEMO)/corpus/heldout_sft.json \
 	  --images $(DEMO)/corpus/images --out $(DEMO)/eval/loss
