@@ -152,4 +152,4 @@ def test_readme_and_makefile_commands_parse_unchanged():
         sft.max_len,
         sft.save_every,
         sft.init_from,
-    ) == ("sft", "features", 400, 4, 2e-3, 128, 512, 100, "demo_out/runs/pretrain")
+    ) == ("sft", "features", 1000, 4, 2e-3, 128, 512, 100, "demo_out/runs/pretrain")
