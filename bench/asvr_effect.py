@@ -22,14 +22,17 @@ Results: ``--results`` gets ``results.json`` (every run), ``summary.md`` (mean +
 seeds, chance, the differences to the baseline with the seeds needed to resolve them) and
 ``asvr_effect.png``.  ``--smoke`` runs the whole chain at a toy size with 2 steps per stage.
 
-Measured (bench/results/asvr_effect/, 2026-11, the shared 2-core machine at load 10-60):
-the default size (600 train images, 128-d x 2-layer Llama, 60 pretrain + 400 SFT steps of
-4 x 512 tokens) takes 1.5-4 min per arm and seed, 15 runs ~50 min after ~12 min of corpus,
-tokenizers and shards.  At that size no arm reads the image: every arm's held-out accuracy
-is at chance (35 %) while the visual head reaches 62-73 % at depth 0.  One seed of arm b
-with 2500 SFT steps breaks the text-loss plateau after ~800 steps (0.48 -> 0.23) and answers
-54 % of its own *training* questions, yet stays at chance on the held-out pairs except
-count (53 % vs 39 %): the model memorises 600 scenes before it generalises.
+Two benches on the same held-out scenes (``BENCHES``): ``seen`` asks about objects whose
+colour-shape pair training showed (does the model read new scenes?), ``unseen`` about the
+one pair no training scene shows (does it compose?).
+
+Measured (bench/results/asvr_effect/, 2026-11-26, 2 shared cores): the default size (4000
+train scenes, 128-d x 2-layer Llama, 60 pretrain + 1500 SFT steps of 4 x 512 tokens) runs
+in 59 min, ~10 min of it corpus, tokenizers, shards and features, then ~3 min per arm and
+seed.  At 600 scenes and 400 steps (the first version) every arm sat at chance; at this
+size count and short answers are above chance in every arm, yes/no and multiple choice
+are not, and no arm differs from the baseline by more than 2 standard errors.  Three times
+the steps, 4 layers or tied embeddings did not teach the comparisons (levers.md).
 """
 
 from __future__ import annotations
