@@ -11,7 +11,9 @@ all their objects, and the object of the colour-shape pair no training image sho
 
 This is the ceiling of "reading the image" for the ASVR miniature (``bench/asvr_effect.py``):
 what a language model could extract with one linear map per token.  Measured on the
-EfficientNet-Lite0 default (1500 train, 200 held-out images, 30 epochs):
+EfficientNet-Lite0 default (1500 train, 200 held-out images, 30 epochs; 2026-11-26, by this
+probe's first version on the experiment's 4000-scene corpus, whose held-out scenes could then
+hold a second unseen pair):
 
 =================  ========  ========  =====================  ====================
 features           held-out  held-out  unseen pair: colour    unseen pair: shape
