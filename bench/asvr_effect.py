@@ -601,6 +601,20 @@ def write_results(cfg: ExperimentConfig, records: list[dict], wall: float) -> di
     return s
 
 
+SIZE_FLAGS = (
+    "train_images",
+    "heldout_images",
+    "free_images",
+    "pretrain_steps",
+    "sft_steps",
+    "llm_hidden",
+    "llm_layers",
+    "micro_batch",
+    "codebook_size",
+)
+"""``ExperimentConfig`` sizes settable from the command line (``--train-images`` ...)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.asvr_effect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -610,36 +624,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--smoke", action="store_true", help="toy sizes, 2 steps per stage (a test of the chain)")
-    for f in (
-        "train_images",
-        "heldout_images",
-        "free_images",
-        "pretrain_steps",
-        "sft_steps",
-        "llm_hidden",
-        "llm_layers",
-        "micro_batch",
-        "codebook_size",
-    ):
+    for f in SIZE_FLAGS:
         ap.add_argument("--" + f.replace("_", "-"), type=int)
     a = ap.parse_args(argv)
     sizes = {
         **(SMOKE if a.smoke else {}),
-        **{
-            f: getattr(a, f)
-            for f in (
-                "train_images",
-                "heldout_images",
-                "free_images",
-                "pretrain_steps",
-                "sft_steps",
-                "llm_hidden",
-                "llm_layers",
-                "micro_batch",
-                "codebook_size",
-            )
-            if getattr(a, f) is not None
-        },
+        **{f: getattr(a, f) for f in SIZE_FLAGS if getattr(a, f) is not None},
     }
     try:
         cfg = ExperimentConfig(out=a.out, results=a.results, seeds=a.seeds, arms=a.arms, **sizes)

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_path, atomic_write
+from .errors import run_guarded
 
 COLOURS = {
     "red": (220, 30, 35),
@@ -378,13 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     args = p.parse_args(argv)
-    try:
-        s = make_corpus(args.out, args.n, args.seed, args.heldout_fraction)
-    except (ValueError, OSError) as e:
-        print(f"sample_corpus: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(asdict(s)))
-    return 0
+
+    def run() -> None:
+        print(json.dumps(asdict(make_corpus(args.out, args.n, args.seed, args.heldout_fraction))))
+
+    return run_guarded("sample_corpus", None, run, (ValueError, OSError))
 
 
 if __name__ == "__main__":

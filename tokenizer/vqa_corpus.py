@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_path, atomic_write
+from .errors import run_guarded
 
 COLOURS = {
     "red": (220, 30, 35),
@@ -450,15 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    try:
+
+    def run() -> None:
         s = make_vqa_corpus(
             a.out, a.train, a.heldout, a.free, a.seed, a.questions, a.bench_questions, progress=not a.quiet
         )
-    except (ValueError, OSError) as e:
-        print(f"vqa_corpus: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(asdict(s)))
-    return 0
+        print(json.dumps(asdict(s)))
+
+    return run_guarded("vqa_corpus", None, run, (ValueError, OSError))
 
 
 if __name__ == "__main__":
