@@ -95,10 +95,14 @@ def save(engine, run_dir: Path, step: int, loader_state: dict, rank: int, keep: 
     torch.save(rng_state(), ckpt / tag / f"rng-rank{rank}.pt")
     dist.barrier()
     if rank == 0 and keep > 0:
-        tags = sorted(p for p in ckpt.glob("step*") if p.is_dir())
-        for old in tags[:-keep]:
+        for old in checkpoint_dirs(ckpt)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return ckpt / tag
+
+
+def checkpoint_dirs(ckpt: Path) -> list[Path]:
+    """The checkpoint folders under ``RUN/checkpoints``, oldest first (``step`` tags sort by step)."""
+    return sorted(p for p in ckpt.glob("step*") if p.is_dir())
 
 
 def latest_tag(run_dir: Path) -> str | None:
@@ -117,7 +121,7 @@ def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | Non
         return None
     ckpt = run_dir / CHECKPOINTS
     if not (ckpt / tag).is_dir():  # DeepSpeed would fail an assert with no message
-        there = ", ".join(sorted(p.name for p in ckpt.glob("step*") if p.is_dir())) or "none"
+        there = ", ".join(p.name for p in checkpoint_dirs(ckpt)) or "none"
         raise CheckpointError(f"--resume {tag}: no such checkpoint in {ckpt} (there: {there})")
     _, client = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     rng = ckpt / tag / f"rng-rank{rank}.pt"
