@@ -103,7 +103,7 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
     (tmp_path / "chat.json").write_text(json.dumps(conv))
 
     out = tmp_path / "out"
-    rc = tokenize(
+    job = (
         tmp_path / "folder",
         tmp_path / "wds-{000..001}.tar",
         tmp_path / "rows.parquet",
@@ -117,6 +117,7 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
         "--shard-size",
         "5",
     )
+    rc = tokenize(*job)
     assert rc == 0
     meta, codes = load_codes(out, tiny_tokenizer.spec.fingerprint)
     assert set(codes) == set(expect)
@@ -147,23 +148,7 @@ def test_all_input_formats_match_in_process_encode(tmp_path, tiny_tokenizer, tin
 
     # a rerun of a finished job does nothing and changes nothing
     before = (out / MANIFEST).read_bytes()
-    assert (
-        tokenize(
-            tmp_path / "folder",
-            tmp_path / "wds-{000..001}.tar",
-            tmp_path / "rows.parquet",
-            tmp_path / "chat.json",
-            "--image-root",
-            root,
-            "--tokenizer",
-            tiny_tokenizer_dir,
-            "--out",
-            out,
-            "--shard-size",
-            "5",
-        )
-        == 0
-    )
+    assert tokenize(*job) == 0
     assert (out / MANIFEST).read_bytes() == before
 
 
