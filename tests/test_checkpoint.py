@@ -183,6 +183,12 @@ def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine):
         str(e.value)
         == f"--resume step00000001: no such checkpoint in {tmp_path / 'other' / 'checkpoints'} (there: none)"
     )
+    with pytest.raises(CheckpointError) as e:  # a folder without model states: a save that was cut short
+        checkpoint.load(make_engine(), tmp_path, 0, "step00000000")
+    assert str(e.value) == (
+        f"--resume step00000000: {ckpt / 'step00000000'} holds no DeepSpeed model states (a save cut short?); "
+        "complete checkpoints: step00000001"
+    )
 
 
 def test_init_from_finds_the_export_in_a_run_folder(tmp_path):

@@ -123,6 +123,12 @@ def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | Non
     if not (ckpt / tag).is_dir():  # DeepSpeed would fail an assert with no message
         there = ", ".join(p.name for p in checkpoint_dirs(ckpt)) or "none"
         raise CheckpointError(f"--resume {tag}: no such checkpoint in {ckpt} (there: {there})")
+    if not any((ckpt / tag).glob("*model_states.pt")):  # a save cut short: DeepSpeed asserts, no message
+        whole = ", ".join(p.name for p in checkpoint_dirs(ckpt) if any(p.glob("*model_states.pt"))) or "none"
+        raise CheckpointError(
+            f"--resume {tag}: {ckpt / tag} holds no DeepSpeed model states (a save cut short?); "
+            f"complete checkpoints: {whole}"
+        )
     _, client = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     rng = ckpt / tag / f"rng-rank{rank}.pt"
     if rng.exists():
