@@ -198,11 +198,33 @@ def run_probe(
     system: bool = True,
 ) -> ProbeResult:
     import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(task, tokenizer_dir, seconds, layers, hidden, batch, lr, eval_every, heldout, seed, system)
+    finally:
+        torch.set_num_threads(before)  # a caller's (or a test session's) thread count is not ours to keep
+
+
+def _train(
+    task: str,
+    tokenizer_dir: str,
+    seconds: float,
+    layers: int,
+    hidden: int,
+    batch: int,
+    lr: float,
+    eval_every: int,
+    heldout: int,
+    seed: int,
+    system: bool,
+) -> ProbeResult:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from asvr.train.config import tiny_llm_config
 
-    torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     make = MAKERS[task]
     test = [make(np.random.default_rng([seed, 1, i]), i, "heldout") for i in range(heldout)]

@@ -93,8 +93,12 @@ def test_score_picks_the_likeliest_candidate(tok):
 
 
 def test_run_probe_smoke(tok, tmp_path):
+    import torch
+
     tok.save_pretrained(tmp_path)
-    res = probe.run_probe("pointing", str(tmp_path), seconds=0, hidden=32, heldout=8, eval_every=1)
+    before = torch.get_num_threads()
+    res = probe.run_probe("pointing", str(tmp_path), seconds=0, hidden=32, heldout=8, eval_every=1, threads=1)
+    assert torch.get_num_threads() == before  # the session's thread count is given back
     assert res.curve[0]["step"] == 0 and set(res.curve[0]) == {"step", "seconds", "multiple_choice"}
     assert res.chance == {"multiple_choice": 0.25}
     assert vc.INSTRUCTION["multiple_choice"] in probe._pointing_item(np.random.default_rng(0), 0, "train").prompt
