@@ -293,7 +293,9 @@ def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path):
     through every SIGINT."""
     args = train_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000")
     code = "import sys; from asvr.train.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True)
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by this session's runs
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True, env=env)
     err = ""
     try:
         for wait in (8.0, 10.0, 10.0, 10.0):  # after imports, during setup or training; pressed again if missed
