@@ -292,7 +292,13 @@ def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path):
     tokenizers library) run native code in this process, and there the run once trained on
     through every SIGINT."""
     args = train_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000")
-    code = "import sys; from asvr.train.cli import main; sys.exit(main(sys.argv[1:]))"
+    # a terminal's process starts with SIGINT delivered and Python's handler; in the full suite the
+    # child inherited SIGINT ignored or blocked from native code run earlier in this process
+    code = (
+        "import signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from asvr.train.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by this session's runs
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, text=True, env=env)
