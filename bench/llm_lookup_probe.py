@@ -124,13 +124,11 @@ MAKERS = {"caption": _caption_item, "pointing": _pointing_item, "pointing-last":
 def _chat(prompt: str, system: bool = True) -> str:
     """The demo's conversation layout (vicuna_v1) of one question, up to the answer; without
     ``system``: the bare prompt and "ASSISTANT:"."""
+    from asvr.train.templates import VICUNA_V1_SYSTEM
+
     if not system:
         return f"{prompt} ASSISTANT:"
-    system = (
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions."
-    )
-    return f"{system} USER: {prompt} ASSISTANT:"
+    return f"{VICUNA_V1_SYSTEM} USER: {prompt} ASSISTANT:"
 
 
 def _encode(tok, item: Item, cand: int, system: bool = True) -> tuple[list[int], int]:

@@ -288,9 +288,8 @@ def test_online_without_images_is_one_line_error(corpus, tiny_tokenizer_dir, tmp
 
 def test_ctrl_c_is_one_line_naming_resume(corpus, tiny_tokenizer_dir, tmp_path):
     """A real SIGINT (what Ctrl-C sends) during a run: exit 130, one line that says how to resume.
-    In its own process, as a user runs it: in the full suite, earlier tests (Ray, DeepSpeed, the
-    tokenizers library) run native code in this process, and there the run once trained on
-    through every SIGINT."""
+    In its own process, as a user runs it: run in this process after the rest of the suite, the
+    run trained on through every SIGINT (cause not found; see the comment below)."""
     args = train_args(corpus, tiny_tokenizer_dir, tmp_path / "r", "--max-steps", "100000")
     # a terminal's process starts with SIGINT delivered and Python's handler; in the full suite the
     # child inherited SIGINT ignored or blocked from native code run earlier in this process

@@ -105,6 +105,11 @@ def checkpoint_dirs(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.glob("step*") if p.is_dir())
 
 
+def _has_model_states(folder: Path) -> bool:
+    """DeepSpeed wrote the model states of this tag (``mp_rank_*`` / ``zero_pp_rank_*`` files)."""
+    return any(folder.glob("*model_states.pt"))
+
+
 def latest_tag(run_dir: Path) -> str | None:
     f = run_dir / CHECKPOINTS / "latest"
     if not f.exists():
@@ -123,8 +128,8 @@ def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | Non
     if not (ckpt / tag).is_dir():  # DeepSpeed would fail an assert with no message
         there = ", ".join(p.name for p in checkpoint_dirs(ckpt)) or "none"
         raise CheckpointError(f"--resume {tag}: no such checkpoint in {ckpt} (there: {there})")
-    if not any((ckpt / tag).glob("*model_states.pt")):  # a save cut short: DeepSpeed asserts, no message
-        whole = ", ".join(p.name for p in checkpoint_dirs(ckpt) if any(p.glob("*model_states.pt"))) or "none"
+    if not _has_model_states(ckpt / tag):  # a save cut short: DeepSpeed asserts, no message
+        whole = ", ".join(p.name for p in checkpoint_dirs(ckpt) if _has_model_states(p)) or "none"
         raise CheckpointError(
             f"--resume {tag}: {ckpt / tag} holds no DeepSpeed model states (a save cut short?); "
             f"complete checkpoints: {whole}"
