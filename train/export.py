@@ -3,7 +3,11 @@
 Folder layout::
 
     asvr_config.json        format version, ModelConfig (vision spec with the tokenizer
-                            path and fingerprint), weight dtype
+                            path and fingerprint), weight dtype, and ``inputs``: how the
+                            model was trained to read its inputs (conversation template,
+                            image preprocessing square/pad, image size, resample;
+                            :class:`TrainedInputs`), which ``asvr-eval`` and
+                            ``asvr-export --hf-llava`` use unless told otherwise
     model.safetensors       LLM (``llm.*``), projector (``projector.*``), visual head
                             (``head.*``); tied weights stored once
     config.json             the LLM's Hugging Face config (+ generation_config.json)
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +64,36 @@ class ExportError(ValueError):
     pass
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainedInputs:
+    """How the model was trained to read its inputs; recorded in ``asvr_config.json`` (``inputs``)."""
+
+    template: str
+    """The conversation template (``vicuna_v1``, ``chatml``, ``plain``, ...)."""
+    preprocess: str
+    """Image preprocessing of training (the shards' mode): ``square`` resize or ``pad`` to square."""
+    image_size: int
+    """Side of the square the LLM's vision input (tower or tokenizer encoder) was fed."""
+    resample: str
+    """Resize filter (``bicubic``, ...)."""
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "TrainedInputs | None":
+        """The record of an export's ``asvr_config.json`` (None: an export written before it existed)."""
+        rec = meta.get("inputs")
+        if not isinstance(rec, dict):
+            return None
+        try:
+            return cls(**{k: rec[k] for k in ("template", "preprocess", "image_size", "resample")})
+        except (KeyError, TypeError):
+            raise ExportError(f"{CONFIG_FILE}: bad inputs record {rec!r}") from None
+
+
+def read_inputs(folder: str | os.PathLike) -> TrainedInputs | None:
+    """:meth:`TrainedInputs.from_meta` of an export folder."""
+    return TrainedInputs.from_meta(json.loads((Path(folder) / CONFIG_FILE).read_text()))
+
+
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one name per storage (tied embeddings); return the aliases."""
     first: dict[tuple, str] = {}
@@ -73,8 +108,14 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return out, aliases
 
 
-def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=None) -> Path:
-    """Write the export folder atomically (a temp folder renamed into place)."""
+def save_exported(
+    model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=None, inputs: TrainedInputs | None = None
+) -> Path:
+    """Write the export folder atomically (a temp folder renamed into place).
+
+    ``inputs``: how the model was trained to read its inputs (``asvr-train`` always passes it)."""
+    from .text_tokenizer import save_text_tokenizer
+
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         tensors, aliases = _dedupe(model.exported_state_dict())
@@ -83,7 +124,7 @@ def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=Non
         if getattr(model.llm, "generation_config", None) is not None:
             model.llm.generation_config.save_pretrained(tmp)
         if llm_tokenizer is not None:
-            llm_tokenizer.save_pretrained(tmp)
+            save_text_tokenizer(llm_tokenizer, tmp)
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else model.cfg.dtype
         meta = {
             "format_version": FORMAT_VERSION,
@@ -92,6 +133,8 @@ def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=Non
             "tied": aliases,
             "n_tensors": len(tensors),
         }
+        if inputs is not None:
+            meta["inputs"] = asdict(inputs)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 

@@ -34,14 +34,21 @@ logits, to fp32 tolerance, and the same greedy answers as ``asvr-eval`` on
   which the ASVR loaders do: images with an EXIF rotation differ.
 * chat template: the run's conversation template (``vicuna_v1``, ``chatml``,
   ``plain``) as Jinja, so ``apply_chat_template(..., add_generation_prompt=True)``
-  renders the prompt ``asvr-eval`` asks with.
+  renders the prompt ``asvr-eval`` asks with.  The processor's *ids* are checked
+  against the training stream at export time (:mod:`asvr.train.hf_prompt`: one
+  space after ``<image>`` for ``legacy=False`` SentencePiece tokenizers, no BOS
+  for templates trained without one); a folder that would prompt differently is
+  refused with the first differing position.
+* ``asvr_inputs.json``: how the model was trained to read its inputs (template,
+  preprocessing, image size, resample; from the export's ``inputs`` record, else
+  ``RUN/train_config.json`` and the tokenizer's mode); ``asvr-eval bench`` reports it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
@@ -50,7 +57,7 @@ import torch
 from asvr.tokenizer.atomic import atomic_dir
 
 from .config import ModelConfig
-from .export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
+from .export import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
 from .vision_input import get_vision_input
 
 if TYPE_CHECKING:
@@ -58,6 +65,7 @@ if TYPE_CHECKING:
 
 IMAGE_TOKEN = "<image>"
 HEAD_DIR = "asvr_visual_head"
+INPUTS_FILE = "asvr_inputs.json"
 VOCAB_MULTIPLE = 64
 
 
@@ -156,18 +164,23 @@ def _literal(text: str) -> str:
     return "{{ " + json.dumps(text) + " }}"
 
 
-def chat_template(template) -> str:
+def chat_template(template, after_image: str = "") -> str:
     """Jinja rendering :func:`asvr.train.templates.render` of a template: the prompt string
     ``asvr-eval`` asks with (the image as ``<image>\\n`` at the front of its turn, as
     LLaVA's ``preprocess_multimodal``; ``plain`` keeps only the image of a question).
-    Only the string matters: the processor splits it at ``<image>`` and tokenizes like
-    LLaVA's ``tokenizer_image_token`` (tests/test_hf_llava_export.py compares the ids)."""
+
+    ``after_image`` goes right after ``<image>`` (before the ``\\n``; before a ``plain``
+    caption): training tokenizes the text after the image on its own, the processor
+    tokenizes the whole string, and for a ``legacy=False`` SentencePiece tokenizer one
+    space here is the ``▁`` that training has and the processor would drop
+    (:mod:`asvr.train.hf_prompt` chooses it and checks the ids at export time)."""
     t = template
     head = _ROLE + _CONTENT + "{% set text = text | trim if n_img else text %}"
-    image = "{% if n_img %}" + _literal(IMAGE_TOKEN + "\n") + "{% endif %}"
+    image = "{% if n_img %}" + _literal(IMAGE_TOKEN + after_image + "\n") + "{% endif %}"
     if t.style == "plain":
         first, gen = "", ""
-        user, answer = "{% if n_img %}" + _literal(IMAGE_TOKEN) + "{% endif %}", "{{ text }}" + _literal(t.sep)
+        user = "{% if n_img %}" + _literal(IMAGE_TOKEN) + "{% endif %}"
+        answer = (_literal(after_image) if after_image else "") + "{{ text }}" + _literal(t.sep)
     elif t.style == "two":
         end = _literal(t.sep2) if t.sep2 is not None else "{{ eos_token }}"
         first = _literal(t.system + t.sep)
@@ -242,7 +255,7 @@ def _state_dict(model, tower: HFTower, vocab: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def _processor(tower: HFTower, text_tokenizer, template):
+def _processor(tower: HFTower, text_tokenizer, template, after_image: str = ""):
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     from PIL import Image
@@ -274,7 +287,7 @@ def _processor(tower: HFTower, text_tokenizer, template):
         tokenizer=text_tokenizer,
         patch_size=tower.patch_size,
         vision_feature_select_strategy=tower.strategy,
-        chat_template=chat_template(template),
+        chat_template=chat_template(template, after_image),
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if tower.kind == "clip" else 0,
     )
@@ -297,6 +310,59 @@ def _save_head(model, folder: Path) -> None:
         "note": "ASVR's training-only visual head (not part of the LLaVA model in the folder above)",
     }
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _save_processor(folder: Path, tower: HFTower, text_tok, template, reference, image_tokens: int) -> str:
+    """Write the processor into ``folder`` so that its ids are the training ids; -> the chat
+    template's text after ``<image>`` (see :mod:`asvr.train.hf_prompt`).  Each candidate is
+    saved, reloaded from the folder (as transformers / lmms-eval load it) and checked."""
+    from transformers import AutoProcessor
+
+    from .hf_prompt import AFTER_IMAGE, adds_special_tokens, check_processor
+    from .text_tokenizer import write_back_settings
+
+    if not template.add_special_tokens and adds_special_tokens(text_tok):
+        # trained without special tokens (chatml): the processor's tokenizer must not add a BOS either
+        text_tok.add_bos_token = False
+        if getattr(text_tok, "add_eos_token", False):
+            text_tok.add_eos_token = False
+    reasons = []
+    for after in AFTER_IMAGE:
+        _processor(tower, text_tok, template, after).save_pretrained(folder)
+        write_back_settings(text_tok, folder)
+        reloaded = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        reason = check_processor(reloaded, template, reference, image_tokens, tower.image_size)
+        if reason is None:
+            return after
+        reasons.append(reason)
+    raise HFExportError(
+        f"the exported processor would not prompt as training did ({reasons[0]}; with a space after "
+        f"<image>: {reasons[-1].split(': ', 1)[-1]}); not writing the folder"
+    )
+
+
+def _reference_tokenizer(run_dir: Path | None, export_tok, trust_remote_code: bool):
+    """The text tokenizer training used: the LLM folder of ``RUN/train_config.json`` when it is
+    still there, else the export's own (saved by the trainer)."""
+    from transformers import AutoTokenizer
+
+    llm = _run_config(run_dir).get("model")
+    if llm and Path(llm).is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(llm, local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            pass
+    return export_tok
+
+
+def _run_config(run: Path | None) -> dict:
+    if run is None or not (run / "train_config.json").is_file():
+        return {}
+    try:
+        cfg = json.loads((run / "train_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HFExportError(f"{run / 'train_config.json'}: cannot read ({e})") from None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def export_hf_llava(
@@ -322,11 +388,22 @@ def export_hf_llava(
             raise HFExportError(f"the tokenizer this model was trained with ({path}) is not there")
         tokenizer = SemanticTokenizer.load(path)
     tower = hf_tower(cfg, tokenizer)
+    inputs = TrainedInputs.from_meta(meta)
+    if inputs is not None:  # the export's record of training (older exports: the tokenizer's mode)
+        tower = replace(tower, preprocess=inputs.preprocess)
     model = load_exported(
         export, tokenizer=tokenizer, vision_tower=tower.tower if cfg.vision_tower is not None else None
     )
-    text_tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
-    template = get_template(run_template_name(run_dir))
+    text_tok = AutoTokenizer.from_pretrained(export, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    reference = _reference_tokenizer(
+        run_dir,
+        AutoTokenizer.from_pretrained(export, local_files_only=True, trust_remote_code=cfg.trust_remote_code),
+        cfg.trust_remote_code,
+    )
+    template_name, template_source = (
+        (inputs.template, str(export / CONFIG_FILE)) if inputs is not None else (run_template_name(run_dir), "run")
+    )
+    template = get_template(template_name)
 
     if IMAGE_TOKEN not in text_tok.get_vocab():
         text_tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
@@ -359,9 +436,29 @@ def export_hf_llava(
     out = Path(out)
     with atomic_dir(out) as tmp:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size)
-        _processor(tower, text_tok, template).save_pretrained(tmp)
+        after = _save_processor(tmp, tower, text_tok, template, reference, model.vision.tokens)
+        record = {
+            "template": template.name,
+            "template_source": template_source,
+            "preprocess": tower.preprocess,
+            "image_size": tower.image_size,
+            "resample": tower.resample,
+            "after_image": after,
+            "note": "how the model was trained to read its inputs; the processor and chat template apply it",
+        }
+        (tmp / INPUTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _save_head(model, tmp / HEAD_DIR)
     return out
+
+
+def read_hf_inputs(folder: str | os.PathLike) -> dict | None:
+    """``OUT/asvr_inputs.json`` of an ``asvr-export --hf-llava`` folder (None: another LLaVA)."""
+    p = Path(folder) / INPUTS_FILE
+    try:
+        rec = json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def is_hf_llava(folder: str | os.PathLike) -> bool:
@@ -373,4 +470,12 @@ def is_hf_llava(folder: str | os.PathLike) -> bool:
         return False
 
 
-__all__ = ["HFExportError", "export_hf_llava", "chat_template", "is_hf_llava", "resolve_export_dir", "ExportError"]
+__all__ = [
+    "HFExportError",
+    "export_hf_llava",
+    "chat_template",
+    "is_hf_llava",
+    "read_hf_inputs",
+    "resolve_export_dir",
+    "ExportError",
+]

@@ -53,6 +53,7 @@ import torch.distributed as dist
 from . import checkpoint, libraries
 from .config import ModelConfig, TrainConfig
 from .data import DataConfig, PackedLoader, TrainingData, assemble_data, describe_bad, open_codes, write_bad_samples
+from .export import TrainedInputs
 from .metrics import MetricsLogger, plot_losses
 from .packing import PackingConfig, padding_waste, plan_epoch
 from .templates import get_template
@@ -200,6 +201,10 @@ class Trainer:
         if cfg.text_only_visual_loss == "grey-image":
             grey = grey_image_codes(tokenizer, tokenizer.preprocess_config(store.meta.preprocess).image_size)
         assert cfg.template is not None  # TrainConfig.__post_init__ fills the stage default
+        enc = tower.encoder_spec if tower is not None else tokenizer.spec.encoder
+        self.inputs = TrainedInputs(  # recorded in the export: what readers of RUN/final default to
+            template=cfg.template, preprocess=store.meta.preprocess, image_size=enc.image_size, resample=enc.resample
+        )
         data, collate = assemble_data(
             dcfg,
             get_template(cfg.template),
@@ -435,7 +440,7 @@ class Trainer:
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
         with ctx:
             if self.rank == 0:
-                save_exported(module, self.run_dir / "final", llm_tokenizer)
+                save_exported(module, self.run_dir / "final", llm_tokenizer, self.inputs)
         dist.barrier()
         self.log(f"exported the model to {self.run_dir / 'final'}")
 
