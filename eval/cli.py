@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
@@ -47,7 +48,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--template",
         choices=list(TEMPLATES),
-        help="conversation template (default: the run's, from RUN/train_config.json; else vicuna_v1)",
+        help="conversation template (default: the one recorded in the export, else the run's "
+        "RUN/train_config.json, else vicuna_v1); the report says which was used",
     )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", required=True, help="report folder (report.json, report.md)")
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument(
         "--preprocess",
         choices=PREPROCESS_MODES,
-        help="image preprocessing (default: the tokenizer's; LLaVA instruction tuning used pad)",
+        help="image preprocessing (default: the training preprocessing recorded in the export, else "
+        "the tokenizer's; LLaVA instruction tuning used pad); the report says which was used",
     )
     # the old name (before --preprocess, as in asvr-pipeline tokenize): still accepted, not shown
     be.add_argument("--preprocess-mode", dest="preprocess", choices=PREPROCESS_MODES, help=argparse.SUPPRESS)
@@ -158,6 +161,7 @@ def _model_info(lm) -> dict:
         "vision_tower": lm.tower.spec.source if lm.tower is not None else None,
         "template": lm.template.name,
         "template_source": lm.template_source,
+        "trained_inputs": asdict(lm.inputs) if lm.inputs is not None else None,
         "tokenizer_fingerprint": lm.model.cfg.vision.fingerprint,
         "device": str(lm.device),
     }
@@ -205,6 +209,9 @@ def run_loss(a: argparse.Namespace) -> int:
             "batch_size": a.batch_size,
             "max_samples": a.max_samples,
             "topk": a.topk,
+            "preprocess_mode": results.get("preprocess"),
+            "preprocess_source": f"--codes {a.codes} (the held-out shards' mode: the targets were encoded so)",
+            "trained_preprocess": lm.inputs.preprocess if lm.inputs is not None else None,
         },
         "results": results,
     }
@@ -215,7 +222,11 @@ def run_loss(a: argparse.Namespace) -> int:
     acc1 = " ".join(f"{d['acc1']:.3f}" if d["acc1"] is not None else "-" for d in v["per_depth"])
     ppl = f"{t['perplexity']:.2f}" if t["perplexity"] is not None else "-"
     loss = f"{t['loss']:.4f}" if t["loss"] is not None else "-"
-    print(f"text loss {loss} (ppl {ppl}); visual acc@1 per depth {acc1}; report in {out / 'report.md'}")
+    print(
+        f"text loss {loss} (ppl {ppl}); visual acc@1 per depth {acc1}; template {lm.template.name} "
+        f"({lm.template_source}), images {results.get('preprocess')} (the --codes shards' mode); "
+        f"report in {out / 'report.md'}"
+    )
     return 0
 
 
@@ -250,6 +261,7 @@ def run_bench(a: argparse.Namespace) -> int:
         hf = load_hf_llava(a.model, resolve_device(a.device))
         summaries, predictions = run(None, a.bench, a.format, a.images, gen, a.max_items, a.scoring, answer=hf.answer)
         info, preprocess = hf.info(), a.preprocess or hf.preprocess_mode
+        preprocess_source = "--preprocess" if a.preprocess else hf.preprocess_source
     else:
         lm = load_for_eval(
             a.model,
@@ -262,6 +274,7 @@ def run_bench(a: argparse.Namespace) -> int:
         )
         summaries, predictions = run(lm, a.bench, a.format, a.images, gen, a.max_items, a.scoring)
         info, preprocess = _model_info(lm), a.preprocess or lm.preprocess
+        preprocess_source = "--preprocess" if a.preprocess else lm.preprocess_source
     out = Path(a.out)
     for i, (s, recs) in enumerate(zip(summaries, predictions)):
         name = f"predictions-{i:02d}-{Path(s['file']).stem}.jsonl" if len(summaries) > 1 else "predictions.jsonl"
@@ -279,6 +292,7 @@ def run_bench(a: argparse.Namespace) -> int:
             "batch_size": a.batch_size,
             "max_items": a.max_items,
             "preprocess_mode": preprocess,
+            "preprocess_source": preprocess_source,
             "scoring": a.scoring,
         },
         "benches": summaries,
@@ -293,6 +307,7 @@ def run_bench(a: argparse.Namespace) -> int:
         )
         if len(m["by_kind"]) > 1:
             print("  " + "; ".join(f"{k} {_vs_chance(x)}" for k, x in m["by_kind"].items()))
+    print(f"template {info['template']} ({info['template_source']}), images {preprocess} ({preprocess_source})")
     print(f"report in {out / 'report.md'}")
     return 0
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from asvr.tokenizer.preprocess import ImageError, open_image, read_file
+from asvr.train.hf_llava import INPUTS_FILE, read_hf_inputs
 
 from .bench_formats import BenchError, BenchItem
 from .generate import GenerationConfig, question_text
@@ -36,12 +37,15 @@ class HFLlavaModel:
     device: torch.device
 
     def info(self) -> dict:
+        rec = read_hf_inputs(self.folder)
         return {
             "model": str(self.folder),
             "run": None,
             "vision_input": "hf-llava",
-            "template": "chat_template",
-            "template_source": str(self.folder),
+            "template": rec.get("template", "chat_template") if rec else "chat_template",
+            "template_source": f"{self.folder}'s chat template"
+            + (f" (trained as {rec.get('template')}, {self.folder / INPUTS_FILE})" if rec else ""),
+            "trained_inputs": rec,
             "tokenizer_fingerprint": None,
             "device": str(self.device),
         }
@@ -49,6 +53,13 @@ class HFLlavaModel:
     @property
     def preprocess_mode(self) -> str:
         return "pad" if getattr(self.processor.image_processor, "do_pad", False) else "square"
+
+    @property
+    def preprocess_source(self) -> str:
+        """The processor's ``do_pad`` (what transformers applies); the export's record says the same."""
+        rec = read_hf_inputs(self.folder)
+        note = f"; {INPUTS_FILE} records {rec.get('preprocess')}" if rec else ""
+        return f"{self.folder}'s image processor (do_pad){note}"
 
     def _image(self, item: BenchItem):
         data = item.image if isinstance(item.image, bytes) else read_file(item.image)

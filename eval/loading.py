@@ -6,8 +6,13 @@ finds:
 
 * the LLM text tokenizer (saved in the export folder by the trainer;
   ``text_tokenizer=`` overrides),
-* the conversation template the run trained with (``RUN/train_config.json``;
-  ``template=`` overrides; an export folder alone defaults to ``vicuna_v1``),
+* how the model was trained to read its inputs: the conversation template and
+  the image preprocessing (``square`` / ``pad``) recorded in the export
+  (``asvr_config.json``'s ``inputs``; ``template=`` / a bench's ``--preprocess``
+  override).  Exports written before that record fall back to
+  ``RUN/train_config.json`` for the template (else ``vicuna_v1``) and to the
+  tokenizer's mode for the preprocessing.  ``template_source`` and
+  ``preprocess_source`` say which was used; the reports print them.
 * the semantic tokenizer with its encoder when images must become model
   input through it (``online`` and ``features`` inputs without a recorded
   vision tower; ``codes`` inputs when a benchmark's images have no cached
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from asvr.train.export import CONFIG_FILE, ExportError, load_exported, resolve_export_dir
+from asvr.train.export import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
 from asvr.train.lvlm import ASVRModel
 from asvr.train.templates import ConversationTemplate, get_template
 
@@ -53,12 +58,16 @@ class LoadedModel:
     tower: object | None
     """The ``VisionTower`` of online/features models, else None."""
     preprocess: str
-    """The tokenizer's default preprocessing mode (square | pad)."""
+    """The image preprocessing (square | pad) of training as recorded, else the tokenizer's mode."""
     template: ConversationTemplate
     template_source: str
     export_dir: Path
     run_dir: Path | None
     device: torch.device
+    preprocess_source: str = "tokenizer"
+    """Where ``preprocess`` came from: the export's record or the tokenizer artifact."""
+    inputs: TrainedInputs | None = None
+    """The export's record of training (None: an export written before it existed)."""
 
     @property
     def vision_input(self) -> str:
@@ -73,10 +82,14 @@ def resolve_export(path: str | os.PathLike) -> tuple[Path, Path | None]:
         raise EvalError(f"--model {e}") from None
 
 
-def resolve_template(run_dir: Path | None, override: str | None) -> tuple[ConversationTemplate, str]:
-    """-> (template, where its name came from)."""
+def resolve_template(
+    run_dir: Path | None, override: str | None, inputs: TrainedInputs | None = None, export: Path | None = None
+) -> tuple[ConversationTemplate, str]:
+    """-> (template, where its name came from): ``--template``, the export's record, the run's config."""
     if override:
         return get_template(override), "--template"
+    if inputs is not None:
+        return get_template(inputs.template), f"{export / CONFIG_FILE if export else CONFIG_FILE} (inputs)"
     if run_dir is not None:
         try:
             name = json.loads((run_dir / "train_config.json").read_text()).get("template")
@@ -130,6 +143,10 @@ def load_for_eval(
 
     export, run = resolve_export(path)
     meta = json.loads((export / CONFIG_FILE).read_text())
+    try:
+        inputs = TrainedInputs.from_meta(meta)
+    except ExportError as e:
+        raise EvalError(f"{export}: {e}") from None
     mode = get_vision_input(meta["model"]["vision_input"])
     tower_rec = meta["model"].get("vision_tower")
     recorded = (meta["model"].get("vision") or {}).get("path")
@@ -154,9 +171,13 @@ def load_for_eval(
     model = load_exported(export, device=dev, tokenizer=image_tok, vision_tower=tower)
     if tower is None and mode.uses_tower:
         tower = VisionTower.from_tokenizer(image_tok)
-    preprocess = (
-        image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess
-    )
+    if inputs is not None:
+        preprocess, preprocess_source = inputs.preprocess, f"{export / CONFIG_FILE} (inputs)"
+    else:
+        preprocess = (
+            image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess
+        )
+        preprocess_source = f"tokenizer {found} (the export records no training preprocessing)"
     src = text_tokenizer or export
     try:
         text_tok = AutoTokenizer.from_pretrained(
@@ -166,7 +187,7 @@ def load_for_eval(
         raise EvalError(
             f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); pass --text-tokenizer LLM_FOLDER"
         ) from None
-    tmpl, tsrc = resolve_template(run, template)
+    tmpl, tsrc = resolve_template(run, template, inputs, export)
     return LoadedModel(
         model=model,
         text_tokenizer=text_tok,
@@ -175,6 +196,8 @@ def load_for_eval(
         preprocess=preprocess,
         template=tmpl,
         template_source=tsrc,
+        preprocess_source=preprocess_source,
+        inputs=inputs,
         export_dir=export,
         run_dir=run,
         device=dev,

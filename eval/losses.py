@@ -214,7 +214,9 @@ def evaluate_loss(lm: LoadedModel, cfg: LossEvalConfig) -> dict:
     for idx in tqdm(batches, desc="held-out loss", unit="batch", disable=not cfg.progress):
         batch = collate([[i] for i in idx]).to(lm.device)
         total.add(batch_sums(model, batch, (cfg.topk,), cfg.chunk, cfg.greedy))
-    return summarize(total, n_samples=n, n_bad=len(data.bad), seconds=time.perf_counter() - t0, topk=cfg.topk)
+    out = summarize(total, n_samples=n, n_bad=len(data.bad), seconds=time.perf_counter() - t0, topk=cfg.topk)
+    out["preprocess"] = store.meta.preprocess  # the LLM's images are preprocessed as the targets were
+    return out
 
 
 def _ratio(a: float, b: int) -> float | None:

@@ -213,6 +213,8 @@ def test_exported_processor_gives_the_training_ids(world, tname, template):
     # legacy=False SentencePiece needs the space after <image> (the ▁ training has; plain: before its caption)
     assert record["after_image"] == (" " if tname == "spm" else "")
     assert record["template"] == template and record["preprocess"] == "square" and record["image_size"] == 32
+    # the recorded training preprocessing, not the tokenizer artifact's own mode (pad)
+    assert processor.image_processor.do_pad is False
 
 
 def test_without_the_fix_legacy_false_is_one_token_short(world):
