@@ -4,8 +4,9 @@
 (:mod:`asvr.eval.generate`), parses the answers by item kind
 (:mod:`asvr.eval.scoring`) and computes the metrics of the layout: accuracy
 overall, per kind and per category for all; plus precision / recall / F1 /
-yes-ratio for POPE and acc / acc+ / score per category for MME.  POPE and MME
-are scored as lmms-eval by default (``scoring``; see :mod:`asvr.eval.scoring`);
+yes-ratio for POPE, acc / acc+ / score per category for MME, and MMBench's
+circular accuracy.  POPE, MME, MMBench and ScienceQA are scored as lmms-eval by
+default (``scoring``; :mod:`asvr.eval.scoring`, :mod:`asvr.eval.lmms_rules`);
 each summary records the scoring used.  :func:`rescore` scores saved
 prediction records again without a model (``asvr-eval score``).  Each
 layout's own parser and metrics come from its
@@ -24,16 +25,19 @@ from .scoring import SCORINGS, accuracy, grouped_accuracy, is_correct, parse_ans
 
 
 def scoring_for(fmt: str, scoring: str) -> str:
-    """The scoring a layout gets: lmms-eval only exists for POPE and MME."""
+    """The scoring a layout gets: lmms-eval exists for POPE, MME, MMBench and ScienceQA."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    return scoring if bench_format(fmt).lmms_parse is not None else "lenient"
+    return scoring if bench_format(fmt).lmms_scored else "lenient"
 
 
 def _parse(fmt: str, scoring: str, it: BenchItem, pred: str) -> str | None:
-    lmms_parse = bench_format(fmt).lmms_parse
-    if lmms_parse is not None and scoring_for(fmt, scoring) == "lmms-eval":
-        return lmms_parse(pred)
+    layout = bench_format(fmt)
+    if scoring_for(fmt, scoring) == "lmms-eval":
+        if layout.lmms_parse is not None:
+            return layout.lmms_parse(pred)
+        if layout.lmms_choice is not None and it.kind == "multiple_choice":
+            return layout.lmms_choice(pred, it.options or [])
     return parse_answer(it.kind, pred, it.options)
 
 
@@ -87,7 +91,9 @@ def bench_metrics(fmt: str, items: Sequence[BenchItem], records: Sequence[dict],
         "acc": accuracy(correct) if scored else None,
         "chance": mean_chance(scored),
         "scoring": scoring_for(fmt, scoring),
-        "unparsed": sum(r["parsed"] not in ("yes", "no") if lmms else r["parsed"] is None for r in records),
+        "unparsed": sum(
+            r["parsed"] not in ("yes", "no") if lmms and r["kind"] == "yes_no" else r["parsed"] is None for r in records
+        ),
         "by_kind": _with_chance(grouped_accuracy([r["kind"] for r in scored], correct), "kind", scored),
         "by_category": _with_chance(grouped_accuracy([r["category"] for r in scored], correct), "category", scored),
     }

@@ -24,6 +24,12 @@ Layouts (``--format auto`` picks by content):
   ``index, question, hint, A, B, C, D[, E..], answer, image, category``;
   ``image`` is base64 (what the release files carry) or a path; an empty
   answer leaves the item unscored (test splits).
+* ``scienceqa``: the same TSV, asked and scored as lmms-eval's ScienceQA
+  (auto-detected when the file name holds ``scienceqa`` or starts with ``sqa``).
+
+Each item records its lmms-eval task (``BenchItem.task``: pope, mme, mmbench,
+scienceqa; None for the generic JSONL), whose prompt and scoring it gets by
+default (:mod:`asvr.eval.lmms_rules`).
 
 Relative image paths resolve against ``--images`` and then the bench file's
 folder.  Every problem raises :class:`BenchError` whose one-line message
@@ -81,6 +87,9 @@ class BenchItem:
     category: str | None = None
     chance: float | None = None
     """Accuracy of a uniform guess, when the file gives it (short answers); see :func:`chance_level`."""
+    task: str | None = None
+    """The lmms-eval task whose prompt and scoring the item gets by default (``pope``, ``mme``,
+    ``mmbench``, ``scienceqa``; :mod:`asvr.eval.lmms_rules`); None: the generic JSONL layout."""
 
 
 def chance_level(item: BenchItem) -> float | None:
@@ -257,6 +266,7 @@ def read_pope(path: Path, images=None) -> list[BenchItem]:
                 image_key=image,
                 source=where,
                 category=str(rec.get("category") or path.stem),
+                task="pope",
             )
         )
     return items
@@ -315,6 +325,7 @@ def read_mme(path: Path, images=None) -> list[BenchItem]:
                 image_key=f"{cat}/{ref}",
                 source=where,
                 category=cat,
+                task="mme",
             )
         )
     return items
@@ -358,6 +369,7 @@ def _read_mme_folder(root: Path, images=None) -> list[BenchItem]:
                         image_key=f"{category}/{f.stem}",
                         source=where,
                         category=category,
+                        task="mme",
                     )
                 )
     if not qa_dirs:
@@ -381,7 +393,12 @@ def _tsv_image(value: str, roots: Sequence[Path], where: str) -> bytes | str | N
         raise BenchError(f"{where}: image is neither base64 nor an image path") from None
 
 
-def read_mmbench(path: Path, images=None) -> list[BenchItem]:
+def read_scienceqa(path: Path, images=None) -> list[BenchItem]:
+    """The ScienceQA TSV of VLMEvalKit (the MMBench layout): lmms-eval's ScienceQA prompt and scoring."""
+    return read_mmbench(path, images, task="scienceqa")
+
+
+def read_mmbench(path: Path, images=None, task: str = "mmbench") -> list[BenchItem]:
     roots = _roots(path, images)
     items: list[BenchItem] = []
     header: list[str] | None = None
@@ -434,6 +451,7 @@ def read_mmbench(path: Path, images=None) -> list[BenchItem]:
                 options=options,
                 hint=hint if hint and hint != "nan" else None,
                 category=(rec.get("category") or "").strip() or None,
+                task=task,
             )
         )
     if header is None:
@@ -448,8 +466,9 @@ class BenchFormat:
     are asked before the built-in rules); ``metrics(items, records) -> dict`` adds the layout's own
     metrics to the common ones (accuracy overall / per kind / per category); ``markdown(metrics)
     -> lines`` renders them for report.md, and ``generic_tables`` keeps the per-kind/category tables.
-    ``lmms_parse(prediction) -> parsed`` is lmms-eval's answer parser for the layouts lmms-eval
-    scores (``--scoring lmms-eval``, the default); ``metrics`` is told which scoring ran."""
+    ``lmms_parse(prediction) -> parsed`` is lmms-eval's answer parser for the yes/no layouts
+    lmms-eval scores, ``lmms_choice(prediction, options) -> letter`` for its multiple-choice
+    ones (``--scoring lmms-eval``, the default); ``metrics`` is told which scoring ran."""
 
     name: str
     read: Callable[[Path, str | os.PathLike | None], list[BenchItem]]
@@ -459,10 +478,15 @@ class BenchFormat:
     generic_tables: bool = True
     reads_folders: bool = False
     lmms_parse: Callable[[str], str | None] | None = None
+    lmms_choice: Callable[[str, Sequence[str]], str | None] | None = None
+
+    @property
+    def lmms_scored(self) -> bool:
+        return self.lmms_parse is not None or self.lmms_choice is not None
 
 
 FORMATS: Registry[BenchFormat] = Registry("benchmark format", "asvr.eval", "format_", reserved=("auto",))
-_BUILTIN = ("jsonl", "pope", "mme", "mmbench")
+_BUILTIN = ("jsonl", "pope", "mme", "mmbench", "scienceqa")
 
 
 def register_bench_format(fmt: BenchFormat) -> BenchFormat:
@@ -501,7 +525,8 @@ def detect_format(path: Path) -> str:
         return "pope" if isinstance(rec, dict) and {"label", "text", "question_id"} <= set(rec) else "jsonl"
     cols = [c.strip() for c in first.rstrip("\r\n").split("\t")]
     if {"question", "A", "B", "answer"} <= set(cols):
-        return "mmbench"
+        name = path.name.lower()
+        return "scienceqa" if "scienceqa" in name or name.startswith("sqa") else "mmbench"
     if "\t" in first:
         return "mme"
     raise BenchError(f"{path}:1: cannot tell the format (not JSON lines, nor a TSV); pass --format")
@@ -597,4 +622,41 @@ register_bench_format(
         lmms_parse=parse_mme_otter,
     )
 )
-register_bench_format(BenchFormat("mmbench", read_mmbench))
+
+
+def _mmbench_metrics(items: Sequence[BenchItem], records: Sequence[dict], lmms: bool) -> dict:
+    from .lmms_rules import circular_accuracy
+
+    scored = [r for r in records if r["correct"] is not None]
+    acc, n = circular_accuracy([r["id"] for r in scored], [bool(r["correct"]) for r in scored])
+    return {"circular_acc": acc, "circular_questions": n}
+
+
+def _mmbench_markdown(m: dict) -> list[str]:
+    from .report import pct
+
+    if m.get("circular_acc") is None:
+        return []
+    return [
+        f"MMBench circular accuracy (every rotated copy right, lmms-eval's number): "
+        f"{pct(m['circular_acc'])}% of {m['circular_questions']} questions",
+        "",
+    ]
+
+
+def _lmms_choice(task: str):
+    from .lmms_rules import CHOICES
+
+    return CHOICES[task]
+
+
+register_bench_format(
+    BenchFormat(
+        "mmbench",
+        read_mmbench,
+        metrics=_mmbench_metrics,
+        markdown=_mmbench_markdown,
+        lmms_choice=_lmms_choice("mmbench"),
+    )
+)
+register_bench_format(BenchFormat("scienceqa", read_scienceqa, lmms_choice=_lmms_choice("scienceqa")))

@@ -13,8 +13,8 @@
 LLaVA folder (``asvr-export --hf-llava`` or any LLaVA-1.5).  Each command writes
 ``report.json`` and ``report.md`` under ``--out``; ``bench`` and ``score`` also write
 the answers to ``predictions.jsonl`` (``predictions-NN-NAME.jsonl``, one per file,
-when several ``--bench`` files are given).  POPE and MME are scored as lmms-eval scores them
-unless ``--scoring lenient``.
+when several ``--bench`` files are given).  POPE, MME, MMBench and ScienceQA are asked
+and scored as lmms-eval does unless ``--instructions llava`` / ``--scoring lenient``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Formats: jsonl {image, question, answer, options?, type?, category?}; "
         "pope {question_id, image, text, label}; mme TSV image/question/answer "
         "(or the MME release folder); mmbench TSV index/question/hint/A../answer/image "
-        "(base64 or path)/category.",
+        "(base64 or path)/category; scienceqa: the same TSV with lmms-eval's ScienceQA prompt and scoring.",
     )
     _common(be)
     be.add_argument("--bench", required=True, nargs="+", help="benchmark file(s) (an MME folder is accepted)")
@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default 16)")
     be.add_argument(
         "--instructions",
-        choices=["llava", "none"],
-        default="llava",
-        help="llava: append LLaVA's answer-format instruction ('Answer ... single word or phrase', "
-        "'Answer with the option's letter ...'); none: the bare question (default llava)",
+        choices=["lmms-eval", "llava", "none"],
+        default="lmms-eval",
+        help="lmms-eval: each task's lmms-eval prompt (POPE, MME without ' Please answer yes or no.', "
+        "MMBench 'There are several options:', ScienceQA 'Context:'; generic JSONL items get LLaVA's); "
+        "llava: hint, question, options and LLaVA's answer-format instruction, one per line (the "
+        "prompts before lmms-eval's became the default); none: the bare question (default lmms-eval)",
     )
     be.add_argument(
         "--preprocess",
@@ -146,10 +148,11 @@ def _scoring(p: argparse.ArgumentParser) -> None:
         "--scoring",
         choices=["lmms-eval", "lenient"],
         default="lmms-eval",
-        help="POPE and MME: lmms-eval (exact lower-cased yes/no for POPE with lmms-eval's recall and "
-        "yes-ratio; Otter's parse_pred_ans for MME: numbers comparable with published ones) or "
-        "lenient (first yes/no word, negations; unparsed kept apart). Other layouts: always "
-        "lenient (default lmms-eval)",
+        help="POPE, MME, MMBench, ScienceQA: lmms-eval (exact lower-cased yes/no for POPE with "
+        "lmms-eval's recall and yes-ratio; Otter's parse_pred_ans for MME; MMBench's can_infer "
+        "letter/option-text rule, plus circular accuracy; ScienceQA's letter or 'X.' rule: numbers "
+        "comparable with published ones) or lenient (first yes/no word, negations; any stated "
+        "letter or option text; unparsed kept apart). Generic JSONL: always lenient (default lmms-eval)",
     )
 
 

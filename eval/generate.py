@@ -37,6 +37,11 @@ from .bench_formats import BenchError, BenchItem
 from .loading import LoadedModel
 
 INSTRUCTIONS = {
+    "lmms-eval": {  # items without an lmms-eval task (the generic JSONL): LLaVA's instructions
+        "yes_no": "Answer the question using a single word or phrase.",
+        "short": "Answer the question using a single word or phrase.",
+        "multiple_choice": "Answer with the option's letter from the given choices directly.",
+    },
     "llava": {
         "yes_no": "Answer the question using a single word or phrase.",
         "short": "Answer the question using a single word or phrase.",
@@ -46,8 +51,14 @@ INSTRUCTIONS = {
 }
 
 
-def question_text(item: BenchItem, instructions: str = "llava") -> str:
-    """The user turn (without the image): hint, question, options, instruction (LLaVA's eval prompts)."""
+def question_text(item: BenchItem, instructions: str = "lmms-eval") -> str:
+    """The user turn (without the image).  ``lmms-eval``: lmms-eval's own prompt for the item's
+    task (:data:`asvr.eval.lmms_rules.PROMPTS`; items without one as ``llava``); ``llava``:
+    hint, question, options, LLaVA's instruction, one per line; ``none``: without the instruction."""
+    from .lmms_rules import PROMPTS
+
+    if instructions == "lmms-eval" and item.task in PROMPTS:
+        return PROMPTS[item.task](item)
     parts = []
     if item.hint:
         parts.append(item.hint)
@@ -71,8 +82,10 @@ def encode_prompt(lm: LoadedModel, text: str, has_image: bool) -> tuple[np.ndarr
 class GenerationConfig:
     max_new_tokens: int = 16
     batch_size: int = 8
-    instructions: str = "llava"
-    """llava: LLaVA's answer-format instructions after the question; none: the bare question."""
+    instructions: str = "lmms-eval"
+    """lmms-eval: lmms-eval's prompt of each item's task (POPE, MME, MMBench, ScienceQA; other
+    items as llava); llava: LLaVA's answer-format instruction after the question, one part a
+    line; none: the bare question."""
     preprocess_mode: str | None = None
     """square | pad (default: the tokenizer's)."""
     progress: bool = True

@@ -244,5 +244,5 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
         assert "qa items: 2" in md
     finally:
         FORMATS.unregister("qa")
-    with pytest.raises(BenchError, match="format must be one of auto, jsonl, pope, mme, mmbench; got 'qa'"):
+    with pytest.raises(BenchError, match="format must be one of auto, jsonl, pope, mme, mmbench, scienceqa; got 'qa'"):
         read_bench(f, "qa")
