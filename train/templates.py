@@ -2,8 +2,9 @@
 
 A template is an explicit, frozen :class:`ConversationTemplate` passed to the
 data code (the reference keeps it in a module global that the training script
-mutates).  Three ship: :func:`plain` (pretraining: image + caption),
-:func:`vicuna_v1` (LLaVA-1.5 / ASVR) and :func:`chatml` (Qwen2 and friends).
+mutates).  Four ship: :func:`plain` (pretraining: image + caption),
+:func:`vicuna_v1` (LLaVA-1.5 / ASVR), :func:`chatml` (Qwen2 and friends) and
+:func:`chatml_asvr` (the same ids, trained as ASVR's ``preprocess_qwen``).
 
 The token stream is LLaVA's, built the way LLaVA builds it: the conversation
 is rendered to one string (``Conversation.get_prompt``), ``<image>`` moved to
@@ -44,6 +45,7 @@ IMAGE_SENTINEL = -200
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 STYLES = ("plain", "two", "chatml")
+LABELS = ("answers", "asvr_qwen")
 
 
 class ConversationError(ValueError):
@@ -67,10 +69,15 @@ class ConversationTemplate:
     """After an answer (two); None: the tokenizer's EOS token (vicuna_v1's ``</s>``)."""
     add_special_tokens: bool = True
     """Tokenize with the tokenizer's special tokens (BOS): LLaVA's ``tokenizer(chunk)``; chatml: off."""
+    labels: str = "answers"
+    """Which tokens train: ``answers`` (each answer + its end marker, LLaVA's rule) or
+    ``asvr_qwen`` (chatml only: ASVR's ``preprocess_qwen``, see :func:`chatml_asvr`)."""
 
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"template style must be one of {STYLES}, got {self.style!r}")
+        if self.labels not in LABELS or (self.labels == "asvr_qwen" and self.style != "chatml"):
+            raise ValueError(f"template labels must be one of {LABELS} (asvr_qwen: chatml only), got {self.labels!r}")
 
     def answer_end(self, tokenizer) -> str:
         """The trained end-of-answer marker as text."""
@@ -120,7 +127,28 @@ def chatml() -> ConversationTemplate:
     )
 
 
-TEMPLATES: dict[str, Callable[[], ConversationTemplate]] = {"plain": plain, "vicuna_v1": vicuna_v1, "chatml": chatml}
+def chatml_asvr() -> ConversationTemplate:
+    """``chatml`` ids with ASVR's ``preprocess_qwen`` labels (ASVR ``train.py``): every assistant
+    message trains whole (``<|im_start|>assistant\\n`` ... ``<|im_end|>\\n``), and so does every
+    ``<|im_start|>``, ``<|im_end|>`` and standalone ``\\n`` token anywhere, system and user
+    turns included.  ``chatml`` (the default) trains only each answer and its ``<|im_end|>``,
+    as LLaVA's rule for the other templates (docs/FIDELITY.md)."""
+    return ConversationTemplate(
+        name="chatml_asvr",
+        style="chatml",
+        system="You are a helpful assistant.",
+        roles=("user", "assistant"),
+        add_special_tokens=False,
+        labels="asvr_qwen",
+    )
+
+
+TEMPLATES: dict[str, Callable[[], ConversationTemplate]] = {
+    "plain": plain,
+    "vicuna_v1": vicuna_v1,
+    "chatml": chatml,
+    "chatml_asvr": chatml_asvr,
+}
 
 
 def get_template(name: str) -> ConversationTemplate:
@@ -271,7 +299,9 @@ def encode_conversation(
     ids = tokenize_with_images(text, tokenizer, template.add_special_tokens)
     bounds = _Boundaries(template, text, ids, tokenizer)
     trained = np.zeros(len(ids), bool)
-    for start, end in spans:
+    if template.labels == "asvr_qwen":
+        trained = _asvr_qwen_trained(template, text, ids, spans, bounds, tokenizer)
+    for start, end in spans if template.labels == "answers" else ():
         a = bounds.start(start)
         b = bounds.end(end, start, a)
         if b <= a:
@@ -335,6 +365,26 @@ class _Boundaries:
         b = self._generic(at)
         self.prev = (at, b)
         return b
+
+
+def _asvr_qwen_trained(template, text, ids, spans, bounds: "_Boundaries", tokenizer) -> np.ndarray:
+    """ASVR ``preprocess_qwen``'s labels on the chatml stream: each assistant message whole
+    (its ``<|im_start|>`` through the ``\\n`` after ``<|im_end|>``), plus every token whose id
+    is ``<|im_start|>``, ``<|im_end|>`` or a lone ``\\n`` (ASVR hard-codes Qwen2's 151644,
+    151645, 198; here they are looked up in the tokenizer)."""
+    trained = np.zeros(len(ids), bool)
+    header = f"<|im_start|>{template.roles[1]}\n"
+    for start, end in spans:
+        a = bounds._generic(start - len(header))
+        b = len(ids) if end + 1 >= len(text) else bounds._generic(end + 1)
+        trained[a:b] = True
+    unmask = set()
+    for piece in ("<|im_start|>", "<|im_end|>", "\n"):
+        enc = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1:
+            unmask.add(enc[0])
+    trained |= np.isin(np.asarray(ids), list(unmask))
+    return trained
 
 
 def encode_generation_prompt(
