@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import pytest
 
-from test_train_templates import CONVS, SlowLlama, _expand, _ours, _train_sp, ref_preprocess_v1
+from test_train_templates import CONVS, SlowLlama, _expand, _ours, _train_sp, ref_preprocess_plain, ref_preprocess_v1
 
-from asvr.train.templates import vicuna_v1
+from asvr.train.templates import plain, vicuna_v1
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -27,6 +27,24 @@ spm = pytest.importorskip("sentencepiece")
 def vicuna_split():
     """'USER' one piece, ' USER' two (▁ + USER), as in Vicuna's vocabulary."""
     return SlowLlama(_train_sp(["USER"]), legacy=False)
+
+
+@pytest.fixture(scope="module")
+def llama_toks(tmp_path_factory):
+    """The Llama tokenizers of tests/test_train_templates.py: Hugging Face and slow, legacy and not."""
+    import json
+
+    from transformers import LlamaTokenizer
+
+    proto = _train_sp()
+    d = tmp_path_factory.mktemp("llama_tok22")
+    (d / "tokenizer.model").write_bytes(proto)
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}))
+    out: dict = {}
+    for legacy in (True, False):
+        out[f"hf-legacy={legacy}"] = LlamaTokenizer.from_pretrained(d, legacy=legacy)
+        out[f"slow-legacy={legacy}"] = SlowLlama(proto, legacy)
+    return out
 
 
 def _after_eos(tok) -> list[int]:
@@ -54,3 +72,13 @@ def test_minus_one_offset_masks_everything_when_the_counts_are_equal():
     assert len(tok.sp.encode("USER")) == len(_after_eos(tok)) == 2  # ▁US ER vs US ER
     has_image, conv = CONVS["image-3"]
     assert ref_preprocess_v1(conv, tok, has_image)[2]  # mismatch: LLaVA masks the whole sample
+
+
+@pytest.mark.parametrize("caption", [" A red square.", "\nA red square.", "  A red", "A red square."])
+def test_plain_caption_with_leading_whitespace(llama_toks, caption):
+    """LLaVA keeps a caption's leading whitespace (only turns holding <image> are stripped); so do we."""
+    conv = [("human", "<image>"), ("gpt", caption)]
+    for name, tok in llama_toks.items():
+        enc = _ours(plain(), conv, tok, True)
+        ids, labels = _expand(*ref_preprocess_plain(conv, tok), 7)
+        assert enc.input_ids.tolist() == ids and enc.labels.tolist() == labels, name

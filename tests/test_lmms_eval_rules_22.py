@@ -172,7 +172,8 @@ def test_mmbench_and_scienceqa_prompts(tmp_path):
     for it, row in zip(items, rows):
         doc = {**{c: row.get(c, float("nan")) for c in "ABCD"}, **row}
         assert question_text(it) == ref_mmbench_doc_to_text(doc, kw)
-    assert question_text(items[0]) == (f"A toy. What colour? There are several options:\nA. red\nB. green\n{LETTER}")  # noqa: E501
+    want = "A toy. What colour? There are several options:\nA. red\nB. green\n"
+    assert question_text(items[0]) == want + LETTER
     fmt, items = read_bench(_tsv(tmp_path / "ScienceQA_TEST.tsv", rows))
     assert fmt == "scienceqa"
     for it, row in zip(items, rows):
