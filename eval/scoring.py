@@ -36,7 +36,9 @@ published ones; lmms_eval/tasks/pope/utils.py and mme/utils.py):
 
 Of 26 tricky answers (tests/test_eval_scoring.py: "yes.", "y", "nope",
 "There is no dog.", ...) lenient and lmms-eval read 11 differently for POPE
-and 11 for MME.
+and 11 for MME.  MMBench and ScienceQA multiple choice as lmms-eval:
+:mod:`asvr.eval.lmms_rules` (of 23 tricky answers, 3 and 11 read differently
+from the lenient parser below).
 """
 
 from __future__ import annotations

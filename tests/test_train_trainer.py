@@ -107,6 +107,12 @@ def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir
     assert not list((out / "checkpoints").glob("step*")) if (out / "checkpoints").exists() else True
 
 
+def corpus_mode(corpus) -> str:
+    from asvr.tokenizer.shards import read_meta
+
+    return read_meta(next(corpus.codes.glob("part-*.parquet"))).preprocess
+
+
 def test_config_file_of_a_run_reproduces_it(pretrain_run, tmp_path):
     saved = json.loads((pretrain_run / "train_config.json").read_text())
     assert saved["max_steps"] == 4 and saved["head"]["width"] == 64 and saved["template"] == "plain"
@@ -127,6 +133,13 @@ def test_pretrain_freezes_llm_and_exports_loadable_model(corpus, pretrain_run, t
     assert torch.equal(
         model.projector.state_dict()[next(iter(model.projector.state_dict()))],
         final["projector." + next(iter(model.projector.state_dict()))],
+    )
+    # the export records how the model read its inputs (issue 22): template, the shards' mode, image size
+    from asvr.train.export import TrainedInputs, read_inputs
+
+    enc = tiny_tokenizer.spec.encoder
+    assert read_inputs(pretrain_run / "final") == TrainedInputs(
+        template="plain", preprocess=corpus_mode(corpus), image_size=enc.image_size, resample=enc.resample
     )
 
 
