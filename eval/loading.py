@@ -11,7 +11,7 @@ finds:
   (``asvr_config.json``'s ``inputs``; ``template=`` / a bench's ``--preprocess``
   override).  Exports written before that record fall back to
   ``RUN/train_config.json`` for the template (else ``vicuna_v1``) and to the
-  tokenizer's mode for the preprocessing.  ``template_source`` and
+  mode of the run's ``--codes`` shards (else the tokenizer's) for the preprocessing.  ``template_source`` and
   ``preprocess_source`` say which was used; the reports print them.
 * the semantic tokenizer with its encoder when images must become model
   input through it (``online`` and ``features`` inputs without a recorded
@@ -100,6 +100,21 @@ def resolve_template(
     return get_template(DEFAULT_TEMPLATE), "default"
 
 
+def _run_shards_mode(run: Path | None) -> tuple[str, str] | None:
+    """Exports written before the ``inputs`` record: the preprocessing mode of the shards the run
+    trained on (``RUN/train_config.json``'s ``codes``), when they are still there."""
+    from asvr.tokenizer.shards import ShardError, list_shards, read_meta
+
+    if run is None:
+        return None
+    try:
+        codes = json.loads((run / "train_config.json").read_text()).get("codes")
+        shards = list_shards(codes) if codes and Path(codes).is_dir() else []
+        return (read_meta(shards[0]).preprocess, f"the run's --codes {codes}") if shards else None
+    except (OSError, json.JSONDecodeError, ShardError):
+        return None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +188,8 @@ def load_for_eval(
         tower = VisionTower.from_tokenizer(image_tok)
     if inputs is not None:
         preprocess, preprocess_source = inputs.preprocess, f"{export / CONFIG_FILE} (inputs)"
+    elif (shards_mode := _run_shards_mode(run)) is not None:
+        preprocess, preprocess_source = shards_mode
     else:
         preprocess = (
             image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess

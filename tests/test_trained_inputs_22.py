@@ -34,7 +34,8 @@ def _run(root: Path, corpus, tokenizer, inputs: TrainedInputs | None) -> Path:
     model = build_model(ModelConfig(llm=str(corpus.llm), vision_input="codes", head=HEAD), tokenizer)
     run = root / ("run_recorded" if inputs else "run_old")
     save_exported(model, run / "final", AutoTokenizer.from_pretrained(corpus.llm), inputs)
-    (run / "train_config.json").write_text(json.dumps({"template": "vicuna_v1", "stage": "sft"}))
+    cfg = {"template": "vicuna_v1", "stage": "sft", "codes": str(corpus.codes)}
+    (run / "train_config.json").write_text(json.dumps(cfg))
     return run
 
 
@@ -56,7 +57,7 @@ def test_the_record_is_in_asvr_config(runs, tiny_tokenizer):
     assert tiny_tokenizer.spec.preprocess == "square"  # the record is not the tokenizer's mode
 
 
-def test_load_for_eval_uses_the_record_unless_told_otherwise(runs):
+def test_load_for_eval_uses_the_record_unless_told_otherwise(runs, corpus):
     from asvr.eval.generate import VisionEncoder
     from asvr.eval.loading import load_for_eval
 
@@ -69,7 +70,12 @@ def test_load_for_eval_uses_the_record_unless_told_otherwise(runs):
     assert (lm.template.name, lm.template_source) == ("vicuna_v1", "--template")
     lm = load_for_eval(old, device="cpu")  # an export written before the record: the old sources
     assert (lm.template.name, lm.preprocess) == ("vicuna_v1", "square")
-    assert lm.template_source.endswith("train_config.json") and lm.preprocess_source.startswith("tokenizer")
+    assert lm.template_source.endswith("train_config.json") and lm.preprocess_source.startswith("the run's --codes")
+    (old / "train_config.json").write_text(json.dumps({"template": "vicuna_v1"}))  # shards unknown: the tokenizer's
+    try:
+        assert load_for_eval(old, device="cpu").preprocess_source.startswith("tokenizer")
+    finally:
+        (old / "train_config.json").write_text(json.dumps({"template": "vicuna_v1", "codes": str(corpus.codes)}))
 
 
 def test_bench_and_loss_reports_say_what_they_used(runs, corpus, tmp_path, capsys):
