@@ -74,9 +74,15 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def save_exported(model: ASVRModel, folder: str | os.PathLike, llm_tokenizer=None) -> Path:
-    """Write the export folder atomically (a temp folder renamed into place)."""
+    """Write the export folder atomically (a temp folder renamed into place); a full disk is one
+    line (``run_folder.DiskFullError``)."""
+    from .run_folder import disk_errors
+
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    with (
+        disk_errors(folder, "the exported model", "free space, then rerun with --resume auto"),
+        atomic_dir(folder) as tmp,
+    ):
         tensors, aliases = _dedupe(model.exported_state_dict())
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.llm.config.save_pretrained(tmp)

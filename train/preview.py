@@ -19,7 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from .config import image_tokens
-from .data import DataConfig, Sample, build_training_data, open_codes
+from .data import DataConfig, Sample, build_training_data, describe_no_placeholder, open_codes
 from .packing import PackingConfig
 from .sources import DataError
 from .templates import get_template
@@ -72,6 +72,8 @@ def preview(cfg, n: int, out: TextIO = sys.stdout) -> int:
     )
     if not data.samples:
         raise DataError("no training samples")
+    if data.no_placeholder:
+        print(describe_no_placeholder(data.no_placeholder), file=sys.stderr)
     for s in data.samples[:n]:
         out.write(json.dumps(sample_record(s)) + "\n")
     out.flush()
