@@ -272,3 +272,24 @@ def test_unknown_flag_is_one_line_with_did_you_mean(corpus, tiny_tokenizer_dir, 
         "asvr-train: error: unrecognized arguments: --max-stpes 3 (--max-stpes: did you mean --max-steps?); "
         "asvr-train --help lists the options\n"
     )
+
+
+def test_ctrl_c_line_names_the_checkpoint_or_says_there_is_none(tmp_path):
+    from asvr.train.cli import interrupted_message
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert interrupted_message(str(run)) == (
+        f"interrupted before the first checkpoint: nothing to resume in {run}; rerun the same command to start again"
+    )
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # steps ran, none saved: the folder now holds a run
+    assert interrupted_message(str(run)) == (
+        f"interrupted before the first checkpoint: nothing to resume in {run}; rerun the same command "
+        "with --overwrite to start again"
+    )
+    _tag(run / "checkpoints", 3, complete=False, states=False)
+    assert interrupted_message(str(run)).startswith("interrupted before the first checkpoint")  # cut short
+    _tag(run / "checkpoints", 2)
+    assert interrupted_message(str(run)) == (
+        f"interrupted; to continue from step00000002 in {run}, rerun the same command with --resume auto"
+    )

@@ -356,8 +356,8 @@ def check_literal_specials(turns: list[tuple[str, str]], tokenizer) -> None:
         hit = next((t for t in specials if t in value), None)
         if hit is not None:
             raise ConversationError(
-                f"turn {i + 1} holds the literal text {hit!r}, which the tokenizer reads as a special token "
-                "(it would not stay text); remove or reword it"
+                f"turn {i + 1} holds the literal text {hit!r}, a special token of the tokenizer that would not "
+                "stay text (remove or reword it)"
             )
 
 
