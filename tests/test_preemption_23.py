@@ -293,3 +293,16 @@ def test_ctrl_c_line_names_the_checkpoint_or_says_there_is_none(tmp_path):
     assert interrupted_message(str(run)) == (
         f"interrupted; to continue from step00000002 in {run}, rerun the same command with --resume auto"
     )
+
+
+def test_every_cli_answers_a_typo_in_one_line(capsys):
+    """The shared parser (asvr.tokenizer.cli_parser): a subcommand's flags are suggested too."""
+    from asvr.pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["tokenize", "in", "--tokenizer", "t", "--out", "o", "--overwirte"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "asvr-pipeline: error: unrecognized arguments: --overwirte (--overwirte: did you mean --overwrite?); "
+        "asvr-pipeline --help lists the options\n"
+    )

@@ -21,7 +21,14 @@ _UNKNOWN = re.compile(r"unrecognized arguments: (.*)")
 
 class OneLineParser(argparse.ArgumentParser):
     def options(self) -> list[str]:
-        return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        """Every long option, the subcommands' too (argparse reports their leftovers at the top)."""
+        out: list[str] = []
+        for a in self._actions:
+            out += [s for s in a.option_strings if s.startswith("--")]
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in dict.fromkeys(a.choices.values()):
+                    out += sub.options() if isinstance(sub, OneLineParser) else []
+        return list(dict.fromkeys(out))
 
     def suggest(self, word: str) -> list[str]:
         flag = word.split("=", 1)[0]
