@@ -225,14 +225,18 @@ def test_a_torn_last_metrics_line_is_skipped_a_broken_middle_one_named(tmp_path)
     assert str(e.value) == f"{tmp_path / 'metrics.jsonl'}: line 2 is not a metrics record; fix or remove it"
 
 
+def _mount_tmpfs(mnt: Path, size: str) -> None:
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode:
+        pytest.skip("mounting a tmpfs needs root")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 256 KB tmpfs (needs root to mount; skipped elsewhere)."""
     mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode:
-        pytest.skip("mounting a tmpfs needs root")
+    _mount_tmpfs(mnt, "256k")
     try:
         yield mnt
     finally:
@@ -306,3 +310,22 @@ def test_every_cli_answers_a_typo_in_one_line(capsys):
         "asvr-pipeline: error: unrecognized arguments: --overwirte (--overwirte: did you mean --overwrite?); "
         "asvr-pipeline --help lists the options\n"
     )
+
+
+def test_a_checkpoint_save_on_a_full_disk_is_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    """A real run whose --output-dir is a 512 KB tmpfs: DeepSpeed's save runs out of space."""
+    mnt = tmp_path / "disk"
+    _mount_tmpfs(mnt, "512k")
+    try:
+        out = mnt / "run"
+        assert main(train_args(corpus, tiny_tokenizer_dir, out, "--max-steps", "1", "--no-export")) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(
+            rf"asvr-train: error: cannot write a checkpoint to {re.escape(str(out / 'checkpoints'))}: no space left "
+            rf"(on device )?on the filesystem at {re.escape(str(mnt))} \([\d.]+ (B|KB) free of 512\.0 KB\); "
+            r"free space, then rerun with --resume auto\n",
+            err,
+        ), err
+        assert checkpoint.complete_tags(out / "checkpoints") == []  # the cut-short tag is not taken for one
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

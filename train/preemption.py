@@ -21,6 +21,10 @@ this module both killed ``asvr-train`` at once with nothing saved (and
   two integers on the host, no device sync.  One rank runs no collective.
 
 Ctrl-C keeps Python's KeyboardInterrupt (stop now, one line, exit 130).
+A signal sent to the whole process group (SLURM) also reaches forked
+DataLoader workers: they ignore it and are shut down by the trainer.  Under
+``torchrun`` the agent forwards SIGTERM to every rank and sends SIGKILL 30 s
+later (torch.distributed.elastic's default), so a save must fit in that.
 Trade-off: signal handlers run between bytecodes of the main thread, so a
 step stuck in native code delays the flag, never loses it.
 """
@@ -28,6 +32,7 @@ step stuck in native code delays the flag, never loses it.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -76,8 +81,11 @@ class StopSignals:
     received: int | None = None
     _deferring: bool = False
     _old: dict = field(default_factory=dict)
+    _pid: int = field(default_factory=os.getpid)
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker (a process-group signal): the trainer stops it in order
         if self._deferring:
             self.received = signum
         else:

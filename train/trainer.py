@@ -163,7 +163,11 @@ class Trainer:
         self.resuming = False
         self.signals = signals or StopSignals()  # installed by the CLI for the whole command
         self.lock = lock_run_folder(self.run_dir) if os.environ.get("RANK", "0") == "0" else None
-        check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
+        try:
+            check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
+        except RunFolderError:
+            self.close_lock()
+            raise
         self.rank, self.world, self.owns_group = init_distributed()
         self.reduce_max = gloo_reduce_max(self.world)  # collective: the ranks' save/stop flags
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
@@ -468,5 +472,8 @@ class Trainer:
     def close(self) -> None:
         if self.owns_group:
             dist.barrier()
+        self.close_lock()
+
+    def close_lock(self) -> None:
         if self.lock is not None:
             self.lock.close()
