@@ -40,8 +40,10 @@ def sample_record(s: Sample) -> dict:
     }
 
 
-def preview(cfg, n: int, out: TextIO = sys.stdout) -> int:
-    """Print the first ``n`` samples of the run ``cfg`` (a ``TrainConfig``) as JSON lines; -> lines printed."""
+def preview(cfg, n: int, out: TextIO | None = None) -> int:
+    """Print the first ``n`` samples of the run ``cfg`` (a ``TrainConfig``) as JSON lines (to ``out``,
+    default the current ``sys.stdout``); -> lines printed."""
+    out = out or sys.stdout  # read at call time: a default bound at import kept a closed stream
     from transformers import AutoTokenizer
 
     from asvr.tokenizer import SemanticTokenizer
