@@ -11,7 +11,8 @@ DEMO_TRAIN ?= --max-len 512 --save-every 100 --head-width 128 --head-proj-hidden
 DEMO_TRAIN_IMAGES ?= 1000
 # torch and faiss both spin OpenMP threads; passive waiting stops them fighting over 2 cores
 export OMP_WAIT_POLICY ?= PASSIVE
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# DeepSpeed's compiled ops: one cache per environment, inside the venv (asvr-train's own default)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/.cache/torch_extensions
 
 .PHONY: install lint test test-all mutation demo experiment bench clean
 

@@ -24,6 +24,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from asvr.tokenizer.cli_parser import OneLineParser
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.help_text import plain
 from asvr.tokenizer.preprocess import PREPROCESS_MODES
@@ -59,7 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .bench_formats import bench_formats
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

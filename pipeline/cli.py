@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Iterator
 
+from asvr.tokenizer.cli_parser import OneLineParser
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
 from asvr.tokenizer.quantizer import SEARCH_DTYPES
@@ -213,7 +214,7 @@ def _run_verify(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from asvr.tokenizer.help_text import plain
 
-    p = argparse.ArgumentParser(prog="asvr-pipeline", description=plain(__doc__.splitlines()[0]))
+    p = OneLineParser(prog="asvr-pipeline", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _tokenize_parser(sub)

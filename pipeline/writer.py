@@ -31,7 +31,6 @@ every input is in exactly one shard row or one failure row; the manifest's
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvr.tokenizer.atomic import atomic_path, atomic_write
+from asvr.tokenizer.locks import FolderLock, FolderLocked
 from asvr.tokenizer.shards import (
     FAILURES,
     MANIFEST,
@@ -54,7 +54,6 @@ from asvr.tokenizer.shards import (
 )
 
 UNITS_DIR = ".units"
-LOCK = ".lock"
 MANIFEST_VERSION = 1
 COUNTS = ("seen", "encoded", "failed", "duplicate", "ignored")
 FAILURE_SCHEMA = pa.schema(
@@ -103,7 +102,7 @@ class UnitResult:
 
 
 class OutputDir:
-    """OUT, locked for the duration of a run (``fcntl.flock``; the kernel drops it on kill -9)."""
+    """OUT, locked for the duration of a run (``asvr.tokenizer.locks``: the kernel drops it on kill -9)."""
 
     def __init__(self, out: str | os.PathLike, run_config: dict, overwrite: bool = False):
         self.out = Path(out)
@@ -114,12 +113,10 @@ class OutputDir:
         with _writing(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
         self.units_dir = self.out / UNITS_DIR
-        self._lock = open(self.out / LOCK, "a")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            raise OutputError(f"{self.out} is being written by another asvr-pipeline run") from None
+            self._lock = FolderLock(self.out, "asvr-pipeline run")
+        except FolderLocked as e:
+            raise OutputError(str(e)) from None
         self._check_or_reset(overwrite)
         self.units_dir.mkdir(exist_ok=True)
         for tmp in list(self.out.glob(".*.tmp-*")) + list(self.units_dir.glob(".*.tmp-*")):

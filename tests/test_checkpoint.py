@@ -103,6 +103,8 @@ def test_latest_tag_needs_the_file_and_its_folder(tmp_path):
     assert latest_tag(tmp_path) is None  # not a folder
     (ckpt / "step00000005").unlink()
     (ckpt / "step00000005").mkdir()
+    assert latest_tag(tmp_path) is None  # a folder, but not a complete checkpoint
+    (ckpt / "step00000005" / "complete.json").write_text("{}")
     assert latest_tag(tmp_path) == "step00000005"
 
 
@@ -159,7 +161,7 @@ def test_load_resumes_the_newest_or_a_named_tag_bitwise(tmp_path, make_engine):
     assert all(torch.equal(a, b) for a, b in zip(_weights(named), after_three))
 
 
-def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine):
+def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine, capsys):
     engine = make_engine()
     assert checkpoint.load(engine, tmp_path, 0) is None
     _step(engine, 1)
@@ -169,8 +171,13 @@ def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine):
     torch.manual_seed(5)
     want = torch.rand(2)
     torch.manual_seed(5)
-    assert checkpoint.load(fresh, tmp_path, 0)["step"] == 1  # older runs: no RNG file, RNG untouched
+    assert checkpoint.load(fresh, tmp_path, 0)["step"] == 1  # no RNG file: RNG untouched, and said so
     assert torch.equal(torch.rand(2), want)
+    rng = tmp_path / "checkpoints" / tag_for(1) / "rng-rank0.pt"
+    assert capsys.readouterr().err == (
+        f"warning: {rng} is missing: the random number generators of rank 0 start from the seed, "
+        "so dropout and sampling differ from an uninterrupted run\n"
+    )
     (tmp_path / "checkpoints" / "step00000002").write_text("")  # not a checkpoint folder
     (tmp_path / "checkpoints" / "step00000000").mkdir()
     with pytest.raises(CheckpointError) as e:
@@ -186,8 +193,8 @@ def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine):
     with pytest.raises(CheckpointError) as e:  # a folder without model states: a save that was cut short
         checkpoint.load(make_engine(), tmp_path, 0, "step00000000")
     assert str(e.value) == (
-        f"--resume step00000000: {ckpt / 'step00000000'} holds no DeepSpeed model states (a save cut short?); "
-        "complete checkpoints: step00000001"
+        f"--resume step00000000: {ckpt / 'step00000000'} is incomplete (no DeepSpeed model states: a save cut "
+        "short); complete checkpoints: step00000001"
     )
 
 

@@ -13,6 +13,7 @@ ASVR.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +359,55 @@ def test_the_exported_tower_is_the_llms_not_the_tokenizers(world):
         torch.testing.assert_close(v, src[k])
     clip = json.loads((_export(world, "cls_patch") / "config.json").read_text())
     assert clip["vision_feature_select_strategy"] == "full" and clip["image_seq_length"] == 17
+
+
+def test_out_is_never_destroyed_and_files_keep_the_umask(world, tmp_path, capsys):
+    """A file, a folder of other things or the run folder itself as OUT: refused before any work,
+    nothing touched; an earlier export: refused without --overwrite, replaced with it, unless it
+    also holds a file the export does not write.  Exported files get 0666 minus the umask."""
+    from asvr.train.export_cli import main
+
+    root, runs, _ = world
+    run = runs["pad"]
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    plain = tmp_path / "notes.txt"
+    plain.write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("mine too")
+    for out, why in (
+        (plain, f"--hf-llava {plain} is a file, not a folder; give a new or empty folder"),
+        (other, f"--hf-llava {other} holds files that are not a LLaVA export (like a.txt); give a new or empty folder"),
+        (run, f"--hf-llava {run} holds files that are not a LLaVA export (like final); give a new or empty folder"),
+    ):
+        for extra in ([], ["--overwrite"]):
+            assert main([str(run), "--hf-llava", str(out), *extra]) == 2
+            assert capsys.readouterr().err == f"asvr-export --hf-llava: error: {why}\n"
+    assert plain.read_text() == "mine" and [p.name for p in other.iterdir()] == ["a.txt"]
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+    out = tmp_path / "empty"
+    out.mkdir()
+    old = os.umask(0o027)
+    try:
+        assert main([str(run), "--hf-llava", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()} == {oct(0o640)}
+    assert oct((run / "final" / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~old)
+    capsys.readouterr()
+    assert main([str(run), "--hf-llava", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"asvr-export --hf-llava: error: --hf-llava {out} holds an earlier LLaVA export; --overwrite replaces it\n"
+    )
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "marker": 1}))
+    assert main([str(run), "--hf-llava", str(out), "--overwrite"]) == 0
+    assert "marker" not in json.loads((out / "config.json").read_text())  # replaced by a fresh export
+    (out / "README.md").write_text("my notes")
+    capsys.readouterr()
+    assert main([str(run), "--hf-llava", str(out), "--overwrite"]) == 2  # found once the new files are known
+    assert capsys.readouterr().err.splitlines()[-1] == (  # (above it: transformers' "Writing model shards" bar)
+        f"asvr-export --hf-llava: error: --hf-llava {out}: the earlier export there also holds README.md, which "
+        "this export does not write; move them away first (nothing was replaced)"
+    )
+    assert (out / "README.md").read_text() == "my notes" and not list(tmp_path.glob(".empty.tmp-*"))

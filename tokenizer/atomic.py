@@ -12,7 +12,14 @@ PNGs, caches, exports) goes through :func:`atomic_path` / :func:`atomic_write`
 4. on any error, Ctrl-C included, remove the temporary.
 
 The result gets the permissions a plain ``open()`` would give (0666/0777
-minus the user's umask), not ``mkstemp``'s 0600.  Standard library only.
+minus the user's umask), not ``mkstemp``'s 0600; inside an :func:`atomic_dir`
+folder too, whatever the library that wrote a file chose (safetensors writes
+0600), executable bits kept.  :func:`atomic_dir` replaces an existing
+``path`` only when asked (``replace=True``, the default for folders this
+project owns, like ``RUN/final``); callers writing to a user-named folder pass
+``replace=False`` unless the user said ``--overwrite`` and the folder is an
+earlier output (a non-empty folder or a file is then refused with
+``FileExistsError``, never removed).  Standard library only.
 """
 
 from __future__ import annotations
@@ -80,20 +87,39 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def _refuse_existing(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return  # an empty folder: nothing of anyone's is replaced
+    if path.exists() or path.is_symlink():
+        what = "a folder with files in it" if path.is_dir() else "a file"
+        raise FileExistsError(f"{path} is {what}; choose a new or empty folder")
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; when the block ends without an error its files are
-    fsynced and it replaces ``path`` (an existing ``path`` is moved aside first, then removed)."""
+    fsynced and it replaces ``path`` (an existing ``path`` is moved aside first, then removed).
+    ``replace=False``: an existing ``path`` that is a file or a non-empty folder raises
+    ``FileExistsError`` before anything is written (and again, checked, before the swap)."""
     path = Path(path)
+    if not replace:
+        _refuse_existing(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)
         yield tmp
         for f in tmp.rglob("*"):
-            if f.is_file():
+            if f.is_file() and not f.is_symlink():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                executable = f.stat().st_mode & 0o111
+                os.chmod(f, (0o777 if executable else 0o666) & ~umask)
+            elif f.is_dir() and not f.is_symlink():
+                os.chmod(f, 0o777 & ~umask)
+        if not replace:
+            _refuse_existing(path)
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             os.replace(path, old / path.name)

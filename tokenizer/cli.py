@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from .cli_parser import OneLineParser
 from .errors import run_guarded
 
 # command -> (module, one-line help)
@@ -49,7 +50,7 @@ def add_encoding_args(p: argparse.ArgumentParser) -> None:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from .help_text import plain
 
-    p = argparse.ArgumentParser(prog="asvr-tokenizer", description=plain(__doc__.splitlines()[0]))
+    p = OneLineParser(prog="asvr-tokenizer", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (mod, help_) in COMMANDS.items():

@@ -21,10 +21,13 @@ and ``train_config.json``, the resolved options: ``--config RUN/train_config.jso
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from asvr.tokenizer.cli_parser import OneLineParser
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.help_text import plain
+from asvr.tokenizer.locks import FolderLocked
 
 from .config import TrainConfig
 from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from_args, parse_dataclass_args
@@ -32,7 +35,7 @@ from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option is a ``TrainConfig`` field (``train/config.py``): its docstring is the help."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="asvr-train", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .checkpoint import CheckpointError
     from .export import ExportError
+    from .metrics import MetricsError
+    from .preemption import Preempted
+    from .run_folder import DiskFullError
     from .sources import DataError
     from .templates import ConversationError
     from .trainer import RunFolderError
@@ -88,22 +94,44 @@ def main(argv: list[str] | None = None) -> int:
         VisionTowerError,
         ConfigFileError,
         CheckpointError,
+        FolderLocked,
+        DiskFullError,
+        MetricsError,
     )
     parsed: list[argparse.Namespace] = []
 
     def run() -> int:
         parsed.append(parse_dataclass_args(build_parser(), TrainConfig, argv))
-        return _train(parsed[0])
+        try:
+            return _train(parsed[0])
+        except Preempted as p:  # SIGTERM/SIGUSR1: saved on the way out (preemption.py), 128 + signum
+            print(f"asvr-train: {p.message(parsed[0].output_dir, _newest(parsed[0].output_dir))}", file=sys.stderr)
+            return p.exit_code
 
     def interrupted() -> str:
         if not parsed:
             return "interrupted"
-        return (
-            f"interrupted; to continue from the newest checkpoint in {parsed[0].output_dir}, "
-            "rerun the same command with --resume auto"
-        )
+        return interrupted_message(parsed[0].output_dir)
 
     return run_guarded("asvr-train", None, run, expected, interrupted=interrupted)
+
+
+def _newest(run_dir: str) -> str | None:
+    from .checkpoint import latest_tag
+
+    return latest_tag(Path(run_dir))
+
+
+def interrupted_message(run_dir: str) -> str:
+    """Ctrl-C's line: how to continue when a complete checkpoint exists, the truth when none does."""
+    from .checkpoint import latest_tag
+    from .trainer import holds_run
+
+    tag = latest_tag(Path(run_dir))
+    if tag is not None:
+        return f"interrupted; to continue from {tag} in {run_dir}, rerun the same command with --resume auto"
+    again = "with --overwrite " if holds_run(Path(run_dir)) else ""
+    return f"interrupted before the first checkpoint: nothing to resume in {run_dir}; rerun the same command {again}to start again"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -119,15 +147,17 @@ def _train(args: argparse.Namespace) -> int:
 
         preview(cfg, cfg.preview)
         return 0
+    from .preemption import StopSignals
     from .trainer import Trainer
 
     trainer = None
-    try:
-        trainer = Trainer(cfg)
-        last = trainer.train()
-    finally:
-        if trainer is not None:
-            trainer.close()
+    with StopSignals() as signals:
+        try:
+            trainer = Trainer(cfg, signals)
+            last = trainer.train()
+        finally:
+            if trainer is not None:
+                trainer.close()
     if last and trainer.rank == 0 and cfg.progress:
         print(
             f"done: step {last['step']} loss {last['loss']:.4f} (text {last['loss_text']:.4f}, visual "

@@ -310,7 +310,10 @@ class TrainConfig:
     grey dummy image as visual targets, predicted from zero hidden states (ablations; see docs/FIDELITY.md)."""
     # ------------------------------------------------------------------ checkpoints and logging
     save_every: int = field(default=0, metadata=_opt(RUN))
-    """Checkpoint every N optimizer steps (0: only at the end)."""
+    """Checkpoint every N optimizer steps (0: by time only, --save-every-minutes)."""
+    save_every_minutes: float = field(default=30.0, metadata=_opt(RUN, metavar="M"))
+    """Also checkpoint when M minutes of wall time passed since the last checkpoint (0: off), so a
+    preemption loses at most that; SIGTERM/SIGUSR1 save a checkpoint and stop (exit 128+signal)."""
     keep_checkpoints: int = field(default=2, metadata=_opt(RUN))
     """Newest checkpoints kept (0: all)."""
     final_checkpoint: bool = field(default=True, metadata=_opt(RUN, flag="--no-final-checkpoint"))
@@ -363,6 +366,8 @@ class TrainConfig:
             raise ValueError("--stop-after needs the final checkpoint (drop --no-final-checkpoint)")
         if self.log_every < 1:
             raise ValueError("--log-every must be >= 1")
+        if self.save_every < 0 or self.save_every_minutes < 0:
+            raise ValueError("--save-every and --save-every-minutes must be >= 0 (0: off)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:

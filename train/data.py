@@ -92,6 +92,8 @@ class TrainingData:
     bad: list[BadSample]
     n_conversations: int
     n_caption_free: int
+    no_placeholder: list[str] = field(default_factory=list)
+    """Ids of image samples whose conversation has no ``<image>``: trained as text only (LLaVA's rule)."""
 
     @property
     def lengths(self) -> list[int]:
@@ -141,6 +143,8 @@ def build_training_data(
     bad: list[BadSample] = []
     referenced: set[str] = set()
     root = Path(cfg.images) if cfg.images else None
+    no_placeholder: list[str] = []
+    missing_keys: list[str] = []
 
     def problem(key: str) -> tuple[str, str] | None:
         """``image_problem`` for a key whose image this run needs, else None."""
@@ -157,6 +161,9 @@ def build_training_data(
         def refuse(kind: str, reason: str, rec: ConversationRecord = rec) -> None:
             bad.append(BadSample(rec.sample_id, rec.source, kind, reason))
 
+        if rec.image_error is not None:
+            refuse("malformed", rec.image_error)
+            continue
         try:
             turns = validate_turns(rec.conversations, rec.image is not None)
             enc = encode_conversation(template, turns, llm_tokenizer, image_tokens)
@@ -168,13 +175,16 @@ def build_training_data(
             continue
         if rec.image is not None and (why := problem(rec.image)):
             refuse(*why)
+            missing_keys.extend([rec.image] if why[0] == "missing image" else [])
             continue
         if len(enc) > max_len:
             if enc.image_mask[max_len:].any():
                 refuse("too long", f"{len(enc)} tokens and the image ends past max_len {max_len}")
                 continue
             enc = enc.truncated(max_len)
-        # an image sample without <image> trains as text only (LLaVA drops its image)
+        # an image sample without <image> trains as text only (LLaVA drops its image): counted
+        if rec.image is not None and not enc.image_mask.any():
+            no_placeholder.append(rec.sample_id)
         samples.append(Sample(rec.sample_id, rec.image if enc.image_mask.any() else None, enc))
     n_conv = len(samples)
     free_pool = [k for k in store.keys if k not in referenced]
@@ -184,6 +194,7 @@ def build_training_data(
         missing = {k: why for k in free_pool if (why := problem(k))}
         if missing:
             bad.extend(BadSample(k, "shards", *missing[k]) for k in free_pool if k in missing)
+            missing_keys.extend(k for k in free_pool if k in missing and missing[k][0] == "missing image")
             free_pool = [k for k in free_pool if k not in missing]
             n_free = min(n_free, len(free_pool))
         rng = np.random.default_rng([cfg.seed, 7])
@@ -192,11 +203,34 @@ def build_training_data(
         if len(enc) > max_len:
             raise DataError(f"an image takes {len(enc)} positions > --max-len {max_len}")
         samples.extend(Sample(f"caption-free:{free_pool[i]}", free_pool[i], enc) for i in chosen)
+    if root is not None and missing_keys and not any(s.key is not None for s in samples):
+        raise DataError(images_root_hint(root, missing_keys))  # --skip-bad-samples would train on no image
     if bad and not cfg.skip_bad_samples:
         raise DataError(describe_bad(bad) + "; fix them or pass --skip-bad-samples")
     if not samples:
         raise DataError("no training samples left")
-    return TrainingData(samples, store, bad, n_conv, n_free)
+    return TrainingData(samples, store, bad, n_conv, n_free, no_placeholder)
+
+
+def describe_no_placeholder(ids: Sequence[str], first: int = 3) -> str:
+    """``2 image samples have no <image> in their conversation and train as text only (a, b)``."""
+    return (
+        f"{len(ids)} image sample{'s' if len(ids) != 1 else ''} with no <image> in the conversation, trained as "
+        f"text only as LLaVA does ({', '.join(ids[:first])}{', ...' if len(ids) > first else ''})"
+    )
+
+
+def images_root_hint(root: Path, missing: Sequence[str]) -> str:
+    """Every image is missing: the root is off, not the samples; say where the first key is, if near
+    (the parent of --images or one of its subfolders, the two usual slips)."""
+    key = missing[0]
+    near = [root.parent] + (sorted(d for d in root.iterdir() if d.is_dir())[:50] if root.is_dir() else [])
+    found = next((d for d in near if (d / key).is_file()), None)
+    where = f"; {key} is under {found}: --images {found}?" if found is not None else ""
+    return (
+        f"none of the {len(missing)} images is under --images {root} (like {root / key}): "
+        f"check --images, the folder the 'image' paths are relative to{where}"
+    )
 
 
 def open_codes(

@@ -115,9 +115,13 @@ def save_exported(
 
     ``inputs``: how the model was trained to read its inputs (``asvr-train`` always passes it)."""
     from .text_tokenizer import save_text_tokenizer
+    from .run_folder import disk_errors
 
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    with (
+        disk_errors(folder, "the exported model", "free space, then rerun with --resume auto"),
+        atomic_dir(folder) as tmp,
+    ):
         tensors, aliases = _dedupe(model.exported_state_dict())
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model.llm.config.save_pretrained(tmp)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from asvr.tokenizer.cli_parser import OneLineParser
 from asvr.tokenizer.help_text import plain
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="asvr-export",
         description=plain(__doc__.split("\n\n")[0]),
         epilog=plain(__doc__.split("\n\n", 2)[2]),
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-llava", metavar="OUT", required=True, help="write a Hugging Face LLaVA folder here")
     p.add_argument("--tokenizer", metavar="DIR", help="the semantic tokenizer artifact, when it moved since training")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT when it holds an earlier LLaVA export (a file, or a folder of anything else, is "
+        "always refused)",
+    )
     return p
 
 
@@ -39,7 +46,9 @@ def _export(args: argparse.Namespace) -> int:
     from .hf_llava import export_hf_llava
 
     tok = SemanticTokenizer.load(args.tokenizer) if args.tokenizer else None
-    out = export_hf_llava(args.run, args.hf_llava, tokenizer=tok, max_shard_size=args.max_shard_size)
+    out = export_hf_llava(
+        args.run, args.hf_llava, tokenizer=tok, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+    )
     print(f"wrote a Hugging Face LLaVA folder to {out}")
     return 0
 
@@ -51,12 +60,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from .export import ExportError
     from .hf_llava import HFExportError
+    from .run_folder import DiskFullError
 
     return run_guarded(
         "asvr-export",
         "--hf-llava",
         lambda: _export(args),
-        (HFExportError, ExportError, TokenizerError, EncoderLoadError, FileNotFoundError),
+        (
+            HFExportError,
+            ExportError,
+            TokenizerError,
+            EncoderLoadError,
+            FileNotFoundError,
+            FileExistsError,
+            DiskFullError,
+        ),
     )
 
 

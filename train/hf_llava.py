@@ -47,6 +47,7 @@ logits, to fp32 tolerance, and the same greedy answers as ``asvr-eval`` on
 from __future__ import annotations
 
 import json
+import re
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -365,18 +366,52 @@ def _run_config(run: Path | None) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+_OUR_SHARDS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """``OUT`` must be new, an empty folder, or (with ``overwrite``) an earlier LLaVA export:
+    a file or a folder of other things is refused before any work, never replaced."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise HFExportError(f"--hf-llava {out} is a file, not a folder; give a new or empty folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_hf_llava(out):
+        first = sorted(p.name for p in out.iterdir())[0]
+        raise HFExportError(
+            f"--hf-llava {out} holds files that are not a LLaVA export (like {first}); give a new or empty folder"
+        )
+    if not overwrite:
+        raise HFExportError(f"--hf-llava {out} holds an earlier LLaVA export; --overwrite replaces it")
+
+
+def _foreign(out: Path, written: Path) -> list[str]:
+    """Names in the earlier export ``out`` that this export does not write (user files: never removed)."""
+    new = {p.name for p in written.iterdir()}
+    return sorted(p.name for p in out.iterdir() if p.name not in new and not _OUR_SHARDS.match(p.name))
+
+
 def export_hf_llava(
-    run: str | os.PathLike, out: str | os.PathLike, *, tokenizer=None, max_shard_size: str = "5GB"
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tokenizer=None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Write ``out`` (atomically: a temp folder renamed into place) from a run or export folder.
 
-    ``tokenizer`` (a ``SemanticTokenizer``) overrides the recorded tokenizer path."""
+    ``tokenizer`` (a ``SemanticTokenizer``) overrides the recorded tokenizer path.  ``out`` is
+    refused when it is a file or holds anything but an earlier export (that one only with
+    ``overwrite``, and only when it holds nothing this export would not write again)."""
     from transformers import AutoTokenizer, GenerationConfig, LlavaForConditionalGeneration
 
     from asvr.tokenizer import SemanticTokenizer
 
     from .templates import get_template
 
+    out = Path(out)
+    check_export_target(out, overwrite)
     export, run_dir = resolve_export_dir(run)
     meta = json.loads((export / CONFIG_FILE).read_text())
     cfg = ModelConfig.from_dict(meta["model"])
@@ -433,21 +468,29 @@ def export_hf_llava(
         gen.pad_token_id = text_tok.pad_token_id if text_tok.pad_token_id is not None else gen.eos_token_id
     hf.generation_config = gen
 
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        hf.save_pretrained(tmp, max_shard_size=max_shard_size)
-        after = _save_processor(tmp, tower, text_tok, template, reference, model.vision.tokens)
-        record = {
-            "template": template.name,
-            "template_source": template_source,
-            "preprocess": tower.preprocess,
-            "image_size": tower.image_size,
-            "resample": tower.resample,
-            "after_image": after,
-            "note": "how the model was trained to read its inputs; the processor and chat template apply it",
-        }
-        (tmp / INPUTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _save_head(model, tmp / HEAD_DIR)
+    from .run_folder import disk_errors
+
+    with disk_errors(out, "the LLaVA export", "free space and run asvr-export again"):
+        with atomic_dir(out, replace=overwrite) as tmp:
+            hf.save_pretrained(tmp, max_shard_size=max_shard_size)
+            after = _save_processor(tmp, tower, text_tok, template, reference, model.vision.tokens)
+            record = {
+                "template": template.name,
+                "template_source": template_source,
+                "preprocess": tower.preprocess,
+                "image_size": tower.image_size,
+                "resample": tower.resample,
+                "after_image": after,
+                "note": "how the model was trained to read its inputs; the processor and chat template apply it",
+            }
+            (tmp / INPUTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            _save_head(model, tmp / HEAD_DIR)
+            foreign = _foreign(out, tmp) if out.is_dir() else []
+            if foreign:
+                raise HFExportError(
+                    f"--hf-llava {out}: the earlier export there also holds {', '.join(foreign[:3])}, which this "
+                    "export does not write; move them away first (nothing was replaced)"
+                )
     return out
 
 

@@ -15,6 +15,15 @@ Measured on a tiny CPU run before this module (DeepSpeed 0.19, transformers 5):
   (``DS_BUILD_SHM_COMM`` acts at install time), so ``build_notice`` says
   what is happening before it starts.  The optimizer is already torch's
   AdamW, which needs no compiled op.
+* One cache per environment: torch's default cache is in the home folder
+  (``~/.cache/torch_extensions/py311_cpu``), shared by every venv of that
+  Python, so a venv with another torch or DeepSpeed rebuilt the op (2-5
+  min) over the other's build each time it ran, silently.  Unless the user
+  sets ``TORCH_EXTENSIONS_DIR``, ``configure`` points it at
+  ``<sys.prefix>/.cache/torch_extensions`` (inside the venv: removed with
+  it), or keeps torch's default when that folder cannot be written (a
+  system Python).  ``build_notice`` is printed whenever the op is about to
+  be built, ``--quiet`` or not.
 * After that DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op
   built successfully" on every start (a ``print``, not a log record);
   ``quiet_stdout`` holds what ``deepspeed.initialize`` prints.
@@ -41,10 +50,23 @@ import torch
 SHM_OP = "deepspeed_shm_comm"
 
 
+def env_extensions_dir() -> Path | None:
+    """``<sys.prefix>/.cache/torch_extensions`` when it can be created there, else None."""
+    prefix = Path(sys.prefix)
+    root = prefix / ".cache" / "torch_extensions"
+    if root.is_dir() and os.access(root, os.W_OK):
+        return root
+    return root if os.access(prefix, os.W_OK) else None
+
+
 def configure(verbose: bool = False) -> None:
     """Set the libraries' documented knobs; call before deepspeed is imported."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        root = env_extensions_dir()
+        if root is not None:
+            os.environ["TORCH_EXTENSIONS_DIR"] = str(root)  # torch's documented knob: one cache per venv
     if verbose:
         return
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -93,7 +115,10 @@ def build_notice() -> str | None:
     where = extensions_dir() / SHM_OP
     if (where / f"{SHM_OP}.so").exists():
         return None
-    return f"building DeepSpeed's CPU communication op ({SHM_OP}) once: ~2 min on 2 cores, cached in {where.parent}"
+    return (
+        f"building DeepSpeed's CPU communication op ({SHM_OP}): ~2 min on 2 cores, once per environment; "
+        f"cached in {where.parent}"
+    )
 
 
 @contextlib.contextmanager

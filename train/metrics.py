@@ -2,7 +2,10 @@
 TensorBoard, and ``RUN/loss.png`` at the end.  Only rank 0 writes.
 
 On resume the file is cut back to the checkpoint's step first, so a run that
-crashed after its last checkpoint does not log the replayed steps twice.
+crashed after its last checkpoint does not log the replayed steps twice.  A
+kill in the middle of an append leaves a torn last line: readers skip it and
+the resume drops it (its step is replayed); a bad line anywhere else is an
+error naming its line number.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def _truncate(self, step: int) -> None:
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [json.dumps(r) for r in parse_metrics(self.path) if r["step"] <= step]
         atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
@@ -52,9 +55,32 @@ class MetricsLogger:
             self.tb.close()
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl has a broken line other than a torn last one; one line."""
+
+
+def parse_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics file; a torn last line (a kill during an append) is skipped."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            if all(not rest.strip() for rest in lines[i + 1 :]):
+                break  # the last line, cut short
+            raise MetricsError(f"{path}: line {i + 1} is not a metrics record; fix or remove it") from None
+        rows.append(row)
+    return rows
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return parse_metrics(path) if path.exists() else []
 
 
 STAGE_NOTES = {

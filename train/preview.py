@@ -19,7 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from .config import image_tokens
-from .data import DataConfig, Sample, build_training_data, open_codes
+from .data import DataConfig, Sample, build_training_data, describe_no_placeholder, open_codes
 from .packing import PackingConfig
 from .sources import DataError
 from .templates import get_template
@@ -40,8 +40,10 @@ def sample_record(s: Sample) -> dict:
     }
 
 
-def preview(cfg, n: int, out: TextIO = sys.stdout) -> int:
-    """Print the first ``n`` samples of the run ``cfg`` (a ``TrainConfig``) as JSON lines; -> lines printed."""
+def preview(cfg, n: int, out: TextIO | None = None) -> int:
+    """Print the first ``n`` samples of the run ``cfg`` (a ``TrainConfig``) as JSON lines (to ``out``,
+    default the current ``sys.stdout``); -> lines printed."""
+    out = out or sys.stdout  # read at call time: a default bound at import kept a closed stream
     from transformers import AutoTokenizer
 
     from asvr.tokenizer import SemanticTokenizer
@@ -72,6 +74,8 @@ def preview(cfg, n: int, out: TextIO = sys.stdout) -> int:
     )
     if not data.samples:
         raise DataError("no training samples")
+    if data.no_placeholder:
+        print(describe_no_placeholder(data.no_placeholder), file=sys.stderr)
     for s in data.samples[:n]:
         out.write(json.dumps(sample_record(s)) + "\n")
     out.flush()

@@ -189,6 +189,8 @@ class ConversationRecord:
     image: str | None
     conversations: Any
     source: str
+    image_error: str | None = None
+    """Why ``image`` cannot be used as it stands (a list of images), else None."""
 
 
 def load_conversations(paths: Sequence[str | os.PathLike]) -> list[ConversationRecord]:
@@ -205,12 +207,18 @@ def load_conversations(paths: Sequence[str | os.PathLike]) -> list[ConversationR
                 out.append(ConversationRecord(f"{path.name}[{i}]", None, None, str(path)))
                 continue
             image = rec.get("image")
+            error = None
+            if isinstance(image, list):
+                error = f"image lists are not supported (one image per sample): {image!r:.120}"
+            elif image is not None and not isinstance(image, str):
+                error = f"'image' must be a string (a path under --images), not {type(image).__name__}"
             out.append(
                 ConversationRecord(
                     str(rec.get("id", f"{path.name}[{i}]")),
                     image if isinstance(image, str) else None if image is None else repr(image),
                     rec.get("conversations"),
                     str(path),
+                    error,
                 )
             )
     return out

@@ -295,6 +295,7 @@ def encode_conversation(
 
     ``image_tokens`` = H*W positions per ``<image>``; ``image_id`` fills them
     (default: the pad id, else 0; the model overwrites those embeddings)."""
+    check_literal_specials(turns, tokenizer)
     text, spans = render(template, turns, tokenizer)
     ids = tokenize_with_images(text, tokenizer, template.add_special_tokens)
     bounds = _Boundaries(template, text, ids, tokenizer)
@@ -385,6 +386,29 @@ def _asvr_qwen_trained(template, text, ids, spans, bounds: "_Boundaries", tokeni
             unmask.add(enc[0])
     trained |= np.isin(np.asarray(ids), list(unmask))
     return trained
+
+
+def special_strings(tokenizer) -> list[str]:
+    """The strings the tokenizer turns into special ids wherever they appear (``</s>``, ``<s>``,
+    ``<|im_end|>``, ...), ``<image>`` aside (the placeholder is split out before tokenizing)."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found |= {str(t) for t in decoder.values() if getattr(t, "special", False)}
+    return sorted(t for t in found if t and t != IMAGE_PLACEHOLDER)
+
+
+def check_literal_specials(turns: list[tuple[str, str]], tokenizer) -> None:
+    """Refuse a turn whose text holds a special token's string: tokenized in one go with the
+    template, a literal ``</s>`` in an answer became the EOS id (a trained stop in mid-answer) and
+    ``<|im_end|>`` a turn end.  The template's own markers are added after this check."""
+    specials = special_strings(tokenizer)
+    for i, (_, value) in enumerate(turns):
+        hit = next((t for t in specials if t in value), None)
+        if hit is not None:
+            raise ConversationError(
+                f"turn {i + 1} holds the literal text {hit!r}, a special token of the tokenizer that would not "
+                "stay text (remove or reword it)"
+            )
 
 
 def encode_generation_prompt(

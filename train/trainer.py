@@ -42,6 +42,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,8 +52,19 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint, libraries
+from .preemption import Preempted, SaveClock, StopSignals, gloo_reduce_max
+from .run_folder import lock_run_folder
 from .config import ModelConfig, TrainConfig
-from .data import DataConfig, PackedLoader, TrainingData, assemble_data, describe_bad, open_codes, write_bad_samples
+from .data import (
+    DataConfig,
+    PackedLoader,
+    TrainingData,
+    assemble_data,
+    describe_bad,
+    describe_no_placeholder,
+    open_codes,
+    write_bad_samples,
+)
 from .export import TrainedInputs
 from .metrics import MetricsLogger, plot_losses
 from .packing import PackingConfig, padding_waste, plan_epoch
@@ -146,12 +158,19 @@ def clear_run_folder(run_dir: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, signals: StopSignals | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.resuming = False
-        check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
+        self.signals = signals or StopSignals()  # installed by the CLI for the whole command
+        self.lock = lock_run_folder(self.run_dir) if os.environ.get("RANK", "0") == "0" else None
+        try:
+            check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
+        except RunFolderError:
+            self.close_lock()
+            raise
         self.rank, self.world, self.owns_group = init_distributed()
+        self.reduce_max = gloo_reduce_max(self.world)  # collective: the ranks' save/stop flags
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.rank == 0:
@@ -220,6 +239,8 @@ class Trainer:
         if data.bad and self.rank == 0:
             write_bad_samples(self.run_dir / "bad_samples.jsonl", data.bad)
             print(f"skipping {describe_bad(data.bad)} (all listed in {self.run_dir / 'bad_samples.jsonl'})")
+        if data.no_placeholder and self.rank == 0:
+            print(describe_no_placeholder(data.no_placeholder))
         loader = PackedLoader(
             data.lengths,
             collate,
@@ -284,7 +305,10 @@ class Trainer:
         from asvr.tokenizer import SemanticTokenizer
 
         cfg = self.cfg
-        self.resuming = cfg.resume is not None and (cfg.resume != "auto" or bool(checkpoint.latest_tag(self.run_dir)))
+        auto_tag, why = checkpoint.resume_choice(self.run_dir) if cfg.resume == "auto" else (None, "")
+        if why and self.rank == 0:
+            print(why, file=sys.stderr, flush=True)  # never silent: step 0, or not the tag `latest` names
+        self.resuming = cfg.resume is not None and (cfg.resume != "auto" or auto_tag is not None)
         tokenizer = SemanticTokenizer.load(cfg.tokenizer)
         llm_tokenizer = AutoTokenizer.from_pretrained(
             cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
@@ -314,8 +338,8 @@ class Trainer:
                     optimizer, cosine_with_warmup(total, warmup, cfg.min_lr_ratio)
                 )
         notice = libraries.build_notice()
-        if notice:
-            self.log(notice)
+        if notice and self.rank == 0:
+            print(notice, flush=True)  # --quiet or not: minutes of silence otherwise
         with libraries.quiet_stdout(cfg.verbose):
             engine, _, _, _ = deepspeed.initialize(
                 model=model,
@@ -327,7 +351,7 @@ class Trainer:
             )
         step = 0
         if self.resuming:
-            client = checkpoint.load(engine, self.run_dir, self.rank, None if cfg.resume == "auto" else cfg.resume)
+            client = checkpoint.load(engine, self.run_dir, self.rank, auto_tag or cfg.resume)
             assert client is not None  # resuming: a named tag, or "auto" with a latest tag present
             step = int(client["step"])
             loader.load_state_dict(client["loader"])
@@ -338,7 +362,8 @@ class Trainer:
             (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         metrics = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, resume_step=step)
         stop = total if cfg.stop_after is None else min(total, step + cfg.stop_after)
-        last = self.loop(engine, loader, metrics, step, stop, total)
+        with self.signals.deferred():  # a stop signal ends the current step, saves, raises Preempted
+            last = self.loop(engine, loader, metrics, step, stop, total)
         metrics.close()
         if cfg.export and stop == total:
             self.export(engine, llm_tokenizer)
@@ -362,6 +387,7 @@ class Trainer:
         last: dict = {}
         pending: list[tuple[dict, list[str], torch.Tensor]] = []
         engine.train()
+        clock = SaveClock(cfg.save_every, cfg.save_every_minutes, self.signals, self.reduce_max)
         t_window = time.perf_counter()
         while step < stop:
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves at the step's end)
@@ -369,7 +395,8 @@ class Trainer:
             step += 1
             pending.append(({"step": step, "tokens": tokens, "lr": lr, "epoch": loader.epoch}, keys, vec))
             bar.update(1)
-            save = (step == stop and cfg.final_checkpoint) or (cfg.save_every and step % cfg.save_every == 0)
+            due, signum = clock.poll(step)  # --save-every(-minutes), SIGTERM/SIGUSR1: same on every rank
+            save = (step == stop and cfg.final_checkpoint) or due
             if save or step == stop or len(pending) >= cfg.log_every:
                 # one reduction and one device->host copy for the whole window: the step time is
                 # the window's mean (a per-step host clock would need a sync per step)
@@ -385,6 +412,9 @@ class Trainer:
                 pending = []
             if save:
                 checkpoint.save(engine, self.run_dir, step, loader.state_dict(), self.rank, cfg.keep_checkpoints)
+            if signum:
+                bar.close()
+                raise Preempted(signum, checkpoint.tag_for(step), step)
             if not pending:
                 t_window = time.perf_counter()
         bar.close()
@@ -447,3 +477,8 @@ class Trainer:
     def close(self) -> None:
         if self.owns_group:
             dist.barrier()
+        self.close_lock()
+
+    def close_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
