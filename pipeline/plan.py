@@ -316,9 +316,10 @@ def unit_segments(starts: np.ndarray, lo: int, hi: int) -> list[tuple[int, int, 
 def read_rows(folder: str, job: int, a: int, b: int) -> pa.Table:
     """Rows ``[a, b)`` of a job's plan part, reading only the row groups they lie in."""
     pf = pq.ParquetFile(_part(Path(folder), job, "parquet"))
-    g0, g1 = a // ROWS_PER_GROUP, (b - 1) // ROWS_PER_GROUP
+    ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+    g0, g1 = int(np.searchsorted(ends, a, side="right")), int(np.searchsorted(ends, b - 1, side="right"))
     t = pf.read_row_groups(list(range(g0, g1 + 1)))
-    return t.slice(a - g0 * ROWS_PER_GROUP, b - a)
+    return t.slice(a - (int(ends[g0 - 1]) if g0 else 0), b - a)
 
 
 def read_dups(folder: str, segments: list[tuple[int, int, int]]) -> dict[tuple[int, int], str]:
