@@ -280,6 +280,9 @@ def _run(cfg, pcfg, meta, jobs, inputs, out: OutputDir, t_start, ray_: _LazyRay)
     from tqdm import tqdm
 
     t_list = time.perf_counter()
+    if not out.resuming:
+        # written before the listing, so a run killed while listing is resumed, listing included
+        out.write_manifest(inputs, None, 0)
     with tqdm(total=len(jobs), unit="input", disable=not cfg.progress, desc="list", dynamic_ncols=True) as bar:
         in_process = len(jobs) <= 1 and not ray_.joining
         plan = build_plan(

@@ -1,6 +1,6 @@
 """The output directory: run config check, work units, atomic shards, manifest, failures.
 
-Resume protocol.  The plan (``sources.py``) is cut into work units of
+Resume protocol.  The plan (``plan.py``, listed in Ray tasks into ``OUT/.plan``) is cut into work units of
 ``shard_size`` consecutive inputs; unit ``u`` writes ``part-{u:05d}.parquet``
 (or ``shard-{u:05d}.tar``): shard names come from unit numbers, never from
 keys.  A unit commits in two atomic steps: the shard (temp name, fsync,
@@ -11,7 +11,10 @@ exists, its input hash matches this run's plan, and its shard exists with the
 recorded size: a kill -9 between the two steps leaves a shard without a marker,
 and the rerun rewrites that unit (same rows, atomic replace).  Checking the size
 rather than re-hashing keeps a restart over 10k shards cheap; ``asvr-pipeline
-verify`` re-hashes everything.
+verify`` re-hashes everything.  Both steps run in the encode actor that encoded the unit, on
+whichever node it is (:mod:`asvr.pipeline.commit`, :func:`commit_code_rows`); the driver holding
+this :class:`OutputDir` only checks the run config, keeps the lock, sweeps temp files and writes
+the manifest and failures table from the units' records.
 
 If inputs change between runs (files added to a folder), only units whose
 inputs changed are redone.  What changes *codes* (tokenizer fingerprint,
