@@ -96,7 +96,7 @@ class CommitRecord:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "CommitRecord":
+    def from_json(cls, text: str) -> "CommitRecord":
         return cls(**json.loads(text))
 
 
@@ -124,7 +124,7 @@ class UnitStore:
         """The unit's record if it is committed for these inputs with its shard intact (by size)."""
         p = self.marker_path(unit)
         try:
-            r = CommitRecord.from_json(p.read_bytes())
+            r = CommitRecord.from_json(p.read_text())
         except (OSError, ValueError, TypeError):
             return None
         if r.items_sha256 != items_sha256:

@@ -263,7 +263,8 @@ def _user_error(err: Exception) -> Exception:
 
     from .sources import SourceError
 
-    seen, todo = set(), [err]
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:

@@ -23,6 +23,7 @@ driver; the codes go from the actor to the shard file.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -148,7 +149,7 @@ class UnitEncodeWriter:
         ok = (status == "todo") & b["ok"][rows].astype(bool)
         codes, t_encode = self.codes(ok, b["pixels"][rows])
         t0 = time.perf_counter()
-        shard: dict[str, list] = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
+        shard: dict[str, Any] = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
         failures = []
         c = 0
         for j, i in enumerate(rows.tolist()):
