@@ -25,7 +25,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 
 from asvr.tokenizer.artifact import load_artifact
@@ -312,13 +312,53 @@ def _run(cfg, pcfg, meta, jobs, inputs, out: OutputDir, t_start, ray_: _LazyRay)
     )
 
 
-def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, owns_ray) -> tuple[int, int]:
-    """Every unit through Ray Data; the driver only counts and keeps each unit's record."""
-    import ray
+@dataclass(frozen=True)
+class _UnitJob:
+    """Everything the coordinator task needs to run the Ray Data pipeline (pickles small)."""
+
+    decode: UnitReadDecode
+    encode_kwargs: dict
+    actors: int
+    remote: dict
+    n_units: int
+    verbose: bool
+
+
+def _stream_units(job: _UnitJob) -> Iterator[dict]:
+    """The Ray Data pipeline, run in a Ray task (the coordinator), yielding one small batch of
+    commit records per output block.  Ray Data's streaming executor (task scheduling, backpressure,
+    its polling loop: ~3.5% of a core on the 2-core machine, issue 28's bench) runs there, not in
+    the driver, which only receives the records."""
     import ray.data
+
+    _quiet_ray_data(job.verbose)
+    ctx = ray.data.DataContext.get_current()  # this task's own context, not the driver's
+    ctx.target_max_block_size = None  # one unit = one block, never split (unit_stages.py)
+    ds = ray.data.range(job.n_units, override_num_blocks=job.n_units)
+    # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
+    # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
+    # decode runs in its own processes and overlaps encode.
+    ds = ds.map_batches(job.decode, batch_size=None, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            UnitEncodeWriter,
+            fn_constructor_kwargs=job.encode_kwargs,
+            batch_size=None,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=job.actors),
+            **job.remote,
+        )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        yield {k: batch[k] for k in ("record", "images", "skipped", "t_read", "t_decode", "t_encode", "t_write")}
+
+
+def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, owns_ray) -> tuple[int, int]:
+    """Every unit through Ray Data (in a coordinator task); the driver only keeps each unit's record."""
+    import ray
     from tqdm import tqdm
 
-    _quiet_ray_data(cfg.verbose)
     actors, remote, builder = _resources(cfg)
     if owns_ray:
         # A local Ray: no node to fail over to, and the encode is deterministic, so Ray Data's
@@ -328,47 +368,34 @@ def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, o
         # store, printed over the progress bar.  Joining a cluster keeps Ray's retries: a block
         # redone after a worker died rewrites the same shard (commit.py).
         remote = {**remote, "max_restarts": 0}
-    ctx = ray.data.DataContext.get_current()
-    old_block_size = ctx.target_max_block_size
-    ctx.target_max_block_size = None  # one unit = one block, never split (unit_stages.py)
-    n_units = commits.n_units
-    try:
-        ds = ray.data.range(n_units, override_num_blocks=n_units)
-        # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
-        # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
-        # decode runs in its own processes and overlaps encode.
-        decode = UnitReadDecode(pcfg, plan.folder, plan.starts(), cfg.shard_size, out.store, plan.duplicates > 0)
-        ds = ds.map_batches(decode, batch_size=None, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
-        with warnings.catch_warnings():
-            # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = ds.map_batches(
-                UnitEncodeWriter,
-                fn_constructor_kwargs={
-                    "builder": builder,
-                    "store": out.store,
-                    "fmt": cfg.format,
-                    "meta": meta,
-                    "batch_size": cfg.batch_size,
-                },
-                batch_size=None,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                **remote,
-            )
-        bar = tqdm(total=plan.total, unit="img", disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True)
-        bar.set_description("tokenize")
-        processed = skipped = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            for k in ("read", "decode", "encode", "write"):
-                seconds[k] += float(batch[f"t_{k}"].sum())
-            for rec_json, images, was_done in zip(batch["record"], batch["images"], batch["skipped"]):
-                rec = CommitRecord.from_json(rec_json)
-                if commits.add(rec):
-                    skipped += bool(was_done)
-                    processed += int(images)
-                    bar.update(sum(rec.counts.get(k, 0) for k in ("seen", "ignored")))
-        bar.close()
-        return processed, skipped
-    finally:
-        ctx.target_max_block_size = old_block_size
+    job = _UnitJob(
+        decode=UnitReadDecode(pcfg, plan.folder, plan.starts(), cfg.shard_size, out.store, plan.duplicates > 0),
+        encode_kwargs={
+            "builder": builder,
+            "store": out.store,
+            "fmt": cfg.format,
+            "meta": meta,
+            "batch_size": cfg.batch_size,
+        },
+        actors=actors,
+        remote=remote,
+        n_units=commits.n_units,
+        verbose=cfg.verbose,
+    )
+    # num_cpus=0: the coordinator schedules, it does not take a CPU from decode or encode
+    coordinator = ray.remote(num_cpus=0, max_retries=0)(_stream_units).options(num_returns="streaming")
+    bar = tqdm(total=plan.total, unit="img", disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True)
+    bar.set_description("tokenize")
+    processed = skipped = 0
+    for ref in coordinator.remote(job):
+        batch = ray.get(ref)
+        for k in ("read", "decode", "encode", "write"):
+            seconds[k] += float(batch[f"t_{k}"].sum())
+        for rec_json, images, was_done in zip(batch["record"], batch["images"], batch["skipped"]):
+            rec = CommitRecord.from_json(rec_json)
+            if commits.add(rec):
+                skipped += bool(was_done)
+                processed += int(images)
+                bar.update(sum(rec.counts.get(k, 0) for k in ("seen", "ignored")))
+    bar.close()
+    return processed, skipped
