@@ -251,7 +251,7 @@ def folder_parts(root: Path) -> list[str]:
     if not root.is_dir():
         raise SourceError(f"{root} is not a folder")
     with os.scandir(root) as it:
-        subs = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir() and not e.is_symlink())
+        subs = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
     return ["", *subs]
 
 
