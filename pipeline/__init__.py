@@ -4,8 +4,14 @@ Modules, one job each:
   sources.py  INPUT arguments -> an ordered plan of images (folder, webdataset, Parquet, LLaVA JSON);
               the input-format registry
   input_*.py  plug-in input formats, one module each (input_hf_datasets.py: datasets.save_to_disk folders)
+  plan.py     listing jobs (per input, per top-level subfolder) and the duplicate search in Ray tasks;
+              the plan kept in OUT/.plan, reused by a resumed run
   stages.py   Ray Data operators: ReadDecode (CPU tasks), Encoder (actor pool, tokenizer built in __init__)
-  writer.py   OUT: run-config check, work units, atomic shards + unit markers, manifest, failures
+  unit_stages.py  one unit per block: UnitReadDecode (plan rows -> pixels), UnitEncodeWriter (encode,
+              then the actor writes the unit's shard + marker and emits its commit record)
+  commit.py   the worker-side unit commit (shard, then marker) and the driver's record collection,
+              for any job cut into numbered units
+  writer.py   OUT: run-config check, shard naming, atomic shards + unit markers, manifest, failures
   runner.py   PipelineConfig -> run_pipeline: wires the above, progress bar, summary
   check.py    inspect / verify an OUT (no Ray)
   cli.py      asvr-pipeline tokenize | inspect | verify

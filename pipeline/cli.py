@@ -113,7 +113,8 @@ def _tokenize_parser(sub) -> None:
     p.add_argument(
         "--ray-address",
         default=None,
-        help="join this Ray cluster (or set RAY_ADDRESS); default: start a fresh local Ray",
+        help="join this Ray cluster (or set RAY_ADDRESS; the workers write the shards, so INPUTs and --out "
+        "must be at the same path on every node); default: start a fresh local Ray",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an OUT written with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

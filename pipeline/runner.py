@@ -1,10 +1,12 @@
-"""Wires discovery -> Ray Data (read+decode tasks -> encode actor pool) -> shard writer.
+"""Wires listing (Ray tasks) -> Ray Data (unit read+decode tasks -> encode+write actor pool) -> manifest.
 
-The driver owns the plan and OUT: workers see plan rows and return codes, the
-driver buffers rows per work unit and commits a unit (shard, then marker) as
-soon as its last image comes back.  Workers never write, so OUT only needs to
-exist on the driver's machine; the inputs must be readable at the same paths
-on every node of a cluster (shared filesystem).
+The driver owns OUT's lock, the run config and the manifest, and nothing per image: listing jobs
+run in Ray tasks and write the plan to ``OUT/.plan`` (:mod:`asvr.pipeline.plan`), a decode task
+turns a unit number into that unit's decoded images, and the encode actor that encoded a unit
+writes its shard and marker itself (:mod:`asvr.pipeline.unit_stages`, :mod:`asvr.pipeline.commit`).
+The driver receives one commit record per unit and writes ``manifest.json`` and
+``failures.parquet`` at the end.  OUT and the inputs must be on storage every node sees at the
+same path (a shared filesystem in a cluster; local disk on one machine).
 
 Sizing on one machine: each decode task and each CPU encode actor reserves one
 CPU; a CPU actor runs torch on ``encode_threads`` threads (default: all CPUs
@@ -23,18 +25,20 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
-import pyarrow as pa
 
 from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig
 
 from asvr.tokenizer.shards import ShardMeta
-from .sources import SourceOptions, discover
-from .stages import Encoder, ReadDecode, TokenizerBuilder
-from .writer import COUNTS, OutputDir, UnitResult, units_hash
+
+from .commit import CommitRecord, Commits, OutputError
+from .plan import build_plan, listing_jobs
+from .sources import SourceOptions
+from .stages import TokenizerBuilder
+from .unit_stages import UnitEncodeWriter, UnitReadDecode
+from .writer import COUNTS, PLAN_DIR, OutputDir
 
 DECODE_TASK_MEMORY = 512 * 2**20
 
@@ -103,7 +107,7 @@ class RunSummary:
     images_processed: int
     """Images that went through Ray in this run (not those of skipped units)."""
     seconds: dict
-    """Summed worker seconds per stage: read, decode, encode; driver seconds: write."""
+    """Driver wall seconds of the listing; summed worker seconds per stage: read, decode, encode, write."""
 
     @property
     def images_per_s(self) -> float:
@@ -117,7 +121,7 @@ class RunSummary:
             f"seen {c['seen']}  encoded {c['encoded']}  failed {c['failed']}  duplicate {c['duplicate']}{ignored}",
             f"units {self.units} ({self.units_skipped} already done), shards {self.shards}",
             f"{self.images_processed} images in {self.wall_s:.1f}s = {self.images_per_s:.1f} img/s",
-            f"time: {split} (read/decode/encode summed over workers)",
+            f"time: {split} (list: driver wall; read/decode/encode/write summed over workers)",
         ]
 
 
@@ -186,23 +190,7 @@ def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
     return actors, remote, builder
 
 
-def _blocks(plan: pa.Table, idx: np.ndarray, batch_size: int, cpus: int) -> list[pa.Table]:
-    """Pending plan rows as blocks: big enough to amortise a task, small enough to keep every CPU busy."""
-    rows = plan.take(pa.array(idx)).append_column("idx", pa.array(idx, pa.int64()))
-    n = rows.num_rows
-    size = max(batch_size, min(1024, math.ceil(n / (4 * cpus))))
-    return [rows.slice(i, size) for i in range(0, n, size)]
-
-
 # --------------------------------------------------------------------------- run
-class _UnitBuffer:
-    def __init__(self, unit: int, items: np.ndarray, waiting: int):
-        self.unit, self.items, self.waiting = unit, items, waiting
-        self.rows: dict[int, tuple] = {}
-        self.failures: dict[int, tuple] = {}
-        self.duplicates = 0
-
-
 def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     t_start = time.perf_counter()
     spec, _ = load_artifact(cfg.tokenizer)  # a bad tokenizer dir fails here, before Ray starts
@@ -228,99 +216,89 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         "encoder_dtype": cfg.encoder_dtype,
     }
 
-    plan, inputs = discover(cfg.inputs, cfg.sources)
+    jobs, inputs = listing_jobs(cfg.inputs, cfg.sources)  # a missing INPUT fails here, before Ray starts
     out = OutputDir(cfg.out, run_config, overwrite=cfg.overwrite)
+    ray_ = _LazyRay(cfg)
     try:
-        return _run(cfg, pcfg, meta, plan, inputs, out, t_start)
+        return _run(cfg, pcfg, meta, jobs, inputs, out, t_start, ray_)
+    except Exception as err:  # noqa: BLE001 - a worker's one-line error, unwrapped from Ray's
+        raise _user_error(err) from None
     finally:
+        ray_.stop()
         out.close()
 
 
-def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
-    n = plan.num_rows
-    keys = plan.column("key").to_pylist()
-    sources = plan.column("source").to_pylist()
+class _LazyRay:
+    """Ray, started (or joined) on first use: a run that lists one input in-process and finds
+    nothing to encode (an empty folder, a finished OUT of one input) never starts it."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.joining = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        self._stop = None
+        self.started = False
+
+    def ensure(self) -> None:
+        if not self.started:
+            self._stop = _ray_init(self.cfg)
+            self.started = True
+
+    @property
+    def owned(self) -> bool:
+        """A local Ray this run started (not a cluster it joined)."""
+        return self._stop is not None and not self.joining
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+
+
+def _user_error(err: Exception) -> Exception:
+    """The project error (bad input, a failed write) a Ray task raised, else ``err`` itself: Ray
+    wraps a worker's exception (``RayTaskError``, Ray Data's ``UserCodeException``) with its
+    traceback in the message, which would reach the user as a traceback instead of one line."""
+    from asvr.tokenizer.errors import TokenizerError
+    from asvr.tokenizer.shards import ShardError
+
+    from .sources import SourceError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: the worker's exception, unpickled
+        if cause is None and isinstance(e, (SourceError, OutputError, ShardError, TokenizerError)):
+            return e
+        todo += [cause, e.__cause__, e.__context__]
+    return err
+
+
+def _run(cfg, pcfg, meta, jobs, inputs, out: OutputDir, t_start, ray_: _LazyRay) -> RunSummary:
+    from tqdm import tqdm
+
+    t_list = time.perf_counter()
+    if not out.resuming:
+        # written before the listing, so a run killed while listing is resumed, listing included
+        out.write_manifest(inputs, None, 0)
+    with tqdm(total=len(jobs), unit="input", disable=not cfg.progress, desc="list", dynamic_ncols=True) as bar:
+        in_process = len(jobs) <= 1 and not ray_.joining
+        plan = build_plan(
+            jobs, cfg.sources, out.out / PLAN_DIR, out.resuming, None if in_process else ray_.ensure, bar.update
+        )
+    n = plan.total
     n_units = math.ceil(n / cfg.shard_size)
-    # ignored: files / tar members that are not input images; listed, never sent to Ray, not ``seen``
-    ignored = np.asarray([k == "ignored" for k in plan.column("kind").to_pylist()], bool)
-    why_ignored = plan.column("error").to_pylist()
-
-    # duplicates: a key seen earlier in plan order
-    first: dict[str, int] = {}
-    dup_of = np.full(n, -1, np.int64)
-    for i, k in enumerate(keys):
-        if ignored[i]:
-            continue
-        j = first.setdefault(k, i)
-        if j != i:
-            dup_of[i] = j
-
-    results: dict[int, UnitResult] = {}
-    buffers: dict[int, _UnitBuffer] = {}
-    pending: list[int] = []
-    unit_hash = {}
-    for u in range(n_units):
-        lo, hi = u * cfg.shard_size, min(n, (u + 1) * cfg.shard_size)
-        unit_hash[u] = units_hash(keys[lo:hi], sources[lo:hi])
-        r = out.done(u, unit_hash[u])
-        if r is not None:
-            results[u] = r
-            continue
-        items = np.arange(lo, hi)
-        todo = items[(dup_of[lo:hi] < 0) & ~ignored[lo:hi]]
-        buffers[u] = _UnitBuffer(u, items, len(todo))
-        pending.extend(todo.tolist())
-    skipped = len(results)
     out.write_manifest(inputs, None, n_units)
-
-    seconds = {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
-
-    def commit(buf: _UnitBuffer):
-        t0 = time.perf_counter()
-        rows: dict[str, list[Any]] = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
-        failures = []
-        for i in buf.items.tolist():
-            if ignored[i]:
-                failures.append({"key": keys[i], "source": sources[i], "stage": "ignored", "error": why_ignored[i]})
-            elif dup_of[i] >= 0:
-                failures.append(
-                    {
-                        "key": keys[i],
-                        "source": sources[i],
-                        "stage": "duplicate",
-                        "error": f"duplicate key, first seen at {sources[dup_of[i]]}",
-                    }
-                )
-            elif i in buf.failures:
-                stage, err = buf.failures[i]
-                failures.append({"key": keys[i], "source": sources[i], "stage": stage, "error": err})
-            else:
-                codes, sha, w, h, cap = buf.rows[i]
-                for name, v in zip(
-                    ("key", "codes", "sha256", "width", "height", "caption"), (keys[i], codes, sha, w, h, cap)
-                ):
-                    rows[name].append(v)
-        ndup = int((dup_of[buf.items] >= 0).sum())
-        nign = int(ignored[buf.items].sum())
-        counts = {
-            "seen": len(buf.items) - nign,
-            "encoded": len(rows["key"]),
-            "failed": len(failures) - ndup - nign,
-            "duplicate": ndup,
-            "ignored": nign,
-        }
-        results[buf.unit] = out.commit_unit(buf.unit, unit_hash[buf.unit], meta, rows, failures, counts)
-        del buffers[buf.unit]
-        seconds["write"] += time.perf_counter() - t0
-
-    for buf in [b for b in buffers.values() if b.waiting == 0]:
-        commit(buf)
-
-    processed = 0
-    if pending:
-        processed = _execute(cfg, pcfg, plan, np.asarray(pending, np.int64), buffers, commit, seconds, n, skipped)
-
-    final = [results[u] for u in range(n_units)]
+    seconds = {"list": time.perf_counter() - t_list, "read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
+    commits = Commits(n_units)
+    processed = skipped = 0
+    if n_units:
+        ray_.ensure()
+        processed, skipped = _execute(cfg, pcfg, meta, plan, out, commits, seconds, ray_.owned)
+    final = commits.ordered()
     out.write_manifest(inputs, final, n_units)
     manifest_counts = {k: sum(r.counts.get(k, 0) for r in final) for k in COUNTS}
     return RunSummary(
@@ -334,82 +312,90 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
     )
 
 
-def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skipped) -> int:
-    import ray
+@dataclass(frozen=True)
+class _UnitJob:
+    """Everything the coordinator task needs to run the Ray Data pipeline (pickles small)."""
+
+    decode: UnitReadDecode
+    encode_kwargs: dict
+    actors: int
+    remote: dict
+    n_units: int
+    verbose: bool
+
+
+def _stream_units(job: _UnitJob) -> Iterator[dict]:
+    """The Ray Data pipeline, run in a Ray task (the coordinator), yielding one small batch of
+    commit records per output block.  Ray Data's streaming executor (task scheduling, backpressure,
+    its polling loop: ~3.5% of a core on the 2-core machine, issue 28's bench) runs there, not in
+    the driver, which only receives the records."""
     import ray.data
+
+    _quiet_ray_data(job.verbose)
+    ctx = ray.data.DataContext.get_current()  # this task's own context, not the driver's
+    ctx.target_max_block_size = None  # one unit = one block, never split (unit_stages.py)
+    ds = ray.data.range(job.n_units, override_num_blocks=job.n_units)
+    # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
+    # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
+    # decode runs in its own processes and overlaps encode.
+    ds = ds.map_batches(job.decode, batch_size=None, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            UnitEncodeWriter,
+            fn_constructor_kwargs=job.encode_kwargs,
+            batch_size=None,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=job.actors),
+            **job.remote,
+        )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        yield {k: batch[k] for k in ("record", "images", "skipped", "t_read", "t_decode", "t_encode", "t_write")}
+
+
+def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, owns_ray) -> tuple[int, int]:
+    """Every unit through Ray Data (in a coordinator task); the driver only keeps each unit's record."""
+    import ray
     from tqdm import tqdm
 
-    stop_ray = _ray_init(cfg)
-    owns_ray = stop_ray is not None and not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))  # a local Ray we started
-    try:
-        _quiet_ray_data(cfg.verbose)
-        actors, remote, builder = _resources(cfg)
-        if owns_ray:
-            # A local Ray: no node to fail over to, and the encode is deterministic, so Ray Data's
-            # default (restart a dead actor forever, retry its tasks forever) would repeat a crash
-            # without end; failing lets the rerun resume instead.  It also spares the driver's
-            # error-level core_worker line about restartable actors with arguments in the object
-            # store, printed over the progress bar.
-            remote = {**remote, "max_restarts": 0}
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        blocks = _blocks(plan, pending, cfg.batch_size, cpus)
-        ds: ray.data.Dataset = ray.data.from_arrow(blocks)
-        # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
-        # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
-        # decode runs in its own processes and overlaps encode.
-        ds = ds.map_batches(
-            ReadDecode(pcfg), batch_size=None, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY
-        )
-        with warnings.catch_warnings():
-            # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = ds.map_batches(
-                Encoder,
-                fn_constructor_kwargs={"builder": builder},
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                **remote,
-            )
-        unit_of = lambda i: i // cfg.shard_size  # noqa: E731
-        done_before = n_total - len(pending)
-        bar = tqdm(
-            total=n_total,
-            initial=done_before,
-            unit="img",
-            disable=not cfg.progress,
-            smoothing=0.1,
-            dynamic_ncols=True,
-            desc="tokenize",
-        )
-        processed = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            seconds["read"] += float(batch["t_read"].sum())
-            seconds["decode"] += float(batch["t_decode"].sum())
-            seconds["encode"] += float(batch["t_encode"].sum())
-            touched = set()
-            for j, i in enumerate(batch["idx"].tolist()):
-                buf = buffers[unit_of(i)]
-                if batch["ok"][j]:
-                    cap = batch["caption"][j]  # Arrow may turn an all-None column into NaN floats
-                    buf.rows[i] = (
-                        batch["codes"][j],
-                        batch["sha256"][j],
-                        int(batch["width"][j]),
-                        int(batch["height"][j]),
-                        cap if isinstance(cap, str) else None,
-                    )
-                else:
-                    buf.failures[i] = (batch["stage"][j], batch["error"][j])
-                buf.waiting -= 1
-                touched.add(buf.unit)
-            for u in sorted(touched):
-                if buffers[u].waiting == 0:
-                    commit(buffers[u])
-            processed += len(batch["idx"])
-            bar.update(len(batch["idx"]))
-        bar.close()
-        return processed
-    finally:
-        if stop_ray is not None:
-            stop_ray()
+    actors, remote, builder = _resources(cfg)
+    if owns_ray:
+        # A local Ray: no node to fail over to, and the encode is deterministic, so Ray Data's
+        # default (restart a dead actor forever, retry its tasks forever) would repeat a crash
+        # without end; failing lets the rerun resume instead.  It also spares the driver's
+        # error-level core_worker line about restartable actors with arguments in the object
+        # store, printed over the progress bar.  Joining a cluster keeps Ray's retries: a block
+        # redone after a worker died rewrites the same shard (commit.py).
+        remote = {**remote, "max_restarts": 0}
+    job = _UnitJob(
+        decode=UnitReadDecode(pcfg, plan.folder, plan.starts(), cfg.shard_size, out.store, plan.duplicates > 0),
+        encode_kwargs={
+            "builder": builder,
+            "store": out.store,
+            "fmt": cfg.format,
+            "meta": meta,
+            "batch_size": cfg.batch_size,
+        },
+        actors=actors,
+        remote=remote,
+        n_units=commits.n_units,
+        verbose=cfg.verbose,
+    )
+    # num_cpus=0: the coordinator schedules, it does not take a CPU from decode or encode
+    coordinator = ray.remote(num_cpus=0, max_retries=0)(_stream_units).options(num_returns="streaming")
+    bar = tqdm(total=plan.total, unit="img", disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True)
+    bar.set_description("tokenize")
+    processed = skipped = 0
+    for ref in coordinator.remote(job):
+        batch = ray.get(ref)
+        for k in ("read", "decode", "encode", "write"):
+            seconds[k] += float(batch[f"t_{k}"].sum())
+        for rec_json, images, was_done in zip(batch["record"], batch["images"], batch["skipped"]):
+            rec = CommitRecord.from_json(rec_json)
+            if commits.add(rec):
+                skipped += bool(was_done)
+                processed += int(images)
+                bar.update(sum(rec.counts.get(k, 0) for k in ("seen", "ignored")))
+    bar.close()
+    return processed, skipped

@@ -245,11 +245,23 @@ def detect_format(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- formats
-def _scan_folder(root: Path, rows: _Rows) -> None:
+def folder_parts(root: Path) -> list[str]:
+    """A folder INPUT as listing jobs, in plan order: ``""`` (the folder's own files), then each
+    subfolder (sorted, no dotfolders, no folder links: the order and the folders ``os.walk`` visits)."""
     if not root.is_dir():
         raise SourceError(f"{root} is not a folder")
-    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: no loops, no escape by dir links
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    with os.scandir(root) as it:
+        subs = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+    return ["", *subs]
+
+
+def _scan_folder(root: Path, rows: _Rows, part: str | None = None) -> None:
+    """``part``: None for the whole folder, else one of :func:`folder_parts` (keys stay relative to ``root``)."""
+    if not root.is_dir():
+        raise SourceError(f"{root} is not a folder")
+    start = root / part if part else root
+    for dirpath, dirnames, filenames in os.walk(start):  # followlinks=False: no loops, no escape by dir links
+        dirnames[:] = [] if part == "" else sorted(d for d in dirnames if not d.startswith("."))
         names = set(filenames)
         images = {Path(n).stem for n in filenames if n.lower().endswith(IMAGE_SUFFIXES)}
         for name in sorted(filenames):

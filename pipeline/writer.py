@@ -1,6 +1,6 @@
 """The output directory: run config check, work units, atomic shards, manifest, failures.
 
-Resume protocol.  The plan (``sources.py``) is cut into work units of
+Resume protocol.  The plan (``plan.py``, listed in Ray tasks into ``OUT/.plan``) is cut into work units of
 ``shard_size`` consecutive inputs; unit ``u`` writes ``part-{u:05d}.parquet``
 (or ``shard-{u:05d}.tar``): shard names come from unit numbers, never from
 keys.  A unit commits in two atomic steps: the shard (temp name, fsync,
@@ -11,7 +11,10 @@ exists, its input hash matches this run's plan, and its shard exists with the
 recorded size: a kill -9 between the two steps leaves a shard without a marker,
 and the rerun rewrites that unit (same rows, atomic replace).  Checking the size
 rather than re-hashing keeps a restart over 10k shards cheap; ``asvr-pipeline
-verify`` re-hashes everything.
+verify`` re-hashes everything.  Both steps run in the encode actor that encoded the unit, on
+whichever node it is (:mod:`asvr.pipeline.commit`, :func:`commit_code_rows`); the driver holding
+this :class:`OutputDir` only checks the run config, keeps the lock, sweeps temp files and writes
+the manifest and failures table from the units' records.
 
 If inputs change between runs (files added to a folder), only units whose
 inputs changed are redone.  What changes *codes* (tokenizer fingerprint,
@@ -34,8 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,31 +55,27 @@ from asvr.tokenizer.shards import (
     write_webdataset_shard,
 )
 
-UNITS_DIR = ".units"
+from .commit import UNITS_DIR, CommitRecord, OutputError, UnitStore, _writing
+
+LOCK = ".lock"
+PLAN_DIR = ".plan"
 MANIFEST_VERSION = 1
 COUNTS = ("seen", "encoded", "failed", "duplicate", "ignored")
 FAILURE_SCHEMA = pa.schema(
     [("key", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("error", pa.string())]
 )
 
-
-class OutputError(ValueError):
-    """OUT cannot be used as asked (foreign run, locked): a one-line CLI error."""
-
-
-@contextmanager
-def _writing(path: Path):
-    """A write that fails (disk full, read-only, quota) is a one-line error naming the file;
-    the rerun after freeing space resumes exactly (finished units are kept)."""
-    try:
-        yield
-    except OSError as e:
-        reason = e.strerror or str(e).splitlines()[0]
-        raise OutputError(f"cannot write {path}: {reason}; finished shards are kept, free space and rerun") from None
+UnitResult = CommitRecord  # the name this module used before the commit protocol moved to commit.py
+__all__ = ["OutputError", "UnitResult", "_writing"]
 
 
 def shard_name(unit: int, fmt: str) -> str:
     return f"part-{unit:05d}.parquet" if fmt == "parquet" else f"shard-{unit:05d}.tar"
+
+
+def unit_store(out: str | os.PathLike, fmt: str) -> UnitStore:
+    """The shard naming of :func:`shard_name` as a :class:`UnitStore` (what a worker gets)."""
+    return UnitStore(str(out), "part-", ".parquet") if fmt == "parquet" else UnitStore(str(out), "shard-", ".tar")
 
 
 def units_hash(keys, sources) -> str:
@@ -87,18 +85,33 @@ def units_hash(keys, sources) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class UnitResult:
-    """One finished unit, as its marker records it."""
+def commit_code_rows(
+    store: UnitStore,
+    fmt: str,
+    unit: int,
+    items_sha256: str,
+    meta: ShardMeta,
+    rows: dict,
+    failures: list[dict],
+    counts: dict,
+) -> CommitRecord:
+    """rows: key, codes [N, H*W*D], sha256, width, height, caption (plan order) -> shard + marker.
+    Runs wherever the rows are: in the encode actor (a cluster node) or, in tests, in-process."""
+    n = len(rows["key"])
 
-    unit: int
-    items_sha256: str
-    shard: str | None
-    rows: int
-    sha256: str | None
-    bytes: int
-    failures: list[dict] = field(default_factory=list)
-    counts: dict = field(default_factory=dict)
+    def write(path: Path) -> str:
+        table = rows_to_table(
+            meta,
+            rows["key"],
+            np.asarray(rows["codes"]).reshape(n, -1),
+            rows["sha256"],
+            rows["width"],
+            rows["height"],
+            rows["caption"],
+        )
+        return (write_parquet_shard if fmt == "parquet" else write_webdataset_shard)(path, table)
+
+    return store.commit(unit, items_sha256, n, write, failures, counts)
 
 
 class OutputDir:
@@ -113,14 +126,16 @@ class OutputDir:
         with _writing(self.out):
             self.out.mkdir(parents=True, exist_ok=True)
         self.units_dir = self.out / UNITS_DIR
+        self.store = unit_store(self.out, self.fmt)
+        self.resuming = False
+        """True when OUT holds an unfinished run with these settings (its plan may be reused)."""
         try:
             self._lock = FolderLock(self.out, "asvr-pipeline run")
         except FolderLocked as e:
             raise OutputError(str(e)) from None
         self._check_or_reset(overwrite)
         self.units_dir.mkdir(exist_ok=True)
-        for tmp in list(self.out.glob(".*.tmp-*")) + list(self.units_dir.glob(".*.tmp-*")):
-            tmp.unlink(missing_ok=True)  # a killed run's half-written files; never visible as shards
+        self.store.sweep()  # a killed run's half-written files; never visible as shards
 
     def close(self):
         self._lock.close()
@@ -141,68 +156,35 @@ class OutputDir:
             if self.units_dir.exists():
                 for p in self.units_dir.iterdir():
                     p.unlink()
+            shutil.rmtree(self.out / PLAN_DIR, ignore_errors=True)
             return
         if not mpath.exists():
             if any(self._ours()):
                 raise OutputError(f"{self.out} holds shards but no {MANIFEST}; pass --overwrite to replace them")
             return
         try:
-            old = json.loads(mpath.read_text())["run"]
+            manifest = json.loads(mpath.read_text())
+            old = manifest["run"]
         except (ValueError, KeyError) as e:
             raise OutputError(f"{mpath} is unreadable ({e}); pass --overwrite to start again") from None
         diff = [k for k in self.run_config if old.get(k) != self.run_config[k]]
         if diff:
             what = ", ".join(f"{k} {old.get(k)!r} -> {self.run_config[k]!r}" for k in diff)
             raise OutputError(f"{self.out} was written with other settings ({what}); pass --overwrite to replace it")
+        self.resuming = not manifest.get("complete", False)
 
     # ------------------------------------------------------------------ units
     def marker_path(self, unit: int) -> Path:
-        return self.units_dir / f"unit-{unit:05d}.json"
+        return self.store.marker_path(unit)
 
     def done(self, unit: int, items_sha256: str) -> UnitResult | None:
-        p = self.marker_path(unit)
-        if not p.exists():
-            return None
-        try:
-            r = UnitResult(**json.loads(p.read_text()))
-        except (ValueError, TypeError):
-            return None
-        if r.items_sha256 != items_sha256:
-            return None
-        if r.shard is not None:
-            sp = self.out / r.shard
-            if not sp.exists() or sp.stat().st_size != r.bytes:
-                return None
-        return r
+        return self.store.done(unit, items_sha256)
 
     def commit_unit(
         self, unit: int, items_sha256: str, meta: ShardMeta, rows: dict, failures: list[dict], counts: dict
     ) -> UnitResult:
         """rows: key, codes [N, H*W*D], sha256, width, height, caption (plan order). Shard, then marker."""
-        shard = sha = None
-        nbytes = 0
-        n = len(rows["key"])
-        stale = self.out / shard_name(unit, self.fmt)
-        if n:
-            table = rows_to_table(
-                meta,
-                rows["key"],
-                np.asarray(rows["codes"]).reshape(n, -1),
-                rows["sha256"],
-                rows["width"],
-                rows["height"],
-                rows["caption"],
-            )
-            write = write_parquet_shard if self.fmt == "parquet" else write_webdataset_shard
-            with _writing(stale):
-                sha = write(stale, table)
-            shard, nbytes = stale.name, stale.stat().st_size
-        elif stale.exists():
-            stale.unlink()
-        r = UnitResult(unit, items_sha256, shard, n, sha, nbytes, failures, counts)
-        with _writing(self.marker_path(unit)):
-            atomic_write(self.marker_path(unit), json.dumps(r.__dict__))
-        return r
+        return commit_code_rows(self.store, self.fmt, unit, items_sha256, meta, rows, failures, counts)
 
     # ------------------------------------------------------------------ manifest
     def write_manifest(self, inputs: list[dict], results: list[UnitResult] | None, n_units: int) -> dict:
@@ -224,6 +206,7 @@ class OutputDir:
             with _writing(self.out / FAILURES):
                 self._write_failures(results)
             self._remove_stale(n_units)
+            self.store.sweep()  # temp files of workers killed mid-shard whose unit Ray then redid
         with _writing(self.out / MANIFEST):
             atomic_write(self.out / MANIFEST, (json.dumps(manifest, indent=2) + "\n"))
         return manifest
