@@ -7,7 +7,7 @@ Generated answers are free text; each item kind has one parser:
   POPE script maps everything that is not "no" to "yes"; we keep unparsed
   answers apart and count them wrong, so a model that babbles does not score
   50% on a balanced yes/no set (the report gives the unparsed count).
-* ``multiple_choice``: a leading option letter (``B``, ``B.``, ``(B)``,
+* ``multiple_choice``: a leading option letter (``B``, ``B.``, ``(B)``, ``"B"``,
   ``B)``, ``B:``), "answer is B" / "option B", else the option *text*
   (the whole answer equal to one option, or exactly one option's words inside
   it).  A bare ``A`` followed by a word (``A red circle``) is read as an
@@ -124,7 +124,7 @@ def parse_mme_otter(text: str) -> str:
 
 
 _LEAD_LETTER = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])\s*[.):](?!\w))")
-_ONLY_LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*[.!]?\s*$")
+_ONLY_LETTER = re.compile(r"^\s*[\"'(]?([A-Z])[\"')]?\s*[.!]?\s*$")  # B, (B), "B", 'B.'
 _SAID_LETTER = re.compile(r"\b(?i:answer|option|choice)\s*(?:is|:)?\s*\(?([A-Z])\b\)?")
 
 

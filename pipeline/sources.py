@@ -30,8 +30,10 @@ header.
 Keys are data, never paths.  Nothing here opens a file named by a key except
 LLaVA JSON images, which go through :func:`asvr.tokenizer.paths.confine` and
 must stay under ``--image-root`` (symlinks followed, then checked); folder
-inputs check that a symlinked file stays under the folder.  Tar member names are only used as keys: bytes are read
-by offset from the tar itself, and link members are refused.
+inputs check that a symlinked file stays under the folder and never walk a symlinked
+sub-folder: one ``ignored`` row names it (one leaving the folder is refused; one inside
+it is planned once, under its own path).  Tar member names are only used as keys: bytes
+are read by offset from the tar itself, and link members are refused.
 
 Formats: ``folder`` (recursive, dotfiles skipped, ``<stem>.txt`` beside an
 image is its caption), ``webdataset`` (uncompressed ``.tar``; key =
@@ -290,6 +292,23 @@ def _scan_folder(root: Path, rows: _Rows, part: str | None = None) -> None:
                 except OSError:
                     caption = None
             rows.add(key, str(p), "error" if error else "file", str(p.absolute()), caption=caption, error=error)
+        for name in dirnames:  # os.walk lists a linked folder here but never enters it: one row says why
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                rows.add(p.relative_to(root).as_posix(), str(p), "ignored", error=_linked_folder(root, p))
+
+
+def _linked_folder(root: Path, link: Path) -> str:
+    """Why a symlinked sub-folder is not walked (the ``ignored`` row's error)."""
+    try:
+        target = confine(root, link.relative_to(root).as_posix())
+    except UnsafePathError:
+        return "symlink to a folder outside the input folder: not followed (pass that folder as an INPUT of its own)"
+    inside = target.relative_to(root.resolve())
+    if any(part.startswith(".") for part in inside.parts):
+        return f"symlink to the hidden folder {inside.as_posix()!r} of this input: not followed (dotfiles are skipped)"
+    where = inside.as_posix() if inside.parts else "."
+    return f"symlink to the folder {where!r} of this input: not followed (its files are planned under their own path)"
 
 
 def _tar_end_problem(path: Path, end: int) -> str | None:

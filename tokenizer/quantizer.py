@@ -367,7 +367,7 @@ class ResidualQuantizer(torch.nn.Module):
                     bad = (~ok).nonzero().squeeze(1)
                     if not bad.numel():
                         break
-                    idx[bad], ok_b = self._search(rc[bad], r[bad], p, level, max(cand, 8))
+                    idx[bad], ok_b = self._search(rc[bad], r[bad], p, level, min(max(cand, 8), k_all))
                     ok[bad] = ok_b
                 bad = (~ok).nonzero().squeeze(1)
                 if bad.numel():
@@ -381,12 +381,20 @@ class ResidualQuantizer(torch.nn.Module):
     def _full_search(rc: torch.Tensor, r64: torch.Tensor, p: dict, rerank: int = 4, block: int = 4096) -> torch.Tensor:
         """Float64 search over the whole codebook: the expanded form (one float64
         matmul on the centred residual ``rc``) shortlists ``rerank`` codes, which are
-        re-ranked with the reference's formula (:func:`_rerank`)."""
+        re-ranked with the reference's formula (:func:`_rerank`).  Codes tied with the
+        ``rerank``-th value enter the shortlist lowest index first: ``topk`` picks among equal
+        values in no set order, so with more than ``rerank`` equal codes (duplicated codebook
+        rows) it left out the lowest index (issue 24: 12 copies of one code gave code 6)."""
         out = torch.empty(rc.shape[0], dtype=torch.long, device=rc.device)
-        k = min(rerank, p["b64"].shape[0])
+        k_all = p["b64"].shape[0]
+        k = min(rerank, k_all)
+        order = torch.arange(k_all, device=rc.device, dtype=torch.float64)
         for s in range(0, rc.shape[0], block):
             approx = p["n64"][None, :] - 2 * (rc[s : s + block] @ p["b64"].T)
-            sidx, _ = approx.topk(k, dim=1, largest=False).indices.sort(dim=1)
+            kth = approx.topk(k, dim=1, largest=False).values[:, -1:]
+            # every code below the k-th value, then the lowest indices among those equal to it
+            key = torch.where(approx < kth, -1.0, torch.where(approx == kth, order, math.inf))
+            sidx, _ = key.topk(k, dim=1, largest=False).indices.sort(dim=1)
             out[s : s + block] = _rerank(r64[s : s + block], p["orig"], sidx)
         return out
 

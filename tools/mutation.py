@@ -12,6 +12,8 @@ project plus the target's file and its fast test selection, both read from
     python tools/mutation.py                 # every target
     python tools/mutation.py quantizer       # one target
     python tools/mutation.py --results quantizer   # print the survivors again
+    python tools/mutation.py templates --drop-tests tests/test_templates_24.py   # a "before" score
+    python tools/mutation.py templates --rerun-survivors   # survivors again, with today's tests
 
 Each target prints ``killed/total`` and its surviving mutants (timed-out mutants
 are run once more alone: :func:`recheck_timeouts`); the triage of
@@ -37,8 +39,9 @@ def _toml_list(xs: list[str]) -> str:
     return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
 
 
-def stage(name: str, target: dict, base: dict, fresh: bool) -> Path:
-    """The staging copy for one target (reused unless ``fresh``: mutmut caches results)."""
+def stage(name: str, target: dict, base: dict, fresh: bool, drop: tuple[str, ...] = ()) -> Path:
+    """The staging copy for one target (reused unless ``fresh``: mutmut caches results).
+    ``drop``: test paths left out of the target's selection (a score with the tests of before)."""
     d = ROOT / ".mutation" / name
     if fresh and d.exists():
         shutil.rmtree(d)
@@ -53,7 +56,7 @@ def stage(name: str, target: dict, base: dict, fresh: bool) -> Path:
         {
             "source_paths": ["asvr"],
             "only_mutate": [f"asvr/{f}" for f in target["files"]],
-            "pytest_add_cli_args_test_selection": target["tests"],
+            "pytest_add_cli_args_test_selection": [t for t in target["tests"] if t not in drop],
         }
     )
     lines = [
@@ -114,6 +117,14 @@ def main() -> int:
     ap.add_argument("--results", action="store_true", help="only print the results of the last run")
     ap.add_argument("--fresh", action="store_true", help="drop the cached results of earlier runs")
     ap.add_argument("--max-children", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument(
+        "--drop-tests", nargs="+", default=[], metavar="PATH", help="leave these test files out (a 'before' score)"
+    )
+    ap.add_argument(
+        "--rerun-survivors",
+        action="store_true",
+        help="run only the last run's survivors again (mutmut keeps every other result), with today's tests",
+    )
     args = ap.parse_args()
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
     base = dict(cfg.get("mutmut", {}))
@@ -126,17 +137,20 @@ def main() -> int:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
     summary = []
     for name in names:
-        d = stage(name, targets[name], base, args.fresh) if not args.results else ROOT / ".mutation" / name
+        drop = tuple(args.drop_tests)
+        d = stage(name, targets[name], base, args.fresh, drop) if not args.results else ROOT / ".mutation" / name
         if not args.results:
             print(f"== mutation: {name} ({', '.join(targets[name]['files'])})", flush=True)
-            subprocess.run(
-                [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)],
-                cwd=d,
-                env=env,
-                check=False,
-            )
+            again = results(d)[1] if args.rerun_survivors else []
+            if not args.rerun_survivors or again:
+                subprocess.run(
+                    [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *again],
+                    cwd=d,
+                    env=env,
+                    check=False,
+                )
         counts, survivors, timeouts = results(d)
-        hidden = recheck_timeouts(d, targets[name]["tests"], timeouts, env)
+        hidden = recheck_timeouts(d, [t for t in targets[name]["tests"] if t not in drop], timeouts, env)
         total = sum(counts.values())
         killed = counts.get("killed", 0) + counts.get("timeout", 0) - len(hidden)
         summary.append(

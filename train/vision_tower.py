@@ -177,8 +177,9 @@ def open_vision_tower(path: str | os.PathLike, *, layer: int | None = None, sele
         if layer is not None:
             enc.feature_layer = layer  # same weight files (and sha256), another layer
     elif (p / "config.json").is_file():
+        kind = _hf_kind(p)  # its own one-line message (outside the try: not prefixed twice)
         try:
-            enc = default_encoder_spec(_hf_kind(p), str(p), layer)
+            enc = default_encoder_spec(kind, str(p), layer)
         except (EncoderLoadError, TypeError, ValueError) as e:
             raise VisionTowerError(f"--vision-tower {p}: {e}") from None
     else:
