@@ -55,7 +55,7 @@ class PixelEncoder:
         self,
         tok,
         dtype: torch.dtype | None = None,
-        search_dtype: str | None = None,
+        search_dtype=None,
         options: EngineOptions | None = None,
     ):
         self.tok = tok

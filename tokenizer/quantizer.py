@@ -185,6 +185,7 @@ class ResidualQuantizer(torch.nn.Module):
         ``search_dtype`` picks the precision of the candidate search (a name of
         :data:`SEARCH_DTYPES` or a :class:`~asvr.tokenizer.rvq_plan.FusedPlan`); the result
         does not depend on it (see module docstring)."""
+        sdtype: object
         if isinstance(search_dtype, FusedPlan):
             sdtype = search_dtype
         elif search_dtype in _SEARCH_DTYPES:

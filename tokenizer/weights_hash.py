@@ -8,7 +8,11 @@ A record maps the state of every hashed file -- absolute path (as given and reso
 a rename, or touched back to its old mtime changes ``ctime_ns`` (which no user call can
 set) or its inode, so its record no longer matches and it is hashed again.  A record is
 written only when no file changed while it was hashed, through the atomic writer; a
-missing, unreadable or unwritable cache only costs the hash.
+missing, unreadable or unwritable cache only costs the hash.  File times are coarse
+(a kernel tick; seconds on some network filesystems), so a file changed again within
+the same tick as the recorded state would look unchanged: as git does with "racily
+clean" entries, no record is written for a file whose mtime or ctime is less than
+``settle_s`` (2 s) old -- a just-written tower is hashed at every load until it settles.
 
 Where: ``$ASVR_HASH_CACHE`` (``off`` disables it), else ``$XDG_CACHE_HOME/asvr/weights-sha256``,
 else ``~/.cache/asvr/weights-sha256``: one folder per user (records are trusted as much
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,7 +57,9 @@ def _record_path(folder: Path, states: list[list]) -> Path:
     return folder / (hashlib.sha256(json.dumps([s[0] for s in states]).encode()).hexdigest()[:32] + ".json")
 
 
-def cached_digest(paths: list[Path], compute: Callable[[list[Path]], str], folder: Path | None) -> str:
+def cached_digest(
+    paths: list[Path], compute: Callable[[list[Path]], str], folder: Path | None, settle_s: float = 2.0
+) -> str:
     """``compute(paths)``, or the digest recorded for exactly these file states."""
     if folder is None:
         return compute(paths)
@@ -69,7 +76,8 @@ def cached_digest(paths: list[Path], compute: Callable[[list[Path]], str], folde
         pass
     digest = compute(paths)
     try:
-        if file_states(paths) == before:  # nothing changed while it was read
+        settled = all(max(s[5], s[6]) < time.time_ns() - settle_s * 1e9 for s in before)
+        if settled and file_states(paths) == before:  # nothing changed while it was read, nor just before
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write(rec, json.dumps({"files": before, "sha256": digest}) + "\n")
     except OSError:
