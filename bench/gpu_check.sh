@@ -2,12 +2,13 @@
 # Device entry point of the GPU checks of issues 12 and 13 (one H100/H200 machine, one call each):
 #   bench/gpu_check.sh train      # `train` wheel pack (DeepSpeed ...): fused RVQ kernel bench, then asvr-train checks
 #   bench/gpu_check.sh pipeline   # `pipeline` wheel pack (Ray as tar.xz): asvr-pipeline tokenize vs in-process
+#   bench/gpu_check.sh tokenize   # `pipeline` wheel pack: issue 27's bench/tokenize_speed.py (tokenizer + steady state)
 # Wheels come from ../shared/tools/device-pack in WHL (default ../.whl); the EfficientNet-Lite0 feature
 # spread from bench/efficientnet_spread.py in SPREAD (default data/effnet_spread.npz).  Every step has its
 # own timeout and writes its results under $OUT as it goes (a cut-off run still returns data).
 # CPU dry run of the same steps: bench/gpu_check.sh train --tiny (and pipeline --tiny).
 set -uo pipefail
-what=${1:?usage: gpu_check.sh train|pipeline [--tiny]}
+what=${1:?usage: gpu_check.sh train|pipeline|tokenize [--tiny]}
 tiny=${2:-}
 OUT=${OUT:-/tmp/gpu_check}
 WHL=${WHL:-../.whl}
@@ -52,5 +53,9 @@ case "$what" in
     timeout 180 $PY bench/gpu_pipeline_ray.py --out "$OUT" --images 2048 --search-dtype float32 fused-bf16x3 $tiny \
       2>&1 | grep -v "Writing model" | tee "$OUT/gpu_pipeline_ray.log"
     ;;
-  *) echo "gpu_check.sh: train or pipeline"; exit 2 ;;
+  tokenize)
+    timeout 560 $PY bench/tokenize_speed.py --out "$OUT" --images 4096 $tiny 2>&1 | grep -v "Writing model" \
+      | tee "$OUT/tokenize_speed.log"
+    ;;
+  *) echo "gpu_check.sh: train, pipeline or tokenize"; exit 2 ;;
 esac

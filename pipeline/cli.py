@@ -107,6 +107,17 @@ def _tokenize_parser(sub) -> None:
         help="RVQ candidate search precision; codes are identical for all, only speed moves "
         "(default: fused-bf16x3 on a GPU with triton installed, else float32; fused-* need triton)",
     )
+    p.add_argument(
+        "--compile-encoder",
+        action="store_true",
+        help="torch.compile the encoder once per actor (one batch shape; pays off on long GPU jobs)",
+    )
+    p.add_argument(
+        "--encode-chunks",
+        type=int,
+        default=1,
+        help="pieces per batch: on a GPU the encoder runs the next piece while the RVQ quantizes this one",
+    )
     p.add_argument("--encode-actors", type=int, default=0, help="encode actors (default: one per GPU, or 1 per 8 CPUs)")
     p.add_argument("--encode-threads", type=int, default=0, help="torch threads per CPU actor (default: CPUs/actors)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
@@ -181,6 +192,8 @@ def _config(args, PipelineConfig, SourceOptions):
         max_pixels=args.max_pixels,
         encoder_dtype=args.encoder_dtype,
         search_dtype=args.search_dtype,
+        compile_encoder=args.compile_encoder,
+        encode_chunks=args.encode_chunks,
         encode_actors=args.encode_actors,
         encode_threads=args.encode_threads,
         ray_address=args.ray_address,

@@ -68,6 +68,10 @@ class PipelineConfig:
     search_dtype: str | None = None
     """RVQ candidate search (asvr.tokenizer.quantizer.SEARCH_DTYPES; codes are identical for all, only speed
     moves; default: the tokenizer's choice for the device)."""
+    compile_encoder: bool = False
+    """torch.compile the tower once per encode actor (pays off on long GPU jobs; asvr.tokenizer.encode_engine)."""
+    encode_chunks: int = 1
+    """> 1: pieces per batch, the tower's next piece overlapping the RVQ of the current one (CUDA streams)."""
     encode_actors: int = 0
     """Encode actors (0: one per GPU, else one per 8 CPUs, at least 1)."""
     encode_threads: int = 0
@@ -87,6 +91,8 @@ class PipelineConfig:
             raise ValueError(f"--preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
         if self.batch_size < 1 or self.shard_size < 1:
             raise ValueError("--batch-size and --shard-size must be >= 1")
+        if self.encode_chunks < 1:
+            raise ValueError("--encode-chunks must be >= 1")
         if self.max_pixels < 1:
             raise ValueError("--max-pixels must be >= 1")
         if self.encoder_dtype not in ("float32", "bfloat16"):
@@ -181,12 +187,16 @@ def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
     if gpus:
         actors = cfg.encode_actors or gpus
         remote = {"num_gpus": 1, "num_cpus": 1}
-        builder = TokenizerBuilder(cfg.tokenizer, "cuda", 0, cfg.encoder_dtype, cfg.search_dtype)
+        builder = TokenizerBuilder(
+            cfg.tokenizer, "cuda", 0, cfg.encoder_dtype, cfg.search_dtype, cfg.compile_encoder, cfg.encode_chunks
+        )
     else:
         actors = cfg.encode_actors or max(1, cpus // 8)
         threads = cfg.encode_threads or max(1, cpus // actors)
         remote = {"num_cpus": 1}
-        builder = TokenizerBuilder(cfg.tokenizer, "cpu", threads, cfg.encoder_dtype, cfg.search_dtype)
+        builder = TokenizerBuilder(
+            cfg.tokenizer, "cpu", threads, cfg.encoder_dtype, cfg.search_dtype, cfg.compile_encoder, cfg.encode_chunks
+        )
     return actors, remote, builder
 
 
@@ -214,6 +224,9 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         "fast_decode": cfg.fast_decode,
         "max_pixels": cfg.max_pixels,
         "encoder_dtype": cfg.encoder_dtype,
+        # compiled kernels round features differently from eager ones: a resume must not mix them
+        # (the key only when set, so folders written before it existed still resume)
+        **({"compile_encoder": True} if cfg.compile_encoder else {}),
     }
 
     jobs, inputs = listing_jobs(cfg.inputs, cfg.sources)  # a missing INPUT fails here, before Ray starts

@@ -199,6 +199,11 @@ class TokenizerBuilder:
     """float32 (features as the reference) | bfloat16 (autocast; faster on GPU, features change)."""
     search_dtype: str | None = None
     """RVQ candidate search of ``encode_pixels`` (None: its default); codes do not depend on it."""
+    compile: bool = False
+    """torch.compile the tower once per actor, for one batch shape (asvr.tokenizer.encode_engine)."""
+    chunks: int = 1
+    """> 1: the tower runs the next piece of a batch on a side CUDA stream while the RVQ of the
+    current one runs (no-op on CPU)."""
 
     def build(self):
         import torch
@@ -216,9 +221,14 @@ class Encoder:
     def __init__(self, builder: TokenizerBuilder):
         import torch
 
-        self.tok = builder.build()
+        from asvr.tokenizer.encode_engine import EngineOptions, PixelEncoder
+
+        self.tok = builder.build()  # the weights' hash: once per machine and file state (weights_hash)
         self.dtype = torch.bfloat16 if builder.encoder_dtype == "bfloat16" else None
         self.search_dtype = builder.search_dtype
+        self.engine = PixelEncoder(
+            self.tok, self.dtype, self.search_dtype, EngineOptions(compile=builder.compile, chunks=builder.chunks)
+        )
         e = self.tok.spec.encoder
         self.mean = torch.tensor(e.mean, dtype=torch.float32, device=self.tok.device)
         self.std = torch.tensor(e.std, dtype=torch.float32, device=self.tok.device)
@@ -239,11 +249,7 @@ class Encoder:
         n = len(ok)
         codes = np.zeros((n, self.ncodes), np.uint16)
         if ok.any():
-            c = self.tok.encode_pixels(
-                self.normalise(np.ascontiguousarray(batch["pixels"][ok])),
-                dtype=self.dtype,
-                search_dtype=self.search_dtype,
-            )
+            c = self.engine(self.normalise(np.ascontiguousarray(batch["pixels"][ok])))
             codes[ok] = c.reshape(int(ok.sum()), -1).to("cpu").numpy().astype(np.uint16)
         t_encode = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         out = {k: v for k, v in batch.items() if k != "pixels"}

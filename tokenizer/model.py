@@ -41,16 +41,19 @@ class SemanticTokenizer(torch.nn.Module):
         *,
         encoder_path: str | None = None,
         verify_weights: bool = True,
+        hash_cache: bool = True,
     ) -> "SemanticTokenizer":
         """Load an artifact directory.  ``encoder_path`` points a Hugging Face
         encoder at another folder (the artifact moved machines); its weights must
-        hash to what the artifact recorded."""
+        hash to what the artifact recorded.  ``hash_cache``: a digest recorded for the
+        files' unchanged state is reused (asvr.tokenizer.weights_hash), so the weights
+        are read once per machine, not at every load (every encode actor)."""
         path = Path(path)
         spec, cb = load_artifact(path)
         if encoder_path is not None:
             spec.encoder.weights = str(Path(encoder_path).resolve())
         if verify_weights:
-            got = hash_encoder_weights(spec.encoder, path)
+            got = hash_encoder_weights(spec.encoder, path, cache=hash_cache)
             if got != spec.encoder.weights_sha256:
                 raise TokenizerError(
                     f"encoder weights at {spec.encoder.weights} are not the ones this tokenizer was built with "
@@ -111,7 +114,11 @@ class SemanticTokenizer(torch.nn.Module):
         self, pixels, *, search_dtype: str | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """pixels -> codes ``[B, H, W, D]`` (int64)."""
-        feats = self.features(pixels, dtype=dtype)
+        return self.quantize(self.features(pixels, dtype=dtype), search_dtype=search_dtype)
+
+    @torch.no_grad()
+    def quantize(self, feats: torch.Tensor, search_dtype: str | None = None) -> torch.Tensor:
+        """features ``[..., C]`` -> codes ``[..., D]`` (int64), exact for these features."""
         if search_dtype is None:
             # the fused bf16x3 kernel on CUDA (with triton), fp32 elsewhere: quantizer.default_search_dtype
             search_dtype = default_search_dtype(feats.device)

@@ -15,8 +15,12 @@ only moves the share of rows that go down the cascade (bench/).  An argmin
 and a count are two cheap passes over the distance matrix, cheaper than the
 top-k of an earlier version.  ``search_dtype="fused-*"`` replaces the first
 level by a Triton kernel (asvr.tokenizer.rvq_triton) that never writes the
-matrix: it returns the four nearest per row, certified with the same bound;
-the default on CUDA (bench/results/gpu_issues_12_13_h200.md).
+matrix: it returns the eight nearest per row, certified with the same bound,
+and a second fused pass lists the window of the rows it did not settle
+(re-ranked in float64; a full float64 search only past ``cap`` codes); the
+default on CUDA (bench/results/gpu_issues_12_13_h200.md).  ``search_dtype``
+also takes a :class:`~asvr.tokenizer.rvq_plan.FusedPlan` (precision per depth,
+kept count, tiles).
 
 The bound per row is ``2 * delta * ||r|| * max_k ||c_k||`` plus the rounding of
 ``||c_k||^2``, with ``delta`` the relative error of one dot product: the
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .rvq_plan import NAMED_PLANS, FusedPlan
+
 # unit roundoff of the operands for each search precision
 _UNIT_ROUNDOFF = {
     torch.float32: 2.0**-24,
@@ -44,9 +50,8 @@ _UNIT_ROUNDOFF = {
     torch.bfloat16: 2.0**-8,
 }
 _SEARCH_DTYPES = {"float32": torch.float32, "tf32": "tf32", "float16": torch.float16, "bfloat16": torch.bfloat16}
-# fused Triton search (asvr.tokenizer.rvq_triton): nearest two per row in one pass, no [N, K] matrix
-_FUSED = {f"fused-{p}": p for p in ("bf16x3", "tf32x3", "fp32", "tf32")}
-_SEARCH_DTYPES.update({name: name for name in _FUSED})
+# fused Triton search (asvr.tokenizer.rvq_triton): nearest few per row in one pass, no [N, K] matrix
+_SEARCH_DTYPES.update(NAMED_PLANS)
 SEARCH_DTYPES = tuple(_SEARCH_DTYPES)
 """Every ``search_dtype`` :meth:`ResidualQuantizer.encode` takes (codes are the same for all)."""
 
@@ -103,6 +108,8 @@ class SearchStats:
     """(row, depth) searches that needed the full float64 search."""
     fallback_per_depth: tuple[int, ...] = ()
     """``fallback_rows`` split by depth (rows per depth = ``rows / depth``)."""
+    collected_per_depth: tuple[int, ...] = ()
+    """Fused search: rows per depth the collect pass settled (of ``fallback_per_depth``)."""
 
     @property
     def fallback_fraction(self) -> float:
@@ -168,16 +175,22 @@ class ResidualQuantizer(torch.nn.Module):
         self,
         x: torch.Tensor,
         *,
-        search_dtype: str = "float32",
+        search_dtype: str | FusedPlan = "float32",
         candidates: int = 8,
         block_rows: int = 8192,
         return_stats: bool = False,
     ):
         """``x [..., C]`` -> codes ``[..., D]`` (int64), equal to the float64 reference.
 
-        ``search_dtype`` picks the precision of the candidate search; the result
+        ``search_dtype`` picks the precision of the candidate search (a name of
+        :data:`SEARCH_DTYPES` or a :class:`~asvr.tokenizer.rvq_plan.FusedPlan`); the result
         does not depend on it (see module docstring)."""
-        if search_dtype not in _SEARCH_DTYPES:
+        sdtype: object
+        if isinstance(search_dtype, FusedPlan):
+            sdtype = search_dtype
+        elif search_dtype in _SEARCH_DTYPES:
+            sdtype = _SEARCH_DTYPES[search_dtype]
+        else:
             raise ValueError(f"search_dtype must be one of {sorted(_SEARCH_DTYPES)}")
         if x.shape[-1] != self.dim:
             raise ValueError(f"features have dim {x.shape[-1]}, codebooks {self.dim}")
@@ -186,10 +199,12 @@ class ResidualQuantizer(torch.nn.Module):
         out = torch.empty((flat.shape[0], self.depth), dtype=torch.long, device=x.device)
         full = 0
         per_depth = [0] * self.depth
+        collected = [0] * self.depth
         for s in range(0, flat.shape[0], block_rows):
-            codes, fb, fu = self._encode_block(flat[s : s + block_rows], _SEARCH_DTYPES[search_dtype], candidates)
+            codes, fb, co, fu = self._encode_block(flat[s : s + block_rows], sdtype, candidates)
             out[s : s + block_rows] = codes
             per_depth = [a + b for a, b in zip(per_depth, fb)]
+            collected = [a + b for a, b in zip(collected, co)]
             full += fu
         out = out.reshape(*lead, self.depth)
         if return_stats:
@@ -198,6 +213,7 @@ class ResidualQuantizer(torch.nn.Module):
                 fallback_rows=sum(per_depth),
                 full_rows=full,
                 fallback_per_depth=tuple(per_depth),
+                collected_per_depth=tuple(collected),
             )
         return out
 
@@ -231,11 +247,12 @@ class ResidualQuantizer(torch.nn.Module):
 
     @staticmethod
     def _book_in(p: dict, sdtype):
+        """The centred book in ``sdtype`` (a torch dtype, "tf32", or ("fused", precision))."""
         if sdtype not in p["lp"]:
-            if sdtype in _FUSED:
+            if isinstance(sdtype, tuple):
                 from . import rvq_triton
 
-                p["lp"][sdtype] = rvq_triton.split_operand(p["b64"].float(), _FUSED[sdtype])
+                p["lp"][sdtype] = rvq_triton.split_operand(p["b64"].float(), sdtype[1])
             elif sdtype in (torch.float32, "tf32"):
                 p["lp"][sdtype] = p["b64"].float().contiguous()
             else:
@@ -251,7 +268,10 @@ class ResidualQuantizer(torch.nn.Module):
         the bound ``[N]`` on their error that the search relies on."""
         p = self._prepared(residual.device)[0 if self.codebooks.shape[0] == 1 else depth]
         rc = residual.to(torch.float64) - p["mean"]
-        return self._approx(rc, p, _SEARCH_DTYPES[search_dtype])
+        sdtype = _SEARCH_DTYPES[search_dtype]
+        if isinstance(sdtype, FusedPlan):
+            raise ValueError("approximate_distances: the fused search has no [N, K] matrix (rvq_triton.nearest)")
+        return self._approx(rc, p, sdtype)
 
     def _approx(self, r: torch.Tensor, p: dict, sdtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate distances ``||c||^2 - 2 r.c`` in the search dtype (``r`` centred,
@@ -305,24 +325,26 @@ class ResidualQuantizer(torch.nn.Module):
         return idx, ok
 
     def _search_fused(
-        self, r: torch.Tensor, r64: torch.Tensor, p: dict, sdtype: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused kernel's four nearest per row (rvq_triton), with the bound of
-        :meth:`_search` for the kernel's ``delta``: one code within the window is the
-        exact argmin; two or three with the fourth outside are re-ranked in float64;
-        more: not certified (next level).  Returns (codes, certified) per row."""
+        self, r: torch.Tensor, r64: torch.Tensor, p: dict, plan: FusedPlan, depth: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused search at ``depth`` (rvq_triton), with the bound of :meth:`_search` for the
+        kernel's ``delta``.  First pass, the ``plan.top`` nearest per row: one code within the
+        window is the exact argmin; 2 to top - 1 with the largest kept one outside are the
+        complete candidate list, re-ranked in float64.  The other rows: the collect pass lists
+        the window's codes (the same precision, so the same bound: the exact argmin is among
+        them), re-ranked in float64 when at most ``plan.cap``.  Returns (codes, settled, settled
+        by the first pass) per row; rows not settled need the full float64 search."""
         from . import rvq_triton
 
-        prec = _FUSED[sdtype]
+        prec, tiles = plan.at(depth)
         n, c = r.shape
-        vals, ids = rvq_triton.nearest(
-            rvq_triton.split_operand(r.float(), prec), self._book_in(p, sdtype), p["n32"], prec
-        )
+        a_ops = rvq_triton.split_operand(r.float(), prec)
+        b_ops = self._book_in(p, ("fused", prec))
+        vals, ids = rvq_triton.nearest(a_ops, b_ops, p["n32"], prec, tiles=tiles, top=plan.top)
         rnorm = r.norm(dim=1)
         cmax = p["cmax"]
         bound = 2 * rvq_triton.delta(prec, c) * rnorm * cmax + 2.0**-22 * (cmax * cmax + 2 * rnorm * cmax)
-        window = (vals[:, 0].double() + 2 * bound).float()
-        window = torch.nextafter(window, torch.full_like(window, math.inf))
+        window = _window(vals[:, 0], bound)
         inside = vals <= window[:, None]
         count = inside.sum(dim=1)
         finite = torch.isfinite(vals[:, 0])
@@ -330,43 +352,52 @@ class ResidualQuantizer(torch.nn.Module):
         ok = (count == 1) & finite
         few = ((count > 1) & ~inside[:, -1] & finite).nonzero().squeeze(1)
         if few.numel():
-            # complete candidate lists: float64 re-rank, lowest index on ties (ids sorted, others last)
-            sid = torch.where(inside[few], ids[few], torch.iinfo(torch.int64).max)
-            sid, _ = sid.sort(dim=1)
-            valid = sid != torch.iinfo(torch.int64).max
-            safe = torch.where(valid, sid, 0)
-            diff = r64[few][:, None, :] - p["orig"][safe]  # the reference's formula (see _rerank)
-            dist = torch.where(valid, (diff * diff).sum(-1), math.inf)
-            idx[few] = safe.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+            idx[few] = _rerank_listed(r64[few], p["orig"], torch.where(inside[few], ids[few], -1))
             ok[few] = True
-        return idx, ok
+        first = ok.clone()
+        rest = (~ok & finite).nonzero().squeeze(1)
+        if plan.collect and rest.numel():
+            a_rest = (a_ops[0][rest], a_ops[1][rest]) if prec == "bf16x3" else (a_ops[0][rest],) * 2
+            cnt, listed = rvq_triton.collect(a_rest, b_ops, p["n32"], window[rest], prec, cap=plan.cap, tiles=tiles)
+            good = (cnt >= 1) & (cnt <= plan.cap)  # >= 1 always holds in exact arithmetic; never trusted
+            sel = rest[good]
+            if sel.numel():
+                idx[sel] = _rerank_listed(r64[sel], p["orig"], listed[good])
+                ok[sel] = True
+        return idx, ok, first
 
-    def _encode_block(self, x: torch.Tensor, sdtype, cand: int) -> tuple[torch.Tensor, list[int], int]:
+    def _encode_block(self, x: torch.Tensor, sdtype, cand: int) -> tuple[torch.Tensor, list[int], list[int], int]:
         """Greedy RVQ of one block of rows.  Rows whose candidate list is not certified
-        go down a cascade: the search dtype, then fp32, then a full float64 search."""
+        go down a cascade: the search dtype, then fp32, then a full float64 search (fused:
+        the first pass, the collect pass, then full float64).
+        Returns (codes, uncertified rows per depth, collected rows per depth, full searches)."""
         n, c = x.shape
         k_all = self.codebook_size
         cand = max(1, min(cand, k_all))
         prepared = self._prepared(x.device)
-        levels = [sdtype] + ([torch.float32] if sdtype is not torch.float32 else [])
+        fused = isinstance(sdtype, FusedPlan)
+        levels = [sdtype] + ([torch.float32] if sdtype is not torch.float32 and not fused else [])
         r = x.to(torch.float64)
         codes = torch.empty((n, self.depth), dtype=torch.long, device=x.device)
-        fallback, full = [0] * self.depth, 0
+        fallback, collected, full = [0] * self.depth, [0] * self.depth, 0
         for d in range(self.depth):
             p = prepared[0 if len(prepared) == 1 else d]
             rc = r - p["mean"]
             if cand >= k_all:
                 idx = self._full_search(rc, r, p)
             else:
-                if sdtype in _FUSED:
-                    idx, ok = self._search_fused(rc, r, p, sdtype)
+                if fused:
+                    idx, ok, first = self._search_fused(rc, r, p, sdtype, d)
+                    fallback[d] = int((~first).sum())
+                    collected[d] = int((ok & ~first).sum())
                 else:
                     idx, ok = self._search(rc, r, p, levels[0], cand)
-                fallback[d] = int((~ok).sum())
+                    fallback[d] = int((~ok).sum())
                 for level in levels[1:]:
                     bad = (~ok).nonzero().squeeze(1)
                     if not bad.numel():
                         break
+                    # at least 8 candidates at the fp32 level, never more than the codebook holds
                     idx[bad], ok_b = self._search(rc[bad], r[bad], p, level, min(max(cand, 8), k_all))
                     ok[bad] = ok_b
                 bad = (~ok).nonzero().squeeze(1)
@@ -375,7 +406,7 @@ class ResidualQuantizer(torch.nn.Module):
                     idx[bad] = self._full_search(rc[bad], r[bad], p)
             codes[:, d] = idx
             r = r - p["orig"][idx]
-        return codes, fallback, full
+        return codes, fallback, collected, full
 
     @staticmethod
     def _full_search(rc: torch.Tensor, r64: torch.Tensor, p: dict, rerank: int = 4, block: int = 4096) -> torch.Tensor:
@@ -407,3 +438,27 @@ def _rerank(r64: torch.Tensor, book64: torch.Tensor, sidx: torch.Tensor) -> torc
     diff = r64[:, None, :] - book64[sidx]
     dist = (diff * diff).sum(-1)
     return sidx.gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+
+
+def _window(best: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``best + 2 * bound`` rounded up to fp32 (the approximate distances' type)."""
+    window = (best.double() + 2 * bound).float()
+    return torch.nextafter(window, torch.full_like(window, math.inf))
+
+
+def _rerank_listed(r64: torch.Tensor, book64: torch.Tensor, listed: torch.Tensor, elems: int = 1 << 24) -> torch.Tensor:
+    """:func:`_rerank` over per-row candidate lists ``listed [N, m]`` in any order, -1 for
+    an empty slot (each row lists at least one code), in row chunks of at most ``elems``
+    float64 differences."""
+    empty = listed < 0
+    big = torch.iinfo(torch.int64).max
+    sid, _ = torch.where(empty, big, listed).sort(dim=1)  # ascending: lowest index first on ties
+    valid = sid != big
+    safe = torch.where(valid, sid, 0)
+    out = torch.empty(listed.shape[0], dtype=torch.long, device=listed.device)
+    step = max(1, elems // max(1, listed.shape[1] * book64.shape[1]))
+    for s in range(0, listed.shape[0], step):
+        diff = r64[s : s + step, None, :] - book64[safe[s : s + step]]
+        dist = torch.where(valid[s : s + step], (diff * diff).sum(-1), math.inf)
+        out[s : s + step] = safe[s : s + step].gather(1, dist.argmin(dim=1, keepdim=True)).squeeze(1)
+    return out
