@@ -400,7 +400,8 @@ def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, o
     bar = tqdm(total=plan.total, unit="img", disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True)
     bar.set_description("tokenize")
     processed = skipped = 0
-    for ref in coordinator.remote(job):
+    # num_returns="streaming" gives an ObjectRefGenerator; Ray's stubs type .remote() as one ObjectRef
+    for ref in coordinator.remote(job):  # type: ignore[attr-defined]
         batch = ray.get(ref)
         for k in ("read", "decode", "encode", "write"):
             seconds[k] += float(batch[f"t_{k}"].sum())
