@@ -263,7 +263,9 @@ def _scan_folder(root: Path, rows: _Rows, part: str | None = None) -> None:
         raise SourceError(f"{root} is not a folder")
     start = root / part if part else root
     for dirpath, dirnames, filenames in os.walk(start):  # followlinks=False: no loops, no escape by dir links
-        dirnames[:] = [] if part == "" else sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # the root part lists the folder's own files (and its linked folders' rows); subfolders are their own parts
+        walk_into = [] if part == "" and Path(dirpath) == start else dirnames
         names = set(filenames)
         images = {Path(n).stem for n in filenames if n.lower().endswith(IMAGE_SUFFIXES)}
         for name in sorted(filenames):
@@ -296,6 +298,7 @@ def _scan_folder(root: Path, rows: _Rows, part: str | None = None) -> None:
             p = Path(dirpath) / name
             if p.is_symlink():
                 rows.add(p.relative_to(root).as_posix(), str(p), "ignored", error=_linked_folder(root, p))
+        dirnames[:] = walk_into
 
 
 def _linked_folder(root: Path, link: Path) -> str:

@@ -126,4 +126,6 @@ def test_tag_and_latest_tag(tmp_path):
     (ck / "latest").write_text("step00000002\n")
     assert checkpoint.latest_tag(tmp_path) is None  # names a tag that is not there
     (ck / "step00000002").mkdir()
+    assert checkpoint.latest_tag(tmp_path) is None  # there, but no rank finished saving it (issue 23)
+    (ck / "step00000002" / checkpoint.COMPLETE).write_text('{"step": 2, "world": 1}\n')
     assert checkpoint.latest_tag(tmp_path) == "step00000002"

@@ -41,6 +41,7 @@ def test_every_search_type_is_covered():
         "fused-tf32x3",
         "fused-fp32",
         "fused-tf32",
+        "fused-mixed",  # issue 27: bf16x3 at depth 0, tf32x3 deeper
     }
 
 
