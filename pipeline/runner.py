@@ -32,6 +32,7 @@ from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig
 
 from asvr.tokenizer.shards import ShardMeta
+from asvr.tokenizer.signals import STOP_SIGNALS, StopSignals, Stopped
 from .sources import SourceOptions, discover
 from .stages import Encoder, ReadDecode, TokenizerBuilder
 from .writer import COUNTS, OutputDir, UnitResult, units_hash
@@ -146,7 +147,8 @@ def _ray_init(cfg: PipelineConfig):
     reaper = Reaper()
     try:
         with reaper.marked():
-            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
+            ctx = ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
+        reaper.watch_session(ctx.address_info.get("session_dir"))
     except BaseException:
         reaper.close()
         raise
@@ -204,6 +206,18 @@ class _UnitBuffer:
 
 
 def run_pipeline(cfg: PipelineConfig) -> RunSummary:
+    """The whole job.  SIGTERM / SIGUSR1 stop it cleanly (:mod:`asvr.tokenizer.signals`): a unit
+    being committed is finished, units in flight are abandoned, Ray is shut down, and
+    :class:`Stopped` says how many units are kept; the rerun resumes from them."""
+    with StopSignals() as stop:
+        try:
+            return _run_pipeline(cfg, stop)
+        except Stopped as e:
+            e.detail = e.detail or "nothing was written yet; rerun the same command to start"
+            raise
+
+
+def _run_pipeline(cfg: PipelineConfig, stop: StopSignals) -> RunSummary:
     t_start = time.perf_counter()
     spec, _ = load_artifact(cfg.tokenizer)  # a bad tokenizer dir fails here, before Ray starts
     mode = cfg.preprocess or spec.preprocess
@@ -232,12 +246,12 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     plan, inputs = discover(cfg.inputs, cfg.sources)
     out = OutputDir(cfg.out, run_config, overwrite=cfg.overwrite)
     try:
-        return _run(cfg, pcfg, meta, plan, inputs, out, t_start)
+        return _run(cfg, pcfg, meta, plan, inputs, out, t_start, stop)
     finally:
         out.close()
 
 
-def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
+def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start, stop: StopSignals) -> RunSummary:
     n = plan.num_rows
     keys = plan.column("key").to_pylist()
     sources = plan.column("source").to_pylist()
@@ -277,6 +291,10 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
     seconds = {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
 
     def commit(buf: _UnitBuffer):
+        with stop.deferred():  # a stop signal lets the unit's shard and marker finish
+            _commit(buf)
+
+    def _commit(buf: _UnitBuffer):
         t0 = time.perf_counter()
         rows: dict[str, list[Any]] = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
         failures = []
@@ -314,12 +332,21 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
         del buffers[buf.unit]
         seconds["write"] += time.perf_counter() - t0
 
-    for buf in [b for b in buffers.values() if b.waiting == 0]:
-        commit(buf)
-
     processed = 0
-    if pending:
-        processed = _execute(cfg, pcfg, plan, np.asarray(pending, np.int64), buffers, commit, seconds, n, skipped)
+    try:
+        for buf in [b for b in buffers.values() if b.waiting == 0]:
+            commit(buf)
+        if pending:
+            processed = _execute(
+                cfg, pcfg, plan, np.asarray(pending, np.int64), buffers, commit, seconds, n, skipped, stop
+            )
+    except Stopped as e:
+        kept = sorted(results)
+        e.detail = (
+            f"{len(kept)} of {n_units} units are written to {cfg.out} ({len(buffers)} in flight abandoned); "
+            "rerun the same command to resume"
+        )
+        raise
 
     final = [results[u] for u in range(n_units)]
     out.write_manifest(inputs, final, n_units)
@@ -335,12 +362,19 @@ def _run(cfg, pcfg, meta, plan, inputs, out: OutputDir, t_start) -> RunSummary:
     )
 
 
-def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skipped) -> int:
+def _execute(cfg, pcfg, plan, pending, buffers, commit, seconds, n_total, skipped, stop: StopSignals) -> int:
     import ray
     import ray.data
     from tqdm import tqdm
 
-    stop_ray = _ray_init(cfg)
+    try:
+        stop_ray = _ray_init(cfg)
+    except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit) fired while Ray was starting
+        if e.code in STOP_SIGNALS:
+            stop.received = int(e.code)  # type: ignore[arg-type]
+            raise Stopped(int(e.code)) from None  # type: ignore[arg-type]
+        raise
+    stop.reinstall()  # ray.init replaced our SIGTERM handler with its sys.exit
     owns_ray = stop_ray is not None and not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))  # a local Ray we started
     try:
         _quiet_ray_data(cfg.verbose)
