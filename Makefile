@@ -58,7 +58,7 @@ demo: $(STAMP)
 	$(BIN)/python -m asvr.tokenizer.vqa_corpus --out $(DEMO)/corpus --train $(DEMO_TRAIN_IMAGES) --heldout 60 --seed 0 --quiet
 	@echo "== 2/9 train the default codebook (EfficientNet-Lite0, 4 x 256)"
 	$(BIN)/asvr-tokenizer train --images $(DEMO)/corpus/images/train --encoder efficientnet_lite0 \
-	  --depth 4 --codebook-size 256 --method kmeans --seed 0 --out $(DEMO)/tokenizer
+	  --depth 4 --codebook-size 256 --method kmeans --seed 0 --overwrite --out $(DEMO)/tokenizer
 	@echo "== 3/9 validate it on held-out images"
 	$(BIN)/asvr-tokenizer validate $(DEMO)/tokenizer --images $(DEMO)/corpus/images/heldout --report $(DEMO)/tokenizer_report
 	@echo "== 4/9 tokenize the corpus once (Ray Data)"

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence, overload
 
+from asvr.tokenizer.llava_json import lone_surrogate
+from asvr.tokenizer.paths import UnsafePathError, confine
 from asvr.tokenizer.registry import Registry
 
 from .scoring import KINDS, letters_for, normalize_answer, parse_choice, parse_mme_otter, parse_pope_lmms
@@ -119,10 +121,15 @@ def _where(path: Path, line: int) -> str:
 
 
 def _resolve_image(ref: str, roots: Sequence[Path], where: str) -> str:
+    """``ref`` under the first root that has it; a path leaving the roots (absolute, ``..``, a
+    symlink out) is refused, as the pipeline and the trainer refuse one (``paths.confine``)."""
     for root in roots:
-        p = root / ref
+        try:
+            p = confine(root, ref)
+        except UnsafePathError as e:
+            raise BenchError(f"{where}: image {ref!r}: {str(e).replace('the image root', str(root))}") from None
         if p.is_file():
-            return str(p)
+            return str(root / ref)
     tried = ", ".join(str(r) for r in roots)
     raise BenchError(f"{where}: image {ref!r} not found (looked under {tried})")
 
@@ -179,6 +186,10 @@ def _json_lines(path: Path):
             raise BenchError(f"{_where(path, n)}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
             raise BenchError(f"{_where(path, n)}: expected a JSON object, got {type(rec).__name__}")
+        if (bad := lone_surrogate(rec)) is not None:
+            raise BenchError(
+                f"{_where(path, n)}: {bad} holds a lone UTF-16 surrogate escape (such as \\ud800): not valid Unicode"
+            )
         yield n, rec
 
 
@@ -550,6 +561,13 @@ def read_bench(
     items = layout.read(path, images)
     if not items:
         raise BenchError(f"{path}: no benchmark items")
+    first: dict[str, str] = {}
+    for it in items:  # predictions are matched to items by id (asvr-eval score, reports)
+        if first.setdefault(it.id, it.source) != it.source:
+            raise BenchError(
+                f"{it.source}: duplicate id {it.id!r} (first at {first[it.id]}): ids must be unique, "
+                "predictions are matched to questions by id"
+            )
     return fmt, items
 
 

@@ -328,6 +328,7 @@ def run_score(a: argparse.Namespace) -> int:
     if not pred.is_file():
         raise CLIError(f"--predictions {pred}: no such file")
     records = []
+    seen: dict[str, int] = {}
     for n, line in enumerate(pred.read_text().splitlines(), start=1):
         if line.strip():
             try:
@@ -336,6 +337,11 @@ def run_score(a: argparse.Namespace) -> int:
                 raise CLIError(f"{pred}:{n}: not JSON ({e.msg})") from None
             if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("prediction"), str):
                 raise CLIError(f"{pred}:{n}: a prediction record needs 'id' and a string 'prediction'")
+            if str(rec["id"]) in seen:
+                raise CLIError(
+                    f"{pred}:{n}: a second prediction for id {str(rec['id'])!r} (first at line {seen[str(rec['id'])]})"
+                )
+            seen[str(rec["id"])] = n
             records.append(rec)
     try:
         fresh, metrics = rescore(fmt, items, records, a.scoring)

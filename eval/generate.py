@@ -125,6 +125,29 @@ class VisionEncoder:
             raise BenchError(f"{items[0].source}: cannot read images ({e})") from None
 
 
+def context_length(config) -> int | None:
+    """Positions the LLM was built for (``max_position_embeddings`` of its config, or of a LLaVA
+    config's ``text_config``); None when the config does not say."""
+    for c in (config, getattr(config, "text_config", None)):
+        n = getattr(c, "max_position_embeddings", None) if c is not None else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_fits(item: BenchItem, prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """Refuse (one line naming the item) a prompt that, with the answer, exceeds the model's context:
+    positions past it are untrained (rotary) or missing (learned), and attention over a 100k-character
+    question asked for 17 GB before the kernel stopped it.  Refused rather than cut: a cut question
+    is another question."""
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise BenchError(
+            f"{item.source}: item {item.id!r} needs {prompt_tokens} prompt tokens + {max_new_tokens} new "
+            f"(--max-new-tokens), more than the model's context of {context} positions: "
+            "the question is too long (refused, not truncated)"
+        )
+
+
 def _stop_ids(lm: LoadedModel) -> list[int]:
     tok = lm.text_tokenizer
     ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -178,6 +201,9 @@ def generate_answers(lm: LoadedModel, items: Sequence[BenchItem], cfg: Generatio
     model.eval()
     encoder = VisionEncoder(lm, cfg.preprocess_mode)
     prompts = [encode_prompt(lm, question_text(it, cfg.instructions), it.image is not None) for it in items]
+    context = context_length(model.llm.config)
+    for it, (p_ids, _) in zip(items, prompts):  # every item checked before the first answer
+        check_fits(it, len(p_ids), cfg.max_new_tokens, context)
     order = sorted(range(len(items)), key=lambda i: (items[i].image_key or "", len(prompts[i][0])))
     pad = lm.text_tokenizer.pad_token_id if lm.text_tokenizer.pad_token_id is not None else 0
     stop = _stop_ids(lm)

@@ -23,7 +23,7 @@ from asvr.tokenizer.preprocess import ImageError, open_image, read_file
 from asvr.train.hf_llava import INPUTS_FILE, read_hf_inputs
 
 from .bench_formats import BenchError, BenchItem
-from .generate import GenerationConfig, question_text
+from .generate import GenerationConfig, check_fits, context_length, question_text
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -89,12 +89,14 @@ class HFLlavaModel:
         tok = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        context = context_length(self.model.config)
         out = []
         for item in tqdm(items, desc="generating", unit="q", disable=not cfg.progress):
             images = [self._image(item)] if item.image is not None else None
             inputs = self.processor(images=images, text=self._prompt(item, cfg.instructions), return_tensors="pt").to(
                 self.device
             )
+            check_fits(item, int(inputs["input_ids"].shape[1]), cfg.max_new_tokens, context)
             new = self.model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1)[
                 0, inputs["input_ids"].shape[1] :
             ].tolist()

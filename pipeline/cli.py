@@ -21,6 +21,8 @@ from typing import Iterator
 from asvr.tokenizer.cli_parser import OneLineParser
 from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
+
+from .sources import DEFAULT_MAX_READ_BYTES
 from asvr.tokenizer.quantizer import SEARCH_DTYPES
 
 
@@ -93,6 +95,13 @@ def _tokenize_parser(sub) -> None:
         type=int,
         default=DEFAULT_MAX_PIXELS,
         help=f"larger images fail as decompression bombs (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--max-read-mb",
+        type=float,
+        default=DEFAULT_MAX_READ_BYTES / 2**20,
+        help="an image file, tar member or Parquet row group (image column, uncompressed) larger than this "
+        f"fails before it is read (default {DEFAULT_MAX_READ_BYTES // 2**20}: half a decode task's memory)",
     )
     p.add_argument(
         "--encoder-dtype",
@@ -183,6 +192,7 @@ def _config(args, PipelineConfig, SourceOptions):
             image_column=args.image_column,
             key_column=args.key_column,
             caption_column=args.caption_column,
+            max_read_bytes=int(args.max_read_mb * 2**20),
         ),
         format=args.format,
         preprocess=args.preprocess,

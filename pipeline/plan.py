@@ -144,7 +144,7 @@ def list_job(job: ListJob, opts: SourceOptions, folder: str, options_id: str) ->
     out = Path(folder)
     rows = _Rows()
     if job.format == "folder":
-        _scan_folder(Path(job.path), rows, job.part)
+        _scan_folder(Path(job.path), rows, opts, job.part)
     else:
         input_formats()[job.format].scan(Path(job.path), rows, opts)
     table = rows.table()

@@ -9,8 +9,9 @@ Parquet file (a key sort would seek across every tar for every batch), and is
 just as reproducible, which is all that resuming needs.
 
 Columns: ``key``, ``source`` (human readable location for failures), ``kind``
-(``file`` | ``tar`` | ``parquet`` | ``error`` | ``input`` | ``ignored``), ``path`` (the file to open),
-``offset``/``size`` (tar data span, or Parquet row group / row in group),
+(``file`` | ``tar`` | ``tar-sparse`` | ``parquet`` | ``error`` | ``input`` | ``ignored``), ``path`` (the file to open),
+``offset``/``size`` (tar data span, a sparse member's header offset and real size, or Parquet row
+group / row in group),
 ``cap_offset``/``cap_size``/``cap_kind`` (tar caption member), ``caption``
 (known at discovery: sidecar .txt, Parquet column), ``image_column`` (Parquet), ``error`` (why a row
 cannot be read: it becomes a failure row at stage ``read``; for ``input``, a
@@ -76,6 +77,9 @@ _IMAGE_EXTS = tuple(x[1:] for x in IMAGE_SUFFIXES)
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "bytes", "img")
 PARQUET_KEY_COLUMNS = ("key", "__key__", "id", "path", "file_name", "filename")
 PARQUET_CAPTION_COLUMNS = ("caption", "text", "txt")
+DEFAULT_MAX_READ_BYTES = 256 * 2**20
+"""Half of a decode task's memory reservation (``runner.DECODE_TASK_MEMORY``, 512 MiB): the bytes
+read, and their one copy as a Python ``bytes``, fit beside the decoded image."""
 # webdataset's own key split: everything before the first dot of the basename.
 _WDS_SPLIT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -113,8 +117,14 @@ class SourceOptions:
     """Parquet key column (default: first of key, __key__, id, path, file_name; else ``<file>/<row>``)."""
     caption_column: str | None = None
     """Parquet caption column (default: first of caption, text, txt; else none)."""
+    max_read_bytes: int = DEFAULT_MAX_READ_BYTES
+    """Most bytes one read may bring into a decode task: a larger image file or tar member, or a
+    Parquet row group whose image column is larger uncompressed (it is read at once), is a failure
+    row, decided from sizes known before reading (a 39 KB Parquet file can hold a 1 GB cell)."""
 
     def __post_init__(self):
+        if self.max_read_bytes < 1:
+            raise SourceError("--max-read-mb must be > 0")
         names = ("auto", *input_formats())
         if self.input_format not in names:
             raise SourceError(f"--input-format must be one of {', '.join(names)}, got {self.input_format!r}")
@@ -176,7 +186,7 @@ _BUILTIN = ("folder", "webdataset", "parquet", "llava")
 
 def register_input_format(fmt: InputFormat) -> InputFormat:
     clash = [k for k in fmt.readers for f in FORMATS.registered() if k in f.readers] + [
-        k for k in fmt.readers if k in ("file", "tar", "parquet", "error")
+        k for k in fmt.readers if k in ("file", "tar", "tar-sparse", "parquet", "error", "input", "ignored")
     ]
     if clash:
         raise ValueError(f"input format {fmt.name!r}: row kind {clash[0]!r} already has a reader")
@@ -199,6 +209,20 @@ def _utf8(s: str | None) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def too_big(nbytes: int, opts: SourceOptions, what: str) -> str | None:
+    """The failure reason of a read of ``nbytes`` over ``opts.max_read_bytes``, or None."""
+    if nbytes <= opts.max_read_bytes:
+        return None
+    return f"{what} is {nbytes / 2**20:.1f} MiB, more than the {opts.max_read_bytes / 2**20:.0f} MiB one decode task reads (--max-read-mb)"
+
+
+def _file_size_error(path: str | os.PathLike, opts: SourceOptions) -> str | None:
+    try:
+        return too_big(os.stat(path).st_size, opts, "the image file")
+    except OSError:
+        return None  # the reader reports why it cannot be read
 
 
 def _escaped(s: str) -> str:
@@ -257,8 +281,9 @@ def folder_parts(root: Path) -> list[str]:
     return ["", *subs]
 
 
-def _scan_folder(root: Path, rows: _Rows, part: str | None = None) -> None:
-    """``part``: None for the whole folder, else one of :func:`folder_parts` (keys stay relative to ``root``)."""
+def _scan_folder(root: Path, rows: _Rows, opts: SourceOptions, part: str | None = None) -> None:
+    """``part``: None for the whole folder, else one of :func:`folder_parts` (keys stay relative to ``root``);
+    ``opts.max_read_mb`` turns an oversized file into a failure row before it is read."""
     if not root.is_dir():
         raise SourceError(f"{root} is not a folder")
     start = root / part if part else root
@@ -285,7 +310,7 @@ def _scan_folder(root: Path, rows: _Rows, part: str | None = None) -> None:
                     error = f"symlink: {e}".replace(
                         "image path escapes the image root", "points outside the input folder"
                     )
-            error = error or regular_file_error(p)
+            error = error or regular_file_error(p) or _file_size_error(p, opts)
             caption = None
             txt = Path(name).stem + ".txt"
             if error is None and txt in names:
@@ -328,7 +353,15 @@ def _tar_end_problem(path: Path, end: int) -> str | None:
     return f"unreadable member header at byte {end}: the tar is corrupt, later members are lost"
 
 
-def _scan_tar(path: Path, rows: _Rows) -> None:
+def _tar_span(m: tarfile.TarInfo) -> tuple[str, int, int]:
+    """-> (kind, offset, size) of a member's bytes: ``tar``, ``size`` bytes at ``offset_data``; or
+    ``tar-sparse``, a GNU or PAX sparse member, whose archive data holds only the parts that are
+    not holes, so the reader re-reads its header at ``offset`` and lets :mod:`tarfile` expand it
+    (read as one span, such a member took its bytes from the members after it)."""
+    return ("tar-sparse", m.offset, m.size) if m.issparse() else ("tar", m.offset_data, m.size)
+
+
+def _scan_tar(path: Path, rows: _Rows, opts: SourceOptions) -> None:
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
@@ -375,18 +408,16 @@ def _scan_tar(path: Path, rows: _Rows) -> None:
                     error=f"tar member {m.name!r} is a link or special file, not image data",
                 )
                 continue
-            cm = cap[0] if cap else None
-            rows.add(
-                key,
-                f"{path}:{m.name}",
-                "tar",
-                abspath,
-                m.offset_data,
-                m.size,
-                cm.offset_data if cm else -1,
-                cm.size if cm else -1,
-                cap[1] if cap else "",
-            )
+            big = too_big(m.size, opts, f"tar member {m.name!r}")
+            if big:
+                rows.add(key, f"{path}:{m.name}", "error", error=big)
+                continue
+            kind, offset, size = _tar_span(m)
+            cm = cap[0] if cap and cap[0].size <= opts.max_read_bytes else None  # a bad caption never fails an image
+            cap_kind, cap_offset, cap_size = _tar_span(cm) if cm else ("", -1, -1)
+            if cm is not None and cap:
+                cap_kind = ("sparse:" if cap_kind == "tar-sparse" else "") + cap[1]
+            rows.add(key, f"{path}:{m.name}", kind, abspath, offset, size, cap_offset, cap_size, cap_kind)
     if problem:
         rows.add(f"{path.name}#truncated", f"{path}", "input", error=f"{path}: {problem}")
 
@@ -397,6 +428,17 @@ def _pick(names: list[str], wanted: str | None, defaults: tuple[str, ...], what:
             raise SourceError(f"{path}: no {what} column {wanted!r} (columns: {', '.join(names)})")
         return wanted
     return next((c for c in defaults if c in names), None)
+
+
+def _column_bytes(md, column: str) -> int:
+    """Uncompressed bytes of ``column`` (all its leaves: a ``{bytes, path}`` struct has two) in one
+    row group, from the footer: known before a byte of it is read or decompressed."""
+    leaves = (md.column(j) for j in range(md.num_columns))
+    return sum(
+        c.total_uncompressed_size
+        for c in leaves
+        if c.path_in_schema == column or c.path_in_schema.startswith(column + ".")
+    )
 
 
 def _scan_parquet(path: Path, rows: _Rows, opts: SourceOptions) -> None:
@@ -415,17 +457,29 @@ def _scan_parquet(path: Path, rows: _Rows, opts: SourceOptions) -> None:
     for rg in range(pf.num_row_groups):
         cols = [c for c in (key_col, cap_col) if c]
         t = pf.read_row_group(rg, columns=cols) if cols else None
-        n = pf.metadata.row_group(rg).num_rows
+        md = pf.metadata.row_group(rg)
+        n = md.num_rows
         keys = t.column(key_col).to_pylist() if t is not None and key_col else [None] * n
         caps = t.column(cap_col).to_pylist() if t is not None and cap_col else [None] * n
+        big = too_big(
+            _column_bytes(md, img_col),
+            opts,
+            f"row group {rg} of column {img_col!r} ({n} rows; the reader reads a row group at once)",
+        )
+        if big:
+            big += "; write the file with smaller row groups (pyarrow row_group_size)"
         for i in range(n):
             key = str(keys[i]) if keys[i] is not None else f"{path.name}/{row + i}"
             cap = None if caps[i] is None else str(caps[i])
+            if big:
+                rows.add(key, f"{path}#row={row + i}", "error", error=big)
+                continue
             rows.add(key, f"{path}#row={row + i}", "parquet", abspath, rg, i, caption=cap, image_column=img_col)
         row += n
 
 
-def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
+def _scan_llava(path: Path, rows: _Rows, opts: SourceOptions) -> None:
+    image_root = opts.image_root
     if image_root is None:
         raise SourceError(f"{path}: a LLaVA JSON input needs --image-root (the folder its image paths are relative to)")
     root = Path(image_root)
@@ -447,6 +501,7 @@ def _scan_llava(path: Path, rows: _Rows, image_root: str | None) -> None:
                 error = regular_file_error(target)
                 if error and not os.path.lexists(target):
                     error = "no such image file under --image-root"
+                error = error or _file_size_error(target, opts)
             except UnsafePathError as e:
                 target, error = "", str(e).replace("the image root", "--image-root")
             rows.add(image, f"{path}:{image}", "error" if error else "file", target, error=error)
@@ -468,7 +523,7 @@ register_input_format(
     InputFormat(
         "folder",
         "images found recursively; key = path relative to the folder (posix)",
-        lambda path, rows, opts: _scan_folder(path, rows),
+        _scan_folder,
     )
 )
 register_input_format(
@@ -477,7 +532,7 @@ register_input_format(
         "*.tar webdataset shards, brace patterns allowed: 'data/shard-{000000..000099}.tar'; "
         "key = __key__ (name up to the first dot), every member ending in an image suffix is an image "
         "(a repeated key is a duplicate), caption from txt or json 'caption'",
-        lambda path, rows, opts: _scan_tar(path, rows),
+        _scan_tar,
     )
 )
 register_input_format(
@@ -489,6 +544,6 @@ register_input_format(
     InputFormat(
         "llava",
         "*.json/.jsonl LLaVA conversations; each distinct 'image' once, read under --image-root",
-        lambda path, rows, opts: _scan_llava(path, rows, opts.image_root),
+        _scan_llava,
     )
 )

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 import time
 import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvr.tokenizer.paths import UnsafePathError, read_regular
@@ -72,21 +74,49 @@ class _Reader:
 
     def __init__(self) -> None:
         self._files: dict[str, BinaryIO] = {}
+        self._tars: dict[str, tarfile.TarFile] = {}
         self._handles: dict = {}  # plug-in formats' open datasets (see sources.InputFormat)
-        self._rg: tuple[str, int, list] | None = None
+        self._rg: tuple[str, int, pa.Array] | None = None
 
     def close(self):
+        for t in self._tars.values():
+            t.close()
         for f in self._files.values():
             f.close()
 
-    def _span(self, path: str, offset: int, size: int) -> bytes:
+    def _file(self, path: str) -> BinaryIO:
         f = self._files.get(path)
         if f is None:
             f = self._files[path] = open(path, "rb")
+        return f
+
+    def _span(self, path: str, offset: int, size: int) -> bytes:
+        f = self._file(path)
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
             raise ImageError(f"tar is truncated: wanted {size} bytes at offset {offset}, got {len(data)}", "read")
+        return data
+
+    def _sparse(self, path: str, header: int, size: int) -> bytes:
+        """A sparse member (GNU ``S`` or PAX ``GNU.sparse.*`` 0.0/0.1/1.0), holes filled with zeros
+        by :mod:`tarfile` from the header at byte ``header``."""
+        try:
+            tar = self._tars.get(path)
+            if tar is None:
+                tar = self._tars[path] = tarfile.open(fileobj=self._file(path), mode="r:")
+            tar.fileobj.seek(header)  # type: ignore[union-attr]
+            info = tarfile.TarInfo.fromtarfile(tar)
+        except tarfile.TarError as e:
+            raise ImageError(f"unreadable sparse tar member header at byte {header} ({e})", "read") from None
+        if not info.issparse() or info.size != size:
+            raise ImageError(
+                f"the tar changed since it was listed (no sparse member of {size} bytes at {header})", "read"
+            )
+        f = tar.extractfile(info)
+        data = f.read() if f is not None else b""
+        if len(data) != size:
+            raise ImageError(f"sparse tar member is truncated: wanted {size} bytes, got {len(data)}", "read")
         return data
 
     def image(self, row: dict) -> bytes:
@@ -98,9 +128,10 @@ class _Reader:
                 return read_regular(row["path"])  # never blocks on a FIFO swapped in after discovery
             except UnsafePathError as e:
                 raise ImageError(f"cannot read file: {e}", "read") from None
-        if kind == "tar":
+        if kind in ("tar", "tar-sparse"):
+            read = self._span if kind == "tar" else self._sparse
             try:
-                return self._span(row["path"], row["offset"], row["size"])
+                return read(row["path"], row["offset"], row["size"])
             except OSError as e:
                 raise ImageError(f"cannot read tar: {e.strerror or e}", "read") from None
         if kind != "parquet":
@@ -109,13 +140,22 @@ class _Reader:
                 raise ImageError(f"no reader for plan rows of kind {kind!r}", "read")
             return read(row, self._handles)
         # parquet: offset = row group, size = row in group
+        # (discovery refused row groups over --max-read-mb; one row group's column is held as Arrow
+        # data and one cell at a time becomes Python bytes, not the whole column: 2x less memory)
         key = (row["path"], row["offset"])
         if self._rg is None or self._rg[:2] != key:
+            self._rg = None  # the previous row group is freed before the next is read
             pf = pq.ParquetFile(row["path"])
-            col = pf.read_row_group(row["offset"], columns=[row["image_column"]]).column(0).to_pylist()
+            col = pf.read_row_group(row["offset"], columns=[row["image_column"]]).column(0).combine_chunks()
             self._rg = (*key, col)
-        v = self._rg[2][row["size"]]
+        v = self._rg[2][row["size"]].as_py()
         if isinstance(v, dict):  # Hugging Face Image feature: {bytes, path}
+            if v.get("bytes") is None and v.get("path"):
+                raise ImageError(
+                    f"image cell is a struct with path {v['path']!r} but no bytes: files named by a "
+                    "Parquet cell are not opened; embed the image bytes in the file",
+                    "read",
+                )
             v = v.get("bytes")
         if v is None:
             raise ImageError("image cell is null", "read")
@@ -127,8 +167,12 @@ class _Reader:
         if row["cap_kind"] == "":
             return row["caption"]
         try:
-            raw = self._span(row["path"], row["cap_offset"], row["cap_size"]).decode("utf-8", errors="replace")
-            if row["cap_kind"] == "txt":
+            raw = (
+                self._sparse(row["path"], row["cap_offset"], row["cap_size"])
+                if row["cap_kind"].startswith("sparse:")
+                else self._span(row["path"], row["cap_offset"], row["cap_size"])
+            ).decode("utf-8", errors="replace")
+            if row["cap_kind"].removeprefix("sparse:") == "txt":
                 return raw.strip()
             cap = json.loads(raw).get("caption")
             return None if cap is None else str(cap)

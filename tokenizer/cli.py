@@ -74,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from .encoders import EncoderLoadError
     from .errors import TokenizerError
     from .preprocess import ImageError
+    from .shards import ShardError
 
     return run_guarded(
         "asvr-tokenizer",
         args.command,
         lambda: args.func(args),
-        (TokenizerError, EncoderLoadError, ImageError, FileNotFoundError),
+        (TokenizerError, EncoderLoadError, ImageError, ShardError, FileNotFoundError),
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .artifact import refuse_existing
 from .errors import CLIError
 from .dualtoken import DualTokenImportError, import_dualtoken
 from .model import SemanticTokenizer
@@ -34,10 +35,12 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="skip loading the written tokenizer back")
     p.add_argument("--out", required=True, metavar="TOK", help="tokenizer directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_existing(args.out, args.overwrite)
     try:
         res = import_dualtoken(args.config, args.checkpoint, args.siglip, args.out, preprocess=args.preprocess)
     except DualTokenImportError as e:

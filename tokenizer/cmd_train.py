@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import TokenizerSpec, save_artifact
+from .artifact import TokenizerSpec, refuse_existing, save_artifact
 from .cli import add_encoding_args
 from .errors import CLIError
 from .codebook_training import (
@@ -71,10 +71,12 @@ def register(p: argparse.ArgumentParser) -> None:
     )
     add_encoding_args(p)
     p.add_argument("--out", required=True, metavar="TOK", help="tokenizer directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_existing(args.out, args.overwrite)  # before the (long) encoding and training
     set_threads(args.threads)
     t0 = time.perf_counter()
     try:

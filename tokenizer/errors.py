@@ -10,13 +10,17 @@ and the trainer use it without torch.
   with different tokenizers met (docs/ARCHITECTURE.md, contract 1).  The only place a
   fingerprint is compared, so the refusal reads the same everywhere.
 * :func:`run_guarded`: an expected error is one line on stderr and exit code
-  2, Ctrl-C one line and exit code 130, never a traceback.
+  2, Ctrl-C one line and exit code 130, a stop signal caught as
+  :class:`~asvr.tokenizer.signals.Stopped` one line and 128 + signum (143 for
+  SIGTERM), never a traceback.
 """
 
 from __future__ import annotations
 
 import sys
 from typing import Callable
+
+from .signals import Stopped
 
 
 class CLIError(ValueError):
@@ -69,3 +73,6 @@ def run_guarded(
     except KeyboardInterrupt:
         print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         return 130
+    except Stopped as e:  # SIGTERM / SIGUSR1 (asvr.tokenizer.signals): one line, 128 + signum
+        print(f"{where}: {e.message()}", file=sys.stderr)
+        return e.exit_code

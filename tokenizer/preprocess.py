@@ -57,6 +57,9 @@ class PreprocessConfig:
     mode: str = "square"
     max_pixels: int = DEFAULT_MAX_PIXELS
     fast_decode: bool = False
+    max_decode_bytes: int | None = None
+    """Refuse, before decoding, an image whose decode is estimated to need more memory
+    (:func:`decode_bytes`; None: no limit).  The pipeline sets its decode task's reservation."""
 
     def __post_init__(self):
         if self.mode not in PREPROCESS_MODES:
@@ -70,22 +73,62 @@ class PreprocessConfig:
         return r, g, b
 
 
+_CHUNK = 1 << 20
+"""Pixels converted at a time by :func:`_scaled_to_l`: float64 temporaries of 8 MB, not 8 bytes
+per pixel of the whole image (a 9000x9000 16-bit PNG took 2.5 GB converted at once, 0.4 GB so)."""
+_SCALED_MODES = ("F", "I", "I;16", "I;16L", "I;16B", "I;16N")
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+
+
+def decode_bytes(mode: str, width: int, height: int, pad: bool = False) -> int:
+    """Estimated peak bytes to decode an image of ``mode`` and bring it to RGB (and to the ``pad``
+    canvas): the decoded image; for 16/32-bit and float modes its numpy copy and the 8-bit image
+    (:func:`_scaled_to_l`); the RGB copy of any mode but RGB; the canvas.  The resized output is
+    negligible.  bench/decode_memory.py compares it with the measured peak."""
+    n = width * height
+    bpp = _BYTES_PER_PIXEL.get(mode, 2 if mode.startswith("I;16") else 4)
+    need = n * bpp
+    if mode in _SCALED_MODES:
+        need += n * bpp + n
+    if mode != "RGB":
+        need += n * 3
+    if pad and width != height:
+        need += max(width, height) ** 2 * 3
+    return need
+
+
+def _scaled_to_l(img: Image.Image, scale) -> Image.Image:
+    """A one-band image -> 8-bit ``L`` by ``rint(x * scale(lo, hi))`` clipped to [0, 255], in chunks of
+    :data:`_CHUNK` pixels with float64 arithmetic (so the values equal a whole-image float64 pass)."""
+    arr = np.asarray(img).reshape(-1)  # one copy of PIL's buffer; the float64 work is per chunk
+    lo, hi = np.float64(np.inf), np.float64(-np.inf)
+    for s in range(0, arr.size, _CHUNK):
+        c = arr[s : s + _CHUNK].astype(np.float64)
+        lo, hi = np.minimum(lo, c.min()), np.maximum(hi, c.max())  # ufuncs: a NaN stays NaN
+    factor = scale(float(lo), float(hi))
+    out = np.empty(arr.size, np.uint8)
+    for s in range(0, arr.size, _CHUNK):
+        c = arr[s : s + _CHUNK].astype(np.float64)
+        out[s : s + _CHUNK] = np.clip(np.rint(c * factor), 0, 255)
+    del arr
+    return Image.fromarray(out.reshape(img.size[1], img.size[0]), "L")
+
+
+def _float_scale(lo: float, hi: float) -> float:
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+        raise ImageError(f"float image with values in [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]")
+    return 255.0 / (1.0 if hi <= 1.0 else 255.0)  # a [0, 1] float image is the common scientific/HDR-export case
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode == "F":
-        arr = np.asarray(img).astype(np.float64)
-        lo, hi = (float(np.min(arr)), float(np.max(arr))) if arr.size else (0.0, 0.0)
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
-            raise ImageError(f"float image with values in [{lo:g}, {hi:g}]: expected [0, 1] or [0, 255]")
-        top = 1.0 if hi <= 1.0 else 255.0  # a [0, 1] float image is the common scientific/HDR-export case
-        arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(255.0, float(arr.max()) if arr.size else 255.0)
-        arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+        return _scaled_to_l(img, _float_scale).convert("RGB")
+    if img.mode in _SCALED_MODES:
+        if img.mode.startswith("I;16"):
+            return _scaled_to_l(img, lambda lo, hi: 255.0 / 65535.0).convert("RGB")
+        return _scaled_to_l(img, lambda lo, hi: 255.0 / max(255.0, hi)).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     # RGBA/LA/PA: the reference's convert('RGB') drops alpha; we keep that, so codes match it.
@@ -111,6 +154,13 @@ def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
         raise ImageError(f"empty image {w}x{h}")
     if w * h > max_pixels:
         raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+    if cfg is not None and cfg.max_decode_bytes is not None:
+        need = decode_bytes(img.mode, w, h, pad=cfg.mode == "pad")
+        if need > cfg.max_decode_bytes:
+            raise ImageError(
+                f"decoding {w}x{h} {img.mode} needs about {need / 2**20:.0f} MiB, more than the "
+                f"{cfg.max_decode_bytes / 2**20:.0f} MiB of a decode task"
+            )
     try:
         if cfg is not None and cfg.fast_decode and img.format == "JPEG":
             img.draft("RGB", (cfg.image_size, cfg.image_size))

@@ -53,12 +53,13 @@ the previous index intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, cast
+from typing import Any, Callable, cast
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +74,7 @@ INDEX_JSON = "index.json"
 INDEX_FORMAT = 1
 RECIPE = "mean-decoded-l2"
 EXACT_LIMIT = 100_000
+DIGEST_SPAN = 1 << 20
 
 
 class RetrievalError(ValueError):
@@ -252,6 +254,9 @@ class IndexMeta:
     generation: int = 0
     recipe: str = RECIPE
     format_version: int = INDEX_FORMAT
+    index_digest: str = ""
+    """:func:`file_digest` of the .faiss file ("" in indexes written before it was recorded)."""
+    keys_digest: str = ""
 
     @property
     def index_file(self) -> str:
@@ -292,6 +297,52 @@ def read_index_meta(idx_dir: str | os.PathLike) -> IndexMeta:
 KEYS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.int32()), ("row", pa.int64())])
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 over a file's size, first and last MiB: tells this index's files from any other
+    (a .faiss header holds the vector count and dimension, the tail the last vectors) at a fixed
+    cost; a full hash would read all of a 10 GB index before every query."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode() + b"\0" + f.read(DIGEST_SPAN))
+        if size > DIGEST_SPAN:
+            f.seek(max(DIGEST_SPAN, size - DIGEST_SPAN))
+            h.update(f.read(DIGEST_SPAN))
+    return h.hexdigest()
+
+
+def load_index_files(idx_dir: Path, meta: IndexMeta) -> tuple[Any, pa.Table]:
+    """-> (faiss index, keys table) named by ``meta``, refused (one line) unless they are the ones
+    ``index.json`` recorded: readable, the recorded digests, dimension and vector count."""
+    import faiss
+
+    ipath, kpath = idx_dir / meta.index_file, idx_dir / meta.keys_file
+    for p, want in ((ipath, meta.index_digest), (kpath, meta.keys_digest)):
+        if not p.is_file():
+            raise RetrievalError(f"{p}: missing (named by {idx_dir / INDEX_JSON})")
+        if want and file_digest(p) != want:
+            raise RetrievalError(
+                f"{p} is not the file {INDEX_JSON} recorded (replaced or modified); rebuild the index with --force"
+            )
+    try:
+        index = faiss.read_index(str(ipath))
+    except RuntimeError as e:
+        raise RetrievalError(f"{ipath}: cannot read ({str(e).splitlines()[-1][:120]})") from None
+    try:
+        keys = pq.read_table(kpath)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a cut or foreign file
+        raise RetrievalError(f"{kpath}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if keys.schema.names[:3] != KEYS_SCHEMA.names:
+        raise RetrievalError(f"{kpath}: not an index keys file (columns {keys.schema.names})")
+    if int(index.d) != meta.dim or int(index.ntotal) != meta.count or keys.num_rows != meta.count:
+        raise RetrievalError(
+            f"{ipath}: holds {int(index.ntotal)} vectors of dimension {int(index.d)} and its keys file "
+            f"{keys.num_rows} rows, {INDEX_JSON} says {meta.count} of {meta.dim}: not this index's files; "
+            "rebuild it with --force"
+        )
+    return index, keys
+
+
 def save_index(idx_dir: Path, meta: IndexMeta, index, keys: pa.Table) -> None:
     """Write a new generation, then commit it by replacing index.json; old generations are removed."""
     import faiss
@@ -304,6 +355,8 @@ def save_index(idx_dir: Path, meta: IndexMeta, index, keys: pa.Table) -> None:
         faiss.write_index(index, str(tmp))
     with atomic_path(idx_dir / meta.keys_file) as tmp:
         pq.write_table(keys, tmp)
+    meta.index_digest = file_digest(idx_dir / meta.index_file)
+    meta.keys_digest = file_digest(idx_dir / meta.keys_file)
     atomic_write(idx_dir / INDEX_JSON, json.dumps(meta.to_dict(), indent=2) + "\n")
     for name in old - {meta.index_file, meta.keys_file}:
         (idx_dir / name).unlink(missing_ok=True)
@@ -363,9 +416,8 @@ def build_index(
         return BuildResult(old, [], skipped, 0)
     new_rows = sum(_shard_rows(p) for p, _ in new)
     if old is not None:
-        import faiss
-
-        meta, index, keys = old, faiss.read_index(str(idx_dir / old.index_file)), pq.read_table(idx_dir / old.keys_file)
+        meta = old
+        index, keys = load_index_files(idx_dir, old)
     else:
         meta, index = _new_index(idx_dir, spec, str(tok_dir.resolve()), preprocess, factory, new_rows)
         keys = KEYS_SCHEMA.empty_table()
@@ -512,17 +564,9 @@ class ImageIndex:
     """A built index: faiss index + keys + metadata."""
 
     def __init__(self, idx_dir: str | os.PathLike, search_params: dict[str, float] | None = None):
-        import faiss
-
         self.dir = Path(idx_dir)
         self.meta = read_index_meta(self.dir)
-        try:
-            self.index = faiss.read_index(str(self.dir / self.meta.index_file))
-        except RuntimeError as e:
-            raise RetrievalError(
-                f"{self.dir / self.meta.index_file}: cannot read ({str(e).splitlines()[-1][:120]})"
-            ) from None
-        self.keys = pq.read_table(self.dir / self.meta.keys_file)
+        self.index, self.keys = load_index_files(self.dir, self.meta)
         self._key_list = self.keys.column("key").to_pylist()
         self._row_of: dict[str, int] | None = None
         apply_search_params(self.index, {**self.meta.search_params, **(search_params or {})})
