@@ -105,7 +105,7 @@ class _Reader:
             tar = self._tars.get(path)
             if tar is None:
                 tar = self._tars[path] = tarfile.open(fileobj=self._file(path), mode="r:")
-            tar.fileobj.seek(header)  # type: ignore[union-attr]
+            tar.fileobj.seek(header)
             info = tarfile.TarInfo.fromtarfile(tar)
         except tarfile.TarError as e:
             raise ImageError(f"unreadable sparse tar member header at byte {header} ({e})", "read") from None
@@ -135,10 +135,10 @@ class _Reader:
             except OSError as e:
                 raise ImageError(f"cannot read tar: {e.strerror or e}", "read") from None
         if kind != "parquet":
-            read = row_reader(kind)
-            if read is None:
+            plug = row_reader(kind)
+            if plug is None:
                 raise ImageError(f"no reader for plan rows of kind {kind!r}", "read")
-            return read(row, self._handles)
+            return plug(row, self._handles)
         # parquet: offset = row group, size = row in group
         # (discovery refused row groups over --max-read-mb; one row group's column is held as Arrow
         # data and one cell at a time becomes Python bytes, not the whole column: 2x less memory)
