@@ -36,8 +36,13 @@ def corpus(tmp_path_factory, tiny_tokenizer):
 
 
 def _child(args: list[str]) -> subprocess.Popen:
-    """``asvr-train`` in its own process, started as a shell starts it (see test_train_trainer's Ctrl-C test)."""
+    """``asvr-train`` in its own process, started as a shell starts it (see test_train_trainer's Ctrl-C test),
+    with this process's torch thread count: the resumed and the straight runs train in this process, and
+    float sums depend on the thread count (an earlier in-process codebook training may have changed it)."""
+    import torch
+
     code = (
+        f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
         "import signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT}); "
         "signal.signal(signal.SIGTERM, signal.SIG_DFL); signal.signal(signal.SIGINT, signal.default_int_handler); "
         "from asvr.train.cli import main; sys.exit(main(sys.argv[1:]))"
