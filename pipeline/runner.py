@@ -33,6 +33,8 @@ from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, Prep
 
 from asvr.tokenizer.shards import ShardMeta
 
+from asvr.tokenizer.signals import StopSignals, Stopped
+
 from .commit import CommitRecord, Commits, OutputError
 from .plan import build_plan, listing_jobs
 from .sources import SourceOptions
@@ -231,22 +233,31 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
 
     jobs, inputs = listing_jobs(cfg.inputs, cfg.sources)  # a missing INPUT fails here, before Ray starts
     out = OutputDir(cfg.out, run_config, overwrite=cfg.overwrite)
-    ray_ = _LazyRay(cfg)
-    try:
-        return _run(cfg, pcfg, meta, jobs, inputs, out, t_start, ray_)
-    except Exception as err:  # noqa: BLE001 - a worker's one-line error, unwrapped from Ray's
-        raise _user_error(err) from None
-    finally:
-        ray_.stop()
-        out.close()
+    with StopSignals() as stop:
+        ray_ = _LazyRay(cfg, stop)
+        try:
+            return _run(cfg, pcfg, meta, jobs, inputs, out, t_start, ray_)
+        except Stopped as s:
+            # each unit's shard and marker are written by its worker atomically; what was in flight is
+            # abandoned (its temp files are swept by the rerun), so the rerun resumes from the markers
+            kept = len(list(out.units_dir.glob("unit-*.json"))) if out.units_dir.is_dir() else 0
+            raise Stopped(
+                s.signum, f"{kept} finished units are kept in {cfg.out}; rerun the same command to resume"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - a worker's one-line error, unwrapped from Ray's
+            raise _user_error(err) from None
+        finally:
+            ray_.stop()
+            out.close()
 
 
 class _LazyRay:
     """Ray, started (or joined) on first use: a run that lists one input in-process and finds
     nothing to encode (an empty folder, a finished OUT of one input) never starts it."""
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, stop: StopSignals | None = None):
         self.cfg = cfg
+        self.signals = stop
         self.joining = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
         self._stop = None
         self.started = False
@@ -255,6 +266,8 @@ class _LazyRay:
         if not self.started:
             self._stop = _ray_init(self.cfg)
             self.started = True
+            if self.signals is not None:
+                self.signals.reinstall()  # ray.init installs its own SIGTERM handler (sys.exit into a native dump)
 
     @property
     def owned(self) -> bool:

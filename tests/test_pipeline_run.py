@@ -287,6 +287,48 @@ def test_resume_after_kill_equals_clean_run(tmp_path, tiny_tokenizer_dir, ray_lo
     assert verify_out(out).ok
 
 
+def test_sigterm_stops_in_one_line_and_the_rerun_equals_a_clean_run(tmp_path, tiny_tokenizer_dir, ray_local):
+    """A scheduler's SIGTERM to the driver: exit 143 and one line saying how to resume (not Ray's
+    native dump, exit 134: ``ray.init`` installs its own SIGTERM handler, which the run replaces);
+    the rerun gives the uninterrupted run's manifest and shards."""
+    import re
+
+    write_image_folder(tmp_path / "imgs", 20)
+    args = [tmp_path / "imgs", "--tokenizer", tiny_tokenizer_dir, "--shard-size", "3", "--batch-size", "3"]
+    clean = tmp_path / "clean"
+    assert tokenize(*args, "--out", clean) == 0
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "asvr.pipeline.cli", "tokenize", *map(str, args), "--out", str(out)]
+    cmd += ["--no-progress", "--ray-address", ray_local]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("part-*.parquet")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=240)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    m = json.loads((out / MANIFEST).read_text())
+    assert not m["complete"], "the run finished before the signal; nothing was tested"
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err
+    assert re.fullmatch(
+        rf"asvr-pipeline tokenize: stopped by SIGTERM; \d+ finished units are kept in {re.escape(str(out))}; "
+        "rerun the same command to resume",
+        err.strip().splitlines()[-1],
+    ), err[-2000:]
+
+    assert tokenize(*args, "--out", out) == 0
+    assert (out / MANIFEST).read_text() == (clean / MANIFEST).read_text()  # same shards, same sha256s
+    for p in sorted(clean.glob("part-*.parquet")):
+        assert read_shard(out / p.name)[1].equals(read_shard(p)[1])
+    assert not list(out.glob(".*.tmp-*"))
+    assert verify_out(out).ok
+
+
 # --------------------------------------------------------------------------- refusal, webdataset, inspect/verify
 def test_refusal_webdataset_output_and_verify(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, capsys):
     keys = write_image_folder(tmp_path / "imgs", 4)
