@@ -26,11 +26,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # ruff (lint + format check), the import rule of docs/ARCHITECTURE.md (import-linter)
-# and mypy.  The asvr.* packages live in tokenizer/, pipeline/, train/, eval/ (see
+# and mypy.  The asvr.* packages live in core/, tokenizer/, pipeline/, train/, eval/, demo/ (see
 # package-dir); import-linter and mypy read them through a symlinked asvr/ in .lint/.
 LINT_ROOT := .lint
 lint: $(STAMP)
-	@mkdir -p $(LINT_ROOT)/asvr && for p in tokenizer pipeline train eval; do ln -sfn ../../$$p $(LINT_ROOT)/asvr/$$p; done
+	@mkdir -p $(LINT_ROOT)/asvr && for p in core tokenizer pipeline train eval demo; do ln -sfn ../../$$p $(LINT_ROOT)/asvr/$$p; done
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
 	cd $(LINT_ROOT) && PYTHONPATH=. ../$(BIN)/python -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' --config ../pyproject.toml
@@ -55,7 +55,7 @@ mutation: $(STAMP)
 # -> pretrain + SFT (DeepSpeed, tiny Llama) -> eval.  Everything lands in $(DEMO)/.
 demo: $(STAMP)
 	@echo "== 1/9 procedural VQA corpus (held-out images show colour-shape pairs never seen in training)"
-	$(BIN)/python -m asvr.tokenizer.vqa_corpus --out $(DEMO)/corpus --train $(DEMO_TRAIN_IMAGES) --heldout 60 --seed 0 --quiet
+	$(BIN)/python -m asvr.demo.vqa_corpus --out $(DEMO)/corpus --train $(DEMO_TRAIN_IMAGES) --heldout 60 --seed 0 --quiet
 	@echo "== 2/9 train the default codebook (EfficientNet-Lite0, 4 x 256)"
 	$(BIN)/asvr-tokenizer train --images $(DEMO)/corpus/images/train --encoder efficientnet_lite0 \
 	  --depth 4 --codebook-size 256 --method kmeans --seed 0 --overwrite --out $(DEMO)/tokenizer
@@ -72,7 +72,7 @@ demo: $(STAMP)
 	$(BIN)/asvr-tokenizer inspect $(DEMO)/tokenizer --codes $(DEMO)/codes --images $(DEMO)/corpus/images \
 	  --report $(DEMO)/inspect --code 0:top --nearest 0:top --quiet
 	@echo "== 6/9 a tiny Llama-style LLM built from a config"
-	$(BIN)/python -m asvr.train.tiny_llm --out $(DEMO)/llm --hidden-size 128 --intermediate-size 256 \
+	$(BIN)/python -m asvr.demo.tiny_llm --out $(DEMO)/llm --hidden-size 128 --intermediate-size 256 \
 	  --texts $(DEMO)/corpus/llava_pretrain.json $(DEMO)/corpus/llava_sft.json
 	@echo "== 7/9 pretrain (projector + visual head) on EfficientNet features cached once"
 	$(BIN)/asvr-train --model $(DEMO)/llm --tokenizer $(DEMO)/tokenizer --codes $(DEMO)/codes \

@@ -2,7 +2,7 @@
 
 ``python -m bench.asvr_effect --out exp/`` (or ``make experiment``) runs, on CPU:
 
-1. a procedural VQA corpus (``asvr.tokenizer.vqa_corpus``): train images with captions and
+1. a procedural VQA corpus (``asvr.demo.vqa_corpus``): train images with captions and
    questions, held-out images whose colour-shape pairs never occur in training (the bench),
    caption-free images;
 2. two tokenizers on the train images, both on EfficientNet-Lite0's 7 x 7 grid: *semantic*
@@ -161,8 +161,8 @@ def _run_main(main, argv: list[str], what: str) -> None:
 
 def prepare(cfg: ExperimentConfig) -> dict[str, Path]:
     """Corpus, the two tokenizers, their shards and the LLM (each skipped when already there)."""
-    from asvr.tokenizer.vqa_corpus import make_vqa_corpus
-    from asvr.train.tiny_llm import conversation_texts, make_tiny_llm
+    from asvr.demo.vqa_corpus import make_vqa_corpus
+    from asvr.demo.tiny_llm import conversation_texts, make_tiny_llm
 
     out = Path(cfg.out)
     p = {
@@ -296,7 +296,7 @@ BENCHES = {
     "seen": ("vqa_bench_seen.jsonl", "new scenes: questions about objects whose colour-shape pair training showed"),
     "unseen": ("vqa_bench.jsonl", "the unseen colour-shape pair of each held-out image (compositional)"),
 }
-"""The two held-out benches (same images, ``asvr.tokenizer.vqa_corpus``): name -> (file, what it measures)."""
+"""The two held-out benches (same images, ``asvr.demo.vqa_corpus``): name -> (file, what it measures)."""
 
 
 def _bench_metrics(m: dict) -> dict:

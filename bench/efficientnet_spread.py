@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asvr.tokenizer import SemanticTokenizer, default_encoder_spec
-from asvr.tokenizer.sample_corpus import make_scene
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.encoders.base import default_encoder_spec
+from asvr.demo.sample_corpus import make_scene
 
 
 def main(argv=None) -> int:

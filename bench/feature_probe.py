@@ -2,7 +2,7 @@
 
 ``python -m bench.feature_probe CORPUS TOWER [--layer N] [--train 1500] [--heldout 200]``
 
-``CORPUS`` is a ``asvr.tokenizer.vqa_corpus`` folder, ``TOWER`` anything ``--vision-tower``
+``CORPUS`` is a ``asvr.demo.vqa_corpus`` folder, ``TOWER`` anything ``--vision-tower``
 accepts (a tokenizer artifact or a Hugging Face vision folder).  The tokens of each image are
 averaged per cell of the scenes' 3 x 3 layout (a token belongs to the cell its centre falls
 in) and one linear classifier, shared by all cells, predicts the colour and the shape of the
@@ -63,7 +63,7 @@ def labels(scenes: list[dict]):
     """Per image and cell: colour index (6 = empty) and shape index (4 = empty)."""
     import torch
 
-    from asvr.tokenizer.vqa_corpus import COLOURS, SHAPES
+    from asvr.demo.vqa_corpus import COLOURS, SHAPES
 
     colour = torch.full((len(scenes), 9), len(COLOURS))
     shape = torch.full((len(scenes), 9), len(SHAPES))
@@ -78,7 +78,7 @@ def probe(corpus: str, tower_path: str, layer: int | None, n_train: int, n_heldo
     import torch
     from tqdm import tqdm
 
-    from asvr.train.vision_tower import open_vision_tower
+    from asvr.train.model.vision_tower import open_vision_tower
 
     torch.manual_seed(0)
     tower = open_vision_tower(tower_path, layer=layer)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asvr.tokenizer import rvq_encode_reference
+from asvr.tokenizer.rvq.quantizer import rvq_encode_reference
 
 
 def bf16_rq_codes(x: np.ndarray, books: np.ndarray) -> np.ndarray:
@@ -54,7 +54,7 @@ def fixture(n_images: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Features and codebooks of the imported DualToken fixture (same layout as the test's)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.tokenizer import SemanticTokenizer
+    from asvr.tokenizer.model import SemanticTokenizer
     from asvr.tokenizer.dualtoken import import_dualtoken
 
     tiny = dict(

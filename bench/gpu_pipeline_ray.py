@@ -60,7 +60,7 @@ def _make_jpeg(args) -> None:
 
 
 def _decode(args):
-    from asvr.pipeline.stages import decode_one
+    from asvr.pipeline.job.stages import decode_one
 
     path, cfg = args
     return decode_one(Path(path).read_bytes(), cfg)[0]
@@ -70,7 +70,11 @@ def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> 
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.tokenizer import SemanticTokenizer, TokenizerSpec, default_encoder_spec, save_artifact
+    from asvr.tokenizer.model import SemanticTokenizer
+
+    from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+    from asvr.tokenizer.encoders.base import default_encoder_spec
 
     if tiny:
         cfg = SiglipVisionConfig(
@@ -131,8 +135,8 @@ def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> 
 def in_process(tok_dir: Path, images: list[Path], batch: int, search_dtype: str, procs: int, device: str) -> dict:
     import torch
 
-    from asvr.pipeline.stages import Encoder, TokenizerBuilder
-    from asvr.tokenizer import SemanticTokenizer
+    from asvr.pipeline.job.stages import Encoder, TokenizerBuilder
+    from asvr.tokenizer.model import SemanticTokenizer
 
     tok = SemanticTokenizer.load(tok_dir)
     cfg = tok.preprocess_config()

@@ -1,4 +1,4 @@
-"""The fused Triton RVQ search (tokenizer/rvq_triton.py) on a GPU, against today's
+"""The fused Triton RVQ search (tokenizer/rvq/fused_triton.py) on a GPU, against today's
 cascade and the reference's plain fp32 quantizer (issue 13).
 
 Same set-up as bench/gpu_tokenizer.py: a SigLIP-so400m-sized random tower (26 of
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_tokenizer import Tower, build_encoder, reference_rvq_fp32
 
-    from asvr.tokenizer import ResidualQuantizer
-    from asvr.tokenizer import rvq_triton as rt
+    from asvr.tokenizer.rvq.quantizer import ResidualQuantizer
+    from asvr.tokenizer.rvq import fused_triton as rt
 
     cuda = torch.cuda.is_available() and not a.tiny
     dev = torch.device("cuda" if cuda else "cpu")

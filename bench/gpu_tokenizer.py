@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def _import_tokenizer():
     try:
-        from asvr.tokenizer.quantizer import ResidualQuantizer, rvq_encode_reference
+        from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference
     except ImportError:  # not installed: load the module file directly
         import importlib.util
 

@@ -66,10 +66,11 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.tokenizer.shards import ShardMeta, rows_to_table, write_parquet_shard
-    from asvr.tokenizer import TokenizerSpec, default_encoder_spec, save_artifact
+    from asvr.core.shards import ShardMeta, rows_to_table, write_parquet_shard
+    from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+    from asvr.tokenizer.encoders.base import default_encoder_spec
     from asvr.train.config import tiny_llm_config
-    from asvr.train.tiny_llm import train_bpe_tokenizer
+    from asvr.demo.tiny_llm import train_bpe_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -131,7 +132,7 @@ def build_work(work: Path, s, small, n_samples: int, device) -> dict:
     )
     write_parquet_shard(work / "codes" / "part-00000.parquet", table)
     # one image + a caption that fills the row (<= seq tokens, ~1% padding)
-    from asvr.train.templates import encode_conversation, get_template, validate_turns
+    from asvr.train.data.templates import encode_conversation, get_template, validate_turns
 
     tpl = get_template("vicuna_v1")
 
@@ -206,7 +207,7 @@ def run_cli(args: list[str], timeout: float, name: str) -> tuple[int, float, str
 
 
 def summarise(run_dir: Path, skip: int) -> dict:
-    from asvr.train.metrics import read_metrics
+    from asvr.train.loop.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     timed = rows[skip:] or rows
@@ -226,7 +227,7 @@ def summarise(run_dir: Path, skip: int) -> dict:
 
 
 def resume_check(w: dict, work: Path, steps: int, save_at: int, timeout: float, extra: list[str]) -> dict:
-    from asvr.train.metrics import read_metrics
+    from asvr.train.loop.metrics import read_metrics
 
     common = [
         "--max-steps",
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
     if "cli" in only or "bare" in only:
         # FLOPs of one full step (train_mfu's count) for the MFU of the CLI runs
         from asvr.train.config import ModelConfig, VisionSpec
-        from asvr.train.lvlm import build_model
+        from asvr.train.model.lvlm import build_model
 
         vision = VisionSpec(dim=s.code_dim, grid=s.grid, depth=s.depth, codebook_size=s.codebook_size)
         with torch.device("meta"):

@@ -9,7 +9,7 @@ demo's BPE tokenizer trained on the same texts) is trained from scratch with a p
 loop (AdamW, batch 32, loss on the answer only) on text where the answer needs no image:
 
 * ``caption``: the scene's description, then one of the corpus's questions
-  (``asvr.tokenizer.vqa_corpus``: 5 categories x yes/no, multiple choice, short answer),
+  (``asvr.demo.vqa_corpus``: 5 categories x yes/no, multiple choice, short answer),
   the LLaVA-1.5 answer-format instruction and the answer.  Every answer can be looked up in
   the description ("A small red circle at the top left, ...  Is the circle blue?").
 * ``pointing``: only the last step of a multiple-choice answer: four options, "Which option is
@@ -74,7 +74,7 @@ class ProbeResult:
 
 
 def _caption_item(rng: np.random.Generator, index: int, split: str) -> Item:
-    from asvr.tokenizer import vqa_corpus as vc
+    from asvr.demo import vqa_corpus as vc
 
     scene = vc.make_scene(1, split, index, vc.heldout_pairs(1))
     cat, form = vc.CATEGORIES[int(rng.integers(5))], vc.FORMS[int(rng.integers(3))]
@@ -100,7 +100,7 @@ def _caption_item(rng: np.random.Generator, index: int, split: str) -> Item:
 
 
 def _pointing_item(rng: np.random.Generator, index: int, split: str) -> Item:
-    from asvr.tokenizer import vqa_corpus as vc
+    from asvr.demo import vqa_corpus as vc
 
     words = list(vc.COLOURS) + list(vc.SHAPES) + list(vc.SIZES) + list(vc.RELATIONS)
     picked = [words[int(k)] for k in rng.permutation(len(words))[:4]]
@@ -124,7 +124,7 @@ MAKERS = {"caption": _caption_item, "pointing": _pointing_item, "pointing-last":
 def _chat(prompt: str, system: bool = True) -> str:
     """The demo's conversation layout (vicuna_v1) of one question, up to the answer; without
     ``system``: the bare prompt and "ASSISTANT:"."""
-    from asvr.train.templates import VICUNA_V1_SYSTEM
+    from asvr.train.data.templates import VICUNA_V1_SYSTEM
 
     if not system:
         return f"{prompt} ASSISTANT:"

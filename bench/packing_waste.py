@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from asvr.train.packing import PackingConfig, padding_waste, plan_epoch
+from asvr.train.data.packing import PackingConfig, padding_waste, plan_epoch
 
 
 def llava_like_lengths(n: int, stage: str, image_tokens: int, seed: int = 0) -> list[int]:

@@ -55,7 +55,9 @@ def build_tokenizer(out: Path) -> Path:
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.tokenizer import TokenizerSpec, default_encoder_spec, save_artifact
+    from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+    from asvr.tokenizer.encoders.base import default_encoder_spec
 
     if (out / "tokenizer.json").exists():
         return out
@@ -99,7 +101,7 @@ def run_measured(cmd: list[str], env: dict) -> tuple[dict, str, str]:
 
 LIST_BEFORE = """
 import sys, time
-from asvr.pipeline.sources import SourceOptions, discover
+from asvr.pipeline.inputs.sources import SourceOptions, discover
 t = time.perf_counter()
 plan, _ = discover(sys.argv[1:], SourceOptions())
 print(plan.num_rows, time.perf_counter() - t)
@@ -111,8 +113,8 @@ import ray
 t = time.perf_counter()
 ray.init(address=os.environ["BENCH_RAY"], logging_level="ERROR", log_to_driver=False)
 t_init = time.perf_counter() - t
-from asvr.pipeline.plan import build_plan, listing_jobs
-from asvr.pipeline.sources import SourceOptions
+from asvr.pipeline.job.plan import build_plan, listing_jobs
+from asvr.pipeline.inputs.sources import SourceOptions
 t = time.perf_counter()
 jobs, _ = listing_jobs(sys.argv[2:], SourceOptions())
 plan = build_plan(jobs, SourceOptions(), sys.argv[1], resume=False, ensure_ray=lambda: None)
@@ -190,7 +192,7 @@ def bytes_per_row_after(out: Path) -> float:
     """The Arrow size of the records the driver received (one row per unit), per image."""
     import pyarrow as pa
 
-    from asvr.pipeline.commit import CommitRecord
+    from asvr.pipeline.output.commit import CommitRecord
 
     recs = [CommitRecord.from_json(p.read_text()) for p in sorted((out / ".units").glob("unit-*.json"))]
     n = len(recs)
@@ -208,7 +210,7 @@ def bytes_per_row_after(out: Path) -> float:
 
 def commit_loop_cost(records: int = 20000, shard: int = 1000) -> float:
     """Seconds per record of the driver's loop body: parse the JSON record, keep it."""
-    from asvr.pipeline.commit import CommitRecord, Commits
+    from asvr.pipeline.output.commit import CommitRecord, Commits
 
     text = CommitRecord(0, "a" * 64, "part-00000.parquet", shard, "b" * 64, 12345678, [], {"seen": shard}).to_json()
     c = Commits(records)
@@ -236,7 +238,7 @@ def main() -> None:
     corpora = {n: make_corpus(work / f"imgs{n}", n) for n in (args.n1, args.n2)}
     lines = [f"issue 28 bench, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, tokenizer 27x27x8 K=256"]
 
-    from asvr.pipeline.ray_reaper import owned_processes
+    from asvr.pipeline.job.ray_reaper import owned_processes
 
     token = f"bench28-{os.getpid()}"
     env = dict(os.environ, ASVR_RAY_OWNER=token, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
@@ -358,7 +360,7 @@ def main() -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-    from asvr.tokenizer.atomic import atomic_write
+    from asvr.core.atomic import atomic_write
 
     text = "\n".join(lines) + "\n"
     print(text)

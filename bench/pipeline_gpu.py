@@ -27,7 +27,9 @@ def build_so400m_tokenizer(work: Path) -> Path:
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.tokenizer import TokenizerSpec, default_encoder_spec, save_artifact
+    from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+    from asvr.tokenizer.encoders.base import default_encoder_spec
 
     enc_dir, tok_dir = work / "siglip", work / "tok"
     if (tok_dir / "tokenizer.json").exists():
@@ -65,7 +67,7 @@ def timed(fn, reps: int):
 def encode_bench(tok_dir: Path, batch: int, reps: int) -> None:
     import torch
 
-    from asvr.pipeline.stages import Encoder, TokenizerBuilder
+    from asvr.pipeline.job.stages import Encoder, TokenizerBuilder
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (batch, 384, 384, 3), dtype=np.uint8)
@@ -89,7 +91,7 @@ def encode_bench(tok_dir: Path, batch: int, reps: int) -> None:
 
 def _decode_worker(args):
     datas, fast = args
-    from asvr.pipeline.stages import decode_one
+    from asvr.pipeline.job.stages import decode_one
     from asvr.tokenizer.preprocess import PreprocessConfig
 
     cfg = PreprocessConfig(image_size=384, fast_decode=fast)

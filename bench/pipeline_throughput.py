@@ -90,8 +90,8 @@ def main() -> None:
 
     import torch
 
-    from asvr.tokenizer.shards import load_codes
-    from asvr.tokenizer import SemanticTokenizer
+    from asvr.core.shards import load_codes
+    from asvr.tokenizer.model import SemanticTokenizer
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

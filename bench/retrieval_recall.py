@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 import torch
 
-from asvr.tokenizer.retrieval import ImageVectorizer, apply_search_params, new_faiss_index, plan_index
+from asvr.tokenizer.codes.retrieval import ImageVectorizer, apply_search_params, new_faiss_index, plan_index
 
 
 def synthetic_codes(n: int, rng, topics: int, depth: int, k: int, patches: int, alpha: float = 0.05) -> np.ndarray:

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from asvr.tokenizer import ResidualQuantizer, rvq_encode_reference
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference
 
 
 def make(n: int, d: int, k: int, c: int, seed: int = 0):

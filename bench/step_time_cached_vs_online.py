@@ -35,10 +35,12 @@ import time
 import numpy as np
 import torch
 
-from asvr.tokenizer import SemanticTokenizer, default_encoder_spec
-from asvr.train.batch import Batch
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.encoders.base import default_encoder_spec
+from asvr.train.data.batch import Batch
 from asvr.train.config import ModelConfig, VisualHeadConfig, tiny_llm_config
-from asvr.train.lvlm import build_model
+from asvr.train.model.lvlm import build_model
 
 
 def make_images(n: int, seed: int = 0) -> list[bytes]:

@@ -103,10 +103,10 @@ def gpu_busy(into: dict, key: str, cuda: bool):
 def tokenizer_section(a, torch, dev, cuda: bool) -> dict:
     from gpu_tokenizer import Tower, build_encoder, reference_rvq_fp32
 
-    from asvr.tokenizer import ResidualQuantizer
-    from asvr.tokenizer import rvq_triton as rt
+    from asvr.tokenizer.rvq.quantizer import ResidualQuantizer
+    from asvr.tokenizer.rvq import fused_triton as rt
     from asvr.tokenizer.encode_engine import EngineOptions, PixelEncoder
-    from asvr.tokenizer.rvq_plan import FusedPlan
+    from asvr.tokenizer.rvq.plan import FusedPlan
 
     def sync():
         if cuda:
@@ -277,7 +277,7 @@ class _Tok:
 
 # ------------------------------------------------------------------ 3. pipeline
 def _decode(args):
-    from asvr.pipeline.stages import decode_one
+    from asvr.pipeline.job.stages import decode_one
 
     path, cfg = args
     return decode_one(Path(path).read_bytes(), cfg)[0]
@@ -286,8 +286,8 @@ def _decode(args):
 def in_process(tok_dir, images, a, sd, device, busy: dict) -> dict:
     import torch
 
-    from asvr.pipeline.stages import Encoder, TokenizerBuilder
-    from asvr.tokenizer import SemanticTokenizer
+    from asvr.pipeline.job.stages import Encoder, TokenizerBuilder
+    from asvr.tokenizer.model import SemanticTokenizer
 
     cfg = SemanticTokenizer.load(tok_dir).preprocess_config()
     t0 = time.perf_counter()

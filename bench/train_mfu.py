@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from asvr.train.batch import Batch
+from asvr.train.data.batch import Batch
 from asvr.train.config import ModelConfig, VisionSpec, VisualHeadConfig
-from asvr.train.lvlm import build_model
+from asvr.train.model.lvlm import build_model
 
 
 @dataclass(kw_only=True)

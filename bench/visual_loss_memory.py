@@ -1,4 +1,4 @@
-"""Peak memory of the visual loss: chunked (asvr.train.visual_loss) vs naive.
+"""Peak memory of the visual loss: chunked (asvr.train.model.visual_loss) vs naive.
 
 Both compute, from the head states ``x [N, D, E]`` and one ``Linear(E, K)``
 per depth, the mean over depths of the per-depth CE, then backward.  Naive
@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from asvr.train.visual_loss import linear_cross_entropy
+from asvr.train.model.visual_loss import linear_cross_entropy
 
 
 def _rss_bytes() -> int:

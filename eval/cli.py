@@ -24,11 +24,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from asvr.tokenizer.cli_parser import OneLineParser
-from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
-from asvr.tokenizer.help_text import plain
+from asvr.core.cli_parser import OneLineParser
+from asvr.core.errors import CLIError, TokenizerError, run_guarded
+from asvr.core.help_text import plain
 from asvr.tokenizer.preprocess import PREPROCESS_MODES
-from asvr.train.templates import TEMPLATES
+from asvr.train.data.templates import TEMPLATES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench_formats import bench_formats
+    from asvr.eval.formats.builtin import bench_formats
 
     p = OneLineParser(
         prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,9 +172,9 @@ def _model_info(lm) -> dict:
 
 
 def run_loss(a: argparse.Namespace) -> int:
-    from .loading import load_for_eval
-    from .losses import LossEvalConfig, evaluate_loss
-    from .report import loss_markdown, write_atomic, write_json
+    from asvr.eval.loading import load_for_eval
+    from asvr.eval.losses import LossEvalConfig, evaluate_loss
+    from asvr.eval.report import loss_markdown, write_atomic, write_json
 
     for f in a.data:
         if not Path(f).is_file():
@@ -241,14 +241,14 @@ def _vs_chance(m: dict) -> str:
 
 
 def run_bench(a: argparse.Namespace) -> int:
-    from .bench import run_bench as run
-    from .generate import GenerationConfig
-    from asvr.train.hf_llava import is_hf_llava
+    from asvr.eval.bench import run_bench as run
+    from asvr.eval.generate import GenerationConfig
+    from asvr.train.export.hf_llava import is_hf_llava
 
-    from .bench_formats import read_bench
-    from .hf_llava import load_hf_llava
-    from .loading import load_for_eval, resolve_device
-    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+    from asvr.eval.formats.builtin import read_bench
+    from asvr.eval.hf_llava import load_hf_llava
+    from asvr.eval.loading import load_for_eval, resolve_device
+    from asvr.eval.report import bench_markdown, write_atomic, write_json, write_jsonl
 
     if a.max_items is not None and a.max_items < 1:
         raise CLIError("--max-items must be >= 1")
@@ -319,9 +319,9 @@ def run_bench(a: argparse.Namespace) -> int:
 def run_score(a: argparse.Namespace) -> int:
     import json
 
-    from .bench import rescore, scoring_for
-    from .bench_formats import read_bench
-    from .report import bench_markdown, write_atomic, write_json, write_jsonl
+    from asvr.eval.bench import rescore, scoring_for
+    from asvr.eval.formats.builtin import read_bench
+    from asvr.eval.report import bench_markdown, write_atomic, write_json, write_jsonl
 
     fmt, items = read_bench(a.bench, a.format, a.images)
     pred = Path(a.predictions)
@@ -380,13 +380,13 @@ def run_score(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from asvr.tokenizer.preprocess import ImageError
-    from asvr.tokenizer.shards import ShardError
-    from asvr.train.export import ExportError
-    from asvr.train.sources import DataError
-    from asvr.train.templates import ConversationError
+    from asvr.core.shards import ShardError
+    from asvr.train.export.native import ExportError
+    from asvr.train.data.sources import DataError
+    from asvr.train.data.templates import ConversationError
 
-    from .bench_formats import BenchError
-    from .loading import EvalError
+    from asvr.eval.formats.builtin import BenchError
+    from asvr.eval.loading import EvalError
 
     args = build_parser().parse_args(argv)
     expected = (

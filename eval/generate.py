@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from asvr.tokenizer.preprocess import ImageError
-from asvr.train.templates import IMAGE_PLACEHOLDER, encode_generation_prompt
-from asvr.train.vision_input import get_vision_input
+from asvr.train.data.templates import IMAGE_PLACEHOLDER, encode_generation_prompt
+from asvr.train.model.vision_input import get_vision_input
 
-from .bench_formats import BenchError, BenchItem
-from .loading import LoadedModel
+from asvr.eval.formats.builtin import BenchError, BenchItem
+from asvr.eval.loading import LoadedModel
 
 INSTRUCTIONS = {
     "lmms-eval": {  # items without an lmms-eval task (the generic JSONL): LLaVA's instructions
@@ -55,7 +55,7 @@ def question_text(item: BenchItem, instructions: str = "lmms-eval") -> str:
     """The user turn (without the image).  ``lmms-eval``: lmms-eval's own prompt for the item's
     task (:data:`asvr.eval.lmms_rules.PROMPTS`; items without one as ``llava``); ``llava``:
     hint, question, options, LLaVA's instruction, one per line; ``none``: without the instruction."""
-    from .lmms_rules import PROMPTS
+    from asvr.eval.lmms_rules import PROMPTS
 
     if instructions == "lmms-eval" and item.task in PROMPTS:
         return PROMPTS[item.task](item)

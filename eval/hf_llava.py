@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from asvr.tokenizer.preprocess import ImageError, open_image, read_file
-from asvr.train.hf_llava import INPUTS_FILE, read_hf_inputs
+from asvr.train.export.hf_llava import INPUTS_FILE, read_hf_inputs
 
-from .bench_formats import BenchError, BenchItem
-from .generate import GenerationConfig, check_fits, context_length, question_text
+from asvr.eval.formats.builtin import BenchError, BenchItem
+from asvr.eval.generate import GenerationConfig, check_fits, context_length, question_text
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, LlavaProcessor

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from asvr.train.export import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
-from asvr.train.lvlm import ASVRModel
-from asvr.train.templates import ConversationTemplate, get_template
+from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
+from asvr.train.model.lvlm import ASVRModel
+from asvr.train.data.templates import ConversationTemplate, get_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -103,7 +103,7 @@ def resolve_template(
 def _run_shards_mode(run: Path | None) -> tuple[str, str] | None:
     """Exports written before the ``inputs`` record: the preprocessing mode of the shards the run
     trained on (``RUN/train_config.json``'s ``codes``), when they are still there."""
-    from asvr.tokenizer.shards import ShardError, list_shards, read_meta
+    from asvr.core.shards import ShardError, list_shards, read_meta
 
     if run is None:
         return None
@@ -150,11 +150,11 @@ def load_for_eval(
 ) -> LoadedModel:
     from transformers import AutoTokenizer
 
-    from asvr.tokenizer import SemanticTokenizer
+    from asvr.tokenizer.model import SemanticTokenizer
     from asvr.tokenizer.artifact import load_artifact
     from asvr.train.config import VisionTowerSpec
-    from asvr.train.vision_input import get_vision_input
-    from asvr.train.vision_tower import VisionTower, load_vision_tower
+    from asvr.train.model.vision_input import get_vision_input
+    from asvr.train.model.vision_tower import VisionTower, load_vision_tower
 
     export, run = resolve_export(path)
     meta = json.loads((export / CONFIG_FILE).read_text())

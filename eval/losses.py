@@ -1,7 +1,7 @@
 """Held-out losses: text loss / perplexity and visual-token accuracy per depth.
 
 The held-out conversations go through the trainer's own data path
-(``assemble_data`` -> ``Collator`` -> :class:`~asvr.train.batch.Batch`),
+(``assemble_data`` -> ``Collator`` -> :class:`~asvr.train.data.batch.Batch`),
 so templates, image placement and visual targets are exactly what training
 saw.  Samples are batched one per row, longest first (little padding); the
 results are sums over all tokens / positions, so they do not depend on the
@@ -36,13 +36,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from asvr.train.batch import Batch
-from asvr.train.data import DataConfig, assemble_data, open_codes
-from asvr.train.packing import PackingConfig
-from asvr.train.vision_input import get_vision_input
-from asvr.train.visual_loss import IGNORE_INDEX
+from asvr.train.data.batch import Batch
+from asvr.train.data.dataset import DataConfig, assemble_data, open_codes
+from asvr.train.data.packing import PackingConfig
+from asvr.train.model.vision_input import get_vision_input
+from asvr.train.model.visual_loss import IGNORE_INDEX
 
-from .loading import EvalError, LoadedModel
+from asvr.eval.loading import EvalError, LoadedModel
 
 
 # --------------------------------------------------------------------------- chunked scoring

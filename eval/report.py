@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from asvr.tokenizer.atomic import atomic_write
+from asvr.core.atomic import atomic_write
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -94,7 +94,7 @@ def loss_markdown(report: dict) -> str:
 
 
 def bench_markdown(report: dict) -> str:
-    from .bench_formats import bench_format
+    from asvr.eval.formats.builtin import bench_format
 
     if report["kind"] == "score":  # asvr-eval score: saved predictions, no model
         head = [f"- predictions `{report['config']['predictions']}` scored again (no model)"]

@@ -18,7 +18,7 @@ Modules, one job each:
   ray_reaper.py  ties a local Ray to its driver (kill -9 included)
 
 The shard format itself (schema, readers, atomic shard writers) is
-``asvr.tokenizer.shards``: readers never import the pipeline.
+``asvr.core.shards``: readers never import the pipeline.
 
 Importing this package imports no Ray; runner.py imports it when a job runs.
 """

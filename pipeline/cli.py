@@ -18,16 +18,16 @@ import os
 import sys
 from typing import Iterator
 
-from asvr.tokenizer.cli_parser import OneLineParser
-from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
+from asvr.core.cli_parser import OneLineParser
+from asvr.core.errors import CLIError, TokenizerError, run_guarded
 from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
 
-from .sources import DEFAULT_MAX_READ_BYTES
-from asvr.tokenizer.quantizer import SEARCH_DTYPES
+from asvr.pipeline.inputs.sources import DEFAULT_MAX_READ_BYTES
+from asvr.tokenizer.rvq.quantizer import SEARCH_DTYPES
 
 
 def _epilog() -> str:
-    from .sources import input_formats
+    from asvr.pipeline.inputs.sources import input_formats
 
     lines = ["Inputs (auto-detected per INPUT, or --input-format for all):"]
     lines += [f"  {f.name:<12} {f.help}" for f in input_formats().values()]
@@ -45,7 +45,7 @@ Without --ray-address/RAY_ADDRESS a fresh local Ray is started (never another jo
 
 
 def _tokenize_parser(sub) -> None:
-    from .sources import input_formats
+    from asvr.pipeline.inputs.sources import input_formats
 
     p = sub.add_parser(
         "tokenize",
@@ -166,8 +166,8 @@ def quiet_ray(verbose: bool, joining: bool) -> Iterator[None]:
 
 
 def _run_tokenize(args) -> int:
-    from .runner import PipelineConfig, run_pipeline
-    from .sources import SourceOptions
+    from asvr.pipeline.job.runner import PipelineConfig, run_pipeline
+    from asvr.pipeline.inputs.sources import SourceOptions
 
     try:
         cfg = _config(args, PipelineConfig, SourceOptions)
@@ -215,7 +215,7 @@ def _config(args, PipelineConfig, SourceOptions):
 
 
 def _run_inspect(args) -> int:
-    from .check import inspect_out
+    from asvr.pipeline.output.check import inspect_out
 
     rep = inspect_out(args.out, args.failures)
     print("\n".join(rep.lines))
@@ -225,7 +225,7 @@ def _run_inspect(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from .check import verify_out
+    from asvr.pipeline.output.check import verify_out
 
     rep = verify_out(args.out)
     print("\n".join(rep.lines))
@@ -236,7 +236,7 @@ def _run_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asvr.tokenizer.help_text import plain
+    from asvr.core.help_text import plain
 
     p = OneLineParser(prog="asvr-pipeline", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -254,11 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    from asvr.tokenizer.encoders import EncoderLoadError
-    from asvr.tokenizer.shards import ShardError
+    from asvr.tokenizer.encoders.base import EncoderLoadError
+    from asvr.core.shards import ShardError
 
-    from .sources import SourceError
-    from .writer import OutputError
+    from asvr.pipeline.inputs.sources import SourceError
+    from asvr.pipeline.output.writer import OutputError
 
     return run_guarded(
         "asvr-pipeline",

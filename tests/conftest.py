@@ -13,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from asvr.tokenizer import SemanticTokenizer, TokenizerSpec, default_encoder_spec, save_artifact
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+from asvr.tokenizer.encoders.base import default_encoder_spec
 
 
 def make_image(seed: int, size=(96, 72), mode="RGB") -> Image.Image:
@@ -60,7 +64,7 @@ def build_tiny_tokenizer(out: Path, depth=3, k=32, seed=0, preprocess="square") 
 
 @pytest.fixture(scope="session", autouse=True)
 def _weights_hash_cache(tmp_path_factory):
-    """Tokenizer loads record their weights' hashes here (asvr.tokenizer.weights_hash), not in
+    """Tokenizer loads record their weights' hashes here (asvr.tokenizer.encoders.weights_hash), not in
     the user's ~/.cache; subprocesses and Ray workers started by the tests inherit it."""
     os.environ.setdefault("ASVR_HASH_CACHE", str(tmp_path_factory.mktemp("weights-sha256")))
 

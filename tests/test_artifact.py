@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from asvr.tokenizer import default_encoder_spec
+from asvr.tokenizer.encoders.base import default_encoder_spec
 from asvr.tokenizer.artifact import (
     TokenizerError,
     TokenizerSpec,
@@ -22,7 +22,7 @@ from asvr.tokenizer.artifact import (
     load_artifact,
     save_artifact,
 )
-from asvr.tokenizer.encoders import hash_encoder_weights
+from asvr.tokenizer.encoders.base import hash_encoder_weights
 
 
 def _spec(shared=False, **kw) -> TokenizerSpec:

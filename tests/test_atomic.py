@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from asvr.tokenizer.atomic import atomic_dir, atomic_path, atomic_write
+from asvr.core.atomic import atomic_dir, atomic_path, atomic_write
 
 
 @pytest.fixture

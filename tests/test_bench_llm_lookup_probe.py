@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from asvr.tokenizer import vqa_corpus as vc
+from asvr.demo import vqa_corpus as vc
 from bench import llm_lookup_probe as probe
 
 
@@ -15,7 +15,7 @@ from bench import llm_lookup_probe as probe
 def tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from asvr.train.tiny_llm import make_tiny_llm
+    from asvr.demo.tiny_llm import make_tiny_llm
 
     texts = [probe._caption_item(np.random.default_rng(i), i, "train").prompt for i in range(200)]
     folder = make_tiny_llm(tmp_path_factory.mktemp("llm"), texts=texts + ["Yes No A B C D"], hidden_size=32)

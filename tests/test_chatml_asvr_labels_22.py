@@ -11,7 +11,7 @@ import copy
 
 import pytest
 
-from asvr.train.templates import chatml, chatml_asvr, encode_conversation, get_template, validate_turns
+from asvr.train.data.templates import chatml, chatml_asvr, encode_conversation, get_template, validate_turns
 
 HW = 4
 ASVR_TEMPLATE = (
@@ -37,7 +37,7 @@ CONVS = {
 
 @pytest.fixture(scope="module")
 def qwen_like():
-    from asvr.train.tiny_llm import train_bpe_tokenizer
+    from asvr.demo.tiny_llm import train_bpe_tokenizer
 
     texts = [t for _, conv in CONVS.values() for _, t in conv] + ["You are a helpful assistant. system user assistant"]
     return train_bpe_tokenizer(texts * 5, vocab_size=400)
@@ -108,6 +108,6 @@ def test_chatml_asvr_is_a_template_choice():
     assert get_template("chatml_asvr").labels == "asvr_qwen"
     assert "chatml_asvr" in TrainConfig.__dataclass_fields__["template"].metadata.get("choices", ())
     with pytest.raises(ValueError, match="chatml only"):
-        from asvr.train.templates import ConversationTemplate
+        from asvr.train.data.templates import ConversationTemplate
 
         ConversationTemplate(name="x", style="two", labels="asvr_qwen")

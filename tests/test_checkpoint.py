@@ -1,4 +1,4 @@
-"""``train/checkpoint.py`` on a real DeepSpeed engine around a 4 -> 3 linear layer
+"""``train/loop/checkpoint.py`` on a real DeepSpeed engine around a 4 -> 3 linear layer
 (CPU, one process, gloo): save/load in milliseconds, so every path is checked
 without a training run: tag names, pruning to ``--keep-checkpoints``, the
 ``latest`` file, loading the newest or a named tag (weights, optimizer and RNG
@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from asvr.train import checkpoint, libraries
-from asvr.tokenizer.errors import FingerprintError
-from asvr.train.checkpoint import CheckpointError, latest_tag, load_rng_state, rng_state, set_rng_state, tag_for
+from asvr.train.loop import checkpoint
+
+from asvr.train import libraries
+from asvr.core.errors import FingerprintError
+from asvr.train.loop.checkpoint import CheckpointError, latest_tag, load_rng_state, rng_state, set_rng_state, tag_for
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def make_engine():
     libraries.configure()
     import deepspeed
 
-    from asvr.train.trainer import init_distributed
+    from asvr.train.loop.trainer import init_distributed
 
     init_distributed()
 
@@ -199,8 +201,8 @@ def test_load_without_checkpoints_or_rng_file(tmp_path, make_engine, capsys):
 
 
 def test_init_from_finds_the_export_in_a_run_folder(tmp_path):
-    from asvr.train.checkpoint import load_pretrained
-    from asvr.train.export import ExportError, save_exported
+    from asvr.train.loop.checkpoint import load_pretrained
+    from asvr.train.export.native import ExportError, save_exported
     from test_train_model import tiny_model
 
     model = tiny_model("llama", mode="codes")

@@ -1,4 +1,4 @@
-"""``train/checkpoint.py`` where a one-line bug hides from a one-process run (issue 24):
+"""``train/loop/checkpoint.py`` where a one-line bug hides from a one-process run (issue 24):
 
 * multi-rank resume: two gloo ranks (CPU, spawned processes) with their own RNG streams
   save one checkpoint; a fresh engine in each rank, its RNG scrambled, loads it, and
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from asvr.train.trainer import free_port
+from asvr.train.loop.trainer import free_port
 
 
 def _draws() -> list:
@@ -37,7 +37,9 @@ def _rank_worker(rank: int, world: int, port: int, run: str) -> None:
 
     import torch.distributed as dist
 
-    from asvr.train import checkpoint, libraries
+    from asvr.train.loop import checkpoint
+
+    from asvr.train import libraries
 
     libraries.configure()
     import deepspeed
@@ -93,8 +95,8 @@ OPTIM_ONLY = ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_
 
 
 def test_a_tag_folder_with_only_optimizer_states_is_refused(tmp_path):
-    from asvr.train import checkpoint
-    from asvr.train.checkpoint import CheckpointError
+    from asvr.train.loop import checkpoint
+    from asvr.train.loop.checkpoint import CheckpointError
 
     ckpt = tmp_path / "checkpoints"
     for tag, files in (

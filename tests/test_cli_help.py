@@ -11,9 +11,9 @@ from asvr.pipeline.cli import main as pipeline_main
 from asvr.tokenizer.cli import COMMANDS
 from asvr.tokenizer.cli import main as tokenizer_main
 from asvr.train.cli import main as train_main
-from asvr.tokenizer.sample_corpus import main as sample_corpus_main
-from asvr.train.export_cli import main as export_main
-from asvr.train.tiny_llm import main as tiny_llm_main
+from asvr.demo.sample_corpus import main as sample_corpus_main
+from asvr.train.export.cli import main as export_main
+from asvr.demo.tiny_llm import main as tiny_llm_main
 
 HELPS = (
     [(tokenizer_main, [c]) for c in COMMANDS]

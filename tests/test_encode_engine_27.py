@@ -51,7 +51,7 @@ def test_options_are_checked():
 
 
 def test_encode_actor_with_pieces(tiny_tokenizer_dir, tiny_tokenizer):
-    from asvr.pipeline.stages import Encoder, TokenizerBuilder
+    from asvr.pipeline.job.stages import Encoder, TokenizerBuilder
 
     rng = np.random.default_rng(0)
     s = tiny_tokenizer.spec.encoder.image_size

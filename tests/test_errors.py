@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asvr.tokenizer.errors import CLIError, FingerprintError, TokenizerError, check_fingerprint, run_guarded
+from asvr.core.errors import CLIError, FingerprintError, TokenizerError, check_fingerprint, run_guarded
 
 
 def test_check_fingerprint_passes_equal_and_names_both_sides():
@@ -48,7 +48,7 @@ def test_guard_keeps_tracebacks_of_bugs():
 def test_one_cli_error_class_in_all_four_clis():
     import asvr.eval.cli as ev
     import asvr.pipeline.cli as pc
-    import asvr.tokenizer.cmd_train as tc
+    import asvr.tokenizer.commands.train as tc
     import asvr.train.cli as tr
 
     assert ev.CLIError is pc.CLIError is tc.CLIError is tr.CLIError is CLIError

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from asvr.eval.cli import main
 from asvr.train.config import ModelConfig, VisualHeadConfig
-from asvr.train.export import save_exported
-from asvr.train.lvlm import build_model
+from asvr.train.export.native import save_exported
+from asvr.train.model.lvlm import build_model
 from train_corpus import make_corpus
 
 HEAD = VisualHeadConfig(width=64, proj_hidden=64, layers=1, head_dim=32)
@@ -50,9 +50,9 @@ def run_codes(tmp_path_factory, corpus, tiny_tokenizer):
 # --------------------------------------------------------------------------- loss
 def _samples(lm, corpus):
     """The held-out batches the trainer's data code makes, one sample per batch."""
-    from asvr.train.data import Collator, DataConfig, build_training_data
-    from asvr.train.sources import CodeStore
-    from asvr.train.vision_input import CodesSource
+    from asvr.train.data.dataset import Collator, DataConfig, build_training_data
+    from asvr.train.data.sources import CodeStore
+    from asvr.train.model.vision_input import CodesSource
 
     store = CodeStore.open(corpus.codes, lm.model.cfg.vision.fingerprint)
     data = build_training_data(
@@ -341,7 +341,7 @@ def test_bench_end_to_end(run_codes, corpus, tmp_path):
 
 
 def test_bench_online_model_matches_batched_and_single(tmp_path, corpus, tiny_tokenizer):
-    from asvr.eval.bench_formats import read_bench
+    from asvr.eval.formats.builtin import read_bench
     from asvr.eval.generate import GenerationConfig, generate_answers
     from asvr.eval.loading import load_for_eval
 
@@ -381,10 +381,10 @@ def test_bench_bad_file_is_one_line_error(run_codes, corpus, tmp_path, capsys):
 
 def test_ask_a_question_about_an_image_as_the_readme_shows(run_codes, corpus, tmp_path):
     """The README's example: load a run on the default device (cpu here: no CUDA) and ask."""
-    from asvr.eval.bench_formats import read_bench
+    from asvr.eval.formats.builtin import read_bench
     from asvr.eval.generate import GenerationConfig, ask, generate_answers
     from asvr.eval.loading import load_for_eval
-    from asvr.train.export import load_exported
+    from asvr.train.export.native import load_exported
 
     assert next(load_exported(run_codes / "final").parameters()).device.type == (
         "cuda" if torch.cuda.is_available() else "cpu"

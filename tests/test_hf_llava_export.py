@@ -21,10 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from asvr.tokenizer import TokenizerSpec, default_encoder_spec, save_artifact
+from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+from asvr.tokenizer.encoders.base import default_encoder_spec
 from asvr.train.config import ModelConfig, VisualHeadConfig
-from asvr.train.export import save_exported
-from asvr.train.lvlm import build_model
+from asvr.train.export.native import save_exported
+from asvr.train.model.lvlm import build_model
 
 TINY_SIGLIP = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
@@ -42,7 +44,7 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
 def world(tmp_path_factory):
     from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.train.tiny_llm import make_tiny_llm
+    from asvr.demo.tiny_llm import make_tiny_llm
 
     root = tmp_path_factory.mktemp("hfexport")
     torch.manual_seed(0)
@@ -72,13 +74,13 @@ def world(tmp_path_factory):
             shared_codebook=False,
         )
         save_artifact(tok_dir, spec, torch.randn(2, 16, 32, generator=g))
-        from asvr.tokenizer import SemanticTokenizer
+        from asvr.tokenizer.model import SemanticTokenizer
 
         tok = SemanticTokenizer.load(tok_dir)
         torch.manual_seed(2)
         tower = None
         if mode in ("tower", "cls_patch"):
-            from asvr.train.vision_tower import open_vision_tower
+            from asvr.train.model.vision_tower import open_vision_tower
 
             tower = open_vision_tower(
                 root / ("tower" if mode == "tower" else "clip_tower"),
@@ -103,7 +105,7 @@ def world(tmp_path_factory):
 
 def _export(world, mode: str) -> Path:
     """The export of ``mode``'s run; ``square`` is written in 20 KB shards (sharded layout)."""
-    from asvr.train.export_cli import main
+    from asvr.train.export.cli import main
 
     root, runs, _ = world
     out = root / f"hf_{mode}"
@@ -115,7 +117,7 @@ def _export(world, mode: str) -> Path:
 
 def _ours(run: Path, image: Path, question: str):
     """(input_ids [L], image_mask [L], pixels [3,S,S], logits [L, V]) by this project's inference path."""
-    from asvr.eval.bench_formats import BenchItem
+    from asvr.eval.formats.builtin import BenchItem
     from asvr.eval.generate import VisionEncoder, encode_prompt
     from asvr.eval.loading import load_for_eval
 
@@ -185,7 +187,7 @@ def test_hf_llava_matches_asvr_inference(world, mode):
 
 
 def test_greedy_answers_equal_asvr_eval(world):
-    from asvr.eval.bench_formats import BenchItem
+    from asvr.eval.formats.builtin import BenchItem
     from asvr.eval.generate import GenerationConfig, generate_answers
     from asvr.eval.loading import load_for_eval
 
@@ -219,7 +221,7 @@ def test_greedy_answers_equal_asvr_eval(world):
 def test_export_layout_and_visual_head_beside(world):
     from safetensors.torch import load_file
 
-    from asvr.train.export import load_exported
+    from asvr.train.export.native import load_exported
 
     root, runs, _ = world
     out = _export(world, "square")
@@ -230,7 +232,7 @@ def test_export_layout_and_visual_head_beside(world):
     keys = [k for f in out.glob("*.safetensors") for k in load_file(f)]
     assert keys and not any(k.startswith("head.") or "classifiers" in k for k in keys)
     head = load_file(out / "asvr_visual_head" / "model.safetensors")
-    from asvr.tokenizer import SemanticTokenizer
+    from asvr.tokenizer.model import SemanticTokenizer
 
     model = load_exported(runs["square"] / "final", tokenizer=SemanticTokenizer.load(root / "tok_square"))
     want = model.head.state_dict()
@@ -242,7 +244,7 @@ def test_export_layout_and_visual_head_beside(world):
 def test_refusals_are_one_line(world, tmp_path, capsys, tiny_tokenizer):
     from transformers import AutoTokenizer
 
-    from asvr.train.export_cli import main
+    from asvr.train.export.cli import main
 
     root, runs, _ = world
     # codes mode: no pixels path
@@ -312,8 +314,8 @@ def test_chat_template_renders_the_training_prompt(world, name):
     """The exported Jinja equals ``render(..., generation=True)``: one- and multi-turn, image and text-only."""
     from transformers import AutoTokenizer
 
-    from asvr.train.hf_llava import chat_template
-    from asvr.train.templates import get_template, render, validate_turns
+    from asvr.train.export.hf_llava import chat_template
+    from asvr.train.data.templates import get_template, render, validate_turns
 
     root, _, _ = world
     tok = AutoTokenizer.from_pretrained(root / "llm")
@@ -365,7 +367,7 @@ def test_out_is_never_destroyed_and_files_keep_the_umask(world, tmp_path, capsys
     """A file, a folder of other things or the run folder itself as OUT: refused before any work,
     nothing touched; an earlier export: refused without --overwrite, replaced with it, unless it
     also holds a file the export does not write.  Exported files get 0666 minus the umask."""
-    from asvr.train.export_cli import main
+    from asvr.train.export.cli import main
 
     root, runs, _ = world
     run = runs["pad"]

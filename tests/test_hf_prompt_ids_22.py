@@ -126,11 +126,15 @@ def _sp_tokenizer(folder: Path, legacy: bool):
 def world(tmp_path_factory):
     from transformers import AutoTokenizer, SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.tokenizer import SemanticTokenizer, TokenizerSpec, default_encoder_spec, save_artifact
+    from asvr.tokenizer.model import SemanticTokenizer
+
+    from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+    from asvr.tokenizer.encoders.base import default_encoder_spec
     from asvr.train.config import ModelConfig, VisualHeadConfig
-    from asvr.train.export import TrainedInputs, save_exported
-    from asvr.train.lvlm import build_model
-    from asvr.train.tiny_llm import make_tiny_llm
+    from asvr.train.export.native import TrainedInputs, save_exported
+    from asvr.train.model.lvlm import build_model
+    from asvr.demo.tiny_llm import make_tiny_llm
 
     root = tmp_path_factory.mktemp("hfprompt")
     torch.manual_seed(0)
@@ -169,7 +173,7 @@ def world(tmp_path_factory):
 
 
 def _export(world, tname: str, template: str) -> Path:
-    from asvr.train.export_cli import main
+    from asvr.train.export.cli import main
 
     root, _, runs = world
     out = root / f"hf_{tname}_{template}"
@@ -222,8 +226,8 @@ def test_without_the_fix_legacy_false_is_one_token_short(world):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from asvr.train.hf_llava import chat_template
-    from asvr.train.templates import get_template
+    from asvr.train.export.hf_llava import chat_template
+    from asvr.train.data.templates import get_template
 
     root, toks, _ = world
     processor = AutoProcessor.from_pretrained(_export(world, "spm", "vicuna_v1"))
@@ -255,7 +259,7 @@ def test_a_processor_that_prompts_differently_is_refused(world, tmp_path, capsys
     the export's tokenizer byte-level BPE: refused in one line naming the first differing token."""
     import shutil
 
-    from asvr.train.export_cli import main
+    from asvr.train.export.cli import main
 
     root, _, runs = world
     run = tmp_path / "run"

@@ -30,9 +30,9 @@ import pytest
 from conftest import image_bytes, make_image, write_image_folder, tokenize_cmd
 from PIL import Image
 
-from asvr.pipeline.check import verify_out
+from asvr.pipeline.output.check import verify_out
 from asvr.pipeline.cli import main
-from asvr.tokenizer.shards import (
+from asvr.core.shards import (
     FAILURES,
     MANIFEST,
     ShardError,
@@ -43,9 +43,9 @@ from asvr.tokenizer.shards import (
     write_parquet_shard,
     write_webdataset_shard,
 )
-from asvr.pipeline.sources import SourceError, SourceOptions, discover
-from asvr.pipeline.stages import ReadDecode, decode_one
-from asvr.pipeline.writer import OutputDir
+from asvr.pipeline.inputs.sources import SourceError, SourceOptions, discover
+from asvr.pipeline.job.stages import ReadDecode, decode_one
+from asvr.pipeline.output.writer import OutputDir
 from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image
 
 CFG = PreprocessConfig(image_size=32)
@@ -120,7 +120,7 @@ def test_llava_nul_byte_and_deep_json(tmp_path):
 
 
 def test_deep_json_conversations_are_a_one_line_training_error(tmp_path):
-    from asvr.train.sources import DataError, load_conversations
+    from asvr.train.data.sources import DataError, load_conversations
 
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match="nested too deeply"):
@@ -250,7 +250,7 @@ def test_webdataset_output_uses_positional_member_names(tmp_path):
 
 
 def test_codes_outside_the_codebook_are_refused_when_a_shard_is_opened(tmp_path):
-    from asvr.train.sources import CodeStore
+    from asvr.train.data.sources import CodeStore
 
     good = _table(["a", "b", "c"])
     codes = good.column("codes").combine_chunks().values.to_numpy().copy()

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from asvr.tokenizer.artifact import compute_fingerprint, load_artifact, save_artifact
 from asvr.tokenizer.cli import main
-from asvr.tokenizer.errors import TokenizerError
-from asvr.tokenizer.shards import ShardMeta, rows_to_table, write_parquet_shard
+from asvr.core.errors import TokenizerError
+from asvr.core.shards import ShardMeta, rows_to_table, write_parquet_shard
 
 
 def _one_line(capsys) -> str:
@@ -252,7 +252,7 @@ def test_an_unchanged_index_still_answers(tok, tmp_path, capsys):
 
 
 def test_digest_reads_head_and_tail_only(tmp_path):
-    from asvr.tokenizer.retrieval import DIGEST_SPAN, file_digest
+    from asvr.tokenizer.codes.retrieval import DIGEST_SPAN, file_digest
 
     p = tmp_path / "f"
     data = bytearray(np.random.default_rng(0).integers(0, 256, 3 * DIGEST_SPAN, dtype=np.uint8).tobytes())

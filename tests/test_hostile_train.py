@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from asvr.tokenizer.shards import ShardMeta, rows_to_table, write_parquet_shard
-from asvr.train import checkpoint
+from asvr.core.shards import ShardMeta, rows_to_table, write_parquet_shard
+from asvr.train.loop import checkpoint
 from asvr.train.cli import main
-from asvr.train.data import DataConfig, build_training_data
-from asvr.train.packing import PackingConfig
-from asvr.train.sources import CodeStore, DataError
-from asvr.train.templates import plain
+from asvr.train.data.dataset import DataConfig, build_training_data
+from asvr.train.data.packing import PackingConfig
+from asvr.train.data.sources import CodeStore, DataError
+from asvr.train.data.templates import plain
 from conftest import image_bytes
 from train_corpus import make_corpus, train_args
 

@@ -10,11 +10,11 @@ import pytest
 from conftest import write_image_folder
 from PIL import Image
 
-from asvr.tokenizer.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
+from asvr.core.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
 from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.cli import main
-from asvr.tokenizer.code_inspection import find_code_uses, nearest_codes, patch_box
-from asvr.tokenizer.sheets import SheetLayout, Tile, draw_sheet
+from asvr.tokenizer.codes.inspection import find_code_uses, nearest_codes, patch_box
+from asvr.tokenizer.codes.sheets import SheetLayout, Tile, draw_sheet
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 from test_train_templates import CONVS, SlowLlama, _expand, _ours, _train_sp, ref_preprocess_plain, ref_preprocess_v1
 
-from asvr.train.templates import plain, vicuna_v1
+from asvr.train.data.templates import plain, vicuna_v1
 
 spm = pytest.importorskip("sentencepiece")
 

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoTokenizer
 
 from asvr.train.cli import main
-from asvr.train.data import DataConfig, build_training_data
-from asvr.train.sources import CodeStore, DataError
-from asvr.train.templates import vicuna_v1
+from asvr.train.data.dataset import DataConfig, build_training_data
+from asvr.train.data.sources import CodeStore, DataError
+from asvr.train.data.templates import vicuna_v1
 from train_corpus import make_corpus, train_args
 
 
@@ -87,10 +87,10 @@ def test_image_lists_literal_specials_and_lost_image_are_named(
 
 
 def test_init_from_another_head_names_the_options(tmp_path):
-    from asvr.train.checkpoint import load_pretrained
+    from asvr.train.loop.checkpoint import load_pretrained
     from asvr.train.config import ModelConfig, VisionSpec, VisualHeadConfig
-    from asvr.train.export import ExportError, save_exported
-    from asvr.train.lvlm import build_model
+    from asvr.train.export.native import ExportError, save_exported
+    from asvr.train.model.lvlm import build_model
     from test_train_model import C, DEPTH, GRID, HEAD, K, tiny_llm_config, tiny_model
 
     save_exported(tiny_model("llama", mode="codes"), tmp_path / "run" / "final")

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from asvr.pipeline.writer import (
+from asvr.pipeline.output.writer import (
     FAILURE_SCHEMA,
     OutputDir,
     OutputError,
@@ -23,7 +23,7 @@ from asvr.pipeline.writer import (
     shard_name,
     units_hash,
 )
-from asvr.tokenizer.shards import codes_array, read_shard, sha256_file
+from asvr.core.shards import codes_array, read_shard, sha256_file
 from test_shards_and_fingerprint import META, RUN, _rows, _write_out
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from asvr.train import checkpoint
-from asvr.train.batch import Batch
-from asvr.train.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
+from asvr.train.loop import checkpoint
+from asvr.train.data.batch import Batch
+from asvr.train.data.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
 
 
 def _reference_best_fit(order, lengths, max_len, window):

@@ -28,13 +28,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import image_bytes, tokenize_cmd, write_image_folder
 
-from asvr.pipeline.check import verify_out
-from asvr.pipeline.commit import CommitConflict, CommitRecord, Commits, OutputError, UnitStore
-from asvr.pipeline.plan import _part, build_plan, listing_jobs, read_dups, read_rows, unit_segments
-from asvr.pipeline.ray_reaper import owned_processes
-from asvr.pipeline.sources import SourceOptions, discover
-from asvr.pipeline.writer import OutputDir
-from asvr.tokenizer.shards import FAILURES, MANIFEST, load_codes
+from asvr.pipeline.output.check import verify_out
+from asvr.pipeline.output.commit import CommitConflict, CommitRecord, Commits, OutputError, UnitStore
+from asvr.pipeline.job.plan import _part, build_plan, listing_jobs, read_dups, read_rows, unit_segments
+from asvr.pipeline.job.ray_reaper import owned_processes
+from asvr.pipeline.inputs.sources import SourceOptions, discover
+from asvr.pipeline.output.writer import OutputDir
+from asvr.core.shards import FAILURES, MANIFEST, load_codes
 
 
 def _corpus(root: Path) -> list[str]:

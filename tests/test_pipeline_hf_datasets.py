@@ -11,8 +11,8 @@ import pytest
 from conftest import image_bytes
 
 from asvr.pipeline.cli import main
-from asvr.pipeline.sources import SourceError, SourceOptions, detect_format, discover, input_formats
-from asvr.tokenizer.shards import FAILURES, load_codes, read_shard
+from asvr.pipeline.inputs.sources import SourceError, SourceOptions, detect_format, discover, input_formats
+from asvr.core.shards import FAILURES, load_codes, read_shard
 
 datasets = pytest.importorskip("datasets")
 ray = pytest.importorskip("ray")

@@ -22,9 +22,9 @@ import pytest
 from conftest import build_tiny_tokenizer, image_bytes, make_image, write_image_folder, tokenize_cmd
 from PIL import Image
 
-from asvr.pipeline.check import verify_out
+from asvr.pipeline.output.check import verify_out
 from asvr.pipeline.cli import main
-from asvr.tokenizer.shards import FAILURES, MANIFEST, load_codes, read_shard
+from asvr.core.shards import FAILURES, MANIFEST, load_codes, read_shard
 
 ray = pytest.importorskip("ray")
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import image_bytes, write_image_folder
 
 from asvr.pipeline.cli import main
-from asvr.pipeline.sources import SourceError, SourceOptions, discover
+from asvr.pipeline.inputs.sources import SourceError, SourceOptions, discover
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import image_bytes
 
-from asvr.pipeline.stages import Encoder, ReadDecode, TokenizerBuilder
+from asvr.pipeline.job.stages import Encoder, ReadDecode, TokenizerBuilder
 
 
 @pytest.fixture(scope="module")

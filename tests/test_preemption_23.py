@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from asvr.train import checkpoint
-from asvr.train.checkpoint import COMPLETE, resume_choice, tag_for
+from asvr.train.loop import checkpoint
+from asvr.train.loop.checkpoint import COMPLETE, resume_choice, tag_for
 from asvr.train.cli import main
-from asvr.train.metrics import read_metrics
-from asvr.train.preemption import Preempted, SaveClock, StopSignals
+from asvr.train.loop.metrics import read_metrics
+from asvr.train.loop.preemption import Preempted, SaveClock, StopSignals
 from train_corpus import make_corpus, train_args
 
 COMMON = ["--max-steps", "6", "--grad-accum", "2", "--caption-free-ratio", "0.25", "--log-every", "1"]
@@ -65,7 +65,7 @@ def _wait_rows(proc: subprocess.Popen, out: Path, rows: int, timeout: float = 24
 def test_sigterm_saves_and_resume_auto_after_faults_equals_the_uninterrupted_run(
     corpus, tiny_tokenizer_dir, tmp_path, capsys
 ):
-    import asvr.train.trainer  # noqa: F401 - imported before the child trains: the lock check below is quick
+    import asvr.train.loop.trainer  # noqa: F401 - imported before the child trains: the lock check below is quick
 
     out = tmp_path / "preempted"
     args = train_args(corpus, tiny_tokenizer_dir, out, *COMMON, "--keep-checkpoints", "0")
@@ -218,7 +218,7 @@ def test_resume_choice_and_pruning_keep_the_newest_complete_checkpoint(tmp_path)
 
 
 def test_a_torn_last_metrics_line_is_skipped_a_broken_middle_one_named(tmp_path):
-    from asvr.train.metrics import MetricsError, MetricsLogger
+    from asvr.train.loop.metrics import MetricsError, MetricsLogger
 
     rows = [{"step": 1, "loss": 1.5}, {"step": 2, "loss": 1.25}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
@@ -250,7 +250,7 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_is_one_line_naming_it(small_disk):
-    from asvr.train.run_folder import DiskFullError, disk_errors
+    from asvr.train.loop.run_folder import DiskFullError, disk_errors
 
     target = small_disk / "run" / "checkpoints"
     target.mkdir(parents=True)
@@ -306,7 +306,7 @@ def test_ctrl_c_line_names_the_checkpoint_or_says_there_is_none(tmp_path):
 
 
 def test_every_cli_answers_a_typo_in_one_line(capsys):
-    """The shared parser (asvr.tokenizer.cli_parser): a subcommand's flags are suggested too."""
+    """The shared parser (asvr.core.cli_parser): a subcommand's flags are suggested too."""
     from asvr.pipeline.cli import build_parser
 
     with pytest.raises(SystemExit) as e:

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asvr.tokenizer import ResidualQuantizer, rvq_encode_reference
-from asvr.tokenizer.quantizer import candidate_window
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference
+from asvr.tokenizer.rvq.quantizer import candidate_window
 
 U = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 DTYPES = ["float32", "bfloat16", "float16"]

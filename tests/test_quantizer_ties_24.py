@@ -27,8 +27,8 @@ if not torch.cuda.is_available():
 
 from test_quantizer_bound import _swap_ties  # noqa: E402
 
-from asvr.tokenizer import ResidualQuantizer, rvq_encode_reference  # noqa: E402
-from asvr.tokenizer.quantizer import SEARCH_DTYPES  # noqa: E402
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference  # noqa: E402
+from asvr.tokenizer.rvq.quantizer import SEARCH_DTYPES  # noqa: E402
 
 
 def test_every_search_type_is_covered():

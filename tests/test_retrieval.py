@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import build_tiny_tokenizer, write_image_folder
 
-from asvr.tokenizer.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
+from asvr.core.shards import ShardMeta, load_codes, rows_to_table, write_parquet_shard
 from asvr.tokenizer.artifact import load_artifact
 from asvr.tokenizer.cli import main
-from asvr.tokenizer.retrieval import ImageIndex, ImageVectorizer, build_index, new_faiss_index, plan_index
+from asvr.tokenizer.codes.retrieval import ImageIndex, ImageVectorizer, build_index, new_faiss_index, plan_index
 
 N_REAL, N_RANDOM = 9, 240
 
@@ -114,7 +114,7 @@ def test_corpus_image_finds_itself(corpus, tmp_path, capsys):
     assert by_img["neighbours"][0]["key"] == key and by_img["neighbours"][0]["score"] == pytest.approx(1, abs=1e-5)
     from PIL import Image
 
-    from asvr.tokenizer.sheets import SheetLayout
+    from asvr.tokenizer.codes.sheets import SheetLayout
 
     with Image.open(sheet) as im:
         assert im.format == "PNG" and im.size == SheetLayout(cols=5).size(5)
@@ -231,7 +231,7 @@ def test_approximate_recall(factory, floor, one_faiss_thread):
     index = new_faiss_index(factory, dim)
     index.train(x)
     index.add(x)
-    from asvr.tokenizer.retrieval import apply_search_params, default_search_params
+    from asvr.tokenizer.codes.retrieval import apply_search_params, default_search_params
 
     apply_search_params(index, default_search_params(index))
     _, got = index.search(q, 10)

@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
     # the interpreter must be chosen before triton is imported (its language module reads it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from asvr.tokenizer import ResidualQuantizer, rvq_encode_reference  # noqa: E402
-from asvr.tokenizer import rvq_triton  # noqa: E402
-from asvr.tokenizer.rvq_plan import NAMED_PLANS, FusedPlan  # noqa: E402
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference  # noqa: E402
+from asvr.tokenizer.rvq import fused_triton as rvq_triton  # noqa: E402
+from asvr.tokenizer.rvq.plan import NAMED_PLANS, FusedPlan  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not rvq_triton.available(), reason="triton not installed (asvr[gpu])")
 TILES = (16, 32, 16, 4, 2)

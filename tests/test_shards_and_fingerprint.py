@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from asvr.pipeline.check import verify_out
-from asvr.pipeline.writer import OutputDir, units_hash
+from asvr.pipeline.output.check import verify_out
+from asvr.pipeline.output.writer import OutputDir, units_hash
 from asvr.tokenizer.artifact import TokenizerError, compute_fingerprint, load_artifact, save_artifact
-from asvr.tokenizer.codebook_training import CodebookTrainConfig, train_codebooks
+from asvr.tokenizer.rvq.training import CodebookTrainConfig, train_codebooks
 
-from asvr.tokenizer.shards import ShardMeta
+from asvr.core.shards import ShardMeta
 
 META = ShardMeta(fingerprint="f" * 64, grid=(2, 2), depth=2, codebook_size=8, preprocess="square")
 RUN = {"fingerprint": META.fingerprint, "format": "parquet", "shard_size": 3, "preprocess": "square"}
@@ -106,8 +106,8 @@ def _break_missing(out):
 
 
 def _break_codes(out):
-    from asvr.pipeline.check import sha256_file
-    from asvr.pipeline.writer import rows_to_table, write_parquet_shard
+    from asvr.pipeline.output.check import sha256_file
+    from asvr.pipeline.output.writer import rows_to_table, write_parquet_shard
 
     rows = _rows(["a", "b", "c"])
     rows["codes"][1, 3] = rows["codes"][2, 0] = META.codebook_size  # out of range, in a shard that says K = 8
@@ -146,8 +146,8 @@ def _break_counts(out):
 
 
 def _rewrite_shard(out, name, meta, keys):
-    from asvr.pipeline.check import sha256_file
-    from asvr.pipeline.writer import rows_to_table, write_parquet_shard
+    from asvr.pipeline.output.check import sha256_file
+    from asvr.pipeline.output.writer import rows_to_table, write_parquet_shard
 
     rows = _rows(keys, 1)
     write_parquet_shard(
@@ -172,7 +172,7 @@ def _break_duplicate(out):
 
 
 def _break_unreadable(out):
-    from asvr.pipeline.check import sha256_file
+    from asvr.pipeline.output.check import sha256_file
 
     (out / "part-00001.parquet").write_bytes(b"not parquet")
     m = _manifest(out)
@@ -196,7 +196,7 @@ def _set_failures(out, rows, **counts):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from asvr.pipeline.writer import FAILURE_SCHEMA
+    from asvr.pipeline.output.writer import FAILURE_SCHEMA
 
     pq.write_table(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA), out / "failures.parquet")
     m = _manifest(out)
@@ -270,7 +270,7 @@ def test_verify_finds_each_breakage(tmp_path, breakage, findings):
 
 
 def test_verify_and_inspect_refuse_a_folder_without_a_readable_manifest(tmp_path):
-    from asvr.pipeline.check import ShardError, inspect_out
+    from asvr.pipeline.output.check import ShardError, inspect_out
 
     with pytest.raises(ShardError) as e:
         verify_out(tmp_path)
@@ -298,7 +298,7 @@ def test_verify_of_an_empty_manifest_lists_every_shard_and_failure_row(tmp_path)
 
 
 def test_inspect_lists_counts_and_failures(tmp_path):
-    from asvr.pipeline.check import inspect_out
+    from asvr.pipeline.output.check import inspect_out
 
     out = _write_out(tmp_path / "out")
     rep = inspect_out(out)
@@ -315,7 +315,7 @@ def test_inspect_lists_counts_and_failures(tmp_path):
 
 
 def test_inspect_counts_stages_and_shows_the_first_failures(tmp_path):
-    from asvr.pipeline.check import inspect_out
+    from asvr.pipeline.output.check import inspect_out
 
     out = _write_out(tmp_path / "out")
     rows = [("k1", "input", "cut"), ("k2", "decode", "bad"), ("k3", "duplicate", "same"), ("k4", "decode", "worse")]
@@ -424,9 +424,9 @@ def test_edited_normalisation_is_refused_on_load(tmp_path, tiny_tokenizer_dir):
 
 
 def test_init_from_refuses_a_model_trained_with_another_tokenizer(tmp_path, tiny_tokenizer_dir):
-    from asvr.train.checkpoint import load_pretrained
+    from asvr.train.loop.checkpoint import load_pretrained
     from asvr.train.config import VisionSpec
-    from asvr.train.export import save_exported
+    from asvr.train.export.native import save_exported
     from test_train_model import tiny_model
 
     spec, cb = load_artifact(tiny_tokenizer_dir)

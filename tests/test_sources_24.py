@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import image_bytes
 
-from asvr.pipeline.sources import SourceOptions, discover
-from asvr.pipeline.stages import ReadDecode
+from asvr.pipeline.inputs.sources import SourceOptions, discover
+from asvr.pipeline.job.stages import ReadDecode
 from asvr.tokenizer.preprocess import PreprocessConfig
 
 CFG = PreprocessConfig(image_size=16)

@@ -27,7 +27,7 @@ import pytest
 import test_train_templates as base
 from test_train_templates import SYSTEM, _ours, _trained_spans, ref_preprocess_v1, ref_tokenizer_image_token
 
-from asvr.train.templates import IGNORE_INDEX, ConversationError, chatml, vicuna_v1
+from asvr.train.data.templates import IGNORE_INDEX, ConversationError, chatml, vicuna_v1
 
 
 sp_proto, toks, qwen_tok = base.sp_proto, base.toks, base.qwen_tok  # the fixtures (module scope: built here once)

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from asvr.tokenizer import SemanticTokenizer, rvq_encode_reference
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.rvq.quantizer import rvq_encode_reference
 from asvr.tokenizer.cli import main
 from conftest import write_image_folder
 

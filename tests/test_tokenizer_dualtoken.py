@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from asvr.tokenizer import SemanticTokenizer, rvq_encode_reference
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.rvq.quantizer import rvq_encode_reference
 from asvr.tokenizer.cli import main
 from asvr.tokenizer.dualtoken import DualTokenImportError, import_dualtoken
 from conftest import make_image

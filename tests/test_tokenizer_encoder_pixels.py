@@ -1,11 +1,15 @@
-"""The ``pixels`` encoder kind (tokenizer/encoder_pixels.py): the appearance tokenizer of the ASVR ablation."""
+"""The ``pixels`` encoder kind (tokenizer/encoders/pixels.py): the appearance tokenizer of the ASVR ablation."""
 
 from __future__ import annotations
 
 import torch
 
-from asvr.tokenizer import SemanticTokenizer, TokenizerSpec, build_encoder, default_encoder_spec, save_artifact
-from asvr.tokenizer.encoders import encoder_kinds
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+from asvr.tokenizer.encoders.base import build_encoder, default_encoder_spec
+from asvr.tokenizer.encoders.base import encoder_kinds
 
 
 def test_pixels_is_a_registered_kind():

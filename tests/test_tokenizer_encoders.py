@@ -9,16 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from asvr.tokenizer import (
-    SemanticTokenizer,
-    TokenizerError,
-    TokenizerSpec,
-    build_encoder,
-    default_encoder_spec,
-    save_artifact,
-)
+from asvr.tokenizer.artifact import TokenizerError, TokenizerSpec, save_artifact
+from asvr.tokenizer.encoders.base import build_encoder, default_encoder_spec
+from asvr.tokenizer.model import SemanticTokenizer
 from asvr.tokenizer.artifact import CODEBOOKS_FILE, load_artifact
-from asvr.tokenizer.encoders import EncoderLoadError
+from asvr.tokenizer.encoders.base import EncoderLoadError
 
 TINY = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
@@ -116,7 +111,7 @@ def test_tampered_codebook_or_json_is_refused(tiny_tokenizer_dir, tmp_path):
 
 
 def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
-    from asvr.tokenizer.encoders import EncoderLoadError, EncoderSpec, _hf_classes, encoder_kind
+    from asvr.tokenizer.encoders.base import EncoderLoadError, EncoderSpec, _hf_classes, encoder_kind
 
     with pytest.raises(EncoderLoadError, match="unknown encoder kind 'dinov2'"):
         encoder_kind("dinov2")
@@ -130,7 +125,7 @@ def test_a_registered_kind_is_built_and_listed():
     """What an ``asvr/tokenizer/encoder_<name>.py`` module does: register a kind; nothing else changes."""
     import torch
 
-    from asvr.tokenizer.encoders import (
+    from asvr.tokenizer.encoders.base import (
         KINDS,
         EncoderKind,
         EncoderSpec,

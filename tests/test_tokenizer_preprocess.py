@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from asvr.tokenizer import ImageError, PreprocessConfig, open_image, preprocess
+from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess
 from conftest import image_bytes, make_image
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

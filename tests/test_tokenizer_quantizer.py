@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from asvr.tokenizer import ResidualQuantizer, rvq_encode_reference
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference
 
 DTYPES = ["float32", "bfloat16", "float16"]
 

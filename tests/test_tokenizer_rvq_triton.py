@@ -1,4 +1,4 @@
-"""The fused Triton RVQ search (asvr.tokenizer.rvq_triton), run on CPU by Triton's
+"""The fused Triton RVQ search (asvr.tokenizer.rvq.fused_triton), run on CPU by Triton's
 interpreter: its nearest-``top`` output against float64, and the quantizer's codes
 through it against the float64 numpy reference (random data, near ties, shared
 codebooks, tile sizes that do not divide the shapes).  Without triton the kernel
@@ -18,8 +18,8 @@ if not torch.cuda.is_available():
     # the interpreter must be chosen before triton is imported (its language module reads it)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from asvr.tokenizer import ResidualQuantizer, rvq_encode_reference  # noqa: E402
-from asvr.tokenizer import rvq_triton  # noqa: E402
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference  # noqa: E402
+from asvr.tokenizer.rvq import fused_triton as rvq_triton  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not rvq_triton.available(), reason="triton not installed (asvr[gpu])")
 

@@ -7,7 +7,7 @@ import json
 
 from PIL import Image
 
-from asvr.tokenizer.sample_corpus import make_corpus
+from asvr.demo.sample_corpus import make_corpus
 
 
 def _digest(root):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asvr.tokenizer import rvq_encode_reference
-from asvr.tokenizer.codebook_training import CodebookTrainConfig, TrainingError, relative_errors, train_codebooks
+from asvr.tokenizer.rvq.quantizer import rvq_encode_reference
+from asvr.tokenizer.rvq.training import CodebookTrainConfig, TrainingError, relative_errors, train_codebooks
 
 
 def _vectors(n=3000, c=24, seed=0):

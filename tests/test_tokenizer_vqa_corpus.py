@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from asvr.eval.bench_formats import chance_level, read_bench
-from asvr.tokenizer.vqa_corpus import CATEGORIES, COLOURS, DESCRIBE, FORMS, SHAPES, make_vqa_corpus
+from asvr.eval.formats.builtin import chance_level, read_bench
+from asvr.demo.vqa_corpus import CATEGORIES, COLOURS, DESCRIBE, FORMS, SHAPES, make_vqa_corpus
 
 
 def _digest(root):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asvr.train.visual_loss import linear_cross_entropy, naive_linear_cross_entropy
+from asvr.train.model.visual_loss import linear_cross_entropy, naive_linear_cross_entropy
 from test_train_model import DEPTH, HW, collate, logits_of, make_sample, tiny_model
 
 

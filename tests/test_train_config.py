@@ -14,7 +14,7 @@ import pytest
 
 from asvr.train.cli import build_parser, main
 from asvr.train.config import TrainConfig, VisualHeadConfig
-from asvr.train.config_cli import ConfigFileError, dataclass_from_args, field_docs, parse_dataclass_args
+from asvr.core.config_cli import ConfigFileError, dataclass_from_args, field_docs, parse_dataclass_args
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ["--model", "m", "--tokenizer", "t", "--codes", "c", "--data", "d.json", "--output-dir", "o"]
@@ -41,8 +41,8 @@ def test_every_field_is_one_documented_option():
 
 
 def test_choices_come_from_the_one_list():
-    from asvr.train.templates import TEMPLATES
-    from asvr.train.vision_input import VISION_INPUTS
+    from asvr.train.data.templates import TEMPLATES
+    from asvr.train.model.vision_input import VISION_INPUTS
 
     actions = {a.dest: a for a in build_parser()._actions}
     assert actions["vision_input"].choices == list(VISION_INPUTS)

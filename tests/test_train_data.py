@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from asvr.train.data import Collator, DataConfig, PackedLoader, build_training_data
-from asvr.train.vision_input import CodesSource, SourceContext, get_vision_input
-from asvr.train.vision_tower import VisionTower
-from asvr.train.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
-from asvr.tokenizer.errors import FingerprintError
-from asvr.train.sources import CodeStore, DataError
-from asvr.train.templates import (
+from asvr.train.data.dataset import Collator, DataConfig, PackedLoader, build_training_data
+from asvr.train.model.vision_input import CodesSource, SourceContext, get_vision_input
+from asvr.train.model.vision_tower import VisionTower
+from asvr.train.data.packing import PackingConfig, best_fit_rows, padding_waste, plan_epoch, shard_for_rank
+from asvr.core.errors import FingerprintError
+from asvr.train.data.sources import CodeStore, DataError
+from asvr.train.data.templates import (
     IGNORE_INDEX,
     ConversationError,
     chatml,
@@ -297,7 +297,7 @@ def test_loader_workers_give_the_same_batches(corpus, tiny_tokenizer, llm_tok):
 # ---------------------------------------------------------------- vision input strategies
 def test_one_list_of_vision_inputs():
     from asvr.train.config import ModelConfig
-    from asvr.train.vision_input import VISION_INPUTS
+    from asvr.train.model.vision_input import VISION_INPUTS
 
     assert tuple(VISION_INPUTS) == ("online", "features", "codes")
     assert ModelConfig(llm={"model_type": "llama"}).vision_input == "codes"  # as the CLI's default
@@ -310,7 +310,7 @@ def test_one_list_of_vision_inputs():
 def test_feature_cache_adds_only_missing_rows_and_features_need_images_only_for_them(
     corpus, tiny_tokenizer, llm_tok, tmp_path
 ):
-    from asvr.train.sources import FeatureCache
+    from asvr.train.data.sources import FeatureCache
 
     store = _store(corpus, tiny_tokenizer)
     tower = VisionTower.from_tokenizer(tiny_tokenizer)
@@ -370,7 +370,7 @@ def test_asvr_train_preview_prints_samples_and_does_not_train(corpus, tiny_token
 
 
 def test_grey_image_codes_reach_the_batch_for_text_only_samples(corpus, tiny_tokenizer, llm_tok):
-    from asvr.train.trainer import grey_image_codes
+    from asvr.train.loop.trainer import grey_image_codes
 
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft), vicuna_v1(), llm_tok, store, False)

@@ -1,4 +1,4 @@
-"""The LVLM (asvr.train.lvlm): packing, losses, stages, backbones, export.
+"""The LVLM (asvr.train.model.lvlm): packing, losses, stages, backbones, export.
 
 Tiny random LLMs from configs (llama, qwen2, mistral; hidden 64, 2 layers,
 vocab 300); references are independent where one exists (HF's own loss, a
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from asvr.tokenizer.artifact import load_artifact
-from asvr.train.batch import Batch
+from asvr.train.data.batch import Batch
 from asvr.train.config import ModelConfig, VisionSpec, VisualHeadConfig, tiny_llm_config
-from asvr.tokenizer.errors import FingerprintError
-from asvr.train.export import ExportError, load_exported, save_exported
-from asvr.train.lvlm import build_model
+from asvr.core.errors import FingerprintError
+from asvr.train.export.native import ExportError, load_exported, save_exported
+from asvr.train.model.lvlm import build_model
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 GRID, C, DEPTH, K = (2, 3), 16, 3, 20

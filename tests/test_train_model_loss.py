@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from asvr.train.config import VisualHeadConfig
-from asvr.train.visual_head import VisualHead
-from asvr.train.visual_loss import linear_cross_entropy, naive_linear_cross_entropy
+from asvr.train.model.visual_head import VisualHead
+from asvr.train.model.visual_loss import linear_cross_entropy, naive_linear_cross_entropy
 
 
 def _grads(loss, tensors):

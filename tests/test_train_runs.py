@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from asvr.train.cli import main
-from asvr.train.metrics import loss_figure, read_metrics
+from asvr.train.loop.metrics import loss_figure, read_metrics
 from train_corpus import make_corpus, train_args
 
 LR = 1e-3
@@ -35,7 +35,7 @@ COMMON = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_tokenizer):
-    from asvr.train.tiny_llm import make_tiny_llm
+    from asvr.demo.tiny_llm import make_tiny_llm
 
     root = tmp_path_factory.mktemp("corpus_dropout")
     llm = make_tiny_llm(root / "llm", "llama", ["a picture of a thing", "What is in image", "hello there"])

@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 
-from asvr.train.templates import (
+from asvr.train.data.templates import (
     IGNORE_INDEX,
     ConversationError,
     chatml,

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from asvr.train.cli import main
-from asvr.train.metrics import read_metrics
+from asvr.train.loop.metrics import read_metrics
 from conftest import build_tiny_tokenizer
 from train_corpus import make_corpus, train_args
 
@@ -109,7 +109,7 @@ def test_metrics_read_in_windows_equal_per_step_reads(corpus, tiny_tokenizer_dir
 
 
 def corpus_mode(corpus) -> str:
-    from asvr.tokenizer.shards import read_meta
+    from asvr.core.shards import read_meta
 
     return read_meta(next(corpus.codes.glob("part-*.parquet"))).preprocess
 
@@ -124,7 +124,7 @@ def test_config_file_of_a_run_reproduces_it(pretrain_run, tmp_path):
 
 
 def test_pretrain_freezes_llm_and_exports_loadable_model(corpus, pretrain_run, tiny_tokenizer):
-    from asvr.train.export import load_exported
+    from asvr.train.export.native import load_exported
 
     final = load_file(str(pretrain_run / "final" / "model.safetensors"))
     llm0 = load_file(str(corpus.llm / "model.safetensors"))
@@ -136,7 +136,7 @@ def test_pretrain_freezes_llm_and_exports_loadable_model(corpus, pretrain_run, t
         final["projector." + next(iter(model.projector.state_dict()))],
     )
     # the export records how the model read its inputs (issue 22): template, the shards' mode, image size
-    from asvr.train.export import TrainedInputs, read_inputs
+    from asvr.train.export.native import TrainedInputs, read_inputs
 
     enc = tiny_tokenizer.spec.encoder
     assert read_inputs(pretrain_run / "final") == TrainedInputs(

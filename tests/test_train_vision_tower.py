@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from asvr.tokenizer import SemanticTokenizer, TokenizerSpec, default_encoder_spec, save_artifact
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+from asvr.tokenizer.encoders.base import default_encoder_spec
 from asvr.train.cli import main
-from asvr.train.metrics import read_metrics
+from asvr.train.loop.metrics import read_metrics
 from train_corpus import TINY_HEAD, make_corpus
 
 
@@ -132,7 +136,7 @@ def test_online_tower_feeds_the_projector_trains_and_evaluates(setup, online_run
     pixels = lm.tower.preprocess_images([corpus.images / k for k in keys], "square")
     seen = []
     model.projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    from asvr.train.batch import Batch
+    from asvr.train.data.batch import Batch
 
     ids = torch.zeros(1, 2 * 49 + 3, dtype=torch.long)
     img = torch.zeros_like(ids, dtype=torch.bool)
@@ -200,8 +204,8 @@ def test_online_tower_feeds_the_projector_trains_and_evaluates(setup, online_run
 
 
 def test_features_cache_holds_the_towers_output_and_is_named_by_it(setup, online_run, tmp_path):
-    from asvr.train.sources import FeatureCache
-    from asvr.train.vision_tower import open_vision_tower
+    from asvr.train.data.sources import FeatureCache
+    from asvr.train.model.vision_tower import open_vision_tower
 
     root, tokenizer, tower, corpus = setup
     out = tmp_path / "feat"
@@ -227,7 +231,7 @@ def test_features_cache_holds_the_towers_output_and_is_named_by_it(setup, online
     assert [c.name.split("-")[1] for c in caches] == [t.spec.fingerprint[:12]]
     keys = json.loads(caches[0].with_suffix(".keys.json").read_text())
     assert sorted(keys) == sorted(corpus.keys[:4])  # the captioned images, the only ones used
-    from asvr.train.sources import CodeStore
+    from asvr.train.data.sources import CodeStore
 
     store = CodeStore.open(corpus.codes, tokenizer.spec.fingerprint)
     arr = np.load(caches[0])
@@ -270,7 +274,7 @@ def test_features_cache_holds_the_towers_output_and_is_named_by_it(setup, online
 def test_tokenizer_artifact_as_tower_equals_default(setup):
     """--vision-tower TOKENIZER_DIR uses that artifact's encoder: here the target
     tokenizer's own, so it gives the default tower's features."""
-    from asvr.train.vision_tower import VisionTower, open_vision_tower
+    from asvr.train.model.vision_tower import VisionTower, open_vision_tower
 
     root, tokenizer, _, corpus = setup
     t = open_vision_tower(root / "tok")
@@ -282,8 +286,8 @@ def test_tokenizer_artifact_as_tower_equals_default(setup):
 
 def test_cls_patch_clip_tower_adds_one_untargeted_position(setup, tmp_path):
     from asvr.train.config import ModelConfig, VisualHeadConfig
-    from asvr.train.lvlm import build_model
-    from asvr.train.vision_tower import open_vision_tower
+    from asvr.train.model.lvlm import build_model
+    from asvr.train.model.vision_tower import open_vision_tower
     from test_train_model import collate, make_sample
 
     root, tokenizer, _, corpus = setup

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from asvr.train.config import ModelConfig, VisualHeadConfig
-from asvr.train.export import TrainedInputs, save_exported
-from asvr.train.lvlm import build_model
+from asvr.train.export.native import TrainedInputs, save_exported
+from asvr.train.model.lvlm import build_model
 from train_corpus import make_corpus
 
 HEAD = VisualHeadConfig(width=64, proj_hidden=64, layers=1, head_dim=32)
@@ -47,7 +47,7 @@ def runs(tmp_path_factory, corpus, tiny_tokenizer):
 
 
 def test_the_record_is_in_asvr_config(runs, tiny_tokenizer):
-    from asvr.train.export import read_inputs
+    from asvr.train.export.native import read_inputs
 
     recorded, old = runs
     meta = json.loads((recorded / "final" / "asvr_config.json").read_text())

@@ -10,9 +10,9 @@ import torch
 from matplotlib.patches import StepPatch
 from PIL import Image
 
-from asvr.tokenizer.code_inspection import Usage, usage_figure
-from asvr.tokenizer.quantizer import ResidualQuantizer, rvq_encode_reference
-from asvr.tokenizer.validation import ValidationReport, depth_metrics, error_cosine_figure, plot_report
+from asvr.tokenizer.codes.inspection import Usage, usage_figure
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, rvq_encode_reference
+from asvr.tokenizer.rvq.validation import ValidationReport, depth_metrics, error_cosine_figure, plot_report
 
 
 def _perplexity(c):

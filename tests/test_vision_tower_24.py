@@ -18,10 +18,10 @@ import pytest
 import torch
 from test_train_vision_tower import save_tiny_tower
 
-from asvr.tokenizer.encoders import EncoderSpec
-from asvr.tokenizer.errors import FingerprintError
+from asvr.tokenizer.encoders.base import EncoderSpec
+from asvr.core.errors import FingerprintError
 from asvr.train.config import VisionTowerSpec
-from asvr.train.vision_tower import (
+from asvr.train.model.vision_tower import (
     VisionTowerError,
     check_tower_grid,
     load_vision_tower,

@@ -1,4 +1,4 @@
-"""The encoder weights' hash remembered per file state (asvr.tokenizer.weights_hash): the
+"""The encoder weights' hash remembered per file state (asvr.tokenizer.encoders.weights_hash): the
 record is used while the files are unchanged, and any change -- new bytes of the same size
 with the old mtime put back, a replacement by rename, a retargeted symlink -- hashes again,
 so a tokenizer whose weights changed is still refused; files changed less than ``settle_s``
@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from asvr.tokenizer import SemanticTokenizer, TokenizerError
-from asvr.tokenizer.encoders import _sha256_files
-from asvr.tokenizer.weights_hash import _record_path, cache_dir, cached_digest, file_states
+from asvr.tokenizer.model import SemanticTokenizer
+
+from asvr.tokenizer.artifact import TokenizerError
+from asvr.tokenizer.encoders.base import _sha256_files
+from asvr.tokenizer.encoders.weights_hash import _record_path, cache_dir, cached_digest, file_states
 
 
 def _plain(paths: list[Path]) -> str:
@@ -102,7 +104,9 @@ def test_tokenizer_with_changed_weights_is_refused_after_a_cached_load(tmp_path,
     second uses it; after the weights change (same size, old mtime) the load is refused."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from asvr.tokenizer import TokenizerSpec, default_encoder_spec, save_artifact
+    from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+
+    from asvr.tokenizer.encoders.base import default_encoder_spec
 
     monkeypatch.setenv("ASVR_HASH_CACHE", str(tmp_path / "cache"))
     cfg = SiglipVisionConfig(

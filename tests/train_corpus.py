@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asvr.tokenizer.shards import ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
+from asvr.core.shards import ShardMeta, rows_to_table, write_parquet_shard, write_webdataset_shard
 from conftest import write_image_folder
 
 WORDS = ["red", "green", "blue", "circle", "square", "wave", "stripe", "bright", "dark", "sky", "sea", "field"]
@@ -40,7 +40,7 @@ def make_corpus(
 ) -> Corpus:
     """``n_images`` images in 2 shards; the first ``n_captioned`` have a pretrain caption
     and an SFT conversation; the rest are caption-free.  Plus one text-only SFT sample."""
-    from asvr.train.tiny_llm import make_tiny_llm
+    from asvr.demo.tiny_llm import make_tiny_llm
 
     root.mkdir(parents=True, exist_ok=True)
     images = root / "images"

@@ -1,24 +1,12 @@
-"""asvr.tokenizer: the semantic visual tokenizer (encoder + layer + RVQ codebooks)."""
+"""asvr.tokenizer: the semantic visual tokenizer (frozen encoder + feature layer + RVQ codebooks).
 
-from .artifact import TokenizerError, TokenizerSpec, load_artifact, save_artifact
-from .encoders import EncoderSpec, build_encoder, default_encoder_spec
-from .model import SemanticTokenizer
-from .preprocess import ImageError, PreprocessConfig, open_image, preprocess
-from .quantizer import ResidualQuantizer, rvq_encode_reference
+Subpackages, one job each (docs/ARCHITECTURE.md):
+  encoders/   encoder kinds (a registry; one module per built-in kind), encoder pixels, weights hashes
+  rvq/        residual quantization: the search (torch, fused Triton), codebook training, validation
+  codes/      what is done with codes: faiss retrieval, code inspection, contact sheets
+  commands/   one module per ``asvr-tokenizer`` subcommand; ``cli.py`` wires them
+Top level: ``artifact.py`` (load/save the artifact folder), ``model.py`` (SemanticTokenizer),
+``preprocess.py`` (image -> pixels), ``encode_engine.py``, ``dualtoken.py`` (the published import).
 
-__all__ = [
-    "EncoderSpec",
-    "ImageError",
-    "PreprocessConfig",
-    "ResidualQuantizer",
-    "SemanticTokenizer",
-    "TokenizerError",
-    "TokenizerSpec",
-    "build_encoder",
-    "default_encoder_spec",
-    "load_artifact",
-    "open_image",
-    "preprocess",
-    "rvq_encode_reference",
-    "save_artifact",
-]
+Importing this package imports nothing: the torch-free contracts live in ``asvr.core``.
+"""

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path, atomic_write
-from .encoders import EncoderSpec, hash_encoder_weights
-from .errors import TokenizerError, check_fingerprint
+from asvr.core.atomic import atomic_path, atomic_write
+from asvr.tokenizer.encoders.base import EncoderSpec, hash_encoder_weights
+from asvr.core.errors import TokenizerError, check_fingerprint
 
 FORMAT_VERSION = 1
 TOKENIZER_JSON = "tokenizer.json"

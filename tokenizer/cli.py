@@ -11,19 +11,25 @@ import argparse
 import importlib
 import sys
 
-from .cli_parser import OneLineParser
-from .errors import run_guarded
+from asvr.core.cli_parser import OneLineParser
+from asvr.core.errors import run_guarded
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("asvr.tokenizer.cmd_train", "train RVQ codebooks on a folder of images (faiss)"),
-    "validate": ("asvr.tokenizer.cmd_validate", "reconstruction error, utilisation and usage per depth, with plots"),
-    "encode": ("asvr.tokenizer.cmd_encode", "print the codes of a few images"),
-    "import-dualtoken": ("asvr.tokenizer.cmd_import", "convert the published ASVR/DualToken tokenizer checkpoint"),
-    "index": ("asvr.tokenizer.cmd_index", "build or extend a faiss index over code shards"),
-    "search": ("asvr.tokenizer.cmd_search", "nearest images of an image or a key in an index"),
+    "train": ("asvr.tokenizer.commands.train", "train RVQ codebooks on a folder of images (faiss)"),
+    "validate": (
+        "asvr.tokenizer.commands.validate",
+        "reconstruction error, utilisation and usage per depth, with plots",
+    ),
+    "encode": ("asvr.tokenizer.commands.encode", "print the codes of a few images"),
+    "import-dualtoken": (
+        "asvr.tokenizer.commands.import_dualtoken",
+        "convert the published ASVR/DualToken tokenizer checkpoint",
+    ),
+    "index": ("asvr.tokenizer.commands.index", "build or extend a faiss index over code shards"),
+    "search": ("asvr.tokenizer.commands.search", "nearest images of an image or a key in an index"),
     "inspect": (
-        "asvr.tokenizer.cmd_inspect",
+        "asvr.tokenizer.commands.inspect_codes",
         "codebook usage, dead/dominant codes, nearest codes, code contact sheets",
     ),
 }
@@ -48,7 +54,7 @@ def add_encoding_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    from .help_text import plain
+    from asvr.core.help_text import plain
 
     p = OneLineParser(prog="asvr-tokenizer", description=plain(__doc__.splitlines()[0]))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -71,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(only=command).parse_args(argv)
-    from .encoders import EncoderLoadError
-    from .errors import TokenizerError
-    from .preprocess import ImageError
-    from .shards import ShardError
+    from asvr.tokenizer.encoders.base import EncoderLoadError
+    from asvr.core.errors import TokenizerError
+    from asvr.tokenizer.preprocess import ImageError
+    from asvr.core.shards import ShardError
 
     return run_guarded(
         "asvr-tokenizer",

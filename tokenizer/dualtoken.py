@@ -31,9 +31,9 @@ from typing import cast
 
 import torch
 
-from .artifact import TokenizerError, TokenizerSpec, save_artifact
-from .atomic import atomic_dir
-from .encoders import EncoderLoadError, _layer_index, default_encoder_spec, load_vision_config
+from asvr.tokenizer.artifact import TokenizerError, TokenizerSpec, save_artifact
+from asvr.core.atomic import atomic_dir
+from asvr.tokenizer.encoders.base import EncoderLoadError, _layer_index, default_encoder_spec, load_vision_config
 
 CODEBOOK_KEY = "quantizer_semantic.codebooks.{}.weight"
 _CODEBOOK_RE = re.compile(r"quantizer_semantic\.codebooks\.(\d+)\.weight")

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .artifact import TokenizerError, TokenizerSpec, load_artifact
-from .encoders import EncoderSpec, build_encoder, encoder_geometry, hash_encoder_weights
-from .preprocess import PreprocessConfig, open_image, preprocess
-from .quantizer import ResidualQuantizer, default_search_dtype
+from asvr.tokenizer.artifact import TokenizerError, TokenizerSpec, load_artifact
+from asvr.tokenizer.encoders.base import EncoderSpec, build_encoder, encoder_geometry, hash_encoder_weights
+from asvr.tokenizer.preprocess import PreprocessConfig, open_image, preprocess
+from asvr.tokenizer.rvq.quantizer import ResidualQuantizer, default_search_dtype
 
 
 class SemanticTokenizer(torch.nn.Module):
@@ -46,7 +46,7 @@ class SemanticTokenizer(torch.nn.Module):
         """Load an artifact directory.  ``encoder_path`` points a Hugging Face
         encoder at another folder (the artifact moved machines); its weights must
         hash to what the artifact recorded.  ``hash_cache``: a digest recorded for the
-        files' unchanged state is reused (asvr.tokenizer.weights_hash), so the weights
+        files' unchanged state is reused (asvr.tokenizer.encoders.weights_hash), so the weights
         are read once per machine, not at every load (every encode actor)."""
         path = Path(path)
         spec, cb = load_artifact(path)

@@ -233,7 +233,7 @@ def load_and_preprocess(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray,
 
 
 def read_file(path) -> bytes:
-    from .paths import UnsafePathError, read_regular
+    from asvr.core.paths import UnsafePathError, read_regular
 
     try:
         return read_regular(path)  # never blocks on a FIFO named like an image

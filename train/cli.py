@@ -13,7 +13,7 @@ Examples::
 The run folder gets ``checkpoints/`` (DeepSpeed tags + loader state + RNG;
 ``--resume auto`` continues from the newest), ``metrics.jsonl``, ``loss.png``,
 ``bad_samples.jsonl`` (when --skip-bad-samples dropped some), ``final/``
-(the exported model, loaded with ``asvr.train.export.load_exported(RUN/final)``)
+(the exported model, loaded with ``asvr.train.export.native.load_exported(RUN/final)``)
 and ``train_config.json``, the resolved options: ``--config RUN/train_config.json``
 (or any .toml/.yaml with the same keys) runs it again; flags override the file.
 """
@@ -24,13 +24,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from asvr.tokenizer.cli_parser import OneLineParser
-from asvr.tokenizer.errors import CLIError, TokenizerError, run_guarded
-from asvr.tokenizer.help_text import plain
-from asvr.tokenizer.locks import FolderLocked
+from asvr.core.cli_parser import OneLineParser
+from asvr.core.errors import CLIError, TokenizerError, run_guarded
+from asvr.core.help_text import plain
+from asvr.core.locks import FolderLocked
 
-from .config import TrainConfig
-from .config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from_args, parse_dataclass_args
+from asvr.train.config import TrainConfig
+from asvr.core.config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from_args, parse_dataclass_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,17 +71,17 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     from asvr.tokenizer.preprocess import ImageError
-    from asvr.tokenizer.shards import ShardError
+    from asvr.core.shards import ShardError
 
-    from .checkpoint import CheckpointError
-    from .export import ExportError
-    from .metrics import MetricsError
-    from .preemption import Preempted
-    from .run_folder import DiskFullError
-    from .sources import DataError
-    from .templates import ConversationError
-    from .trainer import RunFolderError
-    from .vision_tower import VisionTowerError
+    from asvr.train.loop.checkpoint import CheckpointError
+    from asvr.train.export.native import ExportError
+    from asvr.train.loop.metrics import MetricsError
+    from asvr.train.loop.preemption import Preempted
+    from asvr.train.loop.run_folder import DiskFullError
+    from asvr.train.data.sources import DataError
+    from asvr.train.data.templates import ConversationError
+    from asvr.train.loop.trainer import RunFolderError
+    from asvr.train.model.vision_tower import VisionTowerError
 
     expected = (
         RunFolderError,
@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _newest(run_dir: str) -> str | None:
-    from .checkpoint import latest_tag
+    from asvr.train.loop.checkpoint import latest_tag
 
     return latest_tag(Path(run_dir))
 
 
 def interrupted_message(run_dir: str) -> str:
     """Ctrl-C's line: how to continue when a complete checkpoint exists, the truth when none does."""
-    from .checkpoint import latest_tag
-    from .trainer import holds_run
+    from asvr.train.loop.checkpoint import latest_tag
+    from asvr.train.loop.trainer import holds_run
 
     tag = latest_tag(Path(run_dir))
     if tag is not None:
@@ -139,16 +139,16 @@ def _train(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except ValueError as e:  # TrainConfig's own checks
         raise CLIError(str(e)) from None
-    from .libraries import configure
+    from asvr.train.libraries import configure
 
     configure(cfg.verbose)
     if cfg.preview:
-        from .preview import preview
+        from asvr.train.data.preview import preview
 
         preview(cfg, cfg.preview)
         return 0
-    from .preemption import StopSignals
-    from .trainer import Trainer
+    from asvr.train.loop.preemption import StopSignals
+    from asvr.train.loop.trainer import Trainer
 
     trainer = None
     with StopSignals() as signals:

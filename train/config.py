@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .templates import TEMPLATES
-from .vision_input import VISION_INPUTS, get_vision_input
+from asvr.train.data.templates import TEMPLATES
+from asvr.train.model.vision_input import VISION_INPUTS, get_vision_input
 
 TOWER_SELECT = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -132,7 +132,7 @@ class ModelConfig:
     vision_input: str = "codes"
     """online: frozen vision tower on pixels; features: cached continuous features;
     codes: features rebuilt from the cached codes (sum of codebook vectors).
-    The modes are ``asvr.train.vision_input.VISION_INPUTS``."""
+    The modes are ``asvr.train.model.vision_input.VISION_INPUTS``."""
     projector: str = "mlp2x_gelu"
     """Vision projector: linear or mlpNx_gelu (the reference: mlp2x_gelu)."""
     head: VisualHeadConfig = field(default_factory=VisualHeadConfig)

@@ -1,0 +1,428 @@
+"""Wires listing (Ray tasks) -> Ray Data (unit read+decode tasks -> encode+write actor pool) -> manifest.
+
+The driver owns OUT's lock, the run config and the manifest, and nothing per image: listing jobs
+run in Ray tasks and write the plan to ``OUT/.plan`` (:mod:`asvr.pipeline.job.plan`), a decode task
+turns a unit number into that unit's decoded images, and the encode actor that encoded a unit
+writes its shard and marker itself (:mod:`asvr.pipeline.job.unit_stages`, :mod:`asvr.pipeline.output.commit`).
+The driver receives one commit record per unit and writes ``manifest.json`` and
+``failures.parquet`` at the end.  OUT and the inputs must be on storage every node sees at the
+same path (a shared filesystem in a cluster; local disk on one machine).
+
+Sizing on one machine: each decode task and each CPU encode actor reserves one
+CPU; a CPU actor runs torch on ``encode_threads`` threads (default: all CPUs
+divided among actors), so with 2 CPUs the actor's threads share the cores with
+one decode task.  On the embedded default (EfficientNet-Lite0) decode+resize
+of a 96x72 JPEG costs ~1/50 of its encode, so the encoder is the bottleneck
+and the decode task is mostly idle; with GPUs there is one actor per GPU
+(``num_gpus=1``) and every other CPU decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+
+from asvr.tokenizer.artifact import load_artifact
+from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig
+
+from asvr.core.shards import ShardMeta
+
+from asvr.core.signals import StopSignals, Stopped
+
+from asvr.pipeline.output.commit import CommitRecord, Commits, OutputError
+from asvr.pipeline.job.plan import build_plan, listing_jobs
+from asvr.pipeline.inputs.sources import SourceOptions
+from asvr.pipeline.job.stages import TokenizerBuilder
+from asvr.pipeline.job.unit_stages import UnitEncodeWriter, UnitReadDecode
+from asvr.pipeline.output.writer import COUNTS, PLAN_DIR, OutputDir
+
+DECODE_TASK_MEMORY = 512 * 2**20
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    inputs: list[str]
+    """Image folders, webdataset tars (brace patterns), Parquet files, LLaVA JSON files."""
+    tokenizer: str
+    """Tokenizer artifact directory (asvr-tokenizer train / import-dualtoken)."""
+    out: str
+    """Output directory: shards, manifest.json, failures.parquet."""
+    sources: SourceOptions = field(default_factory=SourceOptions)
+    format: str = "parquet"
+    """parquet | webdataset."""
+    preprocess: str | None = None
+    """square | pad; default: the tokenizer's mode."""
+    batch_size: int = 32
+    """Images per encode call."""
+    shard_size: int = 1000
+    """Input images per work unit (and so at most rows per shard): the resume granularity."""
+    fast_decode: bool = False
+    """PIL JPEG draft decoding: ~2x faster on large photos, pixels (so codes) differ."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels fail as decompression bombs (PIL refuses above 2x its own limit regardless)."""
+    encoder_dtype: str = "float32"
+    search_dtype: str | None = None
+    """RVQ candidate search (asvr.tokenizer.rvq.quantizer.SEARCH_DTYPES; codes are identical for all, only speed
+    moves; default: the tokenizer's choice for the device)."""
+    compile_encoder: bool = False
+    """torch.compile the tower once per encode actor (pays off on long GPU jobs; asvr.tokenizer.encode_engine)."""
+    encode_chunks: int = 1
+    """> 1: pieces per batch, the tower's next piece overlapping the RVQ of the current one (CUDA streams)."""
+    encode_actors: int = 0
+    """Encode actors (0: one per GPU, else one per 8 CPUs, at least 1)."""
+    encode_threads: int = 0
+    """torch threads per CPU actor (0: CPUs / actors)."""
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    """CPUs for a local Ray (default: all)."""
+    overwrite: bool = False
+    progress: bool = True
+    verbose: bool = False
+    """Let Ray print its own warnings (see asvr.pipeline.cli.quiet_ray)."""
+
+    def __post_init__(self):
+        if self.format not in ("parquet", "webdataset"):
+            raise ValueError(f"--format must be parquet or webdataset, got {self.format!r}")
+        if self.preprocess is not None and self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"--preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        if self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("--batch-size and --shard-size must be >= 1")
+        if self.encode_chunks < 1:
+            raise ValueError("--encode-chunks must be >= 1")
+        if self.max_pixels < 1:
+            raise ValueError("--max-pixels must be >= 1")
+        if self.encoder_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--encoder-dtype must be float32 or bfloat16, got {self.encoder_dtype!r}")
+        from asvr.tokenizer.rvq.quantizer import SEARCH_DTYPES
+
+        if self.search_dtype is not None and self.search_dtype not in SEARCH_DTYPES:
+            raise ValueError(f"--search-dtype must be one of {', '.join(SEARCH_DTYPES)}, got {self.search_dtype!r}")
+
+
+@dataclass
+class RunSummary:
+    counts: dict
+    units: int
+    units_skipped: int
+    shards: int
+    wall_s: float
+    images_processed: int
+    """Images that went through Ray in this run (not those of skipped units)."""
+    seconds: dict
+    """Driver wall seconds of the listing; summed worker seconds per stage: read, decode, encode, write."""
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        c = self.counts
+        split = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        ignored = f"  (ignored {c['ignored']} non-image files)" if c.get("ignored") else ""
+        return [
+            f"seen {c['seen']}  encoded {c['encoded']}  failed {c['failed']}  duplicate {c['duplicate']}{ignored}",
+            f"units {self.units} ({self.units_skipped} already done), shards {self.shards}",
+            f"{self.images_processed} images in {self.wall_s:.1f}s = {self.images_per_s:.1f} img/s",
+            f"time: {split} (list: driver wall; read/decode/encode/write summed over workers)",
+        ]
+
+
+# --------------------------------------------------------------------------- helpers
+def _ray_init(cfg: PipelineConfig):
+    """Start (or join) Ray; returns a function that stops what this call started (None if it joined).
+
+    Without ``--ray-address`` / ``RAY_ADDRESS`` the job always starts its own
+    local Ray (``address="local"``): a bare ``ray.init()`` would instead attach
+    to a cluster named by a ``ray_current_cluster`` file that ``ray start`` left
+    in Ray's temp folder, another job's or a dead one, and then fail on
+    ``num_cpus``.  That local Ray is tied to this driver, ``kill -9`` included
+    (:mod:`asvr.pipeline.job.ray_reaper`).
+    """
+    import ray
+
+    from asvr.pipeline.job.ray_reaper import Reaper
+
+    if ray.is_initialized():
+        return None
+    kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own convention for joining a cluster
+    if address:
+        ray.init(address=address, **kw)
+        return ray.shutdown
+    reaper = Reaper()
+    try:
+        with reaper.marked():
+            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
+    except BaseException:
+        reaper.close()
+        raise
+
+    def stop():
+        ray.shutdown()
+        reaper.close()
+
+    return stop
+
+
+def _quiet_ray_data(verbose: bool = False):
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts images, not blocks
+    ctx.enable_auto_log_stats = False
+    ctx.execution_options.verbose_progress = False
+    # ERROR: Ray Data warns "Progress bars disabled" when we turn its bars off for ours
+    logging.getLogger("ray.data").setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    if gpus:
+        actors = cfg.encode_actors or gpus
+        remote = {"num_gpus": 1, "num_cpus": 1}
+        builder = TokenizerBuilder(
+            cfg.tokenizer, "cuda", 0, cfg.encoder_dtype, cfg.search_dtype, cfg.compile_encoder, cfg.encode_chunks
+        )
+    else:
+        actors = cfg.encode_actors or max(1, cpus // 8)
+        threads = cfg.encode_threads or max(1, cpus // actors)
+        remote = {"num_cpus": 1}
+        builder = TokenizerBuilder(
+            cfg.tokenizer, "cpu", threads, cfg.encoder_dtype, cfg.search_dtype, cfg.compile_encoder, cfg.encode_chunks
+        )
+    return actors, remote, builder
+
+
+# --------------------------------------------------------------------------- run
+def run_pipeline(cfg: PipelineConfig) -> RunSummary:
+    t_start = time.perf_counter()
+    spec, _ = load_artifact(cfg.tokenizer)  # a bad tokenizer dir fails here, before Ray starts
+    mode = cfg.preprocess or spec.preprocess
+    e = spec.encoder
+    pcfg = PreprocessConfig(
+        image_size=e.image_size,
+        mean=tuple(e.mean),
+        std=tuple(e.std),
+        resample=e.resample,
+        mode=mode,
+        max_pixels=cfg.max_pixels,
+        fast_decode=cfg.fast_decode,
+    )
+    meta = ShardMeta.from_spec(spec, mode)
+    run_config = {
+        "fingerprint": spec.fingerprint,
+        "preprocess": mode,
+        "format": cfg.format,
+        "shard_size": cfg.shard_size,
+        "fast_decode": cfg.fast_decode,
+        "max_pixels": cfg.max_pixels,
+        "encoder_dtype": cfg.encoder_dtype,
+        # compiled kernels round features differently from eager ones: a resume must not mix them
+        # (the key only when set, so folders written before it existed still resume)
+        **({"compile_encoder": True} if cfg.compile_encoder else {}),
+    }
+
+    jobs, inputs = listing_jobs(cfg.inputs, cfg.sources)  # a missing INPUT fails here, before Ray starts
+    out = OutputDir(cfg.out, run_config, overwrite=cfg.overwrite)
+    with StopSignals() as stop:
+        ray_ = _LazyRay(cfg, stop)
+        try:
+            return _run(cfg, pcfg, meta, jobs, inputs, out, t_start, ray_)
+        except Stopped as s:
+            # each unit's shard and marker are written by its worker atomically; what was in flight is
+            # abandoned (its temp files are swept by the rerun), so the rerun resumes from the markers
+            kept = len(list(out.units_dir.glob("unit-*.json"))) if out.units_dir.is_dir() else 0
+            raise Stopped(
+                s.signum, f"{kept} finished units are kept in {cfg.out}; rerun the same command to resume"
+            ) from None
+        except Exception as err:  # noqa: BLE001 - a worker's one-line error, unwrapped from Ray's
+            raise _user_error(err) from None
+        finally:
+            ray_.stop()
+            out.close()
+
+
+class _LazyRay:
+    """Ray, started (or joined) on first use: a run that lists one input in-process and finds
+    nothing to encode (an empty folder, a finished OUT of one input) never starts it."""
+
+    def __init__(self, cfg: PipelineConfig, stop: StopSignals | None = None):
+        self.cfg = cfg
+        self.signals = stop
+        self.joining = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        self._stop = None
+        self.started = False
+
+    def ensure(self) -> None:
+        if not self.started:
+            self._stop = _ray_init(self.cfg)
+            self.started = True
+            if self.signals is not None:
+                self.signals.reinstall()  # ray.init installs its own SIGTERM handler (sys.exit into a native dump)
+
+    @property
+    def owned(self) -> bool:
+        """A local Ray this run started (not a cluster it joined)."""
+        return self._stop is not None and not self.joining
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+
+
+def _user_error(err: Exception) -> Exception:
+    """The project error (bad input, a failed write) a Ray task raised, else ``err`` itself: Ray
+    wraps a worker's exception (``RayTaskError``, Ray Data's ``UserCodeException``) with its
+    traceback in the message, which would reach the user as a traceback instead of one line."""
+    from asvr.core.errors import TokenizerError
+    from asvr.core.shards import ShardError
+
+    from asvr.pipeline.inputs.sources import SourceError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: the worker's exception, unpickled
+        if cause is None and isinstance(e, (SourceError, OutputError, ShardError, TokenizerError)):
+            return e
+        todo += [cause, e.__cause__, e.__context__]
+    return err
+
+
+def _run(cfg, pcfg, meta, jobs, inputs, out: OutputDir, t_start, ray_: _LazyRay) -> RunSummary:
+    from tqdm import tqdm
+
+    t_list = time.perf_counter()
+    if not out.resuming:
+        # written before the listing, so a run killed while listing is resumed, listing included
+        out.write_manifest(inputs, None, 0)
+    with tqdm(total=len(jobs), unit="input", disable=not cfg.progress, desc="list", dynamic_ncols=True) as bar:
+        in_process = len(jobs) <= 1 and not ray_.joining
+        plan = build_plan(
+            jobs, cfg.sources, out.out / PLAN_DIR, out.resuming, None if in_process else ray_.ensure, bar.update
+        )
+    n = plan.total
+    n_units = math.ceil(n / cfg.shard_size)
+    out.write_manifest(inputs, None, n_units)
+    seconds = {"list": time.perf_counter() - t_list, "read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
+    commits = Commits(n_units)
+    processed = skipped = 0
+    if n_units:
+        ray_.ensure()
+        processed, skipped = _execute(cfg, pcfg, meta, plan, out, commits, seconds, ray_.owned)
+    final = commits.ordered()
+    out.write_manifest(inputs, final, n_units)
+    manifest_counts = {k: sum(r.counts.get(k, 0) for r in final) for k in COUNTS}
+    return RunSummary(
+        manifest_counts,
+        n_units,
+        skipped,
+        sum(1 for r in final if r.shard),
+        time.perf_counter() - t_start,
+        processed,
+        seconds,
+    )
+
+
+@dataclass(frozen=True)
+class _UnitJob:
+    """Everything the coordinator task needs to run the Ray Data pipeline (pickles small)."""
+
+    decode: UnitReadDecode
+    encode_kwargs: dict
+    actors: int
+    remote: dict
+    n_units: int
+    verbose: bool
+
+
+def _stream_units(job: _UnitJob) -> Iterator[dict]:
+    """The Ray Data pipeline, run in a Ray task (the coordinator), yielding one small batch of
+    commit records per output block.  Ray Data's streaming executor (task scheduling, backpressure,
+    its polling loop: ~3.5% of a core on the 2-core machine, issue 28's bench) runs there, not in
+    the driver, which only receives the records."""
+    import ray.data
+
+    _quiet_ray_data(job.verbose)
+    ctx = ray.data.DataContext.get_current()  # this task's own context, not the driver's
+    ctx.target_max_block_size = None  # one unit = one block, never split (unit_stages.py)
+    ds = ray.data.range(job.n_units, override_num_blocks=job.n_units)
+    # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
+    # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
+    # decode runs in its own processes and overlaps encode.
+    ds = ds.map_batches(job.decode, batch_size=None, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            UnitEncodeWriter,
+            fn_constructor_kwargs=job.encode_kwargs,
+            batch_size=None,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=job.actors),
+            **job.remote,
+        )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        yield {k: batch[k] for k in ("record", "images", "skipped", "t_read", "t_decode", "t_encode", "t_write")}
+
+
+def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, owns_ray) -> tuple[int, int]:
+    """Every unit through Ray Data (in a coordinator task); the driver only keeps each unit's record."""
+    import ray
+    from tqdm import tqdm
+
+    actors, remote, builder = _resources(cfg)
+    if owns_ray:
+        # A local Ray: no node to fail over to, and the encode is deterministic, so Ray Data's
+        # default (restart a dead actor forever, retry its tasks forever) would repeat a crash
+        # without end; failing lets the rerun resume instead.  It also spares the driver's
+        # error-level core_worker line about restartable actors with arguments in the object
+        # store, printed over the progress bar.  Joining a cluster keeps Ray's retries: a block
+        # redone after a worker died rewrites the same shard (commit.py).
+        remote = {**remote, "max_restarts": 0}
+    job = _UnitJob(
+        decode=UnitReadDecode(pcfg, plan.folder, plan.starts(), cfg.shard_size, out.store, plan.duplicates > 0),
+        encode_kwargs={
+            "builder": builder,
+            "store": out.store,
+            "fmt": cfg.format,
+            "meta": meta,
+            "batch_size": cfg.batch_size,
+        },
+        actors=actors,
+        remote=remote,
+        n_units=commits.n_units,
+        verbose=cfg.verbose,
+    )
+    # num_cpus=0: the coordinator schedules, it does not take a CPU from decode or encode
+    coordinator = ray.remote(num_cpus=0, max_retries=0)(_stream_units).options(num_returns="streaming")
+    bar = tqdm(total=plan.total, unit="img", disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True)
+    bar.set_description("tokenize")
+    processed = skipped = 0
+    # num_returns="streaming" gives an ObjectRefGenerator; Ray's stubs type .remote() as one ObjectRef
+    for ref in coordinator.remote(job):  # type: ignore[attr-defined]
+        batch = ray.get(ref)
+        for k in ("read", "decode", "encode", "write"):
+            seconds[k] += float(batch[f"t_{k}"].sum())
+        for rec_json, images, was_done in zip(batch["record"], batch["images"], batch["skipped"]):
+            rec = CommitRecord.from_json(rec_json)
+            if commits.add(rec):
+                skipped += bool(was_done)
+                processed += int(images)
+                bar.update(sum(rec.counts.get(k, 0) for k in ("seen", "ignored")))
+    bar.close()
+    return processed, skipped

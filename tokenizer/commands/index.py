@@ -1,0 +1,93 @@
+"""``asvr-tokenizer index CODES --tokenizer TOK --out IDX``: a faiss index over code shards.
+
+One vector per image (mean of the dequantized patch features, L2-normalised;
+see :mod:`asvr.tokenizer.codes.retrieval` for why), exact ``Flat`` below 100k images,
+``IVF{4 sqrt N},PQ{C/8},Refine(SQ8)`` above (recall@10 0.98 at 24-32x the exact
+queries/s on 100k vectors).  ``--add`` indexes
+only the shards the index lacks (by file name and sha256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from asvr.core.errors import CLIError
+from asvr.core.help_text import plain
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = plain(__doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument(
+        "codes", metavar="CODES", help="code shard directory written by `asvr-pipeline tokenize` (or one shard file)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="TOK",
+        help="tokenizer directory the shards were made with "
+        "(required for a new index; --add defaults to the one recorded in IDX/index.json)",
+    )
+    p.add_argument(
+        "--out", metavar="IDX", required=True, help="index directory (index.json, index.*.faiss, keys.*.parquet)"
+    )
+    p.add_argument(
+        "--factory",
+        metavar="STR",
+        help="faiss index_factory string overriding the size-based choice, "
+        "e.g. Flat, HNSW32,Flat, IVF1024,PQ40,Refine(SQ8) (inner-product metric)",
+    )
+    p.add_argument(
+        "--search-params", metavar="P", help="stored search parameters, e.g. nprobe=32,efSearch=128,k_factor=4"
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--add", action="store_true", help="add the shards of CODES that IDX does not hold yet")
+    g.add_argument("--force", action="store_true", help="rebuild IDX from scratch if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from asvr.tokenizer.codes.retrieval import EXACT_LIMIT, RetrievalError, build_index, parse_search_params
+
+    def progress(total_rows: int):
+        return tqdm(total=total_rows, unit="img", desc="index", disable=args.quiet)
+
+    try:
+        res = build_index(
+            args.codes,
+            args.out,
+            args.tokenizer,
+            factory=args.factory,
+            search_params=parse_search_params(args.search_params),
+            add=args.add,
+            force=args.force,
+            progress=progress,
+        )
+    except RetrievalError as e:
+        raise CLIError(str(e)) from None
+    m = res.meta
+    if m.factory == "Flat" and m.count >= EXACT_LIMIT:
+        print(
+            f"note: {m.count} images in an exact Flat index; `--force` rebuilds it with the approximate index "
+            f"chosen for this size",
+            file=sys.stderr,
+        )
+    print(
+        json.dumps(
+            {
+                "index": str(args.out),
+                "factory": m.factory,
+                "count": m.count,
+                "dim": m.dim,
+                "added_shards": len(res.added_shards),
+                "skipped_shards": len(res.skipped_shards),
+                "added_images": res.added_rows,
+                "search_params": m.search_params,
+            }
+        )
+    )
+    return 0

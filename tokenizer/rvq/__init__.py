@@ -1,0 +1,1 @@
+"""asvr.tokenizer.rvq."""

@@ -1,0 +1,486 @@
+"""The DeepSpeed training loop of ``asvr-train``.
+
+``Trainer(cfg).train()`` reads as: set up distributed -> build data -> build
+model (stage, ``--init-from``) -> ``deepspeed.initialize`` -> resume -> loop
+of ``train_step`` (gradient accumulation over micro-batches) with metrics,
+periodic checkpoints -> final checkpoint, export to ``RUN/final``, loss plot.
+
+Devices: on CUDA, NCCL and bf16 (DeepSpeed keeps fp32 master weights); on CPU,
+gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
+one-process group itself (127.0.0.1, a free port).  The optimizer is torch's
+AdamW passed to DeepSpeed as a client optimizer (FusedAdam needs CUDA and
+DeepSpeedCPUAdam compiles a C++ op for ~40 s), unless a ``--deepspeed``
+config brings its own ``optimizer`` section.  (DeepSpeed's CPU backend still
+compiles its shared-memory communication op once per machine, announced
+first: see ``libraries.py``.)  ZeRO-3: the model is built and
+``--init-from`` weights loaded *before* ``deepspeed.initialize`` partitions
+it (a ~7B model fits in host RAM; ``zero.Init`` for larger ones is not wired),
+and the export gathers the partitions with ``zero.GatheredParameters``.
+ZeRO-3 also partitions the frozen online encoder: on CPU/gloo its ~200 small
+tensors are gathered every step (7 s/step vs 0.5 s with ZeRO-2 on the tiny
+test model), so prefer ZeRO-2, or the codes/features inputs, for small runs.
+
+Metrics: the per-step losses stay on the device and are reduced and copied to
+the host once per ``--log-every`` steps (every step still gets its row in
+metrics.jsonl; step time and tokens/s are the window's mean).  On one H200
+(bench/results/gpu_issues_12_13_h200.md) the CLI at ~1.3B bf16 ran at 0.31-0.58
+of a bare torch loop: the remaining gap is DeepSpeed's (fp32 master weights,
+ZeRO buckets, its own syncs in ``engine.step``).
+
+Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
+an uninterrupted run bit for bit (tested): the loader resumes at the next
+micro-batch, and model, optimizer, scheduler and RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from asvr.train.loop import checkpoint
+
+from asvr.train import libraries
+from asvr.train.loop.preemption import Preempted, SaveClock, StopSignals, gloo_reduce_max
+from asvr.train.loop.run_folder import lock_run_folder
+from asvr.train.config import ModelConfig, TrainConfig
+from asvr.train.data.dataset import (
+    DataConfig,
+    PackedLoader,
+    TrainingData,
+    assemble_data,
+    describe_bad,
+    describe_no_placeholder,
+    open_codes,
+    write_bad_samples,
+)
+from asvr.train.export.native import TrainedInputs
+from asvr.train.loop.metrics import MetricsLogger, plot_losses
+from asvr.train.data.packing import PackingConfig, padding_waste, plan_epoch
+from asvr.train.data.templates import get_template
+
+
+def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
+    """Codes ``[H*W, D]`` of LLaVA's dummy image for text-only samples: ``torch.zeros(3, S, S)`` after
+    normalisation (the mean colour: mid-grey for SigLIP's 0.5 mean)."""
+    codes = tokenizer.encode_pixels(np.zeros((1, 3, image_size, image_size), np.float32))
+    return codes.reshape(-1, codes.shape[-1]).cpu().numpy()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, bool]:
+    """-> (rank, world, created_here).  Uses torchrun/deepspeed env vars when launched so."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    else:
+        # deepspeed.initialize reads these; a lone process is rank 0 of 1.
+        for k, v in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(free_port())),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+        ):
+            os.environ.setdefault(k, v)
+        dist.init_process_group(backend, rank=0, world_size=1)
+        # Kept for the life of the process: DeepSpeed caches its groups, so a
+        # second in-process run (tests, notebooks) must find the same one.
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class RunFolderError(ValueError):
+    """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
+
+
+# What a run writes in its folder (RUN/cache, the reusable feature cache, is not among them).
+RUN_OUTPUTS = (
+    checkpoint.CHECKPOINTS,
+    "final",
+    "metrics.jsonl",
+    "loss.png",
+    "train_config.json",
+    "bad_samples.jsonl",
+    "tensorboard",
+)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` has checkpoints, metrics or an export of an earlier run."""
+    return any((run_dir / name).exists() for name in (checkpoint.CHECKPOINTS, "final", "metrics.jsonl"))
+
+
+def check_run_folder(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to silently restart (and so overwrite) a run: before this check, rerunning a
+    finished command without --resume started again at step 1 over the finished run."""
+    if resume is None and not overwrite and holds_run(run_dir):
+        raise RunFolderError(f"{run_dir} already holds a run: --resume auto to continue, --overwrite to start again")
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, signals: StopSignals | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.resuming = False
+        self.signals = signals or StopSignals()  # installed by the CLI for the whole command
+        self.lock = lock_run_folder(self.run_dir) if os.environ.get("RANK", "0") == "0" else None
+        try:
+            check_run_folder(self.run_dir, cfg.resume, cfg.overwrite)
+        except RunFolderError:
+            self.close_lock()
+            raise
+        self.rank, self.world, self.owns_group = init_distributed()
+        self.reduce_max = gloo_reduce_max(self.world)  # collective: the ranks' save/stop flags
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if self.rank == 0:
+            if cfg.overwrite and cfg.resume is None:
+                clear_run_folder(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+
+    # ------------------------------------------------------------------ build
+    def build_tower(self, tokenizer):
+        """The LLM's vision tower (online/features inputs): --vision-tower, else the tokenizer's encoder."""
+        from asvr.train.model.vision_input import get_vision_input
+        from asvr.train.model.vision_tower import VisionTower, check_tower_grid, open_vision_tower
+
+        cfg = self.cfg
+        if cfg.vision_tower is None:
+            return VisionTower.from_tokenizer(tokenizer) if get_vision_input(cfg.vision_input).uses_tower else None
+        tower = open_vision_tower(cfg.vision_tower, layer=cfg.vision_tower_layer, select=cfg.vision_tower_select)
+        check_tower_grid(tower.spec, tokenizer.spec.grid)
+        self.log(
+            f"vision tower {tower.spec.source} ({tower.encoder_spec.kind}, layer {tower.encoder_spec.feature_layer}"
+            f", {tower.select}): {tower.tokens_per_image} x {tower.spec.dim}-d per image"
+        )
+        return tower.to(self.device)
+
+    def build_data(self, tokenizer, tower, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
+        cfg = self.cfg
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
+        if self.rank == 0:
+            store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache)
+        dist.barrier()
+        if self.rank != 0:
+            store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache, write_cache=False)
+        dcfg = DataConfig(
+            data=cfg.data,
+            codes=cfg.codes,
+            images=cfg.images,
+            vision_input=cfg.vision_input,
+            image_tokens=tower.tokens_per_image if tower is not None else None,
+            caption_free_ratio=cfg.caption_free_ratio,
+            skip_bad_samples=cfg.skip_bad_samples,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack),
+        )
+        grey = None
+        if cfg.text_only_visual_loss == "grey-image":
+            grey = grey_image_codes(tokenizer, tokenizer.preprocess_config(store.meta.preprocess).image_size)
+        assert cfg.template is not None  # TrainConfig.__post_init__ fills the stage default
+        enc = tower.encoder_spec if tower is not None else tokenizer.spec.encoder
+        self.inputs = TrainedInputs(  # recorded in the export: what readers of RUN/final default to
+            template=cfg.template, preprocess=store.meta.preprocess, image_size=enc.image_size, resample=enc.resample
+        )
+        data, collate = assemble_data(
+            dcfg,
+            get_template(cfg.template),
+            llm_tokenizer,
+            store,
+            tower=tower,
+            cache_dir=cache,
+            primary=self.rank == 0,
+            barrier=dist.barrier,
+            progress=cfg.progress,
+            grey_codes=grey,
+        )
+        if data.bad and self.rank == 0:
+            write_bad_samples(self.run_dir / "bad_samples.jsonl", data.bad)
+            print(f"skipping {describe_bad(data.bad)} (all listed in {self.run_dir / 'bad_samples.jsonl'})")
+        if data.no_placeholder and self.rank == 0:
+            print(describe_no_placeholder(data.no_placeholder))
+        loader = PackedLoader(
+            data.lengths,
+            collate,
+            dcfg.packing,
+            seed=cfg.seed,
+            rank=self.rank,
+            world=self.world,
+            num_workers=cfg.num_workers,
+        )
+        return data, loader
+
+    def build_model(self, tokenizer, tower):
+        cfg = self.cfg
+        mcfg = ModelConfig(
+            llm=cfg.model,
+            trust_remote_code=cfg.trust_remote_code,
+            vision_input=cfg.vision_input,
+            vision_tower=tower.spec if cfg.vision_tower is not None else None,
+            head=cfg.head,
+            visual_loss_weight=cfg.visual_loss_weight,
+            attn_implementation=cfg.attn_implementation,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+        from asvr.train.model.lvlm import build_model
+
+        torch.manual_seed(cfg.seed)  # same random projector/head on every rank
+        model = build_model(mcfg, tokenizer, tower=tower)
+        if cfg.init_from and not self.resuming:
+            src = checkpoint.load_pretrained(model, cfg.init_from, tokenizer.spec.fingerprint)
+            self.log(f"initialised from {src}")
+        groups = model.set_stage(cfg.stage)
+        return model, groups
+
+    def deepspeed_config(self) -> dict:
+        cfg = self.cfg
+        ds = (
+            json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": cfg.zero}}
+        )
+        ds.update(
+            train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            gradient_clipping=cfg.grad_clip,
+            steps_per_print=ds.get("steps_per_print", 1 << 30),
+        )
+        ds.pop("train_batch_size", None)
+        if self.device.type == "cuda":
+            ds.setdefault("bf16", {"enabled": True})
+        else:
+            ds["bf16"] = {"enabled": False}
+            ds["fp16"] = {"enabled": False}
+        return ds
+
+    # ------------------------------------------------------------------ run
+    def log(self, msg: str) -> None:
+        if self.rank == 0 and self.cfg.progress:
+            print(msg, flush=True)
+
+    def train(self) -> dict:
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        from asvr.tokenizer.model import SemanticTokenizer
+
+        cfg = self.cfg
+        auto_tag, why = checkpoint.resume_choice(self.run_dir) if cfg.resume == "auto" else (None, "")
+        if why and self.rank == 0:
+            print(why, file=sys.stderr, flush=True)  # never silent: step 0, or not the tag `latest` names
+        self.resuming = cfg.resume is not None and (cfg.resume != "auto" or auto_tag is not None)
+        tokenizer = SemanticTokenizer.load(cfg.tokenizer)
+        llm_tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+        tower = self.build_tower(tokenizer)
+        data, loader = self.build_data(tokenizer, tower, llm_tokenizer)
+        per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
+        total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
+        self.log(
+            f"{len(data.samples)} samples ({data.n_conversations} conversations, {data.n_caption_free} "
+            f"caption-free), {loader.micro_batches_per_epoch()} micro-batches/epoch/rank, padding waste "
+            f"{padding_waste(plan_epoch(data.lengths, loader.packing, cfg.seed, 0), data.lengths):.1%}, "
+            f"{total} steps on {self.world} x {self.device.type}"
+        )
+
+        model, groups = self.build_model(tokenizer, tower)
+        ds_cfg = self.deepspeed_config()
+        params = [{"params": [p for p in g["params"] if p.requires_grad], "name": g["name"]} for g in groups]
+        params = [g for g in params if g["params"]]
+        optimizer = scheduler = None
+        if "optimizer" not in ds_cfg:
+            assert cfg.lr is not None  # TrainConfig.__post_init__ fills the stage default
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+            if "scheduler" not in ds_cfg:
+                warmup = max(1, math.ceil(cfg.warmup_ratio * total))
+                scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, cosine_with_warmup(total, warmup, cfg.min_lr_ratio)
+                )
+        notice = libraries.build_notice()
+        if notice and self.rank == 0:
+            print(notice, flush=True)  # --quiet or not: minutes of silence otherwise
+        with libraries.quiet_stdout(cfg.verbose):
+            engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                model_parameters=params if optimizer is None else None,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=ds_cfg,
+                dist_init_required=False,
+            )
+        step = 0
+        if self.resuming:
+            client = checkpoint.load(engine, self.run_dir, self.rank, auto_tag or cfg.resume)
+            assert client is not None  # resuming: a named tag, or "auto" with a latest tag present
+            step = int(client["step"])
+            loader.load_state_dict(client["loader"])
+            self.log(f"resumed from step {step} (epoch {loader.epoch}, micro-batch {loader.position})")
+        else:
+            torch.manual_seed(cfg.seed + self.rank)
+        if self.rank == 0:
+            (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        metrics = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, resume_step=step)
+        stop = total if cfg.stop_after is None else min(total, step + cfg.stop_after)
+        with self.signals.deferred():  # a stop signal ends the current step, saves, raises Preempted
+            last = self.loop(engine, loader, metrics, step, stop, total)
+        metrics.close()
+        if cfg.export and stop == total:
+            self.export(engine, llm_tokenizer)
+        if self.rank == 0:
+            plot_losses(self.run_dir, cfg.stage)
+        dist.barrier()
+        return last
+
+    def loop(self, engine, loader: PackedLoader, metrics: MetricsLogger, step: int, stop: int, total: int) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        it = iter(loader)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"{cfg.stage}",
+            disable=self.rank != 0 or not cfg.progress,
+            dynamic_ncols=True,
+        )
+        last: dict = {}
+        pending: list[tuple[dict, list[str], torch.Tensor]] = []
+        engine.train()
+        clock = SaveClock(cfg.save_every, cfg.save_every_minutes, self.signals, self.reduce_max)
+        t_window = time.perf_counter()
+        while step < stop:
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves at the step's end)
+            keys, vec, tokens = self.train_step(engine, it)
+            step += 1
+            pending.append(({"step": step, "tokens": tokens, "lr": lr, "epoch": loader.epoch}, keys, vec))
+            bar.update(1)
+            due, signum = clock.poll(step)  # --save-every(-minutes), SIGTERM/SIGUSR1: same on every rank
+            save = (step == stop and cfg.final_checkpoint) or due
+            if save or step == stop or len(pending) >= cfg.log_every:
+                # one reduction and one device->host copy for the whole window: the step time is
+                # the window's mean (a per-step host clock would need a sync per step)
+                records = self.read_metrics(pending)
+                dt = (time.perf_counter() - t_window) / len(pending)
+                for record in records:
+                    record.update(tokens_per_s=record.pop("tokens") / dt, step_time_s=dt)
+                    metrics.log(record)
+                last = records[-1]
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}", text=f"{last['loss_text']:.3f}", vis=f"{last['loss_visual']:.3f}"
+                )
+                pending = []
+            if save:
+                checkpoint.save(engine, self.run_dir, step, loader.state_dict(), self.rank, cfg.keep_checkpoints)
+            if signum:
+                bar.close()
+                raise Preempted(signum, checkpoint.tag_for(step), step)
+            if not pending:
+                t_window = time.perf_counter()
+        bar.close()
+        return last
+
+    def train_step(self, engine, it) -> tuple[list[str], torch.Tensor, int]:
+        """One optimizer step = grad_accum micro-batches.  -> (loss names, their sums over
+        the micro-batches as one device tensor, this rank's tokens): nothing is read back
+        from the device here (see :meth:`read_metrics`)."""
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for _ in range(self.cfg.grad_accum):
+            batch = next(it)
+            tokens += batch.num_tokens  # counted on the host copy: no device sync
+            batch = batch.to(self.device)
+            loss, m = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            for k, v in m.items():
+                if k.startswith("loss"):
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+        keys = sorted(sums)
+        return keys, torch.stack([sums[k] for k in keys]), tokens
+
+    def read_metrics(self, pending: list[tuple[dict, list[str], torch.Tensor]]) -> list[dict]:
+        """The pending steps' records: loss sums and token counts of all steps reduced over
+        the ranks in one all_reduce and copied to the host once; losses averaged over
+        micro-batches and ranks, tokens summed over ranks."""
+        tokens = torch.tensor([float(info["tokens"]) for info, _, _ in pending], device=self.device)
+        vec = torch.cat([v for _, _, v in pending] + [tokens])
+        dist.all_reduce(vec)
+        vals = vec.cpu().tolist()
+        n = self.cfg.grad_accum * self.world
+        out, pos = [], 0
+        for i, (info, keys, _) in enumerate(pending):
+            rec = {"step": info["step"], **{k: vals[pos + j] / n for j, k in enumerate(keys)}}
+            pos += len(keys)
+            rec.update(tokens=vals[len(vals) - len(pending) + i], lr=info["lr"], epoch=info["epoch"])
+            if self.device.type == "cuda":  # the allocator's counter: a host read, no sync
+                rec["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out.append(rec)
+        return out
+
+    def export(self, engine, llm_tokenizer) -> None:
+        """RUN/final via asvr.train.export.native (ZeRO-3 partitions gathered first)."""
+        import deepspeed
+
+        from asvr.train.export.native import save_exported
+
+        module = engine.module
+        params = list(module.parameters())
+        zero3 = engine.zero_optimization_stage() == 3
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
+        with ctx:
+            if self.rank == 0:
+                save_exported(module, self.run_dir / "final", llm_tokenizer, self.inputs)
+        dist.barrier()
+        self.log(f"exported the model to {self.run_dir / 'final'}")
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.barrier()
+        self.close_lock()
+
+    def close_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
