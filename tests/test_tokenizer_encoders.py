@@ -111,14 +111,16 @@ def test_tampered_codebook_or_json_is_refused(tiny_tokenizer_dir, tmp_path):
 
 
 def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
-    from asvr.tokenizer.encoders.base import EncoderLoadError, EncoderSpec, _hf_classes, encoder_kind
+    from asvr.core.spec import EncoderSpec
+    from asvr.tokenizer.encoders.base import EncoderLoadError, _hf_classes, build_encoder, encoder_kind
 
     with pytest.raises(EncoderLoadError, match="unknown encoder kind 'dinov2'"):
         encoder_kind("dinov2")
     with pytest.raises(EncoderLoadError, match="unknown encoder kind"):
         _hf_classes("dinov2")  # used to return the CLIP classes for any kind but siglip
-    with pytest.raises(EncoderLoadError, match="unknown encoder kind"):
-        EncoderSpec(kind="dinov2", weights=str(tmp_path), feature_layer=-1, image_size=32)
+    spec = EncoderSpec(kind="dinov2", weights=str(tmp_path), feature_layer=-1, image_size=32)  # data only
+    with pytest.raises(EncoderLoadError, match="unknown encoder kind 'dinov2'"):
+        build_encoder(spec)
 
 
 def test_a_registered_kind_is_built_and_listed():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_train_vision_tower import save_tiny_tower
 
-from asvr.tokenizer.encoders.base import EncoderSpec
+from asvr.core.spec import EncoderSpec
 from asvr.core.errors import FingerprintError
 from asvr.train.config import VisionTowerSpec
 from asvr.train.model.vision_tower import (

