@@ -238,17 +238,23 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         try:
             return _run(cfg, pcfg, meta, jobs, inputs, out, t_start, ray_)
         except Stopped as s:
-            # each unit's shard and marker are written by its worker atomically; what was in flight is
-            # abandoned (its temp files are swept by the rerun), so the rerun resumes from the markers
-            kept = len(list(out.units_dir.glob("unit-*.json"))) if out.units_dir.is_dir() else 0
-            raise Stopped(
-                s.signum, f"{kept} finished units are kept in {cfg.out}; rerun the same command to resume"
-            ) from None
+            raise _stopped(s.signum, out, cfg) from None
         except Exception as err:  # noqa: BLE001 - a worker's one-line error, unwrapped from Ray's
+            if stop.received is not None:
+                # the handler's Stopped raised inside Ray's native wait comes back as a SystemError
+                # ("returned a result with an exception set") or whatever Ray wraps it in
+                raise _stopped(stop.received, out, cfg) from None
             raise _user_error(err) from None
         finally:
             ray_.stop()
             out.close()
+
+
+def _stopped(signum: int, out: OutputDir, cfg: PipelineConfig) -> Stopped:
+    """Each unit's shard and marker are written by its worker atomically; what was in flight is
+    abandoned (its temp files are swept by the rerun), so the rerun resumes from the markers."""
+    kept = len(list(out.units_dir.glob("unit-*.json"))) if out.units_dir.is_dir() else 0
+    return Stopped(signum, f"{kept} finished units are kept in {cfg.out}; rerun the same command to resume")
 
 
 class _LazyRay:
