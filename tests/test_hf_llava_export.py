@@ -413,3 +413,61 @@ def test_out_is_never_destroyed_and_files_keep_the_umask(world, tmp_path, capsys
         "this export does not write; move them away first (nothing was replaced)"
     )
     assert (out / "README.md").read_text() == "my notes" and not list(tmp_path.glob(".empty.tmp-*"))
+
+
+@pytest.mark.parametrize("projector", ["linear", "mlp3x_gelu"])
+def test_a_projector_llava_cannot_hold_is_refused_in_one_line(world, tmp_path, capsys, projector):
+    """LLaVA's ``multi_modal_projector`` is Linear-GELU-Linear: any other projector is refused, and
+    nothing is written (a silent export would drop or misplace the projector's layers)."""
+    from transformers import AutoTokenizer
+
+    from asvr.tokenizer.model import SemanticTokenizer
+    from asvr.train.export.cli import main
+
+    root, _, _ = world
+    tok = SemanticTokenizer.load(root / "tok_square")
+    model = build_model(ModelConfig(llm=str(root / "llm"), vision_input="online", head=HEAD, projector=projector), tok)
+    run = tmp_path / f"run_{projector}"
+    save_exported(model, run / "final", AutoTokenizer.from_pretrained(root / "llm"))
+    (run / "train_config.json").write_text(json.dumps({"template": "vicuna_v1", "stage": "sft"}))
+    capsys.readouterr()
+    assert main([str(run), "--hf-llava", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"asvr-export --hf-llava: error: the projector is {projector}; LLaVA holds mlp2x_gelu only"], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_added_vocabulary_rows_are_never_generated(world):
+    """The export grows the vocabulary to hold ``<image>`` (rounded up to a multiple of 64): the new
+    rows are zeros, so their logit is 0 and could win; the generation config suppresses exactly them.
+    Checked by pushing the added rows' logits far above the rest: with the exported config no
+    added id is generated, without the suppression only added ids are."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from asvr.train.export.hf_llava import VOCAB_MULTIPLE
+
+    root, runs, images = world
+    out = _export(world, "pad")
+    old = len(AutoTokenizer.from_pretrained(root / "llm"))
+    processor, model, inputs = _theirs(out, images[0], QUESTIONS[0])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert vocab % VOCAB_MULTIPLE == 0 and vocab > old
+    gen = GenerationConfig.from_pretrained(out)
+    assert gen.suppress_tokens == list(range(old, vocab))
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") in gen.suppress_tokens
+
+    def push_added(_module, _inputs, logits):
+        logits[..., old:] += 1e4
+        return logits
+
+    hook = model.get_output_embeddings().register_forward_hook(push_added)
+    try:
+        n = inputs["input_ids"].shape[1]
+        gen.max_new_tokens, gen.do_sample = 4, False
+        kept = model.generate(**inputs, generation_config=gen)[0, n:]
+        gen.suppress_tokens = model.generation_config.suppress_tokens = None  # generate merges the model's
+        free = model.generate(**inputs, generation_config=gen)[0, n:]
+    finally:
+        hook.remove()
+    assert kept.numel() and all(t < old for t in kept.tolist()), kept
+    assert free.numel() and all(t >= old for t in free.tolist()), free
