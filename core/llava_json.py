@@ -74,7 +74,7 @@ def read_llava_records(path: str | os.PathLike) -> list[Any]:
     records: Any = []
     try:
         if jsonl:
-            for n, line in enumerate(text.splitlines(), start=1):
+            for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 etc. are JSON text
                 if not line.strip():
                     continue
                 try:

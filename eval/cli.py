@@ -329,7 +329,7 @@ def run_score(a: argparse.Namespace) -> int:
         raise CLIError(f"--predictions {pred}: no such file")
     records = []
     seen: dict[str, int] = {}
-    for n, line in enumerate(pred.read_text().splitlines(), start=1):
+    for n, line in enumerate(pred.read_text().split("\n"), start=1):  # not splitlines(): U+2028 is JSON text
         if line.strip():
             try:
                 rec = json.loads(line)

@@ -216,6 +216,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
         mode=mode,
         max_pixels=cfg.max_pixels,
         fast_decode=cfg.fast_decode,
+        max_decode_bytes=DECODE_TASK_MEMORY,  # refused before decoding, not killed by the OOM killer
     )
     meta = ShardMeta.from_spec(spec, mode)
     run_config = {

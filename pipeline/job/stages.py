@@ -114,7 +114,10 @@ class _Reader:
                 f"the tar changed since it was listed (no sparse member of {size} bytes at {header})", "read"
             )
         f = tar.extractfile(info)
-        data = f.read() if f is not None else b""
+        try:
+            data = f.read() if f is not None else b""
+        except tarfile.TarError as e:  # the archive ends inside the member's data
+            raise ImageError(f"sparse tar member is truncated: wanted {size} bytes ({e})", "read") from None
         if len(data) != size:
             raise ImageError(f"sparse tar member is truncated: wanted {size} bytes, got {len(data)}", "read")
         return data
