@@ -2,7 +2,7 @@
 members (GNU and PAX, written by GNU tar from files with real holes), the Parquet read limit
 (``--max-read-mb``) over a huge cell, a struct ``{path}`` Parquet cell, 16-bit PNGs converted in
 chunks and refused over the decode budget, LLaVA ``.jsonl`` line numbers and lone surrogates,
-:class:`asvr.tokenizer.signals.StopSignals` and the Ray reaper (real subprocesses standing in
+:class:`asvr.core.signals.StopSignals` and the Ray reaper (real subprocesses standing in
 for Ray's processes).  Unit level first, then one real pipeline run (one local Ray)."""
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ import pytest
 from conftest import image_bytes
 from PIL import Image
 
-from asvr.pipeline.check import verify_out
+from asvr.pipeline.output.check import verify_out
 from asvr.pipeline.cli import main
-from asvr.pipeline.ray_reaper import MARK, Reaper, owned_processes
-from asvr.pipeline.sources import SourceError, SourceOptions, discover
-from asvr.pipeline.stages import ReadDecode, decode_one
+from asvr.pipeline.job.ray_reaper import MARK, Reaper, owned_processes
+from asvr.pipeline.inputs.sources import SourceError, SourceOptions, discover
+from asvr.pipeline.job.stages import ReadDecode, decode_one
 from asvr.tokenizer.preprocess import _CHUNK, ImageError, PreprocessConfig, _scaled_to_l, decode_bytes, open_image
-from asvr.tokenizer.errors import run_guarded
-from asvr.tokenizer.llava_json import LlavaJSONError, read_llava_records
-from asvr.tokenizer.shards import FAILURES, MANIFEST, read_shard
-from asvr.tokenizer.signals import StopSignals, Stopped
+from asvr.core.errors import run_guarded
+from asvr.core.llava_json import LlavaJSONError, read_llava_records
+from asvr.core.shards import FAILURES, MANIFEST, read_shard
+from asvr.core.signals import StopSignals, Stopped
 
 CFG = PreprocessConfig(image_size=32)
 GNU_TAR = shutil.which("tar")
@@ -456,7 +456,7 @@ def test_the_reaper_kills_token_less_processes_after_their_parent_died(stand_ins
     token, session, procs, agent = stand_ins
     agent_start = _start_time(agent)
     reaper = subprocess.Popen(
-        [sys.executable, "-m", "asvr.pipeline.ray_reaper", token], stdin=subprocess.PIPE, start_new_session=True
+        [sys.executable, "-m", "asvr.pipeline.job.ray_reaper", token], stdin=subprocess.PIPE, start_new_session=True
     )
     try:
         reaper.stdin.write(os.fsencode(str(session)) + b"\n")  # what Reaper.watch_session sends
