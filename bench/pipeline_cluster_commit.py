@@ -222,6 +222,30 @@ def commit_loop_cost(records: int = 20000, shard: int = 1000) -> float:
     return (time.perf_counter() - t) / records
 
 
+def start_head(python: str, env: dict) -> str:
+    """``ray start --head`` (2 CPUs, free ports, no dashboard) with ``python``'s Ray; its address."""
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="rb28", dir="/tmp")
+    names = (
+        "dashboard-port",
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
+    ports = [f"--{n}={free_port()}" for n in names]
+    subprocess.run(
+        [str(Path(python).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}"]
+        + ["--include-dashboard=false", "--disable-usage-stats", *ports],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return f"127.0.0.1:{port}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n1", type=int, default=1500)
@@ -241,36 +265,18 @@ def main() -> None:
     from asvr.pipeline.job.ray_reaper import owned_processes
 
     token = f"bench28-{os.getpid()}"
-    env = dict(os.environ, ASVR_RAY_OWNER=token, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    port = free_port()
-    temp = tempfile.mkdtemp(prefix="rb28", dir="/tmp")
-    ports = [
-        f"--{n}={free_port()}"
-        for n in (
-            "dashboard-port",
-            "node-manager-port",
-            "object-manager-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-        )
-    ]
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    subprocess.run(
-        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}"]
-        + ["--include-dashboard=false", "--disable-usage-stats", *ports],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    address = f"127.0.0.1:{port}"
-    env["BENCH_RAY"] = address
+    pythons = {"before": args.before_python, "after": sys.executable}
+    # one head per side, started by that side's interpreter: the workers import the side's own code
+    # (the two trees may lay the package out differently)
+    heads = {name: start_head(py, dict(env, ASVR_RAY_OWNER=f"{token}-{name}")) for name, py in pythons.items()}
+    env["BENCH_RAY"] = heads["after"]
     results: dict = {}
     try:
         # ---------------------------------------------------------------- 1. driver CPU per row
-        for name, py in (("before", args.before_python), ("after", sys.executable)):
+        for name, py in pythons.items():
+            address = heads[name]
             for n, corpus in corpora.items():
                 out = work / f"out-{name}-{n}"
                 cmd = [py, "-m", "asvr.pipeline.cli", "tokenize", str(corpus), "--tokenizer", str(tok)]
@@ -355,7 +361,7 @@ def main() -> None:
             f"coordinator's Ray Data scheduling ~{1000 / per_block:.0f} rows/s (one block per unit of 1000)"
         )
     finally:
-        for pid in owned_processes(token):
+        for pid in [p for name in heads for p in owned_processes(f"{token}-{name}")]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
