@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Literal, cast
 import torch
 
 from asvr.core.atomic import atomic_dir
+from asvr.tokenizer.preprocess import preprocess_mode
 
 from asvr.train.config import ModelConfig
 from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
@@ -135,6 +136,8 @@ def hf_tower(cfg, tokenizer) -> HFTower:
             f"transformers' LLaVA cannot hold it; train with a SigLIP or CLIP tower "
             f"(--vision-tower) to export"
         )
+    if preprocess_mode(tokenizer.spec.preprocess).llava_do_pad is None:
+        raise HFExportError(f"no LLaVA image processor does preprocess mode {tokenizer.spec.preprocess!r}")
     return HFTower(
         kind=enc.kind,
         model=enc.model,
@@ -275,7 +278,7 @@ def _processor(tower: HFTower, text_tokenizer, template, after_image: str = ""):
         do_center_crop=False,
         do_resize=True,
         resample=resample,
-        do_pad=tower.preprocess == "pad",
+        do_pad=preprocess_mode(tower.preprocess).llava_do_pad,
         image_mean=list(tower.mean),
         image_std=list(tower.std),
         do_rescale=True,

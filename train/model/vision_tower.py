@@ -117,10 +117,7 @@ class VisionTower(nn.Module):
 
     # ------------------------------------------------------------------ images
     def preprocess_config(self, mode: str) -> PreprocessConfig:
-        e = self.encoder_spec
-        return PreprocessConfig(
-            image_size=e.image_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample, mode=mode
-        )
+        return PreprocessConfig.for_encoder(self.encoder_spec, mode)
 
     def preprocess_images(self, images: Sequence[str | os.PathLike | bytes], mode: str) -> np.ndarray:
         cfg = self.preprocess_config(mode)
