@@ -112,7 +112,8 @@ def test_tampered_codebook_or_json_is_refused(tiny_tokenizer_dir, tmp_path):
 
 def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
     from asvr.core.spec import EncoderSpec
-    from asvr.tokenizer.encoders.base import EncoderLoadError, _hf_classes, build_encoder, encoder_kind
+    from asvr.tokenizer.encoders.base import EncoderLoadError, build_encoder, encoder_kind
+    from asvr.tokenizer.encoders.hf_vision import _hf_classes
 
     with pytest.raises(EncoderLoadError, match="unknown encoder kind 'dinov2'"):
         encoder_kind("dinov2")
