@@ -22,7 +22,7 @@ import torch
 from asvr.tokenizer.preprocess import ImageError, llava_mode, open_image, preprocess_mode, read_file
 from asvr.train.export.hf_llava import INPUTS_FILE, read_hf_inputs
 
-from asvr.eval.formats.builtin import BenchError, BenchItem
+from asvr.eval.formats.base import BenchError, BenchItem
 from asvr.eval.generate import GenerationConfig, check_fits, context_length, question_text
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""asvr.eval.formats.builtin: each layout read from generated files; bad lines name file:line."""
+"""asvr.eval.formats.base: each layout read from generated files; bad lines name file:line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from asvr.eval.bench import bench_metrics, score_items
-from asvr.eval.formats.builtin import BenchError, chance_level, detect_format, read_bench
+from asvr.eval.formats.base import BenchError, chance_level, detect_format, read_bench
 from conftest import image_bytes
 
 
@@ -197,7 +197,7 @@ def test_unknown_layout_and_missing_file(root):
 def test_a_registered_layout_is_read_scored_and_reported(root):
     """What an ``asvr/eval/format_<name>.py`` module does: register a layout; nothing else changes."""
     from asvr.eval.bench import bench_metrics, score_items
-    from asvr.eval.formats.builtin import FORMATS, BenchFormat, BenchItem, register_bench_format
+    from asvr.eval.formats.base import FORMATS, BenchFormat, BenchItem, register_bench_format
     from asvr.eval.report import bench_markdown
 
     def read_qa(path, images=None):
