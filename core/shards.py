@@ -144,7 +144,7 @@ def shard_schema(meta: ShardMeta) -> pa.Schema:
 def rows_table(meta: ShardMeta, rows: Sequence[ShardRow]) -> pa.Table:
     """:class:`ShardRow` list -> a table with the shard schema (codes range-checked)."""
     if not rows:
-        return rows_to_table(meta, [], [], *([[]] * len(VALUE_COLUMNS)))
+        return rows_to_table(meta, [], np.zeros((0, meta.codes_per_image)), *([[]] * len(VALUE_COLUMNS)))
     cols = list(zip(*rows))
     return rows_to_table(meta, cols[0], np.stack([np.asarray(c).reshape(-1) for c in cols[1]]), *cols[2:])
 
