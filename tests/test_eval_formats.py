@@ -246,3 +246,19 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
         FORMATS.unregister("qa")
     with pytest.raises(BenchError, match="format must be one of auto, jsonl, pope, mme, mmbench, scienceqa; got 'qa'"):
         read_bench(f, "qa")
+
+
+def test_a_plugin_is_asked_before_the_built_in_rules(root):
+    """A plug-in layout recognising its own JSON lines claims them before the built-in ``jsonl``
+    rule does; the built-ins are still listed first and detect as before once it is gone."""
+    from asvr.eval.formats.base import FORMATS, BenchFormat, bench_formats, register_bench_format
+
+    f = root / "mine.jsonl"
+    f.write_text(json.dumps({"question": "q", "answer": "yes", "mine": True}) + "\n")
+    register_bench_format(BenchFormat("mine", lambda p, images=None: [], detect=lambda p: '"mine"' in p.read_text()))
+    try:
+        assert detect_format(f) == "mine"
+        assert list(bench_formats()) == ["jsonl", "pope", "mme", "mmbench", "scienceqa", "mine"]
+    finally:
+        FORMATS.unregister("mine")
+    assert detect_format(f) == "jsonl"
