@@ -1,9 +1,9 @@
-"""One registry of named plug-ins, used by the three extension points.
+"""One registry of named plug-ins, used by every extension point.
 
-Pipeline input formats (``asvr.pipeline.input_*``), tokenizer encoder kinds
-(``asvr.tokenizer.encoder_*``) and benchmark formats (``asvr.eval.format_*``)
-each keep a :class:`Registry`: the built-ins register when their module is
-imported, and every module of the package whose name starts with the prefix is
+Pipeline input formats (``asvr.pipeline.inputs``), tokenizer encoder kinds
+(``asvr.tokenizer.encoders``), benchmark formats (``asvr.eval.formats``) and
+preprocess modes (``asvr.tokenizer.preprocess``) each keep a :class:`Registry`:
+entries register when their module is imported, and every module of the package whose name starts with the prefix is
 imported once, on the first lookup, so adding an entry is one module that calls
 ``register`` (plus its test).  A name registered twice is an error, never a
 silent replacement.

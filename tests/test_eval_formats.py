@@ -1,4 +1,4 @@
-"""asvr.eval.formats.base: each layout read from generated files; bad lines name file:line."""
+"""asvr.eval.formats: each built-in layout read from generated files; bad lines name file:line."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def test_unknown_layout_and_missing_file(root):
 
 
 def test_a_registered_layout_is_read_scored_and_reported(root):
-    """What an ``asvr/eval/format_<name>.py`` module does: register a layout; nothing else changes."""
+    """What an ``asvr/eval/formats/<name>.py`` module does: register a layout; nothing else changes."""
     from asvr.eval.bench import bench_metrics, score_items
     from asvr.eval.formats.base import FORMATS, BenchFormat, BenchItem, register_bench_format
     from asvr.eval.report import bench_markdown

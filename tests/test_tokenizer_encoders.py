@@ -125,7 +125,7 @@ def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
 
 
 def test_a_registered_kind_is_built_and_listed():
-    """What an ``asvr/tokenizer/encoder_<name>.py`` module does: register a kind; nothing else changes."""
+    """What an ``asvr/tokenizer/encoders/<name>.py`` module does: register a kind; nothing else changes."""
     import torch
 
     from asvr.tokenizer.encoders.base import (
