@@ -1,12 +1,17 @@
-"""One registry of named plug-ins, used by the three extension points.
+"""One registry of named plug-ins, used by every extension point.
 
-Pipeline input formats (``asvr.pipeline.input_*``), tokenizer encoder kinds
-(``asvr.tokenizer.encoder_*``) and benchmark formats (``asvr.eval.format_*``)
-each keep a :class:`Registry`: the built-ins register when their module is
-imported, and every module of the package whose name starts with the prefix is
+Pipeline input formats (``asvr.pipeline.inputs``), tokenizer encoder kinds
+(``asvr.tokenizer.encoders``), benchmark formats (``asvr.eval.formats``) and
+preprocess modes (``asvr.tokenizer.preprocess``) each keep a :class:`Registry`:
+entries register when their module is imported, and every module of the package whose name starts with the prefix is
 imported once, on the first lookup, so adding an entry is one module that calls
 ``register`` (plus its test).  A name registered twice is an error, never a
 silent replacement.
+
+The built-ins are written the same way (one module each, registering itself);
+``first`` names them in the order every listing shows (``--format`` choices,
+error messages, auto-detection), whichever module happened to be imported
+first; plug-ins follow in registration order.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, what: str, package: str, prefix: str, reserved: tuple[str, ...] = ()):
+    def __init__(
+        self, what: str, package: str, prefix: str, reserved: tuple[str, ...] = (), first: tuple[str, ...] = ()
+    ):
         self.what = what
         """What an entry is, for messages ("benchmark format")."""
         self.package = package
         self.prefix = prefix
         self.reserved = reserved
         """Names that can never be registered (e.g. ``auto``)."""
+        self.first = first
+        """Entries listed first, in this order (the built-ins)."""
         self._items: dict[str, T] = {}
         self._plugins_loaded = False
 
@@ -51,4 +60,7 @@ class Registry(Generic[T]):
             for m in pkgutil.iter_modules(pkg.__path__):
                 if m.name.startswith(self.prefix):
                     importlib.import_module(f"{self.package}.{m.name}")
-        return self._items
+        if not self.first:
+            return self._items
+        head = {k: self._items[k] for k in self.first if k in self._items}
+        return {**head, **{k: v for k, v in self._items.items() if k not in head}}

@@ -10,7 +10,7 @@ default (``scoring``; :mod:`asvr.eval.scoring`, :mod:`asvr.eval.lmms_rules`);
 each summary records the scoring used.  :func:`rescore` scores saved
 prediction records again without a model (``asvr-eval score``).  Each
 layout's own parser and metrics come from its
-:class:`~asvr.eval.formats.builtin.BenchFormat`; nothing here branches on names.
+:class:`~asvr.eval.formats.base.BenchFormat`; nothing here branches on names.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from asvr.eval.formats.builtin import BenchItem, bench_format, chance_level, read_bench
+from asvr.eval.formats.base import BenchItem, bench_format, chance_level, read_bench
 from asvr.eval.generate import GenerationConfig, generate_answers
 from asvr.eval.loading import LoadedModel
 from asvr.eval.scoring import SCORINGS, accuracy, grouped_accuracy, is_correct, parse_answer

@@ -58,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from asvr.eval.formats.builtin import bench_formats
+    from asvr.eval.formats.base import bench_formats
 
     p = OneLineParser(
         prog="asvr-eval", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
@@ -245,7 +245,7 @@ def run_bench(a: argparse.Namespace) -> int:
     from asvr.eval.generate import GenerationConfig
     from asvr.train.export.hf_llava import is_hf_llava
 
-    from asvr.eval.formats.builtin import read_bench
+    from asvr.eval.formats.base import read_bench
     from asvr.eval.hf_llava import load_hf_llava
     from asvr.eval.loading import load_for_eval, resolve_device
     from asvr.eval.report import bench_markdown, write_atomic, write_json, write_jsonl
@@ -320,7 +320,7 @@ def run_score(a: argparse.Namespace) -> int:
     import json
 
     from asvr.eval.bench import rescore, scoring_for
-    from asvr.eval.formats.builtin import read_bench
+    from asvr.eval.formats.base import read_bench
     from asvr.eval.report import bench_markdown, write_atomic, write_json, write_jsonl
 
     fmt, items = read_bench(a.bench, a.format, a.images)
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     from asvr.train.data.sources import DataError
     from asvr.train.data.templates import ConversationError
 
-    from asvr.eval.formats.builtin import BenchError
+    from asvr.eval.formats.base import BenchError
     from asvr.eval.loading import EvalError
 
     args = build_parser().parse_args(argv)

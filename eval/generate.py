@@ -33,7 +33,7 @@ from asvr.tokenizer.preprocess import ImageError
 from asvr.train.data.templates import IMAGE_PLACEHOLDER, encode_generation_prompt
 from asvr.train.model.vision_input import get_vision_input
 
-from asvr.eval.formats.builtin import BenchError, BenchItem
+from asvr.eval.formats.base import BenchError, BenchItem
 from asvr.eval.loading import LoadedModel
 
 INSTRUCTIONS = {

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from asvr.tokenizer.preprocess import ImageError, open_image, read_file
+from asvr.tokenizer.preprocess import ImageError, llava_mode, open_image, preprocess_mode, read_file
 from asvr.train.export.hf_llava import INPUTS_FILE, read_hf_inputs
 
-from asvr.eval.formats.builtin import BenchError, BenchItem
+from asvr.eval.formats.base import BenchError, BenchItem
 from asvr.eval.generate import GenerationConfig, check_fits, context_length, question_text
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class HFLlavaModel:
 
     @property
     def preprocess_mode(self) -> str:
-        return "pad" if getattr(self.processor.image_processor, "do_pad", False) else "square"
+        return llava_mode(bool(getattr(self.processor.image_processor, "do_pad", False)))
 
     @property
     def preprocess_source(self) -> str:
@@ -85,7 +85,7 @@ class HFLlavaModel:
         from tqdm import tqdm
 
         if cfg.preprocess_mode is not None:
-            self.processor.image_processor.do_pad = cfg.preprocess_mode == "pad"
+            self.processor.image_processor.do_pad = bool(preprocess_mode(cfg.preprocess_mode).llava_do_pad)
         tok = self.processor.tokenizer
         eos = self.model.generation_config.eos_token_id
         stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

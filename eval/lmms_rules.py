@@ -42,7 +42,7 @@ import string
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
-    from asvr.eval.formats.builtin import BenchItem
+    from asvr.eval.formats.base import BenchItem
 
 SHORT = "\nAnswer the question using a single word or phrase."
 LETTER = "\nAnswer with the option's letter from the given choices directly."

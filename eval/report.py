@@ -94,7 +94,7 @@ def loss_markdown(report: dict) -> str:
 
 
 def bench_markdown(report: dict) -> str:
-    from asvr.eval.formats.builtin import bench_format
+    from asvr.eval.formats.base import bench_format
 
     if report["kind"] == "score":  # asvr-eval score: saved predictions, no model
         head = [f"- predictions `{report['config']['predictions']}` scored again (no model)"]

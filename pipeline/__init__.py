@@ -1,9 +1,8 @@
 """asvr.pipeline: tokenize image corpora into code shards (docs/ARCHITECTURE.md, contract 2).
 
 Modules, one job each:
-  sources.py  INPUT arguments -> an ordered plan of images (folder, webdataset, Parquet, LLaVA JSON);
-              the input-format registry
-  input_*.py  plug-in input formats, one module each (input_hf_datasets.py: datasets.save_to_disk folders)
+  inputs/     INPUT arguments -> an ordered plan of images: sources.py (registry, detection, discovery),
+              one plug-in module per format (folder, webdataset, parquet, llava_json, hf_datasets)
   plan.py     listing jobs (per input, per top-level subfolder) and the duplicate search in Ray tasks;
               the plan kept in OUT/.plan, reused by a resumed run
   stages.py   Ray Data operators: ReadDecode (CPU tasks), Encoder (actor pool, tokenizer built in __init__)

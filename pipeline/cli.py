@@ -20,7 +20,7 @@ from typing import Iterator
 
 from asvr.core.cli_parser import OneLineParser
 from asvr.core.errors import CLIError, TokenizerError, run_guarded
-from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS
+from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES
 
 from asvr.pipeline.inputs.sources import DEFAULT_MAX_READ_BYTES
 from asvr.tokenizer.rvq.quantizer import SEARCH_DTYPES
@@ -67,7 +67,7 @@ def _tokenize_parser(sub) -> None:
     )
     p.add_argument(
         "--preprocess",
-        choices=["square", "pad"],
+        choices=PREPROCESS_MODES,
         default=None,
         help="resize to square, or pad to square with the mean colour first (default: the tokenizer's)",
     )

@@ -1,4 +1,4 @@
-"""asvr.eval.formats.builtin: each layout read from generated files; bad lines name file:line."""
+"""asvr.eval.formats: each built-in layout read from generated files; bad lines name file:line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from asvr.eval.bench import bench_metrics, score_items
-from asvr.eval.formats.builtin import BenchError, chance_level, detect_format, read_bench
+from asvr.eval.formats.base import BenchError, chance_level, detect_format, read_bench
 from conftest import image_bytes
 
 
@@ -195,9 +195,9 @@ def test_unknown_layout_and_missing_file(root):
 
 
 def test_a_registered_layout_is_read_scored_and_reported(root):
-    """What an ``asvr/eval/format_<name>.py`` module does: register a layout; nothing else changes."""
+    """What an ``asvr/eval/formats/<name>.py`` module does: register a layout; nothing else changes."""
     from asvr.eval.bench import bench_metrics, score_items
-    from asvr.eval.formats.builtin import FORMATS, BenchFormat, BenchItem, register_bench_format
+    from asvr.eval.formats.base import FORMATS, BenchFormat, BenchItem, register_bench_format
     from asvr.eval.report import bench_markdown
 
     def read_qa(path, images=None):
@@ -246,3 +246,19 @@ def test_a_registered_layout_is_read_scored_and_reported(root):
         FORMATS.unregister("qa")
     with pytest.raises(BenchError, match="format must be one of auto, jsonl, pope, mme, mmbench, scienceqa; got 'qa'"):
         read_bench(f, "qa")
+
+
+def test_a_plugin_is_asked_before_the_built_in_rules(root):
+    """A plug-in layout recognising its own JSON lines claims them before the built-in ``jsonl``
+    rule does; the built-ins are still listed first and detect as before once it is gone."""
+    from asvr.eval.formats.base import FORMATS, BenchFormat, bench_formats, register_bench_format
+
+    f = root / "mine.jsonl"
+    f.write_text(json.dumps({"question": "q", "answer": "yes", "mine": True}) + "\n")
+    register_bench_format(BenchFormat("mine", lambda p, images=None: [], detect=lambda p: '"mine"' in p.read_text()))
+    try:
+        assert detect_format(f) == "mine"
+        assert list(bench_formats()) == ["jsonl", "pope", "mme", "mmbench", "scienceqa", "mine"]
+    finally:
+        FORMATS.unregister("mine")
+    assert detect_format(f) == "jsonl"

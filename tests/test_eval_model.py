@@ -341,7 +341,7 @@ def test_bench_end_to_end(run_codes, corpus, tmp_path):
 
 
 def test_bench_online_model_matches_batched_and_single(tmp_path, corpus, tiny_tokenizer):
-    from asvr.eval.formats.builtin import read_bench
+    from asvr.eval.formats.base import read_bench
     from asvr.eval.generate import GenerationConfig, generate_answers
     from asvr.eval.loading import load_for_eval
 
@@ -381,7 +381,7 @@ def test_bench_bad_file_is_one_line_error(run_codes, corpus, tmp_path, capsys):
 
 def test_ask_a_question_about_an_image_as_the_readme_shows(run_codes, corpus, tmp_path):
     """The README's example: load a run on the default device (cpu here: no CUDA) and ask."""
-    from asvr.eval.formats.builtin import read_bench
+    from asvr.eval.formats.base import read_bench
     from asvr.eval.generate import GenerationConfig, ask, generate_answers
     from asvr.eval.loading import load_for_eval
     from asvr.train.export.native import load_exported

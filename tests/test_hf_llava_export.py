@@ -117,7 +117,7 @@ def _export(world, mode: str) -> Path:
 
 def _ours(run: Path, image: Path, question: str):
     """(input_ids [L], image_mask [L], pixels [3,S,S], logits [L, V]) by this project's inference path."""
-    from asvr.eval.formats.builtin import BenchItem
+    from asvr.eval.formats.base import BenchItem
     from asvr.eval.generate import VisionEncoder, encode_prompt
     from asvr.eval.loading import load_for_eval
 
@@ -187,7 +187,7 @@ def test_hf_llava_matches_asvr_inference(world, mode):
 
 
 def test_greedy_answers_equal_asvr_eval(world):
-    from asvr.eval.formats.builtin import BenchItem
+    from asvr.eval.formats.base import BenchItem
     from asvr.eval.generate import GenerationConfig, generate_answers
     from asvr.eval.loading import load_for_eval
 

@@ -53,7 +53,7 @@ def _score(bench: Path, preds: Path, out: Path, *extra: str) -> int:
 
 # --------------------------------------------------------------------------- 7: prompts and the context
 def test_a_question_longer_than_the_context_is_refused_naming_the_item(run, corpus, tmp_path, capsys):
-    from asvr.eval.formats.builtin import read_bench
+    from asvr.eval.formats.base import read_bench
     from asvr.eval.generate import encode_prompt, question_text
     from asvr.eval.loading import load_for_eval
 

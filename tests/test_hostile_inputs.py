@@ -37,6 +37,7 @@ from asvr.core.shards import (
     MANIFEST,
     ShardError,
     ShardMeta,
+    ShardRow,
     read_meta,
     read_shard,
     rows_to_table,
@@ -299,15 +300,7 @@ def test_outputs_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         out = OutputDir(tmp_path / "out", {"format": "parquet", "fingerprint": "f" * 64})
-        n = 2
-        rows = {
-            "key": ["a", "b"],
-            "codes": np.zeros((n, 12), np.uint16),
-            "sha256": ["0" * 64] * n,
-            "width": [1] * n,
-            "height": [1] * n,
-            "caption": [None] * n,
-        }
+        rows = [ShardRow(k, np.zeros(12, np.uint16), "0" * 64, 1, 1, None) for k in ("a", "b")]
         out.commit_unit(
             0,
             "h",

@@ -14,7 +14,7 @@ import string
 import pytest
 
 from asvr.eval.bench import score_items
-from asvr.eval.formats.builtin import read_bench
+from asvr.eval.formats.base import read_bench
 from asvr.eval.generate import question_text
 
 SHORT = "\nAnswer the question using a single word or phrase."

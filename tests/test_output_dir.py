@@ -24,7 +24,7 @@ from asvr.pipeline.output.writer import (
     units_hash,
 )
 from asvr.core.shards import codes_array, read_shard, sha256_file
-from test_shards_and_fingerprint import META, RUN, _rows, _write_out
+from test_shards_and_fingerprint import META, RUN, _rows, _write_out, as_rows
 
 
 def _open(path, run=RUN, overwrite=False):
@@ -51,7 +51,7 @@ def test_a_failed_write_is_one_line_naming_the_file(tmp_path):
     out = _open(tmp_path / "out")
     (out.units_dir / "unit-00000.json").mkdir()  # the marker cannot replace a folder: IsADirectoryError
     with pytest.raises(OutputError) as e:
-        out.commit_unit(0, "h", META, _rows(["a"]), [], {})
+        out.commit_unit(0, "h", META, as_rows(_rows(["a"])), [], {})
     marker = out.units_dir / "unit-00000.json"
     assert str(e.value) == f"cannot write {marker}: Is a directory; finished shards are kept, free space and rerun"
     assert (tmp_path / "out" / "part-00000.parquet").exists()  # the shard step had finished
@@ -151,7 +151,7 @@ def test_each_write_that_fails_names_its_file(tmp_path):
     why = "Is a directory; finished shards are kept, free space and rerun"
     (tmp_path / "part-00000.parquet").mkdir()
     with pytest.raises(OutputError) as e:
-        out.commit_unit(0, "h", META, _rows(["a"]), [], {})
+        out.commit_unit(0, "h", META, as_rows(_rows(["a"])), [], {})
     assert str(e.value) == f"cannot write {tmp_path / 'part-00000.parquet'}: {why}"
     (tmp_path / "manifest.json").mkdir()
     with pytest.raises(OutputError) as e:
@@ -171,7 +171,7 @@ def test_commit_writes_the_rows_then_a_marker_that_records_them(tmp_path):
     rows["caption"] = ["a cat", None]
     fails = [{"key": "k3", "source": "s", "stage": "decode", "error": "broken"}]
     counts = {"seen": 3, "encoded": 2, "failed": 1}
-    r = out.commit_unit(4, "h4", META, rows, fails, counts)
+    r = out.commit_unit(4, "h4", META, as_rows(rows), fails, counts)
     path = tmp_path / "part-00004.parquet"
     assert r == UnitResult(4, "h4", "part-00004.parquet", 2, sha256_file(path), path.stat().st_size, fails, counts)
     assert json.loads(out.marker_path(4).read_text()) == {
@@ -196,19 +196,19 @@ def test_commit_writes_the_rows_then_a_marker_that_records_them(tmp_path):
 
 def test_an_empty_unit_removes_the_shard_of_an_earlier_run(tmp_path):
     out = _open(tmp_path)
-    out.commit_unit(0, "h", META, _rows(["a"]), [], {"seen": 1, "encoded": 1})
+    out.commit_unit(0, "h", META, as_rows(_rows(["a"])), [], {"seen": 1, "encoded": 1})
     fails = [{"key": "a", "source": "s", "stage": "decode", "error": "now unreadable"}]
-    r = out.commit_unit(0, "h2", META, _rows([]), fails, {"seen": 1, "failed": 1})
+    r = out.commit_unit(0, "h2", META, as_rows(_rows([])), fails, {"seen": 1, "failed": 1})
     assert r == UnitResult(0, "h2", None, 0, None, 0, fails, {"seen": 1, "failed": 1})
     assert not (tmp_path / "part-00000.parquet").exists()
     assert out.done(0, "h2") == r  # no shard to check: the marker alone says done
-    out.commit_unit(1, "h", META, _rows([]), [], {})  # nothing to remove: no error
+    out.commit_unit(1, "h", META, as_rows(_rows([])), [], {})  # nothing to remove: no error
     out.close()
 
 
 def test_webdataset_units_write_tars(tmp_path):
     out = _open(tmp_path, dict(RUN, format="webdataset"))
-    r = out.commit_unit(2, "h", META, _rows(["a", "b"]), [], {})
+    r = out.commit_unit(2, "h", META, as_rows(_rows(["a", "b"])), [], {})
     assert r.shard == "shard-00002.tar" and r.sha256 == sha256_file(tmp_path / "shard-00002.tar")
     assert read_shard(tmp_path / "shard-00002.tar")[1].column("key").to_pylist() == ["a", "b"]
     out.close()
@@ -224,7 +224,7 @@ def test_webdataset_units_write_tars(tmp_path):
 )
 def test_a_damaged_marker_means_redo(tmp_path, marker):
     out = _open(tmp_path)
-    r = out.commit_unit(0, "h", META, _rows(["a"]), [], {})
+    r = out.commit_unit(0, "h", META, as_rows(_rows(["a"])), [], {})
     if marker is None:
         marker = json.dumps(dict(r.__dict__, extra=1))
     out.marker_path(0).write_text(marker)
@@ -234,7 +234,7 @@ def test_a_damaged_marker_means_redo(tmp_path, marker):
 
 def test_a_marker_whose_shard_is_gone_or_resized_means_redo(tmp_path):
     out = _open(tmp_path)
-    r = out.commit_unit(0, "h", META, _rows(["a", "b"]), [], {})
+    r = out.commit_unit(0, "h", META, as_rows(_rows(["a", "b"])), [], {})
     shard = tmp_path / r.shard
     data = shard.read_bytes()
     shard.write_bytes(data + b"\0")
@@ -297,7 +297,9 @@ def test_manifest_at_the_start_and_at_the_end(tmp_path):
 
 def test_the_final_manifest_removes_units_beyond_a_shorter_plan(tmp_path):
     out = _open(tmp_path)
-    results = [out.commit_unit(u, "h", META, _rows([f"k{u}"]), [], {"seen": 1, "encoded": 1}) for u in range(3)]
+    results = [
+        out.commit_unit(u, "h", META, as_rows(_rows([f"k{u}"])), [], {"seen": 1, "encoded": 1}) for u in range(3)
+    ]
     (tmp_path / "shard-00000.tar").write_bytes(b"x")  # another format's shard of unit 0
     for name in ("part-0000x.parquet", "notes.parquet"):
         (tmp_path / name).write_bytes(b"x")
@@ -317,7 +319,7 @@ def test_the_final_manifest_removes_units_beyond_a_shorter_plan(tmp_path):
 
 def test_webdataset_output_drops_parquet_shards_of_its_units(tmp_path):
     out = _open(tmp_path, dict(RUN, format="webdataset"))
-    r = out.commit_unit(0, "h", META, _rows(["a"]), [], {"seen": 1, "encoded": 1})
+    r = out.commit_unit(0, "h", META, as_rows(_rows(["a"])), [], {"seen": 1, "encoded": 1})
     (tmp_path / "part-00000.parquet").write_bytes(b"x")
     out.write_manifest([], [r], 1)
     assert _visible(tmp_path) == ["failures.parquet", "manifest.json", "shard-00000.tar"]

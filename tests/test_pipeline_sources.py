@@ -189,3 +189,56 @@ def test_empty_input_completes_without_ray(tmp_path, tiny_tokenizer_dir):
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["counts"] == {"seen": 0, "encoded": 0, "failed": 0, "duplicate": 0, "ignored": 0}
     assert main(["verify", str(out)]) == 0
+
+
+def test_a_throwaway_plugin_format_is_listed_detected_planned_and_read_like_a_built_in(tmp_path):
+    """What a module in ``asvr/pipeline/inputs/`` does: register an ``InputFormat``.  It is listed
+    after the built-ins, accepted by ``--input-format``, asked before the built-ins' suffix rules
+    (so it can claim a folder), planned by ``discover`` and its rows read by its own reader in the
+    Ray read stage, while a plain folder is still a folder."""
+    import numpy as np
+
+    from asvr.pipeline.inputs.sources import FORMATS, InputFormat, detect_format, input_formats, register_input_format
+    from asvr.pipeline.job.stages import ReadDecode
+    from asvr.tokenizer.preprocess import PreprocessConfig
+
+    def scan(path, rows, opts):
+        for line in (path / "LIST").read_text().splitlines():
+            rows.add(line, f"{path}:{line}", "test-list", str(path / "blobs" / line))
+
+    def read(row, handles):
+        return bytes(reversed(open(row["path"], "rb").read()))  # stored reversed: only this reader can read it
+
+    register_input_format(
+        InputFormat(
+            "test-list",
+            "a LIST of reversed blobs",
+            scan,
+            detect=lambda p: (p / "LIST").is_file(),
+            readers={"test-list": read},
+        )
+    )
+    try:
+        assert list(input_formats())[:4] == ["folder", "webdataset", "parquet", "llava"]
+        assert "test-list" in list(input_formats())[4:]
+        SourceOptions(input_format="test-list")  # a valid --input-format
+        ds = tmp_path / "ds"
+        (ds / "blobs").mkdir(parents=True)
+        (ds / "LIST").write_text("b\na\n")
+        for k, seed in (("a", 1), ("b", 2)):
+            (ds / "blobs" / k).write_bytes(bytes(reversed(image_bytes(seed))))
+        (tmp_path / "plain").mkdir()
+        assert detect_format(ds) == "test-list" and detect_format(tmp_path / "plain") == "folder"
+        plan, described = discover([str(ds)], SourceOptions())
+        assert described[0]["format"] == "test-list"
+        assert plan.column("key").to_pylist() == ["b", "a"] and set(plan.column("kind").to_pylist()) == {"test-list"}
+        batch = {k: np.asarray(v, dtype=object) for k, v in plan.to_pydict().items()}
+        batch["idx"] = np.arange(plan.num_rows)
+        out = ReadDecode(PreprocessConfig(image_size=16))(batch)
+        assert out["ok"].tolist() == [True, True] and out["width"].tolist() == [96, 96]
+        with pytest.raises(ValueError, match="registered twice"):
+            register_input_format(InputFormat("folder", "again", scan))
+    finally:
+        FORMATS.unregister("test-list")
+    with pytest.raises(SourceError, match="--input-format must be one of auto, folder, webdataset, parquet, llava"):
+        SourceOptions(input_format="test-list")

@@ -18,7 +18,7 @@ from asvr.pipeline.output.writer import OutputDir, units_hash
 from asvr.tokenizer.artifact import TokenizerError, compute_fingerprint, load_artifact, save_artifact
 from asvr.tokenizer.rvq.training import CodebookTrainConfig, train_codebooks
 
-from asvr.core.shards import ShardMeta
+from asvr.core.shards import ShardMeta, ShardRow
 
 META = ShardMeta(fingerprint="f" * 64, grid=(2, 2), depth=2, codebook_size=8, preprocess="square")
 RUN = {"fingerprint": META.fingerprint, "format": "parquet", "shard_size": 3, "preprocess": "square"}
@@ -37,6 +37,11 @@ def _rows(keys, seed=0):
     }
 
 
+def as_rows(cols) -> list[ShardRow]:
+    """The column dict of :func:`_rows` as the :class:`ShardRow` list ``commit_unit`` takes."""
+    return [ShardRow(*r) for r in zip(*cols.values())]
+
+
 def _write_out(root, fmt="parquet"):
     """Two units of three images each, a failure in the second, a final manifest."""
     run = dict(RUN, format=fmt)
@@ -47,7 +52,7 @@ def _write_out(root, fmt="parquet"):
         good = keys if u == 0 else keys[:2]
         fails = [] if u == 0 else [{"key": keys[2], "source": "src", "stage": "decode", "error": "bad"}]
         counts = {"seen": 3, "encoded": len(good), "failed": len(fails), "duplicate": 0}
-        results.append(out.commit_unit(u, units_hash(keys, ["src"] * 3), META, _rows(good, u), fails, counts))
+        results.append(out.commit_unit(u, units_hash(keys, ["src"] * 3), META, as_rows(_rows(good, u)), fails, counts))
     out.write_manifest([{"path": "src", "format": "folder"}], results, len(units))
     out.close()
     return root
@@ -56,7 +61,7 @@ def _write_out(root, fmt="parquet"):
 def test_marker_is_accepted_only_for_the_same_inputs_and_an_intact_shard(tmp_path):
     out = OutputDir(tmp_path, RUN)
     h = units_hash(["a", "b"], ["s", "s"])
-    r = out.commit_unit(0, h, META, _rows(["a", "b"]), [], {"seen": 2, "encoded": 2})
+    r = out.commit_unit(0, h, META, as_rows(_rows(["a", "b"])), [], {"seen": 2, "encoded": 2})
     assert out.done(0, h) == r
     assert out.done(0, units_hash(["a", "c"], ["s", "s"])) is None  # other inputs: redo the unit
     assert out.done(0, units_hash(["a", "b"], ["s", "t"])) is None  # same keys from another source
@@ -464,3 +469,39 @@ def test_refinement_lowers_the_error_of_plain_residual_kmeans():
     assert refined.rel_error[-1] < 0.97 * plain.rel_error[-1]
     kept = [r for r in refined.rounds if r["kept"]]
     assert len(kept) >= 2 and kept[0]["error"] == pytest.approx(plain.rel_error[-1])
+
+
+def test_shard_rows_round_trip_in_both_formats_and_an_old_tar_lacking_a_defaulted_column(tmp_path):
+    """The schema, the webdataset JSON and both readers follow ``ShardRow``: rows written either way
+    read back as the same table; a tar member whose JSON lacks a column with a default (a shard
+    older than that column) reads as the default."""
+    import io
+    import tarfile
+
+    from asvr.core.shards import read_shard, rows_table, shard_schema, write_parquet_shard, write_webdataset_shard
+
+    rows = [
+        ShardRow("a", np.arange(8) % 8, "1" * 64, 3, 4, "a cat"),
+        ShardRow("b", np.zeros((2, 2, 2)), "2" * 64, 5, 6),
+    ]
+    table = rows_table(META, rows)
+    assert table.schema.names == list(ShardRow._fields) and table.schema.equals(shard_schema(META))
+    write_parquet_shard(tmp_path / "part-00000.parquet", table)
+    write_webdataset_shard(tmp_path / "shard-00000.tar", table)
+    for name in ("part-00000.parquet", "shard-00000.tar"):
+        back = read_shard(tmp_path / name)[1]
+        assert back.equals(table), name
+    assert table.column("caption").to_pylist() == ["a cat", None]
+    old = tmp_path / "old" / "shard-00000.tar"
+    old.parent.mkdir()
+    with tarfile.open(tmp_path / "shard-00000.tar") as src, tarfile.open(old, "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read()
+            if m.name.endswith(".json"):
+                info = json.loads(data)
+                del info["caption"]
+                data = json.dumps(info).encode()
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    assert read_shard(old)[1].column("caption").to_pylist() == [None, None]
+    assert rows_table(META, []).num_rows == 0

@@ -112,7 +112,8 @@ def test_tampered_codebook_or_json_is_refused(tiny_tokenizer_dir, tmp_path):
 
 def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
     from asvr.core.spec import EncoderSpec
-    from asvr.tokenizer.encoders.base import EncoderLoadError, _hf_classes, build_encoder, encoder_kind
+    from asvr.tokenizer.encoders.base import EncoderLoadError, build_encoder, encoder_kind
+    from asvr.tokenizer.encoders.hf_vision import _hf_classes
 
     with pytest.raises(EncoderLoadError, match="unknown encoder kind 'dinov2'"):
         encoder_kind("dinov2")
@@ -124,7 +125,7 @@ def test_unknown_encoder_kind_is_an_error_not_a_clip_fallback(tmp_path):
 
 
 def test_a_registered_kind_is_built_and_listed():
-    """What an ``asvr/tokenizer/encoder_<name>.py`` module does: register a kind; nothing else changes."""
+    """What an ``asvr/tokenizer/encoders/<name>.py`` module does: register a kind; nothing else changes."""
     import torch
 
     from asvr.tokenizer.encoders.base import (
@@ -133,7 +134,9 @@ def test_a_registered_kind_is_built_and_listed():
         EncoderSpec,
         build_encoder,
         default_encoder_spec,
+        encoder_kind,
         encoder_kinds,
+        kind_of_model_type,
         register_encoder,
     )
 
@@ -146,10 +149,15 @@ def test_a_registered_kind_is_built_and_listed():
             "test_pool",
             build=lambda spec, base: Mean(),
             default_spec=lambda w, layer: EncoderSpec("test_pool", "none", -1, 16),
+            hf_model_types=("test_pool_model",),
         )
     )
     try:
         assert "test_pool" in encoder_kinds()
+        assert list(encoder_kinds())[:3] == ["efficientnet_lite0", "siglip", "clip"]  # built-ins first
+        assert kind_of_model_type("test_pool_model").name == "test_pool"  # what --vision-tower DIR asks
+        assert kind_of_model_type("clip_vision_model").drop_cls and not encoder_kind("siglip").drop_cls
+        assert encoder_kind("siglip").llava_export and not encoder_kind("test_pool").llava_export
         spec = default_encoder_spec("test_pool")
         assert build_encoder(spec)(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 4, 3)
         with pytest.raises(ValueError, match="registered twice"):

@@ -108,3 +108,47 @@ def test_bad_inputs_give_image_errors():
         assert e.value.stage == "decode", name
     with pytest.raises(ImageError, match="decompression bomb"):
         open_image(data, PreprocessConfig(image_size=32, max_pixels=1000))
+
+
+def test_a_registered_mode_is_validated_applied_and_asked_for_its_geometry():
+    """A preprocess mode is one ``register_preprocess_mode``: the config accepts it, ``preprocess``
+    applies its canvas, the decode-memory estimate and the inspector's patch boxes use its
+    placement; an unknown name is refused with the known ones; LLaVA's do_pad maps to square/pad."""
+    from asvr.tokenizer.codes.inspection import patch_box
+    from asvr.tokenizer.preprocess import (
+        MODES,
+        PreprocessMode,
+        decode_bytes,
+        llava_mode,
+        preprocess_mode,
+        register_preprocess_mode,
+    )
+
+    def topleft(w, h):
+        side = min(w, h)
+        return side, side, 0, 0
+
+    register_preprocess_mode(
+        PreprocessMode(
+            "test-topleft",
+            "crop the top-left square",
+            topleft,
+            lambda img, background, max_pixels: img.crop((0, 0, min(img.size), min(img.size))),
+        )
+    )
+    try:
+        img = make_image(3, (96, 72))
+        cfg = PreprocessConfig(image_size=24, mean=MEAN, std=STD, mode="test-topleft")
+        ref = _normalise(img.crop((0, 0, 72, 72)), 24, MEAN, STD)
+        np.testing.assert_allclose(preprocess(img, cfg), ref, atol=1e-5)
+        assert decode_bytes("RGB", 96, 72, layout=cfg.preprocess_mode) == 96 * 72 * 3 + 72 * 72 * 3
+        assert patch_box(1, 1, (2, 2), (96, 72), "test-topleft") == pytest.approx((36, 36, 72, 72))
+        assert preprocess_mode("test-topleft").llava_do_pad is None  # no LLaVA processor does it
+        with pytest.raises(ValueError, match=r"must be one of \('square', 'pad', 'test-topleft'\), got 'nope'"):
+            PreprocessConfig(image_size=8, mode="nope")
+    finally:
+        MODES.unregister("test-topleft")
+    with pytest.raises(ValueError, match="preprocess mode must be one of"):
+        PreprocessConfig(image_size=8, mode="test-topleft")
+    assert (llava_mode(True), llava_mode(False)) == ("pad", "square")
+    assert decode_bytes("RGB", 96, 72, pad=True) == 96 * 72 * 3 + 96 * 96 * 3  # the pad canvas, as before

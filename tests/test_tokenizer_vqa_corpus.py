@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from asvr.eval.formats.builtin import chance_level, read_bench
+from asvr.eval.formats.base import chance_level, read_bench
 from asvr.demo.vqa_corpus import CATEGORIES, COLOURS, DESCRIBE, FORMS, SHAPES, make_vqa_corpus
 
 

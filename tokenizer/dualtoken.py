@@ -33,7 +33,8 @@ import torch
 
 from asvr.tokenizer.artifact import TokenizerError, TokenizerSpec, save_artifact
 from asvr.core.atomic import atomic_dir
-from asvr.tokenizer.encoders.base import EncoderLoadError, _layer_index, default_encoder_spec, load_vision_config
+from asvr.tokenizer.encoders.base import EncoderLoadError, default_encoder_spec
+from asvr.tokenizer.encoders.hf_vision import _layer_index, load_vision_config
 
 CODEBOOK_KEY = "quantizer_semantic.codebooks.{}.weight"
 _CODEBOOK_RE = re.compile(r"quantizer_semantic\.codebooks\.(\d+)\.weight")

@@ -87,15 +87,7 @@ class SemanticTokenizer(torch.nn.Module):
         return self.quantizer.codebooks.device
 
     def preprocess_config(self, mode: str | None = None, fast_decode: bool = False) -> PreprocessConfig:
-        e = self.spec.encoder
-        return PreprocessConfig(
-            image_size=e.image_size,
-            mean=tuple(e.mean),
-            std=tuple(e.std),
-            resample=e.resample,
-            mode=mode or self.spec.preprocess,
-            fast_decode=fast_decode,
-        )
+        return PreprocessConfig.for_encoder(self.spec.encoder, mode or self.spec.preprocess, fast_decode=fast_decode)
 
     # ------------------------------------------------------------------ compute
     @torch.no_grad()

@@ -15,6 +15,15 @@ exactly as before.  An image PIL cannot identify is reported with the reason
 its format's decoder gives (``broken PNG file (bad header checksum in
 b'IHDR')``), not PIL's generic "cannot identify".
 
+The preprocess modes are a small registry of :class:`PreprocessMode` objects
+(:func:`preprocess_mode` validates a name, once, for every caller): each owns its
+geometry (the canvas the resize sees, where the original lies in it), so the
+decode-memory estimate, the pipeline's uint8 resize, ``asvr-tokenizer inspect``'s
+patch boxes and the LLaVA export ask the mode instead of comparing its name.  A
+new mode is one :func:`register_preprocess_mode` call here (and its test): every
+``--preprocess`` choice list reads :data:`PREPROCESS_MODES`.  :meth:`PreprocessConfig.for_encoder`
+is the one place an encoder spec becomes a preprocessing config.
+
 ``fast_decode`` uses PIL's JPEG ``draft`` (DCT-domain downscaling by a power of
 two, never below the target size): about 2x faster on large photos but the
 pixels differ from a full decode, so it is opt-in.
@@ -25,9 +34,15 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from asvr.core.registry import Registry
+
+if TYPE_CHECKING:
+    from asvr.core.spec import EncoderSpec
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -35,7 +50,6 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
     "nearest": Image.Resampling.NEAREST,
 }
-PREPROCESS_MODES = ("square", "pad")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
 
@@ -46,6 +60,45 @@ class ImageError(ValueError):
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
+
+
+# --------------------------------------------------------------------------- the modes
+Placement = tuple[int, int, int, int]
+"""``(canvas width, canvas height, x, y)``: the canvas the resize sees and where the original lies in it."""
+
+
+@dataclass(frozen=True)
+class PreprocessMode:
+    """How an image becomes the square the encoder sees, before the resize to ``image_size``."""
+
+    name: str
+    help: str
+    placement: Callable[[int, int], Placement]
+    """original ``(width, height)`` -> its :data:`Placement` (decode memory, patch boxes)."""
+    canvas: Callable[[Image.Image, tuple[int, int, int], int], Image.Image]
+    """``(RGB image, background, max_pixels) -> the image to resize`` (:class:`ImageError` at stage preprocess)."""
+    llava_do_pad: bool | None = None
+    """transformers' ``LlavaImageProcessor(do_pad=...)`` that does the same, None: none does (no HF export)."""
+
+
+MODES: Registry[PreprocessMode] = Registry("preprocess mode", "asvr.tokenizer", "preprocess_mode_")
+
+
+def register_preprocess_mode(mode: PreprocessMode) -> PreprocessMode:
+    return MODES.register(mode.name, mode)
+
+
+def preprocess_mode(name: str) -> PreprocessMode:
+    """The mode called ``name``; a ``ValueError`` naming the known ones otherwise (the one check)."""
+    modes = MODES.all()
+    if name not in modes:
+        raise ValueError(f"preprocess mode must be one of {tuple(modes)}, got {name!r}")
+    return modes[name]
+
+
+def llava_mode(do_pad: bool) -> str:
+    """The mode a LLaVA image processor with ``do_pad`` applies."""
+    return next(m.name for m in MODES.all().values() if m.llava_do_pad is do_pad)
 
 
 @dataclass(frozen=True)
@@ -62,10 +115,25 @@ class PreprocessConfig:
     (:func:`decode_bytes`; None: no limit).  The pipeline sets its decode task's reservation."""
 
     def __post_init__(self):
-        if self.mode not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess mode must be one of {PREPROCESS_MODES}, got {self.mode!r}")
+        preprocess_mode(self.mode)
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+
+    @classmethod
+    def for_encoder(cls, encoder: "EncoderSpec", mode: str, **kw) -> "PreprocessConfig":
+        """The encoder's image size, normalisation and resample with ``mode`` (``kw``: the other fields)."""
+        return cls(
+            image_size=encoder.image_size,
+            mean=tuple(encoder.mean),
+            std=tuple(encoder.std),
+            resample=encoder.resample,
+            mode=mode,
+            **kw,
+        )
+
+    @property
+    def preprocess_mode(self) -> PreprocessMode:
+        return preprocess_mode(self.mode)
 
     @property
     def background(self) -> tuple[int, int, int]:
@@ -80,9 +148,9 @@ _SCALED_MODES = ("F", "I", "I;16", "I;16L", "I;16B", "I;16N")
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
 
 
-def decode_bytes(mode: str, width: int, height: int, pad: bool = False) -> int:
-    """Estimated peak bytes to decode an image of ``mode`` and bring it to RGB (and to the ``pad``
-    canvas): the decoded image; for 16/32-bit and float modes its numpy copy and the 8-bit image
+def decode_bytes(mode: str, width: int, height: int, pad: bool = False, layout: PreprocessMode | None = None) -> int:
+    """Estimated peak bytes to decode an image of ``mode`` and bring it to RGB (and to the canvas of
+    ``layout``; ``pad``: of the ``pad`` mode): the decoded image; for 16/32-bit and float modes its numpy copy and the 8-bit image
     (:func:`_scaled_to_l`); the RGB copy of any mode but RGB; the canvas.  The resized output is
     negligible.  bench/decode_memory.py compares it with the measured peak."""
     n = width * height
@@ -92,8 +160,11 @@ def decode_bytes(mode: str, width: int, height: int, pad: bool = False) -> int:
         need += n * bpp + n
     if mode != "RGB":
         need += n * 3
-    if pad and width != height:
-        need += max(width, height) ** 2 * 3
+    layout = layout or (preprocess_mode("pad") if pad else None)
+    if layout is not None:
+        cw, ch, _, _ = layout.placement(width, height)
+        if (cw, ch) != (width, height):
+            need += cw * ch * 3
     return need
 
 
@@ -155,7 +226,7 @@ def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
     if w * h > max_pixels:
         raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}")
     if cfg is not None and cfg.max_decode_bytes is not None:
-        need = decode_bytes(img.mode, w, h, pad=cfg.mode == "pad")
+        need = decode_bytes(img.mode, w, h, layout=cfg.preprocess_mode)
         if need > cfg.max_decode_bytes:
             raise ImageError(
                 f"decoding {w}x{h} {img.mode} needs about {need / 2**20:.0f} MiB, more than the "
@@ -211,11 +282,41 @@ def expand2square(
     return canvas
 
 
+def _square_placement(w: int, h: int) -> Placement:
+    return w, h, 0, 0
+
+
+def _pad_placement(w: int, h: int) -> Placement:
+    side = max(w, h)
+    return side, side, (side - w) // 2 if h > w else 0, (side - h) // 2 if w > h else 0  # expand2square's paste
+
+
+register_preprocess_mode(
+    PreprocessMode(
+        "square",
+        "resize to image_size x image_size (aspect ratio not kept)",
+        _square_placement,
+        lambda img, background, max_pixels: img,
+        llava_do_pad=False,
+    )
+)
+register_preprocess_mode(
+    PreprocessMode(
+        "pad",
+        "paste on a square canvas of the mean colour, then resize (the reference's expand2square)",
+        _pad_placement,
+        expand2square,
+        llava_do_pad=True,
+    )
+)
+PREPROCESS_MODES = tuple(m.name for m in MODES.registered())
+"""The ``--preprocess`` choices."""
+
+
 def preprocess(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> normalised float32 ``[3, S, S]``."""
     try:
-        if cfg.mode == "pad":
-            img = expand2square(img, cfg.background, cfg.max_pixels)
+        img = cfg.preprocess_mode.canvas(img, cfg.background, cfg.max_pixels)
         img = img.resize((cfg.image_size, cfg.image_size), resample=_RESAMPLE[cfg.resample])
         arr = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
         arr = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)

@@ -49,15 +49,8 @@ import pyarrow.parquet as pq
 
 from asvr.core.atomic import atomic_path, atomic_write
 
-from asvr.pipeline.inputs.sources import (
-    SourceOptions,
-    _Rows,
-    _scan_folder,
-    detect_format,
-    expand_inputs,
-    folder_parts,
-    input_formats,
-)
+from asvr.pipeline.inputs.folder import _scan_folder, folder_parts
+from asvr.pipeline.inputs.sources import SourceOptions, _Rows, detect_format, expand_inputs, input_formats
 
 ROWS_PER_GROUP = 4096
 BUCKETS = 16

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 
 from asvr.tokenizer.artifact import load_artifact
-from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig
+from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, preprocess_mode
 
 from asvr.core.shards import ShardMeta
 
@@ -89,8 +89,8 @@ class PipelineConfig:
     def __post_init__(self):
         if self.format not in ("parquet", "webdataset"):
             raise ValueError(f"--format must be parquet or webdataset, got {self.format!r}")
-        if self.preprocess is not None and self.preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"--preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        if self.preprocess is not None:
+            preprocess_mode(self.preprocess)
         if self.batch_size < 1 or self.shard_size < 1:
             raise ValueError("--batch-size and --shard-size must be >= 1")
         if self.encode_chunks < 1:
@@ -207,13 +207,9 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     t_start = time.perf_counter()
     spec, _ = load_artifact(cfg.tokenizer)  # a bad tokenizer dir fails here, before Ray starts
     mode = cfg.preprocess or spec.preprocess
-    e = spec.encoder
-    pcfg = PreprocessConfig(
-        image_size=e.image_size,
-        mean=tuple(e.mean),
-        std=tuple(e.std),
-        resample=e.resample,
-        mode=mode,
+    pcfg = PreprocessConfig.for_encoder(
+        spec.encoder,
+        mode,
         max_pixels=cfg.max_pixels,
         fast_decode=cfg.fast_decode,
         max_decode_bytes=DECODE_TASK_MEMORY,  # refused before decoding, not killed by the OOM killer

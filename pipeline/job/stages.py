@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvr.core.paths import UnsafePathError, read_regular
-from asvr.tokenizer.preprocess import _RESAMPLE, ImageError, PreprocessConfig, expand2square, open_image
+from asvr.tokenizer.preprocess import _RESAMPLE, ImageError, PreprocessConfig, open_image
 
 from asvr.pipeline.inputs.sources import row_reader
 
@@ -51,8 +51,7 @@ from asvr.pipeline.inputs.sources import row_reader
 def resize_uint8(img, cfg: PreprocessConfig) -> np.ndarray:
     """RGB PIL image -> uint8 ``[S, S, 3]``: the reference's pad/resize, before normalisation."""
     try:
-        if cfg.mode == "pad":
-            img = expand2square(img, cfg.background, cfg.max_pixels)
+        img = cfg.preprocess_mode.canvas(img, cfg.background, cfg.max_pixels)
         img = img.resize((cfg.image_size, cfg.image_size), resample=_RESAMPLE[cfg.resample])
         return np.asarray(img, dtype=np.uint8)
     except ImageError:

@@ -23,13 +23,12 @@ driver; the codes go from the actor to the shard file.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from asvr.tokenizer.preprocess import PreprocessConfig
-from asvr.core.shards import ShardMeta
+from asvr.core.shards import ShardMeta, ShardRow
 
 from asvr.pipeline.output.commit import CommitRecord, UnitStore
 from asvr.pipeline.job.plan import read_dups, read_rows, unit_segments
@@ -149,7 +148,7 @@ class UnitEncodeWriter:
         ok = (status == "todo") & b["ok"][rows].astype(bool)
         codes, t_encode = self.codes(ok, b["pixels"][rows])
         t0 = time.perf_counter()
-        shard: dict[str, Any] = {k: [] for k in ("key", "codes", "sha256", "width", "height", "caption")}
+        shard: list[ShardRow] = []
         failures = []
         c = 0
         for j, i in enumerate(rows.tolist()):
@@ -160,20 +159,17 @@ class UnitEncodeWriter:
                 failures.append({"key": key, "source": source, "stage": b["stage"][i], "error": b["error"][i]})
             else:
                 cap = b["caption"][i]
-                for name, v in zip(
-                    shard, (key, codes[c], b["sha256"][i], int(b["width"][i]), int(b["height"][i]), cap)
-                ):
-                    shard[name].append(v if name != "caption" or isinstance(v, str) else None)
+                w, h = int(b["width"][i]), int(b["height"][i])
+                shard.append(ShardRow(key, codes[c], b["sha256"][i], w, h, cap if isinstance(cap, str) else None))
                 c += 1
         ndup, nign = int((status == "duplicate").sum()), int((status == "ignored").sum())
         counts = {
             "seen": len(rows) - nign,
-            "encoded": len(shard["key"]),
+            "encoded": len(shard),
             "failed": len(failures) - ndup - nign,
             "duplicate": ndup,
             "ignored": nign,
         }
-        shard["codes"] = np.asarray(codes) if len(codes) else np.zeros((0, self.enc.ncodes), np.uint16)
         r = commit_code_rows(
             self.store, self.fmt, u, str(b["items_sha256"][rows[0]]), self.meta, shard, failures, counts
         )

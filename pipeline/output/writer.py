@@ -39,8 +39,8 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -50,6 +50,8 @@ from asvr.core.shards import (
     FAILURES,
     MANIFEST,
     ShardMeta,
+    ShardRow,
+    rows_table,
     rows_to_table,
     write_parquet_shard,
     write_webdataset_shard,
@@ -66,7 +68,7 @@ FAILURE_SCHEMA = pa.schema(
 )
 
 UnitResult = CommitRecord  # the name this module used before the commit protocol moved to commit.py
-__all__ = ["OutputError", "UnitResult", "_writing"]
+__all__ = ["OutputError", "UnitResult", "_writing", "rows_to_table"]
 
 
 def shard_name(unit: int, fmt: str) -> str:
@@ -91,24 +93,16 @@ def commit_code_rows(
     unit: int,
     items_sha256: str,
     meta: ShardMeta,
-    rows: dict,
+    rows: Sequence[ShardRow],
     failures: list[dict],
     counts: dict,
 ) -> CommitRecord:
-    """rows: key, codes [N, H*W*D], sha256, width, height, caption (plan order) -> shard + marker.
+    """The unit's shard rows (plan order) -> shard + marker.
     Runs wherever the rows are: in the encode actor (a cluster node) or, in tests, in-process."""
-    n = len(rows["key"])
+    n = len(rows)
 
     def write(path: Path) -> str:
-        table = rows_to_table(
-            meta,
-            rows["key"],
-            np.asarray(rows["codes"]).reshape(n, -1),
-            rows["sha256"],
-            rows["width"],
-            rows["height"],
-            rows["caption"],
-        )
+        table = rows_table(meta, rows)
         return (write_parquet_shard if fmt == "parquet" else write_webdataset_shard)(path, table)
 
     return store.commit(unit, items_sha256, n, write, failures, counts)
@@ -181,9 +175,15 @@ class OutputDir:
         return self.store.done(unit, items_sha256)
 
     def commit_unit(
-        self, unit: int, items_sha256: str, meta: ShardMeta, rows: dict, failures: list[dict], counts: dict
+        self,
+        unit: int,
+        items_sha256: str,
+        meta: ShardMeta,
+        rows: Sequence[ShardRow],
+        failures: list[dict],
+        counts: dict,
     ) -> UnitResult:
-        """rows: key, codes [N, H*W*D], sha256, width, height, caption (plan order). Shard, then marker."""
+        """The unit's shard rows (plan order). Shard, then marker."""
         return commit_code_rows(self.store, self.fmt, unit, items_sha256, meta, rows, failures, counts)
 
     # ------------------------------------------------------------------ manifest

@@ -255,17 +255,16 @@ class _Neg:
 
 def patch_box(h: int, w: int, grid: tuple[int, int], size: tuple[int, int], mode: str) -> Box | None:
     """Grid cell ``(h, w)`` -> box in original image pixels ``(x0, y0, x1, y1)``; None if it is all padding."""
+    from asvr.tokenizer.preprocess import preprocess_mode
+
     gh, gw = grid
     W0, H0 = size
-    if mode == "square":
-        return (w * W0 / gw, h * H0 / gh, (w + 1) * W0 / gw, (h + 1) * H0 / gh)
-    if mode != "pad":
-        raise InspectError(f"unknown preprocess mode {mode!r}")
-    side = max(W0, H0)
-    ox = (side - W0) // 2 if H0 > W0 else 0  # expand2square's paste offset
-    oy = (side - H0) // 2 if W0 > H0 else 0
-    x0, x1 = w * side / gw - ox, (w + 1) * side / gw - ox
-    y0, y1 = h * side / gh - oy, (h + 1) * side / gh - oy
+    try:
+        cw, ch, ox, oy = preprocess_mode(mode).placement(W0, H0)  # where the original lies on the canvas
+    except ValueError:
+        raise InspectError(f"unknown preprocess mode {mode!r}") from None
+    x0, x1 = w * cw / gw - ox, (w + 1) * cw / gw - ox
+    y0, y1 = h * ch / gh - oy, (h + 1) * ch / gh - oy
     x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(W0), x1), min(float(H0), y1)
     return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 

@@ -109,13 +109,7 @@ def run(args: argparse.Namespace) -> int:
             f"codebook size {cfg.codebook_size} > {most} training vectors ({len(paths)} images x "
             f"{grid[0]}x{grid[1]}): use more images/vectors or a smaller --codebook-size"
         )
-    pcfg = PreprocessConfig(
-        image_size=enc_spec.image_size,
-        mean=tuple(enc_spec.mean),
-        std=tuple(enc_spec.std),
-        resample=enc_spec.resample,
-        mode=args.preprocess,
-    )
+    pcfg = PreprocessConfig.for_encoder(enc_spec, args.preprocess)
     failures: list[Failure] = []
     try:
         x = sample_vectors(

@@ -56,6 +56,8 @@ from typing import TYPE_CHECKING, Literal, cast
 import torch
 
 from asvr.core.atomic import atomic_dir
+from asvr.tokenizer.encoders.base import encoder_kind
+from asvr.tokenizer.preprocess import preprocess_mode
 
 from asvr.train.config import ModelConfig
 from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
@@ -97,7 +99,7 @@ class HFTower:
     @property
     def strategy(self) -> Literal["default", "full"]:
         """LLaVA's ``vision_feature_select_strategy``: ``default`` drops the first (CLS) token."""
-        return "default" if self.kind == "clip" and not self.keep_cls else "full"
+        return "default" if encoder_kind(self.kind).drop_cls and not self.keep_cls else "full"
 
 
 # --------------------------------------------------------------------------- resolving the run
@@ -114,8 +116,6 @@ def run_template_name(run: Path | None, default: str = "vicuna_v1") -> str:
 def hf_tower(cfg, tokenizer) -> HFTower:
     """The LLM's Hugging Face tower (``--vision-tower`` as recorded, else the tokenizer's
     encoder), or a one-line refusal that says why there is none."""
-    from asvr.tokenizer.encoders.base import HFVisionEncoder
-
     from asvr.train.model.vision_input import get_vision_input
     from asvr.train.model.vision_tower import VisionTower, load_vision_tower
 
@@ -129,12 +129,14 @@ def hf_tower(cfg, tokenizer) -> HFTower:
         load_vision_tower(cfg.vision_tower) if cfg.vision_tower is not None else VisionTower.from_tokenizer(tokenizer)
     )
     enc, e = tower.encoder, tower.encoder_spec
-    if not isinstance(enc, HFVisionEncoder):
+    if not encoder_kind(e.kind).llava_export:
         raise HFExportError(
             f"the LLM's vision tower is {e.kind}, not a Hugging Face SigLIP/CLIP tower, so "
             f"transformers' LLaVA cannot hold it; train with a SigLIP or CLIP tower "
             f"(--vision-tower) to export"
         )
+    if preprocess_mode(tokenizer.spec.preprocess).llava_do_pad is None:
+        raise HFExportError(f"no LLaVA image processor does preprocess mode {tokenizer.spec.preprocess!r}")
     return HFTower(
         kind=enc.kind,
         model=enc.model,
@@ -275,7 +277,7 @@ def _processor(tower: HFTower, text_tokenizer, template, after_image: str = ""):
         do_center_crop=False,
         do_resize=True,
         resample=resample,
-        do_pad=tower.preprocess == "pad",
+        do_pad=preprocess_mode(tower.preprocess).llava_do_pad,
         image_mean=list(tower.mean),
         image_std=list(tower.std),
         do_rescale=True,
@@ -290,7 +292,7 @@ def _processor(tower: HFTower, text_tokenizer, template, after_image: str = ""):
         vision_feature_select_strategy=tower.strategy,
         chat_template=chat_template(template, after_image),
         image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1 if tower.kind == "clip" else 0,
+        num_additional_image_tokens=1 if encoder_kind(tower.kind).drop_cls else 0,
     )
 
 

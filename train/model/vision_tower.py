@@ -47,16 +47,16 @@ from asvr.core.errors import check_fingerprint
 from asvr.tokenizer.encoders.base import (
     EncoderLoadError,
     EncoderSpec,
-    HFVisionEncoder,
     build_encoder,
     default_encoder_spec,
+    encoder_kind,
+    encoder_kinds,
     hash_encoder_weights,
+    kind_of_model_type,
 )
 from asvr.tokenizer.preprocess import PreprocessConfig, open_image, preprocess
 
 from asvr.train.config import TOWER_SELECT, VisionTowerSpec
-
-HF_KINDS = {"siglip": "siglip", "siglip_vision_model": "siglip", "clip": "clip", "clip_vision_model": "clip"}
 
 
 class VisionTowerError(ValueError):
@@ -76,7 +76,7 @@ class VisionTower(nn.Module):
         super().__init__()
         if select not in TOWER_SELECT:
             raise VisionTowerError(f"--vision-tower-select must be one of {TOWER_SELECT}, got {select!r}")
-        if select == "cls_patch" and not (isinstance(encoder, HFVisionEncoder) and encoder.drop_cls):
+        if select == "cls_patch" and not encoder_kind(encoder_spec.kind).drop_cls:
             raise VisionTowerError(
                 f"--vision-tower-select cls_patch needs a CLIP tower (a CLS token); {encoder_spec.kind} has none"
             )
@@ -117,10 +117,7 @@ class VisionTower(nn.Module):
 
     # ------------------------------------------------------------------ images
     def preprocess_config(self, mode: str) -> PreprocessConfig:
-        e = self.encoder_spec
-        return PreprocessConfig(
-            image_size=e.image_size, mean=tuple(e.mean), std=tuple(e.std), resample=e.resample, mode=mode
-        )
+        return PreprocessConfig.for_encoder(self.encoder_spec, mode)
 
     def preprocess_images(self, images: Sequence[str | os.PathLike | bytes], mode: str) -> np.ndarray:
         cfg = self.preprocess_config(mode)
@@ -142,13 +139,14 @@ def _hf_kind(folder: Path) -> str:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise VisionTowerError(f"--vision-tower {folder}: cannot read config.json ({e})") from None
-    kind = HF_KINDS.get(str(raw.get("model_type", "")))
+    kind = kind_of_model_type(str(raw.get("model_type", "")))
     if kind is None:
+        known = sorted(t for k in encoder_kinds().values() for t in k.hf_model_types)
         raise VisionTowerError(
             f"--vision-tower {folder}: model_type {raw.get('model_type')!r} is not a SigLIP or "
-            f"CLIP vision model ({sorted(HF_KINDS)})"
+            f"CLIP vision model ({known})"
         )
-    return kind
+    return kind.name
 
 
 def build_tower(encoder: EncoderSpec, select: str, source: str) -> VisionTower:
