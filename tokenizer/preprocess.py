@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from asvr.core.errors import AsvrError
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -39,7 +40,7 @@ PREPROCESS_MODES = ("square", "pad")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
 
-class ImageError(ValueError):
+class ImageError(AsvrError):
     """An image that cannot be used; ``stage`` is 'decode' or 'preprocess'."""
 
     def __init__(self, reason: str, stage: str = "decode"):

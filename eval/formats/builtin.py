@@ -61,11 +61,12 @@ from asvr.core.paths import UnsafePathError, confine
 from asvr.core.registry import Registry
 
 from asvr.eval.scoring import KINDS, letters_for, normalize_answer, parse_choice, parse_mme_otter, parse_pope_lmms
+from asvr.core.errors import AsvrError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class BenchError(ValueError):
+class BenchError(AsvrError):
     """A bad benchmark file; the message names the file and line."""
 
 

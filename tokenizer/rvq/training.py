@@ -39,12 +39,13 @@ import torch
 
 from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess, read_file
 from asvr.tokenizer.rvq.quantizer import ResidualQuantizer
+from asvr.core.errors import AsvrError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TRAIN_METHODS = ("rq", "kmeans")
 
 
-class TrainingError(ValueError):
+class TrainingError(AsvrError):
     """Bad training input (printed as one line by the CLI)."""
 
 

@@ -60,6 +60,7 @@ from asvr.core.atomic import atomic_dir
 from asvr.train.config import ModelConfig
 from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
 from asvr.train.model.vision_input import get_vision_input
+from asvr.core.errors import AsvrError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -70,7 +71,7 @@ INPUTS_FILE = "asvr_inputs.json"
 VOCAB_MULTIPLE = 64
 
 
-class HFExportError(ValueError):
+class HFExportError(AsvrError):
     """Why a model cannot become a Hugging Face LLaVA (one line)."""
 
 

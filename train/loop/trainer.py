@@ -71,6 +71,7 @@ from asvr.train.export.native import TrainedInputs
 from asvr.train.loop.metrics import MetricsLogger, plot_losses
 from asvr.train.data.packing import PackingConfig, padding_waste, plan_epoch
 from asvr.train.data.templates import get_template
+from asvr.core.errors import AsvrError
 
 
 def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
@@ -122,7 +123,7 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
     return f
 
 
-class RunFolderError(ValueError):
+class RunFolderError(AsvrError):
     """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
 
 
