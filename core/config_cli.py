@@ -55,7 +55,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from asvr.core.errors import AsvrError
+from asvr.core.errors import AsvrError, CLIError
 
 
 OPTIONS_CLASS = "options_class"
@@ -142,9 +142,7 @@ def _help(f: dataclasses.Field, docs: dict[str, str], default: Any) -> str:
     return help_
 
 
-def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls: Any, groups: dict[str, str] | None = None
-) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: Any, groups: dict[str, str] | None = None) -> None:
     """One option per leaf field of ``cls`` (see module doc).  ``groups`` titles the ``--help`` sections
     (a field's ``group``, else its component's field name); the group ``options`` is the parser's own."""
     made: dict[str, Any] = {"options": parser}
@@ -307,8 +305,14 @@ def parse_dataclass_args(
 
 
 def options_from_args(ns: argparse.Namespace, **overrides):
-    """The options dataclass of the parsed (sub)command, built from ``ns``."""
-    return dataclass_from_args(getattr(ns, OPTIONS_CLASS), ns, **overrides)
+    """The options dataclass of the parsed (sub)command, built from ``ns``.  A ``ValueError`` of a
+    ``__post_init__`` names a bad combination of options: it becomes a :class:`CLIError` (one line)."""
+    try:
+        return dataclass_from_args(getattr(ns, OPTIONS_CLASS), ns, **overrides)
+    except AsvrError:
+        raise
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def dataclass_from_args(cls: Any, ns: argparse.Namespace, path: tuple[str, ...] = (), **overrides):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from asvr.core.cli_parser import OneLineParser
 from asvr.core.config_cli import add_command, options_from_args, parse_dataclass_args
-from asvr.core.errors import CLIError, run_guarded
+from asvr.core.errors import run_guarded
 
 
 def _epilog() -> str:
@@ -148,19 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(args: argparse.Namespace):
-    try:
-        return options_from_args(args)
-    except ValueError as e:  # a bad combination of options, named by __post_init__
-        raise CLIError(str(e)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_dataclass_args(build_parser(), None, argv)
     return run_guarded(
         "asvr-pipeline",
         args.command,
-        lambda: args.func(_options(args)),
+        lambda: args.func(options_from_args(args)),
         (FileNotFoundError, NotADirectoryError),
         interrupted="interrupted; rerun the same command to resume",
     )
