@@ -287,6 +287,23 @@ def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[a
     return parser, argv
 
 
+def _config_reader(target: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A parser that reads only the config flag of ``target`` from its arguments: the other options are there
+    too (values ignored), so an abbreviation or a value means what it means to ``target``
+    (``import-dualtoken --config DIR`` is not its ``--config-file``)."""
+    flag = target.get_default("config_flag") or "--config"
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(flag, dest="config_file")
+    for i, a in enumerate(target._actions):
+        names = [s for s in a.option_strings if s != flag]
+        if names and not isinstance(a, argparse._HelpAction):
+            if a.nargs == 0:
+                pre.add_argument(*names, dest=f"_{i}", action="store_true")
+            else:
+                pre.add_argument(*names, dest=f"_{i}", nargs=a.nargs)
+    return pre
+
+
 def parse_dataclass_args(
     parser: argparse.ArgumentParser, cls: Any = None, argv: Sequence[str] | None = None
 ) -> argparse.Namespace:
@@ -296,9 +313,7 @@ def parse_dataclass_args(
     target, rest = _command_parser(parser, args)
     cls = cls or target.get_default(OPTIONS_CLASS)
     if cls is not None:
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument(target.get_default("config_flag") or "--config", dest="config_file")
-        known, _ = pre.parse_known_args(rest)
+        known, _ = _config_reader(target).parse_known_args(rest)
         if known.config_file:
             apply_config_file(target, cls, known.config_file)
     return parser.parse_args(args)

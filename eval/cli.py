@@ -368,11 +368,14 @@ def run_score(o: ScoreOptions) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_dataclass_args(build_parser(), None, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"loss": run_loss, "bench": run_bench, "score": run_score}
-    return run_guarded(
-        "asvr-eval", args.command, lambda: commands[args.command](options_from_args(args)), (FileNotFoundError,)
-    )
+
+    def run() -> int:  # parsed inside the guard: a bad --config file is one line too
+        args = parse_dataclass_args(build_parser(), None, argv)
+        return commands[args.command](options_from_args(args))
+
+    return run_guarded("asvr-eval", argv[0] if argv and argv[0] in commands else None, run, (FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -149,11 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_dataclass_args(build_parser(), None, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def run() -> int:  # parsed inside the guard: a bad --config file is one line too
+        args = parse_dataclass_args(build_parser(), None, argv)
+        return args.func(options_from_args(args))
+
     return run_guarded(
         "asvr-pipeline",
-        args.command,
-        lambda: args.func(options_from_args(args)),
+        argv[0] if argv and argv[0] in ("tokenize", "inspect", "verify") else None,
+        run,
         (FileNotFoundError, NotADirectoryError),
         interrupted="interrupted; rerun the same command to resume",
     )

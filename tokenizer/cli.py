@@ -79,8 +79,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = parse_dataclass_args(build_parser(only=command), None, argv)
-    return run_guarded("asvr-tokenizer", args.command, lambda: args.func(options_from_args(args)), (FileNotFoundError,))
+
+    def run() -> int:  # parsed inside the guard: a bad --config file is one line too
+        args = parse_dataclass_args(build_parser(only=command), None, argv)
+        return args.func(options_from_args(args))
+
+    return run_guarded("asvr-tokenizer", command, run, (FileNotFoundError,))
 
 
 if __name__ == "__main__":

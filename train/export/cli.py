@@ -64,10 +64,10 @@ def _export(o: ExportOptions) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_dataclass_args(build_parser(), ExportOptions, argv)
-    return run_guarded(
-        "asvr-export", "--hf-llava", lambda: _export(options_from_args(args)), (FileNotFoundError, FileExistsError)
-    )
+    def run() -> int:  # parsed inside the guard: a bad --config file is one line too
+        return _export(options_from_args(parse_dataclass_args(build_parser(), ExportOptions, argv)))
+
+    return run_guarded("asvr-export", "--hf-llava", run, (FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":
