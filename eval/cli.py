@@ -30,6 +30,7 @@ import argparse
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from asvr.core.cli_parser import OneLineParser
 from asvr.core.config_cli import add_command, options_from_args, parse_dataclass_args
@@ -369,7 +370,7 @@ def run_score(o: ScoreOptions) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"loss": run_loss, "bench": run_bench, "score": run_score}
+    commands: dict[str, Callable[[Any], int]] = {"loss": run_loss, "bench": run_bench, "score": run_score}
 
     def run() -> int:  # parsed inside the guard: a bad --config file is one line too
         args = parse_dataclass_args(build_parser(), None, argv)

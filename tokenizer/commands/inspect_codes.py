@@ -148,6 +148,7 @@ def run(args: InspectOptions) -> int:
             print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
         report["codes"] = []
         for d, k in codes:
+            assert args.codes is not None  # --code needs --codes (refused above)
             uses = find_code_uses(
                 args.codes, spec.fingerprint, d, k, args.max_images, functools.partial(bar, desc=f"code {d}:{k}")
             )

@@ -68,6 +68,7 @@ def run(args: SearchOptions) -> int:
         else:
             from asvr.tokenizer.model import SemanticTokenizer
 
+            assert args.image is not None  # --image or --key: one is required
             if not Path(args.image).is_file():
                 raise CLIError(f"{args.image}: no such image file")
             tok = SemanticTokenizer.load(args.tokenizer or idx.meta.tokenizer)
