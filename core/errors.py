@@ -3,13 +3,18 @@
 Imports nothing but the standard library, so the shard reader, the pipeline
 and the trainer use it without torch.
 
+* :class:`AsvrError`: the one base of every expected error the project raises
+  (bad input, a refused artifact, a full disk it reports); a ``ValueError``
+  so callers written against ``except ValueError`` keep working.  A new
+  error type subclasses it and every CLI reports it in one line, with no list
+  of types to keep up to date in seven mains.
 * :class:`CLIError`: bad input spotted by a CLI itself (a missing folder, a
   flag combination that cannot work).
 * :class:`TokenizerError`: an unusable tokenizer artifact.
 * :class:`FingerprintError` and :func:`check_fingerprint`: two artifacts made
   with different tokenizers met (docs/ARCHITECTURE.md, contract 1).  The only place a
   fingerprint is compared, so the refusal reads the same everywhere.
-* :func:`run_guarded`: an expected error is one line on stderr and exit code
+* :func:`run_guarded`: an :class:`AsvrError` is one line on stderr and exit code
   2, Ctrl-C one line and exit code 130, a stop signal caught as
   :class:`~asvr.core.signals.Stopped` one line and 128 + signum (143 for
   SIGTERM), never a traceback.
@@ -23,11 +28,16 @@ from typing import Callable
 from asvr.core.signals import Stopped
 
 
-class CLIError(ValueError):
+class AsvrError(ValueError):
+    """Base of every error the project expects (a user's input, a refused artifact): a CLI prints
+    it as one line and exits 2.  A plain ``ValueError`` is a bug and keeps its traceback."""
+
+
+class CLIError(AsvrError):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-class TokenizerError(ValueError):
+class TokenizerError(AsvrError):
     """A tokenizer artifact that cannot be used (missing, malformed, tampered with)."""
 
 
@@ -58,12 +68,13 @@ def run_guarded(
 ) -> int:
     """Run one (sub)command the way every ``asvr-*`` CLI does.
 
-    An error of a type in ``errors`` (or a :class:`CLIError`) is one line on
+    An :class:`AsvrError` (or an error of a type in ``errors``: the OS errors a CLI reports, such as
+    a missing input file) is one line on
     stderr, ``prog command: error: <first line>``, and exit code 2; Ctrl-C
     prints ``interrupted`` (or what it returns, when a callable) and exits 130.  Anything else is a bug and keeps its
     traceback."""
     where = f"{prog} {command}" if command else prog
-    expected: tuple[type[BaseException], ...] = (CLIError, *errors)
+    expected: tuple[type[BaseException], ...] = (AsvrError, *errors)
     try:
         return int(call() or 0)  # type: ignore[call-overload]
     except expected as e:

@@ -22,9 +22,10 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from asvr.core.errors import AsvrError
 
 
-class LlavaJSONError(ValueError):
+class LlavaJSONError(AsvrError):
     """An unreadable LLaVA JSON file; the message is one line."""
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from asvr.core.errors import AsvrError
 
 LOCK = ".lock"
 
 
-class FolderLocked(ValueError):
+class FolderLocked(AsvrError):
     """Another process holds the folder's lock; one line."""
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from asvr.core.errors import AsvrError
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(AsvrError):
     """A data-supplied path that must not be opened; the message says why."""
 
 

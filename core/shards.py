@@ -51,13 +51,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from asvr.core.atomic import atomic_path
-from asvr.core.errors import check_fingerprint
+from asvr.core.errors import AsvrError, check_fingerprint
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.parquet"
 
 
-class ShardError(ValueError):
+class ShardError(AsvrError):
     pass
 
 

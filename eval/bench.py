@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from asvr.eval.formats.base import BenchItem, bench_format, chance_level, read_bench
 from asvr.eval.generate import GenerationConfig, generate_answers
-from asvr.eval.loading import LoadedModel
+from asvr.eval.loading import EvalError, LoadedModel
 from asvr.eval.scoring import SCORINGS, accuracy, grouped_accuracy, is_correct, parse_answer
 
 
@@ -110,7 +110,7 @@ def rescore(fmt: str, items: Sequence[BenchItem], records: Sequence[dict], scori
     by_id = {str(r.get("id")): r for r in records}
     missing = [it.id for it in items if it.id not in by_id]
     if missing:
-        raise ValueError(f"{len(missing)} bench items have no prediction (first: {missing[0]!r})")
+        raise EvalError(f"{len(missing)} bench items have no prediction (first: {missing[0]!r})")
     answers = [str(by_id[it.id].get("prediction", "")) for it in items]
     fresh = score_items(items, answers, fmt, scoring)
     return fresh, bench_metrics(fmt, items, fresh, scoring)

@@ -23,18 +23,18 @@ checks it on a tiny model) up to float ties.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, cast
 
 import numpy as np
 import torch
 
-from asvr.tokenizer.preprocess import ImageError
+from asvr.tokenizer.preprocess import PREPROCESS_MODES, ImageError
 from asvr.train.data.templates import IMAGE_PLACEHOLDER, encode_generation_prompt
 from asvr.train.model.vision_input import get_vision_input
 
 from asvr.eval.formats.base import BenchError, BenchItem
-from asvr.eval.loading import LoadedModel
+from asvr.eval.loading import EvalError, LoadedModel
 
 INSTRUCTIONS = {
     "lmms-eval": {  # items without an lmms-eval task (the generic JSONL): LLaVA's instructions
@@ -80,21 +80,31 @@ def encode_prompt(lm: LoadedModel, text: str, has_image: bool) -> tuple[np.ndarr
 
 @dataclass(kw_only=True)
 class GenerationConfig:
-    max_new_tokens: int = 16
+    """How benchmark answers are generated: options of ``asvr-eval bench`` (``asvr.core.config_cli``)."""
+
     batch_size: int = 8
-    instructions: str = "lmms-eval"
-    """lmms-eval: lmms-eval's prompt of each item's task (POPE, MME, MMBench, ScienceQA; other
-    items as llava); llava: LLaVA's answer-format instruction after the question, one part a
-    line; none: the bare question."""
-    preprocess_mode: str | None = None
-    """square | pad (default: the tokenizer's)."""
-    progress: bool = True
+    """Questions per generate call."""
+    max_new_tokens: int = 16
+    """Answer length limit."""
+    instructions: str = field(default="lmms-eval", metadata={"choices": tuple(INSTRUCTIONS)})
+    """lmms-eval: each task's lmms-eval prompt (POPE, MME without ' Please answer yes or no.', MMBench 'There are
+    several options:', ScienceQA 'Context:'; generic JSONL items get LLaVA's); llava: hint, question, options and
+    LLaVA's answer-format instruction, one per line (the prompts before lmms-eval's became the default); none: the
+    bare question."""
+    preprocess_mode: str | None = field(
+        default=None, metadata={"flag": "--preprocess", "aliases": ("--preprocess-mode",), "choices": PREPROCESS_MODES}
+    )
+    """Image preprocessing (default: the training preprocessing recorded in the export, else the tokenizer's; LLaVA
+    instruction tuning used pad); the report says which was used."""
+    # the old flag name (before --preprocess, as in asvr-pipeline tokenize) is still parsed, not shown
+    progress: bool = field(default=True, metadata={"flag": "--quiet"})
+    """(--quiet) no progress bar."""
 
     def __post_init__(self):
         if self.instructions not in INSTRUCTIONS:
-            raise ValueError(f"instructions must be one of {sorted(INSTRUCTIONS)}")
+            raise EvalError(f"instructions must be one of {sorted(INSTRUCTIONS)}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("--max-new-tokens and --batch-size must be >= 1")
+            raise EvalError("--max-new-tokens and --batch-size must be >= 1")
 
 
 class VisionEncoder:
@@ -103,7 +113,7 @@ class VisionEncoder:
     def __init__(self, lm: LoadedModel, mode: str | None = None):
         self.kind = get_vision_input(lm.vision_input)
         if lm.tower is None and lm.image_tokenizer is None:
-            raise ValueError("benchmark images need the model's vision tower or semantic tokenizer (with its encoder)")
+            raise EvalError("benchmark images need the model's vision tower or semantic tokenizer (with its encoder)")
         self.lm = lm
         self.mode = mode or lm.preprocess
 

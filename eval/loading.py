@@ -38,6 +38,7 @@ import torch
 from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
 from asvr.train.model.lvlm import ASVRModel
 from asvr.train.data.templates import ConversationTemplate, get_template
+from asvr.core.errors import AsvrError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 DEFAULT_TEMPLATE = "vicuna_v1"
 
 
-class EvalError(ValueError):
+class EvalError(AsvrError):
     """A bad evaluation input; the message is one line."""
 
 

@@ -159,31 +159,36 @@ def batch_sums(model, batch: Batch, ks: Sequence[int] = (5,), chunk: int = 1024,
 # --------------------------------------------------------------------------- the held-out set
 @dataclass(kw_only=True)
 class LossEvalConfig:
-    data: list[str]
-    """Held-out LLaVA JSON file(s)."""
+    """The held-out set and how it is measured: the options of ``asvr-eval loss`` (``asvr.core.config_cli``)."""
+
     codes: str
     """Code shards holding the held-out images (written with the model's tokenizer)."""
+    data: list[str]
+    """Held-out LLaVA JSON file(s)."""
     images: str | None = None
-    """Image root; needed by online/features models."""
+    """Image root (needed by online/features models)."""
     batch_size: int = 8
     """Samples per forward pass."""
     max_samples: int | None = None
-    """Evaluate only the first N usable samples (file order)."""
+    """Only the first N usable samples (file order)."""
     max_len: int = 4096
-    """Longer samples are truncated after their image (refused when the image does not fit)."""
+    """Tokens per sample: longer samples are truncated after their image (refused when the image does not fit)."""
     topk: int = 5
+    """k of the visual acc@k."""
     chunk: int = 1024
     """Rows per classifier chunk (memory: chunk x K floats)."""
-    greedy: bool = True
-    """Also measure free-running (non-teacher-forced) code accuracy."""
+    greedy: bool = field(default=True, metadata={"flag": "--no-greedy"})
+    """(--no-greedy) skip the free-running (non-teacher-forced) code accuracy."""
     skip_bad_samples: bool = False
-    progress: bool = True
+    """Skip malformed/missing samples instead of failing."""
+    progress: bool = field(default=True, metadata={"flag": "--quiet"})
+    """(--quiet) no progress bar."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.chunk < 1 or self.topk < 1:
-            raise ValueError("--batch-size, --chunk and --topk must be >= 1")
+            raise EvalError("--batch-size, --chunk and --topk must be >= 1")
         if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError("--max-samples must be >= 1")
+            raise EvalError("--max-samples must be >= 1")
 
 
 def evaluate_loss(lm: LoadedModel, cfg: LossEvalConfig) -> dict:

@@ -52,8 +52,12 @@ def test_help_names(capsys):
 
 
 def test_old_preprocess_mode_name_still_parses():
+    from asvr.core.config_cli import options_from_args
     from asvr.eval.cli import build_parser
 
-    base = ["bench", "--model", "m", "--bench", "b.jsonl", "--out", "o"]
-    assert build_parser().parse_args([*base, "--preprocess-mode", "pad"]).preprocess == "pad"
-    assert build_parser().parse_args([*base, "--preprocess", "square"]).preprocess == "square"
+    def preprocess(*flags: str) -> str | None:
+        base = ["bench", "--model", "m", "--bench", "b.jsonl", "--out", "o"]
+        return options_from_args(build_parser().parse_args([*base, *flags])).generation.preprocess_mode
+
+    assert preprocess("--preprocess-mode", "pad") == "pad"
+    assert preprocess("--preprocess", "square") == "square"

@@ -1,8 +1,14 @@
 """``asvr-tokenizer``: train, validate, import, encode, index, search and inspect.
 
-Each subcommand lives in its own module exposing ``register(subparsers)``; the
-module is imported only when its command runs, so ``asvr-tokenizer encode``
-never imports faiss or matplotlib.
+Each subcommand lives in its own module exposing ``register(subparsers, name,
+help)``, an options dataclass (every option one field, ``asvr.core.config_cli``;
+the encoding options of train and validate are the shared
+:class:`EncodingOptions` component) and ``run(options)``; the module is
+imported only when its command runs, so ``asvr-tokenizer encode`` never
+imports faiss or matplotlib.  Every subcommand reads ``--config FILE``
+(.toml/.yaml/.json, the field names as keys; flags win), except that
+``import-dualtoken``'s is ``--config-file``: its ``--config`` is the DualToken
+config folder.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from dataclasses import dataclass
 
 from asvr.core.cli_parser import OneLineParser
+from asvr.core.config_cli import options_from_args, parse_dataclass_args
 from asvr.core.errors import run_guarded
 
 # command -> (module, one-line help)
@@ -35,22 +43,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def add_encoding_args(p: argparse.ArgumentParser) -> None:
-    """Options of the commands that run the encoder over a folder of images (train, validate)."""
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="images per encoder call (EfficientNet-Lite0 on CPU: 64 ms/img at 8, 112 at 32)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch and faiss (default: theirs). On a busy 2-core machine 1 thread "
-        "was 4x faster than 2 for EfficientNet (OpenMP spin-waits)",
-    )
+@dataclass(kw_only=True)
+class EncodingOptions:
+    """How the commands that run the encoder over a folder of images (train, validate) run it."""
+
+    batch_size: int = 8
+    """Images per encoder call (EfficientNet-Lite0 on CPU: 64 ms/img at 8, 112 at 32)."""
+    seed: int = 0
+    """Seeds the random image and vector subsets (and the codebook training)."""
+    threads: int | None = None
+    """CPU threads for torch and faiss (default: theirs). On a busy 2-core machine 1 thread was 4x faster than 2
+    for EfficientNet (OpenMP spin-waits)."""
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -69,25 +72,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             if e.name != mod:
                 raise
             continue
-        module.register(sub.add_parser(name, help=help_, description=help_))
+        module.register(sub, name, help_)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(only=command).parse_args(argv)
-    from asvr.tokenizer.encoders.base import EncoderLoadError
-    from asvr.core.errors import TokenizerError
-    from asvr.tokenizer.preprocess import ImageError
-    from asvr.core.shards import ShardError
 
-    return run_guarded(
-        "asvr-tokenizer",
-        args.command,
-        lambda: args.func(args),
-        (TokenizerError, EncoderLoadError, ImageError, ShardError, FileNotFoundError),
-    )
+    def run() -> int:  # parsed inside the guard: a bad --config file is one line too
+        args = parse_dataclass_args(build_parser(only=command), None, argv)
+        return args.func(options_from_args(args))
+
+    return run_guarded("asvr-tokenizer", command, run, (FileNotFoundError,))
 
 
 if __name__ == "__main__":

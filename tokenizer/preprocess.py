@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from asvr.core.errors import AsvrError
 
 from asvr.core.registry import Registry
 
@@ -53,7 +54,7 @@ _RESAMPLE = {
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 
 
-class ImageError(ValueError):
+class ImageError(AsvrError):
     """An image that cannot be used; ``stage`` is 'decode' or 'preprocess'."""
 
     def __init__(self, reason: str, stage: str = "decode"):

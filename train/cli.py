@@ -25,12 +25,11 @@ import sys
 from pathlib import Path
 
 from asvr.core.cli_parser import OneLineParser
-from asvr.core.errors import CLIError, TokenizerError, run_guarded
+from asvr.core.config_cli import add_config_argument, add_dataclass_arguments, options_from_args, parse_dataclass_args
+from asvr.core.errors import CLIError, run_guarded
 from asvr.core.help_text import plain
-from asvr.core.locks import FolderLocked
 
 from asvr.train.config import TrainConfig
-from asvr.core.config_cli import ConfigFileError, add_dataclass_arguments, dataclass_from_args, parse_dataclass_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="asvr-train", description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--config",
-        metavar="FILE",
+    add_config_argument(
+        p,
+        TrainConfig,
         help="options from a .toml/.yaml/.json file (field names as keys, [head] a table); flags given "
         "here win. RUN/train_config.json is one: --config RUN/train_config.json reproduces RUN",
     )
@@ -66,38 +65,12 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         raise CLIError(f"--images {a.images}: no such folder")
     if a.vision_input == "online" and not a.images:
         raise CLIError("--vision-input online reads the images every step: pass --images (the image root)")
-    return dataclass_from_args(TrainConfig, a)
+    return options_from_args(a)  # TrainConfig's own checks: one line each
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asvr.tokenizer.preprocess import ImageError
-    from asvr.core.shards import ShardError
-
-    from asvr.train.loop.checkpoint import CheckpointError
-    from asvr.train.export.native import ExportError
-    from asvr.train.loop.metrics import MetricsError
     from asvr.train.loop.preemption import Preempted
-    from asvr.train.loop.run_folder import DiskFullError
-    from asvr.train.data.sources import DataError
-    from asvr.train.data.templates import ConversationError
-    from asvr.train.loop.trainer import RunFolderError
-    from asvr.train.model.vision_tower import VisionTowerError
 
-    expected = (
-        RunFolderError,
-        DataError,
-        ShardError,
-        TokenizerError,
-        ImageError,
-        ExportError,
-        ConversationError,
-        VisionTowerError,
-        ConfigFileError,
-        CheckpointError,
-        FolderLocked,
-        DiskFullError,
-        MetricsError,
-    )
     parsed: list[argparse.Namespace] = []
 
     def run() -> int:
@@ -113,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return "interrupted"
         return interrupted_message(parsed[0].output_dir)
 
-    return run_guarded("asvr-train", None, run, expected, interrupted=interrupted)
+    return run_guarded("asvr-train", None, run, interrupted=interrupted)
 
 
 def _newest(run_dir: str) -> str | None:
@@ -135,10 +108,7 @@ def interrupted_message(run_dir: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:  # TrainConfig's own checks
-        raise CLIError(str(e)) from None
+    cfg = config_from_args(args)
     from asvr.train.libraries import configure
 
     configure(cfg.verbose)

@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from asvr.train.data.templates import TEMPLATES
 from asvr.train.model.vision_input import VISION_INPUTS, get_vision_input
+
+if TYPE_CHECKING:
+    from asvr.train.data.dataset import DataConfig
 
 TOWER_SELECT = ("patch", "cls_patch")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -380,6 +383,39 @@ class TrainConfig:
             self.data = [self.data]
         self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
         self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
+
+    # the components this run's flat options configure: built here only (the trainer and the preview)
+    def model_config(self, vision_tower: VisionTowerSpec | None = None) -> ModelConfig:
+        """The LVLM this run trains; ``vision_tower``: the loaded --vision-tower's spec (``build_model`` fills
+        ``vision`` from the tokenizer)."""
+        return ModelConfig(
+            llm=self.model,
+            trust_remote_code=self.trust_remote_code,
+            vision_input=self.vision_input,
+            vision_tower=vision_tower,
+            head=self.head,
+            visual_loss_weight=self.visual_loss_weight,
+            attn_implementation=self.attn_implementation,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+
+    def data_config(self, image_tokens: int | None) -> DataConfig:
+        """The training data of this run; ``image_tokens``: LLM positions per image (None: the shards' grid)."""
+        from asvr.train.data.dataset import DataConfig
+        from asvr.train.data.packing import PackingConfig
+
+        return DataConfig(
+            data=self.data,
+            codes=self.codes,
+            images=self.images,
+            vision_input=self.vision_input,
+            image_tokens=image_tokens,
+            caption_free_ratio=self.caption_free_ratio,
+            skip_bad_samples=self.skip_bad_samples,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            packing=PackingConfig(max_len=self.max_len, rows=self.micro_batch_size, pack=self.pack),
+        )
 
 
 def tiny_llm_config(

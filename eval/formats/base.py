@@ -62,6 +62,7 @@ from typing import Callable, Literal, Sequence, overload
 
 from asvr.core.llava_json import lone_surrogate
 from asvr.core.paths import UnsafePathError, confine
+from asvr.core.errors import AsvrError
 from asvr.core.registry import Registry
 
 from asvr.eval.scoring import letters_for, normalize_answer, parse_choice
@@ -69,7 +70,7 @@ from asvr.eval.scoring import letters_for, normalize_answer, parse_choice
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class BenchError(ValueError):
+class BenchError(AsvrError):
     """A bad benchmark file; the message names the file and line."""
 
 

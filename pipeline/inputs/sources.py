@@ -68,6 +68,7 @@ from typing import Callable
 import pyarrow as pa
 
 from asvr.core.registry import Registry
+from asvr.core.errors import AsvrError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "bytes", "img")
@@ -95,26 +96,40 @@ PLAN_SCHEMA = pa.schema(
 )
 
 
-class SourceError(ValueError):
+class SourceError(AsvrError):
     """Bad INPUT arguments (missing file, unknown format): a one-line CLI error."""
+
+
+def _megabytes(text: str) -> int:
+    """``--max-read-mb 8`` -> 8 MiB in bytes (the field's unit)."""
+    return int(float(text) * 2**20)
+
+
+def _format_names() -> list[str]:
+    return ["auto", *input_formats()]
 
 
 @dataclass(frozen=True)
 class SourceOptions:
-    input_format: str = "auto"
-    """auto | folder | webdataset | parquet | llava (applies to every INPUT)."""
+    """How every INPUT is read: the ``inputs`` options of ``asvr-pipeline tokenize``."""
+
+    input_format: str = field(default="auto", metadata={"choices": _format_names})
+    """Format of every INPUT (default: detect each)."""
     image_root: str | None = None
-    """Folder that LLaVA JSON ``image`` paths are relative to."""
+    """Folder that LLaVA JSON image paths are relative to."""
     image_column: str | None = None
-    """Parquet column with the image bytes (default: first of image, jpg, png, image_bytes, bytes, img)."""
+    """Parquet column holding image bytes (default: first of image, jpg, png, image_bytes, bytes, img)."""
     key_column: str | None = None
-    """Parquet key column (default: first of key, __key__, id, path, file_name; else ``<file>/<row>``)."""
+    """Parquet column holding the key (default: first of key, __key__, id, path, file_name; else <file>/<row>)."""
     caption_column: str | None = None
-    """Parquet caption column (default: first of caption, text, txt; else none)."""
-    max_read_bytes: int = DEFAULT_MAX_READ_BYTES
-    """Most bytes one read may bring into a decode task: a larger image file or tar member, or a
-    Parquet row group whose image column is larger uncompressed (it is read at once), is a failure
-    row, decided from sizes known before reading (a 39 KB Parquet file can hold a 1 GB cell)."""
+    """Parquet column holding a caption (default: first of caption, text, txt; else none)."""
+    max_read_bytes: int = field(
+        default=DEFAULT_MAX_READ_BYTES,
+        metadata={"flag": "--max-read-mb", "type": _megabytes, "metavar": "MAX_READ_MB", "show_default": False},
+    )
+    """An image file, tar member or Parquet row group (image column, uncompressed) of more MiB than this fails
+    before it is read, from sizes known before reading: a 39 KB Parquet file can hold a 1 GB cell (default 256:
+    half a decode task's memory; a config file gives max_read_bytes, in bytes)."""
 
     def __post_init__(self):
         if self.max_read_bytes < 1:

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 
 from asvr.tokenizer.artifact import load_artifact
-from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, preprocess_mode
+from asvr.tokenizer.preprocess import DEFAULT_MAX_PIXELS, PREPROCESS_MODES, PreprocessConfig, preprocess_mode
 
 from asvr.core.shards import ShardMeta
 
@@ -45,46 +45,63 @@ from asvr.pipeline.output.writer import COUNTS, PLAN_DIR, OutputDir
 DECODE_TASK_MEMORY = 512 * 2**20
 
 
+def _search_dtypes() -> tuple[str, ...]:
+    from asvr.tokenizer.rvq.quantizer import SEARCH_DTYPES
+
+    return SEARCH_DTYPES
+
+
+INPUTS, ENCODE, RAY = "inputs", "encoding", "Ray"
+
+
 @dataclass(kw_only=True)
 class PipelineConfig:
-    inputs: list[str]
-    """Image folders, webdataset tars (brace patterns), Parquet files, LLaVA JSON files."""
+    """One tokenize job; every field is an ``asvr-pipeline tokenize`` option (``asvr.core.config_cli``)."""
+
+    inputs: list[str] = field(metadata={"positional": True, "metavar": "INPUT"})
+    """Image folder, .tar (brace pattern), .parquet, LLaVA .json, Hugging Face datasets folder."""
     tokenizer: str
     """Tokenizer artifact directory (asvr-tokenizer train / import-dualtoken)."""
     out: str
     """Output directory: shards, manifest.json, failures.parquet."""
-    sources: SourceOptions = field(default_factory=SourceOptions)
-    format: str = "parquet"
-    """parquet | webdataset."""
-    preprocess: str | None = None
-    """square | pad; default: the tokenizer's mode."""
-    batch_size: int = 32
+    sources: SourceOptions = field(default_factory=SourceOptions, metadata={"prefix": ""})
+    format: str = field(default="parquet", metadata={"choices": ("parquet", "webdataset")})
+    """Shard format."""
+    preprocess: str | None = field(default=None, metadata={"choices": PREPROCESS_MODES, "group": INPUTS})
+    """Resize to square, or pad to square with the mean colour first (default: the tokenizer's)."""
+    fast_decode: bool = field(default=False, metadata={"group": INPUTS})
+    """JPEG draft decoding: ~2x faster on large photos, but pixels and so codes differ."""
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"group": INPUTS})
+    """Larger images fail as decompression bombs (PIL refuses above 2x its own limit regardless)."""
+    batch_size: int = field(default=32, metadata={"group": ENCODE})
     """Images per encode call."""
-    shard_size: int = 1000
-    """Input images per work unit (and so at most rows per shard): the resume granularity."""
-    fast_decode: bool = False
-    """PIL JPEG draft decoding: ~2x faster on large photos, pixels (so codes) differ."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    """Images with more pixels fail as decompression bombs (PIL refuses above 2x its own limit regardless)."""
-    encoder_dtype: str = "float32"
-    search_dtype: str | None = None
-    """RVQ candidate search (asvr.tokenizer.rvq.quantizer.SEARCH_DTYPES; codes are identical for all, only speed
-    moves; default: the tokenizer's choice for the device)."""
-    compile_encoder: bool = False
-    """torch.compile the tower once per encode actor (pays off on long GPU jobs; asvr.tokenizer.encode_engine)."""
-    encode_chunks: int = 1
-    """> 1: pieces per batch, the tower's next piece overlapping the RVQ of the current one (CUDA streams)."""
-    encode_actors: int = 0
-    """Encode actors (0: one per GPU, else one per 8 CPUs, at least 1)."""
-    encode_threads: int = 0
-    """torch threads per CPU actor (0: CPUs / actors)."""
-    ray_address: str | None = None
-    num_cpus: int | None = None
-    """CPUs for a local Ray (default: all)."""
+    shard_size: int = field(default=1000, metadata={"group": ENCODE})
+    """Input images per shard (at most rows per shard); also the unit of resume."""
+    encoder_dtype: str = field(default="float32", metadata={"choices": ("float32", "bfloat16"), "group": ENCODE})
+    """Encoder precision (bfloat16 autocast is faster on GPUs; features change)."""
+    search_dtype: str | None = field(default=None, metadata={"choices": _search_dtypes, "group": ENCODE})
+    """RVQ candidate search precision; codes are identical for all, only speed moves (default: fused-bf16x3 on a
+    GPU with triton installed, else float32; fused-* need triton)."""
+    compile_encoder: bool = field(default=False, metadata={"group": ENCODE})
+    """torch.compile the encoder once per actor (one batch shape; pays off on long GPU jobs)."""
+    encode_chunks: int = field(default=1, metadata={"group": ENCODE, "show_default": False})
+    """Pieces per batch: on a GPU the encoder runs the next piece while the RVQ quantizes this one (CUDA
+    streams)."""
+    encode_actors: int = field(default=0, metadata={"group": RAY, "show_default": False})
+    """Encode actors (default: one per GPU, or 1 per 8 CPUs)."""
+    encode_threads: int = field(default=0, metadata={"group": RAY, "show_default": False})
+    """torch threads per CPU actor (default: CPUs/actors)."""
+    num_cpus: int | None = field(default=None, metadata={"group": RAY})
+    """CPUs of the local Ray instance (default: all)."""
+    ray_address: str | None = field(default=None, metadata={"group": RAY})
+    """Join this Ray cluster (or set RAY_ADDRESS; the workers write the shards, so INPUTs and --out must be at
+    the same path on every node); default: start a fresh local Ray."""
     overwrite: bool = False
-    progress: bool = True
-    verbose: bool = False
-    """Let Ray print its own warnings (see asvr.pipeline.cli.quiet_ray)."""
+    """Replace an OUT written with other settings."""
+    progress: bool = field(default=True, metadata={"flag": "--no-progress"})
+    """(--no-progress) no progress bar."""
+    verbose: bool = field(default=False, metadata={"short": "-v"})
+    """Also show Ray's own warnings and log lines (see asvr.pipeline.cli.quiet_ray)."""
 
     def __post_init__(self):
         if self.format not in ("parquet", "webdataset"):

@@ -60,11 +60,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from asvr.core.atomic import atomic_write
+from asvr.core.errors import AsvrError
 
 UNITS_DIR = ".units"
 
 
-class OutputError(ValueError):
+class OutputError(AsvrError):
     """OUT cannot be used as asked (foreign run, locked, a write failed): a one-line CLI error."""
 
 

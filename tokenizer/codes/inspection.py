@@ -26,11 +26,12 @@ from typing import Callable, Protocol
 import numpy as np
 
 from asvr.core.shards import ShardError, codes_array, iter_shards, list_shards
+from asvr.core.errors import AsvrError
 
 Box = tuple[float, float, float, float]
 
 
-class InspectError(ValueError):
+class InspectError(AsvrError):
     pass
 
 

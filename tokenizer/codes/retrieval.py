@@ -67,7 +67,7 @@ import pyarrow.parquet as pq
 import torch
 
 from asvr.core.atomic import atomic_path, atomic_write
-from asvr.core.errors import check_fingerprint
+from asvr.core.errors import AsvrError, check_fingerprint
 from asvr.core.shards import ShardError, ShardMeta, codes_array, list_shards, read_meta, read_shard, sha256_file
 
 INDEX_JSON = "index.json"
@@ -77,7 +77,7 @@ EXACT_LIMIT = 100_000
 DIGEST_SPAN = 1 << 20
 
 
-class RetrievalError(ValueError):
+class RetrievalError(AsvrError):
     """Bad index, shards or query: printed as one line by the CLI."""
 
 

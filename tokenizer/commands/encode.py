@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from asvr.core.config_cli import add_command
 from asvr.core.errors import CLIError
 from asvr.tokenizer.model import SemanticTokenizer
 from asvr.tokenizer.preprocess import PREPROCESS_MODES, ImageError, open_image, preprocess, read_file
 
 
-def register(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Print the codes of each image: one line per grid row, each cell the D codes joined by ':' "
+@dataclass(kw_only=True)
+class EncodeOptions:
+    tokenizer: str = field(metadata={"positional": True, "metavar": "TOK"})
+    """Tokenizer directory."""
+    images: list[str] = field(metadata={"positional": True, "metavar": "IMAGE"})
+    """Image files."""
+    json: bool = False
+    """One JSON object per line per image."""
+    preprocess: str | None = field(default=None, metadata={"choices": PREPROCESS_MODES})
+    """Default: the tokenizer's mode."""
+
+
+def register(sub, name: str, help_: str) -> None:
+    add_command(
+        sub,
+        name,
+        EncodeOptions,
+        help=help_,
+        description="Print the codes of each image: one line per grid row, each cell the D codes joined by ':' "
         "(or one JSON object per image with --json: codes nested [H][W][D]). An unreadable image "
-        "stops with a one-line error naming it (exit 2)."
-    )
-    p.add_argument("tokenizer", metavar="TOK", help="tokenizer directory")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--json", action="store_true", help="one JSON object per line per image")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default=None, help="default: the tokenizer's mode")
-    p.set_defaults(func=run)
+        "stops with a one-line error naming it (exit 2).",
+    ).set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: EncodeOptions) -> int:
     tok = SemanticTokenizer.load(args.tokenizer)
     cfg = tok.preprocess_config(args.preprocess)
     pixels = []

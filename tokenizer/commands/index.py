@@ -12,43 +12,47 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 
+from asvr.core.config_cli import add_command
 from asvr.core.errors import CLIError
 from asvr.core.help_text import plain
 
 
-def register(p: argparse.ArgumentParser) -> None:
-    p.description = plain(__doc__)
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument(
-        "codes", metavar="CODES", help="code shard directory written by `asvr-pipeline tokenize` (or one shard file)"
-    )
-    p.add_argument(
-        "--tokenizer",
-        metavar="TOK",
-        help="tokenizer directory the shards were made with "
-        "(required for a new index; --add defaults to the one recorded in IDX/index.json)",
-    )
-    p.add_argument(
-        "--out", metavar="IDX", required=True, help="index directory (index.json, index.*.faiss, keys.*.parquet)"
-    )
-    p.add_argument(
-        "--factory",
-        metavar="STR",
-        help="faiss index_factory string overriding the size-based choice, "
-        "e.g. Flat, HNSW32,Flat, IVF1024,PQ40,Refine(SQ8) (inner-product metric)",
-    )
-    p.add_argument(
-        "--search-params", metavar="P", help="stored search parameters, e.g. nprobe=32,efSearch=128,k_factor=4"
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--add", action="store_true", help="add the shards of CODES that IDX does not hold yet")
-    g.add_argument("--force", action="store_true", help="rebuild IDX from scratch if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+@dataclass(kw_only=True)
+class IndexOptions:
+    codes: str = field(metadata={"positional": True, "metavar": "CODES"})
+    """Code shard directory written by `asvr-pipeline tokenize` (or one shard file)."""
+    tokenizer: str | None = field(default=None, metadata={"metavar": "TOK"})
+    """Tokenizer directory the shards were made with (required for a new index; --add defaults to the one
+    recorded in IDX/index.json)."""
+    out: str = field(metadata={"metavar": "IDX"})
+    """Index directory (index.json, index.*.faiss, keys.*.parquet)."""
+    factory: str | None = field(default=None, metadata={"metavar": "STR"})
+    """faiss index_factory string overriding the size-based choice, e.g. Flat, HNSW32,Flat, IVF1024,PQ40,Refine(SQ8)
+    (inner-product metric)."""
+    search_params: str | None = field(default=None, metadata={"metavar": "P"})
+    """Stored search parameters, e.g. nprobe=32,efSearch=128,k_factor=4."""
+    add: bool = field(default=False, metadata={"exclusive": "mode"})
+    """Add the shards of CODES that IDX does not hold yet."""
+    force: bool = field(default=False, metadata={"exclusive": "mode"})
+    """Rebuild IDX from scratch if it exists."""
+    quiet: bool = False
+    """No progress bar."""
 
 
-def run(args: argparse.Namespace) -> int:
+def register(sub, name: str, help_: str) -> None:
+    add_command(
+        sub,
+        name,
+        IndexOptions,
+        help=help_,
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).set_defaults(func=run)
+
+
+def run(args: IndexOptions) -> int:
     from tqdm import tqdm
 
     from asvr.tokenizer.codes.retrieval import EXACT_LIMIT, RetrievalError, build_index, parse_search_params

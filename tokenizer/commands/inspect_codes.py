@@ -21,42 +21,48 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from asvr.core.atomic import atomic_write
+from asvr.core.config_cli import add_command
 from asvr.core.errors import CLIError
 from asvr.core.help_text import plain
 
 
-def register(p: argparse.ArgumentParser) -> None:
-    p.description = plain(__doc__)
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("tokenizer", metavar="TOK", help="tokenizer directory")
-    p.add_argument(
-        "--codes", metavar="CODES", help="code shard directory made with this tokenizer (for usage and --code)"
-    )
-    p.add_argument("--images", metavar="ROOT", help="image root the shard keys are relative to (for the --code sheet)")
-    p.add_argument("--report", metavar="DIR", help="write report.json, usage.png and code sheets here")
-    p.add_argument(
-        "--code",
-        metavar="D:K",
-        action="append",
-        default=[],
-        help="images/patches using code K at depth D (both from 0); D:top = the most used code of depth D (repeatable)",
-    )
-    p.add_argument(
-        "--nearest",
-        metavar="D:K",
-        action="append",
-        default=[],
-        help="nearest codes of code K at depth D, or D:top (repeatable)",
-    )
-    p.add_argument("--top", type=int, default=8, help="nearest codes to list (default 8)")
-    p.add_argument("--max-images", type=int, default=16, help="images on a code sheet (default 16)")
-    p.add_argument("--dominant-factor", type=float, default=10.0, help="dominant: share > F / K (default 10)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+@dataclass(kw_only=True)
+class InspectOptions:
+    tokenizer: str = field(metadata={"positional": True, "metavar": "TOK"})
+    """Tokenizer directory."""
+    codes: str | None = field(default=None, metadata={"metavar": "CODES"})
+    """Code shard directory made with this tokenizer (for usage and --code)."""
+    images: str | None = field(default=None, metadata={"metavar": "ROOT"})
+    """Image root the shard keys are relative to (for the --code sheet)."""
+    report: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Write report.json, usage.png and code sheets here."""
+    code: list[str] = field(default_factory=list, metadata={"metavar": "D:K", "append": True})
+    """Images/patches using code K at depth D (both from 0); D:top = the most used code of depth D (repeatable)."""
+    nearest: list[str] = field(default_factory=list, metadata={"metavar": "D:K", "append": True})
+    """Nearest codes of code K at depth D, or D:top (repeatable)."""
+    top: int = 8
+    """Nearest codes to list."""
+    max_images: int = 16
+    """Images on a code sheet."""
+    dominant_factor: float = 10.0
+    """Dominant: share > F / K."""
+    quiet: bool = False
+    """No progress bar."""
+
+
+def register(sub, name: str, help_: str) -> None:
+    add_command(
+        sub,
+        name,
+        InspectOptions,
+        help=help_,
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).set_defaults(func=run)
 
 
 def _code(text: str, depth: int, k: int) -> tuple[int, int]:
@@ -71,7 +77,7 @@ def _code(text: str, depth: int, k: int) -> tuple[int, int]:
     return d, c
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: InspectOptions) -> int:
     from tqdm import tqdm
 
     from asvr.tokenizer.artifact import load_artifact
@@ -142,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
         report["codes"] = []
         for d, k in codes:
+            assert args.codes is not None  # --code needs --codes (refused above)
             uses = find_code_uses(
                 args.codes, spec.fingerprint, d, k, args.max_images, functools.partial(bar, desc=f"code {d}:{k}")
             )

@@ -11,31 +11,50 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from asvr.core.config_cli import add_command
 from asvr.core.errors import CLIError
 from asvr.core.help_text import plain
 
 
-def register(p: argparse.ArgumentParser) -> None:
-    p.description = plain(__doc__)
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("index", metavar="IDX", help="index directory built by `asvr-tokenizer index`")
-    q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--image", metavar="FILE", help="query image file (encoded with the tokenizer)")
-    q.add_argument("--key", metavar="KEY", help="query by the key of an indexed image")
-    p.add_argument("-k", type=int, default=10, help="neighbours to return (default 10)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--tokenizer", metavar="TOK", help="tokenizer directory (default: the one in IDX/index.json)")
-    p.add_argument(
-        "--search-params", metavar="P", help="override stored search parameters, e.g. nprobe=64,efSearch=256"
+@dataclass(kw_only=True)
+class SearchOptions:
+    index: str = field(metadata={"positional": True, "metavar": "IDX"})
+    """Index directory built by `asvr-tokenizer index`."""
+    image: str | None = field(
+        default=None, metadata={"metavar": "FILE", "exclusive": "query", "exclusive_required": True}
     )
-    p.add_argument("--images", metavar="ROOT", help="image root the keys are relative to (for --sheet)")
-    p.add_argument("--sheet", metavar="PNG", help="write a contact sheet of the query and neighbours (needs --images)")
-    p.set_defaults(func=run)
+    """Query image file (encoded with the tokenizer)."""
+    key: str | None = field(default=None, metadata={"metavar": "KEY", "exclusive": "query"})
+    """Query by the key of an indexed image."""
+    k: int = field(default=10, metadata={"flag": "-k"})
+    """Neighbours to return."""
+    json: bool = False
+    """Print one JSON object instead of a table."""
+    tokenizer: str | None = field(default=None, metadata={"metavar": "TOK"})
+    """Tokenizer directory (default: the one in IDX/index.json)."""
+    search_params: str | None = field(default=None, metadata={"metavar": "P"})
+    """Override stored search parameters, e.g. nprobe=64,efSearch=256."""
+    images: str | None = field(default=None, metadata={"metavar": "ROOT"})
+    """Image root the keys are relative to (for --sheet)."""
+    sheet: str | None = field(default=None, metadata={"metavar": "PNG"})
+    """Write a contact sheet of the query and neighbours (needs --images)."""
 
 
-def run(args: argparse.Namespace) -> int:
+def register(sub, name: str, help_: str) -> None:
+    add_command(
+        sub,
+        name,
+        SearchOptions,
+        help=help_,
+        description=plain(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).set_defaults(func=run)
+
+
+def run(args: SearchOptions) -> int:
     from asvr.tokenizer.codes.retrieval import ImageIndex, RetrievalError, parse_search_params
 
     if args.k < 1:
@@ -49,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from asvr.tokenizer.model import SemanticTokenizer
 
+            assert args.image is not None  # --image or --key: one is required
             if not Path(args.image).is_file():
                 raise CLIError(f"{args.image}: no such image file")
             tok = SemanticTokenizer.load(args.tokenizer or idx.meta.tokenizer)

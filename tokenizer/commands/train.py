@@ -3,19 +3,19 @@ sample feature vectors, train RVQ codebooks with faiss, write the artifact."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from asvr.tokenizer.artifact import TokenizerSpec, refuse_existing, save_artifact
-from asvr.tokenizer.cli import add_encoding_args
+from asvr.core.config_cli import add_command
+from asvr.tokenizer.cli import EncodingOptions
 from asvr.core.errors import CLIError
 from asvr.tokenizer.rvq.training import (
-    TRAIN_METHODS,
     CodebookTrainConfig,
     Failure,
     TrainingError,
@@ -30,76 +30,65 @@ from asvr.tokenizer.encoders.base import build_encoder, default_encoder_spec, en
 from asvr.tokenizer.preprocess import PREPROCESS_MODES, PreprocessConfig
 
 
-def register(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Encode images with a frozen encoder, sample feature vectors and train residual-quantization codebooks "
-        "with faiss. The result is a tokenizer directory (tokenizer.json + codebooks.safetensors) whose codes "
-        "are the exact greedy RVQ of the encoder's features."
-    )
-    p.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folders (searched recursively)")
-    p.add_argument(
-        "--encoder",
-        choices=list(encoder_kinds()),
-        default="efficientnet_lite0",
-        help="frozen encoder; efficientnet_lite0 is embedded (7x7x320 at 224 px)",
-    )
-    p.add_argument("--encoder-path", metavar="HFDIR", help="local Hugging Face folder for siglip/clip")
-    p.add_argument(
-        "--feature-layer",
-        type=int,
-        default=None,
-        help="block (efficientnet, default -1) or hidden-state index (siglip/clip, default -2)",
-    )
-    p.add_argument("--depth", type=int, required=True, help="RVQ depth D")
-    p.add_argument("--codebook-size", type=int, required=True, help="codes per depth K (a power of two for rq)")
-    p.add_argument("--shared", action="store_true", help="one codebook shared by every depth (pooled k-means)")
-    p.add_argument(
-        "--method",
-        choices=TRAIN_METHODS,
-        default="kmeans",
-        help="rq: faiss.ResidualQuantizer; kmeans: faiss.Kmeans per depth + refinement rounds",
-    )
-    p.add_argument("--beam-size", type=int, default=1, help="rq: training beam (1 = greedy, as the encoder)")
-    p.add_argument("--refine-rounds", type=int, default=3, help="kmeans/shared: refinement rounds")
-    p.add_argument("--max-images", type=int, default=None, help="use a seeded random subset of the images")
-    p.add_argument("--max-vectors", type=int, default=None, help="train on a seeded random subset of feature vectors")
-    p.add_argument(
-        "--preprocess",
-        choices=PREPROCESS_MODES,
-        default="square",
-        help="square resize, or pad to square with the mean colour (recorded in the artifact)",
-    )
-    add_encoding_args(p)
-    p.add_argument("--out", required=True, metavar="TOK", help="tokenizer directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
-    p.set_defaults(func=run)
+def _encoder_kinds() -> list[str]:
+    return list(encoder_kinds())
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(kw_only=True)
+class TrainOptions:
+    images: list[str] = field(metadata={"metavar": "DIR"})
+    """Image folders (searched recursively)."""
+    encoder: str = field(default="efficientnet_lite0", metadata={"choices": _encoder_kinds})
+    """Frozen encoder; efficientnet_lite0 is embedded (7x7x320 at 224 px)."""
+    encoder_path: str | None = field(default=None, metadata={"metavar": "HFDIR"})
+    """Local Hugging Face folder for siglip/clip."""
+    feature_layer: int | None = None
+    """Block (efficientnet, default -1) or hidden-state index (siglip/clip, default -2)."""
+    codebooks: CodebookTrainConfig = field(metadata={"prefix": ""})
+    max_images: int | None = None
+    """Use a seeded random subset of the images."""
+    max_vectors: int | None = None
+    """Train on a seeded random subset of feature vectors."""
+    preprocess: str = field(default="square", metadata={"choices": PREPROCESS_MODES})
+    """Square resize, or pad to square with the mean colour (recorded in the artifact)."""
+    encoding: EncodingOptions = field(default_factory=EncodingOptions, metadata={"prefix": ""})
+    out: str = field(metadata={"metavar": "TOK"})
+    """Tokenizer directory to write."""
+    overwrite: bool = False
+    """Replace a tokenizer already in --out."""
+
+
+def register(sub, name: str, help_: str) -> None:
+    add_command(
+        sub,
+        name,
+        TrainOptions,
+        groups={"codebooks": "options", "encoding": "options"},
+        help=help_,
+        description="Encode images with a frozen encoder, sample feature vectors and train residual-quantization "
+        "codebooks with faiss. The result is a tokenizer directory (tokenizer.json + codebooks.safetensors) whose "
+        "codes are the exact greedy RVQ of the encoder's features.",
+    ).set_defaults(func=run)
+
+
+def run(args: TrainOptions) -> int:
     refuse_existing(args.out, args.overwrite)  # before the (long) encoding and training
-    set_threads(args.threads)
+    enc = args.encoding
+    set_threads(enc.threads)
     t0 = time.perf_counter()
+    cfg = replace(args.codebooks, seed=enc.seed)
     try:
-        cfg = CodebookTrainConfig(
-            depth=args.depth,
-            codebook_size=args.codebook_size,
-            shared=args.shared,
-            method=args.method,
-            beam_size=args.beam_size,
-            refine_rounds=args.refine_rounds,
-            seed=args.seed,
-        )
         enc_spec = default_encoder_spec(args.encoder, args.encoder_path, args.feature_layer)
     except ValueError as e:
         raise CLIError(str(e)) from None
     try:
-        paths = pick(list_images(args.images), args.max_images, args.seed)
+        paths = pick(list_images(args.images), args.max_images, enc.seed)
     except TrainingError as e:
         raise CLIError(str(e)) from None
     if not paths:
         raise CLIError(f"no images found under {' '.join(args.images)}")
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(enc.seed)
     encoder = build_encoder(enc_spec)
     grid, dim = encoder_geometry(encoder)
     most = len(paths) * grid[0] * grid[1]
@@ -113,10 +102,10 @@ def run(args: argparse.Namespace) -> int:
     failures: list[Failure] = []
     try:
         x = sample_vectors(
-            iter_features(encoder, paths, pcfg, batch_size=args.batch_size, failures=failures),
+            iter_features(encoder, paths, pcfg, batch_size=enc.batch_size, failures=failures),
             len(paths),
             args.max_vectors,
-            args.seed,
+            enc.seed,
         )
     except TrainingError as e:
         raise CLIError(str(e)) from None

@@ -3,14 +3,15 @@ usage entropy per depth on a folder of (held-out) images, with plots."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from asvr.tokenizer.cli import add_encoding_args
+from asvr.core.config_cli import add_command
+from asvr.tokenizer.cli import EncodingOptions
 from asvr.core.atomic import atomic_write
 from asvr.core.errors import CLIError
 from asvr.tokenizer.rvq.training import TrainingError, iter_features, list_images, pick, set_threads
@@ -19,26 +20,40 @@ from asvr.tokenizer.preprocess import PREPROCESS_MODES
 from asvr.tokenizer.rvq.validation import ValidationReport, depth_metrics, plot_report
 
 
-def register(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Encode images with the tokenizer's exact quantizer and report, per depth: relative reconstruction "
+@dataclass(kw_only=True)
+class ValidateOptions:
+    tokenizer: str = field(metadata={"positional": True, "metavar": "TOK"})
+    """Tokenizer directory."""
+    images: list[str] = field(metadata={"metavar": "DIR"})
+    """Image folders (recursive)."""
+    max_images: int | None = None
+    """Seeded random subset of the images."""
+    preprocess: str | None = field(default=None, metadata={"choices": PREPROCESS_MODES})
+    """Default: the tokenizer's mode."""
+    encoding: EncodingOptions = field(default_factory=EncodingOptions, metadata={"prefix": ""})
+    report: str = field(metadata={"metavar": "DIR"})
+    """Output folder."""
+
+
+def register(sub, name: str, help_: str) -> None:
+    add_command(
+        sub,
+        name,
+        ValidateOptions,
+        groups={"encoding": "options"},
+        help=help_,
+        description="Encode images with the tokenizer's exact quantizer and report, per depth: relative reconstruction "
         "error, mean cosine similarity, utilisation (share of codes used), usage entropy/perplexity and dead codes. "
-        "Writes report.json, error_cosine.png and usage.png."
-    )
-    p.add_argument("tokenizer", metavar="TOK", help="tokenizer directory")
-    p.add_argument("--images", nargs="+", required=True, metavar="DIR", help="image folders (recursive)")
-    p.add_argument("--max-images", type=int, default=None, help="seeded random subset of the images")
-    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default=None, help="default: the tokenizer's mode")
-    add_encoding_args(p)
-    p.add_argument("--report", required=True, metavar="DIR", help="output folder")
-    p.set_defaults(func=run)
+        "Writes report.json, error_cosine.png and usage.png.",
+    ).set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    set_threads(args.threads)
+def run(args: ValidateOptions) -> int:
+    enc = args.encoding
+    set_threads(enc.threads)
     tok = SemanticTokenizer.load(args.tokenizer)
     try:
-        paths = pick(list_images(args.images), args.max_images, args.seed)
+        paths = pick(list_images(args.images), args.max_images, enc.seed)
     except TrainingError as e:
         raise CLIError(str(e)) from None
     if not paths:
@@ -50,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             tok.encoder,
             paths,
             tok.preprocess_config(args.preprocess),
-            batch_size=args.batch_size,
+            batch_size=enc.batch_size,
             failures=failures,
             progress="validate",
         )

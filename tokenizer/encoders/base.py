@@ -31,6 +31,7 @@ import torch
 from asvr.core.registry import Registry
 from asvr.core.spec import EncoderSpec
 from asvr.tokenizer.encoders.weights_hash import cache_dir, cached_digest
+from asvr.core.errors import AsvrError
 
 NO_WEIGHTS_PREFIX = "none:"
 """``weights`` of a kind without weights (``none:pixels``): its hash names the kind and layer."""
@@ -38,7 +39,7 @@ PACKAGE_PREFIX = "package:"
 """``weights`` of a kind whose weights ship in a Python package (:attr:`EncoderKind.package_weights`)."""
 
 
-class EncoderLoadError(ValueError):
+class EncoderLoadError(AsvrError):
     pass
 
 

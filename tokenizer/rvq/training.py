@@ -39,12 +39,13 @@ import torch
 
 from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, preprocess, read_file
 from asvr.tokenizer.rvq.quantizer import ResidualQuantizer
+from asvr.core.errors import AsvrError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TRAIN_METHODS = ("rq", "kmeans")
 
 
-class TrainingError(ValueError):
+class TrainingError(AsvrError):
     """Bad training input (printed as one line by the CLI)."""
 
 
@@ -158,23 +159,26 @@ def sample_vectors(batches: Iterator[FeatureBatch], n_images: int, max_vectors: 
 # --------------------------------------------------------------------------- codebooks
 @dataclass(kw_only=True)
 class CodebookTrainConfig:
+    """The codebooks to train; its fields are ``asvr-tokenizer train`` options (``asvr.core.config_cli``)."""
+
     depth: int
-    """number of residual depths D"""
+    """RVQ depth D (number of residual depths)."""
     codebook_size: int
-    """codes per depth K"""
+    """Codes per depth K (a power of two for rq)."""
     shared: bool = False
-    """one codebook for every depth (trained by pooled k-means)"""
-    method: str = "kmeans"
-    """rq: faiss.ResidualQuantizer; kmeans: faiss.Kmeans per depth + refinement"""
+    """One codebook shared by every depth (pooled k-means)."""
+    method: str = field(default="kmeans", metadata={"choices": TRAIN_METHODS})
+    """rq: faiss.ResidualQuantizer; kmeans: faiss.Kmeans per depth + refinement rounds."""
     beam_size: int = 1
-    """rq only: faiss max_beam_size while training (1 = greedy, as we encode)"""
-    kmeans_iters: int = 20
-    """Lloyd iterations of each k-means"""
+    """rq: training beam, faiss max_beam_size (1 = greedy, as the encoder)."""
+    kmeans_iters: int = field(default=20, metadata={"cli": False})
+    """Lloyd iterations of each k-means."""
     refine_rounds: int = 3
-    """kmeans / shared: refinement rounds (a round is kept only if the error falls)"""
-    refine_iters: int = 5
-    """Lloyd iterations per depth in a refinement round"""
-    seed: int = 0
+    """kmeans/shared: refinement rounds (a round is kept only if the error falls)."""
+    refine_iters: int = field(default=5, metadata={"cli": False})
+    """Lloyd iterations per depth in a refinement round."""
+    seed: int = field(default=0, metadata={"cli": False})
+    """(the command's --seed)"""
 
     def __post_init__(self):
         if self.depth < 1 or self.codebook_size < 2:

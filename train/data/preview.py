@@ -19,8 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from asvr.train.config import image_tokens
-from asvr.train.data.dataset import DataConfig, Sample, build_training_data, describe_no_placeholder, open_codes
-from asvr.train.data.packing import PackingConfig
+from asvr.train.data.dataset import Sample, build_training_data, describe_no_placeholder, open_codes
 from asvr.train.data.sources import DataError
 from asvr.train.data.templates import get_template
 from asvr.train.model.vision_input import get_vision_input
@@ -53,17 +52,7 @@ def preview(cfg, n: int, out: TextIO | None = None) -> int:
         cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
     )
     store = open_codes(cfg.codes, tokenizer.spec)
-    dcfg = DataConfig(
-        data=cfg.data,
-        codes=cfg.codes,
-        images=cfg.images,
-        vision_input=cfg.vision_input,
-        image_tokens=image_tokens(tokenizer.spec.grid, cfg.vision_tower_select),
-        caption_free_ratio=cfg.caption_free_ratio,
-        skip_bad_samples=cfg.skip_bad_samples,
-        seed=cfg.seed,
-        packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack),
-    )
+    dcfg = cfg.data_config(image_tokens(tokenizer.spec.grid, cfg.vision_tower_select))
     # images are checked where every step reads them (online); a features cache may hold them already
     data = build_training_data(
         dcfg,

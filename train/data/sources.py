@@ -26,12 +26,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from asvr.core.atomic import atomic_path, atomic_write
-from asvr.core.errors import check_fingerprint
+from asvr.core.errors import AsvrError, check_fingerprint
 from asvr.core.llava_json import LlavaJSONError, read_llava_records
 from asvr.core.shards import ShardError, ShardMeta, codes_array, iter_shards, list_shards, read_meta
 
 
-class DataError(ValueError):
+class DataError(AsvrError):
     """Bad training data; the message is one line."""
 
 

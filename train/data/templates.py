@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from asvr.core.errors import AsvrError
 
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
@@ -48,7 +49,7 @@ STYLES = ("plain", "two", "chatml")
 LABELS = ("answers", "asvr_qwen")
 
 
-class ConversationError(ValueError):
+class ConversationError(AsvrError):
     """A malformed conversation, or one whose labels cannot be computed exactly (reason in the message)."""
 
 

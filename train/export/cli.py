@@ -15,9 +15,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 
 from asvr.core.cli_parser import OneLineParser
+from asvr.core.config_cli import add_config_argument, add_dataclass_arguments, options_from_args, parse_dataclass_args
+from asvr.core.errors import run_guarded
 from asvr.core.help_text import plain
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """``asvr-export``; every field is an option (``asvr.core.config_cli``)."""
+
+    run: str = field(metadata={"positional": True, "metavar": "RUN"})
+    """An asvr-train run folder (its final/) or an export folder."""
+    hf_llava: str = field(metadata={"metavar": "OUT"})
+    """Write a Hugging Face LLaVA folder here."""
+    tokenizer: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """The semantic tokenizer artifact, when it moved since training."""
+    max_shard_size: str = "5GB"
+    """Safetensors shard size."""
+    overwrite: bool = False
+    """Replace OUT when it holds an earlier LLaVA export (a file, or a folder of anything else, is always
+    refused)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,55 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=plain(__doc__.split("\n\n", 2)[2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", metavar="RUN", help="an asvr-train run folder (its final/) or an export folder")
-    p.add_argument("--hf-llava", metavar="OUT", required=True, help="write a Hugging Face LLaVA folder here")
-    p.add_argument("--tokenizer", metavar="DIR", help="the semantic tokenizer artifact, when it moved since training")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace OUT when it holds an earlier LLaVA export (a file, or a folder of anything else, is "
-        "always refused)",
-    )
+    add_config_argument(p, ExportOptions)
+    add_dataclass_arguments(p, ExportOptions)
     return p
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(o: ExportOptions) -> int:
     from asvr.tokenizer.model import SemanticTokenizer
 
     from asvr.train.export.hf_llava import export_hf_llava
 
-    tok = SemanticTokenizer.load(args.tokenizer) if args.tokenizer else None
-    out = export_hf_llava(
-        args.run, args.hf_llava, tokenizer=tok, max_shard_size=args.max_shard_size, overwrite=args.overwrite
-    )
+    tok = SemanticTokenizer.load(o.tokenizer) if o.tokenizer else None
+    out = export_hf_llava(o.run, o.hf_llava, tokenizer=tok, max_shard_size=o.max_shard_size, overwrite=o.overwrite)
     print(f"wrote a Hugging Face LLaVA folder to {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from asvr.tokenizer.encoders.base import EncoderLoadError
-    from asvr.core.errors import TokenizerError, run_guarded
+    def run() -> int:  # parsed inside the guard: a bad --config file is one line too
+        return _export(options_from_args(parse_dataclass_args(build_parser(), ExportOptions, argv)))
 
-    from asvr.train.export.native import ExportError
-    from asvr.train.export.hf_llava import HFExportError
-    from asvr.train.loop.run_folder import DiskFullError
-
-    return run_guarded(
-        "asvr-export",
-        "--hf-llava",
-        lambda: _export(args),
-        (
-            HFExportError,
-            ExportError,
-            TokenizerError,
-            EncoderLoadError,
-            FileNotFoundError,
-            FileExistsError,
-            DiskFullError,
-        ),
-    )
+    return run_guarded("asvr-export", "--hf-llava", run, (FileNotFoundError, FileExistsError))
 
 
 if __name__ == "__main__":

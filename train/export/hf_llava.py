@@ -62,6 +62,7 @@ from asvr.tokenizer.preprocess import preprocess_mode
 from asvr.train.config import ModelConfig
 from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
 from asvr.train.model.vision_input import get_vision_input
+from asvr.core.errors import AsvrError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -72,7 +73,7 @@ INPUTS_FILE = "asvr_inputs.json"
 VOCAB_MULTIPLE = 64
 
 
-class HFExportError(ValueError):
+class HFExportError(AsvrError):
     """Why a model cannot become a Hugging Face LLaVA (one line)."""
 
 

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from asvr.core.atomic import atomic_dir
-from asvr.core.errors import check_fingerprint
+from asvr.core.errors import AsvrError, check_fingerprint
 
 from asvr.train.config import ModelConfig, VisionSpec
 from asvr.train.model.lvlm import ASVRModel, build_model
@@ -60,7 +60,7 @@ CONFIG_FILE = "asvr_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(AsvrError):
     pass
 
 

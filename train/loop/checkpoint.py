@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from asvr.core.atomic import atomic_path, atomic_write
-from asvr.core.errors import check_fingerprint
+from asvr.core.errors import AsvrError, check_fingerprint
 
 CHECKPOINTS = "checkpoints"
 
@@ -94,7 +94,7 @@ def load_rng_state(path: Path) -> dict:
         ) from None
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AsvrError):
     """A checkpoint file that cannot be used; one line."""
 
 

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 from asvr.core.atomic import atomic_path, atomic_write
+from asvr.core.errors import AsvrError
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -55,7 +56,7 @@ class MetricsLogger:
             self.tb.close()
 
 
-class MetricsError(ValueError):
+class MetricsError(AsvrError):
     """metrics.jsonl has a broken line other than a torn last one; one line."""
 
 

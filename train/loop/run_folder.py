@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Iterator
 
 from asvr.core.locks import FolderLock
+from asvr.core.errors import AsvrError
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
-class DiskFullError(ValueError):
+class DiskFullError(AsvrError):
     """A write failed for lack of space (or quota, or a read-only filesystem); one line."""
 
 

@@ -56,9 +56,8 @@ from asvr.train.loop import checkpoint
 from asvr.train import libraries
 from asvr.train.loop.preemption import Preempted, SaveClock, StopSignals, gloo_reduce_max
 from asvr.train.loop.run_folder import lock_run_folder
-from asvr.train.config import ModelConfig, TrainConfig
+from asvr.train.config import TrainConfig
 from asvr.train.data.dataset import (
-    DataConfig,
     PackedLoader,
     TrainingData,
     assemble_data,
@@ -69,8 +68,9 @@ from asvr.train.data.dataset import (
 )
 from asvr.train.export.native import TrainedInputs
 from asvr.train.loop.metrics import MetricsLogger, plot_losses
-from asvr.train.data.packing import PackingConfig, padding_waste, plan_epoch
+from asvr.train.data.packing import padding_waste, plan_epoch
 from asvr.train.data.templates import get_template
+from asvr.core.errors import AsvrError
 
 
 def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
@@ -122,7 +122,7 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
     return f
 
 
-class RunFolderError(ValueError):
+class RunFolderError(AsvrError):
     """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
 
 
@@ -206,18 +206,7 @@ class Trainer:
         dist.barrier()
         if self.rank != 0:
             store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache, write_cache=False)
-        dcfg = DataConfig(
-            data=cfg.data,
-            codes=cfg.codes,
-            images=cfg.images,
-            vision_input=cfg.vision_input,
-            image_tokens=tower.tokens_per_image if tower is not None else None,
-            caption_free_ratio=cfg.caption_free_ratio,
-            skip_bad_samples=cfg.skip_bad_samples,
-            seed=cfg.seed,
-            num_workers=cfg.num_workers,
-            packing=PackingConfig(max_len=cfg.max_len, rows=cfg.micro_batch_size, pack=cfg.pack),
-        )
+        dcfg = cfg.data_config(tower.tokens_per_image if tower is not None else None)
         grey = None
         if cfg.text_only_visual_loss == "grey-image":
             grey = grey_image_codes(tokenizer, tokenizer.preprocess_config(store.meta.preprocess).image_size)
@@ -256,16 +245,7 @@ class Trainer:
 
     def build_model(self, tokenizer, tower):
         cfg = self.cfg
-        mcfg = ModelConfig(
-            llm=cfg.model,
-            trust_remote_code=cfg.trust_remote_code,
-            vision_input=cfg.vision_input,
-            vision_tower=tower.spec if cfg.vision_tower is not None else None,
-            head=cfg.head,
-            visual_loss_weight=cfg.visual_loss_weight,
-            attn_implementation=cfg.attn_implementation,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-        )
+        mcfg = cfg.model_config(tower.spec if cfg.vision_tower is not None else None)
         from asvr.train.model.lvlm import build_model
 
         torch.manual_seed(cfg.seed)  # same random projector/head on every rank

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from asvr.tokenizer.artifact import TOKENIZER_JSON, load_artifact
-from asvr.core.errors import check_fingerprint
+from asvr.core.errors import AsvrError, check_fingerprint
 from asvr.tokenizer.encoders.base import (
     EncoderLoadError,
     EncoderSpec,
@@ -59,7 +59,7 @@ from asvr.tokenizer.preprocess import PreprocessConfig, open_image, preprocess
 from asvr.train.config import TOWER_SELECT, VisionTowerSpec
 
 
-class VisionTowerError(ValueError):
+class VisionTowerError(AsvrError):
     """A bad --vision-tower; the message is one line."""
 
 
