@@ -3,6 +3,7 @@
   asvr-pipeline tokenize INPUT... --tokenizer TOK --out OUT [options]
   asvr-pipeline inspect OUT
   asvr-pipeline verify OUT
+  asvr-pipeline pack --codes CODES --data JSON... --model LLM --out DIR [options]
 
 ``main(argv)`` takes an argument list, so tests run the real job in-process.
 Bad input (missing INPUT, unknown format, bad tokenizer directory, a foreign
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     pv = sub.add_parser("verify", help="re-hash shards against the manifest, check codes and counts")
     pv.add_argument("out", metavar="OUT")
     pv.set_defaults(func=_run_verify)
+    from asvr.pipeline.job.pack import add_parser as add_pack_parser
+
+    add_pack_parser(sub)  # issue 25: asvr-pipeline pack
     return p
 
 

@@ -171,3 +171,31 @@ def caption_free_keys(
         return []
     rng = np.random.default_rng([seed, 7])
     return [pool[i] for i in sorted(rng.choice(len(pool), size=n, replace=False).tolist())]
+
+
+def read_conversations(paths: Sequence[str]) -> list[ConversationRecord]:
+    """The trainer's reader of LLaVA JSON / JSON Lines (one-line :class:`DataError`)."""
+    from asvr.train.data.sources import load_conversations
+
+    return load_conversations(paths)
+
+
+def store_from_shards(meta: ShardMeta, locations: dict[str, tuple[str, int]]) -> CodeStore:
+    """A :class:`CodeStore` of just these keys (``key -> (shard file, row)``), read shard by shard
+    (each shard once, codes range-checked by :func:`asvr.core.shards.read_shard`), in shard order."""
+    from asvr.core.shards import codes_array, read_shard
+
+    by_file: dict[str, list[tuple[int, str]]] = {}
+    for key, (f, row) in locations.items():
+        by_file.setdefault(f, []).append((row, key))
+    keys: list[str] = []
+    parts = []
+    for f in sorted(by_file):
+        wanted = sorted(by_file[f])
+        m, table = read_shard(f)
+        arr = codes_array(table.take([r for r, _ in wanted]), m)
+        parts.append(arr.reshape(len(wanted), -1, m.depth))
+        keys.extend(k for _, k in wanted)
+    hw = meta.grid[0] * meta.grid[1]
+    codes = np.concatenate(parts) if parts else np.zeros((0, hw, meta.depth), np.uint16)
+    return CodeStore(meta, keys, codes, {k: i for i, k in enumerate(keys)})
