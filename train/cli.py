@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    for name in ("model", "tokenizer", "codes"):
-        if not Path(getattr(a, name)).exists():
+    for name in ("model", "tokenizer", "codes", "packed"):
+        if getattr(a, name) is not None and not Path(getattr(a, name)).exists():
             raise CLIError(f"--{name} {getattr(a, name)}: no such file or folder")
     for f in a.data:
         if not Path(f).is_file():
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from asvr.train.loop.metrics import MetricsError
     from asvr.train.loop.preemption import Preempted
     from asvr.train.loop.run_folder import DiskFullError
+    from asvr.core.packed import PackedError
     from asvr.train.data.sources import DataError
     from asvr.train.data.templates import ConversationError
     from asvr.train.loop.trainer import RunFolderError
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = (
         RunFolderError,
         DataError,
+        PackedError,
         ShardError,
         TokenizerError,
         ImageError,

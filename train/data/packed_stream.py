@@ -309,3 +309,44 @@ class PackedStreamLoader:
                         f.write(json.dumps({"epoch": e, "samples": list(row["sample_ids"])}) + "\n")
             self.consumed += self.world * self.rows
             yield batch
+
+
+def open_packed_loader(
+    cfg, tokenizer, tower, llm_tokenizer, *, rank: int, world: int, grey_codes: np.ndarray | None = None
+) -> PackedStreamLoader:
+    """``--packed``: the folder checked against this run (tokenizer fingerprint/grid/depth, text
+    tokenizer, template, max length, image positions; one line naming the file), and this rank's
+    stream.  ``online``/``features`` read ``--images/KEY`` for each row's image keys (features
+    without a cache: the tower runs on them as the batch is built)."""
+    from asvr.train.data.packed_build import text_tokenizer_hash
+    from asvr.train.model.vision_input import SourceContext, get_vision_input
+
+    spec = tokenizer.spec
+    want = {
+        "fingerprint": spec.fingerprint,
+        "grid": tuple(spec.grid),
+        "depth": spec.depth,
+        "text_tokenizer": text_tokenizer_hash(llm_tokenizer),
+        "template": cfg.template,
+        "max_len": cfg.max_len,
+        "image_tokens": tower.tokens_per_image if tower is not None else spec.grid[0] * spec.grid[1],
+    }
+    corpus = PackedCorpus.open(cfg.packed, want)
+    mode = get_vision_input(cfg.vision_input)
+    source = None
+    if mode.uses_tower:
+        ctx = SourceContext(
+            store=None, images=cfg.images, tower=tower, preprocess=corpus.meta.preprocess, cache=None, keys=[]
+        )
+        source = mode.source(ctx)
+    collate = PackedCollator(corpus.meta, pad_id=llm_tokenizer.pad_token_id or 0, source=source, grey_codes=grey_codes)
+    return PackedStreamLoader(
+        corpus,
+        collate,
+        rows=cfg.micro_batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world=world,
+        shuffle_buffer=cfg.shuffle_buffer,
+        shuffle=cfg.shuffle_buffer > 0,
+    )
