@@ -69,7 +69,9 @@ def test_refusals_are_one_line(corpus, tiny_tokenizer_dir, packed, tmp_path, cap
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "packed-00000.parquet" in err and "max_len" in err and "\n" not in err
-    args = packed_args(corpus, tiny_tokenizer_dir, packed, tmp_path / "r2", "--max-steps", "1", "--codes", str(corpus.codes))
+    args = packed_args(
+        corpus, tiny_tokenizer_dir, packed, tmp_path / "r2", "--max-steps", "1", "--codes", str(corpus.codes)
+    )
     assert main(args) == 2
     assert "--packed replaces --codes" in capsys.readouterr().err
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from asvr.core.packed import PackedMeta, rows_to_table
 from asvr.core.shards import ShardMeta
@@ -59,7 +60,7 @@ class PackSettings:
 
 @dataclass
 class UnitRows:
-    table: object | None  # pyarrow Table of packed rows (None: no rows)
+    table: pa.Table | None  # packed rows (None: no rows)
     failures: list[dict] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
 

@@ -155,7 +155,7 @@ class PackedRows:
         path = self.corpus.files[fi]
         if fi not in self._files:
             self._files[fi] = open_packed(path)[1]
-        table = read_row_group(path, self._files[fi], g)  # type: ignore[arg-type]
+        table = read_row_group(path, self._files[fi], g)
         cols = {name: table.column(name).to_pylist() for name in ("sample_ids", "image_keys")}
         for name in ("input_ids", "labels", "sample_offsets", "image_offsets", "codes"):
             col = table.column(name).combine_chunks()
@@ -336,7 +336,12 @@ def open_packed_loader(
     source = None
     if mode.uses_tower:
         ctx = SourceContext(
-            store=None, images=cfg.images, tower=tower, preprocess=corpus.meta.preprocess, cache=None, keys=[]
+            store=None,  # type: ignore[arg-type]  # online/features sources never read the store
+            images=cfg.images,
+            tower=tower,
+            preprocess=corpus.meta.preprocess,
+            cache=None,
+            keys=[],
         )
         source = mode.source(ctx)
     collate = PackedCollator(corpus.meta, pad_id=llm_tokenizer.pad_token_id or 0, source=source, grey_codes=grey_codes)
