@@ -3,6 +3,7 @@
   asvr-pipeline tokenize INPUT... --tokenizer TOK --out OUT [options]
   asvr-pipeline inspect OUT
   asvr-pipeline verify OUT
+  asvr-pipeline pack --codes CODES --data JSON... --model LLM --out DIR [options]
 
 Every option is a field of the subcommand's config dataclass, written once
 there (``tokenize``: ``asvr.pipeline.job.runner.PipelineConfig``, its
@@ -145,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(
         sub, "verify", VerifyOptions, help="re-hash shards against the manifest, check codes and counts"
     ).set_defaults(func=_run_verify)
+    from asvr.pipeline.job.pack import PackConfig, run_cli  # issue 25
+
+    add_command(
+        sub,
+        "pack",
+        PackConfig,
+        help="join conversations with code shards, tokenize and pack them into training rows (Ray)",
+        description="Join LLaVA conversations with code shards by key, render the template, tokenize, compute "
+        "labels and pack samples into rows of --max-len tokens, written as packed shards that asvr-train "
+        "--packed streams. Rerun the same command after a crash or kill to resume.",
+    ).set_defaults(func=run_cli)
     return p
 
 

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    for name in ("model", "tokenizer", "codes"):
-        if not Path(getattr(a, name)).exists():
+    for name in ("model", "tokenizer", "codes", "packed"):
+        if getattr(a, name) is not None and not Path(getattr(a, name)).exists():
             raise CLIError(f"--{name} {getattr(a, name)}: no such file or folder")
     for f in a.data:
         if not Path(f).is_file():

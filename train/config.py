@@ -232,10 +232,16 @@ class TrainConfig:
     """LLM: a local Hugging Face folder (config, weights, tokenizer)."""
     tokenizer: str = field(metadata=_opt(IO))
     """Semantic tokenizer artifact folder (asvr-tokenizer): the visual targets."""
-    codes: str = field(metadata=_opt(IO))
-    """Code shards written with that tokenizer (asvr-pipeline tokenize)."""
-    data: list[str] = field(metadata=_opt(IO))
-    """LLaVA JSON conversation file(s): id, image, conversations."""
+    codes: str | None = field(default=None, metadata=_opt(IO))
+    """Code shards written with that tokenizer (asvr-pipeline tokenize); required unless --packed."""
+    data: list[str] = field(default_factory=list, metadata=_opt(IO))
+    """LLaVA JSON conversation file(s): id, image, conversations; required unless --packed."""
+    packed: str | None = field(default=None, metadata=_opt(IO))
+    """Packed shards (asvr-pipeline pack) streamed per rank instead of --codes/--data: memory flat in corpus
+    size, resumable on another number of ranks."""
+    shuffle_buffer: int = field(default=512, metadata=_opt(DATA))
+    """--packed: rows shuffled together (whole row groups of 64) after the row groups' own seeded order
+    (0: the packed order, unshuffled)."""
     images: str | None = field(default=None, metadata=_opt(IO))
     """Image root (LLaVA 'image' paths are relative to it); online/features inputs."""
     output_dir: str = field(metadata=_opt(IO))
@@ -381,6 +387,10 @@ class TrainConfig:
             raise ValueError("--preview must be >= 0")
         if isinstance(self.data, str):
             self.data = [self.data]
+        if self.packed is None and (self.codes is None or not self.data):
+            raise ValueError("--codes and --data are required (or --packed DIR from asvr-pipeline pack)")
+        if self.packed is not None and (self.codes is not None or self.data):
+            raise ValueError("--packed replaces --codes and --data: give one or the other")
         self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
         self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
 
@@ -404,6 +414,7 @@ class TrainConfig:
         from asvr.train.data.dataset import DataConfig
         from asvr.train.data.packing import PackingConfig
 
+        assert self.codes is not None, "the in-memory path needs --codes (__post_init__: required without --packed)"
         return DataConfig(
             data=self.data,
             codes=self.codes,

@@ -129,16 +129,18 @@ def build_training_data(
     llm_tokenizer,
     store: CodeStore,
     check_images: bool | Callable[[str], bool],
+    records: Sequence[ConversationRecord] | None = None,
 ) -> TrainingData:
     """Join, validate and tokenize. Raises :class:`DataError` on bad samples unless ``cfg.skip_bad_samples``.
 
     ``check_images``: whether ``images/key`` must exist, for every key or per key (a
-    vision input's ``needs_image``: a features cache that holds a key needs no image)."""
+    vision input's ``needs_image``: a features cache that holds a key needs no image).
+    ``records``: these conversations instead of reading ``cfg.data`` (one unit of ``asvr-pipeline pack``)."""
     meta = store.meta
     image_tokens = cfg.image_tokens or meta.grid[0] * meta.grid[1]
     need = check_images if callable(check_images) else (lambda key: check_images)
     max_len = cfg.packing.max_len
-    records: list[ConversationRecord] = load_conversations(cfg.data)
+    records = load_conversations(cfg.data) if records is None else records
     samples: list[Sample] = []
     bad: list[BadSample] = []
     referenced: set[str] = set()

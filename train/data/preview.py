@@ -51,6 +51,8 @@ def preview(cfg, n: int, out: TextIO | None = None) -> int:
     llm_tokenizer = AutoTokenizer.from_pretrained(
         cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
     )
+    if cfg.codes is None:
+        raise DataError("--preview reads --codes/--data (packed rows are already tokenized)")
     store = open_codes(cfg.codes, tokenizer.spec)
     dcfg = cfg.data_config(image_tokens(tokenizer.spec.grid, cfg.vision_tower_select))
     # images are checked where every step reads them (online); a features cache may hold them already

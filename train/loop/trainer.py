@@ -201,6 +201,7 @@ class Trainer:
     def build_data(self, tokenizer, tower, llm_tokenizer) -> tuple[TrainingData, PackedLoader]:
         cfg = self.cfg
         cache = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
+        assert cfg.codes is not None  # TrainConfig.__post_init__: --codes/--data unless --packed
         if self.rank == 0:
             store = open_codes(cfg.codes, tokenizer.spec, cache_dir=cache)
         dist.barrier()
@@ -242,6 +243,26 @@ class Trainer:
             num_workers=cfg.num_workers,
         )
         return data, loader
+
+    def build_packed(self, tokenizer, tower, llm_tokenizer):
+        """``--packed``: this rank's stream of packed rows (:mod:`asvr.train.data.packed_stream`)."""
+        from asvr.train.data.packed_stream import open_packed_loader
+
+        cfg = self.cfg
+        loader = open_packed_loader(cfg, tokenizer, tower, llm_tokenizer, rank=self.rank, world=self.world)
+        preprocess = loader.corpus.meta.preprocess
+        if cfg.text_only_visual_loss == "grey-image":
+            size = tokenizer.preprocess_config(preprocess).image_size
+            loader.collate.grey_codes = grey_image_codes(tokenizer, size)
+        assert cfg.template is not None
+        enc = tower.encoder_spec if tower is not None else tokenizer.spec.encoder
+        self.inputs = TrainedInputs(
+            template=cfg.template, preprocess=preprocess, image_size=enc.image_size, resample=enc.resample
+        )
+        return (
+            loader,
+            f"{loader.corpus.n_rows} packed rows in {cfg.packed}, {loader.micro_batches_per_epoch()} micro-batches/epoch/rank",
+        )
 
     def build_model(self, tokenizer, tower):
         cfg = self.cfg
@@ -296,15 +317,18 @@ class Trainer:
             cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
         )
         tower = self.build_tower(tokenizer)
-        data, loader = self.build_data(tokenizer, tower, llm_tokenizer)
+        if cfg.packed is not None:  # issue 25: packed shards streamed per rank
+            loader, what = self.build_packed(tokenizer, tower, llm_tokenizer)
+        else:
+            data, loader = self.build_data(tokenizer, tower, llm_tokenizer)
+            what = (
+                f"{len(data.samples)} samples ({data.n_conversations} conversations, {data.n_caption_free} "
+                f"caption-free), {loader.micro_batches_per_epoch()} micro-batches/epoch/rank, padding waste "
+                f"{padding_waste(plan_epoch(data.lengths, loader.packing, cfg.seed, 0), data.lengths):.1%}"
+            )
         per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
         total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
-        self.log(
-            f"{len(data.samples)} samples ({data.n_conversations} conversations, {data.n_caption_free} "
-            f"caption-free), {loader.micro_batches_per_epoch()} micro-batches/epoch/rank, padding waste "
-            f"{padding_waste(plan_epoch(data.lengths, loader.packing, cfg.seed, 0), data.lengths):.1%}, "
-            f"{total} steps on {self.world} x {self.device.type}"
-        )
+        self.log(f"{what}, {total} steps on {self.world} x {self.device.type}")
 
         model, groups = self.build_model(tokenizer, tower)
         ds_cfg = self.deepspeed_config()
