@@ -230,7 +230,8 @@ class Trainer:
             f"{total} steps on {self.world} x {self.device.type}"
         )
 
-        engine = self.build_engine(*self.build_model(tokenizer, tower), total)
+        model, groups = self.build_model(tokenizer, tower)
+        engine = build_engine(cfg, self.device, model, groups, total, announce=self.rank == 0)
         step = self.resume(engine, loader, auto_tag)
         if self.rank == 0:
             (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -245,9 +246,6 @@ class Trainer:
             plot_losses(self.run_dir, cfg.stage)
         dist.barrier()
         return last
-
-    def build_engine(self, model, groups: list[dict], total: int):
-        return build_engine(self.cfg, self.device, model, groups, total, announce=self.rank == 0)
 
     def resume(self, engine, loader: PackedLoader, auto_tag: str | None) -> int:
         """The step to start at: the checkpoint's (engine and loader restored) or 0 (seeded)."""
