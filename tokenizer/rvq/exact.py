@@ -44,16 +44,16 @@ def candidate_window(approx: torch.Tensor, bound: torch.Tensor) -> tuple[torch.T
     return best_val, best_idx, count
 
 
-def full_search(rc: torch.Tensor, r64: torch.Tensor, p: dict, rerank: int = 4, block: int = 4096) -> torch.Tensor:
+def full_search(rc: torch.Tensor, r64: torch.Tensor, p: dict, shortlist: int = 4, block: int = 4096) -> torch.Tensor:
     """Float64 search over the whole codebook: the expanded form (one float64
-    matmul on the centred residual ``rc``) shortlists ``rerank`` codes, which are
+    matmul on the centred residual ``rc``) shortlists ``shortlist`` codes, which are
     re-ranked with the reference's formula (:func:`rerank`).  Codes tied with the
-    ``rerank``-th value enter the shortlist lowest index first: ``topk`` picks among equal
-    values in no set order, so with more than ``rerank`` equal codes (duplicated codebook
+    ``shortlist``-th value enter the shortlist lowest index first: ``topk`` picks among equal
+    values in no set order, so with more than ``shortlist`` equal codes (duplicated codebook
     rows) it left out the lowest index (issue 24: 12 copies of one code gave code 6)."""
     out = torch.empty(rc.shape[0], dtype=torch.long, device=rc.device)
     k_all = p["b64"].shape[0]
-    k = min(rerank, k_all)
+    k = min(shortlist, k_all)
     order = torch.arange(k_all, device=rc.device, dtype=torch.float64)
     for s in range(0, rc.shape[0], block):
         approx = p["n64"][None, :] - 2 * (rc[s : s + block] @ p["b64"].T)
