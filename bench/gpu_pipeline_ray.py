@@ -34,6 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
+    from bench._common import siglip_config
+except ModuleNotFoundError:
+    from _common import siglip_config
+
 OUT = Path(os.environ.get("OUT", "/tmp"))
 RESULTS: dict = {}
 
@@ -68,7 +73,7 @@ def _decode(args):
 
 def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> Path:
     import torch
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionModel
 
     from asvr.tokenizer.model import SemanticTokenizer
 
@@ -77,24 +82,10 @@ def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> 
     from asvr.tokenizer.encoders.base import default_encoder_spec
 
     if tiny:
-        cfg = SiglipVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
-        )
+        cfg = siglip_config(tiny=True)
         depth, k = 3, 64
     else:
-        cfg = SiglipVisionConfig(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=27,
-            num_attention_heads=16,
-            patch_size=14,
-            image_size=384,
-        )
+        cfg = siglip_config()
         depth, k = 8, 16384
     torch.manual_seed(0)
     with torch.device(device):
