@@ -1,5 +1,6 @@
-"""Set-up the bench scripts share: the SigLIP geometries they build random towers of, and the
-median wall time of a call with a device sync around it.
+"""Set-up the bench scripts share: the SigLIP geometries they build random towers of, the
+median wall time of a call with a device sync around it, and one ``asvr-pipeline tokenize``
+run as a subprocess.
 
 A script imports it as ``bench._common`` when a test imports the script as ``bench.x``, and
 as ``_common`` when it runs as ``python bench/x.py`` (the script's folder is first on
@@ -8,6 +9,8 @@ as ``_common`` when it runs as ``python bench/x.py`` (the script's folder is fir
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -40,15 +43,21 @@ def siglip_config(tiny: bool = False, **overrides):
     return SiglipVisionConfig(**{**(SIGLIP_TINY if tiny else SIGLIP_SO400M), **overrides})
 
 
-def median_time(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool = False) -> float:
-    """Median seconds of ``fn()`` over ``iters`` calls after ``warmup`` (synchronising CUDA
-    around each call when ``cuda``: kernels are asynchronous)."""
+def device_sync(cuda: bool) -> Callable[[], None]:
+    """``torch.cuda.synchronize`` when ``cuda`` (kernels are asynchronous), else a no-op."""
     import torch
 
-    def sync():
+    def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    return sync
+
+
+def median_time(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool = False) -> float:
+    """Median seconds of ``fn()`` over ``iters`` calls after ``warmup`` (synchronising CUDA
+    around each call when ``cuda``)."""
+    sync = device_sync(cuda)
     for _ in range(warmup):
         fn()
     sync()
@@ -59,3 +68,36 @@ def median_time(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: boo
         sync()
         ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
+
+
+def tokenize_cmd(images_dir, tok_dir, out, batch: int, search_dtype: str, cuda: bool) -> list[str]:
+    """``asvr-pipeline tokenize IMAGES --tokenizer TOK --out OUT`` as the benches run it: no
+    progress bar, over an earlier OUT, bf16 encoder on CUDA."""
+    return [
+        sys.executable,
+        "-m",
+        "asvr.pipeline.cli",
+        "tokenize",
+        str(images_dir),
+        "--tokenizer",
+        str(tok_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(batch),
+        "--no-progress",
+        "--overwrite",
+        "--encoder-dtype",
+        "bfloat16" if cuda else "float32",
+        "--search-dtype",
+        search_dtype,
+    ]
+
+
+def run_cli(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """-> (exit code, stdout + the last 3000 characters of stderr); 124 and "timeout" past ``timeout``."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return p.returncode, p.stdout + p.stderr[-3000:]
+    except subprocess.TimeoutExpired:
+        return 124, "timeout"

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 
 try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
-    from bench._common import median_time
+    from bench._common import device_sync, median_time
 except ModuleNotFoundError:
-    from _common import median_time
+    from _common import device_sync, median_time
 
 RESULTS: dict = {}
 OUT = Path(os.environ.get("OUT", "/tmp"))
@@ -97,9 +97,7 @@ def main(argv=None) -> int:
         log("no triton: nothing to measure")
         return 1
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    sync = device_sync(cuda)
 
     def timeit(fn, iters=a.iters, warmup=1):
         return median_time(fn, iters, warmup, cuda)
