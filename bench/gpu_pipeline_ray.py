@@ -27,12 +27,16 @@ import json
 import multiprocessing as mp
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
+    from bench._common import siglip_config, run_cli, tokenize_cmd
+except ModuleNotFoundError:
+    from _common import siglip_config, run_cli, tokenize_cmd
 
 OUT = Path(os.environ.get("OUT", "/tmp"))
 RESULTS: dict = {}
@@ -68,7 +72,7 @@ def _decode(args):
 
 def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> Path:
     import torch
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionModel
 
     from asvr.tokenizer.model import SemanticTokenizer
 
@@ -77,24 +81,10 @@ def build_tokenizer(work: Path, images: list[Path], tiny: bool, device: str) -> 
     from asvr.tokenizer.encoders.base import default_encoder_spec
 
     if tiny:
-        cfg = SiglipVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
-        )
+        cfg = siglip_config(tiny=True)
         depth, k = 3, 64
     else:
-        cfg = SiglipVisionConfig(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=27,
-            num_attention_heads=16,
-            patch_size=14,
-            image_size=384,
-        )
+        cfg = siglip_config()
         depth, k = 8, 16384
     torch.manual_seed(0)
     with torch.device(device):
@@ -186,36 +176,14 @@ def gpu_sampler(stop: threading.Event, samples: list) -> None:
 def cli_run(
     tok_dir: Path, images_dir: Path, out: Path, batch: int, search_dtype: str, cuda: bool, timeout: float
 ) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "asvr.pipeline.cli",
-        "tokenize",
-        str(images_dir),
-        "--tokenizer",
-        str(tok_dir),
-        "--out",
-        str(out),
-        "--batch-size",
-        str(batch),
-        "--no-progress",
-        "--overwrite",
-        "--encoder-dtype",
-        "bfloat16" if cuda else "float32",
-        "--search-dtype",
-        search_dtype,
-    ]
+    cmd = tokenize_cmd(images_dir, tok_dir, out, batch, search_dtype, cuda)
     samples: list = []
     stop = threading.Event()
     th = threading.Thread(target=gpu_sampler, args=(stop, samples), daemon=True)
     if cuda:
         th.start()
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        rc, text = p.returncode, p.stdout + p.stderr[-3000:]
-    except subprocess.TimeoutExpired:
-        rc, text = 124, "timeout"
+    rc, text = run_cli(cmd, timeout)
     wall = time.perf_counter() - t0
     stop.set()
     res = {"rc": rc, "outer_wall_s": wall, "cmd": " ".join(cmd[2:])}

@@ -37,6 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
+    from bench._common import device_sync, median_time
+except ModuleNotFoundError:
+    from _common import device_sync, median_time
+
 RESULTS: dict = {}
 OUT = Path(os.environ.get("OUT", "/tmp"))
 
@@ -92,21 +97,10 @@ def main(argv=None) -> int:
         log("no triton: nothing to measure")
         return 1
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    sync = device_sync(cuda)
 
     def timeit(fn, iters=a.iters, warmup=1):
-        for _ in range(warmup):
-            fn()
-        sync()
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+        return median_time(fn, iters, warmup, cuda)
 
     gen = torch.Generator().manual_seed(0)
     # ---- 1. ceilings

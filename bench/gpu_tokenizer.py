@@ -35,6 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
+    from bench._common import siglip_config
+except ModuleNotFoundError:
+    from _common import siglip_config
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 
@@ -69,27 +74,13 @@ def cuda_time(fn, iters: int, warmup: int = 2) -> float:
 
 
 def build_encoder(layers_total=27, feature_layer=26, small=False):
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionModel
 
     if small:
-        cfg = SiglipVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
-        )
+        cfg = siglip_config(tiny=True)
         feature_layer = 2
     else:
-        cfg = SiglipVisionConfig(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=layers_total,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=14,
-        )
+        cfg = siglip_config(num_hidden_layers=layers_total)
     cfg.num_hidden_layers = feature_layer  # layers above the semantic one are never built
     cfg._attn_implementation = "sdpa"
     model = SiglipVisionModel(cfg).eval().requires_grad_(False)

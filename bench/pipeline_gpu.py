@@ -22,10 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
+    from bench._common import siglip_config
+except ModuleNotFoundError:
+    from _common import siglip_config
+
 
 def build_so400m_tokenizer(work: Path) -> Path:
     import torch
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SiglipVisionModel
 
     from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
 
@@ -34,14 +39,7 @@ def build_so400m_tokenizer(work: Path) -> Path:
     enc_dir, tok_dir = work / "siglip", work / "tok"
     if (tok_dir / "tokenizer.json").exists():
         return tok_dir
-    cfg = SiglipVisionConfig(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=27,
-        num_attention_heads=16,
-        patch_size=14,
-        image_size=384,
-    )
+    cfg = siglip_config()
     torch.manual_seed(0)
     SiglipVisionModel(cfg).save_pretrained(enc_dir)
     enc = default_encoder_spec("siglip", str(enc_dir))

@@ -42,6 +42,11 @@ from asvr.train.data.batch import Batch
 from asvr.train.config import ModelConfig, VisualHeadConfig, tiny_llm_config
 from asvr.train.model.lvlm import build_model
 
+try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
+    from bench._common import siglip_config
+except ModuleNotFoundError:
+    from _common import siglip_config
+
 
 def make_images(n: int, seed: int = 0) -> list[bytes]:
     from PIL import Image
@@ -116,17 +121,10 @@ def main(argv=None) -> None:
     if a.siglip:
         import tempfile
 
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipVisionModel
 
         folder = tempfile.mkdtemp(prefix="siglip_")
-        vcfg = SiglipVisionConfig(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=27,
-            num_attention_heads=16,
-            patch_size=14,
-            image_size=384,
-        )
+        vcfg = siglip_config()
         with torch.device(device):
             SiglipVisionModel(vcfg).save_pretrained(folder)
         cb = torch.randn(a.depth, a.codebook, 1152) * 0.05

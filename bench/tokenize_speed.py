@@ -49,7 +49,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -57,6 +56,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+try:  # as bench.x (tests) or as python bench/x.py (the script's folder on sys.path)
+    from bench._common import device_sync, median_time, run_cli, tokenize_cmd
+except ModuleNotFoundError:
+    from _common import device_sync, median_time, run_cli, tokenize_cmd
 
 HERE = Path(__file__).resolve().parent
 ROWS: list[dict] = []
@@ -108,21 +112,10 @@ def tokenizer_section(a, torch, dev, cuda: bool) -> dict:
     from asvr.tokenizer.encode_engine import EngineOptions, PixelEncoder
     from asvr.tokenizer.rvq.plan import FusedPlan
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    sync = device_sync(cuda)
 
     def timeit(fn, iters=a.iters, warmup=1):
-        for _ in range(warmup):
-            fn()
-        sync()
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+        return median_time(fn, iters, warmup, cuda)
 
     gen = torch.Generator().manual_seed(0)
     depth, k = (3, 96) if a.tiny else (8, 16384)
@@ -323,35 +316,13 @@ def in_process(tok_dir, images, a, sd, device, busy: dict) -> dict:
 
 
 def cli_run(tok_dir, images_dir, out, a, sd, cuda) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "asvr.pipeline.cli",
-        "tokenize",
-        str(images_dir),
-        "--tokenizer",
-        str(tok_dir),
-        "--out",
-        str(out),
-        "--batch-size",
-        str(a.pipe_batch),
-        "--no-progress",
-        "--overwrite",
-        "--encoder-dtype",
-        "bfloat16" if cuda else "float32",
-        "--search-dtype",
-        sd,
-    ]
+    cmd = tokenize_cmd(images_dir, tok_dir, out, a.pipe_batch, sd, cuda)
     if cuda:
         cmd += ([] if a.no_compile else ["--compile-encoder"]) + ["--encode-chunks", str(a.chunks)]
     if a.num_cpus:
         cmd += ["--num-cpus", str(a.num_cpus)]
     t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-        rc, text = p.returncode, p.stdout + p.stderr[-3000:]
-    except subprocess.TimeoutExpired:
-        rc, text = 124, "timeout"
+    rc, text = run_cli(cmd, a.timeout)
     res: dict = {"rc": rc, "wall_s": time.perf_counter() - t0, "cmd": " ".join(cmd[3:])}
     for line in text.splitlines():
         if " img/s" in line and "images in" in line:

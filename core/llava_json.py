@@ -64,6 +64,21 @@ def _refuse_surrogates(path: Path, rec: Any, where: str) -> None:
         )
 
 
+def _parse_jsonl(path: Path, text: str, check: bool) -> list[Any]:
+    records = []
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 etc. are JSON text
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise LlavaJSONError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if check:
+            _refuse_surrogates(path, rec, f"line {n}")
+        records.append(rec)
+    return records
+
+
 def read_llava_records(path: str | os.PathLike) -> list[Any]:
     path = Path(path)
     jsonl = path.suffix.lower() == ".jsonl"
@@ -72,24 +87,11 @@ def read_llava_records(path: str | os.PathLike) -> list[Any]:
     except (OSError, ValueError) as e:
         raise LlavaJSONError(f"{path}: not a readable LLaVA JSON file ({e})") from None
     check = _SURROGATE_ESCAPE.search(text) is not None
-    records: Any = []
     try:
-        if jsonl:
-            for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 etc. are JSON text
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise LlavaJSONError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
-                if check:
-                    _refuse_surrogates(path, rec, f"line {n}")
-                records.append(rec)
-        else:
-            records = json.loads(text)
+        records = _parse_jsonl(path, text, check) if jsonl else json.loads(text)
+    except LlavaJSONError:
+        raise
     except ValueError as e:
-        if isinstance(e, LlavaJSONError):
-            raise
         raise LlavaJSONError(f"{path}: not a readable LLaVA JSON file ({e})") from None
     except RecursionError:  # json's C scanner on e.g. 100k nested brackets
         raise LlavaJSONError(f"{path}: not a readable LLaVA JSON file (nested too deeply)") from None

@@ -41,13 +41,12 @@ from typing import Iterator
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class Stopped(BaseException):
-    """A stop signal ended the command; ``detail`` says what was kept and how to go on."""
+class SignalExit(BaseException):
+    """A stop signal ended the command (a BaseException, like KeyboardInterrupt: no ``except
+    Exception`` swallows it): the exit code a shell expects and the signal's name.  The base of
+    :class:`Stopped` and of ``asvr-train``'s ``Preempted`` (which says what it saved)."""
 
-    def __init__(self, signum: int, detail: str = ""):
-        super().__init__(signum, detail)
-        self.signum = signum
-        self.detail = detail
+    signum: int
 
     @property
     def exit_code(self) -> int:
@@ -56,6 +55,15 @@ class Stopped(BaseException):
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
+
+
+class Stopped(SignalExit):
+    """A stop signal ended the command; ``detail`` says what was kept and how to go on."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(signum, detail)
+        self.signum = signum
+        self.detail = detail
 
     def message(self) -> str:
         return f"stopped by {self.name}" + (f"; {self.detail}" if self.detail else "")

@@ -50,133 +50,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from asvr.core.atomic import atomic_path, atomic_write
 from asvr.core.errors import run_guarded
-
-COLOURS = {
-    "red": (220, 30, 35),
-    "green": (40, 170, 60),
-    "blue": (30, 70, 210),
-    "yellow": (245, 215, 40),
-    "purple": (130, 50, 170),
-    "white": (250, 250, 250),
-}
-SHAPES = ("circle", "square", "triangle", "star")
-SIZES = {"small": 0.11, "medium": 0.16, "large": 0.22}  # radius / image side
-BACKGROUNDS = ((120, 120, 120), (90, 95, 100), (150, 145, 140), (70, 70, 70))
-CATEGORIES = ("colour", "shape", "count", "position", "size")
-FORMS = ("yes_no", "multiple_choice", "short")
-RELATIONS = ("left", "right", "above", "below")
-COUNTS = ("2", "3", "4")
-SPLITS = {"train": 0, "heldout": 1, "free": 2}
-INSTRUCTION = {
-    "yes_no": "Answer the question using a single word or phrase.",
-    "short": "Answer the question using a single word or phrase.",
-    "multiple_choice": "Answer with the option's letter from the given choices directly.",
-}
-"""LLaVA-1.5's answer-format prompts, as ``asvr-eval bench --instructions llava`` appends them."""
-IMAGE_SIDE = 224
-CELL_NAMES = (
-    ("at the top left", "at the top", "at the top right"),
-    ("on the left", "in the middle", "on the right"),
-    ("at the bottom left", "at the bottom", "at the bottom right"),
+from asvr.demo.vqa_scenes import (  # noqa: F401 - the vocabulary stays importable from here
+    CATEGORIES,
+    CELL_NAMES,
+    COLOURS,
+    COUNTS,
+    DESCRIBE,
+    FORMS,
+    IMAGE_SIDE,
+    INSTRUCTION,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    Obj,
+    Scene,
+    draw_scene,
+    heldout_pairs,
+    make_scene,
 )
-DESCRIBE = "Describe the image briefly."
-
-
-@dataclass(frozen=True)
-class Obj:
-    colour: str
-    shape: str
-    size: str
-    row: int
-    col: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
-
-
-@dataclass
-class Scene:
-    image: str
-    split: str
-    objects: list[Obj]
-
-    @property
-    def caption(self) -> str:
-        parts = [f"a {o.size} {o.name} {CELL_NAMES[o.row][o.col]}" for o in self.objects]
-        body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return body[0].upper() + body[1:] + "."
-
-
-def heldout_pairs(seed: int) -> list[tuple[str, str]]:
-    """One (colour, shape) per shape that the train and free images never show."""
-    rng = np.random.default_rng([seed, 99])
-    colours = list(COLOURS)
-    picked = rng.permutation(len(colours))[: len(SHAPES)]
-    return [(colours[int(c)], s) for c, s in zip(picked, SHAPES)]
-
-
-# --------------------------------------------------------------------------- scenes
-def make_scene(seed: int, split: str, index: int, held: list[tuple[str, str]]) -> Scene:
-    """Objects of one scene; a held-out scene contains exactly one held-out pair (its first object), others none."""
-    rng = np.random.default_rng([seed, SPLITS[split], index])
-    n = int(rng.integers(2, 5))
-    held_set = set(held)
-    while True:
-        colours = [list(COLOURS)[int(i)] for i in rng.permutation(len(COLOURS))]
-        shapes = [SHAPES[int(i)] for i in rng.permutation(len(SHAPES))]
-        if split == "heldout":  # the held-out object first; the others distinct from it
-            c, s = held[int(rng.integers(len(held)))]
-            colours, shapes = [c] + [x for x in colours if x != c], [s] + [x for x in shapes if x != s]
-        colours, shapes = colours[:n], shapes[:n]
-        others = zip(colours[1:], shapes[1:]) if split == "heldout" else zip(colours, shapes)
-        if not any((c, s) in held_set for c, s in others):  # held-out scenes: exactly one unseen pair
-            break
-    # the second object shares a row or a column with the first: every scene has a pair whose
-    # relative position is one word (left / right / above / below), never a diagonal
-    first = int(rng.integers(9))
-    aligned = [k for k in range(9) if k != first and (k // 3 == first // 3 or k % 3 == first % 3)]
-    second = aligned[int(rng.integers(len(aligned)))]
-    rest = [k for k in rng.permutation(9).tolist() if k not in (first, second)]
-    cells = [first, second, *rest][:n]
-    objs = [
-        Obj(c, s, list(SIZES)[int(rng.integers(3))], int(k) // 3, int(k) % 3) for c, s, k in zip(colours, shapes, cells)
-    ]
-    return Scene(f"{split}/{index // 100:02d}/scene_{index:05d}.png", split, objs)
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in (-np.pi / 2, np.pi / 6, 5 * np.pi / 6)]
-    return [
-        (
-            cx + (r if i % 2 == 0 else 0.45 * r) * np.cos(-np.pi / 2 + i * np.pi / 5),
-            cy + (r if i % 2 == 0 else 0.45 * r) * np.sin(-np.pi / 2 + i * np.pi / 5),
-        )
-        for i in range(10)
-    ]
-
-
-def draw_scene(scene: Scene, seed: int, index: int, side: int = IMAGE_SIDE) -> Image.Image:
-    rng = np.random.default_rng([seed, SPLITS[scene.split], index, 1])
-    img = Image.new("RGB", (side, side), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
-    d = ImageDraw.Draw(img)
-    for o in scene.objects:
-        cx = (o.col + 0.5 + rng.uniform(-0.08, 0.08)) * side / 3
-        cy = (o.row + 0.5 + rng.uniform(-0.08, 0.08)) * side / 3
-        r = SIZES[o.size] * side * rng.uniform(0.95, 1.05)
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o.shape == "square":
-            d.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=fill)
-        else:
-            d.polygon(_polygon(o.shape, cx, cy, r * (1.15 if o.shape == "star" else 1.0)), fill=fill)
-    return img
 
 
 # --------------------------------------------------------------------------- questions
@@ -332,6 +227,78 @@ def _write(path: Path, text: str) -> None:
     atomic_write(path, text)
 
 
+def _draw_scenes(out: Path, seed: int, counts: dict[str, int], held: list, progress: bool) -> list[Scene]:
+    """Every scene of every split, its PNG written under ``out/images``."""
+    from tqdm import tqdm
+
+    scenes: list[Scene] = []
+    jobs = [(s, i) for s, n in counts.items() for i in range(n)]
+    for split, i in tqdm(jobs, desc="scenes", unit="img", disable=not progress, leave=False):
+        scene = make_scene(seed, split, i, held)
+        path = out / "images" / scene.image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            draw_scene(scene, seed, i).save(tmp, format="PNG")
+        scenes.append(scene)
+    return scenes
+
+
+def _conversations(scenes: list[Scene], split: str, plan: QuestionPlan, describe: bool) -> list[dict]:
+    """One LLaVA SFT record per scene: the planned questions, then (``describe``) the caption."""
+    recs = []
+    for s in scenes:
+        conv = []
+        for t, (q, gold) in enumerate(plan.for_image(s)):
+            conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + prompt(q)})
+            conv.append({"from": "gpt", "value": _reply(q, gold)})
+        if describe:  # last, so no question can copy its answer from the description
+            conv += [{"from": "human", "value": DESCRIBE}, {"from": "gpt", "value": s.caption}]
+        recs.append({"id": Path(s.image).stem + f"_{split}_qa", "image": s.image, "conversations": conv})
+    return recs
+
+
+def _bench(scenes: list[Scene], plan: QuestionPlan) -> list[dict]:
+    """The ``asvr-eval bench`` items of the held-out scenes."""
+    items = []
+    for s in scenes:
+        for t, (q, gold) in enumerate(plan.for_image(s)):
+            item = {
+                "id": f"{Path(s.image).stem}_{t}",
+                "image": s.image,
+                "question": q.question,
+                "answer": gold,
+                "type": q.form,
+                "category": q.category,
+                "chance": round(q.chance, 6),
+            }
+            if q.options:
+                item["options"] = q.options
+            items.append(item)
+    return items
+
+
+def _captions(scenes: list[Scene]) -> list[dict]:
+    """LLaVA plain-style pretraining records: human ``<image>`` / gpt caption."""
+    return [
+        {
+            "id": Path(s.image).stem + "_cap",
+            "image": s.image,
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": s.caption}],
+        }
+        for s in scenes
+    ]
+
+
+def _scene_lines(scenes: list[Scene]) -> str:
+    return "".join(
+        json.dumps(
+            {"image": s.image, "split": s.split, "caption": s.caption, "objects": [asdict(o) for o in s.objects]}
+        )
+        + "\n"
+        for s in scenes
+    )
+
+
 def make_vqa_corpus(
     out: str | os.PathLike,
     train: int = 600,
@@ -347,79 +314,24 @@ def make_vqa_corpus(
     ends with "Describe the image briefly." and the caption (dense grounded supervision: a tiny
     LLM learns to read the image from ~15 caption tokens an image far sooner than from 3
     one-word answers)."""
-    from tqdm import tqdm
-
     if train < 1 or heldout < 1 or free < 0:
         raise ValueError("need train >= 1, heldout >= 1 and free >= 0")
     out = Path(out)
     held = heldout_pairs(seed)
-    scenes: list[Scene] = []
-    jobs = [(s, i) for s, n in (("train", train), ("heldout", heldout), ("free", free)) for i in range(n)]
-    for split, i in tqdm(jobs, desc="scenes", unit="img", disable=not progress, leave=False):
-        scene = make_scene(seed, split, i, held)
-        path = out / "images" / scene.image
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            draw_scene(scene, seed, i).save(tmp, format="PNG")
-        scenes.append(scene)
+    scenes = _draw_scenes(out, seed, {"train": train, "heldout": heldout, "free": free}, held, progress)
     by_split = {s: [x for x in scenes if x.split == s] for s in SPLITS}
 
-    def conversations(split: str, plan: QuestionPlan, describe: bool) -> list[dict]:
-        recs = []
-        for s in by_split[split]:
-            conv = []
-            for t, (q, gold) in enumerate(plan.for_image(s)):
-                conv.append({"from": "human", "value": ("<image>\n" if t == 0 else "") + prompt(q)})
-                conv.append({"from": "gpt", "value": _reply(q, gold)})
-            if describe:  # last, so no question can copy its answer from the description
-                conv += [{"from": "human", "value": DESCRIBE}, {"from": "gpt", "value": s.caption}]
-            recs.append({"id": Path(s.image).stem + f"_{split}_qa", "image": s.image, "conversations": conv})
-        return recs
+    def plan(stream: int, per_image: int, subject: str = "any") -> QuestionPlan:
+        return QuestionPlan(np.random.default_rng([seed, stream]), per_image, subject)
 
-    sft = conversations("train", QuestionPlan(np.random.default_rng([seed, 10]), questions_per_image), describe)
-    held_sft = conversations("heldout", QuestionPlan(np.random.default_rng([seed, 11]), questions_per_image), describe)
-
-    def bench(subject: str, stream: int) -> list[dict]:
-        plan = QuestionPlan(np.random.default_rng([seed, stream]), bench_per_image, subject)
-        items = []
-        for s in by_split["heldout"]:
-            for t, (q, gold) in enumerate(plan.for_image(s)):
-                item = {
-                    "id": f"{Path(s.image).stem}_{t}",
-                    "image": s.image,
-                    "question": q.question,
-                    "answer": gold,
-                    "type": q.form,
-                    "category": q.category,
-                    "chance": round(q.chance, 6),
-                }
-                if q.options:
-                    item["options"] = q.options
-                items.append(item)
-        return items
-
-    pre = [
-        {
-            "id": Path(s.image).stem + "_cap",
-            "image": s.image,
-            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": s.caption}],
-        }
-        for s in by_split["train"]
-    ]
-    _write(
-        out / "scenes.jsonl",
-        "".join(
-            json.dumps(
-                {"image": s.image, "split": s.split, "caption": s.caption, "objects": [asdict(o) for o in s.objects]}
-            )
-            + "\n"
-            for s in scenes
-        ),
-    )
-    _write(out / "llava_pretrain.json", json.dumps(pre, indent=1))
+    sft = _conversations(by_split["train"], "train", plan(10, questions_per_image), describe)
+    held_sft = _conversations(by_split["heldout"], "heldout", plan(11, questions_per_image), describe)
+    _write(out / "scenes.jsonl", _scene_lines(scenes))
+    _write(out / "llava_pretrain.json", json.dumps(_captions(by_split["train"]), indent=1))
     _write(out / "llava_sft.json", json.dumps(sft, indent=1))
     _write(out / "heldout_sft.json", json.dumps(held_sft, indent=1))
-    unseen, seen = bench("unseen", 12), bench("seen", 13)
+    unseen = _bench(by_split["heldout"], plan(12, bench_per_image, "unseen"))
+    seen = _bench(by_split["heldout"], plan(13, bench_per_image, "seen"))
     _write(out / "vqa_bench.jsonl", "".join(json.dumps(b) + "\n" for b in unseen))
     _write(out / "vqa_bench_seen.jsonl", "".join(json.dumps(b) + "\n" for b in seen))
     summary = VQACorpusSummary(

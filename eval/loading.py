@@ -139,6 +139,42 @@ def find_recorded(recorded: str | None, export: Path) -> Path | None:
     return None
 
 
+def _preprocess(inputs, run, image_tok, found: Path, export: Path) -> tuple[str, str]:
+    """The preprocessing the model was trained with -> (mode, where it was read)."""
+    from asvr.tokenizer.artifact import load_artifact
+
+    if inputs is not None:
+        return inputs.preprocess, f"{export / CONFIG_FILE} (inputs)"
+    if (shards_mode := _run_shards_mode(run)) is not None:
+        return shards_mode
+    preprocess = (
+        image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess
+    )
+    return preprocess, f"tokenizer {found} (the export records no training preprocessing)"
+
+
+def _text_tokenizer(src, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise EvalError(
+            f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); pass --text-tokenizer LLM_FOLDER"
+        ) from None
+
+
+def _separate_tower(tower_rec: dict, vision_tower_dir, dev):
+    """The vision tower an export records (``--vision-tower`` names another folder for its weights)."""
+    from asvr.train.config import VisionTowerSpec
+    from asvr.train.model.vision_tower import load_vision_tower
+
+    spec = VisionTowerSpec(**tower_rec)
+    if vision_tower_dir is not None:
+        spec.encoder = {**spec.encoder, "weights": str(Path(vision_tower_dir).resolve())}
+    return load_vision_tower(spec).to(dev)
+
+
 def load_for_eval(
     path: str | os.PathLike,
     *,
@@ -149,13 +185,9 @@ def load_for_eval(
     template: str | None = None,
     vision_tower_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    from transformers import AutoTokenizer
-
     from asvr.tokenizer.model import SemanticTokenizer
-    from asvr.tokenizer.artifact import load_artifact
-    from asvr.train.config import VisionTowerSpec
     from asvr.train.model.vision_input import get_vision_input
-    from asvr.train.model.vision_tower import VisionTower, load_vision_tower
+    from asvr.train.model.vision_tower import VisionTower
 
     export, run = resolve_export(path)
     meta = json.loads((export / CONFIG_FILE).read_text())
@@ -178,33 +210,12 @@ def load_for_eval(
         if not found.is_dir():
             raise EvalError(f"--tokenizer {found}: no such folder")
         image_tok = SemanticTokenizer.load(found, device=dev)  # load_exported checks its fingerprint
-    tower = None
-    if tower_rec is not None and mode.uses_tower:
-        spec = VisionTowerSpec(**tower_rec)
-        if vision_tower_dir is not None:
-            spec.encoder = {**spec.encoder, "weights": str(Path(vision_tower_dir).resolve())}
-        tower = load_vision_tower(spec).to(dev)
+    tower = _separate_tower(tower_rec, vision_tower_dir, dev) if tower_rec is not None and mode.uses_tower else None
     model = load_exported(export, device=dev, tokenizer=image_tok, vision_tower=tower)
     if tower is None and mode.uses_tower:
         tower = VisionTower.from_tokenizer(image_tok)
-    if inputs is not None:
-        preprocess, preprocess_source = inputs.preprocess, f"{export / CONFIG_FILE} (inputs)"
-    elif (shards_mode := _run_shards_mode(run)) is not None:
-        preprocess, preprocess_source = shards_mode
-    else:
-        preprocess = (
-            image_tok.spec.preprocess if image_tok is not None else load_artifact(found, verify=False)[0].preprocess
-        )
-        preprocess_source = f"tokenizer {found} (the export records no training preprocessing)"
-    src = text_tokenizer or export
-    try:
-        text_tok = AutoTokenizer.from_pretrained(
-            src, local_files_only=True, trust_remote_code=model.cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise EvalError(
-            f"{src}: no text tokenizer there ({str(e).splitlines()[0][:120]}); pass --text-tokenizer LLM_FOLDER"
-        ) from None
+    preprocess, preprocess_source = _preprocess(inputs, run, image_tok, found, export)
+    text_tok = _text_tokenizer(text_tokenizer or export, model.cfg.trust_remote_code)
     tmpl, tsrc = resolve_template(run, template, inputs, export)
     return LoadedModel(
         model=model,

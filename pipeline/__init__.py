@@ -12,6 +12,8 @@ Modules, one job each:
               for any job cut into numbered units
   writer.py   OUT: run-config check, shard naming, atomic shards + unit markers, manifest, failures
   runner.py   PipelineConfig -> run_pipeline: wires the above, progress bar, summary
+  ray_job.py  the Ray side of a run: start/join Ray, actor sizing, the Ray Data pipeline of the
+              coordinator task
   check.py    inspect / verify an OUT (no Ray)
   cli.py      asvr-pipeline tokenize | inspect | verify
   ray_reaper.py  ties a local Ray to its driver (kill -9 included)

@@ -207,7 +207,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
+def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:  # noqa: C901 - issue 21 follow-up: split into steps
     """Decode bytes to an RGB PIL image with EXIF orientation applied.
     Raises :class:`ImageError` with a readable reason."""
     if not data:

@@ -351,7 +351,7 @@ class TrainConfig:
     """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100, image
     positions) and exit without training (0: train)."""
 
-    def __post_init__(self):
+    def __post_init__(self):  # noqa: C901, PLR0912, PLR0915 - issue 21 follow-up: split into steps
         if isinstance(self.head, dict):
             self.head = VisualHeadConfig(**self.head)
         get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)

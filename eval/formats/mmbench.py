@@ -56,7 +56,7 @@ def _tsv_image(value: str, roots: Sequence[Path], where: str) -> bytes | str | N
         raise BenchError(f"{where}: image is neither base64 nor an image path") from None
 
 
-def read_mmbench(path: Path, images=None, task: str = "mmbench") -> list[BenchItem]:
+def read_mmbench(path: Path, images=None, task: str = "mmbench") -> list[BenchItem]:  # noqa: C901, PLR0912 - issue 21 follow-up: split into steps
     roots = _roots(path, images)
     items: list[BenchItem] = []
     header: list[str] | None = None

@@ -39,7 +39,7 @@ def folder_parts(root: Path) -> list[str]:
     return ["", *subs]
 
 
-def _scan_folder(root: Path, rows: _Rows, opts: SourceOptions, part: str | None = None) -> None:
+def _scan_folder(root: Path, rows: _Rows, opts: SourceOptions, part: str | None = None) -> None:  # noqa: C901 - issue 21 follow-up: split into steps
     """``part``: None for the whole folder, else one of :func:`folder_parts` (keys stay relative to ``root``);
     ``opts.max_read_mb`` turns an oversized file into a failure row before it is read."""
     if not root.is_dir():

@@ -62,7 +62,7 @@ def _tar_span(m: tarfile.TarInfo) -> tuple[str, int, int]:
     return ("tar-sparse", m.offset, m.size) if m.issparse() else ("tar", m.offset_data, m.size)
 
 
-def _scan_tar(path: Path, rows: _Rows, opts: SourceOptions) -> None:
+def _scan_tar(path: Path, rows: _Rows, opts: SourceOptions) -> None:  # noqa: C901, PLR0912, PLR0915 - issue 21 follow-up: split into steps
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:

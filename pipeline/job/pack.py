@@ -208,11 +208,11 @@ class PackOutput:
         self._lock.close()
 
 
-def run_pack(cfg: PackConfig) -> list[str]:
+def run_pack(cfg: PackConfig) -> list[str]:  # noqa: PLR0915 - issue 21 follow-up: split into steps
     """The whole job; returns the summary lines."""
     from transformers import AutoTokenizer
 
-    from asvr.pipeline.job.runner import _ray_init
+    from asvr.pipeline.job.ray_job import _ray_init
     from asvr.train.data.packed_build import PackSettings, caption_free_keys, packed_meta, read_conversations
     from asvr.train.data.packed_build import text_tokenizer_hash
 

@@ -243,36 +243,37 @@ def build_plan(
     return _build(jobs, opts, Path(folder), resume, progress, ray)
 
 
-def _build(jobs, opts, folder: Path, resume: bool, progress, ray) -> Plan:
-    def remote(fn: Callable) -> Any:
-        if ray is None:
-            return fn
-        return ray.remote(num_cpus=1, max_retries=0)(fn).remote
+def _remote(ray, fn: Callable) -> Any:
+    """``fn`` as a Ray task (one CPU, no retries), or ``fn`` itself when listing in-process."""
+    if ray is None:
+        return fn
+    return ray.remote(num_cpus=1, max_retries=0)(fn).remote
 
-    def get(ref):
-        return ref if ray is None else ray.get(ref)
 
-    oid = _options_id(opts)
-    index = folder / "plan.json"
-    described = [j.describe() for j in jobs]
-    if resume:
-        try:
-            old = json.loads(index.read_text())
-            if old["jobs"] == described and old["options"] == oid and (folder / "dups.parquet").exists():
-                return Plan(str(folder), jobs, old["rows"], old["duplicates"], len(jobs))
-        except (OSError, ValueError, KeyError):
-            pass
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    index.unlink(missing_ok=True)
+def _get(ray, ref):
+    return ref if ray is None else ray.get(ref)
+
+
+def _finished_plan(folder: Path, jobs, described: list, oid) -> Plan | None:
+    """The plan a previous run finished for the same jobs and options, else None."""
+    try:
+        old = json.loads((folder / "plan.json").read_text())
+        if old["jobs"] == described and old["options"] == oid and (folder / "dups.parquet").exists():
+            return Plan(str(folder), jobs, old["rows"], old["duplicates"], len(jobs))
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _list_rows(jobs, opts, folder: Path, oid, resume: bool, progress, ray) -> tuple[list[int | None], int]:
+    """Each job's row count, listing the jobs a previous run did not -> (rows, jobs reused)."""
     rows: list[int | None] = [None] * len(jobs)
     reused = 0
     if resume:
         for j in jobs:
             rows[j.index] = _reusable(folder, j, oid)
         reused = sum(r is not None for r in rows)
-    list_remote = remote(list_job)
+    list_remote = _remote(ray, list_job)
     todo = [j for j in jobs if rows[j.index] is None]
     pending = {list_remote(j, opts, str(folder), oid): j.index for j in todo} if ray else {}
     for j in todo if ray is None else []:
@@ -281,13 +282,28 @@ def _build(jobs, opts, folder: Path, resume: bool, progress, ray) -> Plan:
     while pending:
         ready = list(pending)[:1] if ray is None else ray.wait(list(pending), num_returns=1)[0]
         for ref in ready:
-            rows[pending.pop(ref)] = get(ref)
+            rows[pending.pop(ref)] = _get(ray, ref)
             progress(1)
+    return rows, reused
+
+
+def _build(jobs, opts, folder: Path, resume: bool, progress, ray) -> Plan:
+    oid = _options_id(opts)
+    index = folder / "plan.json"
+    described = [j.describe() for j in jobs]
+    if resume:
+        if (done := _finished_plan(folder, jobs, described, oid)) is not None:
+            return done
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    index.unlink(missing_ok=True)
+    rows, reused = _list_rows(jobs, opts, folder, oid, resume, progress, ray)
     counts = [int(r or 0) for r in rows]
     nonempty = [j.index for j in jobs if counts[j.index]]
-    bucket_remote = remote(dedupe_bucket)
+    bucket_remote = _remote(ray, dedupe_bucket)
     buckets = [bucket_remote(b, nonempty, str(folder)) for b in range(BUCKETS)]
-    duplicates = int(get(remote(merge_dups)(str(folder), *buckets)))
+    duplicates = int(_get(ray, _remote(ray, merge_dups)(str(folder), *buckets)))
     atomic_write(index, json.dumps({"jobs": described, "options": oid, "rows": counts, "duplicates": duplicates}))
     return Plan(str(folder), jobs, counts, duplicates, reused)
 

@@ -19,13 +19,9 @@ and the decode task is mostly idle; with GPUs there is one actor per GPU
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator
 
 
 from asvr.tokenizer.artifact import load_artifact
@@ -38,11 +34,15 @@ from asvr.core.signals import StopSignals, Stopped
 from asvr.pipeline.output.commit import CommitRecord, Commits, OutputError
 from asvr.pipeline.job.plan import build_plan, listing_jobs
 from asvr.pipeline.inputs.sources import SourceOptions
-from asvr.pipeline.job.stages import TokenizerBuilder
-from asvr.pipeline.job.unit_stages import UnitEncodeWriter, UnitReadDecode
+from asvr.pipeline.job.ray_job import (  # noqa: F401 - DECODE_TASK_MEMORY: importable from here
+    DECODE_TASK_MEMORY,
+    LazyRay,
+    UnitJob,
+    resources,
+    stream_units,
+)
+from asvr.pipeline.job.unit_stages import UnitReadDecode
 from asvr.pipeline.output.writer import COUNTS, PLAN_DIR, OutputDir
-
-DECODE_TASK_MEMORY = 512 * 2**20
 
 
 def _search_dtypes() -> tuple[str, ...]:
@@ -150,75 +150,6 @@ class RunSummary:
         ]
 
 
-# --------------------------------------------------------------------------- helpers
-def _ray_init(cfg: PipelineConfig):
-    """Start (or join) Ray; returns a function that stops what this call started (None if it joined).
-
-    Without ``--ray-address`` / ``RAY_ADDRESS`` the job always starts its own
-    local Ray (``address="local"``): a bare ``ray.init()`` would instead attach
-    to a cluster named by a ``ray_current_cluster`` file that ``ray start`` left
-    in Ray's temp folder, another job's or a dead one, and then fail on
-    ``num_cpus``.  That local Ray is tied to this driver, ``kill -9`` included
-    (:mod:`asvr.pipeline.job.ray_reaper`).
-    """
-    import ray
-
-    from asvr.pipeline.job.ray_reaper import Reaper
-
-    if ray.is_initialized():
-        return None
-    kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")  # Ray's own convention for joining a cluster
-    if address:
-        ray.init(address=address, **kw)
-        return ray.shutdown
-    reaper = Reaper()
-    try:
-        with reaper.marked():
-            ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), **kw)
-    except BaseException:
-        reaper.close()
-        raise
-
-    def stop():
-        ray.shutdown()
-        reaper.close()
-
-    return stop
-
-
-def _quiet_ray_data(verbose: bool = False):
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours counts images, not blocks
-    ctx.enable_auto_log_stats = False
-    ctx.execution_options.verbose_progress = False
-    # ERROR: Ray Data warns "Progress bars disabled" when we turn its bars off for ours
-    logging.getLogger("ray.data").setLevel(logging.WARNING if verbose else logging.ERROR)
-
-
-def _resources(cfg: PipelineConfig) -> tuple[int, dict, TokenizerBuilder]:
-    import ray
-
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
-    if gpus:
-        actors = cfg.encode_actors or gpus
-        remote = {"num_gpus": 1, "num_cpus": 1}
-        builder = TokenizerBuilder(
-            cfg.tokenizer, "cuda", 0, cfg.encoder_dtype, cfg.search_dtype, cfg.compile_encoder, cfg.encode_chunks
-        )
-    else:
-        actors = cfg.encode_actors or max(1, cpus // 8)
-        threads = cfg.encode_threads or max(1, cpus // actors)
-        remote = {"num_cpus": 1}
-        builder = TokenizerBuilder(
-            cfg.tokenizer, "cpu", threads, cfg.encoder_dtype, cfg.search_dtype, cfg.compile_encoder, cfg.encode_chunks
-        )
-    return actors, remote, builder
-
-
 # --------------------------------------------------------------------------- run
 def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     t_start = time.perf_counter()
@@ -248,7 +179,7 @@ def run_pipeline(cfg: PipelineConfig) -> RunSummary:
     jobs, inputs = listing_jobs(cfg.inputs, cfg.sources)  # a missing INPUT fails here, before Ray starts
     out = OutputDir(cfg.out, run_config, overwrite=cfg.overwrite)
     with StopSignals() as stop:
-        ray_ = _LazyRay(cfg, stop)
+        ray_ = LazyRay(cfg, stop)
         try:
             return _run(cfg, pcfg, meta, jobs, inputs, out, t_start, ray_)
         except Stopped as s:
@@ -269,35 +200,6 @@ def _stopped(signum: int, out: OutputDir, cfg: PipelineConfig) -> Stopped:
     abandoned (its temp files are swept by the rerun), so the rerun resumes from the markers."""
     kept = len(list(out.units_dir.glob("unit-*.json"))) if out.units_dir.is_dir() else 0
     return Stopped(signum, f"{kept} finished units are kept in {cfg.out}; rerun the same command to resume")
-
-
-class _LazyRay:
-    """Ray, started (or joined) on first use: a run that lists one input in-process and finds
-    nothing to encode (an empty folder, a finished OUT of one input) never starts it."""
-
-    def __init__(self, cfg: PipelineConfig, stop: StopSignals | None = None):
-        self.cfg = cfg
-        self.signals = stop
-        self.joining = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
-        self._stop = None
-        self.started = False
-
-    def ensure(self) -> None:
-        if not self.started:
-            self._stop = _ray_init(self.cfg)
-            self.started = True
-            if self.signals is not None:
-                self.signals.reinstall()  # ray.init installs its own SIGTERM handler (sys.exit into a native dump)
-
-    @property
-    def owned(self) -> bool:
-        """A local Ray this run started (not a cluster it joined)."""
-        return self._stop is not None and not self.joining
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._stop()
-            self._stop = None
 
 
 def _user_error(err: Exception) -> Exception:
@@ -323,7 +225,7 @@ def _user_error(err: Exception) -> Exception:
     return err
 
 
-def _run(cfg, pcfg, meta, jobs, inputs, out: OutputDir, t_start, ray_: _LazyRay) -> RunSummary:
+def _run(cfg, pcfg, meta, jobs, inputs, out: OutputDir, t_start, ray_: LazyRay) -> RunSummary:
     from tqdm import tqdm
 
     t_list = time.perf_counter()
@@ -358,54 +260,12 @@ def _run(cfg, pcfg, meta, jobs, inputs, out: OutputDir, t_start, ray_: _LazyRay)
     )
 
 
-@dataclass(frozen=True)
-class _UnitJob:
-    """Everything the coordinator task needs to run the Ray Data pipeline (pickles small)."""
-
-    decode: UnitReadDecode
-    encode_kwargs: dict
-    actors: int
-    remote: dict
-    n_units: int
-    verbose: bool
-
-
-def _stream_units(job: _UnitJob) -> Iterator[dict]:
-    """The Ray Data pipeline, run in a Ray task (the coordinator), yielding one small batch of
-    commit records per output block.  Ray Data's streaming executor (task scheduling, backpressure,
-    its polling loop: ~3.5% of a core on the 2-core machine, issue 28's bench) runs there, not in
-    the driver, which only receives the records."""
-    import ray.data
-
-    _quiet_ray_data(job.verbose)
-    ctx = ray.data.DataContext.get_current()  # this task's own context, not the driver's
-    ctx.target_max_block_size = None  # one unit = one block, never split (unit_stages.py)
-    ds = ray.data.range(job.n_units, override_num_blocks=job.n_units)
-    # Decode tasks reserve memory (a 50-Mpixel JPEG peaks near 300 MB while decoding).  Their resources
-    # then differ from the encode actor's, which also keeps Ray Data from fusing decode into the actor:
-    # decode runs in its own processes and overlaps encode.
-    ds = ds.map_batches(job.decode, batch_size=None, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
-    with warnings.catch_warnings():
-        # max_restarts has no named parameter yet; Ray Data's own docs pass it this way
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ds.map_batches(
-            UnitEncodeWriter,
-            fn_constructor_kwargs=job.encode_kwargs,
-            batch_size=None,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=job.actors),
-            **job.remote,
-        )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-        yield {k: batch[k] for k in ("record", "images", "skipped", "t_read", "t_decode", "t_encode", "t_write")}
-
-
 def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, owns_ray) -> tuple[int, int]:
     """Every unit through Ray Data (in a coordinator task); the driver only keeps each unit's record."""
     import ray
     from tqdm import tqdm
 
-    actors, remote, builder = _resources(cfg)
+    actors, remote, builder = resources(cfg)
     if owns_ray:
         # A local Ray: no node to fail over to, and the encode is deterministic, so Ray Data's
         # default (restart a dead actor forever, retry its tasks forever) would repeat a crash
@@ -414,7 +274,7 @@ def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, o
         # store, printed over the progress bar.  Joining a cluster keeps Ray's retries: a block
         # redone after a worker died rewrites the same shard (commit.py).
         remote = {**remote, "max_restarts": 0}
-    job = _UnitJob(
+    job = UnitJob(
         decode=UnitReadDecode(pcfg, plan.folder, plan.starts(), cfg.shard_size, out.store, plan.duplicates > 0),
         encode_kwargs={
             "builder": builder,
@@ -429,7 +289,7 @@ def _execute(cfg, pcfg, meta, plan, out: OutputDir, commits: Commits, seconds, o
         verbose=cfg.verbose,
     )
     # num_cpus=0: the coordinator schedules, it does not take a CPU from decode or encode
-    coordinator = ray.remote(num_cpus=0, max_retries=0)(_stream_units).options(num_returns="streaming")
+    coordinator = ray.remote(num_cpus=0, max_retries=0)(stream_units).options(num_returns="streaming")
     bar = tqdm(total=plan.total, unit="img", disable=not cfg.progress, smoothing=0.1, dynamic_ncols=True)
     bar.set_description("tokenize")
     processed = skipped = 0

@@ -68,6 +68,23 @@ def decode_one(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, int, int
         return resize_uint8(img, cfg), img.size[0], img.size[1]
 
 
+def _cell_bytes(v) -> bytes:
+    """An image cell of a Parquet input -> its bytes (a Hugging Face Image struct's ``bytes``)."""
+    if isinstance(v, dict):  # Hugging Face Image feature: {bytes, path}
+        if v.get("bytes") is None and v.get("path"):
+            raise ImageError(
+                f"image cell is a struct with path {v['path']!r} but no bytes: files named by a "
+                "Parquet cell are not opened; embed the image bytes in the file",
+                "read",
+            )
+        v = v.get("bytes")
+    if v is None:
+        raise ImageError("image cell is null", "read")
+    if not isinstance(v, (bytes, bytearray)):
+        raise ImageError(f"image cell holds {type(v).__name__}, not bytes", "read")
+    return bytes(v)
+
+
 class _Reader:
     """Reads one block's bytes; keeps the open tar and the last Parquet row group."""
 
@@ -141,6 +158,9 @@ class _Reader:
             if plug is None:
                 raise ImageError(f"no reader for plan rows of kind {kind!r}", "read")
             return plug(row, self._handles)
+        return self._parquet_cell(row)
+
+    def _parquet_cell(self, row: dict) -> bytes:
         # parquet: offset = row group, size = row in group
         # (discovery refused row groups over --max-read-mb; one row group's column is held as Arrow
         # data and one cell at a time becomes Python bytes, not the whole column: 2x less memory)
@@ -150,20 +170,7 @@ class _Reader:
             pf = pq.ParquetFile(row["path"])
             col = pf.read_row_group(row["offset"], columns=[row["image_column"]]).column(0).combine_chunks()
             self._rg = (*key, col)
-        v = self._rg[2][row["size"]].as_py()
-        if isinstance(v, dict):  # Hugging Face Image feature: {bytes, path}
-            if v.get("bytes") is None and v.get("path"):
-                raise ImageError(
-                    f"image cell is a struct with path {v['path']!r} but no bytes: files named by a "
-                    "Parquet cell are not opened; embed the image bytes in the file",
-                    "read",
-                )
-            v = v.get("bytes")
-        if v is None:
-            raise ImageError("image cell is null", "read")
-        if not isinstance(v, (bytes, bytearray)):
-            raise ImageError(f"image cell holds {type(v).__name__}, not bytes", "read")
-        return bytes(v)
+        return _cell_bytes(self._rg[2][row["size"]].as_py())
 
     def caption(self, row: dict) -> str | None:
         if row["cap_kind"] == "":

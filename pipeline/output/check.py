@@ -72,50 +72,40 @@ def inspect_out(out: str | Path, n_failures: int = 10) -> Report:
     return rep
 
 
-def verify_out(out: str | Path) -> Report:
-    out = Path(out)
-    m = load_manifest(out)
-    rep = Report()
-    fp = m.get("fingerprint")
-    if not m.get("complete"):
-        rep.problems.append("manifest says the run is incomplete")
-    keys: set[str] = set()
-    rows = 0
-    listed = set()
-    for s in m.get("shards", []):
-        path = out / s["file"]
-        listed.add(s["file"])
-        if not path.exists():
-            rep.problems.append(f"{s['file']}: missing")
-            continue
-        if sha256_file(path) != s["sha256"]:
-            rep.problems.append(f"{s['file']}: sha256 differs from the manifest (modified or corrupt)")
-        try:
-            meta, table = read_shard(path)
-        except Exception as e:  # noqa: BLE001 - any unreadable shard is a finding, not a crash
-            rep.problems.append(f"{s['file']}: unreadable ({type(e).__name__}: {e})")
-            continue
-        try:
-            check_fingerprint(meta.fingerprint, str(fp), s["file"], MANIFEST)
-        except FingerprintError as e:
-            rep.problems.append(str(e))
-        if table.num_rows != s["rows"]:
-            rep.problems.append(f"{s['file']}: {table.num_rows} rows, manifest says {s['rows']}")
-        for k in table.column("key").to_pylist():
-            if k in keys:
-                rep.problems.append(f"{s['file']}: duplicate key {k!r}")
-            keys.add(k)
-        rows += table.num_rows
-    for p in sorted(out.glob("part-*.parquet")) + sorted(out.glob("shard-*.tar")):
-        if p.name not in listed:
-            rep.problems.append(f"{p.name}: shard not in the manifest")
-    c = m.get("counts", {})
-    seen, enc, failed, dup = (int(c.get(k, 0)) for k in ("seen", "encoded", "failed", "duplicate"))
+def _check_shard(out: Path, s: dict, fp, keys: set[str], problems: list[str]) -> int:
+    """One manifest shard entry: present, hash, fingerprint, rows, keys unique so far -> its rows."""
+    path = out / s["file"]
+    if not path.exists():
+        problems.append(f"{s['file']}: missing")
+        return 0
+    if sha256_file(path) != s["sha256"]:
+        problems.append(f"{s['file']}: sha256 differs from the manifest (modified or corrupt)")
+    try:
+        meta, table = read_shard(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable shard is a finding, not a crash
+        problems.append(f"{s['file']}: unreadable ({type(e).__name__}: {e})")
+        return 0
+    try:
+        check_fingerprint(meta.fingerprint, str(fp), s["file"], MANIFEST)
+    except FingerprintError as e:
+        problems.append(str(e))
+    if table.num_rows != s["rows"]:
+        problems.append(f"{s['file']}: {table.num_rows} rows, manifest says {s['rows']}")
+    for k in table.column("key").to_pylist():
+        if k in keys:
+            problems.append(f"{s['file']}: duplicate key {k!r}")
+        keys.add(k)
+    return table.num_rows
+
+
+def _check_counts(out: Path, counts: dict, rows: int, problems: list[str]) -> int:
+    """The counting invariant and the inputs cut short -> the failure rows read."""
+    seen, enc, failed, dup = (int(counts.get(k, 0)) for k in ("seen", "encoded", "failed", "duplicate"))
     if seen != enc + failed + dup:
-        rep.problems.append(f"counts: seen {seen} != encoded {enc} + failed {failed} + duplicate {dup}")
+        problems.append(f"counts: seen {seen} != encoded {enc} + failed {failed} + duplicate {dup}")
     if rows != enc:
-        rep.problems.append(f"shards hold {rows} rows, manifest says encoded {enc}")
-    ign = int(c.get("ignored", 0))
+        problems.append(f"shards hold {rows} rows, manifest says encoded {enc}")
+    ign = int(counts.get("ignored", 0))
     fpath = out / FAILURES
     nfail = 0
     if fpath.exists():
@@ -123,11 +113,28 @@ def verify_out(out: str | Path) -> Report:
         nfail = fails.num_rows
         for stage, err in zip(fails.column("stage").to_pylist(), fails.column("error").to_pylist()):
             if stage == "input":
-                rep.problems.append(f"incomplete input: {err}")
+                problems.append(f"incomplete input: {err}")
     if nfail != failed + dup + ign:
-        rep.problems.append(
-            f"{FAILURES} has {nfail} rows, manifest says failed {failed} + duplicate {dup} + ignored {ign}"
-        )
+        problems.append(f"{FAILURES} has {nfail} rows, manifest says failed {failed} + duplicate {dup} + ignored {ign}")
+    return nfail
+
+
+def verify_out(out: str | Path) -> Report:
+    out = Path(out)
+    m = load_manifest(out)
+    rep = Report()
+    if not m.get("complete"):
+        rep.problems.append("manifest says the run is incomplete")
+    keys: set[str] = set()
+    rows = 0
+    listed = set()
+    for s in m.get("shards", []):
+        listed.add(s["file"])
+        rows += _check_shard(out, s, m.get("fingerprint"), keys, rep.problems)
+    for p in sorted(out.glob("part-*.parquet")) + sorted(out.glob("shard-*.tar")):
+        if p.name not in listed:
+            rep.problems.append(f"{p.name}: shard not in the manifest")
+    nfail = _check_counts(out, m.get("counts", {}), rows, rep.problems)
     rep.lines.append(f"{out}: {len(listed)} shards, {rows} rows, {nfail} failure rows checked")
     return rep
 

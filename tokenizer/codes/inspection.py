@@ -21,7 +21,7 @@ import heapq
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -53,6 +53,18 @@ class Usage:
     preprocess: str | None
 
 
+def _each_shard(out, fingerprint: str, progress: Callable[[int], ProgressBar] | None) -> Iterator[tuple[Any, Any]]:
+    """``(meta, table)`` of every shard of ``out``, a progress bar of shards advanced after each
+    (closed at the end); a bad shard raises :class:`ShardError` (the callers' one-line error)."""
+    bar = progress(len(list_shards(out))) if progress else None
+    for _, meta, table in iter_shards(out, fingerprint):
+        yield meta, table
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
 def usage_counts(
     out: str | os.PathLike,
     fingerprint: str,
@@ -64,20 +76,14 @@ def usage_counts(
     images = 0
     modes = set()
     try:
-        n_shards = len(list_shards(out))
-        bar = progress(n_shards) if progress else None
-        for _, meta, table in iter_shards(out, fingerprint):
+        for meta, table in _each_shard(out, fingerprint, progress):
             flat = codes_array(table, meta).reshape(-1, meta.depth)
             for d in range(depth):
                 counts[d] += np.bincount(flat[:, d], minlength=codebook_size)[:codebook_size]
             images += table.num_rows
             modes.add(meta.preprocess)
-            if bar is not None:
-                bar.update(1)
     except ShardError as e:
         raise InspectError(str(e)) from None
-    if bar is not None:
-        bar.close()
     patches = int(counts[0].sum())
     return Usage(counts, images, patches, ",".join(sorted(modes)) or None)
 
@@ -211,8 +217,7 @@ def find_code_uses(
     images = patches = 0
     mode = ""
     try:
-        bar = progress(len(list_shards(out))) if progress else None
-        for _, meta, table in iter_shards(out, fingerprint):
+        for meta, table in _each_shard(out, fingerprint, progress):
             mode = meta.preprocess
             hit = codes_array(table, meta)[..., depth] == code  # [N, H, W]
             per = hit.reshape(len(hit), -1).sum(1)
@@ -225,12 +230,8 @@ def find_code_uses(
                     heapq.heappush(heap, item)
                 elif item[:2] > heap[0][:2]:
                     heapq.heapreplace(heap, item)
-            if bar is not None:
-                bar.update(1)
     except ShardError as e:
         raise InspectError(str(e)) from None
-    if bar is not None:
-        bar.close()
     top = sorted(heap, key=lambda t: (-t[0], t[1].s))
     uses = [CodeUse(t[1].s, tuple((int(h), int(w)) for h, w in zip(*np.nonzero(t[2])))) for t in top]
     return CodeUses(depth, code, images, patches, uses, mode)

@@ -77,7 +77,7 @@ def _code(text: str, depth: int, k: int) -> tuple[int, int]:
     return d, c
 
 
-def run(args: InspectOptions) -> int:
+def run(args: InspectOptions) -> int:  # noqa: C901, PLR0912, PLR0915 - issue 21 follow-up: split into steps
     from tqdm import tqdm
 
     from asvr.tokenizer.artifact import load_artifact

@@ -71,7 +71,7 @@ def register(sub, name: str, help_: str) -> None:
     ).set_defaults(func=run)
 
 
-def run(args: TrainOptions) -> int:
+def run(args: TrainOptions) -> int:  # noqa: PLR0915 - issue 21 follow-up: split into steps
     refuse_existing(args.out, args.overwrite)  # before the (long) encoding and training
     enc = args.encoding
     set_threads(enc.threads)

@@ -7,10 +7,8 @@ conversations and samples whose image does not fit in ``max_len`` are
 counted and listed, and refused unless ``skip_bad_samples``.  Shard rows that
 no conversation references are the caption-free pool (visual loss only).
 
-:class:`Collator` turns a micro-batch plan (rows of sample indices, see
-``packing.py``) into a :class:`~asvr.train.data.batch.Batch`; :class:`PackedLoader`
-iterates plans epoch after epoch and carries ``(epoch, position)`` so a run
-resumes mid-epoch on exactly the next micro-batch.
+:class:`Collator` and :class:`PackedLoader` (micro-batches, resumable) live in
+:mod:`asvr.train.data.loader` and are importable from here.
 """
 
 from __future__ import annotations
@@ -19,19 +17,17 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from asvr.core.atomic import atomic_write
 from asvr.core.paths import UnsafePathError, confine, regular_file_error
 
-from asvr.train.data.batch import Batch
-from asvr.train.data.packing import MicroBatch, PackingConfig, plan_epoch, shard_for_rank
+from asvr.train.data.loader import Collator, PackedLoader  # noqa: F401 - PackedLoader importable from here
+from asvr.train.data.packing import PackingConfig
 from asvr.train.data.sources import CodeStore, ConversationRecord, DataError, load_conversations
 from asvr.train.data.templates import (
-    IGNORE_INDEX,
     ConversationError,
     ConversationTemplate,
     EncodedSample,
@@ -123,6 +119,83 @@ def image_problem(root: Path, key: str) -> tuple[str, str] | None:
     return "missing image", f"{root / key} {'does not exist' if not os.path.lexists(path) else why}"
 
 
+class _Join:
+    """The samples of one :func:`build_training_data` call, with what it refused on the way."""
+
+    def __init__(self, cfg: DataConfig, template, llm_tokenizer, store: CodeStore, need: Callable[[str], bool]):
+        self.template, self.llm_tokenizer, self.store, self.need = template, llm_tokenizer, store, need
+        self.image_tokens = cfg.image_tokens or store.meta.grid[0] * store.meta.grid[1]
+        self.max_len = cfg.packing.max_len
+        self.root = Path(cfg.images) if cfg.images else None
+        self.samples: list[Sample] = []
+        self.bad: list[BadSample] = []
+        self.referenced: set[str] = set()
+        self.no_placeholder: list[str] = []
+        self.missing_keys: list[str] = []
+
+    def problem(self, key: str) -> tuple[str, str] | None:
+        """``image_problem`` for a key whose image this run needs, else None."""
+        if not self.need(key):
+            return None
+        if self.root is None:  # the vision input's check_images refuses such runs before this
+            raise DataError(f"image {key!r} is needed but no --images folder was given")
+        return image_problem(self.root, key)
+
+    def _encode(self, rec: ConversationRecord) -> EncodedSample | tuple[str, str]:
+        """The record's tokens, or ``(kind, reason)`` why it is refused."""
+        if rec.image_error is not None:
+            return "malformed", rec.image_error
+        try:
+            turns = validate_turns(rec.conversations, rec.image is not None)
+            enc = encode_conversation(self.template, turns, self.llm_tokenizer, self.image_tokens)
+        except ConversationError as e:
+            return "malformed", str(e)
+        if rec.image is not None and rec.image not in self.store:
+            return "not in shards", f"image {rec.image!r} is in no shard"
+        if rec.image is not None and (why := self.problem(rec.image)):
+            self.missing_keys.extend([rec.image] if why[0] == "missing image" else [])
+            return why
+        if len(enc) > self.max_len:
+            if enc.image_mask[self.max_len :].any():
+                return "too long", f"{len(enc)} tokens and the image ends past max_len {self.max_len}"
+            enc = enc.truncated(self.max_len)
+        return enc
+
+    def add(self, rec: ConversationRecord) -> None:
+        if rec.image is not None:
+            self.referenced.add(rec.image)
+        enc = self._encode(rec)
+        if isinstance(enc, tuple):
+            self.bad.append(BadSample(rec.sample_id, rec.source, *enc))
+            return
+        # an image sample without <image> trains as text only (LLaVA drops its image): counted
+        if rec.image is not None and not enc.image_mask.any():
+            self.no_placeholder.append(rec.sample_id)
+        self.samples.append(Sample(rec.sample_id, rec.image if enc.image_mask.any() else None, enc))
+
+    def add_caption_free(self, ratio: float, seed: int) -> int:
+        """Shard rows no conversation references, as image-only samples (``ratio`` of the
+        samples) -> how many."""
+        free_pool = [k for k in self.store.keys if k not in self.referenced]
+        n_conv = len(self.samples)
+        n_free = len(free_pool) if ratio >= 1 else min(len(free_pool), int(round(ratio / (1 - ratio) * n_conv)))
+        if not n_free:
+            return 0
+        missing = {k: why for k in free_pool if (why := self.problem(k))}
+        if missing:
+            self.bad.extend(BadSample(k, "shards", *missing[k]) for k in free_pool if k in missing)
+            self.missing_keys.extend(k for k in free_pool if k in missing and missing[k][0] == "missing image")
+            free_pool = [k for k in free_pool if k not in missing]
+            n_free = min(n_free, len(free_pool))
+        rng = np.random.default_rng([seed, 7])
+        chosen = sorted(rng.choice(len(free_pool), size=n_free, replace=False).tolist())
+        enc = encode_image_only(self.template, self.llm_tokenizer, self.image_tokens)
+        if len(enc) > self.max_len:
+            raise DataError(f"an image takes {len(enc)} positions > --max-len {self.max_len}")
+        self.samples.extend(Sample(f"caption-free:{free_pool[i]}", free_pool[i], enc) for i in chosen)
+        return n_free
+
+
 def build_training_data(
     cfg: DataConfig,
     template: ConversationTemplate,
@@ -136,82 +209,20 @@ def build_training_data(
     ``check_images``: whether ``images/key`` must exist, for every key or per key (a
     vision input's ``needs_image``: a features cache that holds a key needs no image).
     ``records``: these conversations instead of reading ``cfg.data`` (one unit of ``asvr-pipeline pack``)."""
-    meta = store.meta
-    image_tokens = cfg.image_tokens or meta.grid[0] * meta.grid[1]
     need = check_images if callable(check_images) else (lambda key: check_images)
-    max_len = cfg.packing.max_len
-    records = load_conversations(cfg.data) if records is None else records
-    samples: list[Sample] = []
-    bad: list[BadSample] = []
-    referenced: set[str] = set()
-    root = Path(cfg.images) if cfg.images else None
-    no_placeholder: list[str] = []
-    missing_keys: list[str] = []
-
-    def problem(key: str) -> tuple[str, str] | None:
-        """``image_problem`` for a key whose image this run needs, else None."""
-        if not need(key):
-            return None
-        if root is None:  # the vision input's check_images refuses such runs before this
-            raise DataError(f"image {key!r} is needed but no --images folder was given")
-        return image_problem(root, key)
-
-    for rec in records:
-        if rec.image is not None:
-            referenced.add(rec.image)
-
-        def refuse(kind: str, reason: str, rec: ConversationRecord = rec) -> None:
-            bad.append(BadSample(rec.sample_id, rec.source, kind, reason))
-
-        if rec.image_error is not None:
-            refuse("malformed", rec.image_error)
-            continue
-        try:
-            turns = validate_turns(rec.conversations, rec.image is not None)
-            enc = encode_conversation(template, turns, llm_tokenizer, image_tokens)
-        except ConversationError as e:
-            refuse("malformed", str(e))
-            continue
-        if rec.image is not None and rec.image not in store:
-            refuse("not in shards", f"image {rec.image!r} is in no shard")
-            continue
-        if rec.image is not None and (why := problem(rec.image)):
-            refuse(*why)
-            missing_keys.extend([rec.image] if why[0] == "missing image" else [])
-            continue
-        if len(enc) > max_len:
-            if enc.image_mask[max_len:].any():
-                refuse("too long", f"{len(enc)} tokens and the image ends past max_len {max_len}")
-                continue
-            enc = enc.truncated(max_len)
-        # an image sample without <image> trains as text only (LLaVA drops its image): counted
-        if rec.image is not None and not enc.image_mask.any():
-            no_placeholder.append(rec.sample_id)
-        samples.append(Sample(rec.sample_id, rec.image if enc.image_mask.any() else None, enc))
-    n_conv = len(samples)
-    free_pool = [k for k in store.keys if k not in referenced]
-    r = cfg.caption_free_ratio
-    n_free = len(free_pool) if r >= 1 else min(len(free_pool), int(round(r / (1 - r) * n_conv)))
-    if n_free:
-        missing = {k: why for k in free_pool if (why := problem(k))}
-        if missing:
-            bad.extend(BadSample(k, "shards", *missing[k]) for k in free_pool if k in missing)
-            missing_keys.extend(k for k in free_pool if k in missing and missing[k][0] == "missing image")
-            free_pool = [k for k in free_pool if k not in missing]
-            n_free = min(n_free, len(free_pool))
-        rng = np.random.default_rng([cfg.seed, 7])
-        chosen = sorted(rng.choice(len(free_pool), size=n_free, replace=False).tolist())
-        enc = encode_image_only(template, llm_tokenizer, image_tokens)
-        if len(enc) > max_len:
-            raise DataError(f"an image takes {len(enc)} positions > --max-len {max_len}")
-        samples.extend(Sample(f"caption-free:{free_pool[i]}", free_pool[i], enc) for i in chosen)
-    if root is not None and missing_keys and not any(s.key is not None for s in samples):
-        raise DataError(images_root_hint(root, missing_keys))  # --skip-bad-samples would train on no image
+    join = _Join(cfg, template, llm_tokenizer, store, need)
+    for rec in load_conversations(cfg.data) if records is None else records:
+        join.add(rec)
+    n_conv = len(join.samples)
+    n_free = join.add_caption_free(cfg.caption_free_ratio, cfg.seed)
+    samples, bad = join.samples, join.bad
+    if join.root is not None and join.missing_keys and not any(s.key is not None for s in samples):
+        raise DataError(images_root_hint(join.root, join.missing_keys))  # --skip-bad-samples would train on no image
     if bad and not cfg.skip_bad_samples:
         raise DataError(describe_bad(bad) + "; fix them or pass --skip-bad-samples")
     if not samples:
         raise DataError("no training samples left")
-    return TrainingData(samples, store, bad, n_conv, n_free, no_placeholder)
+    return TrainingData(samples, store, bad, n_conv, n_free, join.no_placeholder)
 
 
 def describe_no_placeholder(ids: Sequence[str], first: int = 3) -> str:
@@ -261,7 +272,7 @@ def assemble_data(
     barrier: Callable[[], None] = lambda: None,
     progress: bool = True,
     grey_codes: np.ndarray | None = None,
-) -> tuple[TrainingData, "Collator"]:
+) -> tuple[TrainingData, Collator]:
     """The one data path of the trainer and ``asvr-eval loss``: samples joined and
     checked, and the collator whose vision input is ``cfg.vision_input``'s.
 
@@ -289,144 +300,6 @@ def assemble_data(
         )
     )
     return data, Collator(data, source, pad_id=llm_tokenizer.pad_token_id or 0, grey_codes=grey_codes)
-
-
-class Collator:
-    """Micro-batch plan -> :class:`Batch` (picklable: runs in DataLoader workers).
-
-    ``source(key)`` is what the vision input yields for one image
-    (``VisionInputMode.source``: codes, pixels or features); the visual targets
-    always come from the shards."""
-
-    def __init__(
-        self, data: TrainingData, source: Callable[[str], np.ndarray], pad_id: int, grey_codes: np.ndarray | None = None
-    ):
-        self.samples = data.samples
-        self.store = data.store
-        self.source = source
-        self.pad_id = pad_id
-        self.grey_codes = grey_codes  # [H*W, D]: --text-only-visual-loss grey-image
-
-    def __call__(self, mb: MicroBatch) -> Batch:
-        width = max(sum(len(self.samples[i].encoded) for i in row) for row in mb)
-        b = len(mb)
-        ids = np.full((b, width), self.pad_id, np.int64)
-        labels = np.full((b, width), IGNORE_INDEX, np.int64)
-        pos = np.zeros((b, width), np.int64)
-        sid = np.zeros((b, width), np.int64)
-        img = np.zeros((b, width), bool)
-        keys: list[str] = []
-        n_text_only = 0
-        for r, row in enumerate(mb):
-            t = 0
-            for n, i in enumerate(row, start=1):
-                s = self.samples[i]
-                e = s.encoded
-                L = len(e)
-                ids[r, t : t + L] = e.input_ids
-                labels[r, t : t + L] = e.labels
-                pos[r, t : t + L] = np.arange(L)
-                sid[r, t : t + L] = n
-                img[r, t : t + L] = e.image_mask
-                if s.key is not None:  # set exactly when the sample has image positions
-                    keys.append(s.key)
-                else:
-                    n_text_only += 1
-                t += L
-        vision = codes = vmask = None
-        if keys:
-            vision = torch.from_numpy(np.stack([self.source(k) for k in keys]))
-            codes = torch.from_numpy(np.stack([self.store.get(k) for k in keys]).astype(np.int64))
-            vmask = torch.ones(len(keys), dtype=torch.bool)
-        grey = None
-        if self.grey_codes is not None and n_text_only:
-            grey = torch.from_numpy(np.repeat(self.grey_codes[None].astype(np.int64), n_text_only, axis=0))
-        return Batch(
-            input_ids=torch.from_numpy(ids),
-            labels=torch.from_numpy(labels),
-            position_ids=torch.from_numpy(pos),
-            sample_ids=torch.from_numpy(sid),
-            image_mask=torch.from_numpy(img),
-            vision=vision,
-            visual_codes=codes,
-            visual_loss_mask=vmask,
-            text_only_codes=grey,
-        )
-
-
-class _PlanDataset(torch.utils.data.Dataset):
-    def __init__(self, plan: list[MicroBatch], collate: Collator):
-        self.plan = plan
-        self.collate = collate
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.collate(self.plan[i])
-
-
-class PackedLoader:
-    """Endless, deterministic, rank-sharded micro-batches with resumable ``(epoch, position)``."""
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        collate: Collator,
-        packing: PackingConfig,
-        *,
-        seed: int,
-        rank: int = 0,
-        world: int = 1,
-        num_workers: int = 0,
-    ):
-        self.lengths = list(lengths)
-        self.collate = collate
-        self.packing = packing
-        self.seed = seed
-        self.rank = rank
-        self.world = world
-        self.num_workers = num_workers
-        self.epoch = 0
-        self.position = 0  # micro-batches of this epoch already handed out on this rank
-        if not self.rank_plan(0):
-            raise DataError(f"{len(self.lengths)} samples make fewer micro-batches than the {world} ranks")
-
-    def rank_plan(self, epoch: int) -> list[MicroBatch]:
-        return shard_for_rank(plan_epoch(self.lengths, self.packing, self.seed, epoch), self.rank, self.world)
-
-    def micro_batches_per_epoch(self) -> int:
-        return len(self.rank_plan(0))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world": self.world}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("world", self.world) != self.world or state.get("seed", self.seed) != self.seed:
-            raise DataError(
-                f"checkpoint loader state was for seed {state.get('seed')} x {state.get('world')} ranks; "
-                f"this run has seed {self.seed} x {self.world} ranks"
-            )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            rest = self.rank_plan(self.epoch)[self.position :]
-            if self.num_workers > 0:
-                it: Iterable[Batch] = torch.utils.data.DataLoader(
-                    _PlanDataset(rest, self.collate),
-                    batch_size=None,
-                    shuffle=False,
-                    num_workers=self.num_workers,
-                    persistent_workers=False,
-                )
-            else:
-                it = (self.collate(mb) for mb in rest)
-            for batch in it:
-                self.position += 1
-                yield batch
-            self.epoch += 1
-            self.position = 0
 
 
 def write_bad_samples(path: str | os.PathLike, bad: Sequence[BadSample]) -> None:

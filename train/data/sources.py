@@ -35,6 +35,35 @@ class DataError(AsvrError):
     """Bad training data; the message is one line."""
 
 
+def _shard_metas(codes_dir, fingerprint: str) -> tuple[list[Path], ShardMeta]:
+    """The shard files of ``codes_dir`` and their one meta; a foreign fingerprint or shards that
+    disagree are a one-line :class:`DataError`."""
+    try:
+        files = list_shards(codes_dir)
+        metas = [read_meta(f) for f in files]
+    except (ShardError, OSError) as e:
+        raise DataError(str(e)) from None
+    for f, m in zip(files, metas):
+        check_fingerprint(
+            m.fingerprint,
+            fingerprint,
+            str(f),
+            "this run's tokenizer",
+            "tokenize the images again with this tokenizer",
+        )
+    if len({(m.grid, m.depth, m.preprocess) for m in metas}) != 1:
+        raise DataError(f"{codes_dir}: shards disagree on grid/depth/preprocess mode")
+    return files, metas[0]
+
+
+def _cache_stem(cache_dir, files: list[Path]) -> Path:
+    """``cache_dir/codes-<hash>``: the hash of the shards' paths, sizes and mtimes."""
+    tag = hashlib.sha256(
+        json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode()
+    ).hexdigest()[:16]
+    return Path(cache_dir) / f"codes-{tag}"
+
+
 @dataclass
 class CodeStore:
     meta: ShardMeta
@@ -65,28 +94,10 @@ class CodeStore:
         ``cache_dir``: memory-map ``codes-<hash>.npy`` there (``write_cache``:
         this process builds it when missing; the others wait at a barrier and
         call again with ``write_cache=False``)."""
-        try:
-            files = list_shards(codes_dir)
-            metas = [read_meta(f) for f in files]
-        except (ShardError, OSError) as e:
-            raise DataError(str(e)) from None
-        for f, m in zip(files, metas):
-            check_fingerprint(
-                m.fingerprint,
-                fingerprint,
-                str(f),
-                "this run's tokenizer",
-                "tokenize the images again with this tokenizer",
-            )
-        if len({(m.grid, m.depth, m.preprocess) for m in metas}) != 1:
-            raise DataError(f"{codes_dir}: shards disagree on grid/depth/preprocess mode")
-        meta = metas[0]
+        files, meta = _shard_metas(codes_dir, fingerprint)
         cache = None
         if cache_dir is not None:
-            tag = hashlib.sha256(
-                json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode()
-            ).hexdigest()[:16]
-            cache = Path(cache_dir) / f"codes-{tag}"
+            cache = _cache_stem(cache_dir, files)
             if (cache.with_suffix(".npy")).exists():
                 cached = json.loads(cache.with_suffix(".keys.json").read_text())
                 arr = np.load(cache.with_suffix(".npy"), mmap_mode="r")

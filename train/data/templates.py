@@ -28,7 +28,7 @@ compares, slow and fast, legacy and not); where a boundary falls inside a
 token the sample raises :class:`ConversationError` (a bad sample: refused,
 or listed under ``--skip-bad-samples``), never silently all-masked.  Cost:
 about the old piecewise encoding's (1 to 3 ms for a 1- to 8-round sample
-with the tiny BPE tokenizer on the dev box; see :class:`_Boundaries`).
+with the tiny BPE tokenizer on the dev box; see :class:`~asvr.train.data.answer_tokens.AnswerBoundaries`).
 """
 
 from __future__ import annotations
@@ -37,20 +37,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from asvr.core.errors import AsvrError
 
-IMAGE_PLACEHOLDER = "<image>"
+from asvr.train.data.answer_tokens import (
+    IMAGE_PLACEHOLDER,
+    IMAGE_SENTINEL,
+    AnswerBoundaries,
+    ConversationError,
+    asvr_qwen_trained,
+    tokenize_with_images,
+)
+
 IGNORE_INDEX = -100
-IMAGE_SENTINEL = -200
-"""LLaVA's IMAGE_TOKEN_INDEX: one position per image before expansion to H*W."""
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 STYLES = ("plain", "two", "chatml")
 LABELS = ("answers", "asvr_qwen")
-
-
-class ConversationError(AsvrError):
-    """A malformed conversation, or one whose labels cannot be computed exactly (reason in the message)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,18 +193,7 @@ def validate_turns(turns: Any, has_image: bool) -> list[tuple[str, str]]:
     (``plain`` refuses it, as LLaVA asserts)."""
     if not isinstance(turns, list) or not turns:
         raise ConversationError("conversations is not a non-empty list")
-    out = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or "from" not in t:
-            raise ConversationError(f"turn {i} is not {{from, value: str}}")
-        role = "user" if t["from"] in USER_ROLES else "assistant" if t["from"] in ASSISTANT_ROLES else None
-        if role is None:
-            raise ConversationError(f"turn {i} is from {t['from']!r}, not human/gpt")
-        if role != ("user" if i % 2 == 0 else "assistant"):
-            raise ConversationError(f"turn {i} breaks the human/gpt alternation")
-        if not t["value"]:
-            raise ConversationError(f"turn {i} is empty")
-        out.append((role, t["value"]))
+    out = [_turn(i, t) for i, t in enumerate(turns)]
     if out[-1][0] != "assistant":
         raise ConversationError("the last turn is not an answer")
     n_img = sum(text.count(IMAGE_PLACEHOLDER) for _, text in out)
@@ -214,6 +204,20 @@ def validate_turns(turns: Any, has_image: bool) -> list[tuple[str, str]]:
     if n_img and not has_image:
         raise ConversationError("<image> placeholder but no image")
     return [(role, move_image_first(text)) for role, text in out]
+
+
+def _turn(i: int, t: Any) -> tuple[str, str]:
+    """Turn ``i`` of a LLaVA conversation -> ``(role, text)``, in the human/gpt alternation."""
+    if not isinstance(t, dict) or not isinstance(t.get("value"), str) or "from" not in t:
+        raise ConversationError(f"turn {i} is not {{from, value: str}}")
+    role = "user" if t["from"] in USER_ROLES else "assistant" if t["from"] in ASSISTANT_ROLES else None
+    if role is None:
+        raise ConversationError(f"turn {i} is from {t['from']!r}, not human/gpt")
+    if role != ("user" if i % 2 == 0 else "assistant"):
+        raise ConversationError(f"turn {i} breaks the human/gpt alternation")
+    if not t["value"]:
+        raise ConversationError(f"turn {i} is empty")
+    return role, t["value"]
 
 
 def move_image_first(text: str) -> str:
@@ -271,20 +275,6 @@ def _render_plain(
     return s, [(len(IMAGE_PLACEHOLDER), len(s))]
 
 
-def tokenize_with_images(text: str, tokenizer, add_special_tokens: bool = True) -> list[int]:
-    """LLaVA ``tokenizer_image_token``: ``<image>`` -> :data:`IMAGE_SENTINEL`, each chunk tokenized
-    on its own, the first chunk's leading BOS kept and every chunk's first token dropped after it."""
-    chunks = [tokenizer(c, add_special_tokens=add_special_tokens)["input_ids"] for c in text.split(IMAGE_PLACEHOLDER)]
-    bos = tokenizer.bos_token_id
-    offset = 1 if chunks[0] and bos is not None and chunks[0][0] == bos else 0
-    out = list(chunks[0][:offset])
-    for j, c in enumerate(chunks):
-        if j:
-            out.append(IMAGE_SENTINEL)
-        out.extend(c[offset:])
-    return out
-
-
 def encode_conversation(
     template: ConversationTemplate,
     turns: list[tuple[str, str]],
@@ -299,10 +289,11 @@ def encode_conversation(
     check_literal_specials(turns, tokenizer)
     text, spans = render(template, turns, tokenizer)
     ids = tokenize_with_images(text, tokenizer, template.add_special_tokens)
-    bounds = _Boundaries(template, text, ids, tokenizer)
+    marker = template.answer_end(tokenizer) if template.style != "plain" else ""
+    bounds = AnswerBoundaries(marker, text, ids, tokenizer, template.add_special_tokens)
     trained = np.zeros(len(ids), bool)
     if template.labels == "asvr_qwen":
-        trained = _asvr_qwen_trained(template, text, ids, spans, bounds, tokenizer)
+        trained = asvr_qwen_trained(template.roles[1], text, ids, spans, bounds, tokenizer)
     for start, end in spans if template.labels == "answers" else ():
         a = bounds.start(start)
         b = bounds.end(end, start, a)
@@ -310,83 +301,6 @@ def encode_conversation(
             raise ConversationError("an answer encodes to no tokens")
         trained[a:b] = True
     return _expand(ids, trained, image_tokens, _image_id(tokenizer, image_id), text)
-
-
-class _Boundaries:
-    """Token index of each answer boundary (a character position of the rendered text).
-
-    Definition: the prefix of the text up to the boundary, tokenized the same
-    way, must be a prefix of the stream; its length is the boundary.  Fast
-    path when the end-of-answer marker is a special token (``</s>``,
-    ``<|im_end|>``): tokenizers split at special tokens first, so an answer
-    ends at the first marker token after its start, and the next start only
-    needs the text since that marker, tokenized after the marker (that keeps
-    the tokenizer's after-special-token context: legacy or not).  Without the
-    fast path a 3-round sample took 2.5x the old piecewise encoding; with it
-    about the same (dev box)."""
-
-    def __init__(self, template: ConversationTemplate, text: str, ids: list[int], tokenizer):
-        self.template, self.text, self.ids, self.tok = template, text, ids, tokenizer
-        marker = template.answer_end(tokenizer) if template.style != "plain" else ""
-        special = set(getattr(tokenizer, "all_special_tokens", ()) or ()) | {tokenizer.eos_token}
-        m_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker in special and marker else []
-        self.marker_id: int | None = m_ids[0] if len(m_ids) == 1 else None
-        self.marker = marker if len(m_ids) == 1 else ""
-        self.prev: tuple[int, int] | None = None  # (character, token) just after the previous answer's marker
-
-    def _generic(self, at: int) -> int:
-        pre = tokenize_with_images(self.text[:at], self.tok, self.template.add_special_tokens)
-        if self.ids[: len(pre)] != pre:
-            near = self.text[max(0, at - 12) : at + 12].replace("\n", "\\n")
-            raise ConversationError(
-                f"an answer boundary falls inside a token (near {near!r}): its labels cannot be computed exactly"
-            )
-        return len(pre)
-
-    def start(self, at: int) -> int:
-        if (
-            self.prev is not None
-            and self.marker_id is not None
-            and IMAGE_PLACEHOLDER not in self.text[self.prev[0] : at]
-        ):
-            c, t = self.prev
-            seg = self.tok(self.marker + self.text[c:at], add_special_tokens=False)["input_ids"]
-            if seg and seg[0] == self.marker_id and self.ids[t : t + len(seg) - 1] == seg[1:]:
-                return t + len(seg) - 1
-        return self._generic(at)
-
-    def end(self, at: int, start_char: int, start: int) -> int:
-        if at == len(self.text):
-            return len(self.ids)
-        m = self.marker
-        if self.marker_id is not None and self.text[:at].endswith(m) and m not in self.text[start_char : at - len(m)]:
-            j = next((i for i in range(start, len(self.ids)) if self.ids[i] == self.marker_id), None)
-            if j is not None:
-                self.prev = (at, j + 1)
-                return j + 1
-        b = self._generic(at)
-        self.prev = (at, b)
-        return b
-
-
-def _asvr_qwen_trained(template, text, ids, spans, bounds: "_Boundaries", tokenizer) -> np.ndarray:
-    """ASVR ``preprocess_qwen``'s labels on the chatml stream: each assistant message whole
-    (its ``<|im_start|>`` through the ``\\n`` after ``<|im_end|>``), plus every token whose id
-    is ``<|im_start|>``, ``<|im_end|>`` or a lone ``\\n`` (ASVR hard-codes Qwen2's 151644,
-    151645, 198; here they are looked up in the tokenizer)."""
-    trained = np.zeros(len(ids), bool)
-    header = f"<|im_start|>{template.roles[1]}\n"
-    for start, end in spans:
-        a = bounds._generic(start - len(header))
-        b = len(ids) if end + 1 >= len(text) else bounds._generic(end + 1)
-        trained[a:b] = True
-    unmask = set()
-    for piece in ("<|im_start|>", "<|im_end|>", "\n"):
-        enc = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1:
-            unmask.add(enc[0])
-    trained |= np.isin(np.asarray(ids), list(unmask))
-    return trained
 
 
 def special_strings(tokenizer) -> list[str]:

@@ -49,58 +49,23 @@ from __future__ import annotations
 import json
 import re
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import cast
 
 import torch
 
 from asvr.core.atomic import atomic_dir
-from asvr.tokenizer.encoders.base import encoder_kind
-from asvr.tokenizer.preprocess import preprocess_mode
 
 from asvr.train.config import ModelConfig
+from asvr.train.export.hf_processor import IMAGE_TOKEN, chat_template, save_processor
+from asvr.train.export.hf_tower import HFExportError, HFTower, hf_tower
 from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir
 from asvr.train.model.vision_input import get_vision_input
-from asvr.core.errors import AsvrError
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-IMAGE_TOKEN = "<image>"
 HEAD_DIR = "asvr_visual_head"
 INPUTS_FILE = "asvr_inputs.json"
 VOCAB_MULTIPLE = 64
-
-
-class HFExportError(AsvrError):
-    """Why a model cannot become a Hugging Face LLaVA (one line)."""
-
-
-@dataclass(frozen=True)
-class HFTower:
-    """The Hugging Face vision tower that fed the LLM, as the export needs it."""
-
-    kind: str
-    """``siglip`` or ``clip``."""
-    model: PreTrainedModel
-    """The truncated ``SiglipVisionModel`` / ``CLIPVisionModel`` (frozen)."""
-    tower: torch.nn.Module
-    """The ``VisionTower`` it belongs to (passed to ``load_exported``: built once)."""
-    image_size: int
-    patch_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    resample: str
-    preprocess: str
-    """``square`` or ``pad`` (the shards' mode: the tower sees the image region the targets cover)."""
-    keep_cls: bool = False
-    """``--vision-tower-select cls_patch`` (CLIP): the CLS token is an LLM position too."""
-
-    @property
-    def strategy(self) -> Literal["default", "full"]:
-        """LLaVA's ``vision_feature_select_strategy``: ``default`` drops the first (CLS) token."""
-        return "default" if encoder_kind(self.kind).drop_cls and not self.keep_cls else "full"
 
 
 # --------------------------------------------------------------------------- resolving the run
@@ -112,96 +77,6 @@ def run_template_name(run: Path | None, default: str = "vicuna_v1") -> str:
         return json.loads((run / "train_config.json").read_text()).get("template") or default
     except (OSError, json.JSONDecodeError) as e:
         raise HFExportError(f"{run / 'train_config.json'}: cannot read ({e})") from None
-
-
-def hf_tower(cfg, tokenizer) -> HFTower:
-    """The LLM's Hugging Face tower (``--vision-tower`` as recorded, else the tokenizer's
-    encoder), or a one-line refusal that says why there is none."""
-    from asvr.train.model.vision_input import get_vision_input
-    from asvr.train.model.vision_tower import VisionTower, load_vision_tower
-
-    if not get_vision_input(cfg.vision_input).uses_tower:
-        raise HFExportError(
-            f"this model reads its image features rebuilt from cached semantic codes "
-            f"(--vision-input {cfg.vision_input}), which a LLaVA cannot compute from pixels; train "
-            f"with --vision-input online or features to export it"
-        )
-    tower = (
-        load_vision_tower(cfg.vision_tower) if cfg.vision_tower is not None else VisionTower.from_tokenizer(tokenizer)
-    )
-    enc, e = tower.encoder, tower.encoder_spec
-    if not encoder_kind(e.kind).llava_export:
-        raise HFExportError(
-            f"the LLM's vision tower is {e.kind}, not a Hugging Face SigLIP/CLIP tower, so "
-            f"transformers' LLaVA cannot hold it; train with a SigLIP or CLIP tower "
-            f"(--vision-tower) to export"
-        )
-    if preprocess_mode(tokenizer.spec.preprocess).llava_do_pad is None:
-        raise HFExportError(f"no LLaVA image processor does preprocess mode {tokenizer.spec.preprocess!r}")
-    return HFTower(
-        kind=enc.kind,
-        model=enc.model,
-        tower=tower,
-        image_size=e.image_size,
-        patch_size=enc.model.config.patch_size,
-        mean=tuple(e.mean),
-        std=tuple(e.std),
-        resample=e.resample,
-        preprocess=tokenizer.spec.preprocess,
-        keep_cls=tower.select == "cls_patch",
-    )
-
-
-# --------------------------------------------------------------------------- chat templates
-_ROLE = "{% set role = 'user' if message['role'] in ('user', 'human') else 'assistant' %}"
-_CONTENT = (
-    "{% if message['content'] is string %}{% set text = message['content'] %}{% set n_img = 0 %}"
-    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | join('\\n') %}"
-    "{% set n_img = message['content'] | selectattr('type', 'equalto', 'image') | list | length %}"
-    "{% endif %}"
-)
-
-
-def _literal(text: str) -> str:
-    """Text as a Jinja string literal (safe for any characters)."""
-    return "{{ " + json.dumps(text) + " }}"
-
-
-def chat_template(template, after_image: str = "") -> str:
-    """Jinja rendering :func:`asvr.train.data.templates.render` of a template: the prompt string
-    ``asvr-eval`` asks with (the image as ``<image>\\n`` at the front of its turn, as
-    LLaVA's ``preprocess_multimodal``; ``plain`` keeps only the image of a question).
-
-    ``after_image`` goes right after ``<image>`` (before the ``\\n``; before a ``plain``
-    caption): training tokenizes the text after the image on its own, the processor
-    tokenizes the whole string, and for a ``legacy=False`` SentencePiece tokenizer one
-    space here is the ``▁`` that training has and the processor would drop
-    (:mod:`asvr.train.export.hf_prompt` chooses it and checks the ids at export time)."""
-    t = template
-    head = _ROLE + _CONTENT + "{% set text = text | trim if n_img else text %}"
-    image = "{% if n_img %}" + _literal(IMAGE_TOKEN + after_image + "\n") + "{% endif %}"
-    if t.style == "plain":
-        first, gen = "", ""
-        user = "{% if n_img %}" + _literal(IMAGE_TOKEN) + "{% endif %}"
-        answer = (_literal(after_image) if after_image else "") + "{{ text }}" + _literal(t.sep)
-    elif t.style == "two":
-        end = _literal(t.sep2) if t.sep2 is not None else "{{ eos_token }}"
-        first = _literal(t.system + t.sep)
-        user = _literal(f"{t.roles[0]}: ") + image + "{{ text }}" + _literal(t.sep)
-        answer = _literal(f"{t.roles[1]}: ") + "{{ text }}" + end
-        gen = _literal(f"{t.roles[1]}:")
-    elif t.style == "chatml":
-        first = _literal(f"<|im_start|>system\n{t.system}<|im_end|>\n") if t.system else ""
-        user = _literal(f"<|im_start|>{t.roles[0]}\n") + image + "{{ text }}" + _literal("<|im_end|>\n")
-        answer = _literal(f"<|im_start|>{t.roles[1]}\n") + "{{ text }}" + _literal("<|im_end|>\n")
-        gen = _literal(f"<|im_start|>{t.roles[1]}\n")
-    else:
-        raise HFExportError(f"no chat template for conversation style {t.style!r}")
-    return (
-        f"{first}{{% for message in messages %}}{head}{{% if role == 'user' %}}{user}{{% else %}}{answer}"
-        f"{{% endif %}}{{% endfor %}}{{% if add_generation_prompt %}}{gen}{{% endif %}}"
-    )
 
 
 # --------------------------------------------------------------------------- the export
@@ -259,44 +134,6 @@ def _state_dict(model, tower: HFTower, vocab: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def _processor(tower: HFTower, text_tokenizer, template, after_image: str = ""):
-    from transformers import LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-    from PIL import Image
-
-    R = Image.Resampling  # plain ints, as the processor config stores them
-    resample = {
-        "bicubic": int(R.BICUBIC),
-        "bilinear": int(R.BILINEAR),
-        "lanczos": int(R.LANCZOS),
-        "nearest": int(R.NEAREST),
-    }[tower.resample]
-    size = {"height": tower.image_size, "width": tower.image_size}
-    image_processor = LlavaImageProcessorPil(
-        size=size,
-        crop_size=size,
-        do_center_crop=False,
-        do_resize=True,
-        resample=resample,
-        do_pad=preprocess_mode(tower.preprocess).llava_do_pad,
-        image_mean=list(tower.mean),
-        image_std=list(tower.std),
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        do_convert_rgb=True,
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=text_tokenizer,
-        patch_size=tower.patch_size,
-        vision_feature_select_strategy=tower.strategy,
-        chat_template=chat_template(template, after_image),
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1 if encoder_kind(tower.kind).drop_cls else 0,
-    )
-
-
 def _save_head(model, folder: Path) -> None:
     from safetensors.torch import save_file
 
@@ -314,35 +151,6 @@ def _save_head(model, folder: Path) -> None:
         "note": "ASVR's training-only visual head (not part of the LLaVA model in the folder above)",
     }
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def _save_processor(folder: Path, tower: HFTower, text_tok, template, reference, image_tokens: int) -> str:
-    """Write the processor into ``folder`` so that its ids are the training ids; -> the chat
-    template's text after ``<image>`` (see :mod:`asvr.train.export.hf_prompt`).  Each candidate is
-    saved, reloaded from the folder (as transformers / lmms-eval load it) and checked."""
-    from transformers import AutoProcessor
-
-    from asvr.train.export.hf_prompt import AFTER_IMAGE, adds_special_tokens, check_processor
-    from asvr.train.model.text_tokenizer import write_back_settings
-
-    if not template.add_special_tokens and adds_special_tokens(text_tok):
-        # trained without special tokens (chatml): the processor's tokenizer must not add a BOS either
-        text_tok.add_bos_token = False
-        if getattr(text_tok, "add_eos_token", False):
-            text_tok.add_eos_token = False
-    reasons = []
-    for after in AFTER_IMAGE:
-        _processor(tower, text_tok, template, after).save_pretrained(folder)
-        write_back_settings(text_tok, folder)
-        reloaded = AutoProcessor.from_pretrained(folder, local_files_only=True)
-        reason = check_processor(reloaded, template, reference, image_tokens, tower.image_size)
-        if reason is None:
-            return after
-        reasons.append(reason)
-    raise HFExportError(
-        f"the exported processor would not prompt as training did ({reasons[0]}; with a space after "
-        f"<image>: {reasons[-1].split(': ', 1)[-1]}); not writing the folder"
-    )
 
 
 def _reference_tokenizer(run_dir: Path | None, export_tok, trust_remote_code: bool):
@@ -394,28 +202,10 @@ def _foreign(out: Path, written: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name not in new and not _OUR_SHARDS.match(p.name))
 
 
-def export_hf_llava(
-    run: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    tokenizer=None,
-    max_shard_size: str = "5GB",
-    overwrite: bool = False,
-) -> Path:
-    """Write ``out`` (atomically: a temp folder renamed into place) from a run or export folder.
-
-    ``tokenizer`` (a ``SemanticTokenizer``) overrides the recorded tokenizer path.  ``out`` is
-    refused when it is a file or holds anything but an earlier export (that one only with
-    ``overwrite``, and only when it holds nothing this export would not write again)."""
-    from transformers import AutoTokenizer, GenerationConfig, LlavaForConditionalGeneration
-
+def _trained_model(export: Path, tokenizer):
+    """The exported model with its Hugging Face tower -> (model config, tower, inputs, model)."""
     from asvr.tokenizer.model import SemanticTokenizer
 
-    from asvr.train.data.templates import get_template
-
-    out = Path(out)
-    check_export_target(out, overwrite)
-    export, run_dir = resolve_export_dir(run)
     meta = json.loads((export / CONFIG_FILE).read_text())
     cfg = ModelConfig.from_dict(meta["model"])
     if not get_vision_input(cfg.vision_input).uses_tower:
@@ -432,17 +222,12 @@ def export_hf_llava(
     model = load_exported(
         export, tokenizer=tokenizer, vision_tower=tower.tower if cfg.vision_tower is not None else None
     )
-    text_tok = AutoTokenizer.from_pretrained(export, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-    reference = _reference_tokenizer(
-        run_dir,
-        AutoTokenizer.from_pretrained(export, local_files_only=True, trust_remote_code=cfg.trust_remote_code),
-        cfg.trust_remote_code,
-    )
-    template_name, template_source = (
-        (inputs.template, str(export / CONFIG_FILE)) if inputs is not None else (run_template_name(run_dir), "run")
-    )
-    template = get_template(template_name)
+    return cfg, tower, inputs, model
 
+
+def _image_token_vocab(text_tok, model) -> tuple[int, int, int]:
+    """Add ``<image>`` to the text tokenizer when it lacks it -> (its id, the LLM's vocabulary,
+    the vocabulary grown to hold the id, rounded up to :data:`VOCAB_MULTIPLE`)."""
     if IMAGE_TOKEN not in text_tok.get_vocab():
         text_tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     image_token_id = cast(int, text_tok.convert_tokens_to_ids(IMAGE_TOKEN))  # one token in, one id out
@@ -451,6 +236,14 @@ def export_hf_llava(
         old_vocab,
         -(-(image_token_id + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE if image_token_id >= old_vocab else old_vocab,
     )
+    return image_token_id, old_vocab, vocab
+
+
+def _hf_llava_model(model, tower: HFTower, text_tok, image_token_id: int, old_vocab: int, vocab: int):
+    """The ``LlavaForConditionalGeneration`` holding the trained weights (strictly: every key lines
+    up), with the LLM's generation config; the grown rows are never generated."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
     config = _llava_config(model, tower, image_token_id, vocab)
     state = _state_dict(model, tower, vocab)
     with torch.device("meta"):
@@ -470,13 +263,46 @@ def export_hf_llava(
     if gen.pad_token_id is None:
         gen.pad_token_id = text_tok.pad_token_id if text_tok.pad_token_id is not None else gen.eos_token_id
     hf.generation_config = gen
+    return hf
 
+
+def export_hf_llava(
+    run: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tokenizer=None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out`` (atomically: a temp folder renamed into place) from a run or export folder.
+
+    ``tokenizer`` (a ``SemanticTokenizer``) overrides the recorded tokenizer path.  ``out`` is
+    refused when it is a file or holds anything but an earlier export (that one only with
+    ``overwrite``, and only when it holds nothing this export would not write again)."""
+    from transformers import AutoTokenizer
+
+    from asvr.train.data.templates import get_template
     from asvr.train.loop.run_folder import disk_errors
 
+    out = Path(out)
+    check_export_target(out, overwrite)
+    export, run_dir = resolve_export_dir(run)
+    cfg, tower, inputs, model = _trained_model(export, tokenizer)
+
+    def export_tokenizer():
+        return AutoTokenizer.from_pretrained(export, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+
+    text_tok = export_tokenizer()
+    reference = _reference_tokenizer(run_dir, export_tokenizer(), cfg.trust_remote_code)
+    template_name, template_source = (
+        (inputs.template, str(export / CONFIG_FILE)) if inputs is not None else (run_template_name(run_dir), "run")
+    )
+    template = get_template(template_name)
+    hf = _hf_llava_model(model, tower, text_tok, *_image_token_vocab(text_tok, model))
     with disk_errors(out, "the LLaVA export", "free space and run asvr-export again"):
         with atomic_dir(out, replace=overwrite) as tmp:
             hf.save_pretrained(tmp, max_shard_size=max_shard_size)
-            after = _save_processor(tmp, tower, text_tok, template, reference, model.vision.tokens)
+            after = save_processor(tmp, tower, text_tok, template, reference, model.vision.tokens)
             record = {
                 "template": template.name,
                 "template_source": template_source,

@@ -38,10 +38,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from asvr.core.signals import STOP_SIGNALS, SignalExit
 
 
-class Preempted(BaseException):
+class Preempted(SignalExit):
     """A stop signal ended the run (a BaseException, like KeyboardInterrupt: no ``except Exception``
     swallows it).  ``saved``: the checkpoint written on the way out, None when there was nothing to save."""
 
@@ -50,14 +50,6 @@ class Preempted(BaseException):
         self.signum = signum
         self.saved = saved
         self.step = step
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
 
     def message(self, run_dir: str, newest: str | None) -> str:
         """The one line the command prints; ``newest``: the newest complete checkpoint in ``run_dir``."""

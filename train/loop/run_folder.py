@@ -5,6 +5,8 @@
   checkpoints.  Rank 0 now holds ``RUN/.lock`` (``asvr.core.locks``, the
   pipeline's lock) from before the folder is checked or cleared until the
   process ends; a second run is refused with one line.
+* :func:`check_run_folder`: a folder that holds a run is refused unless ``--resume`` or
+  ``--overwrite`` says what to do with it; :func:`clear_run_folder` removes what a run wrote.
 * :func:`disk_errors`: a checkpoint save or an export that runs out of space
   (``ENOSPC``), quota (``EDQUOT``) or file-size limit (``EFBIG``), or meets a
   read-only filesystem, is one line naming the folder, the filesystem it is
@@ -23,11 +25,50 @@ from typing import Iterator
 from asvr.core.locks import FolderLock
 from asvr.core.errors import AsvrError
 
+from asvr.train.loop import checkpoint
+
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 class DiskFullError(AsvrError):
     """A write failed for lack of space (or quota, or a read-only filesystem); one line."""
+
+
+class RunFolderError(AsvrError):
+    """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
+
+
+# What a run writes in its folder (RUN/cache, the reusable feature cache, is not among them).
+RUN_OUTPUTS = (
+    checkpoint.CHECKPOINTS,
+    "final",
+    "metrics.jsonl",
+    "loss.png",
+    "train_config.json",
+    "bad_samples.jsonl",
+    "tensorboard",
+)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` has checkpoints, metrics or an export of an earlier run."""
+    return any((run_dir / name).exists() for name in (checkpoint.CHECKPOINTS, "final", "metrics.jsonl"))
+
+
+def check_run_folder(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to silently restart (and so overwrite) a run: before this check, rerunning a
+    finished command without --resume started again at step 1 over the finished run."""
+    if resume is None and not overwrite and holds_run(run_dir):
+        raise RunFolderError(f"{run_dir} already holds a run: --resume auto to continue, --overwrite to start again")
+
+
+def clear_run_folder(run_dir: Path) -> None:
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def lock_run_folder(run_dir: Path) -> FolderLock:

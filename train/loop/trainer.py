@@ -34,14 +34,10 @@ micro-batch, and model, optimizer, scheduler and RNG states are restored.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
-import math
 import os
-import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict
@@ -53,9 +49,16 @@ import torch.distributed as dist
 
 from asvr.train.loop import checkpoint
 
-from asvr.train import libraries
 from asvr.train.loop.preemption import Preempted, SaveClock, StopSignals, gloo_reduce_max
-from asvr.train.loop.run_folder import lock_run_folder
+from asvr.train.loop.engine import build_engine, cosine_with_warmup, deepspeed_config  # noqa: F401
+from asvr.train.loop.distributed import free_port, init_distributed  # noqa: F401 - importable from here
+from asvr.train.loop.run_folder import (  # noqa: F401 - importable from here (train/cli.py)
+    RunFolderError,
+    check_run_folder,
+    clear_run_folder,
+    holds_run,
+    lock_run_folder,
+)
 from asvr.train.config import TrainConfig
 from asvr.train.data.dataset import (
     PackedLoader,
@@ -70,7 +73,6 @@ from asvr.train.export.native import TrainedInputs
 from asvr.train.loop.metrics import MetricsLogger, plot_losses
 from asvr.train.data.packing import padding_waste, plan_epoch
 from asvr.train.data.templates import get_template
-from asvr.core.errors import AsvrError
 
 
 def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
@@ -78,85 +80,6 @@ def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
     normalisation (the mean colour: mid-grey for SigLIP's 0.5 mean)."""
     codes = tokenizer.encode_pixels(np.zeros((1, 3, image_size, image_size), np.float32))
     return codes.reshape(-1, codes.shape[-1]).cpu().numpy()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, bool]:
-    """-> (rank, world, created_here).  Uses torchrun/deepspeed env vars when launched so."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    else:
-        # deepspeed.initialize reads these; a lone process is rank 0 of 1.
-        for k, v in (
-            ("MASTER_ADDR", "127.0.0.1"),
-            ("MASTER_PORT", str(free_port())),
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-        ):
-            os.environ.setdefault(k, v)
-        dist.init_process_group(backend, rank=0, world_size=1)
-        # Kept for the life of the process: DeepSpeed caches its groups, so a
-        # second in-process run (tests, notebooks) must find the same one.
-        atexit.register(dist.destroy_process_group)
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def cosine_with_warmup(total: int, warmup: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-class RunFolderError(AsvrError):
-    """--output-dir already holds a run and neither --resume nor --overwrite says what to do with it."""
-
-
-# What a run writes in its folder (RUN/cache, the reusable feature cache, is not among them).
-RUN_OUTPUTS = (
-    checkpoint.CHECKPOINTS,
-    "final",
-    "metrics.jsonl",
-    "loss.png",
-    "train_config.json",
-    "bad_samples.jsonl",
-    "tensorboard",
-)
-
-
-def holds_run(run_dir: Path) -> bool:
-    """True when ``run_dir`` has checkpoints, metrics or an export of an earlier run."""
-    return any((run_dir / name).exists() for name in (checkpoint.CHECKPOINTS, "final", "metrics.jsonl"))
-
-
-def check_run_folder(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to silently restart (and so overwrite) a run: before this check, rerunning a
-    finished command without --resume started again at step 1 over the finished run."""
-    if resume is None and not overwrite and holds_run(run_dir):
-        raise RunFolderError(f"{run_dir} already holds a run: --resume auto to continue, --overwrite to start again")
-
-
-def clear_run_folder(run_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 class Trainer:
@@ -277,32 +200,12 @@ class Trainer:
         groups = model.set_stage(cfg.stage)
         return model, groups
 
-    def deepspeed_config(self) -> dict:
-        cfg = self.cfg
-        ds = (
-            json.loads(Path(cfg.deepspeed).read_text()) if cfg.deepspeed else {"zero_optimization": {"stage": cfg.zero}}
-        )
-        ds.update(
-            train_micro_batch_size_per_gpu=cfg.micro_batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            gradient_clipping=cfg.grad_clip,
-            steps_per_print=ds.get("steps_per_print", 1 << 30),
-        )
-        ds.pop("train_batch_size", None)
-        if self.device.type == "cuda":
-            ds.setdefault("bf16", {"enabled": True})
-        else:
-            ds["bf16"] = {"enabled": False}
-            ds["fp16"] = {"enabled": False}
-        return ds
-
     # ------------------------------------------------------------------ run
     def log(self, msg: str) -> None:
         if self.rank == 0 and self.cfg.progress:
             print(msg, flush=True)
 
     def train(self) -> dict:
-        import deepspeed
         from transformers import AutoTokenizer
 
         from asvr.tokenizer.model import SemanticTokenizer
@@ -331,39 +234,8 @@ class Trainer:
         self.log(f"{what}, {total} steps on {self.world} x {self.device.type}")
 
         model, groups = self.build_model(tokenizer, tower)
-        ds_cfg = self.deepspeed_config()
-        params = [{"params": [p for p in g["params"] if p.requires_grad], "name": g["name"]} for g in groups]
-        params = [g for g in params if g["params"]]
-        optimizer = scheduler = None
-        if "optimizer" not in ds_cfg:
-            assert cfg.lr is not None  # TrainConfig.__post_init__ fills the stage default
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-            if "scheduler" not in ds_cfg:
-                warmup = max(1, math.ceil(cfg.warmup_ratio * total))
-                scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, cosine_with_warmup(total, warmup, cfg.min_lr_ratio)
-                )
-        notice = libraries.build_notice()
-        if notice and self.rank == 0:
-            print(notice, flush=True)  # --quiet or not: minutes of silence otherwise
-        with libraries.quiet_stdout(cfg.verbose):
-            engine, _, _, _ = deepspeed.initialize(
-                model=model,
-                model_parameters=params if optimizer is None else None,
-                optimizer=optimizer,
-                lr_scheduler=scheduler,
-                config=ds_cfg,
-                dist_init_required=False,
-            )
-        step = 0
-        if self.resuming:
-            client = checkpoint.load(engine, self.run_dir, self.rank, auto_tag or cfg.resume)
-            assert client is not None  # resuming: a named tag, or "auto" with a latest tag present
-            step = int(client["step"])
-            loader.load_state_dict(client["loader"])
-            self.log(f"resumed from step {step} (epoch {loader.epoch}, micro-batch {loader.position})")
-        else:
-            torch.manual_seed(cfg.seed + self.rank)
+        engine = build_engine(cfg, self.device, model, groups, total, announce=self.rank == 0)
+        step = self.resume(engine, loader, auto_tag)
         if self.rank == 0:
             (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         metrics = MetricsLogger(self.run_dir, self.rank == 0, cfg.tensorboard, resume_step=step)
@@ -377,6 +249,18 @@ class Trainer:
             plot_losses(self.run_dir, cfg.stage)
         dist.barrier()
         return last
+
+    def resume(self, engine, loader: PackedLoader, auto_tag: str | None) -> int:
+        """The step to start at: the checkpoint's (engine and loader restored) or 0 (seeded)."""
+        if not self.resuming:
+            torch.manual_seed(self.cfg.seed + self.rank)
+            return 0
+        client = checkpoint.load(engine, self.run_dir, self.rank, auto_tag or self.cfg.resume)
+        assert client is not None  # resuming: a named tag, or "auto" with a latest tag present
+        step = int(client["step"])
+        loader.load_state_dict(client["loader"])
+        self.log(f"resumed from step {step} (epoch {loader.epoch}, micro-batch {loader.position})")
+        return step
 
     def loop(self, engine, loader: PackedLoader, metrics: MetricsLogger, step: int, stop: int, total: int) -> dict:
         from tqdm import tqdm
