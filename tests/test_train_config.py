@@ -140,7 +140,7 @@ def test_readme_and_makefile_commands_parse_unchanged():
     assert len(cmds) >= 5
     for argv in cmds:
         cfg = _parse(argv)
-        assert cfg.model and cfg.output_dir and cfg.data
+        assert cfg.model and cfg.output_dir and (cfg.data or cfg.packed)  # --packed: conversations are in the shards
     sft = _parse(cmds[-1])  # the demo's SFT step
     assert (
         sft.stage,

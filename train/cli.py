@@ -63,8 +63,10 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         raise CLIError(f"--vision-tower {a.vision_tower}: no such folder")
     if a.images and not Path(a.images).is_dir():
         raise CLIError(f"--images {a.images}: no such folder")
-    if a.vision_input == "online" and not a.images:
-        raise CLIError("--vision-input online reads the images every step: pass --images (the image root)")
+    from asvr.train.model.vision_input import get_vision_input
+
+    if get_vision_input(a.vision_input).model_runs_tower and not a.images:
+        raise CLIError(f"--vision-input {a.vision_input} reads the images every step: pass --images (the image root)")
     return options_from_args(a)  # TrainConfig's own checks: one line each
 
 
