@@ -351,9 +351,17 @@ class TrainConfig:
     """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100, image
     positions) and exit without training (0: train)."""
 
-    def __post_init__(self):  # noqa: C901, PLR0912, PLR0915 - issue 21 follow-up: split into steps
+    def __post_init__(self):
         if isinstance(self.head, dict):
             self.head = VisualHeadConfig(**self.head)
+        self._check_model_options()
+        self._check_checkpoint_options()
+        self._check_counts()
+        self._check_inputs()
+        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
+        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
+
+    def _check_model_options(self) -> None:
         get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
         if self.vision_tower is None and (self.vision_tower_layer is not None or self.vision_tower_select != "patch"):
             raise ValueError("--vision-tower-layer and --vision-tower-select need --vision-tower")
@@ -365,6 +373,8 @@ class TrainConfig:
             raise ValueError(f"--template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn-implementation must be one of {ATTN_IMPLEMENTATIONS}")
+
+    def _check_checkpoint_options(self) -> None:
         if self.resume not in (None, "auto") and not self.resume.startswith("step"):
             raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
         if self.overwrite and self.resume is not None:
@@ -377,6 +387,8 @@ class TrainConfig:
             raise ValueError("--log-every must be >= 1")
         if self.save_every < 0 or self.save_every_minutes < 0:
             raise ValueError("--save-every and --save-every-minutes must be >= 0 (0: off)")
+
+    def _check_counts(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
@@ -385,14 +397,15 @@ class TrainConfig:
             raise ValueError(f"--text-only-visual-loss must be one of {TEXT_ONLY_VISUAL_LOSS}")
         if self.preview < 0:
             raise ValueError("--preview must be >= 0")
+
+    def _check_inputs(self) -> None:
+        """--codes and --data, or --packed (a single --data file given as a string becomes a list)."""
         if isinstance(self.data, str):
             self.data = [self.data]
         if self.packed is None and (self.codes is None or not self.data):
             raise ValueError("--codes and --data are required (or --packed DIR from asvr-pipeline pack)")
         if self.packed is not None and (self.codes is not None or self.data):
             raise ValueError("--packed replaces --codes and --data: give one or the other")
-        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
-        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
 
     # the components this run's flat options configure: built here only (the trainer and the preview)
     def model_config(self, vision_tower: VisionTowerSpec | None = None) -> ModelConfig:
