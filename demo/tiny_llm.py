@@ -81,7 +81,7 @@ def make_tiny_llm(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from asvr.train.config import tiny_llm_config
+    from asvr.train.model.config import tiny_llm_config
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ def _text_tokenizer(src, trust_remote_code: bool):
 
 def _separate_tower(tower_rec: dict, vision_tower_dir, dev):
     """The vision tower an export records (``--vision-tower`` names another folder for its weights)."""
-    from asvr.train.config import VisionTowerSpec
+    from asvr.train.model.config import VisionTowerSpec
     from asvr.train.model.vision_tower import load_vision_tower
 
     spec = VisionTowerSpec(**tower_rec)

@@ -207,20 +207,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:  # noqa: C901 - issue 21 follow-up: split into steps
+def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
     """Decode bytes to an RGB PIL image with EXIF orientation applied.
     Raises :class:`ImageError` with a readable reason."""
     if not data:
         raise ImageError("empty file (0 bytes)")
-    max_pixels = cfg.max_pixels if cfg else DEFAULT_MAX_PIXELS
+    img = _open_header(data)
+    _check_size(img, cfg)
+    return _decode(img, cfg)
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """PIL's lazy open: the header only, no pixels decoded."""
     try:
-        img = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError(_unidentified_reason(data)) from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt headers
         raise ImageError(f"unreadable header: {type(e).__name__}: {e}") from None
+
+
+def _check_size(img: Image.Image, cfg: PreprocessConfig | None) -> None:
+    """Refuse, from the header's size and mode, an image too large to decode (``max_pixels``,
+    ``max_decode_bytes``)."""
+    max_pixels = cfg.max_pixels if cfg else DEFAULT_MAX_PIXELS
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError(f"empty image {w}x{h}")
@@ -233,6 +245,10 @@ def open_image(data: bytes, cfg: PreprocessConfig | None = None) -> Image.Image:
                 f"decoding {w}x{h} {img.mode} needs about {need / 2**20:.0f} MiB, more than the "
                 f"{cfg.max_decode_bytes / 2**20:.0f} MiB of a decode task"
             )
+
+
+def _decode(img: Image.Image, cfg: PreprocessConfig | None) -> Image.Image:
+    """The pixels, EXIF-transposed, as RGB (a JPEG drafted down to ``image_size`` with ``fast_decode``)."""
     try:
         if cfg is not None and cfg.fast_decode and img.format == "JPEG":
             img.draft("RGB", (cfg.image_size, cfg.image_size))

@@ -1,219 +1,40 @@
-"""Configuration: the LVLM (``ModelConfig``), its visual head, its vision
-tower, and a training run (``TrainConfig``).
+"""Configuration of a training run (``TrainConfig``); the LVLM's own configuration
+(``ModelConfig`` and its components) is :mod:`asvr.train.model.config`, re-exported here.
 
 Plain dataclasses with a docstring under each field.  ``asvr-train``'s
 command line is generated from ``TrainConfig`` (``config_cli.py``): each
 field is one option, its docstring the ``--help`` text, so a new option is
-written once, here.  The exported model folder stores a ``ModelConfig`` in
-``asvr_config.json`` (``to_dict`` / ``from_dict``); a run folder stores its
-resolved ``TrainConfig`` in ``train_config.json``, which ``--config`` reads
-back.
+written once, here.  A run folder stores its resolved ``TrainConfig`` in
+``train_config.json``, which ``--config`` reads back; ``model_config`` and
+``data_config`` build the components the run's flat options configure.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from asvr.train.data.templates import TEMPLATES
+from asvr.train.model.config import (
+    ATTN_IMPLEMENTATIONS,
+    DTYPES,
+    TOWER_SELECT,
+    ModelConfig,
+    VisionSpec,
+    VisionTowerSpec,
+    VisualHeadConfig,
+    image_tokens,
+    tiny_llm_config,
+)
 from asvr.train.model.vision_input import VISION_INPUTS, get_vision_input
 
 if TYPE_CHECKING:
     from asvr.train.data.dataset import DataConfig
 
-TOWER_SELECT = ("patch", "cls_patch")
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
 STAGES = tuple(STAGE_DEFAULTS)
 ZERO_STAGES = (2, 3)
 TEXT_ONLY_VISUAL_LOSS = ("none", "grey-image")
-
-
-@dataclass(kw_only=True)
-class VisualHeadConfig:
-    """The ASVR visual head (see ``visual_head.py``).  Defaults are the reference's."""
-
-    proj_hidden: int = 2048
-    """Hidden width of the projector from the LLM state (hidden -> proj_hidden -> width, GELU)."""
-    width: int = 2048
-    """Width of the depth transformer."""
-    layers: int = 3
-    """Depth-transformer layers."""
-    head_dim: int = 128
-    """Attention head size; heads = width // head_dim (the reference: embed_dim // 128)."""
-    ffn_mult: int = 2
-    """Depth-specific FFN hidden size = ffn_mult * width (the reference: 2)."""
-    norm_eps: float = 1e-6
-    """RMSNorm epsilon."""
-
-    def __post_init__(self):
-        if self.width % self.head_dim:
-            raise ValueError(f"visual head width {self.width} is not a multiple of head_dim {self.head_dim}")
-        if min(self.proj_hidden, self.width, self.layers, self.head_dim, self.ffn_mult) < 1:
-            raise ValueError("visual head sizes must be positive")
-
-
-@dataclass(kw_only=True)
-class VisionSpec:
-    """What the LVLM needs to know about the frozen semantic tokenizer."""
-
-    dim: int
-    """Feature / codebook vector size C."""
-    grid: tuple[int, int]
-    """Feature grid [H, W]; an image takes H*W positions."""
-    depth: int
-    """Residual depth D."""
-    codebook_size: int
-    """Codes per depth K."""
-    fingerprint: str = ""
-    """Tokenizer fingerprint (Contract 1); checked when the model is reloaded."""
-    path: str | None = None
-    """Where the tokenizer artifact was loaded from (used by ``load_exported``)."""
-
-    def __post_init__(self):
-        self.grid = tuple(int(g) for g in self.grid)
-        if len(self.grid) != 2 or min(self.grid) < 1 or min(self.dim, self.depth, self.codebook_size) < 1:
-            raise ValueError(
-                f"bad vision spec: grid {self.grid}, dim {self.dim}, depth {self.depth}, K {self.codebook_size}"
-            )
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-def image_tokens(grid: tuple[int, int] | list[int], select: str = "patch") -> int:
-    """LLM positions per image: the patch grid, plus the CLS token for cls_patch."""
-    return int(grid[0]) * int(grid[1]) + (select == "cls_patch")
-
-
-@dataclass(kw_only=True)
-class VisionTowerSpec:
-    """The LLM's own vision tower (``--vision-tower``), when it is not the target
-    tokenizer's encoder.  Recorded in the export so evaluation rebuilds it."""
-
-    encoder: dict[str, Any]
-    """``EncoderSpec`` fields (kind, absolute weights path, feature layer, image size,
-    normalisation, resample, weights sha256)."""
-    select: str = "patch"
-    """patch: the patch tokens; cls_patch: CLIP's CLS token first, then the patches
-    (LLaVA's ``mm_vision_select_feature``)."""
-    source: str = ""
-    """The folder given to --vision-tower (a Hugging Face vision folder or a tokenizer artifact)."""
-    grid: tuple[int, int] = (1, 1)
-    """Patch grid [H, W]; must equal the tokenizer's (the targets sit on it)."""
-    dim: int = 1
-    """Feature size: the projector's input width."""
-    fingerprint: str = ""
-    """sha256 over the encoder spec (weights hash included) and ``select``: names feature caches."""
-
-    def __post_init__(self):
-        self.grid = tuple(int(g) for g in self.grid)
-        if self.select not in TOWER_SELECT:
-            raise ValueError(f"vision tower select must be one of {TOWER_SELECT}, got {self.select!r}")
-
-    @property
-    def tokens_per_image(self) -> int:
-        """LLM positions per image: the patches, plus the CLS token for cls_patch."""
-        return image_tokens(self.grid, self.select)
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """The LVLM: a Hugging Face causal LM + vision projector + ASVR visual head."""
-
-    llm: str | dict[str, Any]
-    """A local Hugging Face model folder (weights loaded), a config.json path, or a
-    config dict with ``model_type`` (random init: tests, benchmarks)."""
-    trust_remote_code: bool = False
-    """Allow model code shipped in the folder. Off unless asked."""
-    vision_input: str = "codes"
-    """online: frozen vision tower on pixels; features: cached continuous features;
-    codes: features rebuilt from the cached codes (sum of codebook vectors).
-    The modes are ``asvr.train.model.vision_input.VISION_INPUTS``."""
-    projector: str = "mlp2x_gelu"
-    """Vision projector: linear or mlpNx_gelu (the reference: mlp2x_gelu)."""
-    head: VisualHeadConfig = field(default_factory=VisualHeadConfig)
-    visual_loss_weight: float = 1.0
-    """lambda in loss = text CE + lambda * mean over depths of the visual CE (reference: 1)."""
-    visual_loss_chunk: int = 2048
-    """Rows per chunk of the visual classifier+CE; peak extra memory is chunk x K floats."""
-    attn_implementation: str = "auto"
-    """auto: flash_attention_2 when flash_attn imports and CUDA is up, else sdpa."""
-    dtype: str = "float32"
-    """Parameter dtype: float32 (CPU), bfloat16 (GPU)."""
-    gradient_checkpointing: bool = False
-    """Recompute LLM layers and head layers in backward."""
-    vision: VisionSpec | None = None
-    """Filled by ``build_model`` from the tokenizer (or given with codebooks)."""
-    vision_tower: VisionTowerSpec | None = None
-    """The LLM's vision tower when it is not the tokenizer's encoder (online/features only)."""
-
-    def __post_init__(self):
-        if isinstance(self.head, dict):
-            self.head = VisualHeadConfig(**self.head)
-        if isinstance(self.vision, dict):
-            self.vision = VisionSpec(**self.vision)
-        if isinstance(self.vision_tower, dict):
-            self.vision_tower = VisionTowerSpec(**self.vision_tower)
-        get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}"
-            )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.visual_loss_weight < 0 or self.visual_loss_chunk < 1:
-            raise ValueError("visual_loss_weight must be >= 0 and visual_loss_chunk >= 1")
-        if not isinstance(self.llm, (str, dict)):
-            raise ValueError("llm must be a folder / config.json path or a config dict")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def input_dim(self) -> int:
-        """Width of the features the projector receives (the tower's, else the codebooks')."""
-        if self.vision_tower is not None:
-            return self.vision_tower.dim
-        if self.vision is None:
-            raise ValueError("ModelConfig.vision is not set (build_model fills it from the tokenizer)")
-        return self.vision.dim
-
-    @property
-    def image_tokens(self) -> int:
-        """LLM positions per image (the tower's tokens, else the tokenizer grid)."""
-        if self.vision_tower is not None:
-            return self.vision_tower.tokens_per_image
-        if self.vision is None:
-            raise ValueError("ModelConfig.vision is not set (build_model fills it from the tokenizer)")
-        return self.vision.tokens_per_image
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if self.vision is not None:
-            d["vision"]["grid"] = list(self.vision.grid)
-        if self.vision_tower is not None:
-            d["vision_tower"]["grid"] = list(self.vision_tower.grid)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _opt(group: str, **kw) -> dict[str, Any]:
@@ -351,9 +172,17 @@ class TrainConfig:
     """Print the first N training samples as JSON lines (id, rendered text, input_ids, labels with -100, image
     positions) and exit without training (0: train)."""
 
-    def __post_init__(self):  # noqa: C901, PLR0912, PLR0915 - issue 21 follow-up: split into steps
+    def __post_init__(self):
         if isinstance(self.head, dict):
             self.head = VisualHeadConfig(**self.head)
+        self._check_model_options()
+        self._check_checkpoint_options()
+        self._check_counts()
+        self._check_inputs()
+        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
+        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
+
+    def _check_model_options(self) -> None:
         get_vision_input(self.vision_input).check_tower(self.vision_tower is not None)
         if self.vision_tower is None and (self.vision_tower_layer is not None or self.vision_tower_select != "patch"):
             raise ValueError("--vision-tower-layer and --vision-tower-select need --vision-tower")
@@ -365,6 +194,8 @@ class TrainConfig:
             raise ValueError(f"--template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"--attn-implementation must be one of {ATTN_IMPLEMENTATIONS}")
+
+    def _check_checkpoint_options(self) -> None:
         if self.resume not in (None, "auto") and not self.resume.startswith("step"):
             raise ValueError("--resume takes 'auto' or a checkpoint tag like step00000042")
         if self.overwrite and self.resume is not None:
@@ -377,6 +208,8 @@ class TrainConfig:
             raise ValueError("--log-every must be >= 1")
         if self.save_every < 0 or self.save_every_minutes < 0:
             raise ValueError("--save-every and --save-every-minutes must be >= 0 (0: off)")
+
+    def _check_counts(self) -> None:
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
@@ -385,14 +218,15 @@ class TrainConfig:
             raise ValueError(f"--text-only-visual-loss must be one of {TEXT_ONLY_VISUAL_LOSS}")
         if self.preview < 0:
             raise ValueError("--preview must be >= 0")
+
+    def _check_inputs(self) -> None:
+        """--codes and --data, or --packed (a single --data file given as a string becomes a list)."""
         if isinstance(self.data, str):
             self.data = [self.data]
         if self.packed is None and (self.codes is None or not self.data):
             raise ValueError("--codes and --data are required (or --packed DIR from asvr-pipeline pack)")
         if self.packed is not None and (self.codes is not None or self.data):
             raise ValueError("--packed replaces --codes and --data: give one or the other")
-        self.template = self.template or STAGE_DEFAULTS[self.stage]["template"]
-        self.lr = STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else self.lr
 
     # the components this run's flat options configure: built here only (the trainer and the preview)
     def model_config(self, vision_tower: VisionTowerSpec | None = None) -> ModelConfig:
@@ -429,35 +263,19 @@ class TrainConfig:
         )
 
 
-def tiny_llm_config(
-    family: str = "llama",
-    *,
-    vocab_size: int = 300,
-    hidden_size: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate_size: int = 128,
-    max_positions: int = 1024,
-) -> dict:
-    """A tiny decoder config dict of a real family (llama, qwen2, mistral): tests,
-    ``make demo`` and CPU smoke runs build random LLMs from it."""
-    if family not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"tiny configs exist for llama, qwen2, mistral; not {family!r}")
-    cfg = dict(
-        model_type=family,
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=family == "qwen2",
-    )
-    if family == "mistral":
-        cfg["sliding_window"] = None
-    return cfg
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "DTYPES",
+    "STAGES",
+    "STAGE_DEFAULTS",
+    "TEXT_ONLY_VISUAL_LOSS",
+    "TOWER_SELECT",
+    "ZERO_STAGES",
+    "ModelConfig",
+    "TrainConfig",
+    "VisionSpec",
+    "VisionTowerSpec",
+    "VisualHeadConfig",
+    "image_tokens",
+    "tiny_llm_config",
+]

@@ -56,7 +56,68 @@ def _tsv_image(value: str, roots: Sequence[Path], where: str) -> bytes | str | N
         raise BenchError(f"{where}: image is neither base64 nor an image path") from None
 
 
-def read_mmbench(path: Path, images=None, task: str = "mmbench") -> list[BenchItem]:  # noqa: C901, PLR0912 - issue 21 follow-up: split into steps
+def _read_header(row: list[str], where: str) -> list[str]:
+    header = [h.strip() for h in row]
+    missing = [k for k in ("question", "A", "B", "answer") if k not in header]
+    if missing:
+        raise BenchError(f"{where}: MMBench header lacks column(s) {missing} (has {header[:12]})")
+    return header
+
+
+def _options(rec: dict[str, str], where: str) -> list[str]:
+    """The option texts A, B[, C, ...] (no gaps, at least two)."""
+    present = [c for c in letters_for(range(26)) if c in rec and rec[c].strip() not in ("", "nan")]
+    if present != letters_for(present) or len(present) < 2:
+        raise BenchError(f"{where}: options must be A, B[, C, ...] without gaps; got {present}")
+    return [rec[c].strip() for c in present]
+
+
+def _row_image(
+    rec: dict[str, str], index: str, by_index: dict[str, bytes | str | None], roots: Sequence[Path], where: str
+) -> bytes | str | None:
+    """The row's image: its own cell, an earlier row's by index, or (none) its circular original's;
+    recorded in ``by_index`` for the rows after it."""
+    # MMBench stores an image once per question index; circular copies reuse it by index % 1e6
+    ref = rec.get("image", "").strip()
+    if ref.isdigit() and len(ref) < 16:  # VLMEvalKit: a repeated image holds the index of its first row
+        if ref not in by_index:
+            raise BenchError(f"{where}: image refers to index {ref}, which has no image above")
+        image = by_index[ref]
+    else:
+        image = _tsv_image(ref, roots, where)
+    if image is None and index.isdigit():
+        image = by_index.get(str(int(index) % 1_000_000))
+    if image is not None:
+        by_index.setdefault(index, image)
+        if index.isdigit():
+            by_index.setdefault(str(int(index) % 1_000_000), image)
+    return image
+
+
+def _item(rec: dict[str, str], n: int, by_index: dict, roots: Sequence[Path], where: str, task: str) -> BenchItem:
+    options = _options(rec, where)
+    gold, raw = _gold("multiple_choice", rec["answer"], options, where)
+    index = rec.get("index", str(n)).strip()
+    image = _row_image(rec, index, by_index, roots, where)
+    hint = rec.get("hint", "").strip()
+    key = image if image is None or isinstance(image, str) else "sha256:" + hashlib.sha256(image).hexdigest()
+    return BenchItem(
+        id=index,
+        question=rec["question"].strip(),
+        kind="multiple_choice",
+        answer=gold,
+        raw_answer=raw,
+        image=image,
+        image_key=key,
+        source=where,
+        options=options,
+        hint=hint if hint and hint != "nan" else None,
+        category=(rec.get("category") or "").strip() or None,
+        task=task,
+    )
+
+
+def read_mmbench(path: Path, images=None, task: str = "mmbench") -> list[BenchItem]:
     roots = _roots(path, images)
     items: list[BenchItem] = []
     header: list[str] | None = None
@@ -64,54 +125,13 @@ def read_mmbench(path: Path, images=None, task: str = "mmbench") -> list[BenchIt
     for n, row in _read_tsv_rows(path):
         where = _where(path, n)
         if header is None:
-            header = [h.strip() for h in row]
-            missing = [k for k in ("question", "A", "B", "answer") if k not in header]
-            if missing:
-                raise BenchError(f"{where}: MMBench header lacks column(s) {missing} (has {header[:12]})")
+            header = _read_header(row, where)
             continue
         if not any(x.strip() for x in row):
             continue
         if len(row) != len(header):
             raise BenchError(f"{where}: {len(row)} fields, the header has {len(header)}")
-        rec = dict(zip(header, row))
-        present = [c for c in letters_for(range(26)) if c in rec and rec[c].strip() not in ("", "nan")]
-        if present != letters_for(present) or len(present) < 2:
-            raise BenchError(f"{where}: options must be A, B[, C, ...] without gaps; got {present}")
-        options = [rec[c].strip() for c in present]
-        gold, raw = _gold("multiple_choice", rec["answer"], options, where)
-        index = rec.get("index", str(n)).strip()
-        # MMBench stores an image once per question index; circular copies reuse it by index % 1e6
-        ref = rec.get("image", "").strip()
-        if ref.isdigit() and len(ref) < 16:  # VLMEvalKit: a repeated image holds the index of its first row
-            if ref not in by_index:
-                raise BenchError(f"{where}: image refers to index {ref}, which has no image above")
-            image = by_index[ref]
-        else:
-            image = _tsv_image(ref, roots, where)
-        if image is None and index.isdigit():
-            image = by_index.get(str(int(index) % 1_000_000))
-        if image is not None:
-            by_index.setdefault(index, image)
-            if index.isdigit():
-                by_index.setdefault(str(int(index) % 1_000_000), image)
-        hint = rec.get("hint", "").strip()
-        key = image if image is None or isinstance(image, str) else "sha256:" + hashlib.sha256(image).hexdigest()
-        items.append(
-            BenchItem(
-                id=index,
-                question=rec["question"].strip(),
-                kind="multiple_choice",
-                answer=gold,
-                raw_answer=raw,
-                image=image,
-                image_key=key,
-                source=where,
-                options=options,
-                hint=hint if hint and hint != "nan" else None,
-                category=(rec.get("category") or "").strip() or None,
-                task=task,
-            )
-        )
+        items.append(_item(dict(zip(header, row)), n, by_index, roots, where, task))
     if header is None:
         raise BenchError(f"{path}: empty file")
     return items

@@ -56,25 +56,35 @@ def read_mme(path: Path, images=None) -> list[BenchItem]:
             raise BenchError(f"{where}: expected tab-separated image, question, answer; got {len(row)} field(s)")
         cat = row[c["category"]].strip() if "category" in c else category
         ref = row[c["image"]].strip()
-        gold, raw = _gold("yes_no", row[c["answer"]], None, where)
-        if gold is None:
-            raise BenchError(f"{where}: empty answer")
+        gold, raw = _yes_no(row[c["answer"]], where)
         image = _resolve_image(ref, roots, where)
         items.append(
-            BenchItem(
-                id=f"{cat}/{ref}#{len(items)}",
-                question=row[c["question"]].strip(),
-                kind="yes_no",
-                answer=gold,
-                raw_answer=raw,
-                image=image,
-                image_key=f"{cat}/{ref}",
-                source=where,
-                category=cat,
-                task="mme",
-            )
+            _mme_item(f"{cat}/{ref}#{len(items)}", row[c["question"]], gold, raw, image, f"{cat}/{ref}", where, cat)
         )
     return items
+
+
+def _yes_no(answer: str, where: str) -> tuple:
+    """The gold yes/no of an answer cell (and its raw text); an empty one is refused."""
+    gold, raw = _gold("yes_no", answer, None, where)
+    if gold is None:
+        raise BenchError(f"{where}: empty answer")
+    return gold, raw
+
+
+def _mme_item(id_: str, question: str, gold, raw, image, key: str, where: str, category: str) -> BenchItem:
+    return BenchItem(
+        id=id_,
+        question=question.strip(),
+        kind="yes_no",
+        answer=gold,
+        raw_answer=raw,
+        image=image,
+        image_key=key,
+        source=where,
+        category=category,
+        task="mme",
+    )
 
 
 def _find_image(folder: Path, stem: str, where: str) -> str:
@@ -101,23 +111,9 @@ def _read_mme_folder(root: Path, images=None) -> list[BenchItem]:
                     continue
                 if len(row) < 2:
                     raise BenchError(f"{where}: expected question<TAB>answer")
-                gold, raw = _gold("yes_no", row[1], None, where)
-                if gold is None:
-                    raise BenchError(f"{where}: empty answer")
-                items.append(
-                    BenchItem(
-                        id=f"{category}/{f.stem}#{n}",
-                        question=row[0].strip(),
-                        kind="yes_no",
-                        answer=gold,
-                        raw_answer=raw,
-                        image=image,
-                        image_key=f"{category}/{f.stem}",
-                        source=where,
-                        category=category,
-                        task="mme",
-                    )
-                )
+                gold, raw = _yes_no(row[1], where)
+                key = f"{category}/{f.stem}"
+                items.append(_mme_item(f"{key}#{n}", row[0], gold, raw, image, key, where, category))
     if not qa_dirs:
         files = sorted(p for p in root.iterdir() if p.suffix in (".txt", ".tsv") and p.is_file())
         if not files:

@@ -39,7 +39,7 @@ def folder_parts(root: Path) -> list[str]:
     return ["", *subs]
 
 
-def _scan_folder(root: Path, rows: _Rows, opts: SourceOptions, part: str | None = None) -> None:  # noqa: C901 - issue 21 follow-up: split into steps
+def _scan_folder(root: Path, rows: _Rows, opts: SourceOptions, part: str | None = None) -> None:
     """``part``: None for the whole folder, else one of :func:`folder_parts` (keys stay relative to ``root``);
     ``opts.max_read_mb`` turns an oversized file into a failure row before it is read."""
     if not root.is_dir():
@@ -49,39 +49,49 @@ def _scan_folder(root: Path, rows: _Rows, opts: SourceOptions, part: str | None 
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         # the root part lists the folder's own files (and its linked folders' rows); subfolders are their own parts
         walk_into = [] if part == "" and Path(dirpath) == start else dirnames
-        names = set(filenames)
-        images = {Path(n).stem for n in filenames if n.lower().endswith(IMAGE_SUFFIXES)}
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            p = Path(dirpath) / name
-            key = p.relative_to(root).as_posix()
-            if not name.lower().endswith(IMAGE_SUFFIXES):
-                if not (name.endswith(".txt") and name[:-4] in images):  # a sidecar caption belongs to its image
-                    rows.add(key, str(p), "ignored", error="not an image file (suffix)")
-                continue
-            error = None
-            if p.is_symlink():
-                try:
-                    confine(root, key)
-                except UnsafePathError as e:
-                    error = f"symlink: {e}".replace(
-                        "image path escapes the image root", "points outside the input folder"
-                    )
-            error = error or regular_file_error(p) or _file_size_error(p, opts)
-            caption = None
-            txt = Path(name).stem + ".txt"
-            if error is None and txt in names:
-                try:
-                    caption = (Path(dirpath) / txt).read_text(encoding="utf-8", errors="replace").strip()
-                except OSError:
-                    caption = None
-            rows.add(key, str(p), "error" if error else "file", str(p.absolute()), caption=caption, error=error)
+        _add_files(root, Path(dirpath), filenames, rows, opts)
         for name in dirnames:  # os.walk lists a linked folder here but never enters it: one row says why
             p = Path(dirpath) / name
             if p.is_symlink():
                 rows.add(p.relative_to(root).as_posix(), str(p), "ignored", error=_linked_folder(root, p))
         dirnames[:] = walk_into
+
+
+def _add_files(root: Path, folder: Path, filenames: list[str], rows: _Rows, opts: SourceOptions) -> None:
+    """The rows of one folder's files: each image (with its sidecar caption), each other file ``ignored``."""
+    names = set(filenames)
+    images = {Path(n).stem for n in filenames if n.lower().endswith(IMAGE_SUFFIXES)}
+    for name in sorted(filenames):
+        if name.startswith("."):
+            continue
+        p = folder / name
+        key = p.relative_to(root).as_posix()
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            if not (name.endswith(".txt") and name[:-4] in images):  # a sidecar caption belongs to its image
+                rows.add(key, str(p), "ignored", error="not an image file (suffix)")
+            continue
+        error = _image_file_error(root, p, key, opts)
+        txt = Path(name).stem + ".txt"
+        caption = _sidecar_caption(folder / txt) if error is None and txt in names else None
+        rows.add(key, str(p), "error" if error else "file", str(p.absolute()), caption=caption, error=error)
+
+
+def _image_file_error(root: Path, p: Path, key: str, opts: SourceOptions) -> str | None:
+    """Why the image file ``p`` (``key`` under ``root``) is a failure row before it is read, or None."""
+    error = None
+    if p.is_symlink():
+        try:
+            confine(root, key)
+        except UnsafePathError as e:
+            error = f"symlink: {e}".replace("image path escapes the image root", "points outside the input folder")
+    return error or regular_file_error(p) or _file_size_error(p, opts)
+
+
+def _sidecar_caption(txt: Path) -> str | None:
+    try:
+        return txt.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
 
 
 def _linked_folder(root: Path, link: Path) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from asvr.tokenizer.preprocess import ImageError
 
+from asvr.pipeline.inputs.parquet import image_cell_bytes
 from asvr.pipeline.inputs.sources import (
     PARQUET_CAPTION_COLUMNS,
     PARQUET_IMAGE_COLUMNS,
@@ -91,14 +92,8 @@ def _read(row: dict, handles: dict) -> bytes:
         except SourceError as e:
             raise ImageError(str(e), "read") from None
         handles[("hf-datasets", row["path"])] = ds
-    v = ds[row["offset"]].column(0)[0].as_py()
-    if isinstance(v, dict):  # the Image feature: {bytes, path}
-        v = v.get("bytes")
-    if v is None:
-        raise ImageError("image cell has no bytes", "read")
-    if not isinstance(v, (bytes, bytearray)):
-        raise ImageError(f"image cell holds {type(v).__name__}, not bytes", "read")
-    return bytes(v)
+    # the Image feature: {bytes, path}; save_to_disk embeds the bytes, so none is a failure
+    return image_cell_bytes(ds[row["offset"]].column(0)[0].as_py(), lambda struct: "image cell has no bytes")
 
 
 register_input_format(

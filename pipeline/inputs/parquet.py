@@ -8,14 +8,21 @@ Hugging Face ``{bytes, path}`` struct); keys and captions come from
 ``--max-read-mb`` is a failure row per image, decided from the footer before a
 byte of it is read (the reader reads a row group at once).
 
+An image cell becomes bytes in one place, :func:`image_cell_bytes`, shared by the read stage
+(:func:`parquet_cell_bytes`) and the ``hf-datasets`` format, each with its own reason for a cell
+without bytes.
+
 Registered like a plug-in; detected (after the plug-ins) by the ``.parquet`` suffix.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
+
+from asvr.tokenizer.preprocess import ImageError
 
 from asvr.pipeline.inputs.sources import (
     PARQUET_CAPTION_COLUMNS,
@@ -29,6 +36,33 @@ from asvr.pipeline.inputs.sources import (
     register_input_format,
     too_big,
 )
+
+
+def image_cell_bytes(v, why_missing: Callable[[dict | None], str]) -> bytes:
+    """An image cell (raw binary, or a Hugging Face Image struct ``{bytes, path}``) -> its bytes;
+    ``why_missing(struct or None)``: the read failure of a cell without bytes."""
+    struct = v if isinstance(v, dict) else None
+    if struct is not None:
+        v = struct.get("bytes")
+    if v is None:
+        raise ImageError(why_missing(struct), "read")
+    if not isinstance(v, (bytes, bytearray)):
+        raise ImageError(f"image cell holds {type(v).__name__}, not bytes", "read")
+    return bytes(v)
+
+
+def _parquet_missing(struct: dict | None) -> str:
+    if struct is not None and struct.get("path"):
+        return (
+            f"image cell is a struct with path {struct['path']!r} but no bytes: files named by a "
+            "Parquet cell are not opened; embed the image bytes in the file"
+        )
+    return "image cell is null"
+
+
+def parquet_cell_bytes(v) -> bytes:
+    """An image cell of a Parquet input -> its bytes (a struct naming a file is refused: not opened)."""
+    return image_cell_bytes(v, _parquet_missing)
 
 
 def _column_bytes(md, column: str) -> int:

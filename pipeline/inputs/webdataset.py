@@ -62,7 +62,25 @@ def _tar_span(m: tarfile.TarInfo) -> tuple[str, int, int]:
     return ("tar-sparse", m.offset, m.size) if m.issparse() else ("tar", m.offset_data, m.size)
 
 
-def _scan_tar(path: Path, rows: _Rows, opts: SourceOptions) -> None:  # noqa: C901, PLR0912, PLR0915 - issue 21 follow-up: split into steps
+_Group = list[tuple[tarfile.TarInfo, str]]  # a sample's members with their lower-cased extension
+
+
+def _scan_tar(path: Path, rows: _Rows, opts: SourceOptions) -> None:
+    members, problem = _list_members(path)
+    abspath = str(path.absolute())
+    for key, group in _samples(path, members, rows).items():
+        images = [(m, ext) for m, ext in group if ext.rsplit(".", 1)[-1] in _IMAGE_EXTS]
+        caps = [(m, ext) for m, ext in group if ext in ("txt", "json") and m.isfile()]
+        cap = next((c for c in caps if c[1] == "txt"), None) or (caps[0] if caps else None)
+        _add_ignored(path, group, images, cap, rows)
+        for m, _ in images:
+            _add_image(key, m, cap, path, abspath, rows, opts)
+    if problem:
+        rows.add(f"{path.name}#truncated", f"{path}", "input", error=f"{path}: {problem}")
+
+
+def _list_members(path: Path) -> tuple[list[tarfile.TarInfo], str | None]:
+    """The tar's members, and why its listing ended early or uncleanly (None: it ends at the marker)."""
     try:
         tar = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as e:
@@ -76,51 +94,61 @@ def _scan_tar(path: Path, rows: _Rows, opts: SourceOptions) -> None:  # noqa: C9
         except tarfile.TarError as e:
             problem = f"tar is truncated or corrupt after {len(members)} members ({e})"
         end = tar.offset
-    problem = problem or _tar_end_problem(path, end)
-    groups: dict[str, list[tuple[tarfile.TarInfo, str]]] = {}
-    abspath = str(path.absolute())
+    return members, problem or _tar_end_problem(path, end)
+
+
+def _samples(path: Path, members: list[tarfile.TarInfo], rows: _Rows) -> dict[str, _Group]:
+    """Members grouped by webdataset key, in tar order; a name without ``KEY.EXT`` is an ``ignored`` row."""
+    groups: dict[str, _Group] = {}
     for m in members:
         match = _WDS_SPLIT.match(m.name)
         if not match:
             rows.add(m.name, f"{path}:{m.name}", "ignored", error="member name has no KEY.EXT form")
             continue
         groups.setdefault(match.group(1), []).append((m, match.group(2).lower()))
-    for key, group in groups.items():
-        images = [(m, ext) for m, ext in group if ext.rsplit(".", 1)[-1] in _IMAGE_EXTS]
-        caps = [(m, ext) for m, ext in group if ext in ("txt", "json") and m.isfile()]
-        cap = next((c for c in caps if c[1] == "txt"), None) or (caps[0] if caps else None)
-        for m, ext in group:
-            if images and (m, ext) in images:
-                continue
-            if images and cap is not None and m is cap[0]:
-                continue
-            why = (
-                ("not image data" if images else "its sample has no image member")
-                if m.isfile()
-                else "a folder, link or special member"
-            )
-            rows.add(m.name, f"{path}:{m.name}", "ignored", error=why)
-        for m, _ in images:
-            if not m.isfile():
-                rows.add(
-                    key,
-                    f"{path}:{m.name}",
-                    "error",
-                    error=f"tar member {m.name!r} is a link or special file, not image data",
-                )
-                continue
-            big = too_big(m.size, opts, f"tar member {m.name!r}")
-            if big:
-                rows.add(key, f"{path}:{m.name}", "error", error=big)
-                continue
-            kind, offset, size = _tar_span(m)
-            cm = cap[0] if cap and cap[0].size <= opts.max_read_bytes else None  # a bad caption never fails an image
-            cap_kind, cap_offset, cap_size = _tar_span(cm) if cm else ("", -1, -1)
-            if cm is not None and cap:
-                cap_kind = ("sparse:" if cap_kind == "tar-sparse" else "") + cap[1]
-            rows.add(key, f"{path}:{m.name}", kind, abspath, offset, size, cap_offset, cap_size, cap_kind)
-    if problem:
-        rows.add(f"{path.name}#truncated", f"{path}", "input", error=f"{path}: {problem}")
+    return groups
+
+
+def _add_ignored(path: Path, group: _Group, images: _Group, cap: tuple[tarfile.TarInfo, str] | None, rows: _Rows):
+    """An ``ignored`` row for each member of a sample that is neither one of its images nor its caption."""
+    for m, ext in group:
+        if images and (m, ext) in images:
+            continue
+        if images and cap is not None and m is cap[0]:
+            continue
+        why = (
+            ("not image data" if images else "its sample has no image member")
+            if m.isfile()
+            else "a folder, link or special member"
+        )
+        rows.add(m.name, f"{path}:{m.name}", "ignored", error=why)
+
+
+def _add_image(
+    key: str,
+    m: tarfile.TarInfo,
+    cap: tuple[tarfile.TarInfo, str] | None,
+    path: Path,
+    abspath: str,
+    rows: _Rows,
+    opts: SourceOptions,
+) -> None:
+    """The row of one image member: its span (and its caption's), or a failure row."""
+    if not m.isfile():
+        rows.add(
+            key, f"{path}:{m.name}", "error", error=f"tar member {m.name!r} is a link or special file, not image data"
+        )
+        return
+    big = too_big(m.size, opts, f"tar member {m.name!r}")
+    if big:
+        rows.add(key, f"{path}:{m.name}", "error", error=big)
+        return
+    kind, offset, size = _tar_span(m)
+    cm = cap[0] if cap and cap[0].size <= opts.max_read_bytes else None  # a bad caption never fails an image
+    cap_kind, cap_offset, cap_size = _tar_span(cm) if cm else ("", -1, -1)
+    if cm is not None and cap:
+        cap_kind = ("sparse:" if cap_kind == "tar-sparse" else "") + cap[1]
+    rows.add(key, f"{path}:{m.name}", kind, abspath, offset, size, cap_offset, cap_size, cap_kind)
 
 
 register_input_format(

@@ -208,29 +208,19 @@ class PackOutput:
         self._lock.close()
 
 
-def run_pack(cfg: PackConfig) -> list[str]:  # noqa: PLR0915 - issue 21 follow-up: split into steps
+def run_pack(cfg: PackConfig) -> list[str]:
     """The whole job; returns the summary lines."""
-    from transformers import AutoTokenizer
-
     from asvr.pipeline.job.ray_job import _ray_init
-    from asvr.train.data.packed_build import PackSettings, caption_free_keys, packed_meta, read_conversations
-    from asvr.train.data.packed_build import text_tokenizer_hash
+    from asvr.train.data.packed_build import PackSettings, caption_free_keys, packed_meta, text_tokenizer_hash
 
     t0 = time.perf_counter()
     meta, keys, where = _code_index(cfg.codes)
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise OutputError(f"--model {cfg.model}: not a loadable tokenizer folder ({str(e).splitlines()[0]})") from None
-    text_hash = text_tokenizer_hash(tok)
+    text_hash = text_tokenizer_hash(_text_tokenizer(cfg))
     settings = PackSettings(
         template=cfg.template, max_len=cfg.max_len, image_tokens=cfg.image_tokens, window=cfg.window, seed=cfg.seed
     )
     pmeta = packed_meta(meta, settings, text_hash)
-    try:
-        records = read_conversations(cfg.data)
-    except ValueError as e:  # the trainer's DataError: one line naming the file
-        raise OutputError(str(e)) from None
+    records = _conversations(cfg)
     referenced = {r.image for r in records if r.image is not None}
     free = caption_free_keys(keys, referenced, cfg.caption_free_ratio, len(records), cfg.seed)
     n_units = max(1, -(-len(records) // cfg.unit_size))
@@ -246,26 +236,53 @@ def run_pack(cfg: PackConfig) -> list[str]:  # noqa: PLR0915 - issue 21 follow-u
         out.write_manifest(pmeta.to_dict(), n_units, None)
         task_cfg = {"model": cfg.model, "trust": cfg.trust_remote_code, "settings": asdict(settings)}
         commits = Commits(n_units)
-        todo = []
-        for u in range(n_units):
-            recs = records[u * cfg.unit_size : (u + 1) * cfg.unit_size]
-            fr = free[u * len(free) // n_units : (u + 1) * len(free) // n_units]
-            items = _unit_hash(recs, fr, run)
-            done = out.store.done(u, items)
-            if done is not None:
-                commits.add(done)
-                continue
-            locs = {k: where[k] for k in [r.image for r in recs if r.image in where] + fr}
-            todo.append((u, items, recs, fr, locs))
+        todo = _units_to_do(cfg, out.store, records, free, where, run, n_units, commits)
         resumed = len(commits)
         if todo:
             _execute(cfg, out.store, todo, meta, task_cfg, text_hash, commits, _ray_init)
-        results = commits.ordered()
-        manifest = out.write_manifest(pmeta.to_dict(), n_units, results)
+        manifest = out.write_manifest(pmeta.to_dict(), n_units, commits.ordered())
     finally:
         out.close()
-    c = manifest["counts"]
-    dt = time.perf_counter() - t0
+    return _summary(cfg, manifest["counts"], n_units, resumed, time.perf_counter() - t0)
+
+
+def _text_tokenizer(cfg: PackConfig):
+    """The LLM folder's text tokenizer (local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise OutputError(f"--model {cfg.model}: not a loadable tokenizer folder ({str(e).splitlines()[0]})") from None
+
+
+def _conversations(cfg: PackConfig) -> list:
+    from asvr.train.data.packed_build import read_conversations
+
+    try:
+        return read_conversations(cfg.data)
+    except ValueError as e:  # the trainer's DataError: one line naming the file
+        raise OutputError(str(e)) from None
+
+
+def _units_to_do(cfg: PackConfig, store: UnitStore, records, free, where, run: dict, n_units: int, commits: Commits):
+    """The units without a valid marker, as task inputs ``(unit, items, records, free, locations)``; the
+    records of the units already done go into ``commits``."""
+    todo = []
+    for u in range(n_units):
+        recs = records[u * cfg.unit_size : (u + 1) * cfg.unit_size]
+        fr = free[u * len(free) // n_units : (u + 1) * len(free) // n_units]
+        items = _unit_hash(recs, fr, run)
+        done = store.done(u, items)
+        if done is not None:
+            commits.add(done)
+            continue
+        locs = {k: where[k] for k in [r.image for r in recs if r.image in where] + fr}
+        todo.append((u, items, recs, fr, locs))
+    return todo
+
+
+def _summary(cfg: PackConfig, c: dict, n_units: int, resumed: int, dt: float) -> list[str]:
     return [
         f"{c.get('samples', 0)} samples ({c.get('conversations', 0)} conversations, {c.get('caption_free', 0)} "
         f"caption-free) in {c.get('rows', 0)} rows of <= {cfg.max_len} tokens, {c.get('failed', 0)} failed "

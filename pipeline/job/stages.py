@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from asvr.core.paths import UnsafePathError, read_regular
 from asvr.tokenizer.preprocess import _RESAMPLE, ImageError, PreprocessConfig, open_image
 
+from asvr.pipeline.inputs.parquet import parquet_cell_bytes
 from asvr.pipeline.inputs.sources import row_reader
 
 
@@ -66,23 +67,6 @@ def decode_one(data: bytes, cfg: PreprocessConfig) -> tuple[np.ndarray, int, int
         warnings.simplefilter("ignore")
         img = open_image(data, cfg)
         return resize_uint8(img, cfg), img.size[0], img.size[1]
-
-
-def _cell_bytes(v) -> bytes:
-    """An image cell of a Parquet input -> its bytes (a Hugging Face Image struct's ``bytes``)."""
-    if isinstance(v, dict):  # Hugging Face Image feature: {bytes, path}
-        if v.get("bytes") is None and v.get("path"):
-            raise ImageError(
-                f"image cell is a struct with path {v['path']!r} but no bytes: files named by a "
-                "Parquet cell are not opened; embed the image bytes in the file",
-                "read",
-            )
-        v = v.get("bytes")
-    if v is None:
-        raise ImageError("image cell is null", "read")
-    if not isinstance(v, (bytes, bytearray)):
-        raise ImageError(f"image cell holds {type(v).__name__}, not bytes", "read")
-    return bytes(v)
 
 
 class _Reader:
@@ -170,7 +154,7 @@ class _Reader:
             pf = pq.ParquetFile(row["path"])
             col = pf.read_row_group(row["offset"], columns=[row["image_column"]]).column(0).combine_chunks()
             self._rg = (*key, col)
-        return _cell_bytes(self._rg[2][row["size"]].as_py())
+        return parquet_cell_bytes(self._rg[2][row["size"]].as_py())
 
     def caption(self, row: dict) -> str | None:
         if row["cap_kind"] == "":

@@ -77,37 +77,20 @@ def _code(text: str, depth: int, k: int) -> tuple[int, int]:
     return d, c
 
 
-def run(args: InspectOptions) -> int:  # noqa: C901, PLR0912, PLR0915 - issue 21 follow-up: split into steps
-    from tqdm import tqdm
-
+def run(args: InspectOptions) -> int:
     from asvr.tokenizer.artifact import load_artifact
-    from asvr.tokenizer.codes.inspection import (
-        InspectError,
-        code_sheet,
-        find_code_uses,
-        nearest_codes,
-        plot_usage,
-        summarize,
-        usage_counts,
-    )
+    from asvr.tokenizer.codes.inspection import InspectError
 
     spec, cb = load_artifact(args.tokenizer)
-    D, K = spec.depth, spec.codebook_size
-    codes = [_code(t, D, K) for t in args.code]
-    nearest = [_code(t, D, K) for t in args.nearest]
-    if (codes or any(c < 0 for _, c in nearest)) and not args.codes:
-        raise CLIError("--code and D:top need --codes CODES (the shards to look in)")
-    if args.top < 1 or args.max_images < 1:
-        raise CLIError("--top and --max-images must be >= 1")
+    codes, nearest = _requested_codes(args, spec.depth, spec.codebook_size)
     report_dir = Path(args.report) if args.report else None
     if report_dir:
         report_dir.mkdir(parents=True, exist_ok=True)
-    bar = lambda total, desc: tqdm(total=total, unit="shard", desc=desc, disable=args.quiet)  # noqa: E731
     report: dict = {
         "tokenizer": str(Path(args.tokenizer).resolve()),
         "fingerprint": spec.fingerprint,
-        "depth": D,
-        "codebook_size": K,
+        "depth": spec.depth,
+        "codebook_size": spec.codebook_size,
         "dim": spec.dim,
         "grid": list(spec.grid),
         "shared_codebook": spec.shared_codebook,
@@ -118,62 +101,96 @@ def run(args: InspectOptions) -> int:  # noqa: C901, PLR0912, PLR0915 - issue 21
         print("more: --codes CODES (usage per depth), --nearest D:K, --code D:K, --report DIR")
     try:
         if args.codes:
-            usage = usage_counts(args.codes, spec.fingerprint, D, K, lambda n: bar(n, "usage"))
-            summ = summarize(usage, args.dominant_factor)
-            report["usage"] = {
-                "codes": str(Path(args.codes).resolve()),
-                "images": usage.images,
-                "patches": usage.patches,
-                "preprocess": usage.preprocess,
-                "expected_per_code": usage.patches / K,
-                "dominant_factor": args.dominant_factor,
-                "depths": [asdict(s) for s in summ],
-                "counts": usage.counts.tolist(),
-            }
-            for s in summ:
-                print(
-                    f"depth {s.depth}: used {s.used}/{K}  dead {s.dead}  dominant {len(s.dominant)}  "
-                    f"perplexity {s.perplexity:.1f}  top-1% share {s.top_share:.3f}"
-                )
-            if report_dir:
-                plot_usage(usage, report_dir / "usage.png")
+            usage = _usage(args, spec, report, report_dir)
             top = lambda d, c: (d, int(usage.counts[d].argmax()) if c < 0 else c)  # noqa: E731
             codes, nearest = [top(*x) for x in codes], [top(*x) for x in nearest]
-        report["nearest"] = []
-        for d, k in nearest:
-            nn = nearest_codes(cb[0 if cb.shape[0] == 1 else d].numpy(), k, args.top)
-            report["nearest"].append(
-                {"code": f"{d}:{k}", "neighbours": [{"code": c, "sq_l2": round(x, 6)} for c, x in nn]}
-            )
-            print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
-        report["codes"] = []
-        for d, k in codes:
-            assert args.codes is not None  # --code needs --codes (refused above)
-            uses = find_code_uses(
-                args.codes, spec.fingerprint, d, k, args.max_images, functools.partial(bar, desc=f"code {d}:{k}")
-            )
-            entry = {
-                "code": f"{d}:{k}",
-                "images": uses.images,
-                "patches": uses.patches,
-                "preprocess": uses.preprocess,
-                "top": [{"key": u.key, "positions": [list(p) for p in u.positions]} for u in uses.top],
-            }
-            msg = f"code {d}:{k}: {uses.patches} patches in {uses.images} images"
-            if report_dir and args.images:
-                path, missing = code_sheet(
-                    uses, args.images, (spec.grid[0], spec.grid[1]), report_dir / f"code_{d}_{k}.png"
-                )
-                entry["sheet"] = path.name
-                msg += f"; sheet {path}" + (f" ({missing} images not found under {args.images})" if missing else "")
-            report["codes"].append(entry)
-            print(msg)
+        report["nearest"] = [_nearest(args, cb, d, k) for d, k in nearest]
+        report["codes"] = [_code_uses(args, spec, d, k, report_dir) for d, k in codes]
     except InspectError as e:
         raise CLIError(str(e)) from None
     if report_dir:
         _write_json(report_dir / "report.json", report)
         print(f"report: {report_dir / 'report.json'}")
     return 0
+
+
+def _requested_codes(args: InspectOptions, depth: int, k: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``--code`` and ``--nearest`` parsed (``D:top`` as K = -1) and checked against the other options."""
+    codes = [_code(t, depth, k) for t in args.code]
+    nearest = [_code(t, depth, k) for t in args.nearest]
+    if (codes or any(c < 0 for _, c in nearest)) and not args.codes:
+        raise CLIError("--code and D:top need --codes CODES (the shards to look in)")
+    if args.top < 1 or args.max_images < 1:
+        raise CLIError("--top and --max-images must be >= 1")
+    return codes, nearest
+
+
+def _bar(args: InspectOptions, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="shard", desc=desc, disable=args.quiet)
+
+
+def _usage(args: InspectOptions, spec, report: dict, report_dir: Path | None):
+    """Usage per depth over ``--codes``: printed, in ``report["usage"]`` and (with a report) ``usage.png``."""
+    from asvr.tokenizer.codes.inspection import plot_usage, summarize, usage_counts
+
+    assert args.codes is not None
+    K = spec.codebook_size
+    usage = usage_counts(args.codes, spec.fingerprint, spec.depth, K, lambda n: _bar(args, n, "usage"))
+    summ = summarize(usage, args.dominant_factor)
+    report["usage"] = {
+        "codes": str(Path(args.codes).resolve()),
+        "images": usage.images,
+        "patches": usage.patches,
+        "preprocess": usage.preprocess,
+        "expected_per_code": usage.patches / K,
+        "dominant_factor": args.dominant_factor,
+        "depths": [asdict(s) for s in summ],
+        "counts": usage.counts.tolist(),
+    }
+    for s in summ:
+        print(
+            f"depth {s.depth}: used {s.used}/{K}  dead {s.dead}  dominant {len(s.dominant)}  "
+            f"perplexity {s.perplexity:.1f}  top-1% share {s.top_share:.3f}"
+        )
+    if report_dir:
+        plot_usage(usage, report_dir / "usage.png")
+    return usage
+
+
+def _nearest(args: InspectOptions, cb, d: int, k: int) -> dict:
+    """``--nearest d:k``: printed; returns its report entry."""
+    from asvr.tokenizer.codes.inspection import nearest_codes
+
+    nn = nearest_codes(cb[0 if cb.shape[0] == 1 else d].numpy(), k, args.top)
+    print(f"nearest {d}:{k}: " + ", ".join(f"{c} ({x:.3g})" for c, x in nn))
+    return {"code": f"{d}:{k}", "neighbours": [{"code": c, "sq_l2": round(x, 6)} for c, x in nn]}
+
+
+def _code_uses(args: InspectOptions, spec, d: int, k: int, report_dir: Path | None) -> dict:
+    """``--code d:k``: where it is used (a contact sheet with ``--report`` and ``--images``), printed;
+    returns its report entry."""
+    from asvr.tokenizer.codes.inspection import code_sheet, find_code_uses
+
+    assert args.codes is not None  # --code needs --codes (refused above)
+    uses = find_code_uses(
+        args.codes, spec.fingerprint, d, k, args.max_images, functools.partial(_bar, args, desc=f"code {d}:{k}")
+    )
+    entry = {
+        "code": f"{d}:{k}",
+        "images": uses.images,
+        "patches": uses.patches,
+        "preprocess": uses.preprocess,
+        "top": [{"key": u.key, "positions": [list(p) for p in u.positions]} for u in uses.top],
+    }
+    msg = f"code {d}:{k}: {uses.patches} patches in {uses.images} images"
+    if report_dir and args.images:
+        path, missing = code_sheet(uses, args.images, (spec.grid[0], spec.grid[1]), report_dir / f"code_{d}_{k}.png")
+        entry["sheet"] = path.name
+        msg += f"; sheet {path}" + (f" ({missing} images not found under {args.images})" if missing else "")
+    print(msg)
+    return entry
 
 
 def summary_lines(path: str, spec, cb) -> list[str]:

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
@@ -28,6 +29,9 @@ from asvr.tokenizer.rvq.training import (
 )
 from asvr.tokenizer.encoders.base import build_encoder, default_encoder_spec, encoder_geometry, encoder_kinds
 from asvr.tokenizer.preprocess import PREPROCESS_MODES, PreprocessConfig
+
+
+T = TypeVar("T")
 
 
 def _encoder_kinds() -> list[str]:
@@ -71,57 +75,26 @@ def register(sub, name: str, help_: str) -> None:
     ).set_defaults(func=run)
 
 
-def run(args: TrainOptions) -> int:  # noqa: PLR0915 - issue 21 follow-up: split into steps
+def run(args: TrainOptions) -> int:
     refuse_existing(args.out, args.overwrite)  # before the (long) encoding and training
     enc = args.encoding
     set_threads(enc.threads)
     t0 = time.perf_counter()
     cfg = replace(args.codebooks, seed=enc.seed)
-    try:
-        enc_spec = default_encoder_spec(args.encoder, args.encoder_path, args.feature_layer)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    try:
-        paths = pick(list_images(args.images), args.max_images, enc.seed)
-    except TrainingError as e:
-        raise CLIError(str(e)) from None
-    if not paths:
-        raise CLIError(f"no images found under {' '.join(args.images)}")
+    enc_spec = _one_line(ValueError, default_encoder_spec, args.encoder, args.encoder_path, args.feature_layer)
+    paths = _images(args)
 
     torch.manual_seed(enc.seed)
     encoder = build_encoder(enc_spec)
     grid, dim = encoder_geometry(encoder)
-    most = len(paths) * grid[0] * grid[1]
-    most = most if args.max_vectors is None else min(most, args.max_vectors)
-    if cfg.codebook_size > most:  # fail before the (long) encoding
-        raise CLIError(
-            f"codebook size {cfg.codebook_size} > {most} training vectors ({len(paths)} images x "
-            f"{grid[0]}x{grid[1]}): use more images/vectors or a smaller --codebook-size"
-        )
+    _check_enough_vectors(cfg, len(paths), grid, args.max_vectors)  # fail before the (long) encoding
     pcfg = PreprocessConfig.for_encoder(enc_spec, args.preprocess)
     failures: list[Failure] = []
-    try:
-        x = sample_vectors(
-            iter_features(encoder, paths, pcfg, batch_size=enc.batch_size, failures=failures),
-            len(paths),
-            args.max_vectors,
-            enc.seed,
-        )
-    except TrainingError as e:
-        raise CLIError(str(e)) from None
+    features = iter_features(encoder, paths, pcfg, batch_size=enc.batch_size, failures=failures)
+    x = _one_line(TrainingError, sample_vectors, features, len(paths), args.max_vectors, enc.seed)
     t_enc = time.perf_counter() - t0
-    if failures:
-        f = failures[0]
-        print(f"skipped {len(failures)} unreadable images (first: {f.path}: {f.reason})", file=sys.stderr)
-    print(
-        f"encoded {len(paths) - len(failures)} images -> {x.shape[0]} vectors of dim {x.shape[1]} "
-        f"in {t_enc:.1f}s; training {cfg.method}{' shared' if cfg.shared else ''} D={cfg.depth} K={cfg.codebook_size}",
-        file=sys.stderr,
-    )
-    try:
-        res = train_codebooks(x, cfg)
-    except TrainingError as e:
-        raise CLIError(str(e)) from None
+    _print_encoded(cfg, len(paths), failures, x, t_enc)
+    res = _one_line(TrainingError, train_codebooks, x, cfg)
 
     spec = TokenizerSpec(
         encoder=enc_spec,
@@ -150,3 +123,40 @@ def run(args: TrainOptions) -> int:  # noqa: PLR0915 - issue 21 follow-up: split
     }
     print(json.dumps(summary))
     return 0
+
+
+def _one_line(errors: type[Exception], step: Callable[..., T], *args) -> T:
+    """``step(*args)``, an error of type ``errors`` re-raised as the one-line :class:`CLIError`."""
+    try:
+        return step(*args)
+    except errors as e:
+        raise CLIError(str(e)) from None
+
+
+def _images(args: TrainOptions) -> list[Path]:
+    """The training images (a seeded subset with ``--max-images``); none found is an error."""
+    paths = _one_line(TrainingError, lambda: pick(list_images(args.images), args.max_images, args.encoding.seed))
+    if not paths:
+        raise CLIError(f"no images found under {' '.join(args.images)}")
+    return paths
+
+
+def _check_enough_vectors(cfg: CodebookTrainConfig, images: int, grid, max_vectors: int | None) -> None:
+    most = images * grid[0] * grid[1]
+    most = most if max_vectors is None else min(most, max_vectors)
+    if cfg.codebook_size > most:
+        raise CLIError(
+            f"codebook size {cfg.codebook_size} > {most} training vectors ({images} images x "
+            f"{grid[0]}x{grid[1]}): use more images/vectors or a smaller --codebook-size"
+        )
+
+
+def _print_encoded(cfg: CodebookTrainConfig, images: int, failures: list[Failure], x, seconds: float) -> None:
+    if failures:
+        f = failures[0]
+        print(f"skipped {len(failures)} unreadable images (first: {f.path}: {f.reason})", file=sys.stderr)
+    print(
+        f"encoded {images - len(failures)} images -> {x.shape[0]} vectors of dim {x.shape[1]} "
+        f"in {seconds:.1f}s; training {cfg.method}{' shared' if cfg.shared else ''} D={cfg.depth} K={cfg.codebook_size}",
+        file=sys.stderr,
+    )

@@ -18,7 +18,7 @@ from typing import TextIO
 
 import numpy as np
 
-from asvr.train.config import image_tokens
+from asvr.train.model.config import image_tokens
 from asvr.train.data.dataset import Sample, build_training_data, describe_no_placeholder, open_codes
 from asvr.train.data.sources import DataError
 from asvr.train.data.templates import get_template

@@ -57,7 +57,7 @@ import torch
 
 from asvr.core.atomic import atomic_dir
 
-from asvr.train.config import ModelConfig
+from asvr.train.model.config import ModelConfig
 from asvr.train.export.hf_processor import IMAGE_TOKEN, chat_template, save_processor
 from asvr.train.export.hf_tower import HFExportError, HFTower, hf_tower
 from asvr.train.export.native import CONFIG_FILE, ExportError, TrainedInputs, load_exported, resolve_export_dir

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from asvr.core.atomic import atomic_dir
 from asvr.core.errors import AsvrError, check_fingerprint
 
-from asvr.train.config import ModelConfig, VisionSpec
+from asvr.train.model.config import ModelConfig, VisionSpec
 from asvr.train.model.lvlm import ASVRModel, build_model
 
 FORMAT_VERSION = 1

@@ -45,7 +45,8 @@ from torch import nn
 from asvr.core.errors import check_fingerprint
 
 from asvr.train.data.batch import Batch
-from asvr.train.config import STAGES, ModelConfig, VisionSpec
+from asvr.train.config import STAGES
+from asvr.train.model.config import ModelConfig, VisionSpec
 from asvr.train.model.projector import build_projector
 from asvr.train.model.vision_input import VisionInput, get_vision_input
 from asvr.train.model.vision_tower import VisionTower, check_tower_grid, load_vision_tower

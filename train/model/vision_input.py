@@ -46,7 +46,7 @@ from asvr.tokenizer.preprocess import ImageError, PreprocessConfig, open_image, 
 from asvr.tokenizer.rvq.quantizer import ResidualQuantizer
 
 if TYPE_CHECKING:  # config.py imports this module (its one list of modes); sources needs pyarrow
-    from asvr.train.config import VisionSpec
+    from asvr.train.model.config import VisionSpec
     from asvr.train.data.sources import CodeStore, FeatureCache
     from asvr.train.model.vision_tower import VisionTower
 

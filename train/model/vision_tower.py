@@ -56,7 +56,7 @@ from asvr.tokenizer.encoders.base import (
 )
 from asvr.tokenizer.preprocess import PreprocessConfig, open_image, preprocess
 
-from asvr.train.config import TOWER_SELECT, VisionTowerSpec
+from asvr.train.model.config import TOWER_SELECT, VisionTowerSpec
 
 
 class VisionTowerError(AsvrError):

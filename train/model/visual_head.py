@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from asvr.train.config import VisualHeadConfig
+from asvr.train.model.config import VisualHeadConfig
 from asvr.train.model.visual_loss import linear_cross_entropy
 
 
