@@ -101,12 +101,6 @@ def _every(packed) -> Counter:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.xfail(
-    strict=True,
-    reason="not done: DeepSpeed ZeRO refuses optimizer states saved at another DP world size "
-    "(ZeRORuntimeException; needs a universal-checkpoint conversion). The 2-rank part and the loader's "
-    "elastic state pass (tests/test_packed_stream.py)",
-)
 def test_two_ranks_one_epoch_then_resume_on_one_rank_trains_every_sample_once(
     corpus, tiny_tokenizer_dir, packed, tmp_path
 ):
