@@ -164,3 +164,25 @@ def test_in_memory_resume_on_another_world_size_is_refused_in_one_line(corpus, t
     assert main([*args, "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert "saved on 2 ranks" in err and "--packed" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("vision_input", ["online", "features"])
+def test_online_and_features_inputs_from_packed_rows_equal_the_in_memory_path(
+    corpus, tiny_tokenizer_dir, packed, tmp_path, vision_input
+):
+    """The image keys travel with the packed rows: the online input reads ``--images/KEY`` for
+    each, the features input runs the tower on them; the losses are the in-memory path's (which
+    reads the same images, features through its cache) on the same plan."""
+    mode = ["--vision-input", vision_input, "--images", str(corpus.images)]
+    common = ["--max-steps", "2", "--template", "vicuna_v1", "--seed", "4", "--caption-free-ratio", "0.1", *mode]
+    mem = tmp_path / "mem"
+    assert main(train_args(corpus, tiny_tokenizer_dir, mem, *common, "--no-export", data=corpus.sft)) == 0
+    run = tmp_path / "packed"
+    args = packed_args(corpus, tiny_tokenizer_dir, packed, run, "--max-steps", "2", "--shuffle-buffer", "0", *mode)
+    assert main(args) == 0
+    got, want = losses(run), losses(mem)
+    if vision_input == "online":
+        assert got == want  # the same pixels, the same batches
+    else:  # features per key here, in batches into the in-memory path's cache
+        assert got == pytest.approx(want, rel=1e-5)
+    assert all(v > 0 for v in got)
