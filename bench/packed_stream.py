@@ -3,9 +3,15 @@ first batch and loader tokens/s, for N synthetic images (2 image samples of 729 
 2048-token row, as pretraining packs them).
 
     .venv/bin/python bench/packed_stream.py --sizes 10000 100000 [--world 8]
+    .venv/bin/python bench/packed_stream.py --pack 20000   # pack on 2 CPUs vs the in-process build
 
 Each size is written once under --dir, then measured in a fresh process (rank 0 of --world),
 so RSS is that of one training rank's loader alone.
+
+``--pack N``: N reference-size images in code shards and N pretraining conversations (tiny
+demo LLM tokenizer), built twice in one run: today's in-process start-up
+(``build_training_data`` + the epoch's packing plan) and ``asvr-pipeline pack --num-cpus 2``
+(Ray start-up included, shards written); prints both times and the ratio.
 """
 
 from __future__ import annotations
@@ -71,6 +77,64 @@ def measure(folder: Path, world: int, batches: int) -> dict:
     }
 
 
+def pack_corpus(root: Path, n: int) -> tuple[Path, Path, Path]:
+    """N images of codes (parquet shards of 4096), N conversations, a tiny LLM folder."""
+    from asvr.core.shards import ShardMeta, rows_to_table, write_parquet_shard
+    from asvr.demo.tiny_llm import make_tiny_llm
+
+    words = ["red", "green", "blue", "circle", "square", "wave", "stripe", "bright", "dark", "sky"]
+    codes, data, llm = root / "codes", root / "data.json", root / "llm"
+    if data.exists():
+        return codes, data, llm
+    codes.mkdir(parents=True, exist_ok=True)
+    meta = ShardMeta("f" * 64, GRID, DEPTH, 4096, "square")
+    rng = np.random.default_rng(0)
+    for s, a in enumerate(range(0, n, 4096)):
+        b = min(n, a + 4096)
+        keys = [f"img{i:08d}.jpg" for i in range(a, b)]
+        c = rng.integers(0, 4096, (b - a, GRID[0] * GRID[1] * DEPTH), dtype=np.uint16)
+        table = rows_to_table(meta, keys, c, ["0" * 64] * (b - a), [384] * (b - a), [384] * (b - a), [None] * (b - a))
+        write_parquet_shard(codes / f"part-{s:05d}.parquet", table)
+    caps = [" ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 20)) for i in range(n)]
+    convs = [
+        {"id": f"c{i}", "image": f"img{i:08d}.jpg",
+         "conversations": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": caps[i]}]}
+        for i in range(n)
+    ]  # fmt: skip
+    make_tiny_llm(llm, "llama", caps[:200] + ["Describe."])
+    data.write_text(json.dumps(convs))
+    return codes, data, llm
+
+
+def bench_pack(root: Path, n: int) -> None:
+    from transformers import AutoTokenizer
+
+    from asvr.pipeline.job.pack import PackConfig, run_pack
+    from asvr.train.data.dataset import DataConfig, build_training_data
+    from asvr.train.data.packing import PackingConfig, plan_epoch
+    from asvr.train.data.sources import CodeStore
+    from asvr.train.data.templates import get_template
+
+    codes, data, llm = pack_corpus(root, n)
+    t = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(llm)
+    store = CodeStore.open(codes, "f" * 64)
+    cfg = DataConfig(data=[str(data)], codes=str(codes), packing=PackingConfig(max_len=MAX_LEN))
+    built = build_training_data(cfg, get_template("plain"), tok, store, False)
+    plan = plan_epoch(built.lengths, cfg.packing, 0, 0)
+    t_mem = time.perf_counter() - t
+    out = root / "packed"
+    t = time.perf_counter()
+    lines = run_pack(
+        PackConfig(codes=str(codes), data=[str(data)], model=str(llm), out=str(out), max_len=MAX_LEN,
+                   unit_size=4096, num_cpus=2, overwrite=True, progress=False)
+    )  # fmt: skip
+    t_pack = time.perf_counter() - t
+    print(f"in-process build: {len(built.samples)} samples, {len(plan)} micro-batches in {t_mem:.1f} s")
+    print(f"pack (2 CPUs): {lines[0]}; {t_pack:.1f} s")
+    print(f"pack / in-process = {t_pack / t_mem:.2f}x the time ({n / t_pack:.0f} vs {n / t_mem:.0f} samples/s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -78,7 +142,11 @@ def main() -> None:
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--pack", type=int, metavar="N", help="time pack against the in-process build of N samples")
     a = p.parse_args()
+    if a.pack:
+        bench_pack(Path(a.dir) / f"pack{a.pack}", a.pack)
+        return
     if a.measure:
         print(json.dumps(measure(Path(a.measure), a.world, a.batches)))
         return

@@ -158,3 +158,40 @@ def test_refusals_are_one_line_naming_the_file(packed, tmp_path):
     loader = _loader(packed, rows=1)
     with pytest.raises(PackedError):
         loader.load_state_dict({"epoch": 0, "position": 3, "seed": 5, "world": 1})
+
+
+def test_caption_free_count_is_over_the_conversations_that_became_samples(corpus, tiny_tokenizer, tmp_path, capsys):
+    """One conversation bad only once tokenized (no gpt turn) and one whose image is in no shard:
+    pack draws as many caption-free images as the in-memory path (whose count is over the good
+    conversations: 21 -> round(0.116 * 21) = 2; over the 23 records it would be 3), the same
+    ones, and the same samples."""
+    from transformers import AutoTokenizer
+
+    from asvr.train.data.dataset import DataConfig, build_training_data
+    from asvr.train.data.packing import PackingConfig
+    from asvr.train.data.sources import CodeStore
+    from asvr.train.data.templates import get_template
+
+    bad = json.loads(corpus.sft.read_text()) + [
+        {"id": "noanswer", "image": corpus.keys[0], "conversations": [{"from": "human", "value": "<image>\nx"}]},
+        {"id": "notin", "image": "missing.jpg",
+         "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]},
+    ]  # fmt: skip
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(bad))
+    out = tmp_path / "p"
+    args = pack_args(corpus, out, "--caption-free-ratio", "0.104")
+    args[args.index("--data") + 1] = str(data)
+    assert pipeline_main(args) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    cfg = DataConfig(data=[str(data)], codes=str(corpus.codes), caption_free_ratio=0.104, skip_bad_samples=True,
+                     seed=0, packing=PackingConfig(max_len=256))  # fmt: skip
+    store = CodeStore.open(corpus.codes, tiny_tokenizer.spec.fingerprint)
+    mem = build_training_data(cfg, get_template("vicuna_v1"), AutoTokenizer.from_pretrained(corpus.llm), store, False)
+    assert mem.n_conversations == 21 and mem.n_caption_free == 2
+    assert m["counts"]["caption_free"] == mem.n_caption_free and m["counts"]["conversations"] == 21
+    assert _all_samples(out) == Counter(s.sample_id for s in mem.samples)
+    assert pq.read_table(out / "failures.parquet").column("key").to_pylist() == ["noanswer", "notin"]
+    assert "4 units (0 already done)" in capsys.readouterr().out
+    assert pipeline_main(args) == 0  # a rerun: the counts from the markers, one pass, nothing redone
+    assert "4 units (4 already done)" in capsys.readouterr().out

@@ -10,9 +10,8 @@ unit is one task's whole input (a slice of conversations), so there is no block 
 shape, and a task returns its commit record.
 
 The plan.  Units are ``--unit-size`` consecutive conversations (in file order) plus an equal
-share of the caption-free keys, drawn as the trainer draws them (same rng and count rule,
-counted over the conversation records: the in-memory path counts the conversations that
-became samples, so the number differs when some are bad).  Each task joins its conversations
+share of the caption-free keys, drawn as the trainer draws them (same rng and count rule over
+the conversations that became samples: :class:`UnitPlan`).  Each task joins its conversations
 with the code rows of their keys, renders, tokenizes, labels and packs them with the trainer's
 own code (:func:`asvr.train.data.packed_build.pack_unit`: the one import from pipeline into
 train, declared in pyproject.toml's import-linter contract; the alternative, moving the
@@ -42,7 +41,15 @@ from asvr.core.locks import FolderLock, FolderLocked
 from asvr.core.packed import PREFIX, SUFFIX, write_packed_shard
 from asvr.core.shards import FAILURES, MANIFEST, ShardError, ShardMeta, list_shards, read_meta
 
-from asvr.pipeline.output.commit import UNITS_DIR, CommitRecord, Commits, OutputError, UnitStore, _writing
+from asvr.pipeline.output.commit import (
+    UNITS_DIR,
+    CommitConflict,
+    CommitRecord,
+    Commits,
+    OutputError,
+    UnitStore,
+    _writing,
+)
 from asvr.pipeline.output.writer import FAILURE_SCHEMA
 
 
@@ -208,6 +215,66 @@ class PackOutput:
         self._lock.close()
 
 
+class UnitPlan:
+    """The units of a run and their caption-free share, drawn exactly as the trainer draws them:
+    ``n_free = r/(1-r) * n_conv`` over the conversations that *became samples*.  That count is
+    known only once the units are tokenized, so the plan starts from an estimate (per unit: the
+    count in its marker from an earlier run, else its records minus those already known bad
+    without a tokenizer: malformed image fields, images in no shard), runs the units, and
+    re-plans with the true count if it differs: the count of a unit does not depend on its
+    caption-free share, so a second pass is the last (it redoes the units whose share changed).
+    The usual cases (no bad conversation, or only ones found without a tokenizer; a rerun) take
+    one pass."""
+
+    def __init__(self, cfg: PackConfig, records, keys: list[str], where: dict, run: dict, draw):
+        self.cfg, self.records, self.keys, self.where, self.run_meta, self.draw = cfg, records, keys, where, run, draw
+        self.n_units = max(1, -(-len(records) // cfg.unit_size))
+        self.referenced = {r.image for r in records if r.image is not None}
+
+    def unit_records(self, u: int):
+        return self.records[u * self.cfg.unit_size : (u + 1) * self.cfg.unit_size]
+
+    def estimate(self, store: UnitStore, u: int) -> int:
+        try:
+            return int(CommitRecord.from_json(store.marker_path(u).read_text()).counts["conversations"])
+        except (OSError, ValueError, TypeError, KeyError):
+            recs = self.unit_records(u)
+            return sum(r.image_error is None and (r.image is None or r.image in self.where) for r in recs)
+
+    def todo(self, store: UnitStore, n_conv: int, commits: Commits) -> list:
+        """The units to run for ``n_conv`` conversations (the others' records added to ``commits``)."""
+        free = self.draw(self.keys, self.referenced, self.cfg.caption_free_ratio, n_conv, self.cfg.seed)
+        todo = []
+        for u in range(self.n_units):
+            recs = self.unit_records(u)
+            fr = free[u * len(free) // self.n_units : (u + 1) * len(free) // self.n_units]
+            items = _unit_hash(recs, fr, self.run_meta)
+            done = store.done(u, items)
+            if done is not None:
+                commits.add(done)
+                continue
+            locs = {k: self.where[k] for k in [r.image for r in recs if r.image in self.where] + fr}
+            todo.append((u, items, recs, fr, locs))
+        return todo
+
+    def run(self, store: UnitStore, execute) -> tuple[list[CommitRecord], int]:
+        """-> (every unit's record in unit order, how many were committed before this run)."""
+        n_conv = sum(self.estimate(store, u) for u in range(self.n_units))
+        ran: set[int] = set()
+        for _ in range(3):  # 2 suffice (class docstring); a third would mean counts that change by themselves
+            commits = Commits(self.n_units)
+            todo = self.todo(store, n_conv, commits)
+            if todo:
+                execute(todo, commits)
+                ran.update(t[0] for t in todo)
+            results = commits.ordered()
+            true = sum(r.counts.get("conversations", 0) for r in results)
+            if true == n_conv or self.cfg.caption_free_ratio == 0:
+                return results, self.n_units - len(ran)
+            n_conv = true
+        raise CommitConflict(f"the units' conversation counts changed between passes ({n_conv}): not deterministic")
+
+
 def run_pack(cfg: PackConfig) -> list[str]:
     """The whole job; returns the summary lines."""
     from asvr.pipeline.job.ray_job import _ray_init
@@ -221,8 +288,6 @@ def run_pack(cfg: PackConfig) -> list[str]:
     )
     pmeta = packed_meta(meta, settings, text_hash)
     records = _conversations(cfg)
-    referenced = {r.image for r in records if r.image is not None}
-    free = caption_free_keys(keys, referenced, cfg.caption_free_ratio, len(records), cfg.seed)
     n_units = max(1, -(-len(records) // cfg.unit_size))
     run = {
         **pmeta.to_dict(),
@@ -235,12 +300,12 @@ def run_pack(cfg: PackConfig) -> list[str]:
     try:
         out.write_manifest(pmeta.to_dict(), n_units, None)
         task_cfg = {"model": cfg.model, "trust": cfg.trust_remote_code, "settings": asdict(settings)}
-        commits = Commits(n_units)
-        todo = _units_to_do(cfg, out.store, records, free, where, run, n_units, commits)
-        resumed = len(commits)
-        if todo:
-            _execute(cfg, out.store, todo, meta, task_cfg, text_hash, commits, _ray_init)
-        manifest = out.write_manifest(pmeta.to_dict(), n_units, commits.ordered())
+        units = UnitPlan(cfg, records, keys, where, run, caption_free_keys)
+        results, resumed = units.run(
+            out.store,
+            lambda todo, commits: _execute(cfg, out.store, todo, meta, task_cfg, text_hash, commits, _ray_init),
+        )
+        manifest = out.write_manifest(pmeta.to_dict(), n_units, results)
     finally:
         out.close()
     return _summary(cfg, manifest["counts"], n_units, resumed, time.perf_counter() - t0)
@@ -263,23 +328,6 @@ def _conversations(cfg: PackConfig) -> list:
         return read_conversations(cfg.data)
     except ValueError as e:  # the trainer's DataError: one line naming the file
         raise OutputError(str(e)) from None
-
-
-def _units_to_do(cfg: PackConfig, store: UnitStore, records, free, where, run: dict, n_units: int, commits: Commits):
-    """The units without a valid marker, as task inputs ``(unit, items, records, free, locations)``; the
-    records of the units already done go into ``commits``."""
-    todo = []
-    for u in range(n_units):
-        recs = records[u * cfg.unit_size : (u + 1) * cfg.unit_size]
-        fr = free[u * len(free) // n_units : (u + 1) * len(free) // n_units]
-        items = _unit_hash(recs, fr, run)
-        done = store.done(u, items)
-        if done is not None:
-            commits.add(done)
-            continue
-        locs = {k: where[k] for k in [r.image for r in recs if r.image in where] + fr}
-        todo.append((u, items, recs, fr, locs))
-    return todo
 
 
 def _summary(cfg: PackConfig, c: dict, n_units: int, resumed: int, dt: float) -> list[str]:

@@ -23,6 +23,20 @@ newest complete one and says why (:func:`resume_choice`); pruning keeps the
 newest ``--keep-checkpoints`` complete tags and removes partial folders, so
 it can never delete the checkpoint just written.
 
+Elastic resume (issue 25): a tag saved on ``W`` data-parallel ranks resumed on ``W' != W``.
+DeepSpeed's ZeRO-1/2 refuses optimizer partitions of another world size, so the tag is first
+converted once, by rank 0, with DeepSpeed's own ``ds_to_universal`` into
+``RUN/checkpoints/universal/<tag>`` (per-parameter fp32 master weights, Adam moments and step:
+world-size independent), and the engine is built with ``"checkpoint": {"load_universal": true}``
+and loads from there.  Chosen over saving a consolidated copy of the master weights and moments
+at every save: no cost at save time (the conversion runs only when the world size changes), and
+it is DeepSpeed's supported path for its own partition layout (ZeRO 1/2/3), not a second copy
+of it written by us.  The module, scheduler and ``client_state`` come from the copied
+``mp_rank_*`` file, so the LR schedule and the loader state continue; each rank that has no
+``rng-rank<r>.pt`` of its own (a grown world) seeds its RNGs from ``(seed, rank, step)``.
+The conversion is written to ``<tag>.tmp`` and renamed, and pruning a tag removes its universal
+copy.
+
 Our own files never unpickle: ``rng-rank<r>.pt`` holds only tensors, ints and
 strings (Python's Mersenne state as an int64 tensor, numpy's as a tensor plus
 numbers) and is read with ``torch.load(weights_only=True)``, so a planted
@@ -33,7 +47,11 @@ run folder is trusted input (README), like any PyTorch checkpoint.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import os
 import random
 import shutil
 import sys
@@ -72,6 +90,14 @@ def rng_state() -> dict:
     return state
 
 
+def seed_everything(seed: int, rank: int, step: int) -> None:
+    """Python, numpy and torch RNGs from ``(seed, rank, step)`` (a rank new to an elastic resume)."""
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
 def set_rng_state(state: dict) -> None:
     py, nps = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
@@ -99,6 +125,7 @@ class CheckpointError(AsvrError):
 
 
 COMPLETE = "complete.json"
+UNIVERSAL = "universal"
 
 
 def save(engine, run_dir: Path, step: int, loader_state: dict, rank: int, keep: int) -> Path:
@@ -141,7 +168,7 @@ def prune(ckpt: Path, keep: int) -> None:
     """Remove partial tag folders, and complete ones beyond the newest ``keep`` (0: keep all)."""
     done = complete_tags(ckpt)
     keep_tags = set(done if keep <= 0 else done[-keep:])
-    for folder in checkpoint_dirs(ckpt):
+    for folder in checkpoint_dirs(ckpt) + checkpoint_dirs(ckpt / UNIVERSAL):
         if folder.name not in keep_tags:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -183,9 +210,52 @@ def resume_choice(run_dir: Path) -> tuple[str | None, str]:
     return done[-1], f"--resume auto: {problem}; resuming from {done[-1]}, the newest complete checkpoint"
 
 
-def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | None:
+def saved_world(run_dir: Path, tag: str | None) -> int | None:
+    """The number of data-parallel ranks that saved ``tag`` (its completion marker, else the
+    number of ZeRO optimizer partitions); None when unknown (no such tag)."""
+    folder = run_dir / CHECKPOINTS / tag if tag else None
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        return int(json.loads((folder / COMPLETE).read_text())["world"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return len(list(folder.glob("*optim_states.pt"))) or None
+
+
+def to_universal(run_dir: Path, tag: str, verbose: bool = False) -> Path:
+    """Rank 0: ``RUN/checkpoints/universal/<tag>``, DeepSpeed's world-size independent form of
+    ``tag`` (``ds_to_universal``), made once (module docstring)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    from asvr.train import libraries
+
+    out = run_dir / CHECKPOINTS / UNIVERSAL / tag
+    if out.is_dir():
+        return out
+    tmp = out.with_name(tag + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(run_dir / CHECKPOINTS / tag),
+        output_folder=str(tmp),
+        num_extract_workers=1,  # >1 forks a process pool: not worth it for one conversion
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our engines set no UNIVERSAL_CHECKPOINT_INFO (no tensor parallelism)
+    )
+    quiet_err = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())  # its tqdm bars
+    with libraries.quiet_stdout(verbose), quiet_err:
+        ds_to_universal(args)
+    os.replace(tmp, out)
+    return out
+
+
+def load(
+    engine, run_dir: Path, rank: int, tag: str | None = None, universal: bool = False, seed: int = 0
+) -> dict | None:
     """Restore the newest (or ``tag``) checkpoint into ``engine``; returns its client state
-    (``step``, ``loader``) or None when the run has none.  Collective."""
+    (``step``, ``loader``) or None when the run has none.  Collective.  ``universal``: from the
+    tag's universal copy (:func:`to_universal`; the engine built with ``load_universal``)."""
     tag = tag or latest_tag(run_dir)
     if tag is None:
         return None
@@ -199,10 +269,13 @@ def load(engine, run_dir: Path, rank: int, tag: str | None = None) -> dict | Non
         raise CheckpointError(
             f"--resume {tag}: {ckpt / tag} is incomplete ({what}: a save cut short); complete checkpoints: {whole}"
         )
-    _, client = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    src = ckpt / UNIVERSAL if universal else ckpt
+    _, client = engine.load_checkpoint(str(src), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     rng = ckpt / tag / f"rng-rank{rank}.pt"
     if rng.exists():
         set_rng_state(load_rng_state(rng))
+    elif universal:  # a rank the saved world did not have: its own seed, from where the run is
+        seed_everything(seed, rank, int(client["step"]))
     else:
         print(
             f"warning: {rng} is missing: the random number generators of rank {rank} start from the seed, "

@@ -44,12 +44,23 @@ def deepspeed_config(cfg: TrainConfig, device: torch.device) -> dict:
     return ds
 
 
-def build_engine(cfg: TrainConfig, device: torch.device, model, groups: list[dict], total: int, announce: bool):
+def build_engine(
+    cfg: TrainConfig,
+    device: torch.device,
+    model,
+    groups: list[dict],
+    total: int,
+    announce: bool,
+    load_universal: bool = False,
+):
     """``deepspeed.initialize`` over the trainable parameters of ``groups`` (``total`` steps);
-    ``announce``: print the notice of a first DeepSpeed op build (rank 0)."""
+    ``announce``: print the notice of a first DeepSpeed op build (rank 0); ``load_universal``: the
+    engine will load a universal checkpoint (an elastic resume, see ``checkpoint.py``)."""
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, device)
+    if load_universal:
+        ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     params = [{"params": [p for p in g["params"] if p.requires_grad], "name": g["name"]} for g in groups]
     params = [g for g in params if g["params"]]
     optimizer = scheduler = None

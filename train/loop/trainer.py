@@ -87,6 +87,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.resuming = False
+        self.universal = False  # resuming from a universal checkpoint (another number of ranks)
         self.signals = signals or StopSignals()  # installed by the CLI for the whole command
         self.lock = lock_run_folder(self.run_dir) if os.environ.get("RANK", "0") == "0" else None
         try:
@@ -234,7 +235,10 @@ class Trainer:
         self.log(f"{what}, {total} steps on {self.world} x {self.device.type}")
 
         model, groups = self.build_model(tokenizer, tower)
-        engine = build_engine(cfg, self.device, model, groups, total, announce=self.rank == 0)
+        self.universal = self.resuming and self.elastic_resume(auto_tag or cfg.resume)
+        engine = build_engine(
+            cfg, self.device, model, groups, total, announce=self.rank == 0, load_universal=self.universal
+        )
         step = self.resume(engine, loader, auto_tag)
         if self.rank == 0:
             (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -250,12 +254,35 @@ class Trainer:
         dist.barrier()
         return last
 
+    def elastic_resume(self, tag: str | None) -> bool:
+        """True when ``tag`` was saved on another number of ranks: then (``--packed`` only, whose
+        loader state is elastic) rank 0 converts it to DeepSpeed's universal form first."""
+        saved = checkpoint.saved_world(self.run_dir, tag)
+        if saved is None or saved == self.world:
+            return False
+        assert tag is not None
+        if self.cfg.packed is None:
+            raise checkpoint.CheckpointError(
+                f"--resume: {tag} was saved on {saved} ranks, this run has {self.world}; only --packed "
+                "training resumes on another number of ranks (asvr-pipeline pack), else launch "
+                f"{saved} ranks"
+            )
+        if self.rank == 0:
+            self.log(
+                f"{tag} was saved on {saved} ranks: converting it for {self.world} (DeepSpeed universal checkpoint)"
+            )
+            checkpoint.to_universal(self.run_dir, tag, self.cfg.verbose)
+        dist.barrier()
+        return True
+
     def resume(self, engine, loader: PackedLoader, auto_tag: str | None) -> int:
         """The step to start at: the checkpoint's (engine and loader restored) or 0 (seeded)."""
         if not self.resuming:
             torch.manual_seed(self.cfg.seed + self.rank)
             return 0
-        client = checkpoint.load(engine, self.run_dir, self.rank, auto_tag or self.cfg.resume)
+        client = checkpoint.load(
+            engine, self.run_dir, self.rank, auto_tag or self.cfg.resume, universal=self.universal, seed=self.cfg.seed
+        )
         assert client is not None  # resuming: a named tag, or "auto" with a latest tag present
         step = int(client["step"])
         loader.load_state_dict(client["loader"])
