@@ -101,7 +101,10 @@ def run_measured(cmd: list[str], env: dict) -> tuple[dict, str, str]:
 
 LIST_BEFORE = """
 import sys, time
-from asvr.pipeline.inputs.sources import SourceOptions, discover
+try:
+    from asvr.pipeline.inputs.sources import SourceOptions, discover
+except ImportError:  # a checkout from before issue 21's layout
+    from asvr.pipeline.sources import SourceOptions, discover
 t = time.perf_counter()
 plan, _ = discover(sys.argv[1:], SourceOptions())
 print(plan.num_rows, time.perf_counter() - t)
