@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -63,3 +64,35 @@ class Batch:
     def num_tokens(self) -> int:
         """Non-padding tokens (``sample_ids > 0``)."""
         return int((self.sample_ids > 0).sum())
+
+
+def rows_to_batch(
+    ids: np.ndarray,
+    labels: np.ndarray,
+    pos: np.ndarray,
+    sid: np.ndarray,
+    img: np.ndarray,
+    *,
+    vision: torch.Tensor | None,
+    codes: torch.Tensor | None,
+    grey_codes: np.ndarray | None,
+    n_text_only: int,
+) -> Batch:
+    """The ``[rows, len]`` arrays of a micro-batch and its images' model input / target codes
+    (None: no image) -> a :class:`Batch`; each of the ``n_text_only`` samples without an image
+    gets ``grey_codes`` (the grey image's codes), when given.  One constructor for the in-memory
+    collator and the packed stream."""
+    grey = None
+    if grey_codes is not None and n_text_only:
+        grey = torch.from_numpy(np.repeat(grey_codes[None].astype(np.int64), n_text_only, axis=0))
+    return Batch(
+        input_ids=torch.from_numpy(ids),
+        labels=torch.from_numpy(labels),
+        position_ids=torch.from_numpy(pos),
+        sample_ids=torch.from_numpy(sid),
+        image_mask=torch.from_numpy(img),
+        vision=vision,
+        visual_codes=codes,
+        visual_loss_mask=torch.ones(len(codes), dtype=torch.bool) if codes is not None else None,
+        text_only_codes=grey,
+    )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from asvr.train.data.batch import Batch
+from asvr.train.data.batch import Batch, rows_to_batch
 from asvr.train.data.packing import MicroBatch, PackingConfig, plan_epoch, shard_for_rank
 from asvr.train.data.sources import DataError
 from asvr.train.data.templates import IGNORE_INDEX
@@ -63,24 +63,12 @@ class Collator:
                 else:
                     n_text_only += 1
                 t += L
-        vision = codes = vmask = None
+        vision = codes = None
         if keys:
             vision = torch.from_numpy(np.stack([self.source(k) for k in keys]))
             codes = torch.from_numpy(np.stack([self.store.get(k) for k in keys]).astype(np.int64))
-            vmask = torch.ones(len(keys), dtype=torch.bool)
-        grey = None
-        if self.grey_codes is not None and n_text_only:
-            grey = torch.from_numpy(np.repeat(self.grey_codes[None].astype(np.int64), n_text_only, axis=0))
-        return Batch(
-            input_ids=torch.from_numpy(ids),
-            labels=torch.from_numpy(labels),
-            position_ids=torch.from_numpy(pos),
-            sample_ids=torch.from_numpy(sid),
-            image_mask=torch.from_numpy(img),
-            vision=vision,
-            visual_codes=codes,
-            visual_loss_mask=vmask,
-            text_only_codes=grey,
+        return rows_to_batch(
+            ids, labels, pos, sid, img, vision=vision, codes=codes, grey_codes=self.grey_codes, n_text_only=n_text_only
         )
 
 

@@ -48,7 +48,7 @@ import torch
 
 from asvr.core.packed import PackedError, PackedMeta, check_packed_meta, list_packed, open_packed, read_row_group
 
-from asvr.train.data.batch import Batch
+from asvr.train.data.batch import Batch, rows_to_batch
 from asvr.train.data.templates import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -214,7 +214,7 @@ class PackedCollator:
             keys.extend(r["image_keys"])
             codes.append(r["codes"].reshape(-1, hw, d))
             n_text_only += len(lens) - len(r["image_keys"])
-        vision = visual = vmask = None
+        vision = visual = None
         if keys:
             allc = np.concatenate(codes).astype(np.int64)
             visual = torch.from_numpy(allc)
@@ -222,20 +222,8 @@ class PackedCollator:
                 vision = torch.from_numpy(allc.reshape(len(keys), *self.meta.grid, d))
             else:
                 vision = torch.from_numpy(np.stack([self.source(k) for k in keys]))
-            vmask = torch.ones(len(keys), dtype=torch.bool)
-        grey = None
-        if self.grey_codes is not None and n_text_only:
-            grey = torch.from_numpy(np.repeat(self.grey_codes[None].astype(np.int64), n_text_only, axis=0))
-        return Batch(
-            input_ids=torch.from_numpy(ids),
-            labels=torch.from_numpy(labels),
-            position_ids=torch.from_numpy(pos),
-            sample_ids=torch.from_numpy(sid),
-            image_mask=torch.from_numpy(img),
-            vision=vision,
-            visual_codes=visual,
-            visual_loss_mask=vmask,
-            text_only_codes=grey,
+        return rows_to_batch(
+            ids, labels, pos, sid, img, vision=vision, codes=visual, grey_codes=self.grey_codes, n_text_only=n_text_only
         )
 
 
