@@ -64,6 +64,10 @@ def stage(name: str, target: dict, base: dict, fresh: bool, drop: tuple[str, ...
         shutil.copytree(ROOT / folder, d / "asvr" / pkg, dirs_exist_ok=True, ignore=ignore)
     shutil.copytree(ROOT / "tests", d / "tests", dirs_exist_ok=True, ignore=ignore)
     opts = dict(base)
+    if "timeout_constant" in target:
+        # mutmut's CPU limit is (sum of the tests' call times + this) * multiplier * 2; call
+        # times leave out module fixtures, which here build models (seconds of CPU each)
+        opts["timeout_constant"] = float(target["timeout_constant"])
     opts.update(
         {
             "source_paths": ["asvr"],
