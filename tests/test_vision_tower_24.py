@@ -180,7 +180,9 @@ def _artifact_with_relative_tower(root, siglip):
     shutil.copytree(siglip, art / "enc")
     enc = default_encoder_spec("siglip", str(art / "enc"))
     enc.weights = "enc"
-    spec = TokenizerSpec(encoder=enc, preprocess="square", grid=(7, 7), dim=32, depth=1, codebook_size=4, shared_codebook=False)
+    spec = TokenizerSpec(
+        encoder=enc, preprocess="square", grid=(7, 7), dim=32, depth=1, codebook_size=4, shared_codebook=False
+    )
     save_artifact(art, spec, torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0)))
     return art
 
@@ -249,3 +251,15 @@ def test_the_tower_stays_frozen_in_train_mode_and_reads_images_by_path_or_bytes(
     fb = t.features(sq)
     assert fb.dtype == torch.float32
     torch.testing.assert_close(fb, f, rtol=0.1, atol=0.1)
+
+
+def test_the_grid_refusal_names_both_grids_rows_by_columns(towers):
+    root, siglip, _ = towers
+    t = open_vision_tower(siglip)
+    wide = VisionTowerSpec(**{**dataclasses.asdict(t.spec), "grid": (6, 8)})
+    with pytest.raises(VisionTowerError) as e:
+        check_tower_grid(wide, (5, 7))
+    assert str(e.value).startswith(
+        f"the vision tower {siglip.resolve()} gives a 6x8 patch grid, the tokenizer's targets lie on 5x7:"
+    )
+    check_tower_grid(wide, [6, 8])  # a list from JSON is the same grid

@@ -100,7 +100,7 @@ def results(d: Path) -> tuple[dict[str, int], list[str], list[str]]:
             continue
         mutant, status = (s.strip() for s in line.rsplit(":", 1))
         counts[status] = counts.get(status, 0) + 1
-        if status == "survived":
+        if status in ("survived", "no tests"):  # "no tests": new tests may reach it (--rerun-survivors)
             survivors.append(mutant)
         elif status == "timeout":
             timeouts.append(mutant)
@@ -139,7 +139,8 @@ def main() -> int:
     ap.add_argument(
         "--rerun-survivors",
         action="store_true",
-        help="run only the last run's survivors again (mutmut keeps every other result), with today's tests",
+        help="run only the last run's survivors (and mutants without tests) again, with today's tests"
+        " (mutmut keeps every other result)",
     )
     args = ap.parse_args()
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
@@ -178,7 +179,7 @@ def main() -> int:
             + (f", {len(hidden)} timeouts pass when run alone (counted as survivors)" if hidden else "")
         )
         for s in survivors:
-            print(f"  survived: {s}")
+            print(f"  survived: {s}")  # or had no test
         for s in hidden:
             print(f"  survived (timed out under mutmut, passes alone): {s}")
     print("\n".join(summary))
