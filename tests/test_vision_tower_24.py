@@ -204,6 +204,7 @@ def test_a_tokenizer_artifact_as_tower_is_its_encoder_at_the_recorded_or_given_l
     assert t.spec.encoder["weights_sha256"] == _files_sha256(art / "enc")
     assert t.spec.fingerprint == _reference_fingerprint(t.spec.encoder, "patch")
     torch.testing.assert_close(t.features(x), _hf_hidden_state(siglip, x, -2), rtol=1e-5, atol=1e-5)
+    assert load_vision_tower(t.spec).spec == t.spec  # rebuilt as recorded, its source included
     last = open_vision_tower(art, layer=-3)
     assert last.spec.encoder["feature_layer"] == -3
     assert last.spec.encoder["weights_sha256"] == t.spec.encoder["weights_sha256"]
