@@ -248,6 +248,10 @@ def test_the_tower_stays_frozen_in_train_mode_and_reads_images_by_path_or_bytes(
     assert not np.allclose(pad[0], sq[0])
     f = t.features(sq)
     assert f.shape == (3, 49, 32) and f.dtype == torch.float32
+    from asvr.train.model.vision_tower import VisionTower
+
+    plain = VisionTower(t.encoder, EncoderSpec(**t.spec.encoder))  # the defaults: patch tokens, no source
+    assert plain.spec.select == "patch" and plain.spec.source == "" and plain.spec.fingerprint == t.spec.fingerprint
     t.encoder.to(torch.bfloat16)
     fb = t.features(sq)
     assert fb.dtype == torch.float32
