@@ -214,3 +214,46 @@ def test_accuracy_helpers_and_kinds():
 )
 def test_parse_choice_on_odd_answers(text, want):
     assert parse_choice(text, ["red", "green", "blue square", "a yellow star"]) == want
+
+
+def test_option_text_rules_on_two_and_one_option_questions():
+    """The option-text rules of the module doc on the smallest cases, by hand: the whole
+    answer equal to one option names it even when another option's text lies inside it
+    ("dark red" holds "red"); with two options the other one is not named; an answer that
+    names no option is unparsed even when only one option has a text."""
+    assert parse_choice("blue", ["red", "blue"]) == "B"
+    assert parse_choice("Red.", ["red", "blue"]) == "A"
+    assert parse_choice("dark red", ["red", "dark red"]) == "B"
+    assert parse_choice("a dark red", ["dark red", "red"]) == "A"
+    assert parse_choice("blue", ["red"]) is None
+    assert parse_choice("blue", ["red", ""]) is None
+    assert parse_choice("red", ["red", ""]) == "A"
+
+
+def test_pope_ratios_by_hand_when_counts_tie_or_vanish():
+    """precision with tp == fp (1/2, not the 0.0 of an empty denominator), f1 with precision
+    == recall; an empty denominator gives 0.0 (no "yes" label: recall; no "yes" answer:
+    precision), as lmms-eval's rules (``lmms_pope_reference``); the length check's whole
+    message."""
+    m = pope_metrics(["yes", "yes", "no"], ["yes", "no", "no"])
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 1, 1, 0)
+    assert m["precision"] == 0.5 and m["recall"] == 1.0 and m["f1"] == pytest.approx(2 / 3)
+    m = pope_metrics(["yes", "no"], ["no", "no"])
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (0, 1, 1, 0)
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
+    m = pope_metrics(["yes", "yes", "no"], ["yes", "no", "yes"])  # precision == recall: f1 is both
+    assert m["precision"] == m["recall"] == 0.5 and m["f1"] == 0.5
+    cases = [
+        (["yes", "yes", "no"], ["yes", "no", "no"]),
+        (["yes", "no"], ["no", "no"]),  # no "yes" label
+        (["no", "no"], ["yes", "no"]),  # no "yes" answer
+        (["yes", "yes", "no"], ["yes", "no", "yes"]),
+    ]
+    for answers, labels in cases:
+        m = pope_metrics_lmms(answers, labels)
+        for k, v in lmms_pope_reference(answers, labels).items():
+            assert m[k] == pytest.approx(v), (answers, labels, k)
+    assert pope_metrics_lmms(["no", "no"], ["yes", "no"])["precision"] == 0.0
+    for f in (pope_metrics, pope_metrics_lmms):
+        with pytest.raises(ValueError, match=r"^parsed and labels differ in length$"):
+            f(["yes"], [])

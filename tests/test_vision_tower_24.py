@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from test_train_vision_tower import save_tiny_tower
@@ -159,3 +160,111 @@ def test_tower_refusals_are_one_line(towers, tmp_path):
     assert str(e.value).startswith(
         f"the vision tower {siglip.resolve()} gives a 7x7 patch grid, the tokenizer's targets lie on 7x6:"
     )
+
+
+def _hf_hidden_state(folder, pixels, layer):
+    """The tower run directly through transformers (the reference): hidden state ``layer``."""
+    from transformers import SiglipVisionModel
+
+    model = SiglipVisionModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+
+
+def _artifact_with_relative_tower(root, siglip):
+    """A tokenizer artifact whose encoder folder lies inside it, recorded by a relative path."""
+    from asvr.tokenizer.artifact import TokenizerSpec, save_artifact
+    from asvr.tokenizer.encoders.base import default_encoder_spec
+
+    art = root / "tok"
+    shutil.copytree(siglip, art / "enc")
+    enc = default_encoder_spec("siglip", str(art / "enc"))
+    enc.weights = "enc"
+    spec = TokenizerSpec(
+        encoder=enc, preprocess="square", grid=(7, 7), dim=32, depth=1, codebook_size=4, shared_codebook=False
+    )
+    save_artifact(art, spec, torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0)))
+    return art
+
+
+def test_a_tokenizer_artifact_as_tower_is_its_encoder_at_the_recorded_or_given_layer(towers, tmp_path):
+    """``--vision-tower ARTIFACT``: the encoder folder resolved against the artifact (not the
+    working directory), its recorded layer (-2) unless one is given, the source the
+    artifact; features = transformers' hidden state of that layer; the tokenizer's own tower
+    (``from_tokenizer``) is the same features, select ``patch``, source the artifact."""
+    from asvr.tokenizer.model import SemanticTokenizer
+    from asvr.train.model.vision_tower import VisionTower
+
+    root, siglip, _ = towers
+    art = _artifact_with_relative_tower(tmp_path, siglip)
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    t = open_vision_tower(art)
+    assert t.spec.encoder["weights"] == str((art / "enc").resolve()) and t.spec.source == str(art.resolve())
+    assert t.spec.encoder["feature_layer"] == -2 and t.spec.select == "patch" and t.spec.grid == (7, 7)
+    assert t.spec.encoder["weights_sha256"] == _files_sha256(art / "enc")
+    assert t.spec.fingerprint == _reference_fingerprint(t.spec.encoder, "patch")
+    torch.testing.assert_close(t.features(x), _hf_hidden_state(siglip, x, -2), rtol=1e-5, atol=1e-5)
+    assert load_vision_tower(t.spec).spec == t.spec  # rebuilt as recorded, its source included
+    last = open_vision_tower(art, layer=-3)
+    assert last.spec.encoder["feature_layer"] == -3
+    assert last.spec.encoder["weights_sha256"] == t.spec.encoder["weights_sha256"]
+    assert last.spec.fingerprint == _reference_fingerprint(last.spec.encoder, "patch") != t.spec.fingerprint
+    torch.testing.assert_close(last.features(x), _hf_hidden_state(siglip, x, -3), rtol=1e-5, atol=1e-5)
+    tok = SemanticTokenizer.load(art)
+    own = VisionTower.from_tokenizer(tok)
+    assert own.encoder is tok.encoder  # shared, not copied
+    assert own.spec.select == "patch" and own.spec.source == str(tok.path) and own.spec.source
+    assert own.spec.encoder == {**tok.spec.encoder.to_dict()}
+    assert own.spec.fingerprint == _reference_fingerprint(tok.spec.encoder.to_dict(), "patch")
+    assert own.spec.fingerprint == t.spec.fingerprint  # where the weights lie is not the identity
+    torch.testing.assert_close(own.features(x), t.features(x), rtol=0, atol=0)
+
+
+def test_the_tower_stays_frozen_in_train_mode_and_reads_images_by_path_or_bytes(towers, tmp_path):
+    from PIL import Image
+
+    root, siglip, _ = towers
+    t = open_vision_tower(siglip)
+    assert not any(p.requires_grad for p in t.encoder.parameters())
+    assert t.train() is t and t.training and not t.encoder.training
+    assert t.train(False) is t and not t.training and not t.encoder.training
+    t.train(True)
+    assert all(not m.training for m in t.encoder.modules())
+    img = Image.new("RGB", (40, 20), (200, 30, 30))
+    img.paste((10, 10, 240), (0, 0, 20, 20))
+    img.save(tmp_path / "a.png")
+    data = (tmp_path / "a.png").read_bytes()
+    sq = t.preprocess_images([tmp_path / "a.png", data, str(tmp_path / "a.png")], "square")
+    assert sq.shape == (3, 3, 28, 28) and sq.dtype == np.float32
+    np.testing.assert_array_equal(sq[0], sq[1])
+    np.testing.assert_array_equal(sq[0], sq[2])
+    pad = t.preprocess_images([bytearray(data)], "pad")
+    assert t.preprocess_config("pad").mode == "pad" and t.preprocess_config("square").mode == "square"
+    assert t.preprocess_config("square").image_size == 28
+    # square: the left half blue, the right half red, edge to edge; pad: bands above and below
+    mean, std = 0.5, 0.5
+    assert sq[0, 2, 14, 3] == pytest.approx((240 / 255 - mean) / std, abs=0.02)
+    assert sq[0, 0, 14, 24] == pytest.approx((200 / 255 - mean) / std, abs=0.02)
+    assert not np.allclose(pad[0], sq[0])
+    f = t.features(sq)
+    assert f.shape == (3, 49, 32) and f.dtype == torch.float32
+    from asvr.train.model.vision_tower import VisionTower
+
+    plain = VisionTower(t.encoder, EncoderSpec(**t.spec.encoder))  # the defaults: patch tokens, no source
+    assert plain.spec.select == "patch" and plain.spec.source == "" and plain.spec.fingerprint == t.spec.fingerprint
+    t.encoder.to(torch.bfloat16)
+    fb = t.features(sq)
+    assert fb.dtype == torch.float32
+    torch.testing.assert_close(fb, f, rtol=0.1, atol=0.1)
+
+
+def test_the_grid_refusal_names_both_grids_rows_by_columns(towers):
+    root, siglip, _ = towers
+    t = open_vision_tower(siglip)
+    wide = VisionTowerSpec(**{**dataclasses.asdict(t.spec), "grid": (6, 8)})
+    with pytest.raises(VisionTowerError) as e:
+        check_tower_grid(wide, (5, 7))
+    assert str(e.value).startswith(
+        f"the vision tower {siglip.resolve()} gives a 6x8 patch grid, the tokenizer's targets lie on 5x7:"
+    )
+    check_tower_grid(wide, [6, 8])  # a list from JSON is the same grid

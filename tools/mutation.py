@@ -1,7 +1,7 @@
 """``make mutation``: mutmut over the core modules, one module at a time.
 
 The packages are installed as ``asvr.tokenizer`` etc. from top-level folders
-(``tokenizer/``...), a layout mutmut cannot map (it names mutants by file path
+(``tokenizer/``, ``core/``... per pyproject's ``package-dir``), a layout mutmut cannot map (it names mutants by file path
 and puts ``mutants/`` first on ``sys.path``).  So each target runs in a staging
 copy, ``.mutation/<target>/``, laid out as the installed package (``asvr/...``,
 ``tests/``, ``pyproject.toml`` with the ``[tool.mutmut]`` settings of this
@@ -32,7 +32,19 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("tokenizer", "pipeline", "train", "eval")
+
+
+def packages() -> dict[str, str]:
+    """``asvr.<name>`` -> its folder, from pyproject's ``package-dir`` (core/, demo/... included):
+    the staging copy holds every package the tests import, laid out as installed."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dirs = cfg["tool"]["setuptools"]["package-dir"]
+    return {name.split(".", 1)[1]: folder for name, folder in dirs.items() if name.startswith("asvr.")}
+
+
+def missing_files(targets: dict) -> list[str]:
+    """Target files named in pyproject.toml that no longer exist (a module moved or split)."""
+    return [f"{n}: {f}" for n, t in targets.items() for f in t["files"] if not (ROOT / f).is_file()]
 
 
 def _toml_list(xs: list[str]) -> str:
@@ -48,10 +60,14 @@ def stage(name: str, target: dict, base: dict, fresh: bool, drop: tuple[str, ...
     (d / "asvr").mkdir(parents=True, exist_ok=True)
     (d / "asvr" / "__init__.py").write_text("")
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for pkg in PACKAGES:
-        shutil.copytree(ROOT / pkg, d / "asvr" / pkg, dirs_exist_ok=True, ignore=ignore)
+    for pkg, folder in packages().items():
+        shutil.copytree(ROOT / folder, d / "asvr" / pkg, dirs_exist_ok=True, ignore=ignore)
     shutil.copytree(ROOT / "tests", d / "tests", dirs_exist_ok=True, ignore=ignore)
     opts = dict(base)
+    if "timeout_constant" in target:
+        # mutmut's CPU limit is (sum of the tests' call times + this) * multiplier * 2; call
+        # times leave out module fixtures, which here build models (seconds of CPU each)
+        opts["timeout_constant"] = float(target["timeout_constant"])
     opts.update(
         {
             "source_paths": ["asvr"],
@@ -84,7 +100,7 @@ def results(d: Path) -> tuple[dict[str, int], list[str], list[str]]:
             continue
         mutant, status = (s.strip() for s in line.rsplit(":", 1))
         counts[status] = counts.get(status, 0) + 1
-        if status == "survived":
+        if status in ("survived", "no tests"):  # "no tests": new tests may reach it (--rerun-survivors)
             survivors.append(mutant)
         elif status == "timeout":
             timeouts.append(mutant)
@@ -123,7 +139,8 @@ def main() -> int:
     ap.add_argument(
         "--rerun-survivors",
         action="store_true",
-        help="run only the last run's survivors again (mutmut keeps every other result), with today's tests",
+        help="run only the last run's survivors (and mutants without tests) again, with today's tests"
+        " (mutmut keeps every other result)",
     )
     args = ap.parse_args()
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
@@ -133,6 +150,10 @@ def main() -> int:
     unknown = [n for n in names if n not in targets]
     if unknown:
         print(f"error: unknown target(s) {unknown}; known: {sorted(targets)}", file=sys.stderr)
+        return 2
+    gone = missing_files({n: targets[n] for n in names})
+    if gone:
+        print(f"error: target files not found (moved or split?): {gone}", file=sys.stderr)
         return 2
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
     summary = []
@@ -158,7 +179,7 @@ def main() -> int:
             + (f", {len(hidden)} timeouts pass when run alone (counted as survivors)" if hidden else "")
         )
         for s in survivors:
-            print(f"  survived: {s}")
+            print(f"  survived: {s}")  # or had no test
         for s in hidden:
             print(f"  survived (timed out under mutmut, passes alone): {s}")
     print("\n".join(summary))
