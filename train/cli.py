@@ -100,7 +100,7 @@ def _newest(run_dir: str) -> str | None:
 def interrupted_message(run_dir: str) -> str:
     """Ctrl-C's line: how to continue when a complete checkpoint exists, the truth when none does."""
     from asvr.train.loop.checkpoint import latest_tag
-    from asvr.train.loop.trainer import holds_run
+    from asvr.train.loop.run_folder import holds_run
 
     tag = latest_tag(Path(run_dir))
     if tag is not None:

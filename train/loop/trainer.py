@@ -52,13 +52,7 @@ from asvr.train.loop import checkpoint
 from asvr.train.loop.preemption import Preempted, SaveClock, StopSignals, gloo_reduce_max
 from asvr.train.loop.engine import build_engine, cosine_with_warmup, deepspeed_config  # noqa: F401
 from asvr.train.loop.distributed import free_port, init_distributed  # noqa: F401 - importable from here
-from asvr.train.loop.run_folder import (  # noqa: F401 - importable from here (train/cli.py)
-    RunFolderError,
-    check_run_folder,
-    clear_run_folder,
-    holds_run,
-    lock_run_folder,
-)
+from asvr.train.loop.run_folder import RunFolderError, check_run_folder, clear_run_folder, lock_run_folder
 from asvr.train.config import TrainConfig
 from asvr.train.data.dataset import (
     PackedLoader,
