@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from asvr.train.data.templates import IGNORE_INDEX
+
 
 @dataclass
 class Batch:
@@ -64,6 +66,18 @@ class Batch:
     def num_tokens(self) -> int:
         """Non-padding tokens (``sample_ids > 0``)."""
         return int((self.sample_ids > 0).sum())
+
+
+def blank_rows(b: int, width: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """The ``[b, width]`` arrays a micro-batch is filled into: ids (``pad_id``), labels (ignored),
+    positions, sample ids and the image mask (zeros)."""
+    return (
+        np.full((b, width), pad_id, np.int64),
+        np.full((b, width), IGNORE_INDEX, np.int64),
+        np.zeros((b, width), np.int64),
+        np.zeros((b, width), np.int64),
+        np.zeros((b, width), bool),
+    )
 
 
 def rows_to_batch(

@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from asvr.train.data.batch import Batch, rows_to_batch
+from asvr.train.data.batch import Batch, blank_rows, rows_to_batch
 from asvr.train.data.packing import MicroBatch, PackingConfig, plan_epoch, shard_for_rank
 from asvr.train.data.sources import DataError
-from asvr.train.data.templates import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from asvr.train.data.dataset import TrainingData
@@ -40,11 +39,7 @@ class Collator:
     def __call__(self, mb: MicroBatch) -> Batch:
         width = max(sum(len(self.samples[i].encoded) for i in row) for row in mb)
         b = len(mb)
-        ids = np.full((b, width), self.pad_id, np.int64)
-        labels = np.full((b, width), IGNORE_INDEX, np.int64)
-        pos = np.zeros((b, width), np.int64)
-        sid = np.zeros((b, width), np.int64)
-        img = np.zeros((b, width), bool)
+        ids, labels, pos, sid, img = blank_rows(b, width, self.pad_id)
         keys: list[str] = []
         n_text_only = 0
         for r, row in enumerate(mb):

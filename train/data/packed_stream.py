@@ -48,8 +48,7 @@ import torch
 
 from asvr.core.packed import PackedError, PackedMeta, check_packed_meta, list_packed, open_packed, read_row_group
 
-from asvr.train.data.batch import Batch, rows_to_batch
-from asvr.train.data.templates import IGNORE_INDEX
+from asvr.train.data.batch import Batch, blank_rows, rows_to_batch
 
 MANIFEST = "manifest.json"
 SAMPLE_LOG = "ASVR_SAMPLE_LOG"
@@ -192,11 +191,7 @@ class PackedCollator:
     def __call__(self, rows: list[dict]) -> Batch:
         width = max(len(r["input_ids"]) for r in rows)
         b = len(rows)
-        ids = np.full((b, width), self.pad_id, np.int64)
-        labels = np.full((b, width), IGNORE_INDEX, np.int64)
-        pos = np.zeros((b, width), np.int64)
-        sid = np.zeros((b, width), np.int64)
-        img = np.zeros((b, width), bool)
+        ids, labels, pos, sid, img = blank_rows(b, width, self.pad_id)
         keys: list[str] = []
         codes: list[np.ndarray] = []
         n_text_only = 0
