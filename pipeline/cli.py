@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_guarded(
         "asvr-pipeline",
-        argv[0] if argv and argv[0] in ("tokenize", "inspect", "verify") else None,
+        argv[0] if argv and argv[0] in ("tokenize", "inspect", "verify", "pack") else None,
         run,
         (FileNotFoundError, NotADirectoryError),
         interrupted="interrupted; rerun the same command to resume",

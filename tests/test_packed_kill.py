@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,13 +54,68 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
             pass
 
 
+@pytest.fixture(scope="module")
+def clean_units(corpus, tmp_path_factory):
+    """The uninterrupted pack of one conversation per unit (more than 10 units)."""
+    clean = tmp_path_factory.mktemp("clean") / "clean"
+    assert pipeline_main(pack_args(corpus, clean)) == 0
+    assert json.loads((clean / "manifest.json").read_text())["units"] > 10
+    return clean
+
+
+def _same_as(out, clean) -> None:
+    assert (out / "manifest.json").read_text() == (clean / "manifest.json").read_text()
+    want = sorted(p.name for p in clean.glob("packed-*.parquet"))
+    assert sorted(p.name for p in out.glob("packed-*.parquet")) == want
+    for name in want:
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+    assert (out / "failures.parquet").read_bytes() == (clean / "failures.parquet").read_bytes()
+    assert not list(out.glob(".*.tmp-*"))
+
+
+@pytest.mark.timeout(600)
+def test_pack_sigterm_stops_in_one_line_and_the_rerun_equals_the_uninterrupted_run(corpus, clean_units, tmp_path):
+    """A scheduler's SIGTERM to ``pack``'s driver: exit 143 and one line saying how to resume (not
+    Ray's native dump: ``ray.init`` installs its own SIGTERM handler, which the job replaces)."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "asvr.pipeline.cli", *pack_args(corpus, out)]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        end = time.monotonic() + 300
+        while not any((out / ".units").glob("unit-*.json")) and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=240)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a Ray worker left in its session
+        except ProcessLookupError:
+            pass
+    assert not json.loads((out / "manifest.json").read_text())["complete"], "finished before the signal"
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"asvr-pipeline pack: stopped by SIGTERM; (\d+) finished units are kept in {re.escape(str(out))}; "
+        "rerun the same command to resume",
+        last,
+    ), err[-2000:]
+    kept = int(re.search(r"SIGTERM; (\d+)", last).group(1))
+    assert kept == len(list((out / ".units").glob("unit-*.json"))) >= 1
+
+    assert pipeline_main(pack_args(corpus, out)) == 0
+    _same_as(out, clean_units)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pack_killed_mid_run_then_rerun_equals_the_uninterrupted_run(corpus, tmp_path):
-    clean = tmp_path / "clean"
-    assert pipeline_main(pack_args(corpus, clean)) == 0
+def test_pack_killed_mid_run_then_rerun_equals_the_uninterrupted_run(corpus, clean_units, tmp_path):
+    clean = clean_units
     n_units = json.loads((clean / "manifest.json").read_text())["units"]
-    assert n_units > 10
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "asvr.pipeline.cli", *pack_args(corpus, out)]
@@ -73,13 +129,7 @@ def test_pack_killed_mid_run_then_rerun_equals_the_uninterrupted_run(corpus, tmp
     assert 1 <= left < n_units
 
     assert pipeline_main(pack_args(corpus, out)) == 0
-    assert (out / "manifest.json").read_text() == (clean / "manifest.json").read_text()
-    want = sorted(p.name for p in clean.glob("packed-*.parquet"))
-    assert sorted(p.name for p in out.glob("packed-*.parquet")) == want
-    for name in want:
-        assert (out / name).read_bytes() == (clean / name).read_bytes()
-    assert (out / "failures.parquet").read_bytes() == (clean / "failures.parquet").read_bytes()
-    assert not list(out.glob(".*.tmp-*"))
+    _same_as(out, clean)
 
 
 @pytest.fixture(scope="module")

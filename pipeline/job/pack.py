@@ -31,6 +31,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 
 from asvr.core.atomic import atomic_path, atomic_write
 from asvr.core.locks import FolderLock, FolderLocked
+from asvr.core.signals import StopSignals, Stopped
 from asvr.core.packed import PREFIX, SUFFIX, write_packed_shard
 from asvr.core.shards import FAILURES, MANIFEST, ShardError, ShardMeta, list_shards, read_meta
 
@@ -297,17 +299,22 @@ def run_pack(cfg: PackConfig) -> list[str]:
         "caption_free_ratio": cfg.caption_free_ratio,
     }
     out = PackOutput(cfg.out, run, cfg.overwrite)
-    try:
-        out.write_manifest(pmeta.to_dict(), n_units, None)
-        task_cfg = {"model": cfg.model, "trust": cfg.trust_remote_code, "settings": asdict(settings)}
-        units = UnitPlan(cfg, records, keys, where, run, caption_free_keys)
-        results, resumed = units.run(
-            out.store,
-            lambda todo, commits: _execute(cfg, out.store, todo, meta, task_cfg, text_hash, commits, _ray_init),
-        )
-        manifest = out.write_manifest(pmeta.to_dict(), n_units, results)
-    finally:
-        out.close()
+    with StopSignals() as stop:
+        try:
+            out.write_manifest(pmeta.to_dict(), n_units, None)
+            task_cfg = {"model": cfg.model, "trust": cfg.trust_remote_code, "settings": asdict(settings)}
+            units = UnitPlan(cfg, records, keys, where, run, caption_free_keys)
+            execute = partial(_execute, cfg, out.store, meta=meta, task_cfg=task_cfg, text_hash=text_hash)
+            results, resumed = units.run(out.store, lambda todo, commits: execute(todo, commits, _ray_init, stop))
+            manifest = out.write_manifest(pmeta.to_dict(), n_units, results)
+        except Stopped as s:
+            raise _stopped(s.signum, cfg, out.store.units_dir) from None
+        except Exception:
+            if stop.received is not None:  # the handler's Stopped, wrapped by Ray's native wait
+                raise _stopped(stop.received, cfg, out.store.units_dir) from None
+            raise
+        finally:
+            out.close()
     return _summary(cfg, manifest["counts"], n_units, resumed, time.perf_counter() - t0)
 
 
@@ -339,11 +346,19 @@ def _summary(cfg: PackConfig, c: dict, n_units: int, resumed: int, dt: float) ->
     ]
 
 
-def _execute(cfg, store, todo, meta, task_cfg, text_hash, commits: Commits, ray_init) -> None:
+def _stopped(signum: int, cfg: PackConfig, units: Path) -> Stopped:
+    """As ``tokenize``: committed units stay (shard + marker, written by their task), the ones in
+    flight are abandoned and redone by the rerun."""
+    kept = len(list(units.glob("unit-*.json"))) if units.is_dir() else 0
+    return Stopped(signum, f"{kept} finished units are kept in {cfg.out}; rerun the same command to resume")
+
+
+def _execute(cfg, store, todo, commits: Commits, ray_init, signals: StopSignals, *, meta, task_cfg, text_hash) -> None:
     import ray
     from tqdm import tqdm
 
     stop = ray_init(cfg)
+    signals.reinstall()  # ray.init installs its own SIGTERM handler (sys.exit into a native dump)
     try:
         task = ray.remote(num_cpus=1, max_retries=3)(_pack_task)
         pending = [
