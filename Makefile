@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[cpu]"
+	# lmms-eval's own scoring code for tests/test_eval_scoring.py (loaded by path, none of its
+	# dependencies needed; with them pip would replace the CPU torch by a CUDA build)
+	$(BIN)/python -m pip install -q --no-deps "lmms-eval==0.7.3" "loguru>=0.7"
 	touch $(STAMP)
 
 # ruff (lint + format check), the import rule of docs/ARCHITECTURE.md (import-linter)
