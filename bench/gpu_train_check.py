@@ -13,12 +13,18 @@ Builds a work folder (everything random, from configs; nothing downloaded):
 then runs, each a subprocess with a timeout, results appended to
 ``OUT/gpu_train_check.json`` as they come:
 
-1. ``asvr-train --stage sft --vision-input codes`` bf16, SDPA, ZeRO-2 and
-   ZeRO-3, with and without ``--gradient-checkpointing``: step time, tokens/s,
+1. ``asvr-train --stage sft --vision-input codes`` bf16, SDPA, in each of
+   ``CLI_CONFIGS`` (issue 26): ``--zero auto`` (the one-GPU fast path), with
+   ``--compile``, with ``--no-prefetch``, ZeRO-1, ZeRO-2 (what every run used
+   before), ZeRO-2 + ``--gradient-checkpointing``, ZeRO-3: step time, tokens/s,
    MFU (train_mfu.py's FLOP count scaled by the real tokens), peak memory and
    loss, from ``metrics.jsonl`` (steps after the first ``--log-every`` window);
-2. ``bench/train_mfu.py``'s bare loop (no DeepSpeed) on the same shapes;
-3. kill and ``--resume auto`` on a smaller model (bf16, ZeRO-2): a run killed
+2. ``bench/train_mfu.py``'s bare loops (no DeepSpeed) on the same shapes: bf16
+   parameters (no master copy) and the fair one (fp32 masters + autocast, fused
+   AdamW, clipping); ``--results FILE`` writes one JSON object per CLI
+   configuration (``device``, ``cli_tokens_per_s``, ``bare_fair_tokens_per_s``,
+   ``cli_over_bare_fair``, ``mfu_cli``, peak memory, ...);
+3. kill and ``--resume auto`` on a smaller model (bf16, the fast path): a run killed
    (SIGKILL) two steps after its checkpoint, resumed, against an uninterrupted
    run: the loss difference per step, before the kill (run-to-run noise of
    the GPU) and after the resume.

@@ -158,6 +158,7 @@ def test_resume_with_another_explicit_stage_is_one_line(corpus, tiny_tokenizer_d
     )
 
 
+@pytest.mark.slow  # ~2 min of inductor compilation on 2 cores
 def test_compile_gives_the_eager_losses(corpus, tiny_tokenizer_dir, runs, tmp_path):
     out = tmp_path / "compiled"
     args = [*COMMON, "--zero", "0", "--compile", "--no-export", "--max-steps", "2"]

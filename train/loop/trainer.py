@@ -5,8 +5,9 @@ model (stage, ``--init-from``) -> ``deepspeed.initialize`` -> resume -> loop
 of ``train_step`` (gradient accumulation over micro-batches) with metrics,
 periodic checkpoints -> final checkpoint, export to ``RUN/final``, loss plot.
 
-Devices: on CUDA, NCCL and bf16 (DeepSpeed keeps fp32 master weights); on CPU,
-gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
+Devices: on CUDA, NCCL and bf16 (ZeRO 1-3: DeepSpeed's bf16 engine with fp32
+master weights; ZeRO 0, ``--zero auto`` on one process: fp32 weights with bf16
+autocast, see ``engine.py``); on CPU, gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
 one-process group itself (127.0.0.1, a free port).  The optimizer is torch's
 AdamW passed to DeepSpeed as a client optimizer (FusedAdam needs CUDA and
 DeepSpeedCPUAdam compiles a C++ op for ~40 s), unless a ``--deepspeed``
@@ -24,8 +25,10 @@ Metrics: the per-step losses stay on the device and are reduced and copied to
 the host once per ``--log-every`` steps (every step still gets its row in
 metrics.jsonl; step time and tokens/s are the window's mean).  On one H200
 (bench/results/gpu_issues_12_13_h200.md) the CLI at ~1.3B bf16 ran at 0.31-0.58
-of a bare torch loop: the remaining gap is DeepSpeed's (fp32 master weights,
-ZeRO buckets, its own syncs in ``engine.step``).
+of a bare torch loop under ZeRO-2 (fp32 master weights, ZeRO buckets, its own
+syncs in ``engine.step``); issue 26's fast path (stage 0 on one process, the next
+batch prefetched, clipping without a host read) is timed against a bare loop of
+the same numerics by bench/gpu_train_check.py (its GPU figures: not yet run).
 
 Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
 an uninterrupted run bit for bit (tested): the loader resumes at the next
