@@ -237,11 +237,11 @@ class Trainer:
             )
         per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
         total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
-        self.log(f"{what}, {total} steps on {self.world} x {self.device.type}")
+        self.stage = self.choose_stage(auto_tag)
+        self.log(f"{what}, {total} steps on {self.world} x {self.device.type}{self.stage_note()}")
 
         model, groups = self.build_model(tokenizer, tower)
         self.universal = self.resuming and self.elastic_resume(auto_tag or cfg.resume)
-        self.stage = self.choose_stage(auto_tag)
         if cfg.compile:
             self.log(f"torch.compile: {compile_blocks(model)} blocks (compiled at their first step)")
         engine = build_engine(
@@ -303,11 +303,13 @@ class Trainer:
                 f"--resume: {tag} was saved with --zero {saved}, this run asks --zero {cfg.zero}; "
                 f"resume with --zero {saved} (or auto)"
             )
-        stage = zero_stage(cfg, self.world, saved)
-        if not cfg.deepspeed:
-            how = "plain torch AdamW over fp32 weights" if stage == 0 else "DeepSpeed ZeRO"
-            self.log(f"--zero {cfg.zero}: stage {stage} ({how}, {self.world} process(es))")
-        return stage
+        return zero_stage(cfg, self.world, saved)
+
+    def stage_note(self) -> str:
+        """The stage for the run's first line: ``, ZeRO 0 (torch AdamW, fp32 weights)`` / ``, ZeRO-2``."""
+        if self.cfg.deepspeed:
+            return ""
+        return ", ZeRO 0 (torch AdamW over fp32 weights)" if self.stage == 0 else f", ZeRO-{self.stage}"
 
     def resume(self, engine, loader: PackedLoader, auto_tag: str | None) -> int:
         """The step to start at: the checkpoint's (engine and loader restored) or 0 (seeded)."""
