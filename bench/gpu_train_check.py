@@ -449,7 +449,7 @@ def main(argv=None) -> int:
             str(window),
             "--json",
             str(bare_json),
-        ] + (["--tiny", "--batch", str(s.batch)] if a.tiny else [])
+        ] + (["--tiny", "--batch", str(s.batch), "--seq", str(s.seq)] if a.tiny else [])  # the CLI's shapes
         t0 = time.perf_counter()
         try:
             pr = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)

@@ -241,6 +241,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke check)")
     p.add_argument("--batch", type=int, help="sequences per step (default 4; tiny 2)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 2048; tiny 64)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 3; tiny 1)")
     p.add_argument("--steps", type=int, help="timed steps (default 10; tiny 2)")
     p.add_argument("--peak-tflops", type=float, help="bf16 dense peak of the device")
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
     s = Setup.tiny() if a.tiny else Setup()
     if a.batch:
         s.batch = a.batch
+    if a.seq:
+        s.seq = a.seq
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
     a.steps = a.steps if a.steps is not None else (2 if a.tiny else 10)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
