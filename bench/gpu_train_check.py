@@ -13,12 +13,18 @@ Builds a work folder (everything random, from configs; nothing downloaded):
 then runs, each a subprocess with a timeout, results appended to
 ``OUT/gpu_train_check.json`` as they come:
 
-1. ``asvr-train --stage sft --vision-input codes`` bf16, SDPA, ZeRO-2 and
-   ZeRO-3, with and without ``--gradient-checkpointing``: step time, tokens/s,
+1. ``asvr-train --stage sft --vision-input codes`` bf16, SDPA, in each of
+   ``CLI_CONFIGS`` (issue 26): ``--zero auto`` (the one-GPU fast path), with
+   ``--compile``, with ``--no-prefetch``, ZeRO-1, ZeRO-2 (what every run used
+   before), ZeRO-2 + ``--gradient-checkpointing``, ZeRO-3: step time, tokens/s,
    MFU (train_mfu.py's FLOP count scaled by the real tokens), peak memory and
    loss, from ``metrics.jsonl`` (steps after the first ``--log-every`` window);
-2. ``bench/train_mfu.py``'s bare loop (no DeepSpeed) on the same shapes;
-3. kill and ``--resume auto`` on a smaller model (bf16, ZeRO-2): a run killed
+2. ``bench/train_mfu.py``'s bare loops (no DeepSpeed) on the same shapes: bf16
+   parameters (no master copy) and the fair one (fp32 masters + autocast, fused
+   AdamW, clipping); ``--results FILE`` writes one JSON object per CLI
+   configuration (``device``, ``cli_tokens_per_s``, ``bare_fair_tokens_per_s``,
+   ``cli_over_bare_fair``, ``mfu_cli``, peak memory, ...);
+3. kill and ``--resume auto`` on a smaller model (bf16, the fast path): a run killed
    (SIGKILL) two steps after its checkpoint, resumed, against an uninterrupted
    run: the loss difference per step, before the kill (run-to-run noise of
    the GPU) and after the resume.
@@ -239,7 +245,7 @@ def resume_check(w: dict, work: Path, steps: int, save_at: int, timeout: float, 
         "--keep-checkpoints",
         "1",
         "--zero",
-        "2",
+        "auto",
         "--quiet",
         *extra,
     ]
@@ -284,6 +290,47 @@ def resume_check(w: dict, work: Path, steps: int, save_at: int, timeout: float, 
     return res
 
 
+# the CLI configurations timed (issue 26): the fast path (auto = ZeRO 0 on one GPU), with torch.compile,
+# the DeepSpeed stages as they ran before (2, 2 + recomputation, 3) and stage 1
+CLI_CONFIGS = {
+    "auto": ["--zero", "auto"],
+    "auto_compile": ["--zero", "auto", "--compile"],
+    "auto_no_prefetch": ["--zero", "auto", "--no-prefetch"],
+    "zero1": ["--zero", "1"],
+    "zero2": ["--zero", "2"],
+    "zero2_gc": ["--zero", "2", "--gradient-checkpointing"],
+    "zero3": ["--zero", "3"],
+}
+
+
+def headline(device: str, cli: dict, loops: dict, peak: float | None) -> list[dict]:
+    """One object per CLI configuration: its tokens/s (real tokens, from metrics.jsonl) against
+    the fair bare loop's and the bf16-parameter loop's (every token of their rows is real)."""
+    fair = loops.get("ASVR fair (fp32 master)", {})
+    bf16 = loops.get("ASVR (visual head on)", {})
+    rows = []
+    for name, r in cli.items():
+        if "tokens_per_s" not in r or "tokens_per_s" not in fair:
+            continue
+        row = {
+            "config": name,
+            "device": device,
+            "cli_tokens_per_s": r["tokens_per_s"],
+            "bare_fair_tokens_per_s": fair["tokens_per_s"],
+            "bare_bf16_tokens_per_s": bf16.get("tokens_per_s"),
+            "cli_over_bare_fair": r["tokens_per_s"] / fair["tokens_per_s"],
+            "cli_over_bare_bf16": r["tokens_per_s"] / bf16["tokens_per_s"] if bf16 else None,
+            "mfu_cli": r.get("mfu"),
+            "mfu_bare_fair": fair.get("mfu"),
+            "cli_step_time_s": r["step_time_s"],
+            "cli_gpu_mem_peak_gib": r.get("gpu_mem_peak_gib"),
+            "bare_fair_gpu_mem_peak_gib": fair.get("gpu_mem_peak_gib"),
+            "peak_tflops": peak,
+        }
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     global OUT, LOG
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, help="metrics window (default 4; tiny 2); the first is warm-up")
     p.add_argument("--only", nargs="*", default=None, help="subset of: cli bare resume")
     p.add_argument("--timeout", type=float, default=240, help="seconds per CLI run")
+    p.add_argument("--configs", nargs="*", help=f"subset of the CLI configurations: {' '.join(CLI_CONFIGS)}")
+    p.add_argument("--results", help="write the headline rows (one JSON object per CLI configuration) here")
     a = p.parse_args(argv)
     OUT = Path(a.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -359,39 +408,38 @@ def main(argv=None) -> int:
     peak = train_mfu.peak_tflops(device, None)
     if "cli" in only:
         runs = {}
-        for zero in (2, 3):
-            for gc in (False, True):
-                name = f"zero{zero}{'_gc' if gc else ''}"
-                out = work / "runs" / name
-                shutil.rmtree(out, ignore_errors=True)
-                extra = [
-                    "--zero",
-                    str(zero),
-                    "--max-steps",
-                    str(steps),
-                    "--micro-batch-size",
-                    str(s.batch),
-                    "--max-len",
-                    str(s.seq),
-                    "--log-every",
-                    str(window),
-                    "--no-final-checkpoint",
-                    "--quiet",
-                    *head,
-                    *(["--gradient-checkpointing"] if gc else []),
-                ]
-                rc, wall, _ = run_cli(cli_args(w, w["llm"], out, *extra), a.timeout, name)
-                res = summarise(out, window) if rc == 0 else {"error": f"rc {rc}"}
-                res["wall_s"] = wall
-                if rc == 0 and mfu_flops:
-                    flops = mfu_flops * res["tokens_per_step"] / (s.batch * s.seq)
-                    res["model_tflops"] = flops / res["step_time_s"] / 1e12
-                    res["mfu"] = res["model_tflops"] / peak if peak else None
-                runs[name] = res
-                log(f"{name}: {json.dumps(res)}")
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-                save(cli=runs)
+        for name, flags in CLI_CONFIGS.items():
+            if a.configs and name not in a.configs:
+                continue
+            out = work / "runs" / name
+            shutil.rmtree(out, ignore_errors=True)
+            extra = [
+                *flags,
+                "--max-steps",
+                str(steps),
+                "--micro-batch-size",
+                str(s.batch),
+                "--max-len",
+                str(s.seq),
+                "--log-every",
+                str(window),
+                "--no-final-checkpoint",
+                "--quiet",
+                *head,
+            ]
+            rc, wall, _ = run_cli(cli_args(w, w["llm"], out, *extra), a.timeout, name)
+            res = summarise(out, window) if rc == 0 else {"error": f"rc {rc}"}
+            res["wall_s"] = wall
+            if rc == 0 and mfu_flops:
+                flops = mfu_flops * res["tokens_per_step"] / (s.batch * s.seq)
+                res["model_tflops"] = flops / res["step_time_s"] / 1e12
+                res["mfu"] = res["model_tflops"] / peak if peak else None
+            runs[name] = res
+            log(f"{name}: {json.dumps(res)}")
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            save(cli=runs)
     if "bare" in only:
+        bare_json = OUT / "train_mfu.json"
         cmd = [
             sys.executable,
             str(Path(__file__).resolve().parent / "train_mfu.py"),
@@ -399,7 +447,9 @@ def main(argv=None) -> int:
             str(steps - window),
             "--warmup",
             str(window),
-        ] + (["--tiny"] if a.tiny else [])
+            "--json",
+            str(bare_json),
+        ] + (["--tiny", "--batch", str(s.batch), "--seq", str(s.seq)] if a.tiny else [])  # the CLI's shapes
         t0 = time.perf_counter()
         try:
             pr = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -423,7 +473,19 @@ def main(argv=None) -> int:
                 }
             if line.startswith("visual head alone"):
                 bare["visual_head_alone"] = line
+        if rc == 0 and bare_json.is_file():
+            bare["loops"] = json.loads(bare_json.read_text())["loops"]
         save(bare=bare)
+        if "cli" in RESULTS and "loops" in bare:
+            rows = headline(RESULTS["device"], RESULTS["cli"], bare["loops"], peak)
+            save(headline=rows)
+            if a.results:
+                Path(a.results).write_text(json.dumps(rows, indent=1) + "\n")
+            for r in rows:
+                log(
+                    f"{r['config']}: CLI {r['cli_tokens_per_s']:.0f} tokens/s, fair bare {r['bare_fair_tokens_per_s']:.0f}"
+                    f" -> {r['cli_over_bare_fair']:.3f}; over the bf16-params loop {r['cli_over_bare_bf16']:.3f}"
+                )
         if "cli" in RESULTS and "asvr" in bare:
             ratio = {
                 n: (bare["asvr"]["step_time_s"] / r["step_time_s"])

@@ -31,6 +31,18 @@ HF LLM only 42.7-43.6k tokens/s, 379-387 TFLOP/s (MFU 0.38-0.39 of spec,
 337-341 TFLOP/s (0.34 / 0.43), i.e. 0.70-0.71x the tokens/s for +25% model
 FLOPs; the visual head alone runs at 254 TFLOP/s (0.076 s/step).
 
+Fair bare loop (issue 26): the loop above keeps bf16 parameters and no fp32
+master copy, which is cheaper than what ``asvr-train`` does.  "ASVR fair" runs
+the same LVLM with the CLI's numerics and no DeepSpeed: fp32 parameters
+(the master weights) with the forward under ``torch.autocast(bfloat16)`` on
+CUDA (fp32 on CPU, as the CLI), fp32 gradients and AdamW state, torch
+``AdamW(fused=True)`` on CUDA (``foreach=True`` on CPU), gradient clipping at
+1.0 (``clip_grad_norm_(foreach=True)``, no host read), as ``asvr-train
+--zero 0`` does on one device.  The CLI is reported against both loops
+(``bench/gpu_train_check.py``).  ``--gradient-checkpointing`` runs the ASVR
+loops with recomputation (the CLI's flag of the same name); ``--json`` writes
+the rows.
+
     python bench/train_mfu.py --tiny             # CPU smoke check (seconds)
     python bench/train_mfu.py                    # one H100/H200, ~1-2 minutes
 """
@@ -38,6 +50,8 @@ FLOPs; the visual head alone runs at 254 TFLOP/s (0.076 s/step).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -195,17 +209,55 @@ def peak_tflops(device, override: float | None) -> float | None:
     return None
 
 
-def main(argv=None) -> int:
+def adamw(params, device, lr: float = 1e-5) -> torch.optim.AdamW:
+    """torch AdamW as the CLI builds it: fused on CUDA, foreach on CPU (one kernel per group)."""
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), **kw)
+
+
+def autocast(device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the CLI's fp32-master fast path), nothing on CPU (the CLI runs fp32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fair_step_fn(model, params: list, opt, batch, device, clip: float = 1.0):
+    """One step of the fair bare loop: autocast forward, fp32 grads, clip (no host read), AdamW."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss, _ = model.training_forward(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke check)")
     p.add_argument("--batch", type=int, help="sequences per step (default 4; tiny 2)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 2048; tiny 64)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 3; tiny 1)")
     p.add_argument("--steps", type=int, help="timed steps (default 10; tiny 2)")
     p.add_argument("--peak-tflops", type=float, help="bf16 dense peak of the device")
-    a = p.parse_args(argv)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (ASVR loops)")
+    p.add_argument("--only-fair", action="store_true", help="run only the fair bare loop")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     s = Setup.tiny() if a.tiny else Setup()
     if a.batch:
         s.batch = a.batch
+    if a.seq:
+        s.seq = a.seq
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
     a.steps = a.steps if a.steps is not None else (2 if a.tiny else 10)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
@@ -221,6 +273,7 @@ def main(argv=None) -> int:
         vision=vision,
         attn_implementation="sdpa",
         dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+        gradient_checkpointing=a.gradient_checkpointing,
     )
     codebooks = torch.randn(s.depth, s.codebook_size, s.code_dim, device=device) * 0.1
     t_build = time.perf_counter()
@@ -236,46 +289,69 @@ def main(argv=None) -> int:
     n_label = int((batch.labels[:, 1:] != -100).sum())
     fused = {"fused": True} if device.type == "cuda" else {}
     rows = []
-
-    # ---- baseline: plain HF loop on the LLM, same sequences, full logits
-    opt = torch.optim.AdamW(llm.parameters(), lr=1e-5, **fused)
-
-    def hf_step():
-        opt.zero_grad(set_to_none=True)
-        loss = llm(
-            input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, use_cache=False
-        ).loss
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    sec, loss = timed_loop(hf_step, device, a.warmup, a.steps)
-    flops, n_llm = llm_flops_per_step(s, llm, tokens)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    rows.append(("HF LLM only", sec, loss, flops, mem))
-    del opt
-    for prm in llm.parameters():
-        prm.grad = None
-
-    # ---- ASVR: text loss + visual head loss, everything trained
-    groups = model.set_stage("sft")
-    opt = torch.optim.AdamW([q for g in groups for q in g["params"]], lr=1e-5, **fused)
-
-    def asvr_step():
-        opt.zero_grad(set_to_none=True)
-        loss, _ = model.training_forward(batch)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    sec, loss = timed_loop(asvr_step, device, a.warmup, a.steps)
     flops_llm, _ = llm_flops_per_step(s, llm, n_label)
-    flops = flops_llm + asvr_extra_flops_per_step(s)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    rows.append(("ASVR (visual head on)", sec, loss, flops, mem))
+    asvr_flops = flops_llm + asvr_extra_flops_per_step(s)
+    head_sec = head_flops = float("nan")
+
+    if not a.only_fair:
+        # ---- baseline: plain HF loop on the LLM, same sequences, full logits
+        model.set_gradient_checkpointing(False)
+        opt = torch.optim.AdamW(llm.parameters(), lr=1e-5, **fused)
+
+        def hf_step():
+            opt.zero_grad(set_to_none=True)
+            loss = llm(
+                input_ids=batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, use_cache=False
+            ).loss
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        sec, loss = timed_loop(hf_step, device, a.warmup, a.steps)
+        flops, n_llm = llm_flops_per_step(s, llm, tokens)
+        rows.append(("HF LLM only", sec, loss, flops, peak_mem(device)))
+        del opt
+        for prm in llm.parameters():
+            prm.grad = None
+        model.set_gradient_checkpointing(a.gradient_checkpointing)
+
+        # ---- ASVR: text loss + visual head loss, everything trained, bf16 parameters (no master copy)
+        groups = model.set_stage("sft")
+        opt = torch.optim.AdamW([q for g in groups for q in g["params"]], lr=1e-5, **fused)
+
+        def asvr_step():
+            opt.zero_grad(set_to_none=True)
+            loss, _ = model.training_forward(batch)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        sec, loss = timed_loop(asvr_step, device, a.warmup, a.steps)
+        rows.append(("ASVR (visual head on)", sec, loss, asvr_flops, peak_mem(device)))
+        del opt
+        head_sec, head_flops = time_head(model, s, batch, cfg, device, dtype, a.steps)
+    n_llm = sum(q.numel() for q in llm.parameters()) - llm.get_input_embeddings().weight.numel()
     n_all = sum(q.numel() for q in model.parameters())
 
-    # ---- the visual head alone (projector-free part of the overhead), same rows
+    # ---- ASVR fair: the CLI's numerics without DeepSpeed (fp32 master + bf16 autocast, fused AdamW, clip)
+    model.float()
+    for prm in model.parameters():
+        prm.grad = None
+    groups = model.set_stage("sft")
+    params = [q for g in groups for q in g["params"] if q.requires_grad]
+    opt = adamw(params, device)
+    sec, loss = timed_loop(fair_step_fn(model, params, opt, batch, device), device, a.warmup, a.steps)
+    rows.append(("ASVR fair (fp32 master)", sec, loss, asvr_flops, peak_mem(device)))
+    report(a, s, device, dtype, rows, tokens, n_llm, n_all, head_sec, head_flops)
+    return 0
+
+
+def peak_mem(device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+
+def time_head(model, s: Setup, batch, cfg, device, dtype, steps: int) -> tuple[float, float]:
+    """The visual head alone (projector-free part of the overhead), same rows: (s/step, FLOPs)."""
     codes = batch.visual_codes.reshape(-1, s.depth)
     rows_in = torch.randn(codes.shape[0], s.hidden, device=device, dtype=dtype, requires_grad=True)
     ctx = model.vision.code_context(codes)
@@ -286,15 +362,18 @@ def main(argv=None) -> int:
         loss.backward()
         return loss.detach()
 
-    head_sec, _ = timed_loop(head_step, device, 1, a.steps)
+    head_sec, _ = timed_loop(head_step, device, 1, steps)
     head_flops = asvr_extra_flops_per_step(s) - 6 * codes.shape[0] * (s.code_dim * s.hidden + s.hidden * s.hidden)
+    return head_sec, head_flops
 
-    # ---- report
+
+def report(a, s: Setup, device, dtype, rows, tokens, n_llm, n_all, head_sec, head_flops) -> None:
     peak = peak_tflops(device, a.peak_tflops)
     mm = matmul_tflops(device, dtype)
     print(
         f"LLM params {n_llm / 1e6:.1f}M without input embeddings, LVLM params {n_all / 1e6:.1f}M; batch {s.batch} x {s.seq} "
         f"tokens, {s.image_tokens} image positions per sequence, D={s.depth}, K={s.codebook_size}"
+        f"{', gradient checkpointing' if a.gradient_checkpointing else ''}"
     )
     print(f"dense matmul in this run: {mm:.1f} TFLOP/s; peak used for MFU: {peak or 'n/a'} TFLOP/s")
     print("MFU = model TFLOP/s / spec peak; MFU@mm = / the dense matmul rate measured above")
@@ -302,6 +381,7 @@ def main(argv=None) -> int:
         f"{'loop':<24}{'step s':>9}{'tokens/s':>11}{'TFLOP/step':>12}{'TFLOP/s':>9}{'MFU':>7}{'MFU@mm':>8}"
         f"{'peak GiB':>10}{'loss':>9}"
     )
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "loops": {}}
     for name, sec, loss, flops, mem in rows:
         tflops = flops / sec / 1e12
         mfu = f"{tflops / peak:.3f}" if peak else "n/a"
@@ -309,11 +389,27 @@ def main(argv=None) -> int:
             f"{name:<24}{sec:>9.4f}{tokens / sec:>11.0f}{flops / 1e12:>12.2f}{tflops:>9.1f}{mfu:>7}{tflops / mm:>8.3f}"
             f"{mem:>10.1f}{loss:>9.3f}"
         )
-    print(
-        f"visual head alone (fwd+bwd, no optimizer): {head_sec:.4f} s/step, {head_flops / head_sec / 1e12:.1f} TFLOP/s"
-    )
-    print(f"ASVR / HF tokens/s = {rows[0][1] / rows[1][1]:.3f}")
-    return 0
+        out["loops"][name] = {
+            "step_time_s": sec,
+            "tokens_per_s": tokens / sec,
+            "model_tflops": tflops,
+            "mfu": tflops / peak if peak else None,
+            "gpu_mem_peak_gib": None if mem != mem else mem,
+            "loss": loss,
+        }
+    by = {name: sec for name, sec, *_ in rows}
+    if head_sec == head_sec:
+        print(
+            f"visual head alone (fwd+bwd, no optimizer): {head_sec:.4f} s/step, {head_flops / head_sec / 1e12:.1f} TFLOP/s"
+        )
+    if "HF LLM only" in by:
+        print(f"ASVR / HF tokens/s = {by['HF LLM only'] / by['ASVR (visual head on)']:.3f}")
+        print(
+            f"ASVR fair / ASVR bf16-params tokens/s = {by['ASVR (visual head on)'] / by['ASVR fair (fp32 master)']:.3f}"
+        )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_defaults_and_switches():
     assert (cfg.stage, cfg.vision_input, cfg.zero, cfg.max_len, cfg.lr, cfg.template) == (
         "pretrain",
         "codes",
-        2,
+        "auto",
         2048,
         1e-3,
         "plain",
@@ -153,3 +153,22 @@ def test_readme_and_makefile_commands_parse_unchanged():
         sft.save_every,
         sft.init_from,
     ) == ("sft", "features", 1000, 4, 2e-3, 128, 512, 100, "demo_out/runs/pretrain")
+
+
+@pytest.mark.parametrize(("value", "want"), [(2, "2"), (3, "3"), ("auto", "auto"), ("0", "0")])
+def test_config_file_zero_written_before_auto_still_reads(tmp_path, value, want):
+    """A train_config.json from before ``--zero auto`` holds ``"zero": 2`` (an int)."""
+    f = tmp_path / "train_config.json"
+    f.write_text(
+        json.dumps({"model": "m", "tokenizer": "t", "codes": "c", "data": ["d"], "output_dir": "o", "zero": value})
+    )
+    assert _parse(["--config", str(f)]).zero == want
+
+
+def test_config_file_zero_out_of_range_is_refused(tmp_path):
+    f = tmp_path / "train_config.json"
+    f.write_text(
+        json.dumps({"model": "m", "tokenizer": "t", "codes": "c", "data": ["d"], "output_dir": "o", "zero": 4})
+    )
+    with pytest.raises(ValueError, match=r"--zero must be one of \('auto', '0', '1', '2', '3'\), got 4"):
+        _parse(["--config", str(f)])

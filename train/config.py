@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 STAGE_DEFAULTS = {"pretrain": {"lr": 1e-3, "template": "plain"}, "sft": {"lr": 2e-5, "template": "vicuna_v1"}}
 STAGES = tuple(STAGE_DEFAULTS)
-ZERO_STAGES = (2, 3)
+ZERO_STAGES = ("auto", "0", "1", "2", "3")
 TEXT_ONLY_VISUAL_LOSS = ("none", "grey-image")
 
 
@@ -99,8 +99,20 @@ class TrainConfig:
     trust_remote_code: bool = field(default=False, metadata=_opt(MODEL))
     """Allow model code shipped in --model."""
     # ------------------------------------------------------------------ optimisation
-    zero: int = field(default=2, metadata=_opt(OPTIM, choices=ZERO_STAGES))
-    """ZeRO stage when no --deepspeed config is given."""
+    zero: str = field(default="auto", metadata=_opt(OPTIM, choices=ZERO_STAGES))
+    """ZeRO stage when no --deepspeed config is given. auto: 0 on one process (plain torch: the fp32 weights are
+    the master copy, bf16 autocast on CUDA, torch AdamW fused, no gradient buckets or all-reduce, clipping
+    without a host sync; ZeRO-2 on one process partitions nothing and only adds its bucket copies), 2 on
+    several (gradients and optimizer state partitioned: a replicated fp32 model costs 16 bytes/parameter per
+    GPU); a resumed run keeps its checkpoint's stage. 0: that plain path on any number of processes
+    (gradients all-reduced in buckets); 1: DeepSpeed bf16 with the optimizer state partitioned; 2: also the
+    gradients; 3: also the weights."""
+    compile: bool = field(default=False, metadata=_opt(OPTIM))
+    """torch.compile the visual head and each LLM decoder layer (off by default: compiling takes minutes on
+    a GPU, more on CPU, and it is measured per setup by bench/gpu_train_check.py)."""
+    prefetch: bool = field(default=True, metadata=_opt(DATA, flag="--no-prefetch"))
+    """(--no-prefetch) do not build the next micro-batch in a background thread while the device runs the
+    current one (with --num-workers 0; on CUDA it is also pinned and copied without blocking)."""
     deepspeed: str | None = field(default=None, metadata=_opt(OPTIM))
     """DeepSpeed JSON config (batch sizes / accumulation / clipping come from our flags)."""
     max_steps: int | None = field(default=None, metadata=_opt(OPTIM))
@@ -188,6 +200,7 @@ class TrainConfig:
             raise ValueError("--vision-tower-layer and --vision-tower-select need --vision-tower")
         if self.stage not in STAGE_DEFAULTS:
             raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        self.zero = str(self.zero)  # a train_config.json from before "auto" holds an int
         if self.deepspeed is None and self.zero not in ZERO_STAGES:
             raise ValueError(f"--zero must be one of {ZERO_STAGES}, got {self.zero}")
         if self.template is not None and self.template not in TEMPLATES:

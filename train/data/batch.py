@@ -53,6 +53,14 @@ class Batch:
             kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
         return Batch(**kw)
 
+    def pin_memory(self) -> "Batch":
+        """A copy in page-locked host memory (``to(cuda, non_blocking=True)`` then does not block)."""
+        kw: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.pin_memory() if isinstance(v, torch.Tensor) else v
+        return Batch(**kw)
+
     @property
     def num_images(self) -> int:
         """Number of images in the batch (``vision`` / ``visual_codes`` rows)."""

@@ -143,7 +143,8 @@ def save(engine, run_dir: Path, step: int, loader_state: dict, rank: int, keep: 
             torch.save(rng_state(), tmp)
         dist.barrier()
         if rank == 0:
-            atomic_write(ckpt / tag / COMPLETE, json.dumps({"step": step, "world": dist.get_world_size()}) + "\n")
+            done = {"step": step, "world": dist.get_world_size(), "zero": engine.zero_optimization_stage()}
+            atomic_write(ckpt / tag / COMPLETE, json.dumps(done) + "\n")
             atomic_write(ckpt / "latest", tag)
             prune(ckpt, keep)
     dist.barrier()
@@ -220,6 +221,18 @@ def saved_world(run_dir: Path, tag: str | None) -> int | None:
         return int(json.loads((folder / COMPLETE).read_text())["world"])
     except (OSError, ValueError, KeyError, TypeError):
         return len(list(folder.glob("*optim_states.pt"))) or None
+
+
+def saved_zero(run_dir: Path, tag: str | None) -> int | None:
+    """The ZeRO stage ``tag`` was saved with (its completion marker; tags from before the marker
+    recorded it: 2, the default then); None when there is no such tag."""
+    folder = run_dir / CHECKPOINTS / tag if tag else None
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        return int(json.loads((folder / COMPLETE).read_text()).get("zero", 2))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 2
 
 
 def to_universal(run_dir: Path, tag: str, verbose: bool = False) -> Path:

@@ -5,8 +5,9 @@ model (stage, ``--init-from``) -> ``deepspeed.initialize`` -> resume -> loop
 of ``train_step`` (gradient accumulation over micro-batches) with metrics,
 periodic checkpoints -> final checkpoint, export to ``RUN/final``, loss plot.
 
-Devices: on CUDA, NCCL and bf16 (DeepSpeed keeps fp32 master weights); on CPU,
-gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
+Devices: on CUDA, NCCL and bf16 (ZeRO 1-3: DeepSpeed's bf16 engine with fp32
+master weights; ZeRO 0, ``--zero auto`` on one process: fp32 weights with bf16
+autocast, see ``engine.py``); on CPU, gloo and fp32.  Launched without torchrun/deepspeed the trainer creates a
 one-process group itself (127.0.0.1, a free port).  The optimizer is torch's
 AdamW passed to DeepSpeed as a client optimizer (FusedAdam needs CUDA and
 DeepSpeedCPUAdam compiles a C++ op for ~40 s), unless a ``--deepspeed``
@@ -24,8 +25,10 @@ Metrics: the per-step losses stay on the device and are reduced and copied to
 the host once per ``--log-every`` steps (every step still gets its row in
 metrics.jsonl; step time and tokens/s are the window's mean).  On one H200
 (bench/results/gpu_issues_12_13_h200.md) the CLI at ~1.3B bf16 ran at 0.31-0.58
-of a bare torch loop: the remaining gap is DeepSpeed's (fp32 master weights,
-ZeRO buckets, its own syncs in ``engine.step``).
+of a bare torch loop under ZeRO-2 (fp32 master weights, ZeRO buckets, its own
+syncs in ``engine.step``); issue 26's fast path (stage 0 on one process, the next
+batch prefetched, clipping without a host read) is timed against a bare loop of
+the same numerics by bench/gpu_train_check.py (its GPU figures: not yet run).
 
 Exactness: on CPU in one process, ``--resume auto`` reproduces the losses of
 an uninterrupted run bit for bit (tested): the loader resumes at the next
@@ -50,7 +53,15 @@ import torch.distributed as dist
 from asvr.train.loop import checkpoint
 
 from asvr.train.loop.preemption import Preempted, SaveClock, StopSignals, gloo_reduce_max
-from asvr.train.loop.engine import build_engine, cosine_with_warmup, deepspeed_config  # noqa: F401
+from asvr.train.loop.engine import (  # noqa: F401 - deepspeed_config, cosine_with_warmup importable from here
+    Stepper,
+    build_engine,
+    compile_blocks,
+    cosine_with_warmup,
+    deepspeed_config,
+    zero_stage,
+)
+from asvr.train.data.prefetch import Prefetcher
 from asvr.train.loop.distributed import free_port, init_distributed  # noqa: F401 - importable from here
 from asvr.train.loop.run_folder import RunFolderError, check_run_folder, clear_run_folder, lock_run_folder
 from asvr.train.config import TrainConfig
@@ -226,12 +237,22 @@ class Trainer:
             )
         per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
         total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
-        self.log(f"{what}, {total} steps on {self.world} x {self.device.type}")
+        self.stage = self.choose_stage(auto_tag)
+        self.log(f"{what}, {total} steps on {self.world} x {self.device.type}{self.stage_note()}")
 
         model, groups = self.build_model(tokenizer, tower)
         self.universal = self.resuming and self.elastic_resume(auto_tag or cfg.resume)
+        if cfg.compile:
+            self.log(f"torch.compile: {compile_blocks(model)} blocks (compiled at their first step)")
         engine = build_engine(
-            cfg, self.device, model, groups, total, announce=self.rank == 0, load_universal=self.universal
+            cfg,
+            self.device,
+            model,
+            groups,
+            total,
+            announce=self.rank == 0,
+            load_universal=self.universal,
+            stage=self.stage,
         )
         step = self.resume(engine, loader, auto_tag)
         if self.rank == 0:
@@ -261,6 +282,8 @@ class Trainer:
                 "training resumes on another number of ranks (asvr-pipeline pack), else launch "
                 f"{saved} ranks"
             )
+        if checkpoint.saved_zero(self.run_dir, tag) == 0:
+            return False  # --zero 0 saves one replicated state (mp_rank_00_*), which every rank loads
         if self.rank == 0:
             self.log(
                 f"{tag} was saved on {saved} ranks: converting it for {self.world} (DeepSpeed universal checkpoint)"
@@ -268,6 +291,25 @@ class Trainer:
             checkpoint.to_universal(self.run_dir, tag, self.cfg.verbose)
         dist.barrier()
         return True
+
+    def choose_stage(self, auto_tag: str | None) -> int:
+        """The ZeRO stage (``engine.zero_stage``); a resumed checkpoint's stage must match an explicit
+        ``--zero`` (the optimizer state is stage-specific)."""
+        cfg = self.cfg
+        tag = auto_tag or cfg.resume if self.resuming else None
+        saved = checkpoint.saved_zero(self.run_dir, tag) if tag else None
+        if saved is not None and cfg.zero != "auto" and not cfg.deepspeed and int(cfg.zero) != saved:
+            raise checkpoint.CheckpointError(
+                f"--resume: {tag} was saved with --zero {saved}, this run asks --zero {cfg.zero}; "
+                f"resume with --zero {saved} (or auto)"
+            )
+        return zero_stage(cfg, self.world, saved)
+
+    def stage_note(self) -> str:
+        """The stage for the run's first line: ``, ZeRO 0 (torch AdamW, fp32 weights)`` / ``, ZeRO-2``."""
+        if self.cfg.deepspeed:
+            return ""
+        return ", ZeRO 0 (torch AdamW over fp32 weights)" if self.stage == 0 else f", ZeRO-{self.stage}"
 
     def resume(self, engine, loader: PackedLoader, auto_tag: str | None) -> int:
         """The step to start at: the checkpoint's (engine and loader restored) or 0 (seeded)."""
@@ -284,10 +326,20 @@ class Trainer:
         return step
 
     def loop(self, engine, loader: PackedLoader, metrics: MetricsLogger, step: int, stop: int, total: int) -> dict:
+        """Steps ``step`` .. ``stop`` over ``loader`` (its next micro-batch built in a thread, see
+        :mod:`asvr.train.data.prefetch`)."""
+        feed = Prefetcher(loader, self.device, enabled=self.cfg.prefetch)
+        try:
+            return self.steps(engine, feed, metrics, step, stop, total)
+        finally:
+            feed.close()
+
+    def steps(self, engine, feed: Prefetcher, metrics: MetricsLogger, step: int, stop: int, total: int) -> dict:
+        """The loop body of :meth:`loop` over ``feed``'s micro-batches (its state: the consumed ones')."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        it = iter(loader)
+        stepper = Stepper(engine, cfg, self.stage, self.world)
         bar = tqdm(
             total=total,
             initial=step,
@@ -302,9 +354,9 @@ class Trainer:
         t_window = time.perf_counter()
         while step < stop:
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves at the step's end)
-            keys, vec, tokens = self.train_step(engine, it)
+            keys, vec, tokens = self.train_step(stepper, feed)
             step += 1
-            pending.append(({"step": step, "tokens": tokens, "lr": lr, "epoch": loader.epoch}, keys, vec))
+            pending.append(({"step": step, "tokens": tokens, "lr": lr, "epoch": feed.epoch}, keys, vec))
             bar.update(1)
             due, signum = clock.poll(step)  # --save-every(-minutes), SIGTERM/SIGUSR1: same on every rank
             save = (step == stop and cfg.final_checkpoint) or due
@@ -322,7 +374,7 @@ class Trainer:
                 )
                 pending = []
             if save:
-                checkpoint.save(engine, self.run_dir, step, loader.state_dict(), self.rank, cfg.keep_checkpoints)
+                checkpoint.save(engine, self.run_dir, step, feed.state, self.rank, cfg.keep_checkpoints)
             if signum:
                 bar.close()
                 raise Preempted(signum, checkpoint.tag_for(step), step)
@@ -331,19 +383,16 @@ class Trainer:
         bar.close()
         return last
 
-    def train_step(self, engine, it) -> tuple[list[str], torch.Tensor, int]:
+    def train_step(self, stepper: Stepper, feed: Prefetcher) -> tuple[list[str], torch.Tensor, int]:
         """One optimizer step = grad_accum micro-batches.  -> (loss names, their sums over
         the micro-batches as one device tensor, this rank's tokens): nothing is read back
         from the device here (see :meth:`read_metrics`)."""
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for _ in range(self.cfg.grad_accum):
-            batch = next(it)
+            batch = next(feed)
             tokens += batch.num_tokens  # counted on the host copy: no device sync
-            batch = batch.to(self.device)
-            loss, m = engine(batch)
-            engine.backward(loss)
-            engine.step()
+            m = stepper(batch.to(self.device, non_blocking=feed.pin))
             for k, v in m.items():
                 if k.startswith("loss"):
                     sums[k] = sums.get(k, 0) + v.detach().float()
