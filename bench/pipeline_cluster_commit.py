@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,7 +104,14 @@ def steady_state(samples: list[tuple[float, float, int]], shard: int) -> dict:
     if first is None or last is None or last[2] <= first[2]:
         return {}
     rows = (last[2] - first[2]) * shard
-    return {"stream_rows": rows, "stream_cpu_s": last[1] - first[1], "stream_wall_s": last[0] - first[0]}
+    return {
+        "stream_rows": rows,
+        "stream_cpu_s": last[1] - first[1],
+        "stream_wall_s": last[0] - first[0],
+        "cpu_at_first_shard_s": first[1],
+        "wall_at_first_shard_s": first[0],
+        "cpu_at_last_shard_s": last[1],
+    }
 
 
 def run_measured(cmd: list[str], env: dict, watch: Path | None = None) -> tuple[dict, str, str]:
@@ -317,6 +325,7 @@ def main() -> None:
                 cmd = [py, "-m", "asvr.pipeline.cli", "tokenize", str(corpus), "--tokenizer", str(tok)]
                 cmd += ["--out", str(out), "--overwrite", "--no-progress", "--ray-address", address]
                 cmd += ["--shard-size", str(args.shard_size), "--batch-size", "64"]
+                shutil.rmtree(out, ignore_errors=True)  # the shard files counted must be this run's
                 res, so, se = run_measured(cmd, env, watch=out)
                 res.update(steady_state(res.pop("samples"), args.shard_size))
                 if res["rc"] != 0:
@@ -352,6 +361,10 @@ def main() -> None:
                     f"{name:6s}: driver CPU while shards stream in (first to last shard file, N={args.n2}): "
                     f"{r['stream_cpu_s']:.2f}s over {r['stream_rows']} rows in {r['stream_wall_s']:.1f}s wall = "
                     f"{stream[name]:.2f} s per 10k rows ({r['stream_cpu_s'] / r['stream_wall_s'] * 100:.1f}% of a core)"
+                )
+                lines.append(
+                    f"{name:6s}: driver CPU up to the first shard {r['cpu_at_first_shard_s']:.2f}s (at "
+                    f"{r['wall_at_first_shard_s']:.1f}s wall), after the last {r['cpu_s'] - r['cpu_at_last_shard_s']:.2f}s"
                 )
         if len(stream) == 2:
             lines.append(
