@@ -370,7 +370,7 @@ def test_asvr_train_preview_prints_samples_and_does_not_train(corpus, tiny_token
 
 
 def test_grey_image_codes_reach_the_batch_for_text_only_samples(corpus, tiny_tokenizer, llm_tok):
-    from asvr.train.loop.trainer import grey_image_codes
+    from asvr.train.data.dataset import grey_image_codes
 
     store = _store(corpus, tiny_tokenizer)
     data = build_training_data(_cfg(corpus, corpus.sft), vicuna_v1(), llm_tok, store, False)

@@ -306,3 +306,10 @@ def write_bad_samples(path: str | os.PathLike, bad: Sequence[BadSample]) -> None
     import json
 
     atomic_write(path, "".join(json.dumps(b.__dict__) + "\n" for b in bad))
+
+
+def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
+    """Codes ``[H*W, D]`` of LLaVA's dummy image for text-only samples: ``torch.zeros(3, S, S)`` after
+    normalisation (the mean colour: mid-grey for SigLIP's 0.5 mean)."""
+    codes = tokenizer.encode_pixels(np.zeros((1, 3, image_size, image_size), np.float32))
+    return codes.reshape(-1, codes.shape[-1]).cpu().numpy()

@@ -26,6 +26,7 @@ import torch
 
 from asvr.train import libraries
 from asvr.train.config import TrainConfig
+from asvr.train.loop.checkpoint import CheckpointError
 from asvr.train.model.visual_head import DepthLayer
 
 
@@ -48,6 +49,24 @@ def zero_stage(cfg: TrainConfig, world: int, saved: int | None = None) -> int:
     if saved is not None:
         return saved
     return 0 if world == 1 else 2
+
+
+def choose_stage(cfg: TrainConfig, world: int, saved: int | None, tag: str | None) -> int:
+    """:func:`zero_stage`, after checking that a resumed checkpoint ``tag`` saved at stage ``saved``
+    matches an explicit ``--zero`` (the optimizer state is stage-specific)."""
+    if saved is not None and cfg.zero != "auto" and not cfg.deepspeed and int(cfg.zero) != saved:
+        raise CheckpointError(
+            f"--resume: {tag} was saved with --zero {saved}, this run asks --zero {cfg.zero}; "
+            f"resume with --zero {saved} (or auto)"
+        )
+    return zero_stage(cfg, world, saved)
+
+
+def stage_note(cfg: TrainConfig, stage: int) -> str:
+    """The stage for the run's first line: ``, ZeRO 0 (torch AdamW over fp32 weights)`` / ``, ZeRO-2``."""
+    if cfg.deepspeed:
+        return ""
+    return ", ZeRO 0 (torch AdamW over fp32 weights)" if stage == 0 else f", ZeRO-{stage}"
 
 
 def is_fast_path(cfg: TrainConfig, stage: int) -> bool:

@@ -14,6 +14,9 @@ import json
 import textwrap
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from asvr.core.atomic import atomic_path, atomic_write
 from asvr.core.errors import AsvrError
 
@@ -127,4 +130,23 @@ def plot_losses(run_dir: str | Path, stage: str | None = None) -> Path | None:
     out = run_dir / LOSS_PLOT
     with atomic_path(out, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png", metadata={"Title": title, "Description": note})
+    return out
+
+
+def reduce_window(pending: list[tuple[dict, list[str], torch.Tensor]], device: torch.device, n: int) -> list[dict]:
+    """The records of a window of steps ``(info, loss names, loss sums)``: the loss sums and token
+    counts of all its steps reduced over the ranks in one all_reduce and copied to the host once;
+    losses divided by ``n`` (micro-batches x ranks), tokens summed over the ranks."""
+    tokens = torch.tensor([float(info["tokens"]) for info, _, _ in pending], device=device)
+    vec = torch.cat([v for _, _, v in pending] + [tokens])
+    dist.all_reduce(vec)
+    vals = vec.cpu().tolist()
+    out, pos = [], 0
+    for i, (info, keys, _) in enumerate(pending):
+        rec = {"step": info["step"], **{k: vals[pos + j] / n for j, k in enumerate(keys)}}
+        pos += len(keys)
+        rec.update(tokens=vals[len(vals) - len(pending) + i], lr=info["lr"], epoch=info["epoch"])
+        if device.type == "cuda":  # the allocator's counter: a host read, no sync
+            rec["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out.append(rec)
     return out

@@ -46,21 +46,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from asvr.train.loop import checkpoint
 
 from asvr.train.loop.preemption import Preempted, SaveClock, StopSignals, gloo_reduce_max
-from asvr.train.loop.engine import (  # noqa: F401 - deepspeed_config, cosine_with_warmup importable from here
-    Stepper,
-    build_engine,
-    compile_blocks,
-    cosine_with_warmup,
-    deepspeed_config,
-    zero_stage,
-)
+from asvr.train.loop.engine import Stepper, build_engine, choose_stage, compile_blocks, stage_note
 from asvr.train.data.prefetch import Prefetcher
 from asvr.train.loop.distributed import free_port, init_distributed  # noqa: F401 - importable from here
 from asvr.train.loop.run_folder import RunFolderError, check_run_folder, clear_run_folder, lock_run_folder
@@ -71,20 +63,14 @@ from asvr.train.data.dataset import (
     assemble_data,
     describe_bad,
     describe_no_placeholder,
+    grey_image_codes,
     open_codes,
     write_bad_samples,
 )
 from asvr.train.export.native import TrainedInputs
-from asvr.train.loop.metrics import MetricsLogger, plot_losses
+from asvr.train.loop.metrics import MetricsLogger, plot_losses, reduce_window
 from asvr.train.data.packing import padding_waste, plan_epoch
 from asvr.train.data.templates import get_template
-
-
-def grey_image_codes(tokenizer, image_size: int) -> np.ndarray:
-    """Codes ``[H*W, D]`` of LLaVA's dummy image for text-only samples: ``torch.zeros(3, S, S)`` after
-    normalisation (the mean colour: mid-grey for SigLIP's 0.5 mean)."""
-    codes = tokenizer.encode_pixels(np.zeros((1, 3, image_size, image_size), np.float32))
-    return codes.reshape(-1, codes.shape[-1]).cpu().numpy()
 
 
 class Trainer:
@@ -237,8 +223,9 @@ class Trainer:
             )
         per_epoch = loader.micro_batches_per_epoch() // cfg.grad_accum
         total = cfg.max_steps or max(1, int(per_epoch * cfg.epochs))
-        self.stage = self.choose_stage(auto_tag)
-        self.log(f"{what}, {total} steps on {self.world} x {self.device.type}{self.stage_note()}")
+        tag = auto_tag or cfg.resume if self.resuming else None
+        self.stage = choose_stage(cfg, self.world, checkpoint.saved_zero(self.run_dir, tag) if tag else None, tag)
+        self.log(f"{what}, {total} steps on {self.world} x {self.device.type}{stage_note(cfg, self.stage)}")
 
         model, groups = self.build_model(tokenizer, tower)
         self.universal = self.resuming and self.elastic_resume(auto_tag or cfg.resume)
@@ -292,25 +279,6 @@ class Trainer:
         dist.barrier()
         return True
 
-    def choose_stage(self, auto_tag: str | None) -> int:
-        """The ZeRO stage (``engine.zero_stage``); a resumed checkpoint's stage must match an explicit
-        ``--zero`` (the optimizer state is stage-specific)."""
-        cfg = self.cfg
-        tag = auto_tag or cfg.resume if self.resuming else None
-        saved = checkpoint.saved_zero(self.run_dir, tag) if tag else None
-        if saved is not None and cfg.zero != "auto" and not cfg.deepspeed and int(cfg.zero) != saved:
-            raise checkpoint.CheckpointError(
-                f"--resume: {tag} was saved with --zero {saved}, this run asks --zero {cfg.zero}; "
-                f"resume with --zero {saved} (or auto)"
-            )
-        return zero_stage(cfg, self.world, saved)
-
-    def stage_note(self) -> str:
-        """The stage for the run's first line: ``, ZeRO 0 (torch AdamW, fp32 weights)`` / ``, ZeRO-2``."""
-        if self.cfg.deepspeed:
-            return ""
-        return ", ZeRO 0 (torch AdamW over fp32 weights)" if self.stage == 0 else f", ZeRO-{self.stage}"
-
     def resume(self, engine, loader: PackedLoader, auto_tag: str | None) -> int:
         """The step to start at: the checkpoint's (engine and loader restored) or 0 (seeded)."""
         if not self.resuming:
@@ -363,7 +331,7 @@ class Trainer:
             if save or step == stop or len(pending) >= cfg.log_every:
                 # one reduction and one device->host copy for the whole window: the step time is
                 # the window's mean (a per-step host clock would need a sync per step)
-                records = self.read_metrics(pending)
+                records = reduce_window(pending, self.device, cfg.grad_accum * self.world)
                 dt = (time.perf_counter() - t_window) / len(pending)
                 for record in records:
                     record.update(tokens_per_s=record.pop("tokens") / dt, step_time_s=dt)
@@ -386,7 +354,7 @@ class Trainer:
     def train_step(self, stepper: Stepper, feed: Prefetcher) -> tuple[list[str], torch.Tensor, int]:
         """One optimizer step = grad_accum micro-batches.  -> (loss names, their sums over
         the micro-batches as one device tensor, this rank's tokens): nothing is read back
-        from the device here (see :meth:`read_metrics`)."""
+        from the device here (see :func:`metrics.reduce_window`)."""
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for _ in range(self.cfg.grad_accum):
@@ -398,25 +366,6 @@ class Trainer:
                     sums[k] = sums.get(k, 0) + v.detach().float()
         keys = sorted(sums)
         return keys, torch.stack([sums[k] for k in keys]), tokens
-
-    def read_metrics(self, pending: list[tuple[dict, list[str], torch.Tensor]]) -> list[dict]:
-        """The pending steps' records: loss sums and token counts of all steps reduced over
-        the ranks in one all_reduce and copied to the host once; losses averaged over
-        micro-batches and ranks, tokens summed over ranks."""
-        tokens = torch.tensor([float(info["tokens"]) for info, _, _ in pending], device=self.device)
-        vec = torch.cat([v for _, _, v in pending] + [tokens])
-        dist.all_reduce(vec)
-        vals = vec.cpu().tolist()
-        n = self.cfg.grad_accum * self.world
-        out, pos = [], 0
-        for i, (info, keys, _) in enumerate(pending):
-            rec = {"step": info["step"], **{k: vals[pos + j] / n for j, k in enumerate(keys)}}
-            pos += len(keys)
-            rec.update(tokens=vals[len(vals) - len(pending) + i], lr=info["lr"], epoch=info["epoch"])
-            if self.device.type == "cuda":  # the allocator's counter: a host read, no sync
-                rec["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            out.append(rec)
-        return out
 
     def export(self, engine, llm_tokenizer) -> None:
         """RUN/final via asvr.train.export.native (ZeRO-3 partitions gathered first)."""
