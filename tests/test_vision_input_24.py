@@ -388,3 +388,16 @@ def test_each_mode_says_what_it_needs(world):
         True,
     )
     assert ctx.barrier() is None
+
+
+def test_modes_that_do_not_run_the_tower_do_not_hold_it(world):
+    """Given a tower, features and codes leave it out of the model (no encoder, none of its
+    weights in the parameters or the state dict); online holds it, frozen."""
+    _, _, _, _, _, tower = world
+    n_tower = len(tower.state_dict())
+    for name in ("features", "codes"):
+        vi = VisionInput(name, _vspec(), _codebooks(), tower)
+        assert vi.encoder is None, name
+        assert list(vi.parameters()) == [] and len(vi.state_dict()) == 0, name
+    vi = VisionInput("online", _vspec(), _codebooks(), tower)
+    assert vi.encoder is tower and len(vi.state_dict()) == n_tower > 0
