@@ -268,3 +268,18 @@ def test_the_grid_refusal_names_both_grids_rows_by_columns(towers):
         f"the vision tower {siglip.resolve()} gives a 6x8 patch grid, the tokenizer's targets lie on 5x7:"
     )
     check_tower_grid(wide, [6, 8])  # a list from JSON is the same grid
+
+
+def test_a_failed_load_names_the_towers_source_not_its_weights(towers, tmp_path):
+    """An artifact tower's source (the artifact) is not its weight folder (``enc`` inside it):
+    a load that fails names the source the user gave, then the loader's own message."""
+    root, siglip, _ = towers
+    art = _artifact_with_relative_tower(tmp_path, siglip)
+    t = open_vision_tower(art)
+    enc = (art / "enc").resolve()
+    assert t.spec.source == str(art.resolve()) != t.spec.encoder["weights"] == str(enc)
+    for f in enc.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(VisionTowerError) as e:
+        load_vision_tower(t.spec)
+    assert str(e.value) == f"vision tower {art.resolve()}: {enc}: no weight files"
