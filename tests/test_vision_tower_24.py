@@ -283,3 +283,16 @@ def test_a_failed_load_names_the_towers_source_not_its_weights(towers, tmp_path)
     with pytest.raises(VisionTowerError) as e:
         load_vision_tower(t.spec)
     assert str(e.value) == f"vision tower {art.resolve()}: {enc}: no weight files"
+
+
+def test_the_tower_of_a_tokenizer_built_in_memory_has_no_source(towers, tmp_path):
+    """A tokenizer without a folder (``path`` None): its tower records source ``""``."""
+    from asvr.tokenizer.model import SemanticTokenizer
+    from asvr.train.model.vision_tower import VisionTower
+
+    root, siglip, _ = towers
+    tok = SemanticTokenizer.load(_artifact_with_relative_tower(tmp_path, siglip))
+    mem = SemanticTokenizer(tok.spec, tok.encoder, tok.quantizer.codebooks)
+    assert mem.path is None
+    own = VisionTower.from_tokenizer(mem)
+    assert own.spec.source == "" and own.spec.select == "patch" and own.encoder is tok.encoder
