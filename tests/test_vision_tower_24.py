@@ -296,3 +296,12 @@ def test_the_tower_of_a_tokenizer_built_in_memory_has_no_source(towers, tmp_path
     assert mem.path is None
     own = VisionTower.from_tokenizer(mem)
     assert own.spec.source == "" and own.spec.select == "patch" and own.encoder is tok.encoder
+
+
+def test_a_folder_that_is_neither_an_artifact_nor_a_hf_folder_is_refused_in_one_line(tmp_path):
+    with pytest.raises(VisionTowerError) as e:
+        open_vision_tower(tmp_path)
+    assert str(e.value) == (
+        f"--vision-tower {tmp_path}: neither a tokenizer artifact (tokenizer.json) nor a Hugging "
+        "Face vision folder (config.json)"
+    )
