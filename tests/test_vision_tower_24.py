@@ -268,3 +268,40 @@ def test_the_grid_refusal_names_both_grids_rows_by_columns(towers):
         f"the vision tower {siglip.resolve()} gives a 6x8 patch grid, the tokenizer's targets lie on 5x7:"
     )
     check_tower_grid(wide, [6, 8])  # a list from JSON is the same grid
+
+
+def test_a_failed_load_names_the_towers_source_not_its_weights(towers, tmp_path):
+    """An artifact tower's source (the artifact) is not its weight folder (``enc`` inside it):
+    a load that fails names the source the user gave, then the loader's own message."""
+    root, siglip, _ = towers
+    art = _artifact_with_relative_tower(tmp_path, siglip)
+    t = open_vision_tower(art)
+    enc = (art / "enc").resolve()
+    assert t.spec.source == str(art.resolve()) != t.spec.encoder["weights"] == str(enc)
+    for f in enc.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(VisionTowerError) as e:
+        load_vision_tower(t.spec)
+    assert str(e.value) == f"vision tower {art.resolve()}: {enc}: no weight files"
+
+
+def test_the_tower_of_a_tokenizer_built_in_memory_has_no_source(towers, tmp_path):
+    """A tokenizer without a folder (``path`` None): its tower records source ``""``."""
+    from asvr.tokenizer.model import SemanticTokenizer
+    from asvr.train.model.vision_tower import VisionTower
+
+    root, siglip, _ = towers
+    tok = SemanticTokenizer.load(_artifact_with_relative_tower(tmp_path, siglip))
+    mem = SemanticTokenizer(tok.spec, tok.encoder, tok.quantizer.codebooks)
+    assert mem.path is None
+    own = VisionTower.from_tokenizer(mem)
+    assert own.spec.source == "" and own.spec.select == "patch" and own.encoder is tok.encoder
+
+
+def test_a_folder_that_is_neither_an_artifact_nor_a_hf_folder_is_refused_in_one_line(tmp_path):
+    with pytest.raises(VisionTowerError) as e:
+        open_vision_tower(tmp_path)
+    assert str(e.value) == (
+        f"--vision-tower {tmp_path}: neither a tokenizer artifact (tokenizer.json) nor a Hugging "
+        "Face vision folder (config.json)"
+    )
