@@ -211,28 +211,34 @@ def resume_choice(run_dir: Path) -> tuple[str | None, str]:
     return done[-1], f"--resume auto: {problem}; resuming from {done[-1]}, the newest complete checkpoint"
 
 
+def _saved(run_dir: Path, tag: str | None, key: str) -> tuple[Path | None, int | None]:
+    """``tag``'s folder (None: no such tag) and the integer ``key`` of its completion marker
+    (None: no marker, or a marker without it)."""
+    folder = run_dir / CHECKPOINTS / tag if tag else None
+    if folder is None or not folder.is_dir():
+        return None, None
+    try:
+        return folder, int(json.loads((folder / COMPLETE).read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder, None
+
+
 def saved_world(run_dir: Path, tag: str | None) -> int | None:
     """The number of data-parallel ranks that saved ``tag`` (its completion marker, else the
     number of ZeRO optimizer partitions); None when unknown (no such tag)."""
-    folder = run_dir / CHECKPOINTS / tag if tag else None
-    if folder is None or not folder.is_dir():
-        return None
-    try:
-        return int(json.loads((folder / COMPLETE).read_text())["world"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return len(list(folder.glob("*optim_states.pt"))) or None
+    folder, world = _saved(run_dir, tag, "world")
+    if folder is None or world is not None:
+        return world
+    return len(list(folder.glob("*optim_states.pt"))) or None
 
 
 def saved_zero(run_dir: Path, tag: str | None) -> int | None:
     """The ZeRO stage ``tag`` was saved with (its completion marker; tags from before the marker
     recorded it: 2, the default then); None when there is no such tag."""
-    folder = run_dir / CHECKPOINTS / tag if tag else None
-    if folder is None or not folder.is_dir():
+    folder, zero = _saved(run_dir, tag, "zero")
+    if folder is None:
         return None
-    try:
-        return int(json.loads((folder / COMPLETE).read_text()).get("zero", 2))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return 2
+    return 2 if zero is None else zero
 
 
 def to_universal(run_dir: Path, tag: str, verbose: bool = False) -> Path:

@@ -10,7 +10,7 @@ is off; the module keeps its fp32 weights (the master copy), the forward runs un
 ``AdamW(fused=True)`` (``foreach`` on CPU) steps them directly: no BF16_Optimizer or ZeRO
 flat buffers and copies.  Gradient clipping is :class:`Stepper`'s
 ``clip_grad_norm_(foreach=True)`` (DeepSpeed's own clip is off there): its norm stays a device
-tensor, read with the losses at log steps.  On one process the backward runs inside
+tensor and is not read back (nor logged).  On one process the backward runs inside
 ``engine.no_sync()``: DeepSpeed would otherwise flatten every gradient into a bucket and
 all-reduce it with itself.  Numerics against ZeRO-2 on CPU: tests/test_train_fast_path_26.py.
 """
