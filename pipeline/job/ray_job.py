@@ -132,6 +132,26 @@ class UnitJob:
     verbose: bool
 
 
+def _actor_pool(size: int):
+    """The encode actors' pool, its UDF run on the actor's main thread.
+
+    By default Ray Data (2.60) runs an actor's UDF on a one-thread ``ThreadPoolExecutor`` so that
+    batching overlaps it.  torch's intra-op (OpenMP) threads are slower under such a thread: on 2
+    cores the CPU encode of 1000 54-px images took 5.2 s there vs 3.8 s on the main thread (7.5 vs
+    7.5 CPU-s: 1.5 of 2 cores busy; bench/pipeline_cluster_commit_abab.py).  A whole unit is one call
+    and one block, so there is no batching to overlap: ``enable_true_multi_threading`` (with one call
+    at a time, Ray's default ``max_concurrency=1``) runs it on the main thread.  Older Ray (< the
+    parameter) keeps its default."""
+    import inspect
+
+    import ray.data
+
+    kw = {"size": size}
+    if "enable_true_multi_threading" in inspect.signature(ray.data.ActorPoolStrategy).parameters:
+        kw["enable_true_multi_threading"] = True
+    return ray.data.ActorPoolStrategy(**kw)
+
+
 def stream_units(job: UnitJob) -> Iterator[dict]:
     """The Ray Data pipeline, run in a Ray task (the coordinator), yielding one small batch of
     commit records per output block.  Ray Data's streaming executor (task scheduling, backpressure,
@@ -155,7 +175,7 @@ def stream_units(job: UnitJob) -> Iterator[dict]:
             fn_constructor_kwargs=job.encode_kwargs,
             batch_size=None,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=job.actors),
+            compute=_actor_pool(job.actors),
             **job.remote,
         )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):

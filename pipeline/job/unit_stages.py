@@ -146,7 +146,11 @@ class UnitEncodeWriter:
             raise RuntimeError(f"unit {u} reached the encode actor in pieces ({len(rows)} of {b['n_items'][rows[0]]})")
         status = b["status"][rows]
         ok = (status == "todo") & b["ok"][rows].astype(bool)
-        codes, t_encode = self.codes(ok, b["pixels"][rows])
+        # a unit's rows are one contiguous run of the block (one unit = one block): a view, not a copy
+        # of its pixels (a 384-px unit of 1000 images is 442 MB)
+        contiguous = int(rows[-1]) - int(rows[0]) + 1 == len(rows)
+        pixels = b["pixels"][rows[0] : rows[-1] + 1] if contiguous else b["pixels"][rows]
+        codes, t_encode = self.codes(ok, pixels)
         t0 = time.perf_counter()
         shard: list[ShardRow] = []
         failures = []
