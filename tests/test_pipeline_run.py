@@ -400,3 +400,28 @@ def test_a_local_run_prints_only_our_lines(tmp_path, tiny_tokenizer_dir):
     assert r.stderr == ""
     assert r.stdout.splitlines()[0] == "seen 4  encoded 4  failed 0  duplicate 0"
     assert r.stdout.splitlines()[-1] == f"wrote {tmp_path / 'out'}"
+
+
+
+def test_the_encode_pool_runs_its_udf_on_the_actor_main_thread():
+    """torch's intra-op threads lose ~0.5 of 2 cores under Ray Data's default one-thread executor
+    (ray_job._actor_pool); Ray's default pool runs the UDF off the main thread, ours on it."""
+    import ray.data
+
+    from asvr.pipeline.job.ray_job import _actor_pool
+
+    class ThreadName:  # defined here: pickled by value (the workers cannot import this test module)
+        def __call__(self, batch):
+            import threading
+
+            batch["main"] = np.array([threading.current_thread() is threading.main_thread()] * len(batch["id"]))
+            return batch
+
+    def ran_on_main(compute) -> set:
+        ds = ray.data.range(4, override_num_blocks=2).map_batches(
+            ThreadName, batch_size=None, batch_format="numpy", compute=compute, num_cpus=1
+        )
+        return {bool(v) for v in ds.to_pandas()["main"]}
+
+    assert ran_on_main(_actor_pool(1)) == {True}
+    assert ran_on_main(ray.data.ActorPoolStrategy(size=1)) == {False}  # the default this replaces

@@ -137,8 +137,9 @@ def _actor_pool(size: int):
 
     By default Ray Data (2.60) runs an actor's UDF on a one-thread ``ThreadPoolExecutor`` so that
     batching overlaps it.  torch's intra-op (OpenMP) threads are slower under such a thread: on 2
-    cores the CPU encode of 1000 54-px images took 5.2 s there vs 3.8 s on the main thread (7.5 vs
-    7.5 CPU-s: 1.5 of 2 cores busy; bench/pipeline_cluster_commit_abab.py).  A whole unit is one call
+    cores the CPU encode of 1000 54-px images took 5.1-5.4 s there vs 3.7 s on a plain actor's main
+    thread, for the same ~7.5 CPU-s (1.5 of 2 cores busy; bench/results/
+    pipeline_cluster_commit_abab_cpu_2core.txt).  A whole unit is one call
     and one block, so there is no batching to overlap: ``enable_true_multi_threading`` (with one call
     at a time, Ray's default ``max_concurrency=1``) runs it on the main thread.  Older Ray (< the
     parameter) keeps its default."""
