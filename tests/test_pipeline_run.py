@@ -402,7 +402,6 @@ def test_a_local_run_prints_only_our_lines(tmp_path, tiny_tokenizer_dir):
     assert r.stdout.splitlines()[-1] == f"wrote {tmp_path / 'out'}"
 
 
-
 def test_the_encode_pool_runs_its_udf_on_the_actor_main_thread():
     """torch's intra-op threads lose ~0.5 of 2 cores under Ray Data's default one-thread executor
     (ray_job._actor_pool); Ray's default pool runs the UDF off the main thread, ours on it."""

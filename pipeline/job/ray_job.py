@@ -147,10 +147,9 @@ def _actor_pool(size: int):
 
     import ray.data
 
-    kw = {"size": size}
     if "enable_true_multi_threading" in inspect.signature(ray.data.ActorPoolStrategy).parameters:
-        kw["enable_true_multi_threading"] = True
-    return ray.data.ActorPoolStrategy(**kw)
+        return ray.data.ActorPoolStrategy(size=size, enable_true_multi_threading=True)
+    return ray.data.ActorPoolStrategy(size=size)
 
 
 def stream_units(job: UnitJob) -> Iterator[dict]:
