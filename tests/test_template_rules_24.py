@@ -139,15 +139,16 @@ def test_answer_markers_and_a_tokenizer_without_eos(toks, qwen_tok):
     assert str(e.value) == "template vicuna_v1 ends answers with the EOS token; the tokenizer has none"
 
 
-def test_a_boundary_inside_a_token_names_the_text_around_it():
+@pytest.mark.parametrize("system", ["", "Be brief and kind."])
+def test_a_boundary_inside_a_token_names_the_text_around_it(system):
     """The window is 12 characters either side, newlines written as \\n, cut at the text's start."""
     tok = SlowLlama(_train_sp([":▁"]), legacy=True)  # ':▁' joins "A:" to the answer's leading space
-    tpl = ConversationTemplate(name="t", style="two", system="", roles=("U", "A"), sep="\n", sep2=None)
+    tpl = ConversationTemplate(name="t", style="two", system=system, roles=("U", "A"), sep="\n", sep2=None)
     turns = [("user", "Hi"), ("assistant", "Fine thanks")]
     text, spans = render(tpl, turns, tok)
     at = spans[0][0]
-    assert at < 12  # the window's left edge is the text's start
-    near = text[: at + 12].replace("\n", "\\n")
+    assert (at < 12) == (not system)  # with no system prompt the window's left edge is the text's start
+    near = text[max(0, at - 12) : at + 12].replace("\n", "\\n")
     with pytest.raises(ConversationError) as e:
         encode_conversation(tpl, turns, tok, HW)
     assert str(e.value) == (
@@ -245,6 +246,8 @@ def test_caption_free_sample_is_bos_and_the_image_positions(toks, qwen_tok):
     q = encode_image_only(chatml(), qwen_tok, HW)  # no BOS; the pad id fills the image positions
     assert q.input_ids.tolist() == [qwen_tok.pad_token_id] * HW and q.image_mask.all() and not q.trained.any()
     assert encode_image_only(chatml(), qwen_tok, HW, image_id=9).input_ids.tolist() == [9] * HW
+    # the template decides about BOS, not the tokenizer: chatml adds none even where <s> exists
+    assert encode_image_only(chatml(), llama, HW).input_ids.tolist() == [0] * HW
 
 
 def test_default_image_id_is_the_pad_id(qwen_tok):
