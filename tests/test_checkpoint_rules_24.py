@@ -1,0 +1,126 @@
+"""Checkpoint pieces the resume tests reached only through the trainer (issue 24, mutation
+survivors of ``checkpoint``): what a tag's completion marker says (world size, ZeRO stage,
+the fallbacks for tags without one), the seed of a rank new to an elastic resume, and
+DeepSpeed's universal form made once, atomically, holding the engine's own fp32 weights.
+References: hand-written markers, numpy's SeedSequence written out, the engine's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from asvr.train import libraries
+from asvr.train.loop import checkpoint
+from asvr.train.loop.checkpoint import COMPLETE, saved_world, saved_zero, seed_everything, tag_for
+
+
+def _tag(run, step=3, marker=None, optim_files=0):
+    folder = run / "checkpoints" / tag_for(step)
+    folder.mkdir(parents=True)
+    if marker is not None:
+        (folder / COMPLETE).write_text(marker if isinstance(marker, str) else json.dumps(marker))
+    for r in range(optim_files):
+        (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    return tag_for(step)
+
+
+def test_saved_world_reads_the_marker_else_counts_optimizer_partitions(tmp_path):
+    assert saved_world(tmp_path, None) is None and saved_world(tmp_path, tag_for(1)) is None  # no such tag
+    assert saved_world(tmp_path / "a", _tag(tmp_path / "a", marker={"world": 4, "zero": 2}, optim_files=2)) == 4
+    assert saved_world(tmp_path / "b", _tag(tmp_path / "b", marker={"step": 3}, optim_files=3)) == 3
+    assert saved_world(tmp_path / "c", _tag(tmp_path / "c", marker="not json", optim_files=2)) == 2
+    assert saved_world(tmp_path / "d", _tag(tmp_path / "d", marker={"world": "x"}, optim_files=1)) == 1
+    assert saved_world(tmp_path / "e", _tag(tmp_path / "e", marker=["world"], optim_files=5)) == 5  # not a dict
+    assert saved_world(tmp_path / "f", _tag(tmp_path / "f")) is None  # no marker, no partitions: unknown
+
+
+def test_saved_zero_reads_the_marker_and_old_tags_were_stage_2(tmp_path):
+    assert saved_zero(tmp_path, None) is None and saved_zero(tmp_path, tag_for(1)) is None
+    assert saved_zero(tmp_path / "a", _tag(tmp_path / "a", marker={"world": 1, "zero": 3})) == 3
+    assert saved_zero(tmp_path / "b", _tag(tmp_path / "b", marker={"world": 1, "zero": 0})) == 0
+    assert saved_zero(tmp_path / "c", _tag(tmp_path / "c", marker={"world": 1})) == 2
+    assert saved_zero(tmp_path / "d", _tag(tmp_path / "d")) == 2
+
+
+def _draws():
+    return random.random(), float(np.random.random_sample()), torch.rand(2).tolist()
+
+
+def test_seed_everything_seeds_every_rng_from_seed_rank_and_step():
+    s = int(np.random.SeedSequence([11, 2, 30]).generate_state(1)[0])
+    random.seed(s), np.random.seed(s), torch.manual_seed(s)
+    want = _draws()
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    seed_everything(11, 2, 30)
+    assert _draws() == want
+    others = set()
+    for args in ((11, 3, 30), (11, 2, 31), (12, 2, 30)):
+        seed_everything(*args)
+        others.add(tuple(_draws()[:2]))
+    assert len(others) == 3 and tuple(want[:2]) not in others
+
+
+@pytest.fixture(scope="module")
+def zero2_engine():
+    libraries.configure()
+    import deepspeed
+
+    from asvr.train.loop.trainer import init_distributed
+
+    init_distributed()
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 2},
+            "zero_allow_untested_optimizer": True,
+        }
+        with libraries.quiet_stdout(False):
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
+        return engine
+
+    return make
+
+
+def test_to_universal_holds_the_engines_weights_made_once_and_atomically(tmp_path, zero2_engine, capsys):
+    engine = zero2_engine()
+    x = torch.rand(1, 4)
+    engine.backward(engine(x).square().sum())
+    engine.step()
+    checkpoint.save(engine, tmp_path, 1, {}, 0, 0)
+    tag = tag_for(1)
+    stale = tmp_path / "checkpoints" / "universal" / (tag + ".tmp")
+    stale.mkdir(parents=True)
+    (stale / "half").write_text("a conversion cut short")
+    capsys.readouterr()
+
+    out = checkpoint.to_universal(tmp_path, tag)
+    assert out == tmp_path / "checkpoints" / "universal" / tag and out.is_dir()
+    assert not stale.exists()  # the cut-short conversion is not reused, and its temp name is gone
+    assert capsys.readouterr().out == ""  # ds_to_universal's prints stay quiet unless verbose
+    names = dict(engine.module.named_parameters())
+    for name, p in names.items():
+        fp32 = torch.load(out / "zero" / name / "fp32.pt", weights_only=False)
+        fp32 = fp32["param"] if isinstance(fp32, dict) else fp32
+        assert torch.equal(fp32.reshape(p.shape), p.detach().float()), name
+    assert sorted(p.name for p in (out / "zero").iterdir() if p.is_dir()) == sorted(names)
+
+    (out / "marker-of-the-first-conversion").write_text("")
+    assert checkpoint.to_universal(tmp_path, tag) == out  # made once: an existing copy is kept
+    assert (out / "marker-of-the-first-conversion").exists()
+
+    engine.backward(engine(x).square().sum())
+    engine.step()
+    checkpoint.save(engine, tmp_path, 2, {}, 0, 0)
+    capsys.readouterr()
+    checkpoint.to_universal(tmp_path, tag_for(2), verbose=True)
+    said = capsys.readouterr()
+    assert said.out and said.err  # verbose: DeepSpeed's own lines and progress bars
