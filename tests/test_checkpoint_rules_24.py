@@ -74,7 +74,7 @@ def zero2_engine():
 
     init_distributed()
 
-    def make():
+    def make(universal: bool = False):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
         opt = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -82,6 +82,7 @@ def zero2_engine():
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": 2},
             "zero_allow_untested_optimizer": True,
+            "checkpoint": {"load_universal": universal},
         }
         with libraries.quiet_stdout(False):
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
@@ -124,3 +125,70 @@ def test_to_universal_holds_the_engines_weights_made_once_and_atomically(tmp_pat
     checkpoint.to_universal(tmp_path, tag_for(2), verbose=True)
     said = capsys.readouterr()
     assert said.out and said.err  # verbose: DeepSpeed's own lines and progress bars
+
+
+def _step(engine, x):
+    engine.backward(engine(x).square().sum())
+    engine.step()
+
+
+def test_save_marks_the_tag_with_step_world_and_stage(tmp_path, zero2_engine):
+    engine = zero2_engine()
+    _step(engine, torch.rand(1, 4))
+    folder = checkpoint.save(engine, tmp_path, 7, {"epoch": 0}, 0, 0)
+    assert folder == tmp_path / "checkpoints" / tag_for(7)
+    assert (folder / COMPLETE).read_text() == json.dumps({"step": 7, "world": 1, "zero": 2}) + "\n"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == tag_for(7)
+
+
+def test_a_universal_resume_of_a_rank_without_rng_file_seeds_it_from_seed_rank_step(tmp_path, zero2_engine):
+    engine = zero2_engine()
+    x = torch.rand(1, 4)
+    for step in (1, 2):
+        _step(engine, x)
+        checkpoint.save(engine, tmp_path, step, {}, 0, 0)
+    want = [p.detach().clone() for p in engine.module.parameters()]
+    checkpoint.to_universal(tmp_path, tag_for(2))
+    (tmp_path / "checkpoints" / tag_for(2) / "rng-rank0.pt").unlink()  # a rank the saved world lacked
+    seed_everything(5, 0, 2)
+    draws = _draws()
+    resumed = zero2_engine(universal=True)
+    client = checkpoint.load(resumed, tmp_path, 0, universal=True, seed=5)
+    assert client["step"] == 2 and _draws() == draws
+    assert all(torch.equal(a, b) for a, b in zip(resumed.module.parameters(), want))  # from the universal copy
+
+
+def test_resume_choice_ordinary_case_odd_latest_files_and_refusals(tmp_path, zero2_engine):
+    engine = zero2_engine()
+    _step(engine, torch.rand(1, 4))
+    for step in (1, 2):
+        checkpoint.save(engine, tmp_path, step, {}, 0, 0)
+    ckpt = tmp_path / "checkpoints"
+    assert checkpoint.resume_choice(tmp_path) == (tag_for(2), "")  # the ordinary case says nothing
+    why = "resuming from step00000002, the newest complete checkpoint"
+    (ckpt / "latest").write_bytes(b"\xff\xfestep")  # not UTF-8: read, not a crash
+    assert checkpoint.resume_choice(tmp_path) == (
+        tag_for(2),
+        f"--resume auto: {ckpt / 'latest'} names \ufffd\ufffdstep, which is not there; {why}",
+    )
+    (ckpt / "latest").write_text("../checkpoints/" + tag_for(1))  # a path, not a tag: never followed
+    tag, said = checkpoint.resume_choice(tmp_path)
+    assert tag == tag_for(2) and said.startswith(f"--resume auto: {ckpt / 'latest'} names ../checkpoints/")
+    (ckpt / "latest").write_text("")
+    assert (
+        checkpoint.resume_choice(tmp_path)[1] == f"--resume auto: {ckpt / 'latest'} is empty (a save cut short); {why}"
+    )
+    # a tag with model states but no marker, newer than the marked ones: cut short
+    (ckpt / tag_for(3)).mkdir()
+    torch.save({}, ckpt / tag_for(3) / "mp_rank_00_model_states.pt")
+    torch.save({}, ckpt / tag_for(3) / "rng-rank0.pt")
+    assert not checkpoint.is_complete(ckpt / tag_for(3))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(zero2_engine(), tmp_path, 0, tag_for(3))
+    assert str(e.value) == (
+        f"--resume {tag_for(3)}: {ckpt / tag_for(3)} is incomplete (no completion marker: a save cut short); "
+        "complete checkpoints: step00000001, step00000002"
+    )
+    for t in (1, 2):
+        (ckpt / tag_for(t) / COMPLETE).unlink()  # marked tags gone: step 3 now reads as a pre-marker tag
+    assert checkpoint.complete_tags(ckpt) == [tag_for(1), tag_for(2), tag_for(3)]
