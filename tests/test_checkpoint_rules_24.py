@@ -8,6 +8,7 @@ References: hand-written markers, numpy's SeedSequence written out, the engine's
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -105,8 +106,10 @@ def test_to_universal_holds_the_engines_weights_made_once_and_atomically(tmp_pat
 
     out = checkpoint.to_universal(tmp_path, tag)
     assert out == tmp_path / "checkpoints" / "universal" / tag and out.is_dir()
-    assert not stale.exists()  # the cut-short conversion is not reused, and its temp name is gone
-    assert capsys.readouterr().out == ""  # ds_to_universal's prints stay quiet unless verbose
+    assert not stale.exists() and not (out / "half").exists()  # a cut-short conversion is never reused
+    assert "tmp" not in os.listdir(out)  # ds_to_universal's own temp folder removed
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == ""  # ds_to_universal's prints and bars stay quiet unless verbose
     names = dict(engine.module.named_parameters())
     for name, p in names.items():
         fp32 = torch.load(out / "zero" / name / "fp32.pt", weights_only=False)
@@ -189,6 +192,27 @@ def test_resume_choice_ordinary_case_odd_latest_files_and_refusals(tmp_path, zer
         f"--resume {tag_for(3)}: {ckpt / tag_for(3)} is incomplete (no completion marker: a save cut short); "
         "complete checkpoints: step00000001, step00000002"
     )
+    other = tmp_path / "other" / "checkpoints"  # an empty tag, in a run where nothing is complete
+    (other / tag_for(4)).mkdir(parents=True)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(zero2_engine(), tmp_path / "other", 0, tag_for(4))
+    assert str(e.value) == (
+        f"--resume {tag_for(4)}: {other / tag_for(4)} is incomplete (no DeepSpeed model states: a save cut short); "
+        "complete checkpoints: none"
+    )
     for t in (1, 2):
         (ckpt / tag_for(t) / COMPLETE).unlink()  # marked tags gone: step 3 now reads as a pre-marker tag
     assert checkpoint.complete_tags(ckpt) == [tag_for(1), tag_for(2), tag_for(3)]
+
+
+def test_a_state_saved_with_cuda_loads_on_a_machine_without_it():
+    from asvr.train.loop.checkpoint import rng_state, set_rng_state
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only case")
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    state = rng_state()
+    want = _draws()
+    state["cuda"] = torch.zeros(16, dtype=torch.uint8)  # as saved by a GPU rank
+    set_rng_state(state)  # the CUDA generator is skipped, the others restored
+    assert _draws() == want
