@@ -176,9 +176,9 @@ def _export(world, tname: str, template: str) -> Path:
     from asvr.train.export.cli import main
 
     root, _, runs = world
-    out = root / f"hf_{tname}_{template}"
-    if not out.exists():
-        assert main([str(runs[tname, template]), "--hf-llava", str(out)]) == 0
+    # a fresh export per call: each test runs the export code it checks (test_hf_llava_export._export)
+    out = root / f"hf_{tname}_{template}_{len(list(root.glob(f'hf_{tname}_{template}_*')))}"
+    assert main([str(runs[tname, template]), "--hf-llava", str(out)]) == 0
     return out
 
 
