@@ -62,6 +62,7 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_with_nothing_of_the_file()
     rows.add(bad, "/in/" + bad, "file", path="/in/" + bad, offset=3, size=4, cap_offset=5, cap_size=6)
     rows.add(bad, "/in", "ignored", cap_kind="txt", caption="c", error="not an image")
     rows.add("ok.jpg", "/in", "file", path="/in/ok.jpg", size=9, cap_kind="txt", caption="a cat")
+    rows.add("x.jpg", "/in", "error", error="unreadable")  # no path given: the empty path
     t = rows.table()
     assert t.schema == PLAN_SCHEMA
     assert _row(t, 0) == {
@@ -94,6 +95,7 @@ def test_a_file_name_that_is_not_utf8_is_an_error_row_with_nothing_of_the_file()
         "txt",
         "a cat",
     )
+    assert (_row(t, 3)["path"], _row(t, 3)["offset"], _row(t, 3)["cap_kind"]) == ("", -1, "")
 
 
 def test_an_empty_plan_has_the_plan_schema():
