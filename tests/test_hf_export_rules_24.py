@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,97 @@ def test_is_hf_llava(tmp_path, text, want):
     if text is not None:
         (tmp_path / "config.json").write_text(text)
     assert is_hf_llava(tmp_path) is want
+
+
+NOTE = "how the model was trained to read its inputs; the processor and chat template apply it"
+
+
+def test_the_inputs_record_and_head_config_as_written(world, tmp_path):
+    """``asvr_inputs.json`` says how the model reads its inputs (the run's template, the
+    tokenizer's preprocessing); both JSON files are written indented by 2, newline-ended."""
+    from asvr.tokenizer.model import SemanticTokenizer
+    from asvr.train.export.cli import main
+
+    root, runs, _ = world
+    out = tmp_path / "hf"
+    assert main([str(runs["pad"]), "--hf-llava", str(out)]) == 0
+    pre = SemanticTokenizer.load(root / "tok_pad").preprocess_config(None, False)
+    text = (out / INPUTS_FILE).read_text()
+    rec = json.loads(text)
+    assert rec == {
+        "template": "vicuna_v1",  # RUN/train_config.json's
+        "template_source": "run",
+        "preprocess": "pad",
+        "image_size": pre.image_size,
+        "resample": pre.resample,
+        "after_image": rec["after_image"],
+        "note": NOTE,
+    }
+    assert isinstance(rec["after_image"], str)
+    assert text == json.dumps(rec, indent=2) + "\n"
+    head = (out / "asvr_visual_head" / "config.json").read_text()
+    assert head == json.dumps(json.loads(head), indent=2) + "\n"
+
+
+def test_an_overwrite_that_would_drop_user_files_names_the_first_three(world, tmp_path):
+    from asvr.train.export.hf_llava import export_hf_llava
+
+    _, runs, _ = world
+    out = tmp_path / "hf"
+    export_hf_llava(runs["pad"], out)
+    for name in ("notes-a.txt", "notes-b.txt", "notes-c.txt", "notes-d.txt"):
+        (out / name).write_text("mine")
+    with pytest.raises(HFExportError) as e:
+        export_hf_llava(runs["pad"], out, overwrite=True)
+    assert str(e.value) == (
+        f"--hf-llava {out}: the earlier export there also holds notes-a.txt, notes-b.txt, notes-c.txt, which this "
+        "export does not write; move them away first (nothing was replaced)"
+    )
+    assert (out / "notes-d.txt").read_text() == "mine"
+
+
+def test_an_llm_with_tied_embeddings_exports_tied_with_the_same_logits(world, tmp_path):
+    """Small LLMs (Qwen2-0.5B, ...) tie the output layer to the input embedding: the export keeps
+    the tie (no separate lm_head in the files) and gives the logits of asvr's own inference."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+
+    from asvr.tokenizer.model import SemanticTokenizer
+    from asvr.train.config import ModelConfig
+    from asvr.train.export.cli import main
+    from asvr.train.export.native import save_exported
+    from asvr.train.model.lvlm import build_model
+
+    root, _, images = world
+    llm = AutoModelForCausalLM.from_pretrained(root / "llm")
+    llm.config.tie_word_embeddings = True
+    llm.tie_weights()
+    llm.save_pretrained(tmp_path / "tied_llm")
+    AutoTokenizer.from_pretrained(root / "llm").save_pretrained(tmp_path / "tied_llm")
+    tok = SemanticTokenizer.load(root / "tok_square")
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(llm=str(tmp_path / "tied_llm"), vision_input="online", head=base.HEAD), tok)
+    assert model.llm.config.tie_word_embeddings
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.mul_(4.0)
+    run = tmp_path / "run"
+    save_exported(model, run / "final", AutoTokenizer.from_pretrained(tmp_path / "tied_llm"))
+    (run / "train_config.json").write_text(json.dumps({"template": "vicuna_v1", "stage": "sft"}))
+    out = tmp_path / "hf"
+    assert main([str(run), "--hf-llava", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["tie_word_embeddings"] is True or cfg.get("tie_word_embeddings") is True
+    keys = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            keys |= set(sf.keys())
+    assert not any(k.endswith("lm_head.weight") for k in keys), sorted(keys)
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    lm, ids, mask, pixels, logits = base._ours(run, images[0], base.QUESTIONS[0])
+    processor, model_hf, inputs = base._theirs(out, images[0], base.QUESTIONS[0])
+    want = np.where(mask, model_hf.config.image_token_id, ids)
+    with torch.no_grad():
+        theirs = model_hf(input_ids=torch.from_numpy(want)[None], pixel_values=inputs["pixel_values"]).logits[0]
+    torch.testing.assert_close(theirs[:, : logits.shape[-1]], logits, rtol=1e-4, atol=1e-4)
