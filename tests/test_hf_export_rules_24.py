@@ -190,3 +190,60 @@ def test_an_llm_with_tied_embeddings_exports_tied_with_the_same_logits(world, tm
     with torch.no_grad():
         theirs = model_hf(input_ids=torch.from_numpy(want)[None], pixel_values=inputs["pixel_values"]).logits[0]
     torch.testing.assert_close(theirs[:, : logits.shape[-1]], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_broken_run_config_an_export_folder_and_overwrite(world, tmp_path):
+    """A run whose train_config.json is unreadable is one line naming it; RUN/final itself
+    exports (no run around it); an earlier export is refused without --overwrite and replaced with it."""
+    import shutil
+
+    from asvr.train.export.hf_llava import export_hf_llava
+
+    _, runs, _ = world
+    run = tmp_path / "run"
+    shutil.copytree(runs["pad"], run)
+    (run / "train_config.json").write_text("{not json")
+    try:
+        json.loads("{not json")
+    except json.JSONDecodeError as e:
+        why = str(e)
+    with pytest.raises(HFExportError) as err:
+        export_hf_llava(run, tmp_path / "x")
+    assert str(err.value) == f"{run / 'train_config.json'}: cannot read ({why})"
+    assert not (tmp_path / "x").exists()
+
+    out = tmp_path / "hf"
+    bare = tmp_path / "bare_export"
+    shutil.copytree(runs["pad"] / "final", bare)  # an export folder with no run around it
+    export_hf_llava(bare, out)
+    assert json.loads((out / INPUTS_FILE).read_text())["template"] == "vicuna_v1"  # the default, no run config
+    with pytest.raises(HFExportError) as err:
+        export_hf_llava(bare, out)
+    assert str(err.value) == f"--hf-llava {out} holds an earlier LLaVA export; --overwrite replaces it"
+    before = (out / "config.json").stat().st_ino
+    export_hf_llava(bare, out, overwrite=True)
+    assert (out / "config.json").stat().st_ino != before and is_hf_llava(out)
+
+
+@pytest.mark.parametrize("resample", ["bicubic", "bilinear", "lanczos", "nearest"])
+def test_the_processor_resizes_with_the_towers_filter_and_converts_to_rgb(world, resample):
+    """The exported image processor against PIL: the tower's filter, RGB conversion of a grey image."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from asvr.train.data.templates import vicuna_v1
+    from asvr.train.export.hf_processor import processor
+    from asvr.train.export.hf_tower import HFTower
+
+    root, _, _ = world
+    tower = HFTower("siglip", None, None, 16, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resample, "square")
+    p = processor(tower, AutoTokenizer.from_pretrained(root / "llm"), vicuna_v1())
+    filt = getattr(Image.Resampling, resample.upper())
+    assert p.image_processor.resample == int(filt)
+    rng = np.random.default_rng(3)
+    grey = Image.fromarray(rng.integers(0, 256, (24, 40), dtype=np.uint8), "L")
+    got = p.image_processor(images=grey, return_tensors="np")["pixel_values"][0]
+    ref = np.asarray(grey.convert("RGB").resize((16, 16), resample=filt), np.float32) / 255
+    ref = ((ref - 0.5) / 0.5).transpose(2, 0, 1)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
