@@ -66,6 +66,11 @@ def test_seed_everything_seeds_every_rng_from_seed_rank_and_step():
     assert len(others) == 3 and tuple(want[:2]) not in others
 
 
+def _step(engine, x):
+    engine.backward(engine(x).square().sum())
+    engine.step()
+
+
 @pytest.fixture(scope="module")
 def zero2_engine():
     libraries.configure()
@@ -95,8 +100,7 @@ def zero2_engine():
 def test_to_universal_holds_the_engines_weights_made_once_and_atomically(tmp_path, zero2_engine, capsys):
     engine = zero2_engine()
     x = torch.rand(1, 4)
-    engine.backward(engine(x).square().sum())
-    engine.step()
+    _step(engine, x)
     checkpoint.save(engine, tmp_path, 1, {}, 0, 0)
     tag = tag_for(1)
     stale = tmp_path / "checkpoints" / "universal" / (tag + ".tmp")
@@ -121,18 +125,12 @@ def test_to_universal_holds_the_engines_weights_made_once_and_atomically(tmp_pat
     assert checkpoint.to_universal(tmp_path, tag) == out  # made once: an existing copy is kept
     assert (out / "marker-of-the-first-conversion").exists()
 
-    engine.backward(engine(x).square().sum())
-    engine.step()
+    _step(engine, x)
     checkpoint.save(engine, tmp_path, 2, {}, 0, 0)
     capsys.readouterr()
     checkpoint.to_universal(tmp_path, tag_for(2), verbose=True)
     said = capsys.readouterr()
     assert said.out and said.err  # verbose: DeepSpeed's own lines and progress bars
-
-
-def _step(engine, x):
-    engine.backward(engine(x).square().sum())
-    engine.step()
 
 
 def test_save_marks_the_tag_with_step_world_and_stage(tmp_path, zero2_engine):

@@ -53,6 +53,15 @@ def test_the_visual_head_beside_the_export_is_the_models_own(world, tmp_path):
     assert is_hf_llava(out) and isinstance(read_hf_inputs(out), dict)
 
 
+def _json_error(text: str) -> str:
+    """The message json gives for ``text`` (what a refusal quotes)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return str(e)
+    raise AssertionError(f"{text!r} is valid JSON")
+
+
 def test_the_runs_template_and_an_unreadable_run_config(tmp_path):
     assert run_template_name(None) == "vicuna_v1"
     (tmp_path / "train_config.json").write_text(json.dumps({"template": "chatml"}))
@@ -61,13 +70,9 @@ def test_the_runs_template_and_an_unreadable_run_config(tmp_path):
         (tmp_path / "train_config.json").write_text(json.dumps(cfg))
         assert run_template_name(tmp_path) == "vicuna_v1"
     (tmp_path / "train_config.json").write_text("{not json")
-    try:
-        json.loads("{not json")
-    except json.JSONDecodeError as e:
-        why = str(e)
     with pytest.raises(HFExportError) as err:
         run_template_name(tmp_path)
-    assert str(err.value) == f"{tmp_path / 'train_config.json'}: cannot read ({why})"
+    assert str(err.value) == f"{tmp_path / 'train_config.json'}: cannot read ({_json_error('{not json')})"
     with pytest.raises(HFExportError) as err:
         run_template_name(tmp_path / "gone")
     assert str(err.value).startswith(f"{tmp_path / 'gone' / 'train_config.json'}: cannot read ([Errno 2]")
@@ -203,13 +208,9 @@ def test_a_broken_run_config_an_export_folder_and_overwrite(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["pad"], run)
     (run / "train_config.json").write_text("{not json")
-    try:
-        json.loads("{not json")
-    except json.JSONDecodeError as e:
-        why = str(e)
     with pytest.raises(HFExportError) as err:
         export_hf_llava(run, tmp_path / "x")
-    assert str(err.value) == f"{run / 'train_config.json'}: cannot read ({why})"
+    assert str(err.value) == f"{run / 'train_config.json'}: cannot read ({_json_error('{not json')})"
     assert not (tmp_path / "x").exists()
 
     out = tmp_path / "hf"
@@ -228,7 +229,6 @@ def test_a_broken_run_config_an_export_folder_and_overwrite(world, tmp_path):
 @pytest.mark.parametrize("resample", ["bicubic", "bilinear", "lanczos", "nearest"])
 def test_the_processor_resizes_with_the_towers_filter_and_converts_to_rgb(world, resample):
     """The exported image processor against PIL: the tower's filter, RGB conversion of a grey image."""
-    import numpy as np
     from PIL import Image
     from transformers import AutoTokenizer
 
